@@ -1,0 +1,35 @@
+"""One exception family for everything a user can get wrong.
+
+The CLI maps every ``DtypelabError`` to one line on stderr and exit code 2 (``--debug`` shows the
+traceback). Messages say what is wrong, why, and how to fix it, in one sentence each.
+"""
+
+from __future__ import annotations
+
+
+class DtypelabError(Exception):
+    """Base class: a problem with the user's input, not a bug in dtypelab."""
+
+    exit_code = 2
+
+
+class UnknownFormatError(DtypelabError, ValueError):
+    """A dtype or format name that the registry does not know."""
+
+
+class InputError(DtypelabError, ValueError):
+    """Model inputs that cannot be parsed or do not fit the model."""
+
+
+class ModelSpecError(DtypelabError, ValueError):
+    """A model name, path or factory that cannot be resolved."""
+
+
+class CheckpointError(DtypelabError):
+    """A checkpoint file that is missing, corrupt or unsafe to read or write."""
+
+
+class DamageError(DtypelabError):
+    """A conversion refused under ``--strict`` because values would be lost (exit code 3)."""
+
+    exit_code = 3
