@@ -1,29 +1,77 @@
 """Number formats as data: one frozen dataclass per format, one registry, one lookup.
 
 Adding a format is adding an entry to ``_REGISTRY``; nothing else branches on format names.
-Floating formats backed by a torch dtype take their figures (max finite, eps, …) from
-``torch.finfo`` so they can never drift from what torch computes with.
+Floating formats backed by a torch dtype with no element codec (fp32, fp16, bf16) take their figures
+(max finite, eps, ...) from ``torch.finfo`` so they can never drift from what torch computes with;
+every smaller format carries an element codec (:mod:`dtypelab.codecs`) and a scale scheme.
+
+A spec string picks a registry entry and sets its options (see ``GRAMMAR``)::
+
+    int4:g128        int4, symmetric, one fp16 scale per 128 inputs (4.125 bits per weight)
+    int4:g64:asym    ... with a uint8 zero point per group
+    int8:channel     one scale per output row
+    fp8_e4m3:tensor  one scale for the whole tensor
+    int4:g128:mse    scales from a clipping search minimising the mean squared error
+    int8:a8          W8A8: weights int8, activations int8 per token (dynamic, emulated)
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 
 import torch
 
+from .codecs import FloatCodec, IntCodec, TableCodec
 from .errors import UnknownFormatError
+
+Codec = FloatCodec | IntCodec | TableCodec
+
+GRAMMAR = ("NAME[:tensor|:channel|:gN][:sym|:asym][:absmax|:mse][:a8|:afp8], "
+           "e.g. int4:g128, int4:g64:asym, int8:channel, fp8_e4m3:tensor, int4:g128:mse, int8:a8, mxfp4")
+
+E4M3 = FloatCodec(4, 3, 7, overflow="saturate")
+E5M2 = FloatCodec(5, 2, 15, nan="ieee", overflow="inf")
+E2M1 = FloatCodec(2, 1, 1, nan="none", overflow="saturate")
+E8M0 = FloatCodec(8, 0, 127, signed=False, subnormals=False, overflow="nan", ties="up")
+INT8 = IntCodec(8)
+INT4 = IntCodec(4)
+UINT8 = IntCodec(8, signed=False)
+UINT4 = IntCodec(4, signed=False)
+# NF4 (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) normalised to [-1, 1], exact zero included.
+NF4 = TableCodec((-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                  -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                  0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+                  0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0), "nf4")
+
+# Scale formats: bits and the torch dtype a scale tensor is stored in.
+SCALE_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+    "e8m0": torch.float8_e8m0fnu, "e4m3": torch.float8_e4m3fn,
+}
 
 
 @dataclass(frozen=True)
 class NumberFormat:
-    """A number format an element of a tensor can be stored in.
+    """A number format an element of a tensor can be stored in, with its scaling when it has one.
 
     Args:
-        name: canonical short name (``"bf16"``).
-        aliases: other accepted spellings (``"bfloat16"``, ``"torch.bfloat16"``).
+        name: canonical short name or spec (``"bf16"``, ``"int4:g128"``).
         bits: storage bits per element, scales excluded.
-        torch_dtype: the torch dtype values are stored in, when torch has one.
+        torch_dtype: the torch dtype elements are stored in, when torch has one (None: packed bytes).
         description: one line for tables and help.
+        aliases: other accepted spellings (``"bfloat16"``, ``"torch.bfloat16"``).
+        codec: element codec for formats quantized with a scale; None for plain torch casts.
+        granularity: ``"none"`` (plain cast), ``"tensor"``, ``"channel"`` (per output row), ``"group"``.
+        group_size: elements per scale along the input dimension when granularity is ``"group"``.
+        scale_format: key of ``SCALE_DTYPES`` the scales are stored in.
+        symmetric: False adds a zero point per block (integer codecs only).
+        scale_search: ``"absmax"`` or ``"mse"`` (clipping search, same storage).
+        tensor_scale: a second-level fp32 scale per tensor (NVFP4).
+        activations: None, ``"int8"`` (dynamic per token) or ``"fp8"`` (dynamic per tensor, e4m3).
+        fixed_layout: block-scaled standards (MX, NVFP4) whose granularity cannot be changed.
     """
 
     name: str
@@ -31,44 +79,132 @@ class NumberFormat:
     torch_dtype: torch.dtype | None
     description: str
     aliases: tuple[str, ...] = field(default=())
+    codec: Codec | None = None
+    granularity: str = "none"
+    group_size: int | None = None
+    scale_format: str | None = None
+    symmetric: bool = True
+    scale_search: str = "absmax"
+    tensor_scale: bool = False
+    activations: str | None = None
+    fixed_layout: bool = False
+    base: str = ""
 
     @property
     def is_floating_point(self) -> bool:
         return self.torch_dtype is not None and self.torch_dtype.is_floating_point
 
     @property
+    def is_quantized(self) -> bool:
+        """True when elements need a scale: storing the model takes :func:`dtypelab.quantize`."""
+        return self.codec is not None
+
+    @property
+    def element(self) -> str:
+        """Element encoding, e.g. ``e4m3``, ``int4``, ``nf4``; the torch dtype name for plain casts."""
+        return self.codec.kind if self.codec else str(self.torch_dtype).replace("torch.", "")
+
+    @property
     def max_finite(self) -> float:
-        """Largest finite value; anything larger overflows (to inf for IEEE-like formats)."""
-        return float(torch.finfo(self.torch_dtype).max)
+        """Largest finite element value (in units of the scale for quantized formats)."""
+        return self.codec.max_finite if self.codec else float(torch.finfo(self.torch_dtype).max)
 
     @property
     def smallest_normal(self) -> float:
-        return float(torch.finfo(self.torch_dtype).smallest_normal)
+        return self.codec.smallest_normal if self.codec else float(torch.finfo(self.torch_dtype).tiny)
 
     @property
     def smallest_subnormal(self) -> float:
         """Smallest positive value; anything below half of it flushes to zero."""
+        if self.codec:
+            return self.codec.smallest_subnormal
         finfo = torch.finfo(self.torch_dtype)
-        mantissa_bits = round(-torch.log2(torch.tensor(finfo.eps)).item())
+        mantissa_bits = round(-math.log2(finfo.eps))
         return float(finfo.smallest_normal) * 2.0**-mantissa_bits
 
     @property
     def eps(self) -> float:
         """Gap between 1.0 and the next value: twice the worst relative rounding error."""
-        return float(torch.finfo(self.torch_dtype).eps)
+        return self.codec.eps if self.codec else float(torch.finfo(self.torch_dtype).eps)
+
+    @property
+    def has_inf(self) -> bool:
+        return self.codec.has_inf if self.codec else True
+
+    @property
+    def has_nan(self) -> bool:
+        return self.codec.has_nan if self.codec else True
+
+    @property
+    def scale_bits(self) -> int:
+        """Bits of one scale (0 when there is none)."""
+        return SCALE_DTYPES[self.scale_format].itemsize * 8 if self.scale_format else 0
+
+    @property
+    def zero_point_bits(self) -> int:
+        """Bits of one zero point: uint8 per block for asymmetric formats."""
+        return 0 if self.symmetric else 8
+
+    def effective_bits(self, row_length: int | None = None) -> float:
+        """Storage bits per element including scales and zero points.
+
+        Args:
+            row_length: input features of a row; needed for per-channel / per-tensor formats, whose
+                overhead depends on the shape (None: that overhead is left out).
+        Example:
+            >>> get_format("int4:g128").effective_bits()
+            4.125
+        """
+        per_block = self.scale_bits + self.zero_point_bits
+        if self.granularity == "group":
+            return self.bits + per_block / self.group_size
+        if self.granularity == "channel" and row_length:
+            return self.bits + per_block / row_length
+        return float(self.bits)
 
     def round_trip(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Round ``tensor`` to this format and back to its own dtype (round to nearest even)."""
-        return tensor.to(self.torch_dtype).to(tensor.dtype)
+        """Quantize ``tensor`` to this format and back to its own dtype (round to nearest even).
+
+        Plain formats are a torch cast; scaled formats quantize the last dimension as rows (a 1-D
+        tensor is one row) with this format's scales, exactly as :func:`dtypelab.quantize` stores them.
+        """
+        if self.codec is None:
+            return tensor.to(self.torch_dtype).to(tensor.dtype)
+        from .qtensor import quantize_tensor  # qtensor builds on formats
+
+        return quantize_tensor(tensor, self).dequantize(tensor.dtype)
+
+
+def _q(name: str, bits: int, dtype: torch.dtype | None, desc: str, aliases: tuple[str, ...],
+       codec: Codec, **options) -> NumberFormat:
+    return NumberFormat(name, bits, dtype, desc, aliases, codec, base=name, **options)
 
 
 _REGISTRY: tuple[NumberFormat, ...] = (
     NumberFormat("fp32", 32, torch.float32, "IEEE 754 single precision",
-                 ("float32", "float", "torch.float32")),
+                 ("float32", "float", "torch.float32"), base="fp32"),
     NumberFormat("fp16", 16, torch.float16, "IEEE 754 half precision: 5-bit exponent, max 65504",
-                 ("float16", "half", "torch.float16")),
+                 ("float16", "half", "torch.float16"), base="fp16"),
     NumberFormat("bf16", 16, torch.bfloat16, "bfloat16: float32's range, 8-bit mantissa",
-                 ("bfloat16", "torch.bfloat16")),
+                 ("bfloat16", "torch.bfloat16"), base="bf16"),
+    _q("fp8_e4m3", 8, torch.float8_e4m3fn, "OCP fp8 e4m3fn (no inf, saturates at 448), scaled",
+       ("float8_e4m3fn", "fp8", "e4m3", "torch.float8_e4m3fn"), E4M3,
+       granularity="channel", scale_format="fp32"),
+    _q("fp8_e5m2", 8, torch.float8_e5m2, "OCP fp8 e5m2 (IEEE-like, inf/NaN), scaled",
+       ("float8_e5m2", "e5m2", "torch.float8_e5m2"), E5M2, granularity="channel", scale_format="fp32"),
+    _q("int8", 8, torch.int8, "8-bit integer, symmetric -127..127 unless :asym",
+       ("qint8", "torch.int8"), INT8, granularity="channel", scale_format="fp16"),
+    _q("int4", 4, None, "4-bit integer packed two per byte, symmetric -7..7 unless :asym",
+       ("qint4",), INT4, granularity="group", group_size=128, scale_format="fp16"),
+    _q("nf4", 4, None, "NormalFloat4 (QLoRA): normal quantiles, absmax per block of 64",
+       (), NF4, granularity="group", group_size=64, scale_format="fp16"),
+    _q("mxfp8", 8, torch.float8_e4m3fn, "OCP MX: e4m3 elements, e8m0 scale per 32",
+       ("mxfp8_e4m3",), E4M3, granularity="group", group_size=32, scale_format="e8m0", fixed_layout=True),
+    _q("mxfp4", 4, None, "OCP MX: e2m1 elements, e8m0 scale per 32",
+       ("mxfp4_e2m1",), E2M1, granularity="group", group_size=32, scale_format="e8m0", fixed_layout=True),
+    _q("nvfp4", 4, None, "NVIDIA FP4: e2m1 elements, e4m3 scale per 16, fp32 scale per tensor",
+       (), E2M1, granularity="group", group_size=16, scale_format="e4m3", tensor_scale=True,
+       fixed_layout=True),
 )
 
 _BY_NAME: dict[str, NumberFormat] = {
@@ -77,30 +213,91 @@ _BY_NAME: dict[str, NumberFormat] = {
 
 
 def all_formats() -> tuple[NumberFormat, ...]:
-    """Every registered format, in registry order."""
+    """Every registered format with its default options, in registry order."""
     return _REGISTRY
 
 
 def get_format(spec: str | torch.dtype | NumberFormat) -> NumberFormat:
-    """Resolve a name, alias, ``torch.dtype`` or format to its registry entry.
+    """Resolve a name, alias, spec string, ``torch.dtype`` or format to a format.
 
+    Raises:
+        UnknownFormatError: unknown name or malformed option; the message lists the grammar and names.
     Example:
         >>> get_format("half").name
         'fp16'
+        >>> get_format("int4:g64:asym").effective_bits()
+        4.375
     """
     if isinstance(spec, NumberFormat):
         return spec
-    key = str(spec).strip().lower()
-    if key in _BY_NAME:
-        return _BY_NAME[key]
-    known = ", ".join(f.name for f in _REGISTRY)
-    raise UnknownFormatError(f"unknown dtype or format {str(spec)!r}: use one of {known} "
-                             "(aliases like float16, half, bfloat16 work too)")
+    head, *options = str(spec).strip().lower().split(":")
+    if head not in _BY_NAME:
+        raise UnknownFormatError(f"unknown dtype or format {str(spec)!r}: {_known_help()}")
+    fmt = _BY_NAME[head]
+    for option in options:
+        fmt = _apply_option(fmt, option, str(spec))
+    return dataclasses.replace(fmt, name=canonical_name(fmt)) if options else fmt
+
+
+def _known_help() -> str:
+    names = ", ".join(f.name for f in _REGISTRY)
+    return f"use one of {names} (aliases like half, bfloat16, float8_e4m3fn work too); spec grammar {GRAMMAR}"
+
+
+def _apply_option(fmt: NumberFormat, option: str, spec: str) -> NumberFormat:
+    """One ``:option`` of a spec applied to ``fmt``; a wrong or inapplicable option is an error."""
+    changes = _option_changes(option)
+    if changes is None:
+        raise UnknownFormatError(f"unknown option {option!r} in format spec {spec!r}: grammar {GRAMMAR}")
+    problem = _option_problem(fmt, changes)
+    if problem:
+        raise UnknownFormatError(f"format spec {spec!r}: {problem}; grammar {GRAMMAR}")
+    return dataclasses.replace(fmt, **changes)
+
+
+def _option_changes(option: str) -> dict | None:
+    """The fields an option sets, or None when it is not an option of the grammar."""
+    fixed = {"tensor": {"granularity": "tensor", "group_size": None},
+             "channel": {"granularity": "channel", "group_size": None},
+             "sym": {"symmetric": True}, "asym": {"symmetric": False},
+             "absmax": {"scale_search": "absmax"}, "mse": {"scale_search": "mse"},
+             "a8": {"activations": "int8"}, "aint8": {"activations": "int8"},
+             "afp8": {"activations": "fp8"}}
+    if option in fixed:
+        return fixed[option]
+    match = re.fullmatch(r"g(\d+)", option)
+    if match:
+        return {"granularity": "group", "group_size": int(match.group(1))}
+    return None
+
+
+def _option_problem(fmt: NumberFormat, changes: dict) -> str | None:
+    """Why these changes do not apply to ``fmt`` (None when they do)."""
+    if fmt.codec is None:
+        return f"{fmt.name} is a plain torch dtype and takes no options"
+    if "granularity" in changes and fmt.fixed_layout:
+        return f"{fmt.name} has a fixed block of {fmt.group_size}; drop the granularity option"
+    if changes.get("group_size") is not None and changes["group_size"] < 2:
+        return "group size must be at least 2"
+    if changes.get("symmetric") is False and not isinstance(fmt.codec, IntCodec):
+        return f"{fmt.name} is symmetric only; :asym applies to int8 / int4"
+    return None
+
+
+def canonical_name(fmt: NumberFormat) -> str:
+    """The shortest spec that gives back ``fmt``: base name, layout, then non-default options."""
+    parts = [fmt.base]
+    if not fmt.fixed_layout and fmt.codec is not None:
+        parts.append(f"g{fmt.group_size}" if fmt.granularity == "group" else fmt.granularity)
+    parts += [] if fmt.symmetric else ["asym"]
+    parts += ["mse"] if fmt.scale_search == "mse" else []
+    parts += {"int8": ["a8"], "fp8": ["afp8"]}.get(fmt.activations, [])
+    return ":".join(parts)
 
 
 def parse_format_list(text: str) -> list[NumberFormat]:
-    """Parse a comma-separated list such as ``"fp16,bf16"``; empty items are an error."""
+    """Parse a comma-separated list such as ``"fp16,bf16,int4:g128"``; empty items are an error."""
     items = [item.strip() for item in text.split(",")]
     if not all(items):
-        raise UnknownFormatError(f"empty item in format list {text!r}: write e.g. 'fp16,bf16'")
+        raise UnknownFormatError(f"empty item in format list {text!r}: write e.g. 'fp16,bf16,int4:g128'")
     return [get_format(item) for item in items]

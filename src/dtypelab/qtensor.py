@@ -1,0 +1,244 @@
+"""Quantize one 2-D tensor to a scaled format: codes + scales in their own dtypes, and back.
+
+Layout: a (rows, cols) tensor is cut into blocks along cols — one block per row (``channel``),
+``cols / g`` blocks per row (``gN``) or one block for everything (``tensor``). Each block gets a scale
+(and a zero point when asymmetric); elements are ``codec.encode(x / scale)``, clamped to the codec's
+range first (saturation), so the stored value is always finite. 4-bit codes are packed two per byte.
+Scale rules: absmax / max_finite rounded to the scale format (RNE); e8m0 (OCP MX) takes
+2^(floor(log2 absmax) - emax of the element), as the OCP MX spec says, saturating elements above max;
+NVFP4 divides by an fp32 tensor scale absmax / (448 * 6) first, so block scales fit e4m3.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .codecs import IntCodec
+from .errors import InputError
+from .formats import E4M3, SCALE_DTYPES, NumberFormat
+from .packing import pack_nibbles, unpack_nibbles
+
+MSE_CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 .. 0.5: clip candidates for :mse
+
+
+@dataclass
+class QuantizedTensor:
+    """A tensor stored as codes and scales; ``dequantize`` gives it back in any float dtype.
+
+    Args:
+        fmt: the format (with its granularity).
+        shape: (rows, cols) of the original tensor.
+        data: codes, (rows, cols) for 8-bit formats (int8 / float8 / uint8 dtype) or
+            (rows, ceil(cols / 2)) uint8 with two 4-bit codes per byte.
+        scale: (rows or 1, blocks per row, 1) in the format's scale dtype.
+        zero_point: uint8, shaped like ``scale``, for asymmetric formats; else None.
+        tensor_scale: fp32 scalar second-level scale (NVFP4); else None.
+    """
+
+    fmt: NumberFormat
+    shape: tuple[int, int]
+    data: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None = None
+    tensor_scale: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """True storage bytes: codes + scales + zero points + tensor scale."""
+        parts = (self.data, self.scale, self.zero_point, self.tensor_scale)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Element codes (rows, cols) as stored, unpacked; ``rows`` selects a subset of rows."""
+        data = self.data if rows is None else self.data[rows]
+        if self.fmt.bits == 4:
+            return unpack_nibbles(data, self.shape[1])
+        return data.view(torch.uint8) if data.dtype.is_floating_point else data
+
+    def dequantize(self, dtype: torch.dtype = torch.float32,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Values (rows, cols) in ``dtype``: decode(codes) times the block scale (minus zero point)."""
+        values = _decode_elements(self, rows)  # (rows, cols) float32
+        scale, zp = _select_rows(self.scale, rows).float(), _select_rows(self.zero_point, rows)
+        blocks = values.reshape(values.shape[0], scale.shape[1], -1)  # (rows, blocks, block)
+        if zp is not None:
+            blocks = blocks - zp.float()
+        out = blocks * scale
+        if self.tensor_scale is not None:
+            out = out * self.tensor_scale
+        return out.reshape(values.shape).to(dtype)
+
+
+def element_codec(fmt: NumberFormat):
+    """The codec elements are encoded with: asymmetric integers use the unsigned variant."""
+    if fmt.symmetric:
+        return fmt.codec
+    return IntCodec(fmt.codec.bits, signed=False)
+
+
+def quantize_tensor(tensor: torch.Tensor, fmt: NumberFormat) -> QuantizedTensor:
+    """Quantize ``tensor`` (2-D, or any shape read as rows of its last dimension) to ``fmt``.
+
+    Raises:
+        InputError: NaN/inf values, a group size that does not divide the row length.
+    Example:
+        >>> qt = quantize_tensor(torch.randn(4, 256), get_format("int4:g128"))
+        >>> qt.nbytes * 8 / (4 * 256)
+        4.125
+    """
+    rows = _as_rows(tensor)
+    _check_quantizable(rows, fmt)
+    blocks = _blocks(rows, fmt)
+    tensor_scale = _tensor_scale(blocks, fmt)
+    scale, zp = _choose_scales(blocks, fmt, tensor_scale)
+    codes = _encode_blocks(blocks, fmt, _decoded_scale(scale, tensor_scale), zp)
+    data = _store_codes(codes.reshape(rows.shape), fmt)
+    return QuantizedTensor(fmt, tuple(rows.shape), data, scale, zp, tensor_scale)
+
+
+def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """float32 (rows, cols) view: a 1-D tensor is one row, N-D tensors are rows of the last dim."""
+    if tensor.dim() == 0:
+        raise InputError("cannot quantize a scalar: give a tensor with at least one dimension")
+    return tensor.detach().float().reshape(-1, tensor.shape[-1])
+
+
+def _check_quantizable(rows: torch.Tensor, fmt: NumberFormat) -> None:
+    if fmt.codec is None:
+        raise InputError(f"{fmt.name} is a plain dtype, not a quantized format: cast instead")
+    if not torch.isfinite(rows).all():
+        raise InputError("tensor has NaN or inf values, which no scale can represent: fix or exclude it")
+    if fmt.granularity == "group" and rows.shape[1] % fmt.group_size:
+        raise InputError(f"group size {fmt.group_size} does not divide the row length {rows.shape[1]}: "
+                         "choose a group size that divides it or use :channel")
+
+
+def _blocks(rows: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
+    """(rows, blocks, block) view of the values that share a scale."""
+    block = fmt.group_size if fmt.granularity == "group" else rows.shape[1]
+    return rows.reshape(rows.shape[0], -1, block)
+
+
+def _block_reduce(values: torch.Tensor, fmt: NumberFormat, op) -> torch.Tensor:
+    """``op`` (torch.amax / amin / sum) over each scale's block: (rows|1, blocks|1, 1)."""
+    if fmt.granularity == "tensor":
+        values = values.reshape(1, 1, -1)
+    return op(values, dim=-1, keepdim=True)
+
+
+def _tensor_scale(blocks: torch.Tensor, fmt: NumberFormat) -> torch.Tensor | None:
+    """NVFP4's fp32 tensor scale: maps the tensor absmax onto e4m3 max x element max (1 if all 0)."""
+    if not fmt.tensor_scale:
+        return None
+    amax = blocks.abs().max()
+    scale = amax / (E4M3.max_finite * fmt.codec.max_finite)
+    return torch.where(amax > 0, scale, torch.ones_like(scale)).float()
+
+
+def _choose_scales(blocks: torch.Tensor, fmt: NumberFormat, tensor_scale: torch.Tensor | None):
+    """Stored (scale, zero point) per block: absmax, or the best clip ratio when ``:mse``."""
+    if fmt.scale_search != "mse":
+        return _scales_for_clip(blocks, fmt, tensor_scale, 1.0)
+    best = None
+    for ratio in MSE_CLIP_RATIOS:
+        scale, zp = _scales_for_clip(blocks, fmt, tensor_scale, ratio)
+        err = _block_error(blocks, fmt, scale, zp, tensor_scale)
+        best = (err, scale, zp) if best is None else _keep_better(best, (err, scale, zp))
+    return best[1], best[2]
+
+
+def _keep_better(best: tuple, new: tuple) -> tuple:
+    """Per block, keep whichever candidate has the smaller squared error."""
+    better = new[0] < best[0]
+    pick = [torch.where(better, n, b) if n is not None else None for n, b in zip(new, best, strict=True)]
+    return tuple(pick)
+
+
+def _block_error(blocks, fmt, scale, zp, tensor_scale) -> torch.Tensor:
+    """Sum of squared quantization error per block for one candidate scale."""
+    decoded = _decoded_scale(scale, tensor_scale)
+    codes = _encode_blocks(blocks, fmt, decoded, zp)
+    values = element_codec(fmt).decode(codes) if codes.dtype == torch.uint8 else codes.float()
+    if zp is not None:
+        values = values - zp.float()
+    return _block_reduce((values * decoded - blocks) ** 2, fmt, torch.sum)
+
+
+def _scales_for_clip(blocks, fmt, tensor_scale, ratio: float):
+    """Scale (stored dtype) and zero point for blocks clipped to ``ratio`` of their range."""
+    if not fmt.symmetric:
+        return _asym_scales(blocks, fmt, ratio)
+    amax = _block_reduce(blocks.abs(), fmt, torch.amax) * ratio
+    ideal = amax / fmt.codec.max_finite
+    if tensor_scale is not None:
+        ideal = ideal / tensor_scale
+    return _encode_scale(ideal, amax > 0, fmt), None
+
+
+def _asym_scales(blocks, fmt, ratio: float):
+    """Asymmetric: [min, max] (zero included) spread over 0 .. 2^bits - 1, zero point rounded to it."""
+    lo = _block_reduce(blocks, fmt, torch.amin).clamp(max=0) * ratio
+    hi = _block_reduce(blocks, fmt, torch.amax).clamp(min=0) * ratio
+    qmax = element_codec(fmt).max_finite
+    scale = _encode_scale((hi - lo) / qmax, hi > lo, fmt)
+    zp = torch.round(-lo / scale.float()).clamp(0, qmax).to(torch.uint8)
+    return scale, zp
+
+
+def _encode_scale(ideal: torch.Tensor, nonzero: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
+    """Round ideal scales to the scale format; an all-zero block gets scale 1."""
+    dtype = SCALE_DTYPES[fmt.scale_format]
+    if fmt.scale_format == "e8m0":  # OCP MX: 2^(floor(log2 amax) - emax_elem)
+        emax = math.floor(math.log2(fmt.codec.max_finite))
+        exp = torch.floor(torch.log2(ideal * fmt.codec.max_finite)) - emax
+        ideal = torch.exp2(exp.clamp(-127, 127))
+    elif fmt.scale_format == "e4m3":
+        ideal = ideal.clamp(max=E4M3.max_finite)
+    else:
+        ideal = ideal.clamp(min=torch.finfo(dtype).tiny, max=torch.finfo(dtype).max)
+    ideal = torch.where(nonzero, ideal, torch.ones_like(ideal))
+    return ideal.to(dtype)
+
+
+def _decoded_scale(scale: torch.Tensor, tensor_scale: torch.Tensor | None) -> torch.Tensor:
+    decoded = scale.float()
+    return decoded * tensor_scale if tensor_scale is not None else decoded
+
+
+def _encode_blocks(blocks, fmt, scale, zp) -> torch.Tensor:
+    """Element codes for ``blocks / scale`` (+ zero point), clamped to the codec's range first."""
+    codec = element_codec(fmt)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scaled = blocks / safe
+    if zp is not None:
+        scaled = scaled + zp.float()
+    if not isinstance(codec, IntCodec):
+        scaled = scaled.clamp(-codec.max_finite, codec.max_finite)
+    return codec.encode(scaled)
+
+
+def _store_codes(codes: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
+    """Codes in their storage dtype: packed nibbles, int8/uint8, or viewed as the float8 dtype."""
+    if fmt.bits == 4:
+        return pack_nibbles(codes.to(torch.uint8) if codes.dtype == torch.uint8 else codes)
+    if codes.dtype == torch.int16:  # integers: signed int8, or uint8 for asymmetric
+        return codes.to(torch.int8 if fmt.symmetric else torch.uint8)
+    return codes.view(fmt.torch_dtype) if fmt.torch_dtype is not None else codes
+
+
+def _decode_elements(qt: QuantizedTensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """float32 element values (rows, cols) before scaling."""
+    data = qt.data if rows is None else qt.data[rows]
+    if qt.fmt.bits == 8 and data.dtype != torch.uint8:
+        return data.float()  # int8 and float8 storage convert natively (bit-exact, tested)
+    return element_codec(qt.fmt).decode(qt.codes(rows)).reshape(data.shape[0], qt.shape[1])
+
+
+def _select_rows(tensor: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+    """Scale rows for a row subset; per-tensor scales (one row) broadcast to every row."""
+    if tensor is None or rows is None or tensor.shape[0] == 1:
+        return tensor
+    return tensor[rows]
