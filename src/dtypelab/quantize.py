@@ -1,0 +1,214 @@
+"""Quantize a model's Linear (and optionally Embedding) weights into packed storage.
+
+``quantize_model`` returns a new model (the original is untouched) whose selected layers hold their
+weight as codes + scales (see :mod:`dtypelab.qtensor`) in buffers, so ``state_dict``, ``torch.save`` and
+dtypelab's inspect see the true bytes. Forward dequantizes the weight to the input's dtype, and, for
+W8A8 specs, fake-quantizes the activations dynamically first (int8 per token, or fp8 e4m3 per tensor).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError
+from .formats import E4M3, NumberFormat, get_format
+from .qtensor import QuantizedTensor, quantize_tensor
+
+
+def quantize_activations(x: torch.Tensor, kind: str | None) -> torch.Tensor:
+    """Dynamic activation fake-quantization: ``"int8"`` per token (last dim), ``"fp8"`` per tensor.
+
+    Scales are absmax / 127 per token or absmax / 448 for the whole tensor (all-zero -> scale 1);
+    the result is in ``x``'s dtype. None returns ``x`` unchanged.
+    """
+    if kind is None:
+        return x
+    xf = x.float()
+    if kind == "int8":
+        scale = xf.abs().amax(dim=-1, keepdim=True) / 127.0  # (..., 1): one scale per token
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return (torch.round(xf / scale).clamp(-127, 127) * scale).to(x.dtype)
+    scale = xf.abs().amax() / E4M3.max_finite
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return ((xf / scale).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
+
+
+class _QuantizedWeight(nn.Module):
+    """Holds a QuantizedTensor's parts as buffers (so state_dict shows the real storage)."""
+
+    def __init__(self, qt: QuantizedTensor, compute_dtype: torch.dtype):
+        super().__init__()
+        self.fmt, self.weight_shape, self.compute_dtype = qt.fmt, qt.shape, compute_dtype
+        self.register_buffer("qweight", qt.data)
+        self.register_buffer("scale", qt.scale)
+        self.register_buffer("zero_point", qt.zero_point)
+        self.register_buffer("tensor_scale", qt.tensor_scale)
+
+    @property
+    def qtensor(self) -> QuantizedTensor:
+        return QuantizedTensor(self.fmt, self.weight_shape, self.qweight, self.scale,
+                               self.zero_point, self.tensor_scale)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight_shape[0]}, {self.weight_shape[1]}, format={self.fmt.name}"
+
+
+class QuantizedLinear(_QuantizedWeight):
+    """``nn.Linear`` with a packed weight, dequantized to the input dtype in forward."""
+
+    def __init__(self, linear: nn.Linear, fmt: NumberFormat):
+        super().__init__(quantize_tensor(linear.weight, fmt), linear.weight.dtype)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
+                                                                  requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        x = quantize_activations(x, self.fmt.activations)
+        weight = self.qtensor.dequantize(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, weight, bias)
+
+
+class QuantizedEmbedding(_QuantizedWeight):
+    """``nn.Embedding`` with a packed table; forward dequantizes only the rows it looks up."""
+
+    def __init__(self, embedding: nn.Embedding, fmt: NumberFormat):
+        super().__init__(quantize_tensor(embedding.weight, fmt), embedding.weight.dtype)
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx = embedding.padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., dim)
+        rows = self.qtensor.dequantize(self.compute_dtype, rows=ids.reshape(-1))
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+
+@dataclass(frozen=True)
+class LayerOutcome:
+    """What happened to one candidate layer.
+
+    Args:
+        name: module path (``encoder.layer.0.attention.self.query``).
+        kind: ``"Linear"`` or ``"Embedding"``.
+        quantized: whether it was replaced.
+        reason: why it was skipped ("" when quantized).
+        bytes_before, bytes_after: weight storage bytes (after = codes + scales + zero points).
+    """
+
+    name: str
+    kind: str
+    quantized: bool
+    reason: str = ""
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+
+@dataclass
+class QuantizeResult:
+    """The quantized model, its format, every candidate layer's outcome, and the time taken."""
+
+    model: nn.Module
+    fmt: NumberFormat
+    layers: list[LayerOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def quantized(self) -> list[LayerOutcome]:
+        return [layer for layer in self.layers if layer.quantized]
+
+    @property
+    def skipped(self) -> list[LayerOutcome]:
+        return [layer for layer in self.layers if not layer.quantized]
+
+
+_LAYER_TYPES = {nn.Linear: QuantizedLinear, nn.Embedding: QuantizedEmbedding}
+
+
+def quantize_model(model: nn.Module, spec: str | NumberFormat, include: list[str] | None = None,
+                   exclude: list[str] | None = None, embeddings: bool = False) -> QuantizeResult:
+    """Copy ``model`` and store its Linear (and, if ``embeddings``, Embedding) weights in ``spec``.
+
+    Args:
+        model: any torch module; it is not modified.
+        spec: a quantized format spec, e.g. ``"int4:g128"``, ``"int8:a8"``, ``"mxfp4"``.
+        include: fnmatch patterns of module names to consider (default: all).
+        exclude: fnmatch patterns of module names to leave as they are.
+        embeddings: also quantize ``nn.Embedding`` tables (per row / per group along the dim).
+    Returns:
+        QuantizeResult with the new model and one LayerOutcome per candidate layer, skipped ones
+        with their reason (tied weight, NaN/inf values, group size not dividing, excluded).
+    Raises:
+        UnknownFormatError: bad spec. InputError: a plain-dtype spec, or nothing got quantized.
+    """
+    fmt = get_format(spec)
+    if not fmt.is_quantized:
+        raise InputError(f"{fmt.name} is a plain dtype: use cast for it, quantize takes e.g. int8, int4:g128")
+    start = time.perf_counter()
+    new = copy.deepcopy(model)
+    kinds = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
+    layers = [_quantize_one(new, name, module, fmt, include, exclude, _tied_names(new))
+              for name, module in list(new.named_modules()) if type(module) in kinds]
+    result = QuantizeResult(new, fmt, layers, time.perf_counter() - start)
+    if not result.quantized:
+        raise InputError(f"nothing to quantize with {fmt.name}: {_nothing_reason(layers)}")
+    return result
+
+
+def _nothing_reason(layers: list[LayerOutcome]) -> str:
+    if not layers:
+        return "the model has no nn.Linear layers (pass embeddings=True for nn.Embedding)"
+    return "every candidate was skipped: " + "; ".join(f"{o.name}: {o.reason}" for o in layers[:3])
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Names of modules whose weight storage is shared with another module (tied embeddings)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            owners.setdefault(weight.untyped_storage().data_ptr(), []).append(name)
+    return {name for names in owners.values() if len(set(names)) > 1 for name in names}
+
+
+def _quantize_one(model, name, module, fmt, include, exclude, tied) -> LayerOutcome:
+    """Replace one layer in ``model`` (or say why not)."""
+    kind = type(module).__name__
+    before = module.weight.numel() * module.weight.element_size()
+    reason = _skip_reason(name, module, include, exclude, tied)
+    if reason:
+        return LayerOutcome(name, kind, False, reason, before, before)
+    try:
+        replacement = _LAYER_TYPES[type(module)](module, fmt)
+    except InputError as err:
+        return LayerOutcome(name, kind, False, str(err), before, before)
+    _set_submodule(model, name, replacement)
+    return LayerOutcome(name, kind, True, "", before, replacement.qtensor.nbytes)
+
+
+def _skip_reason(name, module, include, exclude, tied) -> str:
+    """Why a candidate layer stays as it is, or "" when it is to be quantized."""
+    if not name:
+        return "the model itself is the layer; wrap it (nn.Sequential(layer)) to quantize it"
+    if include and not any(fnmatch.fnmatch(name, p) for p in include):
+        return "not matched by include"
+    if exclude and any(fnmatch.fnmatch(name, p) for p in exclude):
+        return "excluded"
+    if name in tied:
+        return "weight tied to another module; quantizing one copy would store it twice"
+    if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
+        return "embedding with max_norm or sparse gradients is not supported"
+    if not module.weight.is_floating_point():
+        return f"weight is {module.weight.dtype}, not floating point"
+    return ""
+
+
+def _set_submodule(model: nn.Module, name: str, replacement: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, replacement)
