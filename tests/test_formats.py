@@ -38,7 +38,7 @@ ALL_CODECS = [E4M3, E5M2, E2M1, E8M0, INT8, INT4, UINT8, UINT4, NF4]
 
 
 def _ids(params):
-    return [getattr(p[0] if isinstance(p, tuple) else p, "kind") for p in params]
+    return [(p[0] if isinstance(p, tuple) else p).kind for p in params]
 
 
 def _all_codes(codec) -> torch.Tensor:
@@ -149,8 +149,9 @@ def test_codec_figures_equal_torch_finfo(codec, dtype):
     assert codec.eps == finfo.eps
 
 
-@pytest.mark.parametrize(("codec", "dtype"), [(E2M1, ml_dtypes.float4_e2m1fn), (E8M0, ml_dtypes.float8_e8m0fnu),
-                                              (E4M3, ml_dtypes.float8_e4m3fn)], ids=["e2m1", "e8m0", "e4m3"])
+@pytest.mark.parametrize(("codec", "dtype"), [
+    (E2M1, ml_dtypes.float4_e2m1fn), (E8M0, ml_dtypes.float8_e8m0fnu), (E4M3, ml_dtypes.float8_e4m3fn)],
+    ids=["e2m1", "e8m0", "e4m3"])
 def test_codec_figures_equal_ml_dtypes_finfo(codec, dtype):
     finfo = ml_dtypes.finfo(dtype)
     assert codec.max_finite == float(finfo.max)

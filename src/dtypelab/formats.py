@@ -172,7 +172,7 @@ class NumberFormat:
             return tensor.to(self.torch_dtype).to(tensor.dtype)
         from .qtensor import quantize_tensor  # qtensor builds on formats
 
-        return quantize_tensor(tensor, self).dequantize(tensor.dtype)
+        return quantize_tensor(tensor, self).dequantize(tensor.dtype).reshape(tensor.shape)
 
 
 def _q(name: str, bits: int, dtype: torch.dtype | None, desc: str, aliases: tuple[str, ...],

@@ -151,8 +151,8 @@ def quantize_model(model: nn.Module, spec: str | NumberFormat, include: list[str
         raise InputError(f"{fmt.name} is a plain dtype: use cast for it, quantize takes e.g. int8, int4:g128")
     start = time.perf_counter()
     new = copy.deepcopy(model)
-    kinds = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
-    layers = [_quantize_one(new, name, module, fmt, include, exclude, _tied_names(new))
+    kinds, tied = ((nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)), _tied_names(new)
+    layers = [_quantize_one(new, name, module, fmt, include, exclude, tied)
               for name, module in list(new.named_modules()) if type(module) in kinds]
     result = QuantizeResult(new, fmt, layers, time.perf_counter() - start)
     if not result.quantized:

@@ -1,0 +1,290 @@
+"""Quantized tensors and models: storage bytes, element values against independent casts, model surgery.
+
+Truth: torch's float8 casts and round(), ml_dtypes' float4_e2m1fn, hand-computed block scales, the
+bytes of ``torch.save(state_dict)``, and the original model's outputs.
+"""
+
+from __future__ import annotations
+
+import io
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dtypelab.errors import InputError
+from dtypelab.formats import all_formats, get_format
+from dtypelab.models import DummyModel
+from dtypelab.packing import pack_nibbles, unpack_nibbles
+from dtypelab.qtensor import quantize_tensor
+from dtypelab.quantize import QuantizedEmbedding, QuantizedLinear, quantize_activations, quantize_model
+
+QUANTIZED = [f for f in all_formats() if f.is_quantized]
+SPECS = [f.name for f in QUANTIZED] + ["int4:g64:asym", "int8:asym", "fp8_e4m3:tensor", "int4:g32:mse",
+                                       "nvfp4:mse", "int8:tensor"]
+
+
+def _weight(rows: int = 8, cols: int = 256, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=gen) * 0.05
+
+
+def _sqnr_db(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    return (10 * torch.log10(reference.pow(2).sum() / (reference - candidate).pow(2).sum())).item()
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_storage_bytes_equal_effective_bits(spec):
+    fmt = get_format(spec)
+    w = _weight()
+    qt = quantize_tensor(w, fmt)
+    expected_bits = fmt.effective_bits(w.shape[1]) * w.numel()
+    expected_bits += 32 if fmt.tensor_scale else 0  # NVFP4's one fp32 tensor scale
+    if fmt.granularity == "tensor":  # one scale (+ zero point) for the whole tensor
+        expected_bits += fmt.scale_bits + fmt.zero_point_bits
+    assert qt.nbytes * 8 == expected_bits
+
+
+def test_int4_g128_fp16_scales_is_4_125_bits_per_weight():
+    qt = quantize_tensor(_weight(16, 1024), get_format("int4:g128"))
+    assert qt.data.dtype == torch.uint8 and qt.scale.dtype == torch.float16
+    assert qt.nbytes * 8 / (16 * 1024) == 4.125
+
+
+@pytest.mark.parametrize(("spec", "data_dtype", "scale_dtype"), [
+    ("int8", torch.int8, torch.float16), ("fp8_e4m3", torch.float8_e4m3fn, torch.float32),
+    ("fp8_e5m2", torch.float8_e5m2, torch.float32), ("mxfp8", torch.float8_e4m3fn, torch.float8_e8m0fnu),
+    ("mxfp4", torch.uint8, torch.float8_e8m0fnu), ("nvfp4", torch.uint8, torch.float8_e4m3fn),
+    ("int8:asym", torch.uint8, torch.float16)])
+def test_codes_and_scales_live_in_their_own_dtypes(spec, data_dtype, scale_dtype):
+    qt = quantize_tensor(_weight(), get_format(spec))
+    assert (qt.data.dtype, qt.scale.dtype) == (data_dtype, scale_dtype)
+
+
+@pytest.mark.parametrize("spec", ["fp8_e4m3", "fp8_e5m2", "fp8_e4m3:tensor", "mxfp8"])
+def test_fp8_elements_equal_torch_cast_of_scaled_values(spec):
+    fmt, w = get_format(spec), _weight()
+    qt = quantize_tensor(w, fmt)
+    scale = qt.scale.float().reshape(-1, 1) if fmt.granularity != "group" else \
+        qt.scale.float().repeat_interleave(fmt.group_size, dim=1).reshape(w.shape)
+    scaled = (w / scale).clamp(-fmt.max_finite, fmt.max_finite)
+    assert torch.equal(qt.data.view(torch.uint8), scaled.to(fmt.torch_dtype).view(torch.uint8))
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4:g64", "int8:tensor"])
+def test_int_elements_equal_torch_round_of_scaled_values(spec):
+    fmt, w = get_format(spec), _weight()
+    qt = quantize_tensor(w, fmt)
+    blocks = w.reshape(w.shape[0], qt.scale.shape[1], -1)
+    expected = torch.round(blocks / qt.scale.float()).clamp(-fmt.max_finite, fmt.max_finite)
+    assert torch.equal(qt.codes().view(torch.int8) if fmt.bits == 8 else
+                       fmt.codec.decode(qt.codes()), expected.reshape(w.shape).to(
+                           torch.int8 if fmt.bits == 8 else torch.float32))
+
+
+def test_mxfp4_elements_equal_ml_dtypes_with_ocp_power_of_two_scale():
+    w = _weight(4, 64)
+    qt = quantize_tensor(w, get_format("mxfp4"))
+    blocks = w.reshape(4, 2, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    scale = torch.exp2(torch.floor(torch.log2(amax)) - 2)  # OCP MX: emax of e2m1 is 2
+    assert torch.equal(qt.scale.float(), scale)
+    expected = (blocks / scale).numpy().astype(ml_dtypes.float4_e2m1fn).view(np.uint8)
+    assert np.array_equal(qt.codes().numpy(), expected.reshape(4, 64))
+
+
+def test_mx_hand_case_saturates_and_ties_to_even():
+    """absmax 5 -> scale 2^(2-2) = 1; 5 is a tie between e2m1's 4 and 6 and goes to 4 (even code)."""
+    w = torch.zeros(1, 32)
+    w[0, :3] = torch.tensor([5.0, -0.25, 2.5])
+    back = get_format("mxfp4").round_trip(w)
+    assert back[0, :3].tolist() == [4.0, -0.0, 2.0]
+
+
+def test_nvfp4_hand_case_two_level_scales():
+    w = torch.zeros(1, 32)
+    w[0, 0], w[0, 16] = 2688.0, 6.0  # tensor scale 2688 / (448 * 6) = 1
+    qt = quantize_tensor(w, get_format("nvfp4"))
+    assert qt.tensor_scale.item() == 1.0
+    assert qt.scale.float().flatten().tolist() == [448.0, 1.0]  # block absmax / 6, in e4m3
+    assert qt.dequantize()[0, [0, 16]].tolist() == [2688.0, 6.0]
+
+
+@pytest.mark.parametrize("spec", ["int4:g128", "int4:g128:asym", "nf4", "nvfp4", "int8", "mxfp4"])
+def test_mse_search_is_never_worse_than_absmax(spec):
+    """absmax is the search's first candidate (clip ratio 1.0), so per block the error cannot grow."""
+    w = torch.cat([_weight(4, 256), torch.randn(4, 256) ** 3 * 0.05])  # heavy tails give clipping room
+    plain, searched = get_format(spec), get_format(spec + ":mse")
+    err_plain = (plain.round_trip(w) - w).pow(2).sum()
+    err_mse = (searched.round_trip(w) - w).pow(2).sum()
+    assert err_mse <= err_plain
+
+
+@pytest.mark.parametrize(("spec", "floor_db"), [
+    # Floors: uniform-noise SQNR of a Gaussian, 6.02 dB/bit minus ~10 dB for absmax / sigma ≈ 3-4
+    # (channel of 256), with ~1 dB margin; float elements: 1/eps² relative noise minus crest factor.
+    ("int8", 38.0), ("int4:g128", 15.0), ("fp8_e4m3", 28.0), ("fp8_e5m2", 22.0), ("mxfp8", 26.0),
+    ("mxfp4", 15.0), ("nvfp4", 17.0), ("nf4", 18.0)])
+def test_round_trip_sqnr_floor_on_gaussian_weights(spec, floor_db):
+    w = _weight(64, 256)
+    assert _sqnr_db(w, get_format(spec).round_trip(w)) > floor_db
+
+
+def test_round_trip_keeps_shape_and_dtype_of_nd_tensors():
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    back = get_format("int4:g32").round_trip(x)
+    assert back.shape == x.shape and back.dtype == torch.bfloat16
+
+
+def test_all_zero_block_round_trips_to_zero():
+    for spec in ("int4:g32", "mxfp4", "nvfp4", "int8:asym", "fp8_e4m3:tensor"):
+        assert torch.equal(get_format(spec).round_trip(torch.zeros(2, 64)), torch.zeros(2, 64))
+
+
+@pytest.mark.parametrize("cols", [1, 2, 7, 64])
+def test_pack_unpack_nibbles_round_trips(cols):
+    codes = torch.randint(0, 16, (3, cols), dtype=torch.uint8)
+    packed = pack_nibbles(codes)
+    assert packed.shape == (3, (cols + 1) // 2)
+    assert torch.equal(unpack_nibbles(packed, cols), codes)
+    assert pack_nibbles(torch.tensor([[1, 2]])).item() == 0x21  # low nibble first
+
+
+def test_bad_tensors_are_refused_with_reason():
+    with pytest.raises(InputError, match="does not divide"):
+        quantize_tensor(torch.randn(4, 100), get_format("int4:g128"))
+    with pytest.raises(InputError, match="NaN or inf"):
+        quantize_tensor(torch.tensor([[1.0, float("nan")]]), get_format("int8"))
+    with pytest.raises(InputError, match="plain dtype"):
+        quantize_tensor(torch.randn(4, 4), get_format("fp16"))
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(50, 128), nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 64))
+
+
+def _saved_bytes(model: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return len(buffer.getvalue())
+
+
+def test_quantize_model_returns_new_model_and_leaves_original_untouched():
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = quantize_model(model, "int4:g64", embeddings=True)
+    assert result.model is not model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert isinstance(result.model[0], QuantizedEmbedding) and isinstance(result.model[1], QuantizedLinear)
+    assert [o.name for o in result.quantized] == ["0", "1", "3"] and result.skipped == []
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4:g64", "fp8_e4m3", "mxfp4", "nvfp4", "nf4", "int8:a8"])
+def test_quantized_model_forward_close_to_original_and_storage_shrinks(spec):
+    model, ids = _mlp(), torch.randint(0, 50, (2, 5))
+    result = quantize_model(model, spec, embeddings=True)
+    with torch.no_grad():
+        reference, candidate = model(ids), result.model(ids)
+    floor = 25.0 if get_format(spec).bits == 8 else 10.0  # 8-bit ~30+ dB, 4-bit ~14+ dB through 2 layers
+    assert _sqnr_db(reference, candidate) > floor
+    fmt = get_format(spec)
+    weights = [p for n, p in model.named_parameters() if "weight" in n]
+    expected_bits = sum(fmt.effective_bits(w.shape[1]) * w.numel() + 32 * fmt.tensor_scale for w in weights)
+    assert sum(o.bytes_after for o in result.layers) * 8 == expected_bits
+    # torch.save of the whole model: weights now cost about bits/32 of float32 (+ biases, pickling)
+    assert _saved_bytes(result.model) < _saved_bytes(model) * (get_format(spec).bits + 2) / 32
+
+
+def test_embedding_forward_dequantizes_only_looked_up_rows_exactly():
+    model = _mlp()
+    result = quantize_model(model, "int8", embeddings=True)
+    ids = torch.tensor([[3, 7, 3]])
+    full = result.model[0].qtensor.dequantize()
+    assert torch.equal(result.model[0](ids), full[ids])
+
+
+def test_include_exclude_and_reasons():
+    result = quantize_model(_mlp(), "int8", exclude=["3"], embeddings=True)
+    assert [(o.name, o.quantized, o.reason) for o in result.layers] == [
+        ("0", True, ""), ("1", True, ""), ("3", False, "excluded")]
+    result = quantize_model(_mlp(), "int8", include=["1"])
+    assert [(o.name, o.reason) for o in result.skipped] == [("3", "not matched by include")]
+
+
+def test_group_not_dividing_and_nan_weights_become_skipped_rows():
+    model = _mlp()
+    with torch.no_grad():
+        model[3].weight[0, 0] = float("inf")
+    result = quantize_model(model, "int4:g128")  # layer 1 has 128 inputs: fine; layer 3 has inf
+    assert [o.name for o in result.quantized] == ["1"]
+    assert "NaN or inf" in result.skipped[0].reason
+    result = quantize_model(_mlp(), "int4:g256")
+    assert [o.name for o in result.quantized] == ["3"]
+    assert "does not divide the row length 128" in result.skipped[0].reason
+
+
+def test_nothing_to_quantize_is_an_error():
+    with pytest.raises(InputError, match="no nn.Linear"):
+        quantize_model(nn.Sequential(nn.ReLU()), "int8")
+    with pytest.raises(InputError, match="every candidate was skipped"):
+        quantize_model(_mlp(), "int8", exclude=["*"])
+    with pytest.raises(InputError, match="plain dtype"):
+        quantize_model(_mlp(), "bf16")
+
+
+def test_tied_weights_are_skipped_with_reason():
+    model = _mlp()
+    head = nn.Linear(128, 50, bias=False)
+    head.weight = model[0].weight
+    tied = nn.Sequential(model[0], model[1], head)
+    result = quantize_model(tied, "int8", embeddings=True)
+    assert [o.name for o in result.quantized] == ["1"]
+    assert [o.name for o in result.skipped] == ["0", "2"] and all("tied" in o.reason for o in result.skipped)
+
+
+def test_dummy_model_quantizes_per_channel_and_runs():
+    model = DummyModel()
+    result = quantize_model(model, "int8", embeddings=True)
+    ids = torch.tensor([[1, 0, 1]])
+    with torch.no_grad():
+        assert _sqnr_db(model(ids), result.model(ids)) > 30.0  # 2-wide rows: int8 error ~1/254 of absmax
+
+
+def test_int8_activation_quantization_is_per_token():
+    x = torch.tensor([[1.0, -0.5, 0.25], [100.0, 3.0, -1.0]])
+    back = quantize_activations(x, "int8")
+    step = x.abs().amax(-1, keepdim=True) / 127
+    assert torch.equal(back, torch.round(x / step) * step)
+
+
+def test_fp8_activation_quantization_is_per_tensor_e4m3():
+    x = torch.randn(4, 8) * 10
+    scale = x.abs().max() / 448
+    assert torch.equal(quantize_activations(x, "fp8"), (x / scale).to(torch.float8_e4m3fn).float() * scale)
+
+
+def test_w8a8_changes_output_but_stays_close():
+    model, ids = _mlp(), torch.randint(0, 50, (2, 5))
+    w8 = quantize_model(model, "int8").model
+    w8a8 = quantize_model(model, "int8:a8").model
+    with torch.no_grad():
+        ref, out_w8, out_w8a8 = model(ids), w8(ids), w8a8(ids)
+    assert not torch.equal(out_w8, out_w8a8)
+    assert _sqnr_db(ref, out_w8a8) > 25.0  # two int8 roundings per layer: still ~30 dB
+
+
+def test_tiny_llama_quantize_forward():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (1, 12))
+    result = quantize_model(model, "int4:g32", embeddings=True)
+    with torch.no_grad():
+        ref, out = model(ids).logits, result.model(ids).logits
+    assert _sqnr_db(ref, out) > 10.0  # 4-bit weights through 2 layers + head
+    assert len(result.quantized) == 2 * 7 + 2  # 7 Linears per layer + lm_head + embed_tokens
