@@ -6,6 +6,7 @@ round-half-to-even, and hand-computed cases. Every code of every format of 8 bit
 
 from __future__ import annotations
 
+import json
 import math
 
 import ml_dtypes
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from dtypelab.cli import main
 from dtypelab.codecs import FloatCodec, IntCodec, nearest_index
 from dtypelab.errors import UnknownFormatError
 from dtypelab.formats import (
@@ -27,6 +29,7 @@ from dtypelab.formats import (
     UINT4,
     UINT8,
     all_formats,
+    format_table,
     get_format,
     parse_format_list,
 )
@@ -241,3 +244,40 @@ def test_e8m0_has_no_zero_and_no_sign():
     codec = FloatCodec(8, 0, 127, signed=False, subnormals=False, overflow="nan", ties="up")
     assert codec == E8M0
     assert E8M0.encode(torch.tensor([0.0, -1.0, 1.0, 3.0])).tolist() == [255, 255, 127, 129]
+
+
+def test_format_table_rows_carry_registry_figures():
+    rows = {row.name: row for row in format_table().formats}
+    assert list(rows) == [f.name for f in all_formats()]
+    assert rows["bf16"].max_finite == torch.finfo(torch.bfloat16).max
+    assert (rows["int4"].effective_bits, rows["int4"].scale, rows["int4"].block) == (4.125, "fp16", "128")
+    nvfp4 = rows["nvfp4"]
+    assert (nvfp4.element, nvfp4.scale, nvfp4.max_finite) == ("e2m1", "e4m3+fp32", 6.0)
+    assert (rows["fp8_e5m2"].inf, rows["fp8_e4m3"].inf, rows["mxfp4"].nan) == (True, False, False)
+
+
+def test_asym_rows_show_unsigned_elements():
+    row = format_table(["int4:g64:asym"]).formats[0]
+    assert (row.element, row.max_finite, row.scale) == ("uint4", 15.0, "fp16+zp")
+
+
+def _cli(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return exit_info.value.code or 0, out, err
+
+
+def test_formats_command_text_and_json(capsys):
+    code, out, _ = _cli(capsys, "formats")
+    assert code == 0 and "Number formats" in out and "nvfp4" in out and GRAMMAR in out
+    code, out, _ = _cli(capsys, "formats", "int4:g64:asym,mxfp4", "--json")
+    data = json.loads(out)
+    assert code == 0 and [r["name"] for r in data["formats"]] == ["int4:g64:asym", "mxfp4"]
+    assert data["formats"][1]["effective_bits"] == 4.25
+
+
+def test_formats_command_bad_spec_is_one_line_exit_2(capsys):
+    code, out, err = _cli(capsys, "formats", "int4:g")
+    assert code == 2 and out == "" and "unknown option 'g'" in err and len(err.strip().splitlines()) == 1

@@ -16,7 +16,7 @@ from . import models
 from .cast import KeepPolicy, cast_model
 from .compare import compare_models, run_model, select_output
 from .errors import DtypelabError, InputError
-from .formats import parse_format_list
+from .formats import format_table, parse_format_list
 from .inputs import parse_token_ids
 from .inspection import inspect_model, param_dtype_lines
 from .report import TableMixin
@@ -143,3 +143,11 @@ def demo_cmd() -> None:
     click.echo(f"Mean diff: {bf16.mean_abs_diff} | Max diff: {bf16.max_abs_diff}\n")
     click.echo(result.to_text())
 
+
+
+@cli.command("formats")
+@click.argument("specs", required=False)
+@json_option
+def formats_cmd(specs: str | None, as_json: bool) -> None:
+    """List number formats (or the comma-separated SPECS, e.g. int4:g64:asym,nvfp4) with their figures."""
+    emit(format_table([s.strip() for s in specs.split(",")] if specs else None), as_json)

@@ -26,6 +26,7 @@ import torch
 
 from .codecs import FloatCodec, IntCodec, TableCodec
 from .errors import UnknownFormatError
+from .report import Table, TableMixin
 
 Codec = FloatCodec | IntCodec | TableCodec
 
@@ -100,24 +101,31 @@ class NumberFormat:
         return self.codec is not None
 
     @property
+    def element_codec(self) -> Codec | None:
+        """The codec elements are stored with: asymmetric integers use the unsigned variant."""
+        if self.symmetric or self.codec is None:
+            return self.codec
+        return IntCodec(self.codec.bits, signed=False)
+
+    @property
     def element(self) -> str:
         """Element encoding, e.g. ``e4m3``, ``int4``, ``nf4``; the torch dtype name for plain casts."""
-        return self.codec.kind if self.codec else str(self.torch_dtype).replace("torch.", "")
+        return self.element_codec.kind if self.codec else str(self.torch_dtype).replace("torch.", "")
 
     @property
     def max_finite(self) -> float:
         """Largest finite element value (in units of the scale for quantized formats)."""
-        return self.codec.max_finite if self.codec else float(torch.finfo(self.torch_dtype).max)
+        return self.element_codec.max_finite if self.codec else float(torch.finfo(self.torch_dtype).max)
 
     @property
     def smallest_normal(self) -> float:
-        return self.codec.smallest_normal if self.codec else float(torch.finfo(self.torch_dtype).tiny)
+        return self.element_codec.smallest_normal if self.codec else float(torch.finfo(self.torch_dtype).tiny)
 
     @property
     def smallest_subnormal(self) -> float:
         """Smallest positive value; anything below half of it flushes to zero."""
         if self.codec:
-            return self.codec.smallest_subnormal
+            return self.element_codec.smallest_subnormal
         finfo = torch.finfo(self.torch_dtype)
         mantissa_bits = round(-math.log2(finfo.eps))
         return float(finfo.smallest_normal) * 2.0**-mantissa_bits
@@ -301,3 +309,61 @@ def parse_format_list(text: str) -> list[NumberFormat]:
     if not all(items):
         raise UnknownFormatError(f"empty item in format list {text!r}: write e.g. 'fp16,bf16,int4:g128'")
     return [get_format(item) for item in items]
+
+
+@dataclass(frozen=True)
+class FormatRow:
+    """One format's figures as ``dtypelab formats`` shows them (element figures in scale units)."""
+
+    name: str
+    bits: int
+    effective_bits: float
+    element: str
+    scale: str
+    block: str
+    max_finite: float
+    smallest_normal: float
+    smallest_subnormal: float
+    eps: float
+    inf: bool
+    nan: bool
+    description: str
+
+
+def _block_label(fmt: NumberFormat) -> str:
+    if fmt.granularity == "group":
+        return f"{fmt.group_size}"
+    return {"none": "", "channel": "row", "tensor": "tensor"}[fmt.granularity]
+
+
+def format_row(fmt: NumberFormat) -> FormatRow:
+    """The table row of one format; scales name their dtype (``fp16``, ``e8m0``, ``e4m3+fp32``)."""
+    scale = (fmt.scale_format or "") + ("+fp32" if fmt.tensor_scale else "")
+    scale += "" if fmt.symmetric else "+zp"
+    return FormatRow(fmt.name, fmt.bits, fmt.effective_bits(), fmt.element, scale, _block_label(fmt),
+                     fmt.max_finite, fmt.smallest_normal, fmt.smallest_subnormal, fmt.eps,
+                     fmt.has_inf, fmt.has_nan, fmt.description)
+
+
+@dataclass
+class FormatsReport(TableMixin):
+    """Every format's figures: what torch.finfo shows for torch dtypes, the same figures for the rest."""
+
+    formats: list[FormatRow]
+
+    def to_table(self) -> Table:
+        columns = ["name", "bits", "eff_bits", "element", "scale", "block", "max_finite", "smallest_normal",
+                   "smallest_subnormal", "eps", "inf", "nan"]
+        fields = [c.replace("eff_bits", "effective_bits") for c in columns]
+        rows = [[getattr(row, f) for f in fields] for row in self.formats]
+        notes = ["eff_bits: storage bits per element including scales and zero points (per-row scales "
+                 "add scale_bits / row length more)",
+                 "quantized formats: max_finite .. eps are element values in units of the block scale",
+                 f"spec grammar: {GRAMMAR}"]
+        return Table("Number formats", columns, rows, notes)
+
+
+def format_table(specs: list[str] | None = None) -> FormatsReport:
+    """The registry (or the given specs) as a :class:`FormatsReport` for text / JSON rendering."""
+    formats = [get_format(s) for s in specs] if specs else list(_REGISTRY)
+    return FormatsReport([format_row(f) for f in formats])

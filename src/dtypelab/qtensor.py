@@ -73,13 +73,6 @@ class QuantizedTensor:
         return out.reshape(values.shape).to(dtype)
 
 
-def element_codec(fmt: NumberFormat):
-    """The codec elements are encoded with: asymmetric integers use the unsigned variant."""
-    if fmt.symmetric:
-        return fmt.codec
-    return IntCodec(fmt.codec.bits, signed=False)
-
-
 def quantize_tensor(tensor: torch.Tensor, fmt: NumberFormat) -> QuantizedTensor:
     """Quantize ``tensor`` (2-D, or any shape read as rows of its last dimension) to ``fmt``.
 
@@ -162,7 +155,7 @@ def _block_error(blocks, fmt, scale, zp, tensor_scale) -> torch.Tensor:
     """Sum of squared quantization error per block for one candidate scale."""
     decoded = _decoded_scale(scale, tensor_scale)
     codes = _encode_blocks(blocks, fmt, decoded, zp)
-    values = element_codec(fmt).decode(codes) if codes.dtype == torch.uint8 else codes.float()
+    values = fmt.element_codec.decode(codes) if codes.dtype == torch.uint8 else codes.float()
     if zp is not None:
         values = values - zp.float()
     return _block_reduce((values * decoded - blocks) ** 2, fmt, torch.sum)
@@ -183,7 +176,7 @@ def _asym_scales(blocks, fmt, ratio: float):
     """Asymmetric: [min, max] (zero included) spread over 0 .. 2^bits - 1, zero point rounded to it."""
     lo = _block_reduce(blocks, fmt, torch.amin).clamp(max=0) * ratio
     hi = _block_reduce(blocks, fmt, torch.amax).clamp(min=0) * ratio
-    qmax = element_codec(fmt).max_finite
+    qmax = fmt.element_codec.max_finite
     scale = _encode_scale((hi - lo) / qmax, hi > lo, fmt)
     zp = torch.round(-lo / scale.float()).clamp(0, qmax).to(torch.uint8)
     return scale, zp
@@ -211,7 +204,7 @@ def _decoded_scale(scale: torch.Tensor, tensor_scale: torch.Tensor | None) -> to
 
 def _encode_blocks(blocks, fmt, scale, zp) -> torch.Tensor:
     """Element codes for ``blocks / scale`` (+ zero point), clamped to the codec's range first."""
-    codec = element_codec(fmt)
+    codec = fmt.element_codec
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     scaled = blocks / safe
     if zp is not None:
@@ -238,7 +231,7 @@ def _decode_elements(qt: QuantizedTensor, rows: torch.Tensor | None) -> torch.Te
     data = qt.data if rows is None else qt.data[rows]
     if qt.fmt.bits == 8 and data.dtype != torch.uint8:
         return data.float()  # int8 and float8 storage convert natively (bit-exact, tested)
-    return element_codec(qt.fmt).decode(qt.codes(rows)).reshape(data.shape[0], qt.shape[1])
+    return qt.fmt.element_codec.decode(qt.codes(rows)).reshape(data.shape[0], qt.shape[1])
 
 
 def _select_rows(tensor: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
