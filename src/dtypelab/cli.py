@@ -14,11 +14,12 @@ import torch
 
 from . import models
 from .cast import KeepPolicy, cast_model
-from .compare import compare_models, run_model, select_output
+from .compare import FailedVariant, compare_models, run_model, select_output
 from .errors import DtypelabError, InputError
-from .formats import format_table, parse_format_list
+from .formats import format_table
 from .inputs import parse_token_ids
 from .inspection import inspect_model, param_dtype_lines
+from .quantize import build_variants
 from .report import TableMixin
 
 # One table: exception family -> how it is reported. Anything else is a bug and keeps its traceback.
@@ -110,22 +111,31 @@ def cast_cmd(model: str, fmt: str, keep: tuple[str, ...], as_json: bool) -> None
 @cli.command("compare")
 @click.argument("model")
 @click.option("--to", "formats", default="fp16,bf16", show_default=True,
-              help="Comma-separated dtypes to compare against float32.")
+              help="Comma-separated formats (and peers) to compare against float32.")
 @click.option("--input", "input_text", help="Token ids as JSON, e.g. '[[1, 0, 1]]'.")
 @click.option("--output", "output_name", help="Output field to compare (logits, last_hidden_state, …).")
 @keep_option
 @device_option
 @json_option
+@click.option("--embeddings/--no-embeddings", default=True, show_default=True,
+              help="Quantize nn.Embedding tables too (quantized formats only).")
+@click.option("--time/--no-time", "timing", default=True, show_default=True,
+              help="Measure each variant's forward latency (median after warm-up).")
 def compare_cmd(model: str, formats: str, input_text: str | None, output_name: str | None,
-                keep: tuple[str, ...], device: str, as_json: bool) -> None:
-    """Run MODEL in float32 and in each --to dtype on the same input and measure the difference."""
-    fmts, target = parse_format_list(formats), resolve_device(device)
+                keep: tuple[str, ...], device: str, as_json: bool, embeddings: bool, timing: bool) -> None:
+    """Run MODEL in float32 and in each --to format on the same input and measure the difference.
+
+    --to takes dtypes (fp16, bf16), quantized formats (int8, int4:g128:mse, mxfp4, nvfp4, int8:a8 ...,
+    see `dtypelab formats`) and peers when installed (quanto:qint8, quanto:qint4, quanto:qfloat8,
+    torchao:int8wo, torchao:int4wo, torchao:intx4, torchao:fp8wo).
+    """
+    target = resolve_device(device)
     reference = models.build_model(model)
     inputs = load_inputs(model, input_text, reference).to(target)
-    policy = KeepPolicy.from_strings(keep)
-    variants = {f.name: cast_model(reference, f, policy).to(target) for f in fmts}
+    variants = build_variants(reference, formats, KeepPolicy.from_strings(keep), embeddings)
+    variants = {name: v if isinstance(v, FailedVariant) else v.to(target) for name, v in variants.items()}
     result = compare_models(reference.to(target), variants, inputs, output_name=output_name,
-                            output_kind=models.output_kind(model))
+                            output_kind=models.output_kind(model), timing=timing)
     emit(result, as_json)
 
 

@@ -8,6 +8,8 @@ numbers are reproduced to the last digit; sums of squares use float64 so large t
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -129,21 +131,36 @@ def is_logits_output(output: object, output_kind: str) -> bool:
     return isinstance(output, Mapping) and "logits" in output
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: quanto's int4 tensors fail under it ("version_counter")
 def run_model(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> object:
     """One forward pass; a mapping of inputs is passed as keyword arguments."""
     return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
 
 
 @dataclass(frozen=True)
+class FailedVariant:
+    """A variant that could not be built (nothing to quantize, a peer that failed): a row with its reason."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class VariantResult:
-    """One variant's size and output metrics against the reference."""
+    """One variant's size, speed and output metrics against the reference.
+
+    ``bits_per_element`` is footprint bits over the reference's element count (scales included);
+    ``latency_ms`` the median forward time after warm-up (None unless timed); ``failure`` the reason
+    a variant has no metrics.
+    """
 
     name: str
     dtype: str
     footprint_bytes: int
-    metrics: OutputMetrics
-    output: torch.Tensor = field(repr=False, compare=False)
+    metrics: OutputMetrics | None
+    output: torch.Tensor | None = field(repr=False, compare=False)
+    bits_per_element: float | None = None
+    latency_ms: float | None = None
+    failure: str | None = None
 
 
 @dataclass
@@ -154,46 +171,104 @@ class ComparisonResult(TableMixin):
     variants: list[VariantResult]
     logits: bool
     reference_output: torch.Tensor = field(repr=False, default=None)
+    reference_latency_ms: float | None = None
 
     def to_table(self) -> Table:
-        columns = ["variant", "dtype", "bytes", "x fp32", "mean_abs_diff", "max_abs_diff", "rel_error",
-                   "sqnr_db", "cosine"] + (["kl_div", "top1_agree"] if self.logits else []) + ["status"]
-        return Table("Comparison against the reference", columns, [self._row(v) for v in self.variants])
+        timed = self.reference_latency_ms is not None
+        columns = ["variant", "dtype", "bytes", "x fp32", "bits/elem", "mean_abs_diff", "max_abs_diff",
+                   "rel_error", "sqnr_db", "cosine"] + (["kl_div", "top1_agree"] if self.logits else []) \
+            + (["ms", "x fp32 ms"] if timed else []) + ["status"]
+        notes = [f"reference forward: {self.reference_latency_ms:.3g} ms (median after warm-up)"
+                 ] if timed else []
+        return Table("Comparison against the reference", columns, [self._row(v) for v in self.variants],
+                     notes)
 
     def _row(self, variant: VariantResult) -> list:
-        m = variant.metrics
         ref_bytes = self.reference_footprint_bytes
-        ratio = variant.footprint_bytes / ref_bytes if ref_bytes else 0
-        row = [variant.name, variant.dtype, variant.footprint_bytes, round(ratio, 3), m.mean_abs_diff,
-               m.max_abs_diff, m.relative_error, m.sqnr_db, m.cosine_similarity]
-        return row + ([m.kl_divergence, m.top1_agreement] if self.logits else []) + [m.status]
+        ratio = variant.footprint_bytes / ref_bytes if ref_bytes and not variant.failure else None
+        row = [variant.name, variant.dtype, None if variant.failure else variant.footprint_bytes,
+               None if ratio is None else round(ratio, 3), variant.bits_per_element]
+        row += _metric_cells(variant.metrics, self.logits)
+        if self.reference_latency_ms is not None:
+            row += [variant.latency_ms, _time_ratio(variant.latency_ms, self.reference_latency_ms)]
+        return row + [self._status(variant)]
+
+    def _status(self, variant: VariantResult) -> str:
+        if variant.failure:
+            return f"failed: {variant.failure}"
+        status = variant.metrics.status
+        ratio = _time_ratio(variant.latency_ms, self.reference_latency_ms)
+        if ratio is not None and ratio > 1:
+            status += f"; slower than fp32 here (x{ratio:.2f})"
+        return status
 
 
-def compare_models(reference: nn.Module, variants: Mapping[str, nn.Module],
+def _metric_cells(m: OutputMetrics | None, logits: bool) -> list:
+    if m is None:
+        return [None] * (7 if logits else 5)
+    row = [m.mean_abs_diff, m.max_abs_diff, m.relative_error, m.sqnr_db, m.cosine_similarity]
+    return row + ([m.kl_divergence, m.top1_agreement] if logits else [])
+
+
+def _time_ratio(latency_ms: float | None, reference_ms: float | None) -> float | None:
+    if latency_ms is None or not reference_ms:
+        return None
+    return round(latency_ms / reference_ms, 3)
+
+
+def forward_latency_ms(model: nn.Module, inputs, warmup: int = 2, runs: int = 7) -> float:
+    """Median wall time of one forward pass in milliseconds, after ``warmup`` untimed passes."""
+    for _ in range(warmup):
+        run_model(model, inputs)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run_model(model, inputs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def compare_models(reference: nn.Module, variants: Mapping[str, nn.Module | FailedVariant],
                    inputs: torch.Tensor | Mapping[str, torch.Tensor], *, output_name: str | None = None,
-                   output_kind: str = "auto") -> ComparisonResult:
+                   output_kind: str = "auto", timing: bool = False) -> ComparisonResult:
     """Run the same inputs through ``reference`` and every variant and measure how far each moved.
 
     Args:
         reference: the model taken as truth (usually float32).
-        variants: display name -> model (e.g. from :func:`dtypelab.cast_model`).
+        variants: display name -> model (e.g. from :func:`dtypelab.cast_model`), or a
+            :class:`FailedVariant` that becomes a row with its reason.
         inputs: a tensor (first positional argument) or a mapping of keyword arguments.
         output_name: which field of an output object to compare (default: logits / last_hidden_state).
         output_kind: ``"logits"``, ``"hidden"`` or ``"auto"`` (logits when the output has a ``logits`` field).
+        timing: also measure each model's median forward latency (same device, after warm-up).
 
     Returns:
         A :class:`ComparisonResult` whose rows hold each variant's footprint and :class:`OutputMetrics`.
     """
     raw = run_model(reference, inputs)
     ref_out, logits = select_output(raw, output_name), is_logits_output(raw, output_kind)
-    rows = [_variant_result(name, model, inputs, ref_out, output_name, logits)
+    ref_info = inspect_model(reference)
+    ref_numel = sum(s.numel for s in ref_info.by_dtype)
+    rows = [_variant_result(name, model, inputs, ref_out, output_name, logits, ref_numel, timing)
             for name, model in variants.items()]
-    return ComparisonResult(inspect_model(reference).footprint_bytes, rows, logits, ref_out)
+    ref_ms = forward_latency_ms(reference, inputs) if timing else None
+    return ComparisonResult(ref_info.footprint_bytes, rows, logits, ref_out, ref_ms)
 
 
-def _variant_result(name: str, model: nn.Module, inputs, ref_out: torch.Tensor,
-                    output_name: str | None, logits: bool) -> VariantResult:
-    out = select_output(run_model(model, inputs), output_name)
+def _variant_result(name: str, model: nn.Module | FailedVariant, inputs, ref_out: torch.Tensor,
+                    output_name: str | None, logits: bool, ref_numel: int, timing: bool) -> VariantResult:
+    if isinstance(model, FailedVariant):
+        return VariantResult(name, "", 0, None, None, failure=model.reason)
+    try:
+        out = select_output(run_model(model, inputs), output_name)
+    except (RuntimeError, NotImplementedError, TypeError) as exc:  # e.g. a peer's kernel missing here
+        reason = f"forward failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+        return VariantResult(name, "", 0, None, None, failure=reason)
     info = inspect_model(model)
     dtypes = "+".join(s.dtype for s in info.by_dtype)
-    return VariantResult(name, dtypes, info.footprint_bytes, output_metrics(ref_out, out, logits), out)
+    bits = info.footprint_bytes * 8 / ref_numel if ref_numel else None
+    latency = forward_latency_ms(model, inputs) if timing else None
+    return VariantResult(name, dtypes, info.footprint_bytes, output_metrics(ref_out, out, logits), out,
+                         bits, latency)

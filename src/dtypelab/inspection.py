@@ -75,12 +75,38 @@ def named_tensors(model: nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:
         yield name, "buffer", buf
 
 
+def storage_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold ``tensor``'s bytes.
+
+    Quantized tensor subclasses (optimum-quanto's QTensors, torchao's Int8Tensor, ...) report the
+    dtype they dequantize to (float32) while their storage is int8 / uint8 / float8 data plus scales;
+    they expose it through ``__tensor_flatten__``, which this follows recursively.
+    """
+    if type(tensor) in (torch.Tensor, nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    inner = [getattr(tensor, name) for name in names]
+    return [part for t in inner if isinstance(t, torch.Tensor) for part in storage_parts(t)]
+
+
+def storage_dtype(tensor: torch.Tensor) -> str:
+    """Dtype(s) the bytes are stored in: ``float32``, or ``int8+float32`` for a quantized subclass."""
+    dtypes = dict.fromkeys(str(p.dtype).removeprefix("torch.") for p in storage_parts(tensor))
+    return "+".join(dtypes)
+
+
+def storage_nbytes(tensor: torch.Tensor) -> int:
+    """Bytes actually stored (codes + scales for quantized subclasses), not numel x reported dtype."""
+    return sum(p.numel() * p.element_size() for p in storage_parts(tensor))
+
+
 def _storage_key(tensor: torch.Tensor) -> tuple:
     """Identity of the bytes a tensor views; two names with one key are one allocation."""
     if tensor.device.type == "meta":
         return ("meta", id(tensor))
-    return (tensor.device.type, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
-            tuple(tensor.shape), tensor.dtype)
+    first = storage_parts(tensor)[0]
+    return (first.device.type, first.untyped_storage().data_ptr(), first.storage_offset(),
+            tuple(tensor.shape), storage_dtype(tensor))
 
 
 def inspect_model(model: nn.Module) -> ModelInspection:
@@ -99,9 +125,8 @@ def inspect_model(model: nn.Module) -> ModelInspection:
     for name, kind, tensor in named_tensors(model):
         key = _storage_key(tensor)
         owner = owners.setdefault(key, name)
-        rows.append(TensorInfo(name, kind, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape),
-                               tensor.numel(), tensor.numel() * tensor.element_size(),
-                               None if owner == name else owner))
+        rows.append(TensorInfo(name, kind, storage_dtype(tensor), tuple(tensor.shape),
+                               tensor.numel(), storage_nbytes(tensor), None if owner == name else owner))
     return _summarise(rows)
 
 
@@ -117,7 +142,16 @@ def _summarise(rows: list[TensorInfo]) -> ModelInspection:
 
 def param_dtype_lines(model: nn.Module) -> list[str]:
     """The seed notebook's listing, one ``"<name> is loaded in <dtype>"`` line per parameter."""
-    return [f"{name} is loaded in {param.dtype}" for name, param in model.named_parameters()]
+    return [f"{name} is loaded in {param.dtype}{_stored_note(param)}"
+            for name, param in model.named_parameters()]
+
+
+def _stored_note(tensor: torch.Tensor) -> str:
+    """For quantized subclasses, what the bytes really are (their ``dtype`` says float32)."""
+    parts = storage_parts(tensor)
+    if parts == [tensor]:
+        return ""
+    return f" (stored as {storage_dtype(tensor)}, {storage_nbytes(tensor):,} bytes)"
 
 
 def print_param_dtype(model: nn.Module) -> None:

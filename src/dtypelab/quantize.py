@@ -17,8 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError
+from .cast import KeepPolicy, cast_model
+from .compare import FailedVariant
+from .errors import InputError, UnknownFormatError
 from .formats import E4M3, NumberFormat, get_format
+from .peers import PeerError, is_peer_spec, run_peer
 from .qtensor import QuantizedTensor, quantize_tensor
 
 
@@ -163,7 +166,8 @@ def quantize_model(model: nn.Module, spec: str | NumberFormat, include: list[str
 def _nothing_reason(layers: list[LayerOutcome]) -> str:
     if not layers:
         return "the model has no nn.Linear layers (pass embeddings=True for nn.Embedding)"
-    return "every candidate was skipped: " + "; ".join(f"{o.name}: {o.reason}" for o in layers[:3])
+    more = f" (and {len(layers) - 1} more)" if len(layers) > 1 else ""
+    return f"every candidate was skipped, e.g. {layers[0].name}: {layers[0].reason}{more}"
 
 
 def _tied_names(model: nn.Module) -> set[str]:
@@ -212,3 +216,45 @@ def _set_submodule(model: nn.Module, name: str, replacement: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, replacement)
+
+
+def apply_format(model: nn.Module, fmt: str | NumberFormat, keep: KeepPolicy | None = None,
+                 embeddings: bool = True) -> nn.Module:
+    """A copy of ``model`` in ``fmt``: cast for plain dtypes, :func:`quantize_model` for the rest.
+
+    Args:
+        keep: modules to leave alone (cast: kept in float32; quantize: excluded with their children).
+        embeddings: quantize ``nn.Embedding`` tables too (only for quantized formats).
+    Raises:
+        InputError: a quantized format finds nothing it can quantize (the reasons are in the message).
+    """
+    fmt = get_format(fmt)
+    if not fmt.is_quantized:
+        return cast_model(model, fmt, keep)
+    roots = keep.kept_roots(model) if keep else []
+    exclude = [p for root in roots for p in ((root, f"{root}.*") if root else ("*",))]
+    return quantize_model(model, fmt, exclude=exclude, embeddings=embeddings).model
+
+
+def build_variants(reference: nn.Module, specs: str, keep: KeepPolicy | None = None,
+                   embeddings: bool = True) -> dict[str, nn.Module | FailedVariant]:
+    """One model per item of a ``--to`` list: our formats and peers (``quanto:qint8``, ``torchao:int8wo``).
+
+    A format that finds nothing to quantize, or a peer that fails, becomes a :class:`FailedVariant`
+    with its reason; an unknown or malformed spec is still an error, raised before anything runs.
+    """
+    items = [item.strip() for item in specs.split(",")]
+    if not all(items):
+        raise UnknownFormatError(f"empty item in format list {specs!r}: write e.g. 'bf16,int8,quanto:qint8'")
+    plans = [(item, None if is_peer_spec(item) else get_format(item)) for item in items]
+    return {(fmt.name if fmt else item): _build_one(reference, item, fmt, keep, embeddings)
+            for item, fmt in plans}
+
+
+def _build_one(reference, item, fmt, keep, embeddings) -> nn.Module | FailedVariant:
+    try:
+        if fmt is None:
+            return run_peer(reference, item).model
+        return apply_format(reference, fmt, keep, embeddings)
+    except (InputError, PeerError) as err:
+        return FailedVariant(str(err))
