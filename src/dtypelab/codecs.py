@@ -248,10 +248,13 @@ class TableCodec:
 def nearest_index(x: torch.Tensor, grid: torch.Tensor, ties: str) -> torch.Tensor:
     """Index of the value of ascending ``grid`` nearest to each ``x``; ties to the even index or up.
 
-    Midpoints are computed in float64, where every midpoint of a <=16-bit grid is exact.
+    Midpoints are computed in float64, where every midpoint of a <=16-bit grid is exact, and used in
+    float32 when that is exact too (x is float32, so comparisons are then exact either way).
     """
     mids = (grid[:-1] + grid[1:]) / 2
-    xd = x.double()
+    if torch.equal(mids.float().double(), mids) and torch.equal(grid.float().double(), grid):
+        mids = mids.float()  # exact in float32 too (e2m1, nf4 ...): half the memory traffic
+    xd = x.to(mids.dtype)
     idx = torch.bucketize(xd, mids, right=False)  # mids[idx-1] < x <= mids[idx]
     on_mid = xd == mids[idx.clamp(max=len(mids) - 1)]
     bump = (idx % 2 == 1) if ties == "even" else torch.ones_like(on_mid)

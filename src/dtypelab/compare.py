@@ -149,8 +149,9 @@ class VariantResult:
     """One variant's size, speed and output metrics against the reference.
 
     ``bits_per_element`` is footprint bits over the reference's element count (scales included);
-    ``latency_ms`` the median forward time after warm-up (None unless timed); ``failure`` the reason
-    a variant has no metrics.
+    ``latency_ms`` the median forward time after warm-up (None unless timed) and ``latency_ratio`` its
+    ratio to the reference timed in alternation with it (so load on the machine hits both alike);
+    ``failure`` the reason a variant has no metrics.
     """
 
     name: str
@@ -160,6 +161,7 @@ class VariantResult:
     output: torch.Tensor | None = field(repr=False, compare=False)
     bits_per_element: float | None = None
     latency_ms: float | None = None
+    latency_ratio: float | None = None
     failure: str | None = None
 
 
@@ -190,14 +192,14 @@ class ComparisonResult(TableMixin):
                None if ratio is None else round(ratio, 3), variant.bits_per_element]
         row += _metric_cells(variant.metrics, self.logits)
         if self.reference_latency_ms is not None:
-            row += [variant.latency_ms, _time_ratio(variant.latency_ms, self.reference_latency_ms)]
+            row += [variant.latency_ms, variant.latency_ratio]
         return row + [self._status(variant)]
 
     def _status(self, variant: VariantResult) -> str:
         if variant.failure:
             return f"failed: {variant.failure}"
         status = variant.metrics.status
-        ratio = _time_ratio(variant.latency_ms, self.reference_latency_ms)
+        ratio = variant.latency_ratio
         if ratio is not None and ratio > 1:
             status += f"; slower than fp32 here (x{ratio:.2f})"
         return status
@@ -210,24 +212,28 @@ def _metric_cells(m: OutputMetrics | None, logits: bool) -> list:
     return row + ([m.kl_divergence, m.top1_agreement] if logits else [])
 
 
-def _time_ratio(latency_ms: float | None, reference_ms: float | None) -> float | None:
-    if latency_ms is None or not reference_ms:
-        return None
-    return round(latency_ms / reference_ms, 3)
-
-
 def forward_latency_ms(model: nn.Module, inputs, warmup: int = 2, runs: int = 7) -> float:
     """Median wall time of one forward pass in milliseconds, after ``warmup`` untimed passes."""
+    return paired_latency_ms([model], inputs, warmup, runs)[0]
+
+
+def paired_latency_ms(models: list[nn.Module], inputs, warmup: int = 2, runs: int = 7) -> list[float]:
+    """Median forward milliseconds of each model, timed in alternation (round-robin) after warm-up.
+
+    Alternating makes a busy machine slow every model alike, so ratios between them stay meaningful.
+    """
     for _ in range(warmup):
-        run_model(model, inputs)
-    times = []
+        for model in models:
+            run_model(model, inputs)
+    times: list[list[float]] = [[] for _ in models]
     for _ in range(runs):
-        start = time.perf_counter()
-        run_model(model, inputs)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        for model, series in zip(models, times, strict=True):
+            start = time.perf_counter()
+            run_model(model, inputs)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            series.append((time.perf_counter() - start) * 1000)
+    return [statistics.median(series) for series in times]
 
 
 def compare_models(reference: nn.Module, variants: Mapping[str, nn.Module | FailedVariant],
@@ -251,14 +257,16 @@ def compare_models(reference: nn.Module, variants: Mapping[str, nn.Module | Fail
     ref_out, logits = select_output(raw, output_name), is_logits_output(raw, output_kind)
     ref_info = inspect_model(reference)
     ref_numel = sum(s.numel for s in ref_info.by_dtype)
-    rows = [_variant_result(name, model, inputs, ref_out, output_name, logits, ref_numel, timing)
+    timer = reference if timing else None
+    rows = [_variant_result(name, model, inputs, ref_out, output_name, logits, ref_numel, timer)
             for name, model in variants.items()]
     ref_ms = forward_latency_ms(reference, inputs) if timing else None
     return ComparisonResult(ref_info.footprint_bytes, rows, logits, ref_out, ref_ms)
 
 
 def _variant_result(name: str, model: nn.Module | FailedVariant, inputs, ref_out: torch.Tensor,
-                    output_name: str | None, logits: bool, ref_numel: int, timing: bool) -> VariantResult:
+                    output_name: str | None, logits: bool, ref_numel: int,
+                    timer: nn.Module | None) -> VariantResult:
     if isinstance(model, FailedVariant):
         return VariantResult(name, "", 0, None, None, failure=model.reason)
     try:
@@ -269,6 +277,7 @@ def _variant_result(name: str, model: nn.Module | FailedVariant, inputs, ref_out
     info = inspect_model(model)
     dtypes = "+".join(s.dtype for s in info.by_dtype)
     bits = info.footprint_bytes * 8 / ref_numel if ref_numel else None
-    latency = forward_latency_ms(model, inputs) if timing else None
+    ref_ms, latency = paired_latency_ms([timer, model], inputs) if timer is not None else (None, None)
+    ratio = round(latency / ref_ms, 3) if ref_ms else None
     return VariantResult(name, dtypes, info.footprint_bytes, output_metrics(ref_out, out, logits), out,
-                         bits, latency)
+                         bits, latency, ratio)
