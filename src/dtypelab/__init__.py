@@ -10,14 +10,16 @@ Example:
 from .cast import KeepPolicy, cast_model
 from .compare import OutputMetrics, compare_models, output_metrics
 from .errors import DtypelabError
-from .formats import NumberFormat, all_formats, get_format
+from .formats import NumberFormat, all_formats, format_table, get_format
 from .inputs import parse_token_ids
 from .inspection import inspect_model, param_dtype_lines, print_param_dtype
 from .models import DummyModel, build_model
+from .quantize import QuantizeResult, apply_format, quantize_model
 
 __all__ = [
     "DtypelabError", "DummyModel", "KeepPolicy", "NumberFormat", "OutputMetrics", "all_formats",
     "build_model", "cast_model", "compare_models", "get_format", "inspect_model", "output_metrics",
     "param_dtype_lines", "parse_token_ids", "print_param_dtype",
+    "QuantizeResult", "apply_format", "format_table", "quantize_model",
 ]
 __version__ = "0.1.0"
