@@ -1,16 +1,19 @@
 """Each metric on small cases computed by hand."""
 
 import math
+import time
 
 import pytest
 import torch
 
 from dtypelab import cast_model, compare_models, output_metrics
 from dtypelab.compare import (
+    FailedVariant,
     cosine_similarity,
     kl_divergence,
     max_abs_diff,
     mean_abs_diff,
+    paired_latency_ms,
     relative_error,
     select_output,
     sqnr_db,
@@ -95,3 +98,34 @@ def test_compare_models_on_the_seed(dummy, seed_input):
     # fp16 has 3 more mantissa bits than bf16: its error must be smaller on the same input.
     assert result.variants[0].metrics.sqnr_db > bf16.metrics.sqnr_db
     assert "kl_div" in result.to_text()
+
+
+class _Sleepy(torch.nn.Module):
+    """Wraps a model and sleeps 20 ms per forward: slower than the reference (~0.05 ms) by construction."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.02)
+        return self.inner(ids)
+
+
+def test_timed_compare_warns_when_a_variant_is_slower_than_the_reference(dummy, seed_input):
+    result = compare_models(dummy, {"slow": _Sleepy(dummy), "same": dummy}, seed_input, timing=True)
+    slow, same = result.variants
+    assert slow.latency_ms >= 20.0 and slow.latency_ratio > 1
+    assert "slower than fp32 here" in result.to_text()
+    assert result.reference_latency_ms > 0 and same.metrics.sqnr_db == float("inf")
+
+
+def test_failed_variant_is_a_row_with_its_reason(dummy, seed_input):
+    result = compare_models(dummy, {"broken": FailedVariant("nothing to quantize")}, seed_input)
+    row = result.variants[0]
+    assert row.failure == "nothing to quantize" and row.metrics is None
+    assert "failed: nothing to quantize" in result.to_text()
+
+
+def test_paired_latency_times_every_model(dummy, seed_input):
+    assert all(ms > 0 for ms in paired_latency_ms([dummy, dummy], seed_input, warmup=1, runs=3))

@@ -6,6 +6,7 @@ dtypes of the tensors inside the peers' tensor subclasses, read through ``__tens
 
 from __future__ import annotations
 
+import importlib.util
 import io
 
 import pytest
@@ -14,7 +15,7 @@ from torch import nn
 
 from dtypelab.compare import FailedVariant, compare_models
 from dtypelab.inspection import inspect_model, param_dtype_lines
-from dtypelab.peers import PEERS, PeerError, is_peer_spec, run_peer
+from dtypelab.peers import PEERS, Peer, PeerError, is_peer_spec, run_peer
 from dtypelab.quantize import build_variants, quantize_model
 
 
@@ -120,3 +121,24 @@ def test_build_variants_mixes_formats_peers_and_failures():
     assert rows["int8"].metrics.sqnr_db > 35 and rows["quanto:qint8"].metrics.sqnr_db > 35
     assert all(rows[n].latency_ms > 0 for n in ("bf16", "int8", "quanto:qint8"))
     assert result.reference_latency_ms > 0
+
+
+def _raise_import_error(model: nn.Module) -> None:
+    raise ImportError("No module named 'optimum'")
+
+
+def test_missing_package_says_how_to_install(monkeypatch):
+    peer = Peer("quanto:qint8", "optimum-quanto", "", _raise_import_error)
+    monkeypatch.setitem(PEERS, "quanto:qint8", peer)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(PeerError, match=r"needs optimum-quanto, which is not installed: pip install"):
+        run_peer(_mlp(), "quanto:qint8")
+
+
+def test_failure_inside_an_installed_peer_keeps_its_reason(monkeypatch):
+    def boom(model: nn.Module) -> None:
+        raise RuntimeError("no kernel for this CPU\nsecond line")
+
+    monkeypatch.setitem(PEERS, "torchao:int8wo", Peer("torchao:int8wo", "torchao", "", boom))
+    with pytest.raises(PeerError, match=r"^torchao:int8wo failed: RuntimeError: no kernel for this CPU$"):
+        run_peer(_mlp(), "torchao:int8wo")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,6 +74,15 @@ def is_peer_spec(spec: str) -> bool:
     return spec.strip().lower().split(":")[0] in ("quanto", "torchao")
 
 
+def _import_reason(peer: Peer, exc: ImportError) -> str:
+    """Missing package (install the extra) or a missing piece inside an installed one (a version issue)."""
+    module = peer.name.split(":")[0].replace("quanto", "optimum.quanto")
+    if importlib.util.find_spec(module.split(".")[0]) is None or (
+            "." in module and importlib.util.find_spec(module) is None):
+        return f"{peer.name} needs {peer.package}, which is not installed: pip install 'dtypelab[peers]'"
+    return f"{peer.name} is unavailable with this {peer.package} / torch / CPU: {exc}"
+
+
 @dataclass
 class PeerRun:
     """A peer's quantized copy of the model and the seconds it took."""
@@ -95,7 +105,7 @@ def run_peer(model: nn.Module, spec: str) -> PeerRun:
     try:
         peer.apply(new)
     except ImportError as exc:
-        raise PeerError(f"{peer.name} needs {peer.package} ({exc}): pip install 'dtypelab[peers]'") from exc
+        raise PeerError(_import_reason(peer, exc)) from exc
     except Exception as exc:  # a third-party failure of any kind becomes the row's reason
         first_line = (str(exc).splitlines() or [""])[0][:200]
         raise PeerError(f"{peer.name} failed: {type(exc).__name__}: {first_line}") from exc
