@@ -170,7 +170,8 @@ class NextTokenMetrics:
     ``same_top_p`` is the share of positions where both pick the same most likely token. ``delta_p``
     is p_candidate − p_reference of the reference's most likely token. ``ln_ppl_ratio`` is
     ln(PPL(candidate)/PPL(reference)) on the input text: the mean change of the actual next token's
-    negative log-likelihood. ``*_stderr`` are standard errors of the means.
+    negative log-likelihood. ``*_stderr`` are standard errors of the means; the median and p99
+    interpolate between positions (``torch.quantile``).
     """
 
     positions: int
@@ -209,9 +210,10 @@ def next_token_metrics(reference: torch.Tensor, candidate: torch.Tensor, input_i
     blocks = [slice(i, i + NEXT_TOKEN_CHUNK) for i in range(0, len(targets), NEXT_TOKEN_CHUNK)]
     parts = [_next_token_block(ref[b], cand[b], targets[b]) for b in blocks]
     kl, same, delta_p, delta_nll = (torch.cat(column) for column in zip(*parts, strict=True))
-    return NextTokenMetrics(len(targets), *_mean_stderr(kl), kl.median().item(), kl.quantile(0.99).item(),
-                            kl.max().item(), *_mean_stderr(same), delta_p.mean().item(),
-                            delta_p.pow(2).mean().sqrt().item(), *_mean_stderr(delta_nll))
+    median, p99 = kl.quantile(0.5).item(), kl.quantile(0.99).item()
+    return NextTokenMetrics(len(targets), *_mean_stderr(kl), median, p99, kl.max().item(),
+                            *_mean_stderr(same), delta_p.mean().item(), delta_p.pow(2).mean().sqrt().item(),
+                            *_mean_stderr(delta_nll))
 
 
 def _next_token_block(reference: torch.Tensor, candidate: torch.Tensor, targets: torch.Tensor) -> tuple:
