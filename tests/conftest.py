@@ -8,6 +8,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from dtypelab.models import DummyModel  # noqa: E402
 
+try:  # save_pretrained's progress bars would land in captured stderr
+    from transformers.utils import logging as _hf_logging
+
+    _hf_logging.disable_progress_bar()
+except ImportError:
+    pass
+
 SEED_INPUT = [[1, 0, 1]]
 
 
