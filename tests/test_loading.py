@@ -144,3 +144,18 @@ def test_pickle_weights_need_the_explicit_flag(tmp_path, tiny_llama):
     loaded = load(str(tmp_path), allow_pickle=True)
     for name, tensor in loaded.model.state_dict().items():
         assert torch.equal(tensor, tiny_llama.model.state_dict()[name]), name
+
+
+def test_bare_safetensors_inspection_goes_to_the_header_reader(tmp_path, tiny_llama):
+    """Headers-only inspection lives in dtypelab.checkpoint (issue 6); until it is merged, a clear error."""
+    import importlib.util
+
+    from dtypelab.models import inspect
+
+    tiny_llama.model.save_pretrained(tmp_path)
+    if importlib.util.find_spec("dtypelab.checkpoint") is None:
+        with pytest.raises(NotRunnableError, match="header-only checkpoint inspection is not in this build"):
+            inspect(str(tmp_path / "model.safetensors"))
+    else:
+        result = inspect(str(tmp_path / "model.safetensors"))
+        assert "model.layers.0.self_attn.q_proj.weight" in result.to_text()
