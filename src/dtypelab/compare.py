@@ -375,7 +375,7 @@ def _wants_next_token(requested: bool | None, reference: nn.Module, context: _Co
     if requested is not None:
         return requested
     return (context.logits and context.input_ids is not None and context.reference.dim() == 3
-            and model_kind(reference) == "causal-lm")
+            and context.reference.shape[1] > 1 and model_kind(reference) == "causal-lm")
 
 
 def _variant_result(name: str, model: nn.Module, inputs, context: _Context) -> VariantResult:
