@@ -159,3 +159,21 @@ def test_bare_safetensors_inspection_goes_to_the_header_reader(tmp_path, tiny_ll
     else:
         result = inspect(str(tmp_path / "model.safetensors"))
         assert "model.layers.0.self_attn.q_proj.weight" in result.to_text()
+
+
+def test_the_dtype_is_handed_to_from_pretrained(monkeypatch, sharded_llama_folder):
+    """No float32 model first: transformers gets the target dtype and converts while reading
+    (bench_load measures the effect)."""
+    import transformers
+
+    calls = []
+    original = transformers.LlamaForCausalLM.from_pretrained.__func__
+
+    def spy(cls, path, *args, **kwargs):
+        calls.append(kwargs.get("dtype"))
+        return original(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "from_pretrained", classmethod(spy))
+    load(str(sharded_llama_folder), "bf16")
+    load(str(sharded_llama_folder))
+    assert calls == [torch.bfloat16, "auto"]
