@@ -222,7 +222,6 @@ def validate_token_ids(model: nn.Module, input_ids: torch.Tensor) -> None:
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
-MODEL_KINDS = ("causal-lm", "transformers", "module")
 
 
 @dataclass
