@@ -81,7 +81,7 @@ def test_compare_minilm_prints_the_full_table_offline(capsys):
 
 def test_compare_tiny_llama_prints_the_next_token_report(capsys):
     pytest.importorskip("transformers")
-    code, out, err = run(capsys, "compare", "tiny-llama", "--to", "fp16,bf16")
+    code, out, err = run(capsys, "compare", "tiny-llama", "--to", "fp16,bf16", "--no-time")
     assert code == 0 and err == ""
     assert "kl_div" in out and "Next-token report (llama.cpp --kl-divergence)" in out
     report = out.split("Next-token report")[1].splitlines()

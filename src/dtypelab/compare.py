@@ -415,7 +415,7 @@ def compare_models(reference: nn.Module, variants: Mapping[str, nn.Module | Fail
     compared = valid_positions(ref_out, context.mask)
     positions = compared.shape[0] * compared.shape[1] if compared.dim() >= 3 else compared.shape[0]
     padding = ref_out.shape[0] * ref_out.shape[1] - positions if compared is not ref_out else 0
-    ref_ms = forward_latency_ms(reference, inputs) if timing else None
+    ref_ms = forward_latency_ms(reference, inputs, warmup=1, runs=5) if timing else None
     return ComparisonResult(inspect_model(reference).footprint_bytes, rows, context.logits, ref_out, name,
                             positions, padding, ref_ms)
 
@@ -475,6 +475,6 @@ def _size_and_speed(model: nn.Module, inputs, footprint_bytes: int, context: _Co
     """Bits per reference element and, when timing, latency beside the reference's."""
     extra = {"bits_per_element": footprint_bytes * 8 / context.numel if context.numel else None}
     if context.timer is not None:
-        ref_ms, ms = paired_latency_ms([context.timer, model], inputs)
+        ref_ms, ms = paired_latency_ms([context.timer, model], inputs, warmup=1, runs=5)
         extra |= {"latency_ms": ms, "latency_ratio": round(ms / ref_ms, 3) if ref_ms else None}
     return extra
