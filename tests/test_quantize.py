@@ -327,3 +327,15 @@ def test_minilm_int8_with_embeddings_is_under_0_3x_and_close():
         ref, out = model(ids).last_hidden_state, result.model(ids).last_hidden_state
     assert _sqnr_db(ref, out) > 25.0  # measured ~30 dB; int8 per-channel weights and tables
     assert _saved_bytes(result.model) < 0.3 * _saved_bytes(model)
+
+
+@pytest.mark.parametrize("spec", ["int4:g32:asym:mse", "nvfp4", "int8", "mxfp4:mse", "fp8_e4m3:tensor"])
+def test_quantizing_in_row_chunks_gives_the_same_storage(spec, monkeypatch):
+    w = _weight(64, 128)
+    whole = quantize_tensor(w, get_format(spec))
+    monkeypatch.setattr("dtypelab.qtensor.CHUNK_ELEMENTS", 3 * 128)  # chunks of 3 rows, last one short
+    chunked = quantize_tensor(w, get_format(spec))
+    for a, b in [(whole.data, chunked.data), (whole.scale, chunked.scale),
+                 (whole.zero_point, chunked.zero_point), (whole.tensor_scale, chunked.tensor_scale)]:
+        if a is not None or b is not None:
+            assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))

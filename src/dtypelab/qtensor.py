@@ -22,6 +22,7 @@ from .formats import E4M3, E5M2, SCALE_DTYPES, NumberFormat
 from .packing import pack_nibbles, unpack_nibbles
 
 NATIVE_FLOAT8 = {E4M3: torch.float8_e4m3fn, E5M2: torch.float8_e5m2}
+CHUNK_ELEMENTS = 1 << 20  # rows quantized together: ~4 MB of float32 per temporary
 MSE_CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 .. 0.5: clip candidates for :mse
 
 
@@ -85,12 +86,26 @@ def quantize_tensor(tensor: torch.Tensor, fmt: NumberFormat) -> QuantizedTensor:
     """
     rows = _as_rows(tensor)
     _check_quantizable(rows, fmt)
+    tensor_scale = _tensor_scale(rows, fmt)
+    parts = [_quantize_rows(chunk, fmt, tensor_scale) for chunk in _row_chunks(rows, fmt)]
+    data, scale, zp = (None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True))
+    return QuantizedTensor(fmt, tuple(rows.shape), data, scale, zp, tensor_scale)
+
+
+def _row_chunks(rows: torch.Tensor, fmt: NumberFormat) -> tuple[torch.Tensor, ...]:
+    """Rows in chunks of about ``CHUNK_ELEMENTS``: the scale search's temporaries stay cache-sized and
+    are reused instead of touching fresh memory. A per-tensor scale needs all rows at once."""
+    if fmt.granularity == "tensor":
+        return (rows,)
+    return rows.split(max(1, CHUNK_ELEMENTS // rows.shape[1]))
+
+
+def _quantize_rows(rows: torch.Tensor, fmt: NumberFormat, tensor_scale: torch.Tensor | None) -> tuple:
+    """(stored codes, scale, zero point) of some whole rows."""
     blocks = _blocks(rows, fmt)
-    tensor_scale = _tensor_scale(blocks, fmt)
     scale, zp = _choose_scales(blocks, fmt, tensor_scale)
     codes = _encode_blocks(blocks, fmt, _decoded_scale(scale, tensor_scale), zp)
-    data = _store_codes(codes.reshape(rows.shape), fmt)
-    return QuantizedTensor(fmt, tuple(rows.shape), data, scale, zp, tensor_scale)
+    return _store_codes(codes.reshape(rows.shape), fmt), scale, zp
 
 
 def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -123,11 +138,11 @@ def _block_reduce(values: torch.Tensor, fmt: NumberFormat, op) -> torch.Tensor:
     return op(values, dim=-1, keepdim=True)
 
 
-def _tensor_scale(blocks: torch.Tensor, fmt: NumberFormat) -> torch.Tensor | None:
+def _tensor_scale(rows: torch.Tensor, fmt: NumberFormat) -> torch.Tensor | None:
     """NVFP4's fp32 tensor scale: maps the tensor absmax onto e4m3 max x element max (1 if all 0)."""
     if not fmt.tensor_scale:
         return None
-    amax = blocks.abs().max()
+    amax = rows.abs().max()
     scale = amax / (E4M3.max_finite * fmt.codec.max_finite)
     return torch.where(amax > 0, scale, torch.ones_like(scale)).float()
 
