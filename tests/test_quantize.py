@@ -339,3 +339,15 @@ def test_quantizing_in_row_chunks_gives_the_same_storage(spec, monkeypatch):
                  (whole.zero_point, chunked.zero_point), (whole.tensor_scale, chunked.tensor_scale)]:
         if a is not None or b is not None:
             assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("spec", ["int8", "fp8_e4m3", "mxfp4", "nvfp4"])
+def test_half_changes_compute_dtype_but_never_the_stored_format(spec):
+    model, ids = _mlp(), torch.randint(0, 50, (2, 5))
+    quantized = quantize_model(model, spec, embeddings=True).model
+    before = {k: v.dtype for k, v in quantized.state_dict().items() if "bias" not in k}
+    codes = quantized[1].qweight.clone()
+    half = quantized.to(torch.bfloat16)
+    assert {k: v.dtype for k, v in half.state_dict().items() if "bias" not in k} == before
+    assert torch.equal(half[1].qweight.view(torch.uint8), codes.view(torch.uint8))
+    assert half[0](ids).dtype == torch.bfloat16 and half(ids).dtype == torch.bfloat16

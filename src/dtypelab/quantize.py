@@ -59,6 +59,16 @@ class _QuantizedWeight(nn.Module):
         return QuantizedTensor(self.fmt, self.weight_shape, self.qweight, self.scale,
                                self.zero_point, self.tensor_scale)
 
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(device)`` moves codes and scales; ``.half()`` / ``.to(dtype)`` never re-types them
+        (that would silently change the stored format) but does change the compute dtype."""
+        saved = {name: buf for name, buf in self._buffers.items() if buf is not None}
+        super()._apply(fn, recurse)
+        for name, original in saved.items():
+            self._buffers[name] = original.to(self._buffers[name].device)
+        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
+        return self
+
     def extra_repr(self) -> str:
         return f"{self.weight_shape[0]}, {self.weight_shape[1]}, format={self.fmt.name}"
 
