@@ -351,3 +351,16 @@ def test_half_changes_compute_dtype_but_never_the_stored_format(spec):
     assert {k: v.dtype for k, v in half.state_dict().items() if "bias" not in k} == before
     assert torch.equal(half[1].qweight.view(torch.uint8), codes.view(torch.uint8))
     assert half[0](ids).dtype == torch.bfloat16 and half(ids).dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_cli_compare_tiny_llama_quantized_has_next_token_report(capsys):
+    pytest.importorskip("transformers")
+    code, out, _ = _cli(capsys, "compare", "tiny-llama", "--to", "int8,int4:g32:asym:mse,nvfp4",
+                        "--text", "The quick brown fox jumps over the lazy dog.", "--no-time", "--json")
+    assert code == 0
+    rows = {v["name"]: v for v in json.loads(out)["variants"]}
+    assert set(rows) == {"int8", "int4:g32:asym:mse", "nvfp4"}
+    assert all(row["next_token"]["positions"] > 5 and row["failure"] is None for row in rows.values())
+    # int8 moves the next-token distribution far less than 4-bit formats (same text, same model)
+    assert rows["int8"]["next_token"]["kl_mean"] < rows["nvfp4"]["next_token"]["kl_mean"]
