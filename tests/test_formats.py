@@ -196,19 +196,21 @@ def test_plain_round_trip_is_torch_cast(name):
 
 @pytest.mark.parametrize(("spec", "bits"), [
     ("int4:g128", 4 + 16 / 128), ("int4:g64:asym", 4 + (16 + 8) / 64), ("mxfp4", 4 + 8 / 32),
-    ("mxfp8", 8 + 8 / 32), ("nvfp4", 4 + 8 / 16), ("nf4", 4 + 16 / 64), ("int8:g32", 8 + 16 / 32)])
+    ("mxfp8", 8 + 8 / 32), ("nvfp4", 4 + 8 / 16), ("nf4", 4 + 16 / 64), ("int8:g32", 8 + 32 / 32),
+    ("int8:g32:sfp16", 8 + 16 / 32), ("int4:g64:sbf16:asym", 4 + (16 + 8) / 64)])
 def test_effective_bits_hand_computed(spec, bits):
     assert get_format(spec).effective_bits() == bits
 
 
 def test_channel_effective_bits_depend_on_row_length():
-    assert get_format("int8:channel").effective_bits(256) == 8 + 16 / 256
+    assert get_format("int8:channel").effective_bits(256) == 8 + 32 / 256
 
 
 @pytest.mark.parametrize(("spec", "name"), [
     ("int4", "int4"), ("INT4:G128", "int4:g128"), ("int4:asym:g64", "int4:g64:asym"),
     ("fp8_e4m3:tensor", "fp8_e4m3:tensor"), ("float8_e4m3fn:channel", "fp8_e4m3:channel"),
-    ("int8:a8", "int8:channel:a8"), ("int4:g128:mse", "int4:g128:mse"), ("nvfp4:afp8", "nvfp4:afp8")])
+    ("int8:a8", "int8:channel:a8"), ("int4:g128:mse", "int4:g128:mse"), ("nvfp4:afp8", "nvfp4:afp8"),
+    ("int8:sfp16", "int8:channel:sfp16"), ("int8:sfp32", "int8:channel"), ("int4:sfp32", "int4:g128:sfp32")])
 def test_spec_canonical_names(spec, name):
     assert get_format(spec).name == name
     assert get_format(get_format(spec).name) == get_format(spec)
@@ -223,7 +225,7 @@ def test_spec_sets_fields():
 @pytest.mark.parametrize(("spec", "needle"), [
     ("int3", "unknown dtype or format"), ("int4:g", "unknown option"), ("int4:foo", "unknown option"),
     ("fp16:g128", "plain torch dtype"), ("mxfp4:g64", "fixed block"), ("fp8_e4m3:asym", "symmetric only"),
-    ("int4:g1", "at least 2"), ("", "unknown dtype")])
+    ("int4:g1", "at least 2"), ("", "unknown dtype"), ("mxfp4:sfp16", "fixes its scale format")])
 def test_bad_specs_name_the_problem_the_grammar_and_names(spec, needle):
     with pytest.raises(UnknownFormatError) as info:
         get_format(spec)

@@ -55,10 +55,11 @@ def test_int4_g128_fp16_scales_is_4_125_bits_per_weight():
 
 
 @pytest.mark.parametrize(("spec", "data_dtype", "scale_dtype"), [
-    ("int8", torch.int8, torch.float16), ("fp8_e4m3", torch.float8_e4m3fn, torch.float32),
+    ("int8", torch.int8, torch.float32), ("fp8_e4m3", torch.float8_e4m3fn, torch.float32),
+    ("int8:sfp16", torch.int8, torch.float16), ("int4:g32:sbf16", torch.uint8, torch.bfloat16),
     ("fp8_e5m2", torch.float8_e5m2, torch.float32), ("mxfp8", torch.float8_e4m3fn, torch.float8_e8m0fnu),
     ("mxfp4", torch.uint8, torch.float8_e8m0fnu), ("nvfp4", torch.uint8, torch.float8_e4m3fn),
-    ("int8:asym", torch.uint8, torch.float16)])
+    ("int8:asym", torch.uint8, torch.float32)])
 def test_codes_and_scales_live_in_their_own_dtypes(spec, data_dtype, scale_dtype):
     qt = quantize_tensor(_weight(), get_format(spec))
     assert (qt.data.dtype, qt.scale.dtype) == (data_dtype, scale_dtype)
@@ -305,7 +306,7 @@ def test_cli_compare_quantized_formats_with_sizes_latency_and_failed_rows(capsys
     code, out, _ = _cli(capsys, "compare", "dummy", "--to", "bf16,int8,fp8_e4m3:tensor,int4:g128", "--json")
     assert code == 0
     rows = {v["name"]: v for v in json.loads(out)["variants"]}
-    assert rows["int8"]["dtype"] == "float32+int8+float16" and rows["int8"]["latency_ms"] > 0
+    assert rows["int8"]["dtype"] == "float32+int8" and rows["int8"]["latency_ms"] > 0
     assert rows["fp8_e4m3:tensor"]["metrics"]["sqnr_db"] > 25.0
     assert rows["int4:g128"]["failure"].startswith("nothing to quantize with int4:g128")
 

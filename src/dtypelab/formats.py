@@ -12,6 +12,7 @@ A spec string picks a registry entry and sets its options (see ``GRAMMAR``)::
     int8:channel     one scale per output row
     fp8_e4m3:tensor  one scale for the whole tensor
     int4:g128:mse    scales from a clipping search minimising the mean squared error
+    int8:sfp16       int8 with fp16 instead of fp32 scales
     int8:a8          W8A8: weights int8, activations int8 per token (dynamic, emulated)
 """
 
@@ -30,7 +31,7 @@ from .report import Table, TableMixin
 
 Codec = FloatCodec | IntCodec | TableCodec
 
-GRAMMAR = ("NAME[:tensor|:channel|:gN][:sym|:asym][:absmax|:mse][:a8|:afp8], "
+GRAMMAR = ("NAME[:tensor|:channel|:gN][:sym|:asym][:absmax|:mse][:sfp32|:sfp16|:sbf16][:a8|:afp8], "
            "e.g. int4:g128, int4:g64:asym, int8:channel, fp8_e4m3:tensor, int4:g128:mse, int8:a8, mxfp4")
 
 E4M3 = FloatCodec(4, 3, 7, overflow="saturate")
@@ -67,7 +68,7 @@ class NumberFormat:
         codec: element codec for formats quantized with a scale; None for plain torch casts.
         granularity: ``"none"`` (plain cast), ``"tensor"``, ``"channel"`` (per output row), ``"group"``.
         group_size: elements per scale along the input dimension when granularity is ``"group"``.
-        scale_format: key of ``SCALE_DTYPES`` the scales are stored in.
+        scale_format: key of ``SCALE_DTYPES`` the scales are stored in (``:sfp16`` etc. changes it).
         symmetric: False adds a zero point per block (integer codecs only).
         scale_search: ``"absmax"`` or ``"mse"`` (clipping search, same storage).
         tensor_scale: a second-level fp32 scale per tensor (NVFP4).
@@ -201,7 +202,7 @@ _REGISTRY: tuple[NumberFormat, ...] = (
     _q("fp8_e5m2", 8, torch.float8_e5m2, "OCP fp8 e5m2 (IEEE-like, inf/NaN), scaled",
        ("float8_e5m2", "e5m2", "torch.float8_e5m2"), E5M2, granularity="channel", scale_format="fp32"),
     _q("int8", 8, torch.int8, "8-bit integer, symmetric -127..127 unless :asym",
-       ("qint8", "torch.int8"), INT8, granularity="channel", scale_format="fp16"),
+       ("qint8", "torch.int8"), INT8, granularity="channel", scale_format="fp32"),
     _q("int4", 4, None, "4-bit integer packed two per byte, symmetric -7..7 unless :asym",
        ("qint4",), INT4, granularity="group", group_size=128, scale_format="fp16"),
     _q("nf4", 4, None, "NormalFloat4 (QLoRA): normal quantiles, absmax per block of 64",
@@ -270,7 +271,8 @@ def _option_changes(option: str) -> dict | None:
              "sym": {"symmetric": True}, "asym": {"symmetric": False},
              "absmax": {"scale_search": "absmax"}, "mse": {"scale_search": "mse"},
              "a8": {"activations": "int8"}, "aint8": {"activations": "int8"},
-             "afp8": {"activations": "fp8"}}
+             "afp8": {"activations": "fp8"},
+             **{f"s{name}": {"scale_format": name} for name in ("fp32", "fp16", "bf16")}}
     if option in fixed:
         return fixed[option]
     match = re.fullmatch(r"g(\d+)", option)
@@ -287,6 +289,8 @@ def _option_problem(fmt: NumberFormat, changes: dict) -> str | None:
         return f"{fmt.name} has a fixed block of {fmt.group_size}; drop the granularity option"
     if changes.get("group_size") is not None and changes["group_size"] < 2:
         return "group size must be at least 2"
+    if "scale_format" in changes and fmt.fixed_layout:
+        return f"{fmt.name} fixes its scale format ({fmt.scale_format}); drop the scale option"
     if changes.get("symmetric") is False and not isinstance(fmt.codec, IntCodec):
         return f"{fmt.name} is symmetric only; :asym applies to int8 / int4"
     return None
@@ -299,6 +303,7 @@ def canonical_name(fmt: NumberFormat) -> str:
         parts.append(f"g{fmt.group_size}" if fmt.granularity == "group" else fmt.granularity)
     parts += [] if fmt.symmetric else ["asym"]
     parts += ["mse"] if fmt.scale_search == "mse" else []
+    parts += [f"s{fmt.scale_format}"] if fmt.scale_format != _BY_NAME[fmt.base].scale_format else []
     parts += {"int8": ["a8"], "fp8": ["afp8"]}.get(fmt.activations, [])
     return ":".join(parts)
 
