@@ -101,6 +101,8 @@ def goal_notes(bench: Bench) -> list[str]:
          s("int8") >= s("quanto:qint8") - SAME_ALGORITHM_DB),
         ("fp8_e4m3 no worse than quanto qfloat8 (dB)", s("fp8_e4m3"), s("quanto:qfloat8"),
          s("fp8_e4m3") >= s("quanto:qfloat8") - SAME_ALGORITHM_DB),
+        ("int4:g128:mse >= quanto qint4 + 1 dB (4.125 vs 4.5 bits/weight)", s("int4:g128:mse"),
+         s("quanto:qint4"), s("int4:g128:mse") >= s("quanto:qint4") + 1),
         ("int4:g128:asym:mse >= quanto qint4 + 1 dB (4.19 vs 4.5 bits/weight)", s("int4:g128:asym:mse"),
          s("quanto:qint4"), s("int4:g128:asym:mse") >= s("quanto:qint4") + 1),
     ]

@@ -80,10 +80,22 @@ def test_int_elements_equal_torch_round_of_scaled_values(spec):
     fmt, w = get_format(spec), _weight()
     qt = quantize_tensor(w, fmt)
     blocks = w.reshape(w.shape[0], qt.scale.shape[1], -1)
-    expected = torch.round(blocks / qt.scale.float()).clamp(-fmt.max_finite, fmt.max_finite)
+    expected = torch.round(blocks / qt.scale.float()).clamp(fmt.codec.min_value, fmt.max_finite)
     assert torch.equal(qt.codes().view(torch.int8) if fmt.bits == 8 else
                        fmt.codec.decode(qt.codes()), expected.reshape(w.shape).to(
                            torch.int8 if fmt.bits == 8 else torch.float32))
+
+
+def test_symmetric_int_hand_case_extreme_maps_to_most_negative_code():
+    """int4: scale = x_ext / -8, so the extreme is exact and sits on code -8 whatever its sign."""
+    w = torch.zeros(2, 32)
+    w[0, :3] = torch.tensor([1.0, -2.0, 0.5])  # extreme -2 -> scale 0.25: codes 4, -8, 2
+    w[1, :2] = torch.tensor([3.0, -1.0])  # extreme 3 -> scale -0.375: codes -8, round(2.67) = 3
+    qt = quantize_tensor(w, get_format("int4:channel"))
+    assert qt.scale.float().flatten().tolist() == [0.25, -0.375]
+    codes = get_format("int4").codec.decode(qt.codes())
+    assert codes[0, :3].tolist() == [4.0, -8.0, 2.0] and codes[1, :2].tolist() == [-8.0, 3.0]
+    assert qt.dequantize()[1, :2].tolist() == [3.0, -1.125]
 
 
 def test_mxfp4_elements_equal_ml_dtypes_with_ocp_power_of_two_scale():

@@ -38,8 +38,9 @@ E4M3 = FloatCodec(4, 3, 7, overflow="saturate")
 E5M2 = FloatCodec(5, 2, 15, nan="ieee", overflow="inf")
 E2M1 = FloatCodec(2, 1, 1, nan="none", overflow="saturate")
 E8M0 = FloatCodec(8, 0, 127, signed=False, subnormals=False, overflow="nan", ties="up")
-INT8 = IntCodec(8)
-INT4 = IntCodec(4)
+# Symmetric integers use every code (-8..7 for int4) with a signed scale; see qtensor's module doc.
+INT8 = IntCodec(8, restricted=False)
+INT4 = IntCodec(4, restricted=False)
 UINT8 = IntCodec(8, signed=False)
 UINT4 = IntCodec(4, signed=False)
 # NF4 (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) normalised to [-1, 1], exact zero included.
@@ -201,9 +202,9 @@ _REGISTRY: tuple[NumberFormat, ...] = (
        granularity="channel", scale_format="fp32"),
     _q("fp8_e5m2", 8, torch.float8_e5m2, "OCP fp8 e5m2 (IEEE-like, inf/NaN), scaled",
        ("float8_e5m2", "e5m2", "torch.float8_e5m2"), E5M2, granularity="channel", scale_format="fp32"),
-    _q("int8", 8, torch.int8, "8-bit integer, symmetric -127..127 unless :asym",
+    _q("int8", 8, torch.int8, "8-bit integer, -128..127, signed scale (symmetric) unless :asym",
        ("qint8", "torch.int8"), INT8, granularity="channel", scale_format="fp32"),
-    _q("int4", 4, None, "4-bit integer packed two per byte, symmetric -7..7 unless :asym",
+    _q("int4", 4, None, "4-bit integer packed two per byte, -8..7, signed scale unless :asym",
        ("qint4",), INT4, granularity="group", group_size=128, scale_format="fp16"),
     _q("nf4", 4, None, "NormalFloat4 (QLoRA): normal quantiles, absmax per block of 64",
        (), NF4, granularity="group", group_size=64, scale_format="fp16"),

@@ -4,7 +4,10 @@ Layout: a (rows, cols) tensor is cut into blocks along cols — one block per ro
 ``cols / g`` blocks per row (``gN``) or one block for everything (``tensor``). Each block gets a scale
 (and a zero point when asymmetric); elements are ``codec.encode(x / scale)``, clamped to the codec's
 range first (saturation), so the stored value is always finite. 4-bit codes are packed two per byte.
-Scale rules: absmax / max_finite rounded to the scale format (RNE); e8m0 (OCP MX) takes
+Scale rules: absmax / max_finite rounded to the scale format (RNE). Symmetric integers use all 2^b
+codes: the block's largest-magnitude value x_ext maps onto the most negative code (scale = x_ext / -8
+for int4, as llama.cpp's Q4_0 does), so the scale is signed and the extreme's side gets the extra code
+(int4: 16 levels instead of 15, +1.2 dB at the same bits). e8m0 (OCP MX) takes
 2^(floor(log2 absmax) - emax of the element), as the OCP MX spec says, saturating elements above max;
 NVFP4 divides by an fp32 tensor scale absmax / (448 * 6) first, so block scales fit e4m3.
 """
@@ -180,11 +183,21 @@ def _scales_for_clip(blocks, fmt, tensor_scale, ratio: float):
     """Scale (stored dtype) and zero point for blocks clipped to ``ratio`` of their range."""
     if not fmt.symmetric:
         return _asym_scales(blocks, fmt, ratio)
+    codec = fmt.codec
+    if isinstance(codec, IntCodec) and not codec.restricted:
+        extreme = _signed_extreme(blocks, fmt) * ratio  # onto the most negative code: signed scale
+        return _encode_scale(extreme / codec.min_value, extreme != 0, fmt), None
     amax = _block_reduce(blocks.abs(), fmt, torch.amax) * ratio
-    ideal = amax / fmt.codec.max_finite
+    ideal = amax / codec.max_finite
     if tensor_scale is not None:
         ideal = ideal / tensor_scale
     return _encode_scale(ideal, amax > 0, fmt), None
+
+
+def _signed_extreme(blocks: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
+    """The value of largest magnitude in each block, with its sign: (rows|1, blocks|1, 1)."""
+    values = blocks.reshape(1, 1, -1) if fmt.granularity == "tensor" else blocks
+    return values.gather(-1, values.abs().argmax(dim=-1, keepdim=True))
 
 
 def _asym_scales(blocks, fmt, ratio: float):
@@ -198,7 +211,7 @@ def _asym_scales(blocks, fmt, ratio: float):
 
 
 def _encode_scale(ideal: torch.Tensor, nonzero: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
-    """Round ideal scales to the scale format; an all-zero block gets scale 1."""
+    """Round ideal scales to the scale format; an all-zero block gets scale 1 (``nonzero`` False)."""
     dtype = SCALE_DTYPES[fmt.scale_format]
     if fmt.scale_format == "e8m0":  # OCP MX: 2^(floor(log2 amax) - emax_elem)
         emax = math.floor(math.log2(fmt.codec.max_finite))
@@ -206,8 +219,8 @@ def _encode_scale(ideal: torch.Tensor, nonzero: torch.Tensor, fmt: NumberFormat)
         ideal = torch.exp2(exp.clamp(-127, 127))
     elif fmt.scale_format == "e4m3":
         ideal = ideal.clamp(max=E4M3.max_finite)
-    else:
-        ideal = ideal.clamp(min=torch.finfo(dtype).tiny, max=torch.finfo(dtype).max)
+    else:  # float scales keep their sign (signed integer scales); magnitude within the dtype's range
+        ideal = torch.sign(ideal) * ideal.abs().clamp(min=torch.finfo(dtype).tiny, max=torch.finfo(dtype).max)
     ideal = torch.where(nonzero, ideal, torch.ones_like(ideal))
     return ideal.to(dtype)
 
@@ -220,7 +233,7 @@ def _decoded_scale(scale: torch.Tensor, tensor_scale: torch.Tensor | None) -> to
 def _encode_blocks(blocks, fmt, scale, zp) -> torch.Tensor:
     """Element codes for ``blocks / scale`` (+ zero point), clamped to the codec's range first."""
     codec = fmt.element_codec
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    safe = torch.where(scale != 0, scale, torch.ones_like(scale))
     scaled = blocks / safe
     if zp is not None:
         scaled = scaled + zp.float()
