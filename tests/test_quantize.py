@@ -235,9 +235,20 @@ def test_group_not_dividing_and_nan_weights_become_skipped_rows():
     result = quantize_model(model, "int4:g128")  # layer 1 has 128 inputs: fine; layer 3 has inf
     assert [o.name for o in result.quantized] == ["1"]
     assert "NaN or inf" in result.skipped[0].reason
+    # the skipped layer is a copy in the new model, not the original's tensor
+    assert result.model[3].weight.data_ptr() != model[3].weight.data_ptr()
+    assert torch.equal(result.model[3].weight, model[3].weight)
     result = quantize_model(_mlp(), "int4:g256")
     assert [o.name for o in result.quantized] == ["3"]
     assert "does not divide the row length 128" in result.skipped[0].reason
+
+
+def test_nan_weights_are_refused():
+    model = _mlp()
+    with torch.no_grad():
+        model[1].weight[3, 7] = float("nan")
+    result = quantize_model(model, "int8")
+    assert [(o.name, "NaN or inf" in o.reason) for o in result.skipped] == [("1", True)]
 
 
 def test_nothing_to_quantize_is_an_error():

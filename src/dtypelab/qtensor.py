@@ -121,7 +121,7 @@ def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
 def _check_quantizable(rows: torch.Tensor, fmt: NumberFormat) -> None:
     if fmt.codec is None:
         raise InputError(f"{fmt.name} is a plain dtype, not a quantized format: cast instead")
-    if not torch.isfinite(rows).all():
+    if rows.numel() and not torch.isfinite(torch.stack(torch.aminmax(rows))).all():  # NaN propagates
         raise InputError("tensor has NaN or inf values, which no scale can represent: fix or exclude it")
     if fmt.granularity == "group" and rows.shape[1] % fmt.group_size:
         raise InputError(f"group size {fmt.group_size} does not divide the row length {rows.shape[1]}: "

@@ -163,10 +163,11 @@ def quantize_model(model: nn.Module, spec: str | NumberFormat, include: list[str
     if not fmt.is_quantized:
         raise InputError(f"{fmt.name} is a plain dtype: use cast for it, quantize takes e.g. int8, int4:g128")
     start = time.perf_counter()
-    new = copy.deepcopy(model)
-    kinds, tied = ((nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)), _tied_names(new)
-    layers = [_quantize_one(new, name, module, fmt, include, exclude, tied)
-              for name, module in list(new.named_modules()) if type(module) in kinds]
+    kinds, tied = ((nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)), _tied_names(model)
+    reasons = {name: _skip_reason(name, module, include, exclude, tied)
+               for name, module in model.named_modules() if type(module) in kinds}
+    new = _copy_sharing_weights(model, [name for name, reason in reasons.items() if not reason])
+    layers = [_quantize_one(new, name, fmt, reason) for name, reason in reasons.items()]
     result = QuantizeResult(new, fmt, layers, time.perf_counter() - start)
     if not result.quantized:
         raise InputError(f"nothing to quantize with {fmt.name}: {_nothing_reason(layers)}")
@@ -190,16 +191,28 @@ def _tied_names(model: nn.Module) -> set[str]:
     return {name for names in owners.values() if len(set(names)) > 1 for name in names}
 
 
-def _quantize_one(model, name, module, fmt, include, exclude, tied) -> LayerOutcome:
+def _copy_sharing_weights(model: nn.Module, names: list[str]) -> nn.Module:
+    """Deep copy of ``model`` whose layers ``names`` still share the original weights: they are about
+    to be replaced, so copying them would only double the peak memory. ``_quantize_one`` gives any
+    layer that then fails its own copy, so the original is never reachable from the result."""
+    memo = {}
+    for name in names:
+        weight = model.get_submodule(name).weight
+        memo[id(weight)] = weight
+    return copy.deepcopy(model, memo)
+
+
+def _quantize_one(model: nn.Module, name: str, fmt: NumberFormat, reason: str) -> LayerOutcome:
     """Replace one layer in ``model`` (or say why not)."""
+    module = model.get_submodule(name)
     kind = type(module).__name__
     before = module.weight.numel() * module.weight.element_size()
-    reason = _skip_reason(name, module, include, exclude, tied)
     if reason:
         return LayerOutcome(name, kind, False, reason, before, before)
     try:
         replacement = _LAYER_TYPES[type(module)](module, fmt)
     except InputError as err:
+        module.weight = nn.Parameter(module.weight.detach().clone(), module.weight.requires_grad)
         return LayerOutcome(name, kind, False, str(err), before, before)
     _set_submodule(model, name, replacement)
     return LayerOutcome(name, kind, True, "", before, replacement.qtensor.nbytes)
