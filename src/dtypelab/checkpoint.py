@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .damage import ChunkCaster, TensorDamage, dtype_name
+from .damage import ChunkCaster, TensorDamage, dtype_name, one_thread
 from .errors import CheckpointError, DamageError, InputError
 from .formats import NumberFormat, get_format
 from .safetensors_format import (
@@ -489,7 +489,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     dst = Path(destination)
     dst_is_file = _check_destination(src, dst)
     plan = _plan(src, dst, dst_is_file, fmt, tuple(keep), parse_size(max_shard_size))
-    with _Staging(dst, force) as staging:
+    with _Staging(dst, force) as staging, one_thread():
         extra = [] if src.folder is None else _extra_files(src)
         _check_free_space(staging.tmp, plan, extra)
         caster = ChunkCaster(fmt)
