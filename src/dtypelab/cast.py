@@ -1,0 +1,145 @@
+"""Casting a model to another floating dtype without touching the original.
+
+The copy is built tensor by tensor: every parameter and buffer is cast straight from the original
+into the new dtype and handed to ``copy.deepcopy`` through its memo, so the module tree is copied but
+no float32 duplicate of the weights is ever made. Tied tensors stay tied in the copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import UnknownFormatError
+from .formats import NumberFormat, get_format
+
+
+@dataclass(frozen=True)
+class KeepPolicy:
+    """Modules to keep in a higher-precision dtype (default float32) while the rest is cast.
+
+    Args:
+        module_types: class names (``"LayerNorm"``) or classes; subclasses match too.
+        name_patterns: globs on qualified module names (``"head"``, ``"*.layernorm_*"``).
+        dtype: the dtype kept modules hold and compute in.
+
+    A kept module keeps all its submodules. Inputs are cast to ``dtype`` on the way in and
+    outputs back to the model's dtype on the way out, so the forward runs unchanged.
+    """
+
+    module_types: tuple[type | str, ...] = ()
+    name_patterns: tuple[str, ...] = ()
+    dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def from_strings(cls, items: Sequence[str]) -> KeepPolicy:
+        """``["LayerNorm", "head*"]``: capitalised words without glob characters are class names."""
+        types = tuple(i for i in items if i[:1].isupper() and not set(i) & set("*?[."))
+        return cls(types, tuple(i for i in items if i not in types))
+
+    def matches(self, name: str, module: nn.Module) -> bool:
+        for kind in self.module_types:
+            if isinstance(kind, str) and any(c.__name__ == kind for c in type(module).__mro__):
+                return True
+            if isinstance(kind, type) and isinstance(module, kind):
+                return True
+        return any(fnmatch.fnmatchcase(name, p) for p in self.name_patterns)
+
+    def kept_roots(self, model: nn.Module) -> list[str]:
+        """Qualified names of the outermost kept modules (their children are kept with them)."""
+        roots: list[str] = []
+        for name, module in model.named_modules():
+            inside = any(name.startswith(root + ".") for root in roots if root)
+            if not inside and self.matches(name, module):
+                roots.append(name)
+        return roots
+
+
+def cast_model(model: nn.Module, fmt: str | torch.dtype | NumberFormat,
+               keep: KeepPolicy | None = None) -> nn.Module:
+    """Return a copy of ``model`` with floating tensors in ``fmt``; ``model`` is not modified.
+
+    Integer and boolean buffers are copied unchanged. With ``keep``, the modules it matches stay in
+    ``keep.dtype`` and the forward casts at their boundaries.
+
+    Example:
+        >>> cast_model(DummyModel(), "bf16").head.weight.dtype
+        torch.bfloat16
+    """
+    target = _castable_dtype(get_format(fmt))
+    keep = keep or KeepPolicy()
+    roots = keep.kept_roots(model)
+    new_model = copy.deepcopy(model, _cast_memo(model, target, roots, keep.dtype))
+    for name in roots:
+        _add_boundary_casts(new_model.get_submodule(name), keep.dtype, target)
+    return new_model
+
+
+def _castable_dtype(fmt: NumberFormat) -> torch.dtype:
+    if not fmt.is_floating_point or fmt.torch_dtype is None or fmt.torch_dtype.itemsize < 2:
+        raise UnknownFormatError(f"cannot compute in {fmt.name}: cast takes a floating compute dtype "
+                                 "(fp32, fp16, bf16); use quantize for 8-bit and smaller formats")
+    return fmt.torch_dtype
+
+
+def _cast_memo(model: nn.Module, target: torch.dtype, roots: list[str], kept: torch.dtype) -> dict:
+    """Map id(original tensor) -> its cast copy; a tensor shared with a kept module is kept."""
+    memo: dict[int, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        is_kept = any(name == r or name.startswith(r + ".") or r == "" for r in roots)
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if id(tensor) not in memo or is_kept:
+                memo[id(tensor)] = _cast_tensor(tensor, kept if is_kept else target)
+    return memo
+
+
+def _cast_tensor(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A new tensor (never a view of the original): floating ones in ``dtype``, others as they are."""
+    data = tensor.detach().to(dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(data, requires_grad=tensor.requires_grad)
+    return data
+
+
+def map_floating(value: object, dtype: torch.dtype) -> object:
+    """Cast every floating tensor inside tensors, tuples, lists and dicts (model outputs) to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(map_floating(v, dtype) for v in value))
+    if isinstance(value, list | tuple):
+        return type(value)(map_floating(v, dtype) for v in value)
+    if isinstance(value, dict):
+        for key in list(value):
+            value[key] = map_floating(value[key], dtype)
+    return value
+
+
+class _CastInputs:
+    """Forward pre-hook: floating positional and keyword inputs to the kept dtype."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        return map_floating(args, self.dtype), map_floating(kwargs, self.dtype)
+
+
+class _CastOutput:
+    """Forward hook: floating outputs back to the dtype the rest of the model computes in."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def __call__(self, module: nn.Module, args: tuple, output: object) -> object:
+        return map_floating(output, self.dtype)
+
+
+def _add_boundary_casts(module: nn.Module, kept: torch.dtype, target: torch.dtype) -> None:
+    module.register_forward_pre_hook(_CastInputs(kept), with_kwargs=True)
+    module.register_forward_hook(_CastOutput(target))

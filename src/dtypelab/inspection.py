@@ -1,0 +1,125 @@
+"""What a model holds: every parameter and buffer, its dtype and bytes, and which share storage.
+
+Tied weights (one tensor reachable under two names) are listed under every name but counted once,
+as ``torch.nn.Module.parameters()`` and transformers' ``get_memory_footprint()`` count them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .report import Table, TableMixin
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One named parameter or buffer.
+
+    ``nbytes`` is this tensor's own storage in bytes; ``shares_with`` names the first tensor listed
+    earlier that holds the same storage (its bytes are then not counted again).
+    """
+
+    name: str
+    kind: str  # "parameter" | "buffer"
+    dtype: str
+    shape: tuple[int, ...]
+    numel: int
+    nbytes: int
+    shares_with: str | None = None
+
+
+@dataclass(frozen=True)
+class DtypeSummary:
+    dtype: str
+    tensors: int
+    numel: int
+    nbytes: int
+
+
+@dataclass
+class ModelInspection(TableMixin):
+    """The result of :func:`inspect_model`; renders as a table (text, HTML, JSON)."""
+
+    tensors: list[TensorInfo]
+    by_dtype: list[DtypeSummary] = field(default_factory=list)
+    footprint_bytes: int = 0
+
+    @property
+    def shared_groups(self) -> dict[str, list[str]]:
+        """Owner name -> the other names that share its storage (tied weights)."""
+        groups: dict[str, list[str]] = {}
+        for info in self.tensors:
+            if info.shares_with is not None:
+                groups.setdefault(info.shares_with, []).append(info.name)
+        return groups
+
+    def to_table(self) -> Table:
+        rows = [[t.name, t.kind, t.dtype, list(t.shape), t.numel, t.nbytes, t.shares_with or ""]
+                for t in self.tensors]
+        notes = [f"{s.dtype}: {s.tensors} tensors, {s.numel:,} elements, {s.nbytes:,} bytes"
+                 for s in self.by_dtype]
+        notes.append(f"footprint: {self.footprint_bytes:,} bytes (shared storage counted once)")
+        return Table("Tensors", ["name", "kind", "dtype", "shape", "numel", "bytes", "shares storage with"],
+                     rows, notes)
+
+
+def named_tensors(model: nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """Every (name, kind, tensor), tied names included, parameters first as torch orders them."""
+    for name, param in model.named_parameters(remove_duplicate=False):
+        yield name, "parameter", param
+    for name, buf in model.named_buffers(remove_duplicate=False):
+        yield name, "buffer", buf
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    """Identity of the bytes a tensor views; two names with one key are one allocation."""
+    if tensor.device.type == "meta":
+        return ("meta", id(tensor))
+    return (tensor.device.type, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+            tuple(tensor.shape), tensor.dtype)
+
+
+def inspect_model(model: nn.Module) -> ModelInspection:
+    """List every parameter and buffer of ``model`` with dtype, shape and bytes.
+
+    Returns:
+        A :class:`ModelInspection`: per-tensor rows, a per-dtype summary and ``footprint_bytes``,
+        the bytes the model's tensors occupy with shared storage counted once.
+
+    Example:
+        >>> inspect_model(DummyModel()).footprint_bytes
+        120
+    """
+    owners: dict[tuple, str] = {}
+    rows = []
+    for name, kind, tensor in named_tensors(model):
+        key = _storage_key(tensor)
+        owner = owners.setdefault(key, name)
+        rows.append(TensorInfo(name, kind, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape),
+                               tensor.numel(), tensor.numel() * tensor.element_size(),
+                               None if owner == name else owner))
+    return _summarise(rows)
+
+
+def _summarise(rows: list[TensorInfo]) -> ModelInspection:
+    totals: dict[str, list[int]] = {}
+    for info in rows:
+        if info.shares_with is None:
+            count = totals.setdefault(info.dtype, [0, 0, 0])
+            count[0], count[1], count[2] = count[0] + 1, count[1] + info.numel, count[2] + info.nbytes
+    by_dtype = [DtypeSummary(dtype, *counts) for dtype, counts in totals.items()]
+    return ModelInspection(rows, by_dtype, sum(s.nbytes for s in by_dtype))
+
+
+def param_dtype_lines(model: nn.Module) -> list[str]:
+    """The seed notebook's listing, one ``"<name> is loaded in <dtype>"`` line per parameter."""
+    return [f"{name} is loaded in {param.dtype}" for name, param in model.named_parameters()]
+
+
+def print_param_dtype(model: nn.Module) -> None:
+    """Print the notebook's listing (the one convenience that prints, kept for the seed's users)."""
+    print("\n".join(param_dtype_lines(model)))

@@ -1,0 +1,110 @@
+import pytest
+import torch
+from torch import nn
+
+from dtypelab import KeepPolicy, NumberFormat, cast_model, get_format
+from dtypelab.errors import UnknownFormatError
+from dtypelab.formats import parse_format_list
+
+ALIASES = {
+    "fp32": torch.float32, "float32": torch.float32, "torch.float32": torch.float32, "float": torch.float32,
+    "fp16": torch.float16, "half": torch.float16, "float16": torch.float16, "torch.float16": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "torch.bfloat16": torch.bfloat16,
+    "BF16": torch.bfloat16,
+}
+
+
+@pytest.mark.parametrize(("alias", "dtype"), ALIASES.items())
+def test_aliases_resolve(dummy, alias, dtype):
+    assert get_format(alias).torch_dtype is dtype
+    assert get_format(dtype).torch_dtype is dtype  # a torch.dtype itself is accepted
+    assert cast_model(dummy, alias).head.weight.dtype is dtype
+
+
+def test_unknown_format_names_the_choices():
+    with pytest.raises(UnknownFormatError, match="unknown dtype or format 'fp17'.*fp16"):
+        get_format("fp17")
+    with pytest.raises(UnknownFormatError, match="empty item"):
+        parse_format_list("fp16,,bf16")
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16"])
+def test_original_is_untouched(dummy, fmt):
+    before = {n: (t.clone(), t.dtype, t.data_ptr()) for n, t in dummy.state_dict().items()}
+    cast = cast_model(dummy, fmt)
+    for name, tensor in dummy.state_dict().items():
+        value, dtype, ptr = before[name]
+        assert tensor.dtype == dtype and tensor.data_ptr() == ptr and torch.equal(tensor, value)
+    shared = {t.data_ptr() for t in cast.state_dict().values()} & {p for _, _, p in before.values()}
+    assert not shared  # the copy owns all of its storage
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "fp16", "bf16"])
+def test_values_equal_torchs_own_cast(dummy, fmt):
+    dtype = get_format(fmt).torch_dtype
+    cast = cast_model(dummy, fmt)
+    for name, tensor in dummy.state_dict().items():
+        assert torch.equal(cast.state_dict()[name], tensor.to(dtype))
+
+
+class WithBuffers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(8, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 8, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("position_ids", torch.arange(3))
+        self.register_buffer("scale", torch.tensor(0.5))
+
+    def forward(self, ids):
+        return self.head(self.norm(self.embed(ids)) * self.scale)  # (batch, seq, vocab)
+
+
+def test_floating_buffers_follow_integer_buffers_do_not():
+    cast = cast_model(WithBuffers(), "bf16")
+    assert cast.scale.dtype == torch.bfloat16
+    assert cast.position_ids.dtype == torch.int64 and torch.equal(cast.position_ids, torch.arange(3))
+
+
+def test_tied_weights_stay_tied():
+    cast = cast_model(WithBuffers(), "fp16")
+    assert cast.head.weight is cast.embed.weight
+
+
+def test_no_float32_copy_of_the_weights_is_made(monkeypatch):
+    """The module tree is deep-copied but every tensor comes from the memo, already cast."""
+
+    def refuse(self, memo):
+        raise AssertionError("a tensor was deep-copied in its original dtype")
+
+    monkeypatch.setattr(torch.Tensor, "__deepcopy__", refuse)
+    monkeypatch.setattr(nn.Parameter, "__deepcopy__", refuse)
+    assert cast_model(WithBuffers(), "bf16").embed.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("keep", [KeepPolicy(("LayerNorm",)), KeepPolicy(module_types=(nn.LayerNorm,)),
+                                  KeepPolicy(name_patterns=("layernorm_*",)),
+                                  KeepPolicy.from_strings(["LayerNorm"])])
+def test_keep_policy_keeps_layernorm_and_forward_runs(dummy, seed_input, keep):
+    cast = cast_model(dummy, "fp16", keep)
+    assert cast.layernorm_1.weight.dtype == torch.float32 and cast.linear_1.weight.dtype == torch.float16
+    with torch.no_grad():
+        out, ref = cast(seed_input), dummy(seed_input)
+    assert out.dtype == torch.float16  # outputs return to the model's dtype after kept modules
+    # Keeping the norms in fp32 can only remove rounding: error stays within a few fp16 ulps of |ref|.
+    assert (out.float() - ref).abs().max() <= 4 * get_format("fp16").eps * ref.abs().max()
+
+
+def test_keep_by_name_keeps_submodules_too():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 2))
+    cast = cast_model(model, "bf16", KeepPolicy(name_patterns=("1",)))
+    assert cast[1][0].weight.dtype == torch.float32 and cast[0].weight.dtype == torch.bfloat16
+    out = cast(torch.randn(3, 4, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 2)
+
+
+def test_cast_refuses_storage_only_formats(dummy):
+    fp8 = NumberFormat("fp8_e4m3_test", 8, torch.float8_e4m3fn, "an 8-bit storage format")
+    with pytest.raises(UnknownFormatError, match="use quantize"):
+        cast_model(dummy, fp8)
