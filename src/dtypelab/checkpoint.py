@@ -14,11 +14,10 @@ import fnmatch
 import json
 import os
 import re
-import secrets
 import shutil
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,19 +25,24 @@ import torch
 from .damage import ChunkCaster, TensorDamage, dtype_name, one_thread
 from .errors import CheckpointError, DamageError, InputError
 from .formats import NumberFormat, get_format
+from .inspection import DtypeSummary
+from .report import Table, TableMixin, to_jsonable
 from .safetensors_format import (
     DTYPE_CODES,
     DTYPES,
+    INDEX_SUFFIX,
+    CheckpointSource,
     SafetensorsHeader,
     TensorEntry,
     copy_range,
     encode_header,
+    open_checkpoint,
     read_exact,
     read_header,
     write_all,
 )
+from .staging import StagedOutput
 
-INDEX_SUFFIX = ".safetensors.index.json"
 CAST_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 """Source dtypes that are cast; integers, bool and already-quantized fp8 payloads are copied as they are."""
 
@@ -46,109 +50,15 @@ ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(bytes_done, bytes_total)`` while tensor data streams."""
 
 
-# ----------------------------------------------------------------------------------- reading sources
-
-@dataclass(frozen=True)
-class CheckpointSource:
-    """A checkpoint's validated shard headers.
-
-    Args:
-        path: the file or folder given.
-        folder: the folder, or ``None`` for a single file.
-        shards: one validated header per shard, in index order.
-        index_name: the index file's name, when the folder has one.
-        index_metadata: the index's ``metadata`` minus ``total_size``.
-    """
-
-    path: Path
-    folder: Path | None
-    shards: tuple[SafetensorsHeader, ...]
-    index_name: str | None = None
-    index_metadata: dict = field(default_factory=dict)
-
-
-def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
-    """Validate every shard header of a file or folder, reading no tensor data.
-
-    Raises:
-        CheckpointError: missing path, no safetensors in the folder, an index naming a missing shard or
-            disagreeing with it, a tensor in two shards, or any damaged header.
-    """
-    path = Path(path)
-    if path.is_file():
-        return CheckpointSource(path, None, (read_header(path),))
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such file or folder: give a .safetensors file or a model folder")
-    indexes = sorted(path.glob("*" + INDEX_SUFFIX))
-    if len(indexes) > 1:
-        raise CheckpointError(f"{path}: several safetensors indexes ({', '.join(i.name for i in indexes)}):"
-                              " give the folder of one model")
-    if indexes:
-        return _open_indexed(path, indexes[0])
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: no .safetensors file in this folder: convert .bin weights to "
-                              "safetensors first, or give the right folder")
-    shards = tuple(read_header(file) for file in files)
-    _check_unique_names(shards)
-    return CheckpointSource(path, path, shards)
-
-
-def _open_indexed(folder: Path, index: Path) -> CheckpointSource:
-    weight_map, metadata = _read_index(index)
-    files = list(dict.fromkeys(weight_map.values()))
-    for name, file in weight_map.items():
-        if not (folder / file).is_file():
-            raise CheckpointError(f"{index}: names missing shard {file!r} (tensor {name!r}): "
-                                  "re-download the checkpoint")
-    shards = tuple(read_header(folder / file) for file in files)
-    _check_unique_names(shards)
-    held = {entry.name: shard.path.name for shard in shards for entry in shard.tensors}
-    for name in {**weight_map, **held}:
-        if held.get(name) != weight_map.get(name):
-            raise CheckpointError(f"{index}: tensor {name!r}: index says shard {weight_map.get(name)!r} "
-                                  f"but it is in {held.get(name)!r}: the index is stale; re-download it")
-    metadata = {k: v for k, v in metadata.items() if k != "total_size"}
-    return CheckpointSource(folder, folder, shards, index.name, metadata)
-
-
-def _read_index(index: Path) -> tuple[dict[str, str], dict]:
-    try:
-        parsed = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{index}: unreadable index ({exc}): re-download it") from None
-    weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
-    metadata = parsed.get("metadata", {}) if isinstance(parsed, dict) else None
-    if not isinstance(weight_map, dict) or not isinstance(metadata, dict):
-        raise CheckpointError(f"{index}: index must hold a weight_map object: re-download it")
-    for name, file in weight_map.items():
-        _check_shard_name(index, name, file)
-    return weight_map, metadata
-
-
-def _check_shard_name(index: Path, tensor: str, file: object) -> None:
-    """A shard must be a plain file name inside the folder: no separators, no '..', no control bytes."""
-    if (not isinstance(file, str) or not file.endswith(".safetensors") or file in {".", ".."}
-            or re.search(r"[/\\\x00-\x1f\x7f]", file)):
-        raise CheckpointError(f"{index}: tensor {tensor!r}: shard {file!r} is not a plain .safetensors "
-                              "file name in the folder: the index is damaged or hostile")
-
-
-def _check_unique_names(shards: Iterable[SafetensorsHeader]) -> None:
-    seen: dict[str, Path] = {}
-    for shard in shards:
-        for entry in shard.tensors:
-            if entry.name in seen:
-                raise CheckpointError(f"{shard.path}: tensor {entry.name!r} is also in "
-                                      f"{seen[entry.name].name}: shards must not repeat tensors")
-            seen[entry.name] = shard.path
-
-
 # ------------------------------------------------------------------------------------------ inspect
 
 @dataclass(frozen=True)
 class TensorRow:
-    """One tensor of a checkpoint: dtype is the torch name (``"bfloat16"``), nbytes its stored size."""
+    """One tensor of a checkpoint.
+
+    ``dtype`` is the torch name (``"bfloat16"``), ``nbytes`` its stored size in bytes; ``shares_with``
+    names the tensor listed earlier whose bytes it shares (tied weights, counted once).
+    """
 
     name: str
     dtype: str
@@ -156,6 +66,7 @@ class TensorRow:
     numel: int
     nbytes: int
     shard: str
+    shares_with: str | None = None
 
 
 @dataclass(frozen=True)
@@ -168,61 +79,80 @@ class ShardInfo:
     tensor_count: int
 
 
-@dataclass(frozen=True)
-class CheckpointInspection:
-    """A checkpoint described from its headers alone.
+@dataclass
+class CheckpointInspection(TableMixin):
+    """A checkpoint described from its headers alone; renders as a table (text, HTML, JSON).
 
     Args:
         path: the file or folder inspected.
         shards: one row per file.
         tensors: one row per tensor name, in shard then data order.
-        bytes_by_dtype: stored bytes per dtype name, tied tensors counted once.
+        by_dtype: tensors, elements and bytes per dtype, tied tensors counted once.
         total_bytes: stored tensor bytes, tied tensors counted once.
-        parameter_count: elements, tied tensors counted once.
-        largest: the ten largest tensors, largest first.
+        largest: the largest tensors, largest first.
         shared: groups of names stored as one tensor (tied weights).
         metadata: safetensors string metadata, merged over shards.
     """
 
     path: Path
-    shards: tuple[ShardInfo, ...]
-    tensors: tuple[TensorRow, ...]
-    bytes_by_dtype: dict[str, int]
+    shards: list[ShardInfo]
+    tensors: list[TensorRow]
+    by_dtype: list[DtypeSummary]
     total_bytes: int
-    parameter_count: int
-    largest: tuple[TensorRow, ...]
-    shared: tuple[tuple[str, ...], ...]
-    metadata: dict[str, str]
+    largest: list[TensorRow]
+    shared: list[tuple[str, ...]]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def bytes_by_dtype(self) -> dict[str, int]:
+        return {summary.dtype: summary.nbytes for summary in self.by_dtype}
+
+    def to_table(self) -> Table:
+        rows = [[t.name, t.dtype, list(t.shape), t.numel, t.nbytes, t.shard] for t in self.largest]
+        notes = [f"{s.dtype}: {s.tensors} tensors, {s.numel:,} elements, {s.nbytes:,} bytes"
+                 for s in self.by_dtype]
+        notes.append(f"total: {self.total_bytes:,} bytes in {len(self.tensors)} tensors, "
+                     f"{len(self.shards)} file(s) (tied tensors counted once)")
+        notes += [f"shared: {', '.join(group)}" for group in self.shared]
+        return Table(f"{self.path}: largest tensors", ["name", "dtype", "shape", "numel", "bytes", "file"],
+                     rows, notes)
 
 
 def inspect_checkpoint(path: str | os.PathLike, largest_count: int = 10) -> CheckpointInspection:
     """Describe a ``.safetensors`` file or sharded folder reading only its headers.
 
+    Args:
+        path: a ``.safetensors`` file or a model folder.
+        largest_count: how many of the largest tensors to list in ``largest``.
+
     Example:
-        >>> info = inspect_checkpoint("model-folder")  # doctest: +SKIP
-        >>> info.bytes_by_dtype
+        >>> inspect_checkpoint("model-folder").bytes_by_dtype  # doctest: +SKIP
         {'float32': 90419712}
     """
     source = open_checkpoint(path)
-    rows, by_dtype, total, params, shared = [], {}, 0, 0, []
-    for shard in source.shards:
-        shared.extend(shard.shared_groups())
-        stored: set[tuple[int, int]] = set()
-        for entry in shard.tensors:
-            row = TensorRow(entry.name, dtype_name(entry.torch_dtype), entry.shape, entry.numel,
-                            entry.nbytes, shard.path.name)
-            rows.append(row)
-            if entry.nbytes and (entry.begin, entry.end) in stored:
-                continue
-            stored.add((entry.begin, entry.end))
-            by_dtype[row.dtype] = by_dtype.get(row.dtype, 0) + row.nbytes
-            total, params = total + row.nbytes, params + row.numel
-    shards = tuple(ShardInfo(s.path.name, s.file_bytes, s.header_bytes, len(s.tensors))
-                   for s in source.shards)
-    largest = tuple(sorted(rows, key=lambda r: -r.nbytes)[:largest_count])
+    rows = [row for shard in source.shards for row in _shard_rows(shard)]
+    totals: dict[str, list[int]] = {}
+    for row in rows:
+        if row.shares_with is None:
+            count = totals.setdefault(row.dtype, [0, 0, 0])
+            count[0], count[1], count[2] = count[0] + 1, count[1] + row.numel, count[2] + row.nbytes
+    by_dtype = [DtypeSummary(dtype, *counts) for dtype, counts in totals.items()]
+    shards = [ShardInfo(s.path.name, s.file_bytes, s.header_bytes, len(s.tensors)) for s in source.shards]
+    largest = sorted(rows, key=lambda r: -r.nbytes)[:largest_count]
+    shared = [group for shard in source.shards for group in shard.shared_groups()]
     metadata = {k: v for shard in source.shards for k, v in shard.metadata.items()}
-    return CheckpointInspection(Path(path), shards, tuple(rows), by_dtype, total, params,
-                                largest, tuple(shared), metadata)
+    return CheckpointInspection(Path(path), shards, rows, by_dtype, sum(s.nbytes for s in by_dtype),
+                                largest, shared, metadata)
+
+
+def _shard_rows(shard: SafetensorsHeader) -> list[TensorRow]:
+    owners: dict[tuple[int, int], str] = {}
+    rows = []
+    for entry in shard.tensors:
+        owner = owners.setdefault((entry.begin, entry.end), entry.name) if entry.nbytes else entry.name
+        rows.append(TensorRow(entry.name, dtype_name(entry.torch_dtype), entry.shape, entry.numel,
+                              entry.nbytes, shard.path.name, None if owner == entry.name else owner))
+    return rows
 
 
 # -------------------------------------------------------------------------------------------- plan
@@ -334,83 +264,11 @@ def _plan(source: CheckpointSource, dst: Path, dst_is_file: bool, fmt: NumberFor
     return _Plan(shards, prefix + INDEX_SUFFIX, source.index_metadata)
 
 
-# ---------------------------------------------------------------------------------- staged output
-
-class _Staging:
-    """A temporary folder beside the destination, renamed into place by :meth:`commit`, else removed."""
-
-    def __init__(self, dst: Path, force: bool):
-        self.dst, self.force = dst, force
-        self.tmp = dst.parent / f".{dst.name}.dtypelab-tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        self.committed = False
-
-    def __enter__(self) -> _Staging:
-        self.dst.parent.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(self.dst)
-        if self.dst.exists() and not self.force:
-            raise CheckpointError(f"{self.dst}: already exists: choose another output or pass --force")
-        self.tmp.mkdir()
-        return self
-
-    def commit(self, dst_is_file: bool) -> None:
-        staged = self.tmp / self.dst.name if dst_is_file else self.tmp
-        old = self.dst.parent / f".{self.dst.name}.dtypelab-old-{os.getpid()}-{secrets.token_hex(4)}"
-        if self.dst.exists() or self.dst.is_symlink():
-            os.rename(self.dst, old)
-        os.rename(staged, self.dst)
-        self.committed = True
-        _remove(old)
-        _remove(self.tmp)
-
-    def __exit__(self, *exc_info) -> None:
-        if not self.committed:
-            _remove(self.tmp)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def remove_leftovers(dst: str | os.PathLike) -> list[Path]:
-    """Remove temporary folders that conversions into ``dst`` left when they were killed.
-
-    A leftover carries the process id of its run; only those whose process is gone are removed.
-
-    Returns:
-        The paths removed.
-    """
-    dst = Path(dst)
-    removed = []
-    for leftover in dst.parent.glob(f".{_glob_escape(dst.name)}.dtypelab-*-*-*"):
-        match = re.fullmatch(r"\.dtypelab-(?:tmp|old)-(\d+)-[0-9a-f]+", leftover.name[len(dst.name) + 1:])
-        if match and not _process_alive(int(match.group(1))):
-            _remove(leftover)
-            removed.append(leftover)
-    return removed
-
-
-def _glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 # ------------------------------------------------------------------------------------------ convert
 
-@dataclass(frozen=True)
-class ConversionResult:
-    """What a conversion wrote and what it did to every tensor.
+@dataclass
+class ConversionResult(TableMixin):
+    """What a conversion wrote and what it did to every tensor; renders as a table (text, HTML, JSON).
 
     Args:
         source: the checkpoint read.
@@ -429,10 +287,10 @@ class ConversionResult:
     source: Path
     destination: Path
     format: str
-    shards: tuple[str, ...]
+    shards: list[str]
     index_file: str | None
-    tensors: tuple[TensorDamage, ...]
-    copied_files: tuple[str, ...]
+    tensors: list[TensorDamage]
+    copied_files: list[str]
     config_updated: bool
     bytes_read: int
     bytes_written: int
@@ -446,17 +304,27 @@ class ConversionResult:
             total = total.merged(tensor)
         return total
 
-    def worst(self, count: int = 5) -> tuple[TensorDamage, ...]:
-        """The most damaged tensors: lost values first, then subnormals, then relative error."""
-        ranked = sorted(self.tensors, key=lambda t: (-t.lost_values, -t.subnormal, -t.max_rel_error))
-        return tuple(ranked[:count])
+    def worst(self, count: int = 5) -> list[TensorDamage]:
+        """The most damaged cast tensors: lost values first, then subnormals, then relative error."""
+        cast = [t for t in self.tensors if t.action == "cast"]
+        return sorted(cast, key=lambda t: (-t.lost_values, -t.subnormal, -t.max_rel_error))[:count]
 
-    def to_dict(self) -> dict:
-        """A JSON-ready dict: the report ``--report FILE`` writes."""
-        data = asdict(self)
-        data["source"], data["destination"] = str(self.source), str(self.destination)
-        data["total"] = asdict(self.total)
-        return data
+    def to_table(self) -> Table:
+        columns = ["tensor", "from", "to", "numel", "overflowed", "flushed_to_zero", "subnormal",
+                   "max_rel_error"]
+        rows = [[t.name, t.source_dtype, t.output_dtype, t.numel, t.overflowed, t.flushed_to_zero,
+                 t.subnormal, t.max_rel_error] for t in [*self.worst(), self.total]]
+        actions = {a: sum(t.action == a for t in self.tensors) for a in ("cast", "copied", "kept")}
+        notes = [f"{self.source} -> {self.destination}: {', '.join(f'{n} {a}' for a, n in actions.items())}"
+                 f"; {self.bytes_read:,} bytes read, {self.bytes_written:,} written in "
+                 f"{len(self.shards)} file(s)" + (f" + {self.index_file}" if self.index_file else ""),
+                 f"copied {len(self.copied_files)} other file(s); config dtype updated: "
+                 f"{self.config_updated}; verified bit for bit: {self.verified}"]
+        return Table(f"Conversion to {self.format}: most damaged tensors", columns, rows, notes)
+
+    def to_json(self) -> str:
+        """The full report (every tensor) that ``--report FILE`` writes."""
+        return json.dumps({**to_jsonable(self), "total": to_jsonable(self.total)}, indent=2)
 
 
 def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,
@@ -489,7 +357,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     dst = Path(destination)
     dst_is_file = _check_destination(src, dst)
     plan = _plan(src, dst, dst_is_file, fmt, tuple(keep), parse_size(max_shard_size))
-    with _Staging(dst, force) as staging, one_thread():
+    with StagedOutput(dst, force) as staging, one_thread():
         extra = [] if src.folder is None else _extra_files(src)
         _check_free_space(staging.tmp, plan, extra)
         caster = ChunkCaster(fmt)
@@ -500,8 +368,8 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
             verify_output(plan, staging.tmp, caster)
         staging.commit(dst_is_file)
     written = sum(len(s.layout()[0]) + sum(i.out_nbytes for i in s.items) for s in plan.shards)
-    return ConversionResult(src.path, dst, fmt.name, tuple(s.file for s in plan.shards), plan.index_name,
-                            tuple(damage), tuple(p.name for p in extra), config_updated,
+    return ConversionResult(src.path, dst, fmt.name, [s.file for s in plan.shards], plan.index_name,
+                            damage, [p.name for p in extra], config_updated,
                             sum(i.entry.nbytes for i in plan.items), written, verify)
 
 

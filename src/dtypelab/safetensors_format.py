@@ -17,7 +17,9 @@ import errno
 import json
 import math
 import os
+import re
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import torch
 
 from .errors import CheckpointError
 
+INDEX_SUFFIX = ".safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000
 """Largest header accepted, in bytes (the limit the reference Rust implementation enforces)."""
 
@@ -303,3 +306,101 @@ def _write_error(path: Path, exc: OSError) -> CheckpointError:
         return CheckpointError(f"{path}: no space left to write ({exc.strerror}): free space or choose "
                                "another output folder; nothing was kept")
     return CheckpointError(f"{path}: cannot write ({exc.strerror}): check the output folder")
+
+
+# ------------------------------------------------------------------- checkpoints: a file or a folder
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """A checkpoint's validated shard headers.
+
+    Args:
+        path: the file or folder given.
+        folder: the folder, or ``None`` for a single file.
+        shards: one validated header per shard, in index order.
+        index_name: the index file's name, when the folder has one.
+        index_metadata: the index's ``metadata`` minus ``total_size``.
+    """
+
+    path: Path
+    folder: Path | None
+    shards: tuple[SafetensorsHeader, ...]
+    index_name: str | None = None
+    index_metadata: dict = field(default_factory=dict)
+
+
+def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
+    """Validate every shard header of a file or folder, reading no tensor data.
+
+    Raises:
+        CheckpointError: missing path, no safetensors in the folder, an index naming a missing shard or
+            disagreeing with it, a tensor in two shards, or any damaged header.
+    """
+    path = Path(path)
+    if path.is_file():
+        return CheckpointSource(path, None, (read_header(path),))
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such file or folder: give a .safetensors file or a model folder")
+    indexes = sorted(path.glob("*" + INDEX_SUFFIX))
+    if len(indexes) > 1:
+        raise CheckpointError(f"{path}: several safetensors indexes ({', '.join(i.name for i in indexes)}):"
+                              " give the folder of one model")
+    if indexes:
+        return _open_indexed(path, indexes[0])
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no .safetensors file in this folder: convert .bin weights to "
+                              "safetensors first, or give the right folder")
+    shards = tuple(read_header(file) for file in files)
+    _check_unique_names(shards)
+    return CheckpointSource(path, path, shards)
+
+
+def _open_indexed(folder: Path, index: Path) -> CheckpointSource:
+    weight_map, metadata = _read_index(index)
+    files = list(dict.fromkeys(weight_map.values()))
+    for name, file in weight_map.items():
+        if not (folder / file).is_file():
+            raise CheckpointError(f"{index}: names missing shard {file!r} (tensor {name!r}): "
+                                  "re-download the checkpoint")
+    shards = tuple(read_header(folder / file) for file in files)
+    _check_unique_names(shards)
+    held = {entry.name: shard.path.name for shard in shards for entry in shard.tensors}
+    for name in {**weight_map, **held}:
+        if held.get(name) != weight_map.get(name):
+            raise CheckpointError(f"{index}: tensor {name!r}: index says shard {weight_map.get(name)!r} "
+                                  f"but it is in {held.get(name)!r}: the index is stale; re-download it")
+    metadata = {k: v for k, v in metadata.items() if k != "total_size"}
+    return CheckpointSource(folder, folder, shards, index.name, metadata)
+
+
+def _read_index(index: Path) -> tuple[dict[str, str], dict]:
+    try:
+        parsed = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{index}: unreadable index ({exc}): re-download it") from None
+    weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
+    metadata = parsed.get("metadata", {}) if isinstance(parsed, dict) else None
+    if not isinstance(weight_map, dict) or not isinstance(metadata, dict):
+        raise CheckpointError(f"{index}: index must hold a weight_map object: re-download it")
+    for name, file in weight_map.items():
+        _check_shard_name(index, name, file)
+    return weight_map, metadata
+
+
+def _check_shard_name(index: Path, tensor: str, file: object) -> None:
+    """A shard must be a plain file name inside the folder: no separators, no '..', no control bytes."""
+    if (not isinstance(file, str) or not file.endswith(".safetensors") or file in {".", ".."}
+            or re.search(r"[/\\\x00-\x1f\x7f]", file)):
+        raise CheckpointError(f"{index}: tensor {tensor!r}: shard {file!r} is not a plain .safetensors "
+                              "file name in the folder: the index is damaged or hostile")
+
+
+def _check_unique_names(shards: Iterable[SafetensorsHeader]) -> None:
+    seen: dict[str, Path] = {}
+    for shard in shards:
+        for entry in shard.tensors:
+            if entry.name in seen:
+                raise CheckpointError(f"{shard.path}: tensor {entry.name!r} is also in "
+                                      f"{seen[entry.name].name}: shards must not repeat tensors")
+            seen[entry.name] = shard.path
