@@ -448,3 +448,26 @@ def test_peak_memory_stays_within_fixed_budget_plus_largest_tensor(tmp_path):
     budget = 48 * 2**20  # the caster's reused buffers (~30 MiB) plus interpreter slack
     assert grown <= budget + largest, f"peak grew {grown / 2**20:.0f} MiB"
     assert budget + largest < checkpoint / 4  # so holding the checkpoint (or a shard) would fail here
+
+
+# ------------------------------------------------------------------------------------- transformers
+
+def test_converted_folder_loads_with_transformers_like_an_in_memory_cast(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "fp32", max_shard_size="20KB")  # several shards and an index
+    assert len(list((tmp_path / "fp32").glob("*.safetensors"))) > 2
+    result = convert_checkpoint(tmp_path / "fp32", tmp_path / "bf16", "bf16", verify=True)
+    assert result.total.lost_values == 0
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").eval()
+    assert loaded.dtype == torch.bfloat16  # from the rewritten config dtype
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
+    ids = torch.tensor([[1, 5, 9, 3, 77]])
+    with torch.no_grad():
+        expected = model.to(torch.bfloat16)(ids).logits
+        actual = loaded(ids).logits
+    assert torch.equal(actual, expected)  # same weights bit for bit, so the very same logits

@@ -7,13 +7,16 @@ for refused damage); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 import torch
 
 from . import models
 from .cast import KeepPolicy, cast_model
+from .checkpoint import convert_checkpoint
 from .compare import compare_models, run_model, select_output
 from .errors import DtypelabError, InputError
 from .formats import parse_format_list
@@ -143,3 +146,50 @@ def demo_cmd() -> None:
     click.echo(f"Mean diff: {bf16.mean_abs_diff} | Max diff: {bf16.max_abs_diff}\n")
     click.echo(result.to_text())
 
+
+# ------------------------------------------------------------------------------------------ convert
+
+class ProgressLine:
+    """Bytes done, rate and time left on one stderr line, redrawn at most 5 times a second."""
+
+    def __init__(self) -> None:
+        self.start = self.shown = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.shown < 0.2 and done < total:
+            return
+        self.shown, rate = now, done / max(now - self.start, 1e-9)
+        left = (total - done) / rate if rate else 0.0
+        click.echo(f"\r{done / 1e9:.2f}/{total / 1e9:.2f} GB  {rate / 1e6:.0f} MB/s  {left:.0f} s left ",
+                   err=True, nl=done >= total)
+
+
+@cli.command("convert")
+@click.argument("src")
+@click.option("--to", "fmt", required=True, help="Target dtype: bf16, fp16, fp32 (or aliases).")
+@click.option("-o", "--output", required=True,
+              help="Destination folder (or a .safetensors file when SRC is one file).")
+@click.option("--keep", multiple=True, metavar="NAME|GLOB",
+              help="Tensors left exactly as they are: a name or a glob (*norm*). Repeatable.")
+@click.option("--max-shard-size", help="Reshard into files of at most this size (5GB, 500MiB); "
+                                       "default keeps the source's files.")
+@click.option("--force", is_flag=True, help="Replace an existing destination.")
+@click.option("--verify", is_flag=True, help="Re-read the output and check it bit for bit.")
+@click.option("--strict", is_flag=True, help="Refuse (exit 3, nothing written) if any value overflows "
+                                             "or flushes to zero.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write every tensor's damage counts to this JSON file.")
+@click.option("--quiet", is_flag=True, help="Print nothing but errors.")
+@json_option
+def convert_cmd(src: str, fmt: str, output: str, keep: tuple[str, ...], max_shard_size: str | None,
+                force: bool, verify: bool, strict: bool, report_path: Path | None, quiet: bool,
+                as_json: bool) -> None:
+    """Convert a safetensors file or model folder SRC to another dtype, tensor by tensor."""
+    progress = ProgressLine() if not quiet and not as_json and sys.stderr.isatty() else None
+    result = convert_checkpoint(src, output, fmt, keep=keep, max_shard_size=max_shard_size, force=force,
+                                verify=verify, strict=strict, progress=progress)
+    if report_path is not None:
+        report_path.write_text(result.to_json() + "\n", encoding="utf-8")
+    if not quiet:
+        emit(result, as_json)
