@@ -230,9 +230,9 @@ def test_destination_inside_source_refused(tmp_path):
 
 
 def test_verify_catches_bytes_that_differ(tmp_path, monkeypatch):
-    import dtypelab.checkpoint as checkpoint
+    import dtypelab.checkpoint_writer as writer
     save_file(tensors(), tmp_path / "in.safetensors")
-    real_write = checkpoint.write_all
+    real_write = writer.write_all
 
     def corrupting_write(fd, view, path):  # flips one bit of every tensor chunk written
         data = bytearray(view)
@@ -240,7 +240,7 @@ def test_verify_catches_bytes_that_differ(tmp_path, monkeypatch):
             data[-1] ^= 1
         real_write(fd, memoryview(data), path)
 
-    monkeypatch.setattr(checkpoint, "write_all", corrupting_write)
+    monkeypatch.setattr(writer, "write_all", corrupting_write)
     with pytest.raises(CheckpointError, match="verification failed"):
         convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", "bf16", verify=True)
     assert [p.name for p in tmp_path.iterdir()] == ["in.safetensors"]

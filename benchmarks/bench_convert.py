@@ -1,0 +1,146 @@
+"""Checkpoint conversion to bf16 against ``cp`` of the same folder and the script users usually write.
+
+The usual script is ``safetensors.torch.load_file`` -> ``.to(torch.bfloat16)`` -> ``save_file``, shard
+by shard. Every method runs in its own process under ``/usr/bin/time``, which reports its peak resident memory
+(``ru_maxrss``, file-backed pages included; a child forked straight from this process would inherit
+this process's own high-water mark instead).
+Cold runs first evict the checkpoint from the page cache (``posix_fadvise(DONTNEED)``); warm runs
+follow an untimed warm-up. The checkpoint (fp32, two shards) is generated once under ``.bench/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from dtypelab.report import Table
+
+from .harness import print_table
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = ROOT / ".bench" / "convert"
+TENSOR_SHAPE = (4096, 4096)  # 64 MiB of fp32, a 7B model's attention projection
+PY = sys.executable
+
+USUAL_SCRIPT = """
+import pathlib, sys, torch
+from safetensors.torch import load_file, save_file
+src, dst = map(pathlib.Path, sys.argv[1:3])
+dst.mkdir()
+for shard in sorted(src.glob("*.safetensors")):
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(shard).items()}, dst / shard.name,
+              metadata={"format": "pt"})
+"""
+
+
+def make_checkpoint(gib: int) -> Path:
+    """An fp32 checkpoint of ``gib`` GiB in two shards with an index (reused when already there)."""
+    folder = BENCH_DIR / f"fp32-{gib}gib"
+    if (folder / "done").exists():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    per_shard = gib * 2**30 // 2 // (TENSOR_SHAPE[0] * TENSOR_SHAPE[1] * 4)
+    weight_map = {}
+    torch.manual_seed(0)
+    for shard in range(2):
+        name = f"model-{shard + 1:05d}-of-00002.safetensors"
+        tensors = {f"layers.{shard * per_shard + i}.weight": torch.randn(TENSOR_SHAPE) * 0.02
+                   for i in range(per_shard)}
+        save_file(tensors, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        del tensors
+    index = {"metadata": {"total_size": gib * 2**30}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "float32"}))
+    (folder / "done").write_text("")
+    return folder
+
+
+def commands(src: Path, dst: Path) -> dict[str, list[str]]:
+    return {
+        "cp -r (floor)": ["cp", "-r", str(src), str(dst)],
+        "python -c 'import torch' (start-up)": [PY, "-c", "import torch"],
+        "usual script (load_file/.to/save_file)": [PY, "-c", USUAL_SCRIPT, str(src), str(dst)],
+        "dtypelab convert": [PY, "-c", "from dtypelab.cli import main; main()", "convert", str(src),
+                             "--to", "bf16", "-o", str(dst), "--quiet"],
+    }
+
+
+def evict(folder: Path) -> None:
+    """Drop the folder's files from the page cache, so the next read comes from disk."""
+    for path in folder.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def run_once(command: list[str], src: Path, dst: Path, cold: bool) -> tuple[float, int]:
+    """Wall seconds and peak RSS bytes of one run, in a fresh process."""
+    shutil.rmtree(dst, ignore_errors=True)
+    os.sync()  # the previous run's writeback must not slow this one
+    if cold:
+        evict(src)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    peak_file = BENCH_DIR / "peak_kib"
+    start = time.perf_counter()
+    subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(peak_file), *command], env=env, check=True)
+    seconds = time.perf_counter() - start
+    return seconds, int(peak_file.read_text().split()[-1]) * 1024
+
+
+def measure(command: list[str], src: Path, dst: Path, warm_repeat: int = 3) -> dict[str, float]:
+    cold = [run_once(command, src, dst, cold=True) for _ in range(2)]
+    run_once(command, src, dst, cold=False)  # warm-up
+    warm = [run_once(command, src, dst, cold=False) for _ in range(warm_repeat)]
+    return {"cold_s": statistics.median(s for s, _ in cold), "warm_s": statistics.median(s for s, _ in warm),
+            "peak_bytes": max(p for _, p in cold + warm)}
+
+
+def run() -> Table:
+    rows, results = [], {}
+    for gib in (2, 4):
+        src = make_checkpoint(gib)
+        size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+        dst = BENCH_DIR / "out"
+        for label, command in commands(src, dst).items():
+            if gib == 4 and label.startswith(("cp", "python")):
+                continue
+            results[label, gib] = result = measure(command, src, dst)
+            rows.append([label, gib, result["cold_s"], result["warm_s"],
+                         result["warm_s"] / results["cp -r (floor)", 2]["warm_s"] if gib == 2 else "",
+                         result["peak_bytes"] / 2**20, result["peak_bytes"] / size])
+        shutil.rmtree(dst, ignore_errors=True)
+    startup = results["python -c 'import torch' (start-up)", 2]["warm_s"]
+    ours, usual = results["dtypelab convert", 2], results["usual script (load_file/.to/save_file)", 2]
+    cp = results["cp -r (floor)", 2]["warm_s"]
+    ratio_ours = results["dtypelab convert", 4]["peak_bytes"] / ours["peak_bytes"]
+    ratio_usual = results["usual script (load_file/.to/save_file)", 4]["peak_bytes"] / usual["peak_bytes"]
+    notes = [f"machine: {platform.machine()}, {os.cpu_count()} cores, {_ram_gib():.0f} GiB RAM, "
+             f"python {platform.python_version()}, torch {torch.__version__}",
+             f"warm: dtypelab / usual = {ours['warm_s'] / usual['warm_s']:.2f}x; "
+             f"dtypelab / (cp + start-up) = {ours['warm_s'] / (cp + startup):.2f}x (goal <= 1.5x)",
+             f"peak RSS 4 GiB / 2 GiB: dtypelab {ratio_ours:.2f}x, usual {ratio_usual:.2f}x (flat = 1.00x)"]
+    columns = ["method", "GiB fp32", "cold_s", "warm_s", "warm x cp", "peak RSS MiB", "peak RSS x ckpt"]
+    return Table("Checkpoint conversion to bf16 (fresh process each run)", columns, rows, notes)
+
+
+def _ram_gib() -> float:
+    with open("/proc/meminfo") as meminfo:
+        return int(meminfo.readline().split()[1]) / 2**20
+
+
+if __name__ == "__main__":
+    print_table(run())
