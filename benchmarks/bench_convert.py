@@ -32,6 +32,17 @@ BENCH_DIR = ROOT / ".bench" / "convert"
 TENSOR_SHAPE = (4096, 4096)  # 64 MiB of fp32, a 7B model's attention projection
 PY = sys.executable
 
+INSPECT_SCRIPT = """
+import resource, sys, time
+from dtypelab.checkpoint import inspect_checkpoint
+inspect_checkpoint(sys.argv[1])  # warm: imports and the headers' pages
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+info = inspect_checkpoint(sys.argv[1])
+seconds = time.perf_counter() - start
+print(seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024, info.total_bytes)
+"""
+
 USUAL_SCRIPT = """
 import pathlib, sys, torch
 from safetensors.torch import load_file, save_file
@@ -110,7 +121,7 @@ def measure(command: list[str], src: Path, dst: Path, warm_repeat: int = 3) -> d
 
 
 def run() -> Table:
-    rows, results = [], {}
+    rows, results, load_before = [], {}, os.getloadavg()[0]
     for gib in (2, 4):
         src = make_checkpoint(gib)
         size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
@@ -123,18 +134,31 @@ def run() -> Table:
                          result["warm_s"] / results["cp -r (floor)", 2]["warm_s"] if gib == 2 else "",
                          result["peak_bytes"] / 2**20, result["peak_bytes"] / size])
         shutil.rmtree(dst, ignore_errors=True)
+    rows.append(_inspect_row(make_checkpoint(4)))
     startup = results["python -c 'import torch' (start-up)", 2]["warm_s"]
     ours, usual = results["dtypelab convert", 2], results["usual script (load_file/.to/save_file)", 2]
     cp = results["cp -r (floor)", 2]["warm_s"]
     ratio_ours = results["dtypelab convert", 4]["peak_bytes"] / ours["peak_bytes"]
     ratio_usual = results["usual script (load_file/.to/save_file)", 4]["peak_bytes"] / usual["peak_bytes"]
     notes = [f"machine: {platform.machine()}, {os.cpu_count()} cores, {_ram_gib():.0f} GiB RAM, "
-             f"python {platform.python_version()}, torch {torch.__version__}",
+             f"python {platform.python_version()}, torch {torch.__version__}; load average "
+             f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes share the cores)",
              f"warm: dtypelab / usual = {ours['warm_s'] / usual['warm_s']:.2f}x; "
              f"dtypelab / (cp + start-up) = {ours['warm_s'] / (cp + startup):.2f}x (goal <= 1.5x)",
              f"peak RSS 4 GiB / 2 GiB: dtypelab {ratio_ours:.2f}x, usual {ratio_usual:.2f}x (flat = 1.00x)"]
     columns = ["method", "GiB fp32", "cold_s", "warm_s", "warm x cp", "peak RSS MiB", "peak RSS x ckpt"]
     return Table("Checkpoint conversion to bf16 (fresh process each run)", columns, rows, notes)
+
+
+def _inspect_row(src: Path) -> list:
+    """Headers only: time and memory growth of inspect_checkpoint on the 4 GiB folder, in a fresh process."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([PY, "-c", INSPECT_SCRIPT, str(src)], env=env, capture_output=True, text=True,
+                          check=True)
+    seconds, grown, total = done.stdout.split()
+    size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    return ["inspect_checkpoint (headers only, extra RSS)", round(int(total) / 2**30), "", float(seconds),
+            "", int(grown) / 2**20, int(grown) / size]
 
 
 def _ram_gib() -> float:

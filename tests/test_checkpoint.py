@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -218,6 +219,16 @@ def test_existing_destination_refused_without_force(tmp_path):
     convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", "bf16", force=True)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["in.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "out"]
+
+
+def test_too_little_free_space_refused_before_writing(tmp_path, monkeypatch):
+    import dtypelab.checkpoint as checkpoint
+    save_file(tensors(), tmp_path / "in.safetensors")
+    real = shutil.disk_usage
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: real(path)._replace(free=100))
+    with pytest.raises(CheckpointError, match="bytes needed but only 100 free"):
+        convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", "bf16")
+    assert [p.name for p in tmp_path.iterdir()] == ["in.safetensors"]
 
 
 def test_destination_inside_source_refused(tmp_path):

@@ -81,3 +81,9 @@ def test_progress_line_shows_bytes_rate_and_time_left(capsys):
     progress(2 * 10**9, 2 * 10**9)
     err = capsys.readouterr().err
     assert "2.00/2.00 GB" in err and "MB/s" in err and "s left" in err and err.endswith("\n")
+    stopped = ProgressLine()
+    stopped.shown -= 1.0  # as if the last redraw were a second ago
+    stopped(10**9, 2 * 10**9)
+    stopped.close()  # an error follows: the half-drawn line is ended first
+    err = capsys.readouterr().err
+    assert err.startswith("\r1.00/2.00 GB") and err.endswith(" \n")

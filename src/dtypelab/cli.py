@@ -154,6 +154,7 @@ class ProgressLine:
 
     def __init__(self) -> None:
         self.start = self.shown = time.monotonic()
+        self.open_line = False
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
@@ -161,8 +162,14 @@ class ProgressLine:
             return
         self.shown, rate = now, done / max(now - self.start, 1e-9)
         left = (total - done) / rate if rate else 0.0
+        self.open_line = done < total
         click.echo(f"\r{done / 1e9:.2f}/{total / 1e9:.2f} GB  {rate / 1e6:.0f} MB/s  {left:.0f} s left ",
-                   err=True, nl=done >= total)
+                   err=True, nl=not self.open_line)
+
+    def close(self) -> None:
+        """End a line left open by a run that stopped early, so an error starts on its own line."""
+        if self.open_line:
+            click.echo("", err=True)
 
 
 @cli.command("convert")
@@ -187,8 +194,12 @@ def convert_cmd(src: str, fmt: str, output: str, keep: tuple[str, ...], max_shar
                 as_json: bool) -> None:
     """Convert a safetensors file or model folder SRC to another dtype, tensor by tensor."""
     progress = ProgressLine() if not quiet and not as_json and sys.stderr.isatty() else None
-    result = convert_checkpoint(src, output, fmt, keep=keep, max_shard_size=max_shard_size, force=force,
-                                verify=verify, strict=strict, progress=progress)
+    try:
+        result = convert_checkpoint(src, output, fmt, keep=keep, max_shard_size=max_shard_size,
+                                    force=force, verify=verify, strict=strict, progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
     if report_path is not None:
         report_path.write_text(result.to_json() + "\n", encoding="utf-8")
     if not quiet:
