@@ -31,7 +31,8 @@ def tensors() -> dict[str, torch.Tensor]:
             "layers.0.proj.weight": torch.randn(32, 32), "layers.0.proj.bias": torch.randn(32).double(),
             "position_ids": torch.arange(64), "mask": torch.rand(8) > 0.5,
             "half.weight": torch.randn(4, 4).half(),
-            "codes": torch.randint(-128, 127, (16,), dtype=torch.int8)}
+            "codes": torch.randint(-128, 127, (16,), dtype=torch.int8),
+            "empty": torch.zeros(0, 4), "scale": torch.tensor(0.125, dtype=torch.float64)}
 
 
 def expected_cast(source: dict[str, torch.Tensor], dtype: torch.dtype, keep=()) -> dict[str, torch.Tensor]:
@@ -43,8 +44,9 @@ def assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tenso
     assert actual.keys() == expected.keys()
     for name, tensor in expected.items():
         assert actual[name].dtype == tensor.dtype, name
-        assert torch.equal(actual[name].view(torch.uint8) if tensor.dtype != torch.bool else actual[name],
-                           tensor.view(torch.uint8) if tensor.dtype != torch.bool else tensor), name
+        assert actual[name].shape == tensor.shape, name
+        assert torch.equal(actual[name].reshape(-1).view(torch.uint8),  # bit for bit, NaNs included
+                           tensor.reshape(-1).view(torch.uint8)), name
 
 
 def digest(folder: Path) -> dict[str, str]:
