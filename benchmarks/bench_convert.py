@@ -98,56 +98,73 @@ def evict(folder: Path) -> None:
             os.close(fd)
 
 
-def run_once(command: list[str], src: Path, dst: Path, cold: bool) -> tuple[float, int]:
-    """Wall seconds and peak RSS bytes of one run, in a fresh process."""
+def run_once(command: list[str], src: Path, dst: Path, cold: bool) -> dict[str, float]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS bytes of one run, in a fresh process."""
     shutil.rmtree(dst, ignore_errors=True)
     os.sync()  # the previous run's writeback must not slow this one
     if cold:
         evict(src)
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    peak_file = BENCH_DIR / "peak_kib"
+    stats_file = BENCH_DIR / "time_stats"
     start = time.perf_counter()
-    subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(peak_file), *command], env=env, check=True)
+    subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", str(stats_file), *command], env=env, check=True)
     seconds = time.perf_counter() - start
-    return seconds, int(peak_file.read_text().split()[-1]) * 1024
+    peak_kib, user, system = stats_file.read_text().split()[-3:]
+    return {"s": seconds, "cpu_s": float(user) + float(system), "peak_bytes": int(peak_kib) * 1024}
 
 
-def measure(command: list[str], src: Path, dst: Path, warm_repeat: int = 3) -> dict[str, float]:
-    cold = [run_once(command, src, dst, cold=True) for _ in range(2)]
-    run_once(command, src, dst, cold=False)  # warm-up
-    warm = [run_once(command, src, dst, cold=False) for _ in range(warm_repeat)]
-    return {"cold_s": statistics.median(s for s, _ in cold), "warm_s": statistics.median(s for s, _ in warm),
-            "peak_bytes": max(p for _, p in cold + warm)}
+def measure(methods: dict[str, list[str]], src: Path, dst: Path, warm_repeat: int = 5) -> dict:
+    """Every method cold (twice) then warm (``warm_repeat`` times after a warm-up), taking turns so
+    that load from other processes falls on all methods alike; medians of each."""
+    runs: dict[str, dict[str, list]] = {label: {"cold": [], "warm": []} for label in methods}
+    for kind, repeat in (("cold", 2), ("warm-up", 1), ("warm", warm_repeat)):
+        for _ in range(repeat):
+            for label, command in methods.items():
+                result = run_once(command, src, dst, cold=kind == "cold")
+                runs[label].setdefault(kind, []).append(result)
+    return {label: {"cold_s": statistics.median(r["s"] for r in got["cold"]),
+                    "warm_s": statistics.median(r["s"] for r in got["warm"]),
+                    "warm_cpu_s": statistics.median(r["cpu_s"] for r in got["warm"]),
+                    "peak_bytes": max(r["peak_bytes"] for kind in got.values() for r in kind)}
+            for label, got in runs.items()}
 
 
 def run() -> Table:
     rows, results, load_before = [], {}, os.getloadavg()[0]
+    dst = BENCH_DIR / "out"
     for gib in (2, 4):
         src = make_checkpoint(gib)
         size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-        dst = BENCH_DIR / "out"
-        for label, command in commands(src, dst).items():
-            if gib == 4 and label.startswith(("cp", "python")):
-                continue
-            results[label, gib] = result = measure(command, src, dst)
-            rows.append([label, gib, result["cold_s"], result["warm_s"],
+        methods = {label: command for label, command in commands(src, dst).items()
+                   if gib == 2 or not label.startswith(("cp", "python"))}
+        for label, result in measure(methods, src, dst).items():
+            results[label, gib] = result
+            rows.append([label, gib, result["cold_s"], result["warm_s"], result["warm_cpu_s"],
                          result["warm_s"] / results["cp -r (floor)", 2]["warm_s"] if gib == 2 else "",
                          result["peak_bytes"] / 2**20, result["peak_bytes"] / size])
         shutil.rmtree(dst, ignore_errors=True)
     rows.append(_inspect_row(make_checkpoint(4)))
+    return Table("Checkpoint conversion to bf16 (fresh process each run; medians)", COLUMNS, rows,
+                 _notes(results, load_before))
+
+
+COLUMNS = ["method", "GiB fp32", "cold_s", "warm_s", "warm_cpu_s", "warm x cp", "peak RSS MiB",
+           "peak RSS x ckpt"]
+
+
+def _notes(results: dict, load_before: float) -> list[str]:
     startup = results["python -c 'import torch' (start-up)", 2]["warm_s"]
     ours, usual = results["dtypelab convert", 2], results["usual script (load_file/.to/save_file)", 2]
     cp = results["cp -r (floor)", 2]["warm_s"]
     ratio_ours = results["dtypelab convert", 4]["peak_bytes"] / ours["peak_bytes"]
     ratio_usual = results["usual script (load_file/.to/save_file)", 4]["peak_bytes"] / usual["peak_bytes"]
-    notes = [f"machine: {platform.machine()}, {os.cpu_count()} cores, {_ram_gib():.0f} GiB RAM, "
-             f"python {platform.python_version()}, torch {torch.__version__}; load average "
-             f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes share the cores)",
-             f"warm: dtypelab / usual = {ours['warm_s'] / usual['warm_s']:.2f}x; "
-             f"dtypelab / (cp + start-up) = {ours['warm_s'] / (cp + startup):.2f}x (goal <= 1.5x)",
-             f"peak RSS 4 GiB / 2 GiB: dtypelab {ratio_ours:.2f}x, usual {ratio_usual:.2f}x (flat = 1.00x)"]
-    columns = ["method", "GiB fp32", "cold_s", "warm_s", "warm x cp", "peak RSS MiB", "peak RSS x ckpt"]
-    return Table("Checkpoint conversion to bf16 (fresh process each run)", columns, rows, notes)
+    return [f"machine: {platform.machine()}, {os.cpu_count()} cores, {_ram_gib():.0f} GiB RAM, "
+            f"python {platform.python_version()}, torch {torch.__version__}; load average "
+            f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes share the cores)",
+            f"warm: dtypelab / usual = {ours['warm_s'] / usual['warm_s']:.2f}x wall, "
+            f"{ours['warm_cpu_s'] / usual['warm_cpu_s']:.2f}x CPU; "
+            f"dtypelab / (cp + start-up) = {ours['warm_s'] / (cp + startup):.2f}x (goal <= 1.5x)",
+            f"peak RSS 4 GiB / 2 GiB: dtypelab {ratio_ours:.2f}x, usual {ratio_usual:.2f}x (flat = 1.00x)"]
 
 
 def _inspect_row(src: Path) -> list:
@@ -158,7 +175,7 @@ def _inspect_row(src: Path) -> list:
     seconds, grown, total = done.stdout.split()
     size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     return ["inspect_checkpoint (headers only, extra RSS)", round(int(total) / 2**30), "", float(seconds),
-            "", int(grown) / 2**20, int(grown) / size]
+            "", "", int(grown) / 2**20, int(grown) / size]
 
 
 def _ram_gib() -> float:
