@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -425,27 +425,34 @@ def test_inspect_reads_headers_only(tmp_path):
     with open(path, "wb") as handle:
         handle.write(header)
         handle.truncate(len(header) + 8 * 2**33)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tracemalloc.start()
     info = inspect_checkpoint(path)
+    peak_bytes = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
     assert info.total_bytes == 2**36
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB: < 64 MiB
+    assert peak_bytes < 2**20  # the header and its parse, not a single tensor's 8 GiB
 
 
 # ------------------------------------------------------------------------------------ peak memory
 
 PEAK_SCRIPT = """
-import resource, sys
+import sys
 sys.path.insert(0, {src!r})
 from dtypelab.checkpoint import convert_checkpoint
 import torch
 torch.zeros(1).to(torch.bfloat16)  # libraries loaded before the baseline
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def kib(key):  # VmHWM starts afresh at exec; ru_maxrss would inherit pytest's high-water mark
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+
+before = kib("VmRSS")
 convert_checkpoint({source!r}, {dst!r}, "bf16", verify=True)
-print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(before, kib("VmHWM"))
 """
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS/VmHWM from Linux /proc")
 def test_peak_memory_stays_within_fixed_budget_plus_largest_tensor(tmp_path):
     largest = 8 * 2**20
     src = tmp_path / "src"
@@ -458,8 +465,8 @@ def test_peak_memory_stays_within_fixed_budget_plus_largest_tensor(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     before_kib, peak_kib = map(int, done.stdout.split())
     grown = (peak_kib - before_kib) * 1024
-    budget = 48 * 2**20  # the caster's reused buffers (~30 MiB) plus interpreter slack
-    assert grown <= budget + largest, f"peak grew {grown / 2**20:.0f} MiB"
+    budget = 48 * 2**20  # reused buffers: 8 MiB read, 2 MiB out, 3 x 4 MiB scratch, 8 MiB verify; + slack
+    assert 0 < grown <= budget + largest, f"peak grew {grown / 2**20:.0f} MiB"
     assert budget + largest < checkpoint / 4  # so holding the checkpoint (or a shard) would fail here
 
 
