@@ -105,6 +105,8 @@ def test_single_file_round_trip(tmp_path, fmt, dtype):
 def test_sharded_folder_resharded_with_correct_index(tmp_path):
     source = tensors()
     src = hf_folder(tmp_path / "src", source)
+    save_file({"embed.weight": source["embed.weight"]}, src / "consolidated.safetensors")  # not indexed
+    (src / "pytorch_model.bin").write_bytes(b"pickled fp32 weights")
     before = digest(src)
     result = convert_checkpoint(src, tmp_path / "dst", "bf16", max_shard_size="3KB", verify=True)
     dst = tmp_path / "dst"
@@ -130,6 +132,9 @@ def test_sharded_folder_resharded_with_correct_index(tmp_path):
     assert (dst / "tokenizer.json").read_text() == '{"vocab": {}}'
     assert (dst / "extra" / "notes.txt").read_text() == "hello"
     assert result.config_updated and set(result.copied_files) == {"config.json", "tokenizer.json", "extra"}
+    assert result.skipped_files == ["consolidated.safetensors", "pytorch_model.bin"]  # weights again
+    assert not (dst / "pytorch_model.bin").exists() and not (dst / "consolidated.safetensors").exists()
+    assert "not copied" in result.to_text()
 
 
 def test_folder_keeps_its_shards_without_max_shard_size(tmp_path):

@@ -10,6 +10,7 @@ killed leaves no destination behind (and the next run removes its leftovers).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -158,6 +159,8 @@ class ConversionResult(TableMixin):
         index_file: the index written, if any.
         tensors: damage per stored tensor, in output order.
         copied_files: other files of the folder copied as they are.
+        skipped_files: other weight files (pickles, stray safetensors) not copied: they would hold the
+            weights again in the source precision.
         config_updated: whether config.json's dtype fields were rewritten.
         bytes_read: tensor bytes read from the source.
         bytes_written: bytes of the safetensors files written, headers included.
@@ -171,6 +174,7 @@ class ConversionResult(TableMixin):
     index_file: str | None
     tensors: list[TensorDamage]
     copied_files: list[str]
+    skipped_files: list[str]
     config_updated: bool
     bytes_read: int
     bytes_written: int
@@ -200,6 +204,8 @@ class ConversionResult(TableMixin):
                  f"{len(self.shards)} file(s)" + (f" + {self.index_file}" if self.index_file else ""),
                  f"copied {len(self.copied_files)} other file(s); config dtype updated: "
                  f"{self.config_updated}; verified bit for bit: {self.verified}"]
+        if self.skipped_files:
+            notes.append(f"not copied (other weights, source precision): {', '.join(self.skipped_files)}")
         return Table(f"Conversion to {self.format}: most damaged tensors", columns, rows, notes)
 
     def to_json(self) -> str:
@@ -238,7 +244,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     dst_is_file = _check_destination(src, dst)
     plan = plan_output(src, dst, dst_is_file, fmt, tuple(keep), parse_size(max_shard_size))
     with StagedOutput(dst, force) as staging, one_thread():
-        extra = [] if src.folder is None else _extra_files(src)
+        extra, skipped = _extra_files(src)
         _check_free_space(staging.tmp, plan, extra)
         caster = ChunkCaster(fmt)
         damage = write_shards(plan, staging.tmp, caster, strict, progress)
@@ -249,7 +255,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
         staging.commit(dst_is_file)
     written = sum(len(s.layout()[0]) + sum(i.out_nbytes for i in s.items) for s in plan.shards)
     return ConversionResult(src.path, dst, fmt.name, [s.file for s in plan.shards], plan.index_name,
-                            damage, [p.name for p in extra], config_updated,
+                            damage, [p.name for p in extra], [p.name for p in skipped], config_updated,
                             sum(i.entry.nbytes for i in plan.items), written, verify)
 
 
@@ -273,9 +279,19 @@ def _check_destination(src: CheckpointSource, dst: Path) -> bool:
     return src.folder is None and dst.suffix == ".safetensors"
 
 
-def _extra_files(src: CheckpointSource) -> list[Path]:
+OTHER_WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "pytorch_model*.bin.index.json", "tf_model.h5",
+                 "flax_model*.msgpack")
+"""Weight files outside the checkpoint being converted (pickles, a stray consolidated safetensors)."""
+
+
+def _extra_files(src: CheckpointSource) -> tuple[list[Path], list[Path]]:
+    """The folder's other files: those to copy, and other weight files to leave out."""
+    if src.folder is None:
+        return [], []
     weights = {s.path.name for s in src.shards} | {src.index_name}
-    return [p for p in sorted(src.folder.iterdir()) if p.name not in weights]
+    others = [p for p in sorted(src.folder.iterdir()) if p.name not in weights]
+    skipped = [p for p in others if p.is_file() and any(fnmatch.fnmatch(p.name, w) for w in OTHER_WEIGHTS)]
+    return [p for p in others if p not in skipped], skipped
 
 
 def _check_free_space(folder: Path, plan: OutputPlan, extra: list[Path]) -> None:
