@@ -205,6 +205,19 @@ def test_damage_report_on_tensors_built_to_overflow_and_underflow(tmp_path):
     assert report["total"]["overflowed"] == 3 and len(report["tensors"]) == 4
 
 
+def test_fp8_output_saturates_and_reads_back_with_safetensors(tmp_path):
+    from test_damage import fp8_e4m3
+    fmt = fp8_e4m3()
+    source = {"w": torch.tensor([1000.0, -3.0, 0.01, 1e-4]), "ids": torch.arange(3)}
+    save_file(source, tmp_path / "in.safetensors")
+    result = convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out.safetensors", fmt, verify=True)
+    out = load_file(tmp_path / "out.safetensors")
+    expected = source["w"].clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert torch.equal(out["w"].view(torch.uint8), expected.view(torch.uint8))
+    assert torch.equal(out["ids"], source["ids"])
+    assert (result.total.overflowed, result.total.flushed_to_zero) == (1, 1)
+
+
 def test_strict_refuses_lost_values_and_writes_nothing(tmp_path):
     save_file({"ok": torch.ones(3), "big": torch.tensor([1e6])}, tmp_path / "in.safetensors")
     with pytest.raises(DamageError, match="'big'.*1 values overflow") as caught:

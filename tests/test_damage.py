@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from dtypelab.damage import ChunkCaster, TensorDamage, saturates
-from dtypelab.formats import all_formats, get_format
+from dtypelab.formats import NumberFormat, all_formats, get_format
 from dtypelab.safetensors_format import DTYPE_CODES
 
 TARGETS = [f for f in all_formats() if f.is_floating_point and f.torch_dtype in DTYPE_CODES]
@@ -93,3 +95,27 @@ def test_chunks_merge_to_the_same_damage_as_one_chunk():
     _, parts = cast_with(ChunkCaster(get_format("fp16"), chunk_elements=333), source)
     assert (whole.overflowed, whole.max_rel_error) == (parts.overflowed, parts.max_rel_error)
     assert whole.overflowed > 0
+
+
+def fp8_e4m3() -> NumberFormat:
+    """The registry's fp8 e4m3 entry when it has one; else one derived from torch's dtype."""
+    for fmt in all_formats():
+        if fmt.torch_dtype == torch.float8_e4m3fn:
+            return fmt
+    fmt = dataclasses.replace(get_format("bf16"), name="fp8_e4m3_test", bits=8,
+                              torch_dtype=torch.float8_e4m3fn)
+    if fmt.max_finite != torch.finfo(torch.float8_e4m3fn).max:
+        pytest.skip("NumberFormat no longer derives its range from torch_dtype")
+    return fmt
+
+
+def test_saturating_format_clamps_and_counts_by_hand():
+    # e4m3fn has no inf: 448 is its largest value, so 1000 and -500 saturate (counted as overflowed);
+    # its smallest subnormal is 2^-9, so 1e-4 (< 2^-10) flushes; 0.01 lands subnormal (< 2^-6).
+    fmt = fp8_e4m3()
+    assert saturates(fmt.torch_dtype)
+    source = torch.tensor([1000.0, -500.0, 448.0, 1e-4, 0.01, 1.0, 0.0])
+    out, damage = cast_with(ChunkCaster(fmt), source)
+    assert out.float().tolist()[:3] == [448.0, -448.0, 448.0]
+    assert (damage.overflowed, damage.flushed_to_zero, damage.subnormal) == (2, 1, 1)
+    assert damage.max_rel_error == 1.0  # the flushed value
