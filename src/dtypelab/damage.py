@@ -74,6 +74,14 @@ def saturates(dtype: torch.dtype) -> bool:
     return not torch.tensor(float("inf")).to(dtype).float().isinf().item()
 
 
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits_of(value: float, dtype: torch.dtype, bits: torch.dtype) -> int:
+    """The bit pattern of ``value`` stored in ``dtype``, as a signed integer of the same width."""
+    return int(torch.tensor(value, dtype=dtype).view(bits))
+
+
 @contextmanager
 def one_thread() -> Iterator[None]:
     """Run torch single-threaded for a while: on small chunks, thread hand-offs cost more than they win.
@@ -106,6 +114,13 @@ class ChunkCaster:
         self._out_view = torch.frombuffer(self.out, dtype=self.out_dtype)
         self._mask = torch.empty(chunk_elements, dtype=torch.bool)
         self._scratch: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        bits = _BITS[self.out_dtype.itemsize]
+        self._out_bits = torch.frombuffer(self.out, dtype=bits)
+        self._exponents = torch.empty(chunk_elements, dtype=bits)
+        # the exponent field's mask is inf's bit pattern; a normal number's field is at least that of
+        # the smallest normal (formats without inf are screened by clamping instead)
+        self._inf_bits = 0 if self.saturating else _bits_of(float("inf"), self.out_dtype, bits)
+        self._normal_bits = _bits_of(fmt.smallest_normal, self.out_dtype, bits)
 
     def cast(self, source_dtype: torch.dtype, count: int) -> tuple[memoryview, TensorDamage]:
         """Cast the first ``count`` elements held in ``self.raw`` (as ``source_dtype``).
@@ -150,15 +165,21 @@ class ChunkCaster:
                clamped: int | None) -> TensorDamage:
         """Exact counts from the source and its round trip ``back`` (cast and read back).
 
-        Most chunks hold neither zeros, subnormals, infs nor NaNs: one min/max of ``|back|`` proves it
-        and leaves only the relative error to compute; other chunks take the full count.
+        Most chunks hold neither zeros, subnormals, infs nor NaNs: the min/max of the output's
+        exponent fields proves it (all normal, none all-ones), leaving only the relative error to
+        compute; other chunks take the full count.
         """
-        torch.abs(back, out=rel)
-        low, high = torch.aminmax(rel)
-        if clamped is not None or not (low >= self.fmt.smallest_normal and high < float("inf")):
+        count = source.numel()
+        if clamped is not None or not self._all_normal(count):
             return self._count_all(source, back, rel, mask, clamped)
-        torch.sub(back, source, out=rel).div_(source).abs_()  # (count,) no zero divisor: |source| > 0
-        return TensorDamage("", "", "", "cast", source.numel(), max_rel_error=float(rel.max()))
+        torch.sub(back, source, out=rel).div_(source)  # (count,) signed relative error; |source| > 0
+        low, high = torch.aminmax(rel)
+        return TensorDamage("", "", "", "cast", count, max_rel_error=max(-float(low), float(high)))
+
+    def _all_normal(self, count: int) -> bool:
+        exponents = torch.bitwise_and(self._out_bits[:count], self._inf_bits, out=self._exponents[:count])
+        low, high = torch.aminmax(exponents)
+        return int(low) >= self._normal_bits and int(high) < self._inf_bits
 
     def _count_all(self, source: torch.Tensor, back: torch.Tensor, rel: torch.Tensor, mask: torch.Tensor,
                    clamped: int | None) -> TensorDamage:
