@@ -79,6 +79,14 @@ class PlannedShard:
 
 @dataclass
 class OutputPlan:
+    """Everything a conversion will write, decided from headers before any byte is read.
+
+    Args:
+        shards: the output files in order.
+        index_name: the index file to write, or ``None`` for a single unindexed file.
+        index_metadata: the source index's metadata to carry over (``total_size`` is recomputed).
+    """
+
     shards: list[PlannedShard]
     index_name: str | None
     index_metadata: dict
@@ -113,10 +121,9 @@ def _plan_tensors(source: CheckpointSource, fmt: NumberFormat,
             names = tuple(e.name for e in entries)
             hits = {p for p in keep for n in names if n == p or fnmatch.fnmatchcase(n, p)}
             matched |= hits
-            action = "kept" if hits else "cast" if entries[0].dtype in CAST_DTYPES else "copied"
-            action = "copied" if action == "cast" and entries[0].dtype == target else action
+            action = _action(entries[0].dtype, target, kept=bool(hits))
             items.append(PlannedTensor(names, entries[0], shard, action,
-                               target if action == "cast" else entries[0].dtype))
+                                       target if action == "cast" else entries[0].dtype))
         per_shard.append(items)
     for pattern in keep:
         if pattern not in matched:
@@ -125,20 +132,28 @@ def _plan_tensors(source: CheckpointSource, fmt: NumberFormat,
     return per_shard
 
 
+def _action(dtype: str, target: str, kept: bool) -> str:
+    """``"kept"`` (a keep pattern matched), ``"cast"``, or ``"copied"`` (not cast: bit for bit)."""
+    if kept:
+        return "kept"
+    return "cast" if dtype in CAST_DTYPES and dtype != target else "copied"
+
+
 def plan_output(source: CheckpointSource, dst: Path, dst_is_file: bool, fmt: NumberFormat,
-          keep: tuple[str, ...], max_shard_bytes: int | None) -> OutputPlan:
+                keep: tuple[str, ...], max_shard_bytes: int | None) -> OutputPlan:
+    """Plan the output files: the source's own shards, or new ones of at most ``max_shard_bytes``.
+
+    Resharded files are named like transformers names them (``model-00001-of-00003.safetensors``,
+    with ``model.safetensors.index.json``); a single one is ``model.safetensors`` without an index.
+    """
     per_shard = _plan_tensors(source, fmt, keep)
-    metadata = {k: v for shard in source.shards for k, v in shard.metadata.items()}
     if max_shard_bytes is None:
         names = [dst.name if dst_is_file else s.path.name for s in source.shards]
         shards = [PlannedShard(n, items, s.metadata)
                   for n, items, s in zip(names, per_shard, source.shards, strict=True)]
         return OutputPlan(shards, source.index_name, source.index_metadata)
-    groups: list[list[PlannedTensor]] = [[]]
-    for item in (item for items in per_shard for item in items):
-        if groups[-1] and sum(i.out_nbytes for i in groups[-1]) + item.out_nbytes > max_shard_bytes:
-            groups.append([])
-        groups[-1].append(item)
+    groups = _pack([item for items in per_shard for item in items], max_shard_bytes)
+    metadata = {k: v for shard in source.shards for k, v in shard.metadata.items()}
     prefix = source.index_name.removesuffix(INDEX_SUFFIX) if source.index_name else "model"
     if len(groups) == 1:
         name = dst.name if dst_is_file else f"{prefix}.safetensors"
@@ -150,6 +165,19 @@ def plan_output(source: CheckpointSource, dst: Path, dst_is_file: bool, fmt: Num
     shards = [PlannedShard(f"{prefix}-{i:05d}-of-{count:05d}.safetensors", g, metadata)
               for i, g in enumerate(groups, 1)]
     return OutputPlan(shards, prefix + INDEX_SUFFIX, source.index_metadata)
+
+
+def _pack(items: list[PlannedTensor], max_bytes: int) -> list[list[PlannedTensor]]:
+    """Fill files in order up to ``max_bytes``; a tensor larger than that gets a file of its own."""
+    groups: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for item in items:
+        if groups[-1] and size + item.out_nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += item.out_nbytes
+    return groups
 
 
 def write_shards(plan: OutputPlan, folder: Path, caster: ChunkCaster, strict: bool,
