@@ -223,7 +223,8 @@ def _write_shard(shard: PlannedShard, path: Path, sources: dict[Path, int], cast
 def _prefetch(item: PlannedTensor, sources: dict[Path, int]) -> None:
     """Ask the kernel to start reading the next tensor while this one is cast (page cache, not RSS)."""
     start = item.shard.data_start + item.entry.begin
-    os.posix_fadvise(sources[item.shard.path], start, item.entry.nbytes, os.POSIX_FADV_WILLNEED)
+    if item.entry.nbytes:  # a length of 0 would mean "to the end of the file"
+        os.posix_fadvise(sources[item.shard.path], start, item.entry.nbytes, os.POSIX_FADV_WILLNEED)
 
 
 def _open_sources(plan: OutputPlan, stack: ExitStack) -> dict[Path, int]:
