@@ -6,20 +6,24 @@ for refused damage); ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 
 import click
 import torch
 
-from . import models
+from . import layers, models
 from .cast import KeepPolicy, cast_model
 from .compare import compare_models, run_model, select_output
 from .errors import DtypelabError, InputError
 from .formats import parse_format_list
+from .headroom import predict_headroom, weight_stats
 from .inputs import parse_token_ids
 from .inspection import inspect_model, param_dtype_lines
-from .report import TableMixin
+from .layers import compare_layers as layer_comparison
+from .plot import plot_layers
+from .report import TableMixin, to_jsonable
 
 # One table: exception family -> how it is reported. Anything else is a bug and keeps its traceback.
 ERROR_MESSAGES: dict[type[BaseException], Callable[[BaseException], tuple[str, int]]] = {
@@ -71,6 +75,12 @@ def keep_option(f: Callable) -> Callable:
                              "(head, *.norm). Repeatable.")(f)
 
 
+def select_options(f: Callable) -> Callable:
+    f = click.option("--select", multiple=True, metavar="GLOB",
+                     help="Only modules whose qualified name matches (layers.*.mlp). Repeatable.")(f)
+    return click.option("--depth", type=int, help="Only modules at most N name components deep.")(f)
+
+
 def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
@@ -115,18 +125,63 @@ def cast_cmd(model: str, fmt: str, keep: tuple[str, ...], as_json: bool) -> None
 @click.option("--output", "output_name", help="Output field to compare (logits, last_hidden_state, …).")
 @keep_option
 @device_option
+@click.option("--layers", is_flag=True, help="Compare every module's output, in execution order.")
+@click.option("--mode", type=click.Choice(layers.MODES), default="propagated", show_default=True,
+              help="With --layers: each model on its own, or each variant layer fed the reference input.")
+@select_options
+@click.option("--threshold", "threshold_db", type=float, default=layers.DEFAULT_THRESHOLD_DB,
+              show_default=True, help="With --layers: name the first layer whose SQNR (dB) falls below this.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="With --layers: write the SQNR-by-layer chart to this .png or .svg file.")
 @json_option
 def compare_cmd(model: str, formats: str, input_text: str | None, output_name: str | None,
-                keep: tuple[str, ...], device: str, as_json: bool) -> None:
+                keep: tuple[str, ...], device: str, layers: bool, mode: str, depth: int | None,
+                select: tuple[str, ...], threshold_db: float, plot_path: str | None, as_json: bool) -> None:
     """Run MODEL in float32 and in each --to dtype on the same input and measure the difference."""
     fmts, target = parse_format_list(formats), resolve_device(device)
     reference = models.build_model(model)
     inputs = load_inputs(model, input_text, reference).to(target)
     policy = KeepPolicy.from_strings(keep)
     variants = {f.name: cast_model(reference, f, policy).to(target) for f in fmts}
-    result = compare_models(reference.to(target), variants, inputs, output_name=output_name,
-                            output_kind=models.output_kind(model))
+    if not layers:
+        if plot_path or depth is not None or select or mode != "propagated":
+            raise InputError("--mode, --depth, --select and --plot need --layers: add --layers")
+        emit(compare_models(reference.to(target), variants, inputs, output_name=output_name,
+                            output_kind=models.output_kind(model)), as_json)
+        return
+    result = layer_comparison(reference.to(target), variants, inputs, mode=mode, depth=depth,
+                              patterns=select, threshold_db=threshold_db, output_name=output_name,
+                              output_kind=models.output_kind(model))
+    if plot_path:
+        plot_layers(result, plot_path)
     emit(result, as_json)
+
+
+@cli.command("headroom")
+@click.argument("model")
+@click.option("--to", "formats", default="fp16,bf16", show_default=True,
+              help="Comma-separated formats to predict overflow and underflow for.")
+@click.option("--input", "input_text", help="Token ids as JSON, e.g. '[[1, 0, 1]]'.")
+@select_options
+@click.option("--weights", is_flag=True,
+              help="Also show weight statistics and each format's weight-only error.")
+@device_option
+@json_option
+def headroom_cmd(model: str, formats: str, input_text: str | None, depth: int | None, select: tuple[str, ...],
+                 weights: bool, device: str, as_json: bool) -> None:
+    """Predict from one float32 run which layers overflow or underflow in each format, and what to keep
+    in float32 (pass the list to --keep)."""
+    fmts, target = parse_format_list(formats), resolve_device(device)
+    reference = models.build_model(model).to(target)
+    inputs = load_inputs(model, input_text, reference).to(target)
+    report = predict_headroom(reference, inputs, fmts, depth=depth, patterns=select)
+    stats = weight_stats(reference, fmts) if weights else None
+    if as_json and stats is not None:  # one JSON document holding both
+        click.echo(json.dumps({"headroom": to_jsonable(report), "weights": to_jsonable(stats)}, indent=2))
+        return
+    for result in (report, stats):
+        if result is not None:
+            emit(result, as_json)
 
 
 @cli.command("demo")

@@ -44,9 +44,17 @@ def sqnr_db(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     """Signal-to-quantisation-noise ratio in dB: 10·log10(Σref² / Σ(ref − cand)²); inf when equal."""
     signal = reference.double().pow(2).sum().item()
     noise = (candidate.double() - reference.double()).pow(2).sum().item()
+    return sqnr_from_powers(signal, noise)
+
+
+def sqnr_from_powers(signal: float, noise: float) -> float:
+    """10·log10(signal / noise) in dB from summed squares: inf when noise is 0, -inf when the signal
+    is 0 or the noise infinite (an overflowed candidate), NaN when the noise is NaN."""
     if noise == 0:
         return math.inf
-    return 10 * math.log10(signal / noise) if signal else -math.inf
+    if math.isnan(noise):
+        return math.nan
+    return 10 * math.log10(signal / noise) if signal and noise != math.inf else -math.inf
 
 
 def cosine_similarity(reference: torch.Tensor, candidate: torch.Tensor) -> float:

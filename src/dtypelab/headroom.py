@@ -147,12 +147,12 @@ def predict_headroom(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch
     finally:
         for handle in handles:
             handle.remove()
-    rows = [_layer_headroom(model, name, fmt, counts) for name, _ in model.named_modules()
-            for fmt in fmts if (name, fmt.name) in counts]
+    by_name = {f.name: f for f in fmts}
+    rows = [_layer_headroom(model, name, by_name[fmt], counts) for name, fmt in counts]  # execution order
     keep = {fmt.name: keep_list([r for r in rows if r.format == fmt.name]) for fmt in fmts}
     shown = set(select_layers(model, depth, patterns)) | {""} if depth or patterns else None
     visible = [r for r in rows if shown is None or r.name in shown]
-    return HeadroomReport(visible, keep, {f.name: f for f in fmts})
+    return HeadroomReport(visible, keep, by_name)
 
 
 def _counting_hook(name: str, fmts: list[NumberFormat], counts: dict):

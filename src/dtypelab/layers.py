@@ -31,7 +31,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .compare import OutputMetrics, is_logits_output, kl_divergence, select_output, top1_agreement
+from .compare import (
+    OutputMetrics,
+    is_logits_output,
+    kl_divergence,
+    select_output,
+    sqnr_from_powers,
+    top1_agreement,
+)
 from .errors import DtypelabError, InputError, UnknownFormatError
 from .formats import NumberFormat, get_format
 from .headroom import noise_floor_db, variant_verdict
@@ -84,9 +91,9 @@ class ErrorSums:
         """The accumulated :class:`OutputMetrics` (``extra`` adds kl_divergence / top1_agreement)."""
         noise, signal = self.sum_sq_diff, self.sum_sq_ref
         rel = math.sqrt(noise) / math.sqrt(signal) if signal else (0.0 if noise == 0 else math.inf)
-        sqnr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal else -math.inf)
         denom = math.sqrt(signal) * math.sqrt(self.sum_sq_cand)
-        return OutputMetrics(self.sum_abs_diff / max(self.numel, 1), self.max_abs_diff, rel, sqnr,
+        return OutputMetrics(self.sum_abs_diff / max(self.numel, 1), self.max_abs_diff, rel,
+                             sqnr_from_powers(signal, noise),
                              self.sum_dot / denom if denom else math.nan, **extra,
                              nan_count=self.nan_count, inf_count=self.inf_count)
 

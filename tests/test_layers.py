@@ -1,0 +1,242 @@
+"""Layer-wise comparison: every row against an independent whole-activation capture, both modes,
+the damaged layer named, bounded lock-step execution and clean failure on mismatched models."""
+
+import math
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from dtypelab import DummyModel, cast_model
+from dtypelab import layers as layers_module
+from dtypelab.compare import output_metrics, select_output
+from dtypelab.errors import InputError
+from dtypelab.layers import ErrorSums, compare_layers, forward, measure, select_layers
+from layer_models import OverflowModel, llama_input, minilm, minilm_input, overflow_input, tiny_llama
+
+# Row metrics are float64 sums; compare.py takes |diff| in float32, so the abs-diff metrics agree to
+# float32 rounding (2^-24 relative) and the float64 ones (rel error, SQNR, cosine) to summation order.
+REL = 1e-6
+
+
+def capture_all(model: nn.Module, inputs, names: list[str]) -> dict[str, torch.Tensor]:
+    """The naive way: keep every selected module's output (first call) — the independent truth."""
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keeper(name):
+        def hook(module, args, output):
+            outputs.setdefault(name, select_output(output).clone())  # returns None: output unchanged
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(keeper(n)) for n in names]
+    with torch.inference_mode():
+        forward(model, inputs)
+    for h in handles:
+        h.remove()
+    return outputs
+
+
+def assert_metrics_close(row_metrics, truth):
+    for field in ("mean_abs_diff", "max_abs_diff", "relative_error", "sqnr_db", "cosine_similarity"):
+        assert getattr(row_metrics, field) == pytest.approx(getattr(truth, field), rel=REL, abs=1e-12), field
+    assert (row_metrics.nan_count, row_metrics.inf_count) == (truth.nan_count, truth.inf_count)
+
+
+def test_error_sums_match_whole_tensor_metrics_over_many_chunks(monkeypatch):
+    monkeypatch.setattr(layers_module, "_CHUNK_ELEMENTS", 7)  # 60 elements -> 9 chunks
+    torch.manual_seed(0)
+    ref = torch.randn(3, 4, 5)
+    cand = ref.half().float() + 0.01 * torch.randn(3, 4, 5)
+    assert_metrics_close(measure(ref, cand), output_metrics(ref, cand))
+    logit = measure(ref, cand, logits=True)  # KL and top-1 averaged over position chunks
+    truth = output_metrics(ref, cand, logits=True)
+    assert logit.kl_divergence == pytest.approx(truth.kl_divergence, rel=1e-9)
+    assert logit.top1_agreement == truth.top1_agreement
+
+
+def test_error_sums_carry_nan_and_inf(monkeypatch):
+    monkeypatch.setattr(layers_module, "_CHUNK_ELEMENTS", 2)
+    ref = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    cand = torch.tensor([1.0, math.inf, 3.0, math.nan, 5.0])
+    sums = ErrorSums()
+    sums.add(ref, cand)
+    metrics = sums.metrics()
+    assert (metrics.nan_count, metrics.inf_count) == (1, 1)
+    assert math.isnan(metrics.max_abs_diff) and math.isnan(metrics.sqnr_db)
+
+
+def test_select_layers_by_depth_and_glob():
+    model = tiny_llama()
+    assert select_layers(model, depth=1) == ["model", "lm_head"]
+    assert select_layers(model, patterns=["*.mlp"]) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert "model.layers.0.mlp.down_proj" in select_layers(model)
+    with pytest.raises(InputError, match="no module matches"):
+        select_layers(model, patterns=["nothing*"])
+    with pytest.raises(InputError, match="--depth 0"):
+        select_layers(model, depth=0)
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16"])
+def test_propagated_rows_equal_a_full_capture_on_tiny_llama(fmt):
+    model, ids = tiny_llama(), llama_input()
+    variant = cast_model(model, fmt)
+    result = compare_layers(model, {fmt: variant}, ids)
+    names = [r.name for r in result.variants[0].rows]
+    ref_out, var_out = capture_all(model, ids, names), capture_all(variant, ids, names)
+    assert len(names) == len(set(names)) and set(names) == set(ref_out)
+    for row in result.variants[0].rows:
+        assert_metrics_close(row.metrics, output_metrics(ref_out[row.name], var_out[row.name]))
+        assert row.reference_absmax == ref_out[row.name].abs().max().item()
+
+
+def test_rows_are_in_execution_order_children_before_their_block():
+    result = compare_layers(tiny_llama(), {"bf16": cast_model(tiny_llama(), "bf16")}, llama_input())
+    names = [r.name for r in result.variants[0].rows]
+    assert names[0] == "model.embed_tokens" and names[-1] == "lm_head"
+    assert names.index("model.layers.0.mlp.down_proj") < names.index("model.layers.0.mlp") \
+        < names.index("model.layers.0") < names.index("model.layers.1.input_layernorm")
+
+
+def test_isolated_row_is_the_variant_layer_on_the_reference_input():
+    model, ids = tiny_llama(), llama_input()
+    variant = cast_model(model, "fp16")
+    name = "model.layers.1.mlp.down_proj"
+    inputs = {}
+    handle = model.get_submodule(name).register_forward_hook(
+        lambda m, a, o: inputs.update(x=a[0].clone(), y=o))
+    with torch.inference_mode():
+        forward(model, ids)
+        handle.remove()
+        expected = output_metrics(inputs["y"], variant.get_submodule(name)(inputs["x"].half()))
+    row = next(r for r in compare_layers(model, {"fp16": variant}, ids, mode="isolated", patterns=[name])
+               .variants[0].rows)
+    assert row.name == name and row.input_relative_error == 0.0
+    assert_metrics_close(row.metrics, expected)
+
+
+@pytest.mark.parametrize("mode", ["propagated", "isolated"])
+def test_the_damaged_layer_is_named_first_in_both_modes(mode):
+    model, ids = tiny_llama(), llama_input()
+    variant = cast_model(model, "fp16")
+    damaged = "model.layers.1.mlp.down_proj"
+    weight = variant.get_submodule(damaged).weight
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        weight.add_(torch.randn_like(weight) * weight.std())  # noise as strong as the weight: ~0 dB
+    result = compare_layers(model, {"fp16": variant}, ids, mode=mode)
+    rows = result.variants[0].rows
+    assert result.variants[0].first_crossing == damaged
+    crossing = {r.name for r in rows if r.crosses(result.threshold_db)}
+    if mode == "isolated":  # the layer and its MLP; the blocks holding it at most (their residual dilutes it)
+        holders = {damaged, "model.layers.1.mlp", "model.layers.1", "model"}
+        assert {damaged, "model.layers.1.mlp"} <= crossing <= holders
+    before = rows[:[r.name for r in rows].index(damaged)]
+    assert before and all(not r.crosses(result.threshold_db) for r in before)
+    assert result.variants[0].verdict in ("degraded", "broken")
+
+
+def test_added_error_in_propagated_mode_is_output_minus_input_error():
+    result = compare_layers(tiny_llama(), {"bf16": cast_model(tiny_llama(), "bf16")}, llama_input(),
+                            patterns=["*.post_attention_layernorm", "*.mlp"])
+    rows = {r.name: r for r in result.variants[0].rows}
+    norm, mlp = rows["model.layers.0.post_attention_layernorm"], rows["model.layers.0.mlp"]
+    assert mlp.input_relative_error == pytest.approx(norm.metrics.relative_error, rel=1e-9)  # mlp eats norm
+    assert mlp.added_relative_error == pytest.approx(mlp.metrics.relative_error - norm.metrics.relative_error)
+
+
+def test_dummy_table_and_verdicts():
+    model = DummyModel()
+    ids = torch.tensor([[1, 0, 1]])
+    variants = {"fp16": cast_model(model, "fp16"), "fp32": cast_model(model, "fp32")}
+    result = compare_layers(model, variants, ids)
+    names = [r.name for r in result.variants[0].rows]
+    assert names == ["token_embedding", "linear_1", "layernorm_1", "linear_2", "layernorm_2", "head"]
+    exact = result.variants[1]
+    assert all(r.metrics.sqnr_db == math.inf for r in exact.rows) and exact.verdict == "within format noise"
+    assert exact.roundings == 6 and exact.noise_floor_db == math.inf
+    text = result.to_text()
+    assert "layernorm_2" in text and "fp16: no layer below 20 dB" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["propagated", "isolated"])
+def test_minilm_every_module(mode):
+    model, inputs = minilm(), minilm_input()
+    variant = cast_model(model, "fp16")
+    result = compare_layers(model, {"fp16": variant}, inputs, mode=mode)
+    rows = result.variants[0].rows
+    names = [r.name for r in rows]
+    assert "encoder.layer.5.output.dense" in names and names[-1] == "pooler"
+    truth_names = ["embeddings", "encoder.layer.0.attention.self.query", "encoder.layer.5.output"]
+    ref_out, var_out = capture_all(model, inputs, truth_names), capture_all(variant, inputs, truth_names)
+    by_name = {r.name: r for r in rows}
+    if mode == "propagated":
+        for name in truth_names:
+            assert_metrics_close(by_name[name].metrics, output_metrics(ref_out[name], var_out[name]))
+    assert result.variants[0].first_crossing is None  # fp16 keeps all-MiniLM far above 20 dB
+    assert result.variants[0].verdict == "within format noise"
+
+
+def test_overflow_shows_as_non_finite_rows_and_broken_verdict():
+    model = OverflowModel()
+    result = compare_layers(model, {"fp16": cast_model(model, "fp16")}, overflow_input())
+    variant = result.variants[0]
+    first_bad = next(r for r in variant.rows if r.metrics.inf_count or r.metrics.nan_count)
+    assert first_bad.name == "blocks.1.wo" and variant.first_crossing == "blocks.1.wo"
+    assert variant.verdict == "broken"
+
+
+class SkipsALayer(DummyModel):
+    def forward(self, input_ids):
+        return self.head(self.layernorm_1(self.linear_1(self.token_embedding(input_ids))))
+
+
+class Raises(DummyModel):
+    def forward(self, input_ids):
+        self.token_embedding(input_ids)
+        raise RuntimeError("variant failed")
+
+
+@pytest.mark.parametrize("mode", ["propagated", "isolated"])
+def test_mismatched_or_failing_variant_raises_and_leaves_no_thread(mode):
+    before = threading.active_count()
+    ids = torch.tensor([[1, 0, 1]])
+    with pytest.raises(InputError, match="module calls differ"):
+        compare_layers(DummyModel(), {"x": SkipsALayer()}, ids, mode=mode)
+    with pytest.raises(RuntimeError, match="variant failed"):
+        compare_layers(DummyModel(), {"x": Raises()}, ids, mode=mode)
+    assert threading.active_count() == before
+
+
+def test_reference_failure_reaches_the_caller():
+    with pytest.raises(IndexError):
+        compare_layers(DummyModel(), {"fp16": cast_model(DummyModel(), "fp16")}, torch.tensor([[5]]))
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(InputError, match="unknown mode"):
+        compare_layers(DummyModel(), {}, torch.tensor([[1]]), mode="sideways")
+
+
+def test_hooks_are_removed_and_reference_unchanged():
+    model = DummyModel()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    compare_layers(model, {"bf16": cast_model(model, "bf16")}, torch.tensor([[1, 0, 1]]), mode="isolated")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_lockstep_holds_at_most_one_reference_layer_ahead(monkeypatch):
+    """The reference thread blocks in each hook until the variant consumed it: count pending items."""
+    peaks = []
+    original = layers_module._LockStep._receive
+
+    def receive(self):
+        item = original(self)
+        peaks.append(self.handoff.qsize())  # anything still queued was produced ahead of the variant
+        return item
+
+    monkeypatch.setattr(layers_module._LockStep, "_receive", receive)
+    compare_layers(tiny_llama(), {"bf16": cast_model(tiny_llama(), "bf16")}, llama_input())
+    assert peaks and max(peaks) == 0
