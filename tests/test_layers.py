@@ -240,3 +240,50 @@ def test_lockstep_holds_at_most_one_reference_layer_ahead(monkeypatch):
     monkeypatch.setattr(layers_module._LockStep, "_receive", receive)
     compare_layers(tiny_llama(), {"bf16": cast_model(tiny_llama(), "bf16")}, llama_input())
     assert peaks and max(peaks) == 0
+
+
+# ---- CLI: dtypelab compare MODEL --layers ----
+
+def cli(capsys, *argv):
+    from dtypelab.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return exit_info.value.code or 0, out, err
+
+
+def test_cli_layers_json_matches_the_library(capsys):
+    import json
+
+    code, out, _ = cli(capsys, "compare", "dummy", "--to", "bf16", "--layers", "--mode", "isolated",
+                       "--select", "linear_*", "--threshold", "50", "--json")
+    assert code == 0
+    data = json.loads(out)
+    model = DummyModel()
+    truth = compare_layers(model, {"bf16": cast_model(model, "bf16")}, torch.tensor([[1, 0, 1]]),
+                           mode="isolated", patterns=["linear_*"], threshold_db=50)
+    variant = data["variants"][0]
+    assert [r["name"] for r in variant["rows"]] == ["linear_1", "linear_2"]
+    assert variant["rows"][1]["metrics"]["sqnr_db"] == truth.variants[0].rows[1].metrics.sqnr_db
+    assert data["mode"] == "isolated" and variant["verdict"] == truth.variants[0].verdict
+
+
+def test_cli_layers_text_and_plot(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "dummy.svg"
+    code, out, _ = cli(capsys, "compare", "dummy", "--layers", "--depth", "1", "--plot", str(plot))
+    assert code == 0 and "Layer-wise comparison (propagated" in out and "bf16: no layer below" in out
+    assert "layernorm_1" in plot.read_text()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["compare", "dummy", "--plot", "x.png"], "need --layers"),
+    (["compare", "dummy", "--layers", "--depth", "0"], "--depth 0 selects nothing"),
+    (["compare", "dummy", "--layers", "--select", "nope*"], "no module matches"),
+    (["compare", "dummy", "--layers", "--plot", "x.pdf"], ".png or .svg"),
+])
+def test_cli_layers_bad_input_is_one_line(capsys, argv, message):
+    code, out, err = cli(capsys, *argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

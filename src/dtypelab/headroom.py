@@ -34,7 +34,7 @@ OUTLIER_SIGMAS = 6.0  # |w - mean| > 6 std: ~2e-9 of a Gaussian, so any share is
 class RangeCounts:
     """What rounding to one format would do to a set of values (accumulates over tensors/calls).
 
-    ``overflow`` counts finite values that become inf/NaN or saturate at ``max_finite``;
+    ``overflow`` counts finite values that become inf/NaN or saturate (clip) at ``max_finite``;
     ``flush_to_zero`` non-zero values that become 0; ``subnormal`` values that land below the
     format's smallest normal (fewer significant bits).
     """
@@ -55,7 +55,10 @@ class RangeCounts:
         self.numel += values.numel()
         self.nonzero += int((magnitude > 0).sum())
         self.absmax = max(self.absmax, magnitude[finite].max().item() if finite.any() else 0.0)
-        saturated = rounded.isfinite() & (magnitude > fmt.max_finite) & (rounded <= fmt.max_finite)
+        # Saturated: clipped to the top of the range with more than the unit roundoff (eps/2) lost;
+        # a value just above max_finite that merely rounds down to it is ordinary rounding.
+        clipped = magnitude - rounded > magnitude * fmt.eps / 2
+        saturated = rounded.isfinite() & (magnitude > fmt.max_finite) & clipped
         self.overflow += int((finite & ~rounded.isfinite()).sum() + saturated.sum())
         self.flush_to_zero += int(((magnitude > 0) & (rounded == 0)).sum())
         self.subnormal += int(((rounded > 0) & (rounded < fmt.smallest_normal)).sum())
