@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .cast import KeepPolicy
-from .compare import OutputMetrics, select_output, sqnr_db
+from .compare import OutputMetrics, measure, select_output, sqnr_db
 from .formats import NumberFormat, get_format
 from .report import Table, TableMixin
 
@@ -133,7 +133,7 @@ def predict_headroom(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch
 
     Every module is measured (the keep list needs them all); ``depth`` / ``patterns`` (as in
     :func:`dtypelab.layers.select_layers`) only choose the rows shown. Each output is counted and
-    dropped inside its hook, so memory stays at a plain forward's plus one activation.
+    dropped inside its hook, so memory stays at a plain forward's plus a few copies of one activation.
 
     Returns:
         A :class:`HeadroomReport`; ``report.keep_policy("fp16")`` feeds :func:`dtypelab.cast_model`.
@@ -270,9 +270,10 @@ def _weight_row(name: str, weight: torch.Tensor, fmts: list[NumberFormat]) -> We
 
 def noise_floor_db(reference: torch.Tensor, fmt: str | NumberFormat) -> float:
     """SQNR (dB) of ``reference`` rounded to ``fmt`` and back: the error storing it in the format alone
-    causes, before any arithmetic in the format adds more. inf for an exact format."""
+    causes, before any arithmetic in the format adds more. inf for an exact format. Summed in chunks:
+    one rounded copy of ``reference`` is the only full-size temporary."""
     values = reference.detach().float()
-    return sqnr_db(values, get_format(fmt).round_trip(values))
+    return measure(values, get_format(fmt).round_trip(values)).sqnr_db
 
 
 def variant_verdict(metrics: OutputMetrics, floor_db: float | None, roundings: int,
