@@ -264,3 +264,26 @@ def test_cli_layers_text_and_plot(capsys, tmp_path):
 def test_cli_layers_bad_input_is_one_line(capsys, argv, message):
     code, out, err = cli(capsys, *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+class PassesIds(DummyModel):
+    """DummyModel with a module whose output is the integer ids: nothing to compare there."""
+
+    def __init__(self):
+        super().__init__()
+        self.ids = nn.Identity()
+
+    def forward(self, input_ids):
+        return super().forward(self.ids(input_ids))
+
+
+def test_layers_without_floating_output_are_listed_not_dropped():
+    from dtypelab.headroom import predict_headroom
+
+    model = PassesIds()
+    result = compare_layers(model, {"bf16": cast_model(model, "bf16")}, torch.tensor([[1, 0, 1]]))
+    assert result.variants[0].not_compared == ["ids"]
+    assert "ids" not in [r.name for r in result.variants[0].rows]
+    assert "not compared (no floating output): ids" in result.to_text()
+    report = predict_headroom(model, torch.tensor([[1, 0, 1]]), ["fp16"])
+    assert report.not_measured == ["ids"] and "not measured (no floating output): ids" in report.to_text()

@@ -21,6 +21,7 @@ from torch import nn
 
 from .cast import KeepPolicy
 from .compare import OutputMetrics, measure, select_output, sqnr_db
+from .errors import DtypelabError
 from .formats import NumberFormat, get_format
 from .report import Table, TableMixin
 
@@ -108,6 +109,7 @@ class HeadroomReport(TableMixin):
     rows: list[LayerHeadroom]
     keep: dict[str, list[str]] = field(default_factory=dict)
     formats: dict[str, NumberFormat] = field(default_factory=dict, repr=False)
+    not_measured: list[str] = field(default_factory=list)  # modules that ran without a floating output
 
     def keep_policy(self, fmt: str | NumberFormat) -> KeepPolicy:
         """The :class:`~dtypelab.cast.KeepPolicy` that keeps this format's overflowing modules in float32."""
@@ -123,6 +125,8 @@ class HeadroomReport(TableMixin):
                  r.verdict()] for r in self.rows]
         notes = [f"keep in float32 for {name}: " + (", ".join(repr(k) for k in keep) if keep else "nothing")
                  for name, keep in self.keep.items()]
+        if self.not_measured:
+            notes.append(f"not measured (no floating output): {', '.join(self.not_measured)}")
         return Table("Overflow headroom predicted from the float32 run", columns, rows, notes)
 
 
@@ -142,7 +146,8 @@ def predict_headroom(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch
 
     fmts = [get_format(f) for f in formats]
     counts: dict[tuple[str, str], RangeCounts] = {}
-    handles = [module.register_forward_hook(_counting_hook(name, fmts, counts))
+    skipped: list[str] = []
+    handles = [module.register_forward_hook(_counting_hook(name, fmts, counts, skipped))
                for name, module in model.named_modules()]
     try:
         with torch.inference_mode():
@@ -155,16 +160,17 @@ def predict_headroom(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch
     keep = {fmt.name: keep_list([r for r in rows if r.format == fmt.name]) for fmt in fmts}
     shown = set(select_layers(model, depth, patterns)) | {""} if depth or patterns else None
     visible = [r for r in rows if shown is None or r.name in shown]
-    return HeadroomReport(visible, keep, by_name)
+    return HeadroomReport(visible, keep, by_name, sorted(set(skipped) - {n for n, _ in counts}))
 
 
-def _counting_hook(name: str, fmts: list[NumberFormat], counts: dict):
+def _counting_hook(name: str, fmts: list[NumberFormat], counts: dict, skipped: list[str]):
     def hook(module: nn.Module, args: tuple, output: object) -> None:
         try:
             tensor = select_output(output)
-        except Exception:  # no tensor in this output (caches, None): nothing to count
-            return
-        if not tensor.is_floating_point():
+        except (DtypelabError, TypeError):  # no tensor in this output (caches, None): nothing to count
+            tensor = None
+        if tensor is None or not tensor.is_floating_point():
+            skipped.append(name)
             return
         for fmt in fmts:
             counts.setdefault((name, fmt.name), RangeCounts()).add(tensor, fmt)

@@ -53,6 +53,7 @@ class LayerRow:
         metrics: the variant's output against the reference output.
         input_relative_error: relative error of the input the variant layer received (0 in isolated
             mode, where it is fed the reference input; None when the layer has no floating input).
+        added_relative_error: how much relative error this layer added: output minus input error.
         floor_db: SQNR of the reference output rounded to the variant's format (the noise floor).
     """
 
@@ -62,12 +63,8 @@ class LayerRow:
     reference_absmax: float
     metrics: OutputMetrics
     input_relative_error: float | None
+    added_relative_error: float
     floor_db: float | None = None
-
-    @property
-    def added_relative_error(self) -> float:
-        """How much relative error this layer added: output error minus input error."""
-        return self.metrics.relative_error - (self.input_relative_error or 0.0)
 
     def crosses(self, threshold_db: float) -> bool:
         """True when the output SQNR is below ``threshold_db`` (NaN SQNR counts as crossing)."""
@@ -82,6 +79,7 @@ class VariantLayers:
     ``first_crossing`` names the first layer (execution order) whose SQNR is below the threshold;
     ``verdict`` is ``within format noise``, ``degraded`` or ``broken`` (see
     :func:`dtypelab.headroom.variant_verdict`), judged on ``final`` against ``noise_floor_db``.
+    ``not_compared`` lists module calls whose output holds no floating tensor (nothing to measure).
     """
 
     name: str
@@ -91,6 +89,7 @@ class VariantLayers:
     noise_floor_db: float | None
     roundings: int
     verdict: str
+    not_compared: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -118,8 +117,9 @@ class LayerComparison(TableMixin):
                     else f"no layer below {self.threshold_db:g} dB")
         floor = "unknown" if v.noise_floor_db is None else f"{v.noise_floor_db:.1f} dB"
         top1 = "" if v.final.top1_agreement is None else f", top-1 agreement {v.final.top1_agreement:.3f}"
+        skipped = f"; not compared (no floating output): {', '.join(v.not_compared)}" * bool(v.not_compared)
         return (f"{v.name}: {crossing}; output SQNR {v.final.sqnr_db:.1f} dB{top1}, noise floor {floor} "
-                f"over {v.roundings} roundings -> {v.verdict}")
+                f"over {v.roundings} roundings -> {v.verdict}{skipped}")
 
 
 def select_layers(model: nn.Module, depth: int | None = None, patterns: Sequence[str] = ()) -> list[str]:
@@ -184,11 +184,12 @@ def compare_layers(reference: nn.Module, variants: Mapping[str, nn.Module],
     for name, model in variants.items():
         fmt = (formats or {}).get(name) or _format_named(name)
         lockstep = _LockStep(reference, model, names, mode, fmt, output_name, output_kind)
-        rows, final, logits, floor, roundings = lockstep.run(inputs)
-        result.logits = logits
+        final, result.logits, floor = lockstep.run(inputs)
+        rows = lockstep.rows
         crossing = next((r.name for r in rows if r.crosses(threshold_db)), None)
-        verdict = variant_verdict(final, floor, roundings, top1_threshold)
-        result.variants.append(VariantLayers(name, rows, final, crossing, floor, roundings, verdict))
+        verdict = variant_verdict(final, floor, lockstep.roundings, top1_threshold)
+        result.variants.append(VariantLayers(name, rows, final, crossing, floor, lockstep.roundings, verdict,
+                                             lockstep.not_compared))
     return result
 
 
@@ -276,9 +277,11 @@ class _LockStep:
         self.abort = threading.Event()
         self.rerunning = False
         self.rows: list[LayerRow] = []
+        self.not_compared: list[str] = []
         self.roundings = 0
 
-    def run(self, inputs) -> tuple[list[LayerRow], OutputMetrics, bool, float | None, int]:
+    def run(self, inputs) -> tuple[OutputMetrics, bool, float | None]:
+        """Run both models; fills ``rows`` and returns (final metrics, logits?, output noise floor)."""
         worker = threading.Thread(target=self._reference_side, args=(inputs,), daemon=True)
         with self._hooks():
             worker.start()
@@ -290,7 +293,7 @@ class _LockStep:
                 self._stop(worker)
                 raise
         worker.join()
-        return self.rows, *final, self.roundings
+        return final
 
     # -- reference thread --
     def _reference_side(self, inputs) -> None:
@@ -346,8 +349,9 @@ class _LockStep:
     def _measure_layer(self, call: str, module: nn.Module, args: tuple, kwargs: dict, output: object,
                        item: _Captured) -> None:
         ref_out = _primary_tensor(item.output)
-        if ref_out is None:
-            return  # no floating output (ids, masks, caches): nothing to compare
+        if ref_out is None:  # no floating output (ids, masks, caches): nothing to compare, but say so
+            self.not_compared.append(call)
+            return
         if self.mode == "isolated":
             output = self._rerun(module, item, args, kwargs)
             input_error = 0.0
@@ -359,8 +363,10 @@ class _LockStep:
                              "variant: compare models of one architecture")
         floor = noise_floor_db(ref_out, self.fmt) if self.fmt is not None else None
         sums = _sums(ref_out, cand)
+        metrics = sums.metrics()
+        added = metrics.relative_error - (input_error or 0.0)
         self.rows.append(LayerRow(call, type(module).__name__, tuple(ref_out.shape), sums.reference_absmax,
-                                  sums.metrics(), input_error, floor))
+                                  metrics, input_error, added, floor))
 
     def _rerun(self, module: nn.Module, item: _Captured, args: tuple, kwargs: dict) -> object:
         """The variant module again, on the reference module's inputs in the variant's dtypes."""
