@@ -8,6 +8,8 @@ copy tensor by tensor; here it is timed against both and against ``Tensor.copy_`
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import torch
 from torch import nn
@@ -23,6 +25,29 @@ def _model(hidden: int = 2048, layers: int = 8) -> nn.Module:
     return nn.Sequential(*[nn.Linear(hidden, hidden) for _ in range(layers)])  # ~134 MB in fp32
 
 
+_PEAK_SCRIPT = """
+import copy, sys, torch
+from torch import nn
+from dtypelab import cast_model
+
+def peak_kib():  # VmHWM resets at exec; ru_maxrss would inherit the parent's high-water mark
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+
+torch.manual_seed(0)
+model = nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(8)])
+before = peak_kib()
+out = cast_model(model, "bf16") if sys.argv[1] == "dtypelab" else copy.deepcopy(model).to(torch.bfloat16)
+print((peak_kib() - before) * 1024)
+"""
+
+
+def extra_peak_bytes(method: str) -> int:
+    """Peak RSS added by one bf16 cast of the benchmark model, in a fresh process (bytes)."""
+    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, method], capture_output=True, text=True,
+                          check=True)
+    return int(done.stdout.strip())
+
+
 def run() -> Table:
     model = _model()
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -35,8 +60,12 @@ def run() -> Table:
         usual = median_seconds(lambda dtype=dtype: copy.deepcopy(model).to(dtype))
         rows.append([f"dtypelab cast_model -> {fmt}", ours, nbytes / ours / 1e9, ours / copy_s])
         rows.append([f"deepcopy(model).to({fmt})", usual, nbytes / usual / 1e9, usual / copy_s])
-    return Table(f"Cast throughput ({nbytes / 1e6:.0f} MB of fp32 weights, torch threads="
-                 f"{torch.get_num_threads()})", ["method", "median_s", "GB/s read", "x copy time"], rows)
+    fp32_mb = nbytes / 1e6
+    for method in ("dtypelab", "deepcopy"):
+        rows.append([f"extra peak RSS, {method} -> bf16 (x fp32 size)", "", "",
+                     round(extra_peak_bytes(method) / nbytes, 2)])
+    title = f"Cast throughput and memory ({fp32_mb:.0f} MB of fp32, {torch.get_num_threads()} threads)"
+    return Table(title, ["method", "median_s", "GB/s read", "x copy time / x size"], rows)
 
 
 if __name__ == "__main__":
