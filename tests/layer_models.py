@@ -80,3 +80,14 @@ class OverflowModel(nn.Module):
 
 def overflow_input() -> torch.Tensor:
     return torch.arange(24).reshape(2, 12) % 32  # (batch 2, seq 12) ids
+
+
+def tiny_gpt2() -> nn.Module:
+    """A 2-layer GPT-2 (Conv1D projections, its own attention signature), vocabulary 100, seed 0."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=32, bos_token_id=0,
+                        eos_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(config).eval()

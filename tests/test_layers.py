@@ -287,3 +287,15 @@ def test_layers_without_floating_output_are_listed_not_dropped():
     assert "not compared (no floating output): ids" in result.to_text()
     report = predict_headroom(model, torch.tensor([[1, 0, 1]]), ["fp16"])
     assert report.not_measured == ["ids"] and "not measured (no floating output): ids" in report.to_text()
+
+
+@pytest.mark.parametrize("mode", ["propagated", "isolated"])
+def test_tiny_gpt2_blocks(mode):
+    from layer_models import tiny_gpt2
+
+    model = tiny_gpt2()
+    result = compare_layers(model, {"fp16": cast_model(model, "fp16")}, torch.arange(10).unsqueeze(0),
+                            mode=mode, patterns=["transformer.h.*", "lm_head"])
+    names = [r.name for r in result.variants[0].rows]
+    assert names[-1] == "lm_head" and {"transformer.h.0", "transformer.h.1.mlp.c_fc"} <= set(names)
+    assert result.variants[0].first_crossing is None and result.variants[0].final.top1_agreement == 1.0
