@@ -184,3 +184,26 @@ def test_cli_headroom_text_and_json(capsys):
         raise SystemExit(0)
     text, _ = capsys.readouterr()
     assert "keep in float32 for fp16: nothing" in text and "linear_1" in text
+
+
+def test_cli_keep_list_round_trip_repairs_the_overflow_model(capsys):
+    """headroom names what to keep; compare with that --keep then runs without inf/NaN."""
+    import json
+
+    from dtypelab.cli import main
+
+    spec, ids = "layer_models:OverflowModel", json.dumps(overflow_input().tolist())
+
+    def run(*argv):
+        with pytest.raises(SystemExit) as exit_info:
+            main(list(argv))
+            raise SystemExit(0)
+        assert (exit_info.value.code or 0) == 0
+        return json.loads(capsys.readouterr()[0])
+
+    keep = run("headroom", spec, "--to", "fp16", "--input", ids, "--json")["keep"]["fp16"]
+    assert keep == ["blocks.1"]
+    broken = run("compare", spec, "--to", "fp16", "--input", ids, "--json")["variants"][0]["metrics"]
+    fixed = run("compare", spec, "--to", "fp16", "--input", ids, "--keep", keep[0], "--json")["variants"][0]
+    assert broken["nan_count"] + broken["inf_count"] > 0
+    assert fixed["metrics"]["nan_count"] + fixed["metrics"]["inf_count"] == 0

@@ -46,3 +46,17 @@ def test_bad_suffix_is_refused_and_nothing_written(tmp_path, dummy_result):
     with pytest.raises(InputError, match=r"\.png or \.svg"):
         plot_layers(dummy_result, tmp_path / "layers.pdf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_many_layers_are_labelled_sparsely(tmp_path):
+    from dtypelab.compare import OutputMetrics
+    from dtypelab.layers import LayerComparison, LayerRow, VariantLayers
+
+    metrics = OutputMetrics(0.0, 0.0, 0.0, 50.0, 1.0)
+    rows = [LayerRow(f"layer_{i:03d}", "Linear", (1,), 1.0, metrics, 0.0, 0.0) for i in range(200)]
+    result = LayerComparison("propagated", 20.0, False,
+                             [VariantLayers("fp16", rows, metrics, None, 60.0, 200, "within format noise")])
+    text = plot_layers(result, tmp_path / "many.svg").read_text()
+    labelled = [i for i in range(200) if f"layer_{i:03d}" in text]
+    assert labelled == list(range(0, 200, 3))  # ceil(200 / 72) = 3: every third layer
+    assert "one label every 3 layers" in text

@@ -54,7 +54,7 @@ def _pyplot():
 
 def _draw(plt, result: LayerComparison):
     names = [r.name for r in result.variants[0].rows] if result.variants else []
-    figure, axes = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 4.5))
+    figure, axes = plt.subplots(figsize=(min(max(6.0, 0.3 * len(names) + 2), 24.0), 5.0))
     ceiling = _ceiling(result)
     for variant in result.variants:
         values = [r.metrics.sqnr_db for r in variant.rows]
@@ -80,9 +80,14 @@ def _ceiling(result: LayerComparison) -> float:
     return max(finite, default=result.threshold_db) + 10.0
 
 
+MAX_TICK_LABELS = 72  # beyond this every k-th layer is labelled, so labels never overlap on a 24-inch figure
+
+
 def _label(axes, names: list[str], result: LayerComparison) -> None:
-    axes.set_xticks(range(len(names)))
-    axes.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
+    step = max(1, -(-len(names) // MAX_TICK_LABELS))
+    axes.set_xticks(range(0, len(names), step))
+    axes.set_xticklabels(names[::step], rotation=70, ha="right", fontsize=7)
+    axes.set_xlabel("layer, in execution order" + (f" (one label every {step} layers)" if step > 1 else ""))
     axes.set_ylabel("SQNR against reference (dB, higher is better)")
     axes.set_title(f"Error by layer ({result.mode})")
     axes.set_ylim(bottom=0)
