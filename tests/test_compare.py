@@ -99,6 +99,149 @@ def test_compare_models_on_the_seed(dummy, seed_input):
     assert result.variants[0].metrics.sqnr_db > bf16.metrics.sqnr_db
     assert "kl_div" in result.to_text()
 
+
+# --- Padding, pooled embeddings and the next-token report -----------------------------------------
+
+from torch import nn  # noqa: E402
+
+from dtypelab.compare import (  # noqa: E402
+    mean_pooled,
+    next_token_metrics,
+    pooled_cosines,
+    valid_positions,
+)
+
+
+def test_valid_positions_drops_padding_rows():
+    out = torch.arange(12.0).reshape(2, 3, 2)  # (batch, seq, features)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert valid_positions(out, mask).tolist() == [[0.0, 1.0], [2.0, 3.0], [6.0, 7.0]]
+    pooled = torch.ones(2, 5)  # (batch, hidden): not per token, kept whole
+    assert valid_positions(pooled, mask) is pooled
+
+
+def test_pooled_cosine_by_hand():
+    mask = torch.tensor([[1, 1, 0]])
+    ref = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [9.0, 9.0]]])  # mean of real tokens: (0.5, 0.5)
+    cand = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]])  # (1.0, 0.5)
+    assert mean_pooled(ref, mask).tolist() == [[0.5, 0.5]]
+    expected = (0.5 * 1.0 + 0.5 * 0.5) / (math.sqrt(0.5) * math.sqrt(1.25))
+    assert pooled_cosines(ref, cand, mask).item() == pytest.approx(expected, rel=1e-12)
+
+
+class Encoder(nn.Module):
+    """Embeds ids; adds ``noise`` only at padding positions, where no metric may look."""
+
+    def __init__(self, noise: float = 0.0):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.embed = nn.Embedding(10, 4)
+        self.noise = noise
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.embed(input_ids)  # (batch, seq, 4)
+        return {"last_hidden_state": hidden + self.noise * (1 - attention_mask)[..., None]}
+
+
+def test_padding_is_masked_out_of_every_metric():
+    inputs = {"input_ids": torch.tensor([[1, 2, 3], [4, 5, 0]]),
+              "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
+    result = compare_models(Encoder(), {"noisy-padding": Encoder(noise=5.0)}, inputs)
+    metrics = result.variants[0].metrics
+    assert metrics.mean_abs_diff == 0 and metrics.max_abs_diff == 0 and metrics.sqnr_db == math.inf
+    # identical pooled embeddings: cosine 1 up to float64 rounding of the norms
+    assert result.variants[0].embedding_cosine_min == pytest.approx(1.0, abs=1e-12)
+    assert (result.positions, result.padding_positions) == (5, 1)
+    # the same outputs without the mask differ by 5 at the padded position
+    assert output_metrics(result.reference_output, result.variants[0].output).max_abs_diff == 5.0
+
+
+def _hand_logits():
+    ln = math.log
+    ref = torch.tensor([[[0.0, ln(2)], [ln(3), 0.0], [7.0, -7.0]]])  # p = (1/3, 2/3), (3/4, 1/4), unused
+    cand = torch.tensor([[[ln(3), 0.0], [ln(3), 0.0], [-7.0, 7.0]]])  # p = (3/4, 1/4), (3/4, 1/4), unused
+    return ref, cand, torch.tensor([[1, 0, 0]])  # next tokens: 0 after position 0, 0 after position 1
+
+
+def test_next_token_metrics_by_hand():
+    ref, cand, ids = _hand_logits()
+    m = next_token_metrics(ref, cand, ids)
+    kl0 = (1 / 3) * math.log((1 / 3) / (3 / 4)) + (2 / 3) * math.log((2 / 3) / (1 / 4))  # position 1: 0
+    assert m.positions == 2
+    assert m.kl_mean == pytest.approx(kl0 / 2) and m.kl_stderr == pytest.approx(kl0 / 2)  # std kl0/√2, /√2
+    assert m.kl_median == pytest.approx(kl0 / 2) and m.kl_p99 == pytest.approx(0.99 * kl0)
+    assert m.kl_max == pytest.approx(kl0)
+    assert m.same_top_p == 0.5 and m.same_top_p_stderr == pytest.approx(0.5)  # top 1 vs 0, then 0 vs 0
+    dp0 = 1 / 4 - 2 / 3  # the reference's top token (1) at position 0
+    assert m.delta_p_mean == pytest.approx(dp0 / 2)
+    assert m.delta_p_rms == pytest.approx(abs(dp0) / math.sqrt(2))
+    assert m.ln_ppl_ratio == pytest.approx(math.log(4 / 9) / 2)  # NLL change of token 0 at position 0
+
+
+def test_ln_ppl_ratio_matches_cross_entropy_perplexities():
+    torch.manual_seed(0)
+    ref, cand = torch.randn(2, 6, 11), torch.randn(2, 6, 11)
+    ids, mask = torch.randint(0, 11, (2, 6)), torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    labels = ids[:, 1:].masked_fill(~(mask[:, 1:].bool()), -100)  # transformers' ignore_index
+    ce = [nn.functional.cross_entropy(x[:, :-1].double().reshape(-1, 11), labels.reshape(-1)).item()
+          for x in (ref, cand)]
+    m = next_token_metrics(ref, cand, ids, mask)
+    assert m.positions == 5 + 3 and m.ln_ppl_ratio == pytest.approx(ce[1] - ce[0], rel=1e-12)
+
+
+def test_padding_does_not_change_the_next_token_report():
+    ref, cand, ids = _hand_logits()
+    garbage = torch.full((1, 2, 2), 50.0)
+    padded = [torch.cat([x, g], dim=1) for x, g in [(ref, garbage), (cand, -garbage)]]
+    m = next_token_metrics(*padded, torch.tensor([[1, 0, 0, 0, 0]]), torch.tensor([[1, 1, 1, 0, 0]]))
+    assert m == next_token_metrics(ref, cand, ids)
+
+
+def test_identical_logits_give_a_zero_report():
+    ref, _, ids = _hand_logits()
+    m = next_token_metrics(ref, ref.clone(), ids)
+    assert (m.kl_max, m.same_top_p, m.delta_p_rms, m.ln_ppl_ratio) == (0.0, 1.0, 0.0, 0.0)
+
+
+def test_output_name_that_does_not_exist():
+    with pytest.raises(InputError, match="choose --output from logits, hidden"):
+        select_output({"logits": torch.zeros(1), "hidden": torch.zeros(1)}, "pooler_output")
+
+
+# --- Real models ------------------------------------------------------------------------------------
+
+def test_minilm_pooled_embeddings_survive_fp16_and_bf16(minilm, short_texts):
+    from dtypelab.inputs import model_inputs
+
+    inputs = model_inputs(minilm, texts=short_texts)
+    variants = {f: cast_model(minilm.model, f) for f in ("fp16", "bf16")}
+    result = compare_models(minilm.model, variants, inputs)
+    fp16, bf16 = result.variants
+    assert result.output_name == "last_hidden_state" and not result.logits
+    assert result.padding_positions == int((inputs["attention_mask"] == 0).sum()) > 0
+    # Half-precision rounding is relative error ≤ eps/2 per value; through 6 layers the embedding's
+    # relative error stays within a few eps, and 1 - cos ≈ rel_err²/2. Allow rel_err ≤ 4·eps.
+    for variant, eps in [(fp16, 2**-10), (bf16, 2**-7)]:
+        assert 1 - variant.embedding_cosine_min <= (4 * eps) ** 2 / 2
+    assert fp16.metrics.sqnr_db > bf16.metrics.sqnr_db  # 3 more mantissa bits: ~18 dB
+
+
+def test_tiny_llama_report(tiny_llama, short_texts):
+    from dtypelab.inputs import model_inputs
+
+    inputs = model_inputs(tiny_llama, texts=short_texts)
+    variants = {f: cast_model(tiny_llama.model, f) for f in ("fp16", "bf16")}
+    result = compare_models(tiny_llama.model, variants, inputs)
+    fp16, bf16 = (v.next_token for v in result.variants)
+    mask = inputs["attention_mask"]
+    assert fp16.positions == int((mask[:, 1:] & mask[:, :-1]).sum())
+    assert 0 < fp16.kl_mean < bf16.kl_mean and fp16.same_top_p >= bf16.same_top_p
+    text = result.to_text()
+    assert "Next-token report" in text and "ln(PPL/PPL_ref) ± se" in text
+    assert "<b>Next-token report" in result._repr_html_()
+
+
 # ---- ErrorSums / measure: the same metrics in bounded memory ----
 
 def assert_metrics_close(row_metrics, truth):

@@ -1,7 +1,10 @@
+import pytest
 import torch
 from torch import nn
 
-from dtypelab import cast_model, inspect_model, param_dtype_lines, print_param_dtype
+from dtypelab import KeepPolicy, cast_model, inspect_model, param_dtype_lines, print_param_dtype
+from dtypelab.errors import CheckpointError, ModelSpecError
+from dtypelab.models import inspect, load
 
 
 def test_every_parameter_with_dtype_shape_and_bytes(dummy):
@@ -54,3 +57,68 @@ def test_renders_as_text_html_and_json(dummy):
     assert "token_embedding.weight" in info.to_text() and "footprint: 120 bytes" in info.to_text()
     assert info._repr_html_().startswith("<b>Tensors</b><table>")
     assert '"footprint_bytes": 120' in info.to_json()
+
+
+# --- Real models: the footprint is the one transformers reports ------------------------------------
+
+HF_FORMATS = ["fp32", "fp16", "bf16"]
+
+
+@pytest.mark.parametrize("fmt", HF_FORMATS)
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_footprint_equals_transformers_get_memory_footprint(name, fmt):
+    pytest.importorskip("transformers")
+    model = load(name, fmt).model
+    assert inspect_model(model).footprint_bytes == model.get_memory_footprint()
+
+
+@pytest.mark.parametrize("fmt", HF_FORMATS)
+def test_minilm_footprint_equals_transformers(minilm, fmt):
+    model = minilm.model if fmt == "fp32" else cast_model(minilm.model, fmt)
+    info = inspect_model(model)
+    assert info.footprint_bytes == model.get_memory_footprint()
+    # 22,713,216 weights (the model card's 22.7 M) plus two int64 (1, 512) buffers
+    assert info.float32_bytes == 22_713_216 * 4 + 2 * 512 * 8
+
+
+def test_footprint_of_a_sharded_folder_equals_transformers(sharded_llama_folder):
+    model = load(str(sharded_llama_folder), "bf16").model
+    assert inspect_model(model).footprint_bytes == model.get_memory_footprint()
+
+
+def test_bytes_per_dtype_and_ratio_to_float32(dummy):
+    kept = cast_model(dummy, "fp16", KeepPolicy(("LayerNorm",)))
+    info = inspect_model(kept)
+    by_dtype = {s.dtype: s.nbytes for s in info.by_dtype}
+    # LayerNorms: 2 x (2 weights + 2 biases) = 8 float32 values; the other 22 weights in fp16
+    assert by_dtype == {"float16": 22 * 2, "float32": 8 * 4}
+    assert info.float32_bytes == 120 and info.ratio_to_float32 == (44 + 32) / 120
+    assert "0.633 x float32 (120 bytes)" in info.to_text()
+
+
+def test_integer_buffers_count_as_they_are_in_the_float32_reference():
+    model = nn.Linear(2, 2).half()
+    model.register_buffer("ids", torch.zeros(4, dtype=torch.int64))
+    info = inspect_model(model)
+    assert info.float32_bytes == 6 * 4 + 32 and info.footprint_bytes == 6 * 2 + 32
+
+
+def test_pickled_state_dict_inspected_only_with_the_flag(tmp_path, dummy):
+    path = tmp_path / "weights.pt"
+    torch.save(dummy.state_dict(), path)
+    with pytest.raises(ModelSpecError, match="--allow-pickle"):
+        inspect(str(path))
+    info = inspect(str(path), allow_pickle=True)
+    assert info.footprint_bytes == 120 and [t.kind for t in info.tensors] == ["tensor"] * 11
+
+
+def test_pickle_holding_code_is_refused_by_weights_only(tmp_path, dummy):
+    path = tmp_path / "model.pt"
+    torch.save(dummy, path)  # a whole module: weights_only=True will not unpickle it
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        inspect(str(path), allow_pickle=True)
+
+
+def test_table_renders_as_html_in_jupyter(dummy):
+    html = inspect_model(dummy)._repr_html_()
+    assert html.startswith("<b>Tensors</b><table>") and "<td>token_embedding.weight</td>" in html

@@ -5,22 +5,26 @@ Example:
     >>> model = dtypelab.DummyModel()
     >>> result = dtypelab.compare_models(model, {"bf16": dtypelab.cast_model(model, "bf16")},
     ...                                  dtypelab.parse_token_ids("[[1, 0, 1]]"))
+    >>> minilm = dtypelab.load("minilm")            # a real model, offline
+    >>> dtypelab.compare_models(minilm.model, {"bf16": dtypelab.cast_model(minilm.model, "bf16")},
+    ...                         dtypelab.model_inputs(minilm))   # the 64 bundled sentences
 """
 
 from .cast import KeepPolicy, cast_model
-from .compare import OutputMetrics, compare_models, output_metrics
+from .compare import NextTokenMetrics, OutputMetrics, compare_models, next_token_metrics, output_metrics
 from .errors import DtypelabError
 from .formats import NumberFormat, all_formats, get_format
 from .headroom import HeadroomReport, noise_floor_db, predict_headroom, variant_verdict, weight_stats
-from .inputs import parse_token_ids
+from .inputs import default_texts, model_inputs, parse_token_ids, tokenize
 from .inspection import inspect_model, param_dtype_lines, print_param_dtype
 from .layers import LayerComparison, compare_layers
-from .models import DummyModel, build_model
+from .models import DummyModel, LoadedModel, build_model, inspect, load
 
 __all__ = [
-    "DtypelabError", "DummyModel", "HeadroomReport", "KeepPolicy", "LayerComparison", "NumberFormat",
-    "OutputMetrics", "all_formats", "build_model", "cast_model", "compare_layers", "compare_models",
-    "get_format", "inspect_model", "noise_floor_db", "output_metrics", "param_dtype_lines",
-    "parse_token_ids", "predict_headroom", "print_param_dtype", "variant_verdict", "weight_stats",
+    "DtypelabError", "DummyModel", "HeadroomReport", "KeepPolicy", "LayerComparison", "LoadedModel",
+    "NextTokenMetrics", "NumberFormat", "OutputMetrics", "all_formats", "build_model", "cast_model",
+    "compare_layers", "compare_models", "default_texts", "get_format", "inspect", "inspect_model", "load",
+    "model_inputs", "next_token_metrics", "noise_floor_db", "output_metrics", "param_dtype_lines",
+    "parse_token_ids", "predict_headroom", "print_param_dtype", "tokenize", "variant_verdict", "weight_stats",
 ]
 __version__ = "0.1.0"

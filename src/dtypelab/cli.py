@@ -19,7 +19,7 @@ from .compare import compare_models, run_model, select_output
 from .errors import DtypelabError, InputError
 from .formats import parse_format_list
 from .headroom import predict_headroom, weight_stats
-from .inputs import parse_token_ids
+from .inputs import model_inputs, to_device
 from .inspection import inspect_model, param_dtype_lines
 from .layers import compare_layers as layer_comparison
 from .plot import plot_layers
@@ -91,41 +91,67 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_inputs(spec: str, text: str | None, model: torch.nn.Module) -> torch.Tensor:
-    ids = parse_token_ids(text) if text is not None else models.default_input(spec)
-    if ids is None:
-        raise InputError(f"model {spec!r} has no default input: give token ids with --input '[[1, 2, 3]]'")
-    models.validate_token_ids(model, ids)
-    return ids
+def pickle_option(f: Callable) -> Callable:
+    return click.option("--allow-pickle", is_flag=True,
+                        help="Accept .bin/.pt pickle weights (read with torch.load(weights_only=True)).")(f)
 
 
-@cli.command("inspect")
+def input_options(f: Callable) -> Callable:
+    """--text / --text-file / --input / --input-file: one source; none = the model's default input."""
+    for option in reversed([
+        click.option("--text", "texts", multiple=True, help="A text to tokenise (repeatable: one batch)."),
+        click.option("--text-file", type=click.Path(), help="Texts to tokenise, one per line."),
+        click.option("--input", "input_ids", help="Token ids as JSON, e.g. '[[1, 0, 1]]'."),
+        click.option("--input-file", type=click.Path(), help="Input tensors from .safetensors or .npy."),
+    ]):
+        f = option(f)
+    return f
+
+
+MODEL_HELP = ("MODEL: a built-in (" + ", ".join(models.builtin_names()) + "), a Hugging Face model folder, "
+              "or package.module:factory.")
+
+
+@cli.command("inspect", help="List every parameter and buffer of MODEL with dtype, shape and bytes; a bare "
+             ".safetensors file or weights folder is read from its headers. " + MODEL_HELP)
 @click.argument("model")
+@click.option("--dtype", default="auto", show_default=True, help="Load in this dtype (auto: as stored).")
+@pickle_option
 @json_option
-def inspect_cmd(model: str, as_json: bool) -> None:
-    """List every parameter and buffer of MODEL with dtype, shape and bytes."""
-    emit(inspect_model(models.build_model(model)), as_json)
+def inspect_cmd(model: str, dtype: str, allow_pickle: bool, as_json: bool) -> None:
+    emit(models.inspect(model, dtype, allow_pickle=allow_pickle), as_json)
 
 
-@cli.command("cast")
+@cli.command("cast", help="Cast MODEL to another dtype and show what it then holds, dtype by dtype. "
+             + MODEL_HELP)
 @click.argument("model")
 @click.option("--to", "fmt", required=True, help="Target dtype: fp32, fp16, bf16 (or aliases).")
 @keep_option
+@pickle_option
 @json_option
-def cast_cmd(model: str, fmt: str, keep: tuple[str, ...], as_json: bool) -> None:
-    """Cast MODEL to another dtype and show what it then holds, dtype by dtype."""
-    emit(inspect_model(cast_model(models.build_model(model), fmt, KeepPolicy.from_strings(keep))), as_json)
+def cast_cmd(model: str, fmt: str, keep: tuple[str, ...], allow_pickle: bool, as_json: bool) -> None:
+    policy = KeepPolicy.from_strings(keep)
+    if keep:
+        cast = cast_model(models.load(model, allow_pickle=allow_pickle).model, fmt, policy)
+    else:  # straight into the target dtype: no float32 copy of a checkpoint is made
+        cast = models.load(model, fmt, allow_pickle=allow_pickle).model
+    emit(inspect_model(cast), as_json)
 
 
-@cli.command("compare")
+@cli.command("compare", help="Run MODEL in float32 and in each --to dtype on the same input and measure the "
+             "difference (padding masked out). Without an input: the model's default ids or dtypelab's 64 "
+             "bundled sentences. " + MODEL_HELP)
 @click.argument("model")
 @click.option("--to", "formats", default="fp16,bf16", show_default=True,
               help="Comma-separated dtypes to compare against float32.")
-@click.option("--input", "input_text", help="Token ids as JSON, e.g. '[[1, 0, 1]]'.")
-@click.option("--output", "output_name", help="Output field to compare (logits, last_hidden_state, …).")
+@input_options
+@click.option("--output", "output_name",
+              help="Output field to compare (logits, last_hidden_state, pooler_output …); "
+                   "default: logits, else last_hidden_state.")
 @keep_option
+@pickle_option
 @device_option
-@click.option("--layers", is_flag=True, help="Compare every module's output, in execution order.")
+@click.option("--layers", "by_layer", is_flag=True, help="Compare every module's output, in execution order.")
 @click.option("--mode", type=click.Choice(layers.MODES), default="propagated", show_default=True,
               help="With --layers: each model on its own, or each variant layer fed the reference input.")
 @select_options
@@ -134,46 +160,57 @@ def cast_cmd(model: str, fmt: str, keep: tuple[str, ...], as_json: bool) -> None
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="With --layers: write the SQNR-by-layer chart to this .png or .svg file.")
 @json_option
-def compare_cmd(model: str, formats: str, input_text: str | None, output_name: str | None,
-                keep: tuple[str, ...], device: str, layers: bool, mode: str, depth: int | None,
-                select: tuple[str, ...], threshold_db: float, plot_path: str | None, as_json: bool) -> None:
-    """Run MODEL in float32 and in each --to dtype on the same input and measure the difference."""
+def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str | None,
+                input_ids: str | None, input_file: str | None, output_name: str | None,
+                keep: tuple[str, ...], allow_pickle: bool, device: str, by_layer: bool, mode: str,
+                depth: int | None, select: tuple[str, ...], threshold_db: float, plot_path: str | None,
+                as_json: bool) -> None:
     fmts, target = parse_format_list(formats), resolve_device(device)
-    reference = models.build_model(model)
-    inputs = load_inputs(model, input_text, reference).to(target)
+    loaded = models.load(model, "fp32", allow_pickle=allow_pickle)
+    inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
+                                    tensor_file=input_file), target)
     policy = KeepPolicy.from_strings(keep)
-    variants = {f.name: cast_model(reference, f, policy).to(target) for f in fmts}
-    if not layers:
+    if not by_layer:
         if plot_path or depth is not None or select or mode != "propagated":
             raise InputError("--mode, --depth, --select and --plot need --layers: add --layers")
-        emit(compare_models(reference.to(target), variants, inputs, output_name=output_name,
-                            output_kind=models.output_kind(model)), as_json)
+        emit(compare_loaded(loaded, fmts, inputs, target, output_name, policy), as_json)
         return
-    result = layer_comparison(reference.to(target), variants, inputs, mode=mode, depth=depth,
+    variants = {f.name: cast_model(loaded.model, f, policy).to(target) for f in fmts}
+    result = layer_comparison(loaded.model.to(target), variants, inputs, mode=mode, depth=depth,
                               patterns=select, threshold_db=threshold_db, output_name=output_name,
-                              output_kind=models.output_kind(model))
+                              output_kind=loaded.output_kind)
     if plot_path:
         plot_layers(result, plot_path)
     emit(result, as_json)
 
 
-@cli.command("headroom")
+def compare_loaded(loaded: models.LoadedModel, fmts: list, inputs, target: torch.device,
+                   output_name: str | None = None, policy: KeepPolicy | None = None) -> TableMixin:
+    variants = {f.name: cast_model(loaded.model, f, policy).to(target) for f in fmts}
+    return compare_models(loaded.model.to(target), variants, inputs, output_name=output_name,
+                          output_kind=loaded.output_kind)
+
+
+@cli.command("headroom", help="Predict from one float32 run which layers of MODEL overflow or underflow in "
+             "each format, and which modules to keep in float32 (pass them to --keep). " + MODEL_HELP)
 @click.argument("model")
 @click.option("--to", "formats", default="fp16,bf16", show_default=True,
               help="Comma-separated formats to predict overflow and underflow for.")
-@click.option("--input", "input_text", help="Token ids as JSON, e.g. '[[1, 0, 1]]'.")
+@input_options
 @select_options
 @click.option("--weights", is_flag=True,
               help="Also show weight statistics and each format's weight-only error.")
+@pickle_option
 @device_option
 @json_option
-def headroom_cmd(model: str, formats: str, input_text: str | None, depth: int | None, select: tuple[str, ...],
-                 weights: bool, device: str, as_json: bool) -> None:
-    """Predict from one float32 run which layers overflow or underflow in each format, and what to keep
-    in float32 (pass the list to --keep)."""
+def headroom_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str | None,
+                 input_ids: str | None, input_file: str | None, depth: int | None, select: tuple[str, ...],
+                 weights: bool, allow_pickle: bool, device: str, as_json: bool) -> None:
     fmts, target = parse_format_list(formats), resolve_device(device)
-    reference = models.build_model(model).to(target)
-    inputs = load_inputs(model, input_text, reference).to(target)
+    loaded = models.load(model, "fp32", allow_pickle=allow_pickle)
+    inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
+                                    tensor_file=input_file), target)
+    reference = loaded.model.to(target)
     report = predict_headroom(reference, inputs, fmts, depth=depth, patterns=select)
     stats = weight_stats(reference, fmts) if weights else None
     if as_json and stats is not None:  # one JSON document holding both
@@ -185,8 +222,9 @@ def headroom_cmd(model: str, formats: str, input_text: str | None, depth: int | 
 
 
 @cli.command("demo")
-def demo_cmd() -> None:
-    """Replay the seed notebook with the library: dtypes, logits, the diff line, the full table."""
+@click.option("--seed-only", is_flag=True, help="Only the seed notebook replay (skip the minilm comparison).")
+def demo_cmd(seed_only: bool) -> None:
+    """Replay the seed notebook with the library, then compare the built-in minilm in fp16 and bf16."""
     model, inputs = models.build_model("dummy"), models.default_input("dummy")
     variants = {"fp16": cast_model(model, "fp16"), "bf16": cast_model(model, "bf16")}
     for name, m in [("fp32", model), *variants.items()]:
@@ -197,4 +235,8 @@ def demo_cmd() -> None:
     bf16 = result.variants[1].metrics
     click.echo(f"Mean diff: {bf16.mean_abs_diff} | Max diff: {bf16.max_abs_diff}\n")
     click.echo(result.to_text())
-
+    if not seed_only:
+        loaded = models.load("minilm", "fp32")
+        click.echo("\n== minilm (all-MiniLM-L6-v2) on dtypelab's 64 bundled sentences")
+        click.echo(compare_loaded(loaded, parse_format_list("fp16,bf16"), model_inputs(loaded),
+                                  torch.device("cpu")).to_text())

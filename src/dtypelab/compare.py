@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import InputError
 from .inspection import inspect_model
-from .report import Table, TableMixin
+from .report import Table, TableMixin, format_cell
 
 
 def _diff(reference: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
@@ -119,22 +119,128 @@ def output_metrics(reference: torch.Tensor, candidate: torch.Tensor, logits: boo
 def select_output(output: object, name: str | None = None) -> torch.Tensor:
     """The tensor to compare from a model's output: the tensor itself, or a named field of an
     output object / dict (default: ``logits``, else ``last_hidden_state``, else the first tensor)."""
-    if isinstance(output, torch.Tensor):
-        return output
+    return _select_output(output, name)[1]
+
+
+def _select_output(output: object, name: str | None) -> tuple[str, torch.Tensor]:
+    if isinstance(output, torch.Tensor) and name in (None, "output"):
+        return "output", output
     fields = dict(output) if isinstance(output, Mapping) else {}
     if not fields and isinstance(output, tuple | list):
         fields = {str(i): v for i, v in enumerate(output)}
     for key in ([name] if name else ["logits", "last_hidden_state", *fields]):
         if isinstance(fields.get(key), torch.Tensor):
-            return fields[key]
+            return key, fields[key]
+    names = ", ".join(k for k, v in fields.items() if isinstance(v, torch.Tensor))
     raise InputError(f"model output has no tensor {name!r}: choose --output from "
-                     f"{', '.join(fields) or '(none: the output holds no tensors)'}")
+                     f"{names or '(none: the model returns one tensor; leave --output out)'}")
 
 
 def is_logits_output(output: object, output_kind: str) -> bool:
     if output_kind != "auto":
         return output_kind == "logits"
     return isinstance(output, Mapping) and "logits" in output
+
+
+def valid_positions(output: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows of a per-token output ``(batch, seq, ...)`` where ``attention_mask`` is 1, as
+    ``(positions, ...)``; other outputs (pooled, or no mask) are returned whole.
+
+    Padding positions hold whatever the model computes for pad tokens; they are no part of any text,
+    so every metric leaves them out.
+    """
+    if attention_mask is None or output.dim() < 3 or tuple(output.shape[:2]) != tuple(attention_mask.shape):
+        return output
+    return output[attention_mask.to(output.device).bool()]
+
+
+def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Sentence embeddings ``(batch, hidden)`` in float64: the mean of ``hidden`` ``(batch, seq, hidden)``
+    over real tokens, as sentence-transformers pools all-MiniLM-L6-v2."""
+    weights = (torch.ones(hidden.shape[:2]) if attention_mask is None else attention_mask).to(hidden.device)
+    weights = weights.double().unsqueeze(-1)  # (batch, seq, 1)
+    return (hidden.double() * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def pooled_cosines(reference: torch.Tensor, candidate: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sentence cosine ``(batch,)`` between the mean-pooled embeddings of two hidden-state outputs."""
+    return torch.nn.functional.cosine_similarity(mean_pooled(reference, attention_mask),
+                                                 mean_pooled(candidate, attention_mask), dim=-1)
+
+
+@dataclass(frozen=True)
+class NextTokenMetrics:
+    """llama.cpp's ``--kl-divergence`` report of a causal LM against its reference, over every
+    position whose next token is part of the text (padding excluded).
+
+    KL divergences are KL(reference ‖ candidate) of the next-token distributions, in nats.
+    ``same_top_p`` is the share of positions where both pick the same most likely token. ``delta_p``
+    is p_candidate − p_reference of the reference's most likely token. ``ln_ppl_ratio`` is
+    ln(PPL(candidate)/PPL(reference)) on the input text: the mean change of the actual next token's
+    negative log-likelihood. ``*_stderr`` are standard errors of the means; the median and p99
+    interpolate between positions (``torch.quantile``).
+    """
+
+    positions: int
+    kl_mean: float
+    kl_stderr: float
+    kl_median: float
+    kl_p99: float
+    kl_max: float
+    same_top_p: float
+    same_top_p_stderr: float
+    delta_p_mean: float
+    delta_p_rms: float
+    ln_ppl_ratio: float
+    ln_ppl_ratio_stderr: float
+
+
+NEXT_TOKEN_CHUNK = 256  # positions per float64 block: bounds memory at 256 x vocab x 8 bytes per copy
+
+
+def next_token_metrics(reference: torch.Tensor, candidate: torch.Tensor, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None) -> NextTokenMetrics:
+    """Compare two causal LMs' logits ``(batch, seq, vocab)`` on the text ``input_ids`` ``(batch, seq)``.
+
+    Position t's logits predict token t+1; a position counts when both t and t+1 are real tokens.
+    Computed in float64, a block of positions at a time.
+    """
+    if reference.shape != candidate.shape or reference.shape[:2] != input_ids.shape:
+        raise InputError(f"logits {tuple(candidate.shape)} do not match token ids {tuple(input_ids.shape)}: "
+                         "compare the logits output of a causal LM")
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    valid = (mask[:, 1:].bool() & mask[:, :-1].bool()).to(reference.device)  # (batch, seq-1)
+    targets = input_ids[:, 1:].to(reference.device)[valid]  # (positions,)
+    ref, cand = reference[:, :-1][valid], candidate[:, :-1][valid]  # (positions, vocab)
+    if not len(targets):
+        raise InputError("the input has no next token to predict: give texts of at least two tokens")
+    blocks = [slice(i, i + NEXT_TOKEN_CHUNK) for i in range(0, len(targets), NEXT_TOKEN_CHUNK)]
+    parts = [_next_token_block(ref[b], cand[b], targets[b]) for b in blocks]
+    kl, same, delta_p, delta_nll = (torch.cat(column) for column in zip(*parts, strict=True))
+    median, p99 = kl.quantile(0.5).item(), kl.quantile(0.99).item()
+    return NextTokenMetrics(len(targets), *_mean_stderr(kl), median, p99, kl.max().item(),
+                            *_mean_stderr(same), delta_p.mean().item(), delta_p.pow(2).mean().sqrt().item(),
+                            *_mean_stderr(delta_nll))
+
+
+def _next_token_block(reference: torch.Tensor, candidate: torch.Tensor, targets: torch.Tensor) -> tuple:
+    ref_logp = torch.log_softmax(reference.double(), dim=-1)  # (block, vocab)
+    cand_logp = torch.log_softmax(candidate.double(), dim=-1)
+    kl = (ref_logp.exp() * (ref_logp - cand_logp)).sum(-1)
+    top = ref_logp.argmax(-1, keepdim=True)
+    same = (cand_logp.argmax(-1, keepdim=True) == top).double().squeeze(-1)
+    delta_p = (cand_logp.gather(-1, top).exp() - ref_logp.gather(-1, top).exp()).squeeze(-1)
+    target = targets.unsqueeze(-1)
+    delta_nll = (ref_logp.gather(-1, target) - cand_logp.gather(-1, target)).squeeze(-1)
+    return kl, same, delta_p, delta_nll
+
+
+def _mean_stderr(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(n); 0 for a single value)."""
+    n = len(values)
+    stderr = values.std().item() / math.sqrt(n) if n > 1 else 0.0
+    return values.mean().item(), stderr
 
 
 @torch.inference_mode()
@@ -145,28 +251,50 @@ def run_model(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor
 
 @dataclass(frozen=True)
 class VariantResult:
-    """One variant's size and output metrics against the reference."""
+    """One variant's size and output metrics against the reference.
+
+    ``embedding_cosine_mean`` / ``_min``: per-sentence cosine of mean-pooled embeddings (hidden-state
+    outputs only). ``next_token``: the causal-LM report (causal LMs only).
+    """
 
     name: str
     dtype: str
     footprint_bytes: int
     metrics: OutputMetrics
     output: torch.Tensor = field(repr=False, compare=False)
+    embedding_cosine_mean: float | None = None
+    embedding_cosine_min: float | None = None
+    next_token: NextTokenMetrics | None = None
 
 
 @dataclass
 class ComparisonResult(TableMixin):
-    """Reference output plus one :class:`VariantResult` per variant, in the order given."""
+    """Reference output plus one :class:`VariantResult` per variant, in the order given.
+
+    ``output_name`` is the output field compared; ``positions`` how many token positions (or rows)
+    entered the metrics and ``padding_positions`` how many padding positions were left out.
+    """
 
     reference_footprint_bytes: int
     variants: list[VariantResult]
     logits: bool
     reference_output: torch.Tensor = field(repr=False, default=None)
+    output_name: str = "output"
+    positions: int = 0
+    padding_positions: int = 0
+
+    @property
+    def has_embeddings(self) -> bool:
+        return any(v.embedding_cosine_mean is not None for v in self.variants)
 
     def to_table(self) -> Table:
         columns = ["variant", "dtype", "bytes", "x fp32", "mean_abs_diff", "max_abs_diff", "rel_error",
-                   "sqnr_db", "cosine"] + (["kl_div", "top1_agree"] if self.logits else []) + ["status"]
-        return Table("Comparison against the reference", columns, [self._row(v) for v in self.variants])
+                   "sqnr_db", "cosine"] + (["kl_div", "top1_agree"] if self.logits else [])
+        columns += ["emb_cos_mean", "emb_cos_min"] if self.has_embeddings else []
+        notes = [f"compared: {self.output_name} {list(self.reference_output.shape)}, {self.positions:,} "
+                 f"positions ({self.padding_positions:,} padding positions left out)"]
+        return Table("Comparison against the reference", columns + ["status"],
+                     [self._row(v) for v in self.variants], notes)
 
     def _row(self, variant: VariantResult) -> list:
         m = variant.metrics
@@ -174,37 +302,104 @@ class ComparisonResult(TableMixin):
         ratio = variant.footprint_bytes / ref_bytes if ref_bytes else 0
         row = [variant.name, variant.dtype, variant.footprint_bytes, round(ratio, 3), m.mean_abs_diff,
                m.max_abs_diff, m.relative_error, m.sqnr_db, m.cosine_similarity]
-        return row + ([m.kl_divergence, m.top1_agreement] if self.logits else []) + [m.status]
+        row += [m.kl_divergence, m.top1_agreement] if self.logits else []
+        row += [variant.embedding_cosine_mean, variant.embedding_cosine_min] if self.has_embeddings else []
+        return row + [m.status]
+
+    def to_tables(self) -> list[Table]:
+        rows = [_next_token_row(v) for v in self.variants if v.next_token is not None]
+        if not rows:
+            return [self.to_table()]
+        columns = ["variant", "KL mean ± se", "KL median", "KL p99", "KL max", "same top p ± se",
+                   "mean Δp", "RMS Δp", "ln(PPL/PPL_ref) ± se"]
+        notes = [f"{self.variants[0].next_token.positions:,} next-token positions; KL(reference ‖ variant) "
+                 "in nats; Δp: change in the probability of the reference's top token"]
+        return [self.to_table(), Table("Next-token report (llama.cpp --kl-divergence)", columns, rows, notes)]
+
+
+def _pm(mean: float, stderr: float) -> str:
+    return f"{format_cell(mean)} ± {format_cell(stderr)}"
+
+
+def _next_token_row(variant: VariantResult) -> list:
+    n = variant.next_token
+    return [variant.name, _pm(n.kl_mean, n.kl_stderr), n.kl_median, n.kl_p99, n.kl_max,
+            f"{100 * n.same_top_p:.2f}% ± {100 * n.same_top_p_stderr:.2f}%", n.delta_p_mean, n.delta_p_rms,
+            _pm(n.ln_ppl_ratio, n.ln_ppl_ratio_stderr)]
 
 
 def compare_models(reference: nn.Module, variants: Mapping[str, nn.Module],
                    inputs: torch.Tensor | Mapping[str, torch.Tensor], *, output_name: str | None = None,
-                   output_kind: str = "auto") -> ComparisonResult:
+                   output_kind: str = "auto", next_token: bool | None = None) -> ComparisonResult:
     """Run the same inputs through ``reference`` and every variant and measure how far each moved.
 
     Args:
         reference: the model taken as truth (usually float32).
         variants: display name -> model (e.g. from :func:`dtypelab.cast_model`).
-        inputs: a tensor (first positional argument) or a mapping of keyword arguments.
+        inputs: a tensor (first positional argument) or a mapping of keyword arguments; an
+            ``attention_mask`` in it masks padding out of every metric.
         output_name: which field of an output object to compare (default: logits / last_hidden_state).
         output_kind: ``"logits"``, ``"hidden"`` or ``"auto"`` (logits when the output has a ``logits`` field).
+        next_token: add the causal-LM report (default: when ``reference`` is a transformers causal LM
+            and the inputs hold ``input_ids``).
 
     Returns:
-        A :class:`ComparisonResult` whose rows hold each variant's footprint and :class:`OutputMetrics`.
+        A :class:`ComparisonResult` whose rows hold each variant's footprint and :class:`OutputMetrics`,
+        plus pooled-embedding cosines for hidden-state outputs and :class:`NextTokenMetrics` for LMs.
     """
     raw = run_model(reference, inputs)
-    ref_out, logits = select_output(raw, output_name), is_logits_output(raw, output_kind)
-    rows = [_variant_result(name, model, inputs, ref_out, output_name, logits)
-            for name, model in variants.items()]
-    return ComparisonResult(inspect_model(reference).footprint_bytes, rows, logits, ref_out)
+    name, ref_out = _select_output(raw, output_name)
+    context = _Context(name, ref_out, is_logits_output(raw, output_kind), *_mask_and_ids(inputs))
+    context.next_token = _wants_next_token(next_token, reference, context)
+    rows = [_variant_result(vname, model, inputs, context) for vname, model in variants.items()]
+    compared = valid_positions(ref_out, context.mask)
+    positions = compared.shape[0] * compared.shape[1] if compared.dim() >= 3 else compared.shape[0]
+    padding = ref_out.shape[0] * ref_out.shape[1] - positions if compared is not ref_out else 0
+    return ComparisonResult(inspect_model(reference).footprint_bytes, rows, context.logits, ref_out, name,
+                            positions, padding)
 
 
-def _variant_result(name: str, model: nn.Module, inputs, ref_out: torch.Tensor,
-                    output_name: str | None, logits: bool) -> VariantResult:
-    out = select_output(run_model(model, inputs), output_name)
+@dataclass
+class _Context:
+    """What every variant is measured against."""
+
+    name: str
+    reference: torch.Tensor
+    logits: bool
+    mask: torch.Tensor | None
+    input_ids: torch.Tensor | None
+    next_token: bool = False
+
+
+def _mask_and_ids(inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> tuple:
+    if isinstance(inputs, Mapping):
+        return inputs.get("attention_mask"), inputs.get("input_ids")
+    return None, (inputs if not inputs.is_floating_point() else None)
+
+
+def _wants_next_token(requested: bool | None, reference: nn.Module, context: _Context) -> bool:
+    from .models import model_kind
+
+    if requested is not None:
+        return requested
+    return (context.logits and context.input_ids is not None and context.reference.dim() == 3
+            and context.reference.shape[1] > 1 and model_kind(reference) == "causal-lm")
+
+
+def _variant_result(name: str, model: nn.Module, inputs, context: _Context) -> VariantResult:
+    raw = run_model(model, inputs)
+    out = select_output(raw, context.name)
     info = inspect_model(model)
     dtypes = "+".join(s.dtype for s in info.by_dtype)
-    return VariantResult(name, dtypes, info.footprint_bytes, output_metrics(ref_out, out, logits), out)
+    ref, mask = context.reference, context.mask
+    metrics = output_metrics(valid_positions(ref, mask), valid_positions(out, mask), context.logits)
+    extra: dict = {}
+    if context.name == "last_hidden_state" and not context.logits:
+        cosines = pooled_cosines(ref, out, mask)
+        extra = {"embedding_cosine_mean": cosines.mean().item(), "embedding_cosine_min": cosines.min().item()}
+    if context.next_token:
+        extra["next_token"] = next_token_metrics(ref, out, context.input_ids, mask)
+    return VariantResult(name, dtypes, info.footprint_bytes, metrics, out, **extra)
 
 
 # ---- the same metrics in bounded memory ----------------------------------------------------------

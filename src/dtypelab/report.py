@@ -80,11 +80,15 @@ class TableMixin:
     def to_table(self) -> Table:  # pragma: no cover - every result overrides it
         raise NotImplementedError
 
+    def to_tables(self) -> list[Table]:
+        """Every table the result shows, main one first; results with a second report override this."""
+        return [self.to_table()]
+
     def to_text(self) -> str:
-        return self.to_table().to_text()
+        return "\n\n".join(table.to_text() for table in self.to_tables())
 
     def _repr_html_(self) -> str:
-        return self.to_table().to_html()
+        return "<br>".join(table.to_html() for table in self.to_tables())
 
     def to_json(self) -> str:
         return json.dumps(to_jsonable(self), indent=2)
