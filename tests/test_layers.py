@@ -299,3 +299,24 @@ def test_tiny_gpt2_blocks(mode):
     names = [r.name for r in result.variants[0].rows]
     assert names[-1] == "lm_head" and {"transformer.h.0", "transformer.h.1.mlp.c_fc"} <= set(names)
     assert result.variants[0].first_crossing is None and result.variants[0].final.top1_agreement == 1.0
+
+
+@pytest.mark.slow
+def test_padding_is_left_out_as_compare_models_does():
+    from dtypelab.compare import compare_models, valid_positions
+    from dtypelab.inputs import model_inputs
+    from dtypelab.models import load
+
+    loaded = load("minilm", "fp32")
+    inputs = model_inputs(loaded, texts=["A short one.", "A much longer sentence, with more tokens in it."])
+    assert not bool(inputs["attention_mask"].all())  # the first row is padded
+    variant = cast_model(loaded.model, "fp16")
+    result = compare_layers(loaded.model, {"fp16": variant}, inputs, patterns=["encoder.layer.5"])
+    truth = compare_models(loaded.model, {"fp16": variant}, inputs).variants[0].metrics
+    assert_metrics_close(result.variants[0].final, truth)
+    mask, name = inputs["attention_mask"], "encoder.layer.5"
+    ref_out, var_out = capture_all(loaded.model, inputs, [name]), capture_all(variant, inputs, [name])
+    row = result.variants[0].rows[0]
+    assert row.shape == tuple(ref_out[name].shape)  # the full (batch, seq, hidden) shape is reported
+    assert_metrics_close(row.metrics, output_metrics(valid_positions(ref_out[name], mask),
+                                                     valid_positions(var_out[name], mask)))

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .compare import ErrorSums, OutputMetrics, is_logits_output, measure, select_output
+from .compare import ErrorSums, OutputMetrics, is_logits_output, measure, select_output, valid_positions
 from .errors import DtypelabError, InputError, UnknownFormatError
 from .formats import NumberFormat, get_format
 from .headroom import noise_floor_db, variant_verdict
@@ -276,12 +276,15 @@ class _LockStep:
         self.resume = threading.Semaphore(0)
         self.abort = threading.Event()
         self.rerunning = False
+        self.mask: torch.Tensor | None = None
         self.rows: list[LayerRow] = []
         self.not_compared: list[str] = []
         self.roundings = 0
 
     def run(self, inputs) -> tuple[OutputMetrics, bool, float | None]:
         """Run both models; fills ``rows`` and returns (final metrics, logits?, output noise floor)."""
+        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        self.mask = mask if mask is not None and not bool(mask.all()) else None
         worker = threading.Thread(target=self._reference_side, args=(inputs,), daemon=True)
         with self._hooks():
             worker.start()
@@ -356,16 +359,17 @@ class _LockStep:
             output = self._rerun(module, item, args, kwargs)
             input_error = 0.0
         else:
-            input_error = _input_error(item, args, kwargs)
+            input_error = self._input_error(item, args, kwargs)
         cand = _primary_tensor(output)
         if cand is None:
             raise InputError(f"layer {call!r} returns a floating tensor in the reference but not in the "
                              "variant: compare models of one architecture")
+        shape, ref_out, cand = tuple(ref_out.shape), self._valid(ref_out), self._valid(cand)
         floor = noise_floor_db(ref_out, self.fmt) if self.fmt is not None else None
         sums = _sums(ref_out, cand)
         metrics = sums.metrics()
         added = metrics.relative_error - (input_error or 0.0)
-        self.rows.append(LayerRow(call, type(module).__name__, tuple(ref_out.shape), sums.reference_absmax,
+        self.rows.append(LayerRow(call, type(module).__name__, shape, sums.reference_absmax,
                                   metrics, input_error, added, floor))
 
     def _rerun(self, module: nn.Module, item: _Captured, args: tuple, kwargs: dict) -> object:
@@ -381,15 +385,26 @@ class _LockStep:
         if item is _END or item.name != "":
             raise InputError(f"module calls differ: the reference ran {getattr(item, 'name', 'nothing')!r} "
                              "after the variant had finished: compare models of one architecture")
-        ref_out = select_output(item.output, self.output_name)
+        ref_out = self._valid(select_output(item.output, self.output_name))
         logits = is_logits_output(item.output, self.output_kind)
-        cand = select_output(variant_out, self.output_name)
+        cand = self._valid(select_output(variant_out, self.output_name))
         metrics = measure(ref_out, cand, logits)
         floor = noise_floor_db(ref_out, self.fmt) if self.fmt is not None else None
         if self._receive() is not _END:
             raise InputError("the reference produced more than one output: compare models of one "
                              "architecture")
         return metrics, logits, floor
+
+    def _input_error(self, item: _Captured, args: tuple, kwargs: dict) -> float | None:
+        ref_in, var_in = _primary_input(item.args, item.kwargs), _primary_input(args, kwargs)
+        if ref_in is None or var_in is None or ref_in.shape != var_in.shape:
+            return None
+        return _sums(self._valid(ref_in), self._valid(var_in)).metrics().relative_error
+
+    def _valid(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Padding positions left out, as :func:`dtypelab.compare.valid_positions` does for the output
+        (a copy only when the batch holds padding)."""
+        return tensor if self.mask is None else valid_positions(tensor, self.mask)
 
     def _stop(self, worker: threading.Thread) -> None:
         """Unblock and end the reference thread after the variant side failed."""
@@ -428,13 +443,6 @@ def _get_submodule(model: nn.Module, name: str) -> nn.Module:
         return model.get_submodule(name)
     except AttributeError as exc:
         raise InputError(f"the variant has no module {name!r}: compare models of one architecture") from exc
-
-
-def _input_error(item: _Captured, args: tuple, kwargs: dict) -> float | None:
-    ref_in, var_in = _primary_input(item.args, item.kwargs), _primary_input(args, kwargs)
-    if ref_in is None or var_in is None or ref_in.shape != var_in.shape:
-        return None
-    return _sums(ref_in, var_in).metrics().relative_error
 
 
 def _sums(reference: torch.Tensor, candidate: torch.Tensor) -> ErrorSums:
