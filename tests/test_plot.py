@@ -55,7 +55,7 @@ def test_many_layers_are_labelled_sparsely(tmp_path):
     metrics = OutputMetrics(0.0, 0.0, 0.0, 50.0, 1.0)
     rows = [LayerRow(f"layer_{i:03d}", "Linear", (1,), 1.0, metrics, 0.0, 0.0) for i in range(200)]
     result = LayerComparison("propagated", 20.0, False,
-                             [VariantLayers("fp16", rows, metrics, None, 60.0, 200, "within format noise")])
+                             [VariantLayers("fp16", rows, metrics, None, 60.0, "within format noise")])
     text = plot_layers(result, tmp_path / "many.svg").read_text()
     labelled = [i for i in range(200) if f"layer_{i:03d}" in text]
     assert labelled == list(range(0, 200, 3))  # ceil(200 / 72) = 3: every third layer

@@ -34,7 +34,7 @@ from torch import nn
 from .compare import ErrorSums, OutputMetrics, is_logits_output, measure, select_output, valid_positions
 from .errors import DtypelabError, InputError, UnknownFormatError
 from .formats import NumberFormat, get_format
-from .headroom import noise_floor_db, variant_verdict
+from .headroom import noise_floor_db, rounding_floor_db, variant_verdict
 from .report import Table, TableMixin
 
 MODES = ("propagated", "isolated")
@@ -77,8 +77,9 @@ class VariantLayers:
     """Every hooked layer of one variant, the model output and the verdict on it.
 
     ``first_crossing`` names the first layer (execution order) whose SQNR is below the threshold;
-    ``verdict`` is ``within format noise``, ``degraded`` or ``broken`` (see
-    :func:`dtypelab.headroom.variant_verdict`), judged on ``final`` against ``noise_floor_db``.
+    ``noise_floor_db`` is the output SQNR that rounding to the format alone gives
+    (:func:`dtypelab.headroom.rounding_floor_db`); ``verdict`` is ``within format noise``, ``degraded`` or
+    ``broken`` (:func:`dtypelab.headroom.variant_verdict`), judged on ``final`` against it.
     ``not_compared`` lists module calls whose output holds no floating tensor (nothing to measure).
     """
 
@@ -87,7 +88,6 @@ class VariantLayers:
     final: OutputMetrics
     first_crossing: str | None
     noise_floor_db: float | None
-    roundings: int
     verdict: str
     not_compared: list[str] = field(default_factory=list)
 
@@ -118,8 +118,8 @@ class LayerComparison(TableMixin):
         floor = "unknown" if v.noise_floor_db is None else f"{v.noise_floor_db:.1f} dB"
         top1 = "" if v.final.top1_agreement is None else f", top-1 agreement {v.final.top1_agreement:.3f}"
         skipped = f"; not compared (no floating output): {', '.join(v.not_compared)}" * bool(v.not_compared)
-        return (f"{v.name}: {crossing}; output SQNR {v.final.sqnr_db:.1f} dB{top1}, noise floor {floor} "
-                f"over {v.roundings} roundings -> {v.verdict}{skipped}")
+        return (f"{v.name}: {crossing}; output SQNR {v.final.sqnr_db:.1f} dB{top1}, rounding alone "
+                f"{floor} -> {v.verdict}{skipped}")
 
 
 def select_layers(model: nn.Module, depth: int | None = None, patterns: Sequence[str] = ()) -> list[str]:
@@ -184,11 +184,14 @@ def compare_layers(reference: nn.Module, variants: Mapping[str, nn.Module],
     for name, model in variants.items():
         fmt = (formats or {}).get(name) or _format_named(name)
         lockstep = _LockStep(reference, model, names, mode, fmt, output_name, output_kind)
-        final, result.logits, floor = lockstep.run(inputs)
+        final, result.logits, reference_output = lockstep.run(inputs)
+        floor = None if fmt is None else rounding_floor_db(reference, fmt, inputs, output_name=output_name,
+                                                           reference_output=reference_output)
+        del reference_output
         rows = lockstep.rows
         crossing = next((r.name for r in rows if r.crosses(threshold_db)), None)
-        verdict = variant_verdict(final, floor, lockstep.roundings, top1_threshold)
-        result.variants.append(VariantLayers(name, rows, final, crossing, floor, lockstep.roundings, verdict,
+        verdict = variant_verdict(final, floor, top1_threshold)
+        result.variants.append(VariantLayers(name, rows, final, crossing, floor, verdict,
                                              lockstep.not_compared))
     return result
 
@@ -279,10 +282,9 @@ class _LockStep:
         self.mask: torch.Tensor | None = None
         self.rows: list[LayerRow] = []
         self.not_compared: list[str] = []
-        self.roundings = 0
 
-    def run(self, inputs) -> tuple[OutputMetrics, bool, float | None]:
-        """Run both models; fills ``rows`` and returns (final metrics, logits?, output noise floor)."""
+    def run(self, inputs) -> tuple[OutputMetrics, bool, torch.Tensor]:
+        """Run both models; fills ``rows`` and returns (final metrics, logits?, reference output)."""
         mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
         self.mask = mask if mask is not None and not bool(mask.all()) else None
         worker = threading.Thread(target=self._reference_side, args=(inputs,), daemon=True)
@@ -380,20 +382,19 @@ class _LockStep:
         finally:
             self.rerunning = False
 
-    def _final(self, variant_out: object) -> tuple[OutputMetrics, bool, float | None]:
+    def _final(self, variant_out: object) -> tuple[OutputMetrics, bool, torch.Tensor]:
         item = self._receive()
         if item is _END or item.name != "":
             raise InputError(f"module calls differ: the reference ran {getattr(item, 'name', 'nothing')!r} "
                              "after the variant had finished: compare models of one architecture")
-        ref_out = self._valid(select_output(item.output, self.output_name))
+        reference_output = select_output(item.output, self.output_name)
         logits = is_logits_output(item.output, self.output_kind)
-        cand = self._valid(select_output(variant_out, self.output_name))
-        metrics = measure(ref_out, cand, logits)
-        floor = noise_floor_db(ref_out, self.fmt) if self.fmt is not None else None
+        cand = select_output(variant_out, self.output_name)
+        metrics = measure(self._valid(reference_output), self._valid(cand), logits)
         if self._receive() is not _END:
             raise InputError("the reference produced more than one output: compare models of one "
                              "architecture")
-        return metrics, logits, floor
+        return metrics, logits, reference_output
 
     def _input_error(self, item: _Captured, args: tuple, kwargs: dict) -> float | None:
         ref_in, var_in = _primary_input(item.args, item.kwargs), _primary_input(args, kwargs)
@@ -424,18 +425,11 @@ class _LockStep:
                 self._reference_hook(name, ref_names), with_kwargs=True))
             handles.append(_get_submodule(self.variant, name).register_forward_hook(
                 self._variant_hook(name, var_names), with_kwargs=True))
-        for module in self.variant.modules():
-            if not any(True for _ in module.children()):
-                handles.append(module.register_forward_pre_hook(self._count_rounding))
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
-
-    def _count_rounding(self, module: nn.Module, args: tuple) -> None:
-        if not self.rerunning:
-            self.roundings += 1
 
 
 def _get_submodule(model: nn.Module, name: str) -> nn.Module:
