@@ -1,7 +1,8 @@
 """Peak memory of the layer-wise comparison against a plain forward, on a tiny causal LM with a long sequence.
 
 A user tracing errors by hand keeps every module's output of both models in hook dicts and compares
-them afterwards; dtypelab runs the two models in lock-step and drops each pair once measured. Each
+them afterwards; dtypelab runs the two models in lock-step and drops each pair once measured (then, by
+default, one more forward of a rounded weight copy for the noise floor: measured with and without). Each
 method runs in a fresh process (VmHWM resets at exec); the extra peak RSS over the RSS before the
 call is reported in bytes, as a multiple of a plain forward's extra peak, and in units of the largest
 single activation (the fp32 logits here). glibc's mmap threshold is pinned so freed tensors go back
@@ -54,6 +55,7 @@ method = sys.argv[1]
 run = {{
     "forward": lambda i: forward(reference, i),
     "naive": lambda i: naive(reference, variant, i),
+    "lockstep": lambda i: compare_layers(reference, {{"bf16": variant}}, i, noise_floor=False),
     "propagated": lambda i: compare_layers(reference, {{"bf16": variant}}, i),
     "isolated": lambda i: compare_layers(reference, {{"bf16": variant}}, i, mode="isolated"),
 }}[method]
@@ -67,8 +69,9 @@ print(status("VmHWM") - before)
 
 METHODS = [("forward", "plain forward of the fp32 model (baseline)"),
            ("naive", "hooks keeping every output of fp32 + bf16, then compare"),
-           ("propagated", "dtypelab compare_layers, propagated"),
-           ("isolated", "dtypelab compare_layers, isolated")]
+           ("lockstep", "dtypelab compare_layers, propagated, noise_floor=False"),
+           ("propagated", "dtypelab compare_layers, propagated (+ noise floor)"),
+           ("isolated", "dtypelab compare_layers, isolated (+ noise floor)")]
 
 
 def extra_peak_bytes(method: str) -> int:

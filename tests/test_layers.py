@@ -320,3 +320,11 @@ def test_padding_is_left_out_as_compare_models_does():
     assert row.shape == tuple(ref_out[name].shape)  # the full (batch, seq, hidden) shape is reported
     assert_metrics_close(row.metrics, output_metrics(valid_positions(ref_out[name], mask),
                                                      valid_positions(var_out[name], mask)))
+
+
+def test_noise_floor_can_be_skipped():
+    model = DummyModel()
+    result = compare_layers(model, {"bf16": cast_model(model, "bf16")}, torch.tensor([[1, 0, 1]]),
+                            noise_floor=False)
+    assert result.variants[0].noise_floor_db is None and result.variants[0].verdict == "unknown"
+    assert result.variants[0].rows[0].floor_db is not None  # per-layer floors are still there

@@ -4,7 +4,8 @@ The reference and a variant run in lock-step: the reference's forward runs in a 
 stops at each hooked module until the variant (in the calling thread) has reached the same module;
 both outputs are then measured and dropped. Only one pair of layer outputs is ever held beyond what
 a forward holds anyway, so the extra memory is about two of the largest activations, not every
-activation of two models (see ``benchmarks/bench_layers.py``).
+activation of two models (see ``benchmarks/bench_layers.py``). The noise floor that follows is one
+more forward of a rounded float32 copy of the weights (``noise_floor=False`` skips it).
 
 Two modes:
 
@@ -159,7 +160,7 @@ def compare_layers(reference: nn.Module, variants: Mapping[str, nn.Module],
                    threshold_db: float = DEFAULT_THRESHOLD_DB,
                    formats: Mapping[str, NumberFormat] | None = None,
                    output_name: str | None = None, output_kind: str = "auto",
-                   top1_threshold: float = 0.9) -> LayerComparison:
+                   top1_threshold: float = 0.9, noise_floor: bool = True) -> LayerComparison:
     """Compare every selected module's output between ``reference`` and each variant, in lock-step.
 
     Args:
@@ -173,6 +174,9 @@ def compare_layers(reference: nn.Module, variants: Mapping[str, nn.Module],
             variant name is looked up in the format registry (no floor when it is not a format name).
         output_name, output_kind: as in :func:`dtypelab.compare.compare_models`.
         top1_threshold: top-1 agreement (0..1) below which a logits variant is ``broken``.
+        noise_floor: run the rounding-only model once per variant for the noise floor and verdict
+            (:func:`dtypelab.headroom.rounding_floor_db`: a float32 copy of the weights and one more
+            forward, after the lock-step run); False skips it (verdict then ``unknown`` unless broken).
 
     Returns:
         A :class:`LayerComparison`; rows are in execution order (a block after its children).
@@ -185,8 +189,10 @@ def compare_layers(reference: nn.Module, variants: Mapping[str, nn.Module],
         fmt = (formats or {}).get(name) or _format_named(name)
         lockstep = _LockStep(reference, model, names, mode, fmt, output_name, output_kind)
         final, result.logits, reference_output = lockstep.run(inputs)
-        floor = None if fmt is None else rounding_floor_db(reference, fmt, inputs, output_name=output_name,
-                                                           reference_output=reference_output)
+        floor = None
+        if fmt is not None and noise_floor:
+            floor = rounding_floor_db(reference, fmt, inputs, output_name=output_name,
+                                      reference_output=reference_output)
         del reference_output
         rows = lockstep.rows
         crossing = next((r.name for r in rows if r.crosses(threshold_db)), None)
