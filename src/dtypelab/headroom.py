@@ -252,7 +252,9 @@ class WeightReport(TableMixin):
                    *[f"sqnr_db {f}" for f in self.formats]]
         rows = [[w.name, list(w.shape), w.absmax, w.std, w.kurtosis, w.outlier_share,
                  *[w.sqnr_db[f] for f in self.formats]] for w in self.rows]
-        return Table("Weight statistics and weight-only rounding error", columns, rows)
+        notes = ["kurtosis is nan for a constant tensor (std 0, e.g. a freshly initialised norm weight)"
+                 ] if any(math.isnan(w.kurtosis) for w in self.rows) else []
+        return Table("Weight statistics and weight-only rounding error", columns, rows, notes)
 
 
 def weight_stats(model: nn.Module, formats: Sequence[str | NumberFormat]) -> WeightReport:
