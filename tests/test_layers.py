@@ -328,3 +328,9 @@ def test_noise_floor_can_be_skipped():
                             noise_floor=False)
     assert result.variants[0].noise_floor_db is None and result.variants[0].verdict == "unknown"
     assert result.variants[0].rows[0].floor_db is not None  # per-layer floors are still there
+
+
+def test_a_variant_sharing_modules_with_the_reference_is_refused():
+    model = DummyModel()
+    with pytest.raises(InputError, match="shares modules with the reference"):
+        compare_layers(model, {"same": model}, torch.tensor([[1, 0, 1]]))

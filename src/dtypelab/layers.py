@@ -185,7 +185,11 @@ def compare_layers(reference: nn.Module, variants: Mapping[str, nn.Module],
         raise InputError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
     names = select_layers(reference, depth, patterns)
     result = LayerComparison(mode, threshold_db, False)
+    reference_modules = {id(m) for m in reference.modules()}
     for name, model in variants.items():
+        if any(id(m) in reference_modules for m in model.modules()):
+            raise InputError(f"variant {name!r} shares modules with the reference, so the two cannot run "
+                             "side by side: pass a copy, e.g. cast_model(model, 'fp32')")
         fmt = (formats or {}).get(name) or _format_named(name)
         lockstep = _LockStep(reference, model, names, mode, fmt, output_name, output_kind)
         final, result.logits, reference_output = lockstep.run(inputs)
