@@ -6,6 +6,7 @@ for refused damage); ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -14,15 +15,18 @@ from pathlib import Path
 import click
 import torch
 
-from . import models
+from . import layers, models
 from .cast import KeepPolicy, cast_model
 from .checkpoint import convert_checkpoint
 from .compare import compare_models, run_model, select_output
 from .errors import DtypelabError, InputError
 from .formats import parse_format_list
+from .headroom import predict_headroom, weight_stats
 from .inputs import model_inputs, to_device
 from .inspection import inspect_model, param_dtype_lines
-from .report import TableMixin
+from .layers import compare_layers as layer_comparison
+from .plot import plot_layers
+from .report import TableMixin, to_jsonable
 
 # One table: exception family -> how it is reported. Anything else is a bug and keeps its traceback.
 ERROR_MESSAGES: dict[type[BaseException], Callable[[BaseException], tuple[str, int]]] = {
@@ -72,6 +76,12 @@ def keep_option(f: Callable) -> Callable:
     return click.option("--keep", multiple=True, metavar="TYPE|GLOB",
                         help="Keep matching modules in float32: a class name (LayerNorm) or a name glob "
                              "(head, *.norm). Repeatable.")(f)
+
+
+def select_options(f: Callable) -> Callable:
+    f = click.option("--select", multiple=True, metavar="GLOB",
+                     help="Only modules whose qualified name matches (layers.*.mlp). Repeatable.")(f)
+    return click.option("--depth", type=int, help="Only modules at most N name components deep.")(f)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -144,15 +154,37 @@ def cast_cmd(model: str, fmt: str, keep: tuple[str, ...], allow_pickle: bool, as
 @keep_option
 @pickle_option
 @device_option
+@click.option("--layers", "by_layer", is_flag=True, help="Compare every module's output, in execution order.")
+@click.option("--mode", type=click.Choice(layers.MODES), default="propagated", show_default=True,
+              help="With --layers: each model on its own, or each variant layer fed the reference input.")
+@select_options
+@click.option("--threshold", "threshold_db", type=float, default=layers.DEFAULT_THRESHOLD_DB,
+              show_default=True, help="With --layers: name the first layer whose SQNR (dB) falls below this.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="With --layers: write the SQNR-by-layer chart to this .png or .svg file.")
 @json_option
 def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str | None,
                 input_ids: str | None, input_file: str | None, output_name: str | None,
-                keep: tuple[str, ...], allow_pickle: bool, device: str, as_json: bool) -> None:
+                keep: tuple[str, ...], allow_pickle: bool, device: str, by_layer: bool, mode: str,
+                depth: int | None, select: tuple[str, ...], threshold_db: float, plot_path: str | None,
+                as_json: bool) -> None:
     fmts, target = parse_format_list(formats), resolve_device(device)
     loaded = models.load(model, "fp32", allow_pickle=allow_pickle)
     inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
                                     tensor_file=input_file), target)
-    emit(compare_loaded(loaded, fmts, inputs, target, output_name, KeepPolicy.from_strings(keep)), as_json)
+    policy = KeepPolicy.from_strings(keep)
+    if not by_layer:
+        if plot_path or depth is not None or select or mode != "propagated":
+            raise InputError("--mode, --depth, --select and --plot need --layers: add --layers")
+        emit(compare_loaded(loaded, fmts, inputs, target, output_name, policy), as_json)
+        return
+    variants = {f.name: cast_model(loaded.model, f, policy).to(target) for f in fmts}
+    result = layer_comparison(loaded.model.to(target), variants, inputs, mode=mode, depth=depth,
+                              patterns=select, threshold_db=threshold_db, output_name=output_name,
+                              output_kind=loaded.output_kind)
+    if plot_path:
+        plot_layers(result, plot_path)
+    emit(result, as_json)
 
 
 def compare_loaded(loaded: models.LoadedModel, fmts: list, inputs, target: torch.device,
@@ -160,6 +192,36 @@ def compare_loaded(loaded: models.LoadedModel, fmts: list, inputs, target: torch
     variants = {f.name: cast_model(loaded.model, f, policy).to(target) for f in fmts}
     return compare_models(loaded.model.to(target), variants, inputs, output_name=output_name,
                           output_kind=loaded.output_kind)
+
+
+@cli.command("headroom", help="Predict from one float32 run which layers of MODEL overflow or underflow in "
+             "each format, and which modules to keep in float32 (pass them to --keep). " + MODEL_HELP)
+@click.argument("model")
+@click.option("--to", "formats", default="fp16,bf16", show_default=True,
+              help="Comma-separated formats to predict overflow and underflow for.")
+@input_options
+@select_options
+@click.option("--weights", is_flag=True,
+              help="Also show weight statistics and each format's weight-only error.")
+@pickle_option
+@device_option
+@json_option
+def headroom_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str | None,
+                 input_ids: str | None, input_file: str | None, depth: int | None, select: tuple[str, ...],
+                 weights: bool, allow_pickle: bool, device: str, as_json: bool) -> None:
+    fmts, target = parse_format_list(formats), resolve_device(device)
+    loaded = models.load(model, "fp32", allow_pickle=allow_pickle)
+    inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
+                                    tensor_file=input_file), target)
+    reference = loaded.model.to(target)
+    report = predict_headroom(reference, inputs, fmts, depth=depth, patterns=select)
+    stats = weight_stats(reference, fmts) if weights else None
+    if as_json and stats is not None:  # one JSON document holding both
+        click.echo(json.dumps({"headroom": to_jsonable(report), "weights": to_jsonable(stats)}, indent=2))
+        return
+    for result in (report, stats):
+        if result is not None:
+            emit(result, as_json)
 
 
 @cli.command("demo")
