@@ -7,12 +7,15 @@ import pytest
 import torch
 
 from dtypelab import cast_model, compare_models, output_metrics
+from dtypelab import compare as compare_module
 from dtypelab.compare import (
+    ErrorSums,
     FailedVariant,
     cosine_similarity,
     kl_divergence,
     max_abs_diff,
     mean_abs_diff,
+    measure,
     paired_latency_ms,
     relative_error,
     select_output,
@@ -240,6 +243,43 @@ def test_tiny_llama_report(tiny_llama, short_texts):
     text = result.to_text()
     assert "Next-token report" in text and "ln(PPL/PPL_ref) ± se" in text
     assert "<b>Next-token report" in result._repr_html_()
+
+
+# ---- ErrorSums / measure: the same metrics in bounded memory ----
+
+def assert_metrics_close(row_metrics, truth):
+    # Chunked float64 sums vs compare's whole-tensor metrics (|diff| in float32): equal to float32 rounding.
+    for field in ("mean_abs_diff", "max_abs_diff", "relative_error", "sqnr_db", "cosine_similarity"):
+        assert getattr(row_metrics, field) == pytest.approx(getattr(truth, field), rel=1e-6, abs=1e-12), field
+    assert (row_metrics.nan_count, row_metrics.inf_count) == (truth.nan_count, truth.inf_count)
+
+
+def test_error_sums_match_whole_tensor_metrics_over_many_chunks(monkeypatch):
+    monkeypatch.setattr(compare_module, "_CHUNK_ELEMENTS", 7)  # 60 elements -> 9 chunks
+    torch.manual_seed(0)
+    ref = torch.randn(3, 4, 5)
+    cand = ref.half().float() + 0.01 * torch.randn(3, 4, 5)
+    assert_metrics_close(measure(ref, cand), output_metrics(ref, cand))
+    logit = measure(ref, cand, logits=True)  # KL and top-1 averaged over position chunks
+    truth = output_metrics(ref, cand, logits=True)
+    assert logit.kl_divergence == pytest.approx(truth.kl_divergence, rel=1e-9)
+    assert logit.top1_agreement == truth.top1_agreement
+
+
+def test_error_sums_carry_nan_and_inf(monkeypatch):
+    monkeypatch.setattr(compare_module, "_CHUNK_ELEMENTS", 2)
+    ref = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    cand = torch.tensor([1.0, math.inf, 3.0, math.nan, 5.0])
+    sums = ErrorSums()
+    sums.add(ref, cand)
+    metrics = sums.metrics()
+    assert (metrics.nan_count, metrics.inf_count) == (1, 1)
+    assert math.isnan(metrics.max_abs_diff) and math.isnan(metrics.sqnr_db)
+
+
+def test_sqnr_of_an_overflowed_candidate_is_minus_inf():
+    assert sqnr_db(REF, torch.tensor([3.0, math.inf])) == -math.inf
+    assert math.isnan(sqnr_db(REF, torch.tensor([3.0, math.nan])))
 
 
 class _Sleepy(torch.nn.Module):

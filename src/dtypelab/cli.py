@@ -6,21 +6,28 @@ for refused damage); ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 import torch
 
-from . import models
+from . import layers, models
 from .cast import KeepPolicy, cast_model
+from .checkpoint import convert_checkpoint
 from .compare import FailedVariant, compare_models, run_model, select_output
 from .errors import DtypelabError, InputError
-from .formats import format_table
+from .formats import format_table, parse_format_list
+from .headroom import predict_headroom, weight_stats
 from .inputs import model_inputs, to_device
 from .inspection import inspect_model, param_dtype_lines
-from .quantize import build_variants
-from .report import TableMixin
+from .layers import compare_layers as layer_comparison
+from .plot import plot_layers
+from .quantize import apply_format, build_variants
+from .report import TableMixin, to_jsonable
 
 # One table: exception family -> how it is reported. Anything else is a bug and keeps its traceback.
 ERROR_MESSAGES: dict[type[BaseException], Callable[[BaseException], tuple[str, int]]] = {
@@ -70,6 +77,12 @@ def keep_option(f: Callable) -> Callable:
     return click.option("--keep", multiple=True, metavar="TYPE|GLOB",
                         help="Keep matching modules in float32: a class name (LayerNorm) or a name glob "
                              "(head, *.norm). Repeatable.")(f)
+
+
+def select_options(f: Callable) -> Callable:
+    f = click.option("--select", multiple=True, metavar="GLOB",
+                     help="Only modules whose qualified name matches (layers.*.mlp). Repeatable.")(f)
+    return click.option("--depth", type=int, help="Only modules at most N name components deep.")(f)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -129,9 +142,12 @@ def cast_cmd(model: str, fmt: str, keep: tuple[str, ...], allow_pickle: bool, as
     emit(inspect_model(cast), as_json)
 
 
-@cli.command("compare", help="Run MODEL in float32 and in each --to dtype on the same input and measure the "
-             "difference (padding masked out). Without an input: the model's default ids or dtypelab's 64 "
-             "bundled sentences. " + MODEL_HELP)
+@cli.command("compare", help="Run MODEL in float32 and in each --to format on the same input and measure the "
+             "difference (padding masked out), size, bits per element and forward latency. --to takes dtypes "
+             "(fp16, bf16), quantized formats (int8, int4:g128:mse, mxfp4, nvfp4, int8:a8 ...; see `dtypelab "
+             "formats`) and, when installed, peers (quanto:qint8, quanto:qint4, quanto:qfloat8, "
+             "torchao:int8wo, torchao:int4wo, torchao:intx4, torchao:fp8wo). Without an input: the model's "
+             "default ids or dtypelab's 64 bundled sentences. " + MODEL_HELP)
 @click.argument("model")
 @click.option("--to", "formats", default="fp16,bf16", show_default=True,
               help="Comma-separated formats (and peers) to compare against float32.")
@@ -142,6 +158,14 @@ def cast_cmd(model: str, fmt: str, keep: tuple[str, ...], allow_pickle: bool, as
 @keep_option
 @pickle_option
 @device_option
+@click.option("--layers", "by_layer", is_flag=True, help="Compare every module's output, in execution order.")
+@click.option("--mode", type=click.Choice(layers.MODES), default="propagated", show_default=True,
+              help="With --layers: each model on its own, or each variant layer fed the reference input.")
+@select_options
+@click.option("--threshold", "threshold_db", type=float, default=layers.DEFAULT_THRESHOLD_DB,
+              show_default=True, help="With --layers: name the first layer whose SQNR (dB) falls below this.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="With --layers: write the SQNR-by-layer chart to this .png or .svg file.")
 @json_option
 @click.option("--embeddings/--no-embeddings", default=True, show_default=True,
               help="Quantize nn.Embedding tables too (quantized formats only).")
@@ -149,20 +173,28 @@ def cast_cmd(model: str, fmt: str, keep: tuple[str, ...], allow_pickle: bool, as
               help="Measure each variant's forward latency beside float32's (medians after warm-up).")
 def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str | None,
                 input_ids: str | None, input_file: str | None, output_name: str | None,
-                keep: tuple[str, ...], allow_pickle: bool, device: str, as_json: bool,
-                embeddings: bool, timing: bool) -> None:
-    """Run MODEL in float32 and in each --to format on the same input and measure the difference.
-
-    --to takes dtypes (fp16, bf16), quantized formats (int8, int4:g128:mse, mxfp4, nvfp4, int8:a8 ...,
-    see `dtypelab formats`) and, when installed, peers: quanto:qint8, quanto:qint4, quanto:qfloat8,
-    torchao:int8wo, torchao:int4wo, torchao:intx4, torchao:fp8wo.
-    """
+                keep: tuple[str, ...], allow_pickle: bool, device: str, by_layer: bool, mode: str,
+                depth: int | None, select: tuple[str, ...], threshold_db: float, plot_path: str | None,
+                as_json: bool, embeddings: bool, timing: bool) -> None:
     target = resolve_device(device)
     loaded = models.load(model, "fp32", allow_pickle=allow_pickle)
     inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
                                     tensor_file=input_file), target)
-    emit(compare_loaded(loaded, formats, inputs, target, output_name, KeepPolicy.from_strings(keep),
-                        embeddings=embeddings, timing=timing), as_json)
+    policy = KeepPolicy.from_strings(keep)
+    if not by_layer:
+        if plot_path or depth is not None or select or mode != "propagated":
+            raise InputError("--mode, --depth, --select and --plot need --layers: add --layers")
+        emit(compare_loaded(loaded, formats, inputs, target, output_name, policy, embeddings=embeddings,
+                            timing=timing), as_json)
+        return
+    variants = {f.name: apply_format(loaded.model, f, policy, embeddings).to(target)
+                for f in parse_format_list(formats)}
+    result = layer_comparison(loaded.model.to(target), variants, inputs, mode=mode, depth=depth,
+                              patterns=select, threshold_db=threshold_db, output_name=output_name,
+                              output_kind=loaded.output_kind)
+    if plot_path:
+        plot_layers(result, plot_path)
+    emit(result, as_json)
 
 
 def compare_loaded(loaded: models.LoadedModel, formats: str, inputs, target: torch.device,
@@ -172,6 +204,36 @@ def compare_loaded(loaded: models.LoadedModel, formats: str, inputs, target: tor
     variants = {name: v if isinstance(v, FailedVariant) else v.to(target) for name, v in variants.items()}
     return compare_models(loaded.model.to(target), variants, inputs, output_name=output_name,
                           output_kind=loaded.output_kind, timing=timing)
+
+
+@cli.command("headroom", help="Predict from one float32 run which layers of MODEL overflow or underflow in "
+             "each format, and which modules to keep in float32 (pass them to --keep). " + MODEL_HELP)
+@click.argument("model")
+@click.option("--to", "formats", default="fp16,bf16", show_default=True,
+              help="Comma-separated formats to predict overflow and underflow for.")
+@input_options
+@select_options
+@click.option("--weights", is_flag=True,
+              help="Also show weight statistics and each format's weight-only error.")
+@pickle_option
+@device_option
+@json_option
+def headroom_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str | None,
+                 input_ids: str | None, input_file: str | None, depth: int | None, select: tuple[str, ...],
+                 weights: bool, allow_pickle: bool, device: str, as_json: bool) -> None:
+    fmts, target = parse_format_list(formats), resolve_device(device)
+    loaded = models.load(model, "fp32", allow_pickle=allow_pickle)
+    inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
+                                    tensor_file=input_file), target)
+    reference = loaded.model.to(target)
+    report = predict_headroom(reference, inputs, fmts, depth=depth, patterns=select)
+    stats = weight_stats(reference, fmts) if weights else None
+    if as_json and stats is not None:  # one JSON document holding both
+        click.echo(json.dumps({"headroom": to_jsonable(report), "weights": to_jsonable(stats)}, indent=2))
+        return
+    for result in (report, stats):
+        if result is not None:
+            emit(result, as_json)
 
 
 @cli.command("demo")
@@ -201,3 +263,62 @@ def demo_cmd(seed_only: bool) -> None:
 def formats_cmd(specs: str | None, as_json: bool) -> None:
     """List number formats (or the comma-separated SPECS, e.g. int4:g64:asym,nvfp4) with their figures."""
     emit(format_table([s.strip() for s in specs.split(",")] if specs else None), as_json)
+
+
+# ------------------------------------------------------------------------------------------ convert
+
+class ProgressLine:
+    """Bytes done, rate and time left on one stderr line, redrawn at most 5 times a second."""
+
+    def __init__(self) -> None:
+        self.start = self.shown = time.monotonic()
+        self.open_line = False
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.shown < 0.2 and done < total:
+            return
+        self.shown, rate = now, done / max(now - self.start, 1e-9)
+        left = (total - done) / rate if rate else 0.0
+        self.open_line = done < total
+        click.echo(f"\r{done / 1e9:.2f}/{total / 1e9:.2f} GB  {rate / 1e6:.0f} MB/s  {left:.0f} s left ",
+                   err=True, nl=not self.open_line)
+
+    def close(self) -> None:
+        """End a line left open by a run that stopped early, so an error starts on its own line."""
+        if self.open_line:
+            click.echo("", err=True)
+
+
+@cli.command("convert")
+@click.argument("src")
+@click.option("--to", "fmt", required=True, help="Target dtype: bf16, fp16, fp32 (or aliases).")
+@click.option("-o", "--output", required=True,
+              help="Destination folder (or a .safetensors file when SRC is one file).")
+@click.option("--keep", multiple=True, metavar="NAME|GLOB",
+              help="Tensors left exactly as they are: a name or a glob (*norm*). Repeatable.")
+@click.option("--max-shard-size", help="Reshard into files of at most this size (5GB, 500MiB); "
+                                       "default keeps the source's files.")
+@click.option("--force", is_flag=True, help="Replace an existing destination.")
+@click.option("--verify", is_flag=True, help="Re-read the output and check it bit for bit.")
+@click.option("--strict", is_flag=True, help="Refuse (exit 3, nothing written) if any value overflows "
+                                             "or flushes to zero.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write every tensor's damage counts to this JSON file.")
+@click.option("--quiet", is_flag=True, help="Print nothing but errors.")
+@json_option
+def convert_cmd(src: str, fmt: str, output: str, keep: tuple[str, ...], max_shard_size: str | None,
+                force: bool, verify: bool, strict: bool, report_path: Path | None, quiet: bool,
+                as_json: bool) -> None:
+    """Convert a safetensors file or model folder SRC to another dtype, tensor by tensor."""
+    progress = ProgressLine() if not quiet and not as_json and sys.stderr.isatty() else None
+    try:
+        result = convert_checkpoint(src, output, fmt, keep=keep, max_shard_size=max_shard_size,
+                                    force=force, verify=verify, strict=strict, progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    if report_path is not None:
+        report_path.write_text(result.to_json() + "\n", encoding="utf-8")
+    if not quiet:
+        emit(result, as_json)

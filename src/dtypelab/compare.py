@@ -46,9 +46,17 @@ def sqnr_db(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     """Signal-to-quantisation-noise ratio in dB: 10·log10(Σref² / Σ(ref − cand)²); inf when equal."""
     signal = reference.double().pow(2).sum().item()
     noise = (candidate.double() - reference.double()).pow(2).sum().item()
+    return sqnr_from_powers(signal, noise)
+
+
+def sqnr_from_powers(signal: float, noise: float) -> float:
+    """10·log10(signal / noise) in dB from summed squares: inf when noise is 0, -inf when the signal
+    is 0 or the noise infinite (an overflowed candidate), NaN when the noise is NaN."""
     if noise == 0:
         return math.inf
-    return 10 * math.log10(signal / noise) if signal else -math.inf
+    if math.isnan(noise):
+        return math.nan
+    return 10 * math.log10(signal / noise) if signal and noise != math.inf else -math.inf
 
 
 def cosine_similarity(reference: torch.Tensor, candidate: torch.Tensor) -> float:
@@ -478,3 +486,76 @@ def _size_and_speed(model: nn.Module, inputs, footprint_bytes: int, context: _Co
         ref_ms, ms = paired_latency_ms([context.timer, model], inputs, warmup=1, runs=5)
         extra |= {"latency_ms": ms, "latency_ratio": round(ms / ref_ms, 3) if ref_ms else None}
     return extra
+
+
+# ---- the same metrics in bounded memory ----------------------------------------------------------
+
+_CHUNK_ELEMENTS = 1 << 18  # 2 MiB of float64 per operand while measuring
+
+
+class ErrorSums:
+    """Running sums from which every :class:`OutputMetrics` field (but KL / top-1) follows.
+
+    Feeding a tensor pair in chunks gives the same numbers as the whole-tensor metrics in
+    this module while holding only ``_CHUNK_ELEMENTS`` float64 values per operand.
+    """
+
+    def __init__(self) -> None:
+        self.numel = 0
+        self.nan_count = self.inf_count = 0
+        self.sum_abs_diff = self.sum_sq_diff = self.sum_sq_ref = self.sum_sq_cand = self.sum_dot = 0.0
+        self.max_abs_diff = -math.inf
+        self.reference_absmax = 0.0
+
+    def add(self, reference: torch.Tensor, candidate: torch.Tensor) -> None:
+        """Accumulate one (reference, candidate) pair of equal shape, chunk by chunk."""
+        if reference.shape != candidate.shape:
+            raise InputError(f"layer output shapes differ: reference {tuple(reference.shape)}, candidate "
+                             f"{tuple(candidate.shape)}: compare variants of the same architecture")
+        ref, cand = reference.detach().reshape(-1), candidate.detach().reshape(-1)
+        for start in range(0, ref.numel(), _CHUNK_ELEMENTS):
+            self._add_chunk(ref[start:start + _CHUNK_ELEMENTS].double(),
+                            cand[start:start + _CHUNK_ELEMENTS].double())
+
+    def _add_chunk(self, ref: torch.Tensor, cand: torch.Tensor) -> None:
+        diff = (cand - ref).abs()
+        self.numel += ref.numel()
+        self.nan_count += int(cand.isnan().sum())
+        self.inf_count += int(cand.isinf().sum())
+        self.sum_abs_diff += diff.sum().item()
+        self.sum_sq_diff += diff.pow(2).sum().item()
+        self.sum_sq_ref += ref.pow(2).sum().item()
+        self.sum_sq_cand += cand.pow(2).sum().item()
+        self.sum_dot += (ref * cand).sum().item()
+        chunk_max = diff.max().item()
+        self.max_abs_diff = chunk_max if math.isnan(chunk_max) else max(self.max_abs_diff, chunk_max)
+        self.reference_absmax = max(self.reference_absmax, ref.abs().max().item())
+
+    def metrics(self, **extra: float | None) -> OutputMetrics:
+        """The accumulated :class:`OutputMetrics` (``extra`` adds kl_divergence / top1_agreement)."""
+        noise, signal = self.sum_sq_diff, self.sum_sq_ref
+        rel = math.sqrt(noise) / math.sqrt(signal) if signal else (0.0 if noise == 0 else math.inf)
+        denom = math.sqrt(signal) * math.sqrt(self.sum_sq_cand)
+        return OutputMetrics(self.sum_abs_diff / max(self.numel, 1), self.max_abs_diff, rel,
+                             sqnr_from_powers(signal, noise),
+                             self.sum_dot / denom if denom else math.nan, **extra,
+                             nan_count=self.nan_count, inf_count=self.inf_count)
+
+
+def measure(reference: torch.Tensor, candidate: torch.Tensor, logits: bool = False) -> OutputMetrics:
+    """:func:`output_metrics` in bounded memory: KL and top-1 are taken over chunks
+    of positions with compare's own functions and averaged by position count (both are means)."""
+    sums = ErrorSums()
+    sums.add(reference, candidate)
+    if not logits:
+        return sums.metrics()
+    classes = reference.shape[-1]
+    ref, cand = reference.reshape(-1, classes), candidate.reshape(-1, classes)
+    rows = max(1, _CHUNK_ELEMENTS // classes)
+    kl = top1 = 0.0
+    for start in range(0, ref.shape[0], rows):
+        r, c = ref[start:start + rows], cand[start:start + rows]
+        kl += kl_divergence(r, c) * r.shape[0]
+        top1 += top1_agreement(r, c) * r.shape[0]
+    count = max(ref.shape[0], 1)
+    return sums.metrics(kl_divergence=kl / count, top1_agreement=top1 / count)

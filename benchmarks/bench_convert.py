@@ -1,0 +1,187 @@
+"""Checkpoint conversion to bf16 against ``cp`` of the same folder and the script users usually write.
+
+The usual script is ``safetensors.torch.load_file`` -> ``.to(torch.bfloat16)`` -> ``save_file``, shard
+by shard. Every method runs in its own process under ``/usr/bin/time``, which reports its peak resident memory
+(``ru_maxrss``, file-backed pages included; a child forked straight from this process would inherit
+this process's own high-water mark instead).
+Cold runs first evict the checkpoint from the page cache (``posix_fadvise(DONTNEED)``); warm runs
+follow an untimed warm-up. The checkpoint (fp32, two shards) is generated once under ``.bench/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from dtypelab.report import Table
+
+from .harness import print_table
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = ROOT / ".bench" / "convert"
+TENSOR_SHAPE = (4096, 4096)  # 64 MiB of fp32, a 7B model's attention projection
+PY = sys.executable
+
+INSPECT_SCRIPT = """
+import resource, sys, time
+from dtypelab.checkpoint import inspect_checkpoint
+inspect_checkpoint(sys.argv[1])  # warm: imports and the headers' pages
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+info = inspect_checkpoint(sys.argv[1])
+seconds = time.perf_counter() - start
+print(seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024, info.total_bytes)
+"""
+
+USUAL_SCRIPT = """
+import pathlib, sys, torch
+from safetensors.torch import load_file, save_file
+src, dst = map(pathlib.Path, sys.argv[1:3])
+dst.mkdir()
+for shard in sorted(src.glob("*.safetensors")):
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(shard).items()}, dst / shard.name,
+              metadata={"format": "pt"})
+"""
+
+
+def make_checkpoint(gib: int) -> Path:
+    """An fp32 checkpoint of ``gib`` GiB in two shards with an index (reused when already there)."""
+    folder = BENCH_DIR / f"fp32-{gib}gib"
+    if (folder / "done").exists():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    per_shard = gib * 2**30 // 2 // (TENSOR_SHAPE[0] * TENSOR_SHAPE[1] * 4)
+    weight_map = {}
+    torch.manual_seed(0)
+    for shard in range(2):
+        name = f"model-{shard + 1:05d}-of-00002.safetensors"
+        tensors = {f"layers.{shard * per_shard + i}.weight": torch.randn(TENSOR_SHAPE) * 0.02
+                   for i in range(per_shard)}
+        save_file(tensors, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        del tensors
+    index = {"metadata": {"total_size": gib * 2**30}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "float32"}))
+    (folder / "done").write_text("")
+    return folder
+
+
+def commands(src: Path, dst: Path) -> dict[str, list[str]]:
+    return {
+        "cp -r (floor)": ["cp", "-r", str(src), str(dst)],
+        "python -c 'import torch' (start-up)": [PY, "-c", "import torch"],
+        "usual script (load_file/.to/save_file)": [PY, "-c", USUAL_SCRIPT, str(src), str(dst)],
+        "dtypelab convert": [PY, "-c", "from dtypelab.cli import main; main()", "convert", str(src),
+                             "--to", "bf16", "-o", str(dst), "--quiet"],
+    }
+
+
+def evict(folder: Path) -> None:
+    """Drop the folder's files from the page cache, so the next read comes from disk."""
+    for path in folder.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def run_once(command: list[str], src: Path, dst: Path, cold: bool) -> dict[str, float]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS bytes of one run, in a fresh process."""
+    shutil.rmtree(dst, ignore_errors=True)
+    os.sync()  # the previous run's writeback must not slow this one
+    if cold:
+        evict(src)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    stats_file = BENCH_DIR / "time_stats"
+    start = time.perf_counter()
+    subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", str(stats_file), *command], env=env, check=True)
+    seconds = time.perf_counter() - start
+    peak_kib, user, system = stats_file.read_text().split()[-3:]
+    return {"s": seconds, "cpu_s": float(user) + float(system), "peak_bytes": int(peak_kib) * 1024}
+
+
+def measure(methods: dict[str, list[str]], src: Path, dst: Path, warm_repeat: int = 5) -> dict:
+    """Every method cold (twice) then warm (``warm_repeat`` times after a warm-up), taking turns so
+    that load from other processes falls on all methods alike; medians of each."""
+    runs: dict[str, dict[str, list]] = {label: {"cold": [], "warm": []} for label in methods}
+    for kind, repeat in (("cold", 2), ("warm-up", 1), ("warm", warm_repeat)):
+        for _ in range(repeat):
+            for label, command in methods.items():
+                result = run_once(command, src, dst, cold=kind == "cold")
+                runs[label].setdefault(kind, []).append(result)
+    return {label: {"cold_s": statistics.median(r["s"] for r in got["cold"]),
+                    "warm_s": statistics.median(r["s"] for r in got["warm"]),
+                    "warm_cpu_s": statistics.median(r["cpu_s"] for r in got["warm"]),
+                    "peak_bytes": max(r["peak_bytes"] for kind in got.values() for r in kind)}
+            for label, got in runs.items()}
+
+
+def run() -> Table:
+    rows, results, load_before = [], {}, os.getloadavg()[0]
+    dst = BENCH_DIR / "out"
+    for gib in (2, 4):
+        src = make_checkpoint(gib)
+        size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+        methods = {label: command for label, command in commands(src, dst).items()
+                   if gib == 2 or not label.startswith(("cp", "python"))}
+        for label, result in measure(methods, src, dst).items():
+            results[label, gib] = result
+            rows.append([label, gib, result["cold_s"], result["warm_s"], result["warm_cpu_s"],
+                         result["warm_s"] / results["cp -r (floor)", 2]["warm_s"] if gib == 2 else "",
+                         result["peak_bytes"] / 2**20, result["peak_bytes"] / size])
+        shutil.rmtree(dst, ignore_errors=True)
+    rows.append(_inspect_row(make_checkpoint(4)))
+    return Table("Checkpoint conversion to bf16 (fresh process each run; medians)", COLUMNS, rows,
+                 _notes(results, load_before))
+
+
+COLUMNS = ["method", "GiB fp32", "cold_s", "warm_s", "warm_cpu_s", "warm x cp", "peak RSS MiB",
+           "peak RSS x ckpt"]
+
+
+def _notes(results: dict, load_before: float) -> list[str]:
+    startup = results["python -c 'import torch' (start-up)", 2]["warm_s"]
+    ours, usual = results["dtypelab convert", 2], results["usual script (load_file/.to/save_file)", 2]
+    cp = results["cp -r (floor)", 2]["warm_s"]
+    ratio_ours = results["dtypelab convert", 4]["peak_bytes"] / ours["peak_bytes"]
+    ratio_usual = results["usual script (load_file/.to/save_file)", 4]["peak_bytes"] / usual["peak_bytes"]
+    return [f"machine: {platform.machine()}, {os.cpu_count()} cores, {_ram_gib():.0f} GiB RAM, "
+            f"python {platform.python_version()}, torch {torch.__version__}; load average "
+            f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes share the cores)",
+            f"warm: dtypelab / usual = {ours['warm_s'] / usual['warm_s']:.2f}x wall, "
+            f"{ours['warm_cpu_s'] / usual['warm_cpu_s']:.2f}x CPU; "
+            f"dtypelab / (cp + start-up) = {ours['warm_s'] / (cp + startup):.2f}x (goal <= 1.5x)",
+            f"peak RSS 4 GiB / 2 GiB: dtypelab {ratio_ours:.2f}x, usual {ratio_usual:.2f}x (flat = 1.00x)"]
+
+
+def _inspect_row(src: Path) -> list:
+    """Headers only: time and memory growth of inspect_checkpoint on the 4 GiB folder, in a fresh process."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([PY, "-c", INSPECT_SCRIPT, str(src)], env=env, capture_output=True, text=True,
+                          check=True)
+    seconds, grown, total = done.stdout.split()
+    size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    return ["inspect_checkpoint (headers only, extra RSS)", round(int(total) / 2**30), "", float(seconds),
+            "", "", int(grown) / 2**20, int(grown) / size]
+
+
+def _ram_gib() -> float:
+    with open("/proc/meminfo") as meminfo:
+        return int(meminfo.readline().split()[1]) / 2**20
+
+
+if __name__ == "__main__":
+    print_table(run())

@@ -1,0 +1,455 @@
+"""Where the error comes from: every module's output in the reference and a variant, side by side.
+
+The reference and a variant run in lock-step: the reference's forward runs in a worker thread and
+stops at each hooked module until the variant (in the calling thread) has reached the same module;
+both outputs are then measured and dropped. Only one pair of layer outputs is ever held beyond what
+a forward holds anyway, so the extra memory is about two of the largest activations, not every
+activation of two models (see ``benchmarks/bench_layers.py``). The noise floor that follows is one
+more forward of a rounded float32 copy of the weights (``noise_floor=False`` skips it).
+
+Two modes:
+
+* ``propagated``: each model runs on its own; a row shows the error accumulated up to that layer,
+  and ``added_relative_error`` how much the layer itself changed it (output minus input error).
+* ``isolated``: each variant layer is run again on the reference layer's input (rounded to the
+  variant's dtype), so a row shows only that layer's own contribution.
+
+Metrics are accumulated chunk by chunk in float64 (:class:`dtypelab.compare.ErrorSums`) so that
+measuring never makes float64 copies of a whole activation; they equal ``output_metrics``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import inspect
+import math
+import queue
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .compare import ErrorSums, OutputMetrics, is_logits_output, measure, select_output, valid_positions
+from .errors import DtypelabError, InputError, UnknownFormatError
+from .formats import NumberFormat, get_format
+from .headroom import noise_floor_db, rounding_floor_db, variant_verdict
+from .report import Table, TableMixin
+
+MODES = ("propagated", "isolated")
+DEFAULT_THRESHOLD_DB = 20.0  # error amplitude one tenth of the signal: clearly more than rounding noise
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One module call in execution order, measured against the same call in the reference.
+
+    Args:
+        name: qualified module name; ``#k`` is appended for the k-th repeated call of one module.
+        module_type: the module's class name.
+        shape: shape of the compared output tensor.
+        reference_absmax: largest |value| of the reference output.
+        metrics: the variant's output against the reference output.
+        input_relative_error: relative error of the input the variant layer received (0 in isolated
+            mode, where it is fed the reference input; None when the layer has no floating input).
+        added_relative_error: how much relative error this layer added: output minus input error.
+        floor_db: SQNR of the reference output rounded to the variant's format (the noise floor).
+    """
+
+    name: str
+    module_type: str
+    shape: tuple[int, ...]
+    reference_absmax: float
+    metrics: OutputMetrics
+    input_relative_error: float | None
+    added_relative_error: float
+    floor_db: float | None = None
+
+    def crosses(self, threshold_db: float) -> bool:
+        """True when the output SQNR is below ``threshold_db`` (NaN SQNR counts as crossing)."""
+        sqnr = self.metrics.sqnr_db
+        return math.isnan(sqnr) or sqnr < threshold_db
+
+
+@dataclass(frozen=True)
+class VariantLayers:
+    """Every hooked layer of one variant, the model output and the verdict on it.
+
+    ``first_crossing`` names the first layer (execution order) whose SQNR is below the threshold;
+    ``noise_floor_db`` is the output SQNR that rounding to the format alone gives
+    (:func:`dtypelab.headroom.rounding_floor_db`); ``verdict`` is ``within format noise``, ``degraded`` or
+    ``broken`` (:func:`dtypelab.headroom.variant_verdict`), judged on ``final`` against it.
+    ``not_compared`` lists module calls whose output holds no floating tensor (nothing to measure).
+    """
+
+    name: str
+    rows: list[LayerRow]
+    final: OutputMetrics
+    first_crossing: str | None
+    noise_floor_db: float | None
+    verdict: str
+    not_compared: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LayerComparison(TableMixin):
+    """The result of :func:`compare_layers`: one :class:`VariantLayers` per variant."""
+
+    mode: str
+    threshold_db: float
+    logits: bool
+    variants: list[VariantLayers] = field(default_factory=list)
+
+    def to_table(self) -> Table:
+        columns = ["variant", "layer", "type", "shape", "ref_absmax", "mean_abs_diff", "max_abs_diff",
+                   "rel_error", "added_rel_error", "sqnr_db", "floor_db", "cosine", "status"]
+        rows = [[v.name, r.name, r.module_type, list(r.shape), r.reference_absmax, r.metrics.mean_abs_diff,
+                 r.metrics.max_abs_diff, r.metrics.relative_error, r.added_relative_error, r.metrics.sqnr_db,
+                 r.floor_db, r.metrics.cosine_similarity,
+                 r.metrics.status + (" <- first crossing" if r.name == v.first_crossing else "")]
+                for v in self.variants for r in v.rows]
+        return Table(f"Layer-wise comparison ({self.mode}; threshold {self.threshold_db:g} dB SQNR)",
+                     columns, rows, [self._note(v) for v in self.variants])
+
+    def _note(self, v: VariantLayers) -> str:
+        crossing = (f"first layer below {self.threshold_db:g} dB: {v.first_crossing}" if v.first_crossing
+                    else f"no layer below {self.threshold_db:g} dB")
+        floor = "unknown" if v.noise_floor_db is None else f"{v.noise_floor_db:.1f} dB"
+        top1 = "" if v.final.top1_agreement is None else f", top-1 agreement {v.final.top1_agreement:.3f}"
+        skipped = f"; not compared (no floating output): {', '.join(v.not_compared)}" * bool(v.not_compared)
+        return (f"{v.name}: {crossing}; output SQNR {v.final.sqnr_db:.1f} dB{top1}, rounding alone "
+                f"{floor} -> {v.verdict}{skipped}")
+
+
+def select_layers(model: nn.Module, depth: int | None = None, patterns: Sequence[str] = ()) -> list[str]:
+    """Qualified names of the modules to compare (the model itself is always measured as ``final``).
+
+    Args:
+        depth: keep modules at most this many name components deep (``layers.0`` is depth 2).
+        patterns: globs on qualified names (``"layers.*.mlp"``); any one matching selects a module.
+
+    Returns:
+        Selected names in registration order; every module but the root when nothing is given.
+    """
+    if depth is not None and depth < 1:
+        raise InputError(f"--depth {depth} selects nothing: use 1 for top-level modules, more to go deeper")
+    names = [name for name, _ in model.named_modules() if name]
+    if depth is not None:
+        names = [n for n in names if n.count(".") < depth]
+    if patterns:
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not names:
+        raise InputError(f"no module matches depth={depth} / patterns={list(patterns)}: list the names with "
+                         "'dtypelab inspect MODEL' and pick a pattern such as 'layers.*'")
+    return names
+
+
+def forward(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> object:
+    """One forward pass without a key/value cache (a re-run layer would otherwise append twice)."""
+    kwargs = dict(inputs) if isinstance(inputs, Mapping) else {}
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs.setdefault("use_cache", False)
+    return model(**kwargs) if isinstance(inputs, Mapping) else model(inputs, **kwargs)
+
+
+def compare_layers(reference: nn.Module, variants: Mapping[str, nn.Module],
+                   inputs: torch.Tensor | Mapping[str, torch.Tensor], *, mode: str = "propagated",
+                   depth: int | None = None, patterns: Sequence[str] = (),
+                   threshold_db: float = DEFAULT_THRESHOLD_DB,
+                   formats: Mapping[str, NumberFormat] | None = None,
+                   output_name: str | None = None, output_kind: str = "auto",
+                   top1_threshold: float = 0.9, noise_floor: bool = True) -> LayerComparison:
+    """Compare every selected module's output between ``reference`` and each variant, in lock-step.
+
+    Args:
+        reference: the model taken as truth (usually float32); not modified (hooks are removed).
+        variants: display name -> model of the same architecture (e.g. from :func:`dtypelab.cast_model`).
+        inputs: a tensor (first positional argument) or a mapping of keyword arguments.
+        mode: ``"propagated"`` or ``"isolated"`` (see the module docstring).
+        depth, patterns: which modules to hook (:func:`select_layers`).
+        threshold_db: a layer whose SQNR falls below this is a crossing; the first one is named.
+        formats: variant name -> the format it was rounded to, for the noise floor; by default the
+            variant name is looked up in the format registry (no floor when it is not a format name).
+        output_name, output_kind: as in :func:`dtypelab.compare.compare_models`.
+        top1_threshold: top-1 agreement (0..1) below which a logits variant is ``broken``.
+        noise_floor: run the rounding-only model once per variant for the noise floor and verdict
+            (:func:`dtypelab.headroom.rounding_floor_db`: a float32 copy of the weights and one more
+            forward, after the lock-step run); False skips it (verdict then ``unknown`` unless broken).
+
+    Returns:
+        A :class:`LayerComparison`; rows are in execution order (a block after its children).
+    """
+    if mode not in MODES:
+        raise InputError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    names = select_layers(reference, depth, patterns)
+    result = LayerComparison(mode, threshold_db, False)
+    reference_modules = {id(m) for m in reference.modules()}
+    for name, model in variants.items():
+        if any(id(m) in reference_modules for m in model.modules()):
+            raise InputError(f"variant {name!r} shares modules with the reference, so the two cannot run "
+                             "side by side: pass a copy, e.g. cast_model(model, 'fp32')")
+        fmt = (formats or {}).get(name) or _format_named(name)
+        lockstep = _LockStep(reference, model, names, mode, fmt, output_name, output_kind)
+        final, result.logits, reference_output = lockstep.run(inputs)
+        floor = None
+        if fmt is not None and noise_floor:
+            floor = rounding_floor_db(reference, fmt, inputs, output_name=output_name,
+                                      reference_output=reference_output)
+        del reference_output
+        rows = lockstep.rows
+        crossing = next((r.name for r in rows if r.crosses(threshold_db)), None)
+        verdict = variant_verdict(final, floor, top1_threshold)
+        result.variants.append(VariantLayers(name, rows, final, crossing, floor, verdict,
+                                             lockstep.not_compared))
+    return result
+
+
+def _format_named(name: str) -> NumberFormat | None:
+    try:
+        return get_format(name)
+    except UnknownFormatError:
+        return None
+
+
+# ---- lock-step execution -------------------------------------------------------------------------
+
+_END = object()
+
+
+class _Aborted(Exception):
+    """Raised inside the reference thread to unwind its forward when the variant side failed."""
+
+
+@dataclass
+class _Captured:
+    """One reference module call handed to the variant side."""
+
+    name: str
+    args: tuple
+    kwargs: dict
+    output: object
+
+
+def _primary_tensor(value: object) -> torch.Tensor | None:
+    """The floating tensor a layer's output stands for (logits / hidden state / first tensor)."""
+    try:
+        tensor = select_output(value)
+    except (DtypelabError, TypeError):
+        return None
+    return tensor if tensor.is_floating_point() else None
+
+
+def _primary_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The first floating tensor among the positional inputs, else ``hidden_states``, else any."""
+    candidates = [*args, kwargs.get("hidden_states"), *kwargs.values()]
+    return next((a for a in candidates if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+
+
+def _feed_like(reference: object, variant: object) -> object:
+    """The reference's value in the variant's dtype, saturating at its largest finite value (so a
+    float32 mask minimum stays finite in fp16); non-floating values are the variant's own."""
+    if isinstance(reference, torch.Tensor) and isinstance(variant, torch.Tensor):
+        if not (reference.is_floating_point() and variant.is_floating_point()):
+            return variant
+        limit = torch.finfo(variant.dtype).max
+        return reference.clamp(-limit, limit).to(variant.dtype)
+    if isinstance(reference, tuple) and hasattr(reference, "_fields"):  # namedtuple
+        return variant
+    pairable = isinstance(reference, list | tuple) and isinstance(variant, list | tuple)
+    if pairable and len(reference) == len(variant):
+        return type(reference)(_feed_like(r, v) for r, v in zip(reference, variant, strict=True))
+    if isinstance(reference, dict) and isinstance(variant, dict):
+        return {k: _feed_like(reference.get(k), v) for k, v in variant.items()}
+    return variant
+
+
+class _CallNames:
+    """Names module calls ``name``, ``name#1``, ``name#2`` … so repeated calls stay distinct."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, name: str) -> str:
+        k = self.counts.get(name, 0)
+        self.counts[name] = k + 1
+        return name if k == 0 else f"{name}#{k}"
+
+
+class _LockStep:
+    """Runs the reference in a worker thread, pausing it at each hooked module until the variant
+    (driven by the caller's thread) has produced the same module's output; measures; drops both."""
+
+    def __init__(self, reference: nn.Module, variant: nn.Module, names: list[str], mode: str,
+                 fmt: NumberFormat | None, output_name: str | None, output_kind: str) -> None:
+        self.reference, self.variant, self.names, self.mode, self.fmt = reference, variant, names, mode, fmt
+        self.output_name, self.output_kind = output_name, output_kind
+        self.handoff: queue.Queue = queue.Queue(maxsize=1)
+        self.resume = threading.Semaphore(0)
+        self.abort = threading.Event()
+        self.rerunning = False
+        self.mask: torch.Tensor | None = None
+        self.rows: list[LayerRow] = []
+        self.not_compared: list[str] = []
+
+    def run(self, inputs) -> tuple[OutputMetrics, bool, torch.Tensor]:
+        """Run both models; fills ``rows`` and returns (final metrics, logits?, reference output)."""
+        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        self.mask = mask if mask is not None and not bool(mask.all()) else None
+        worker = threading.Thread(target=self._reference_side, args=(inputs,), daemon=True)
+        with self._hooks():
+            worker.start()
+            try:
+                with torch.inference_mode():
+                    variant_out = forward(self.variant, inputs)
+                final = self._final(variant_out)
+            except BaseException:
+                self._stop(worker)
+                raise
+        worker.join()
+        return final
+
+    # -- reference thread --
+    def _reference_side(self, inputs) -> None:
+        try:
+            with torch.inference_mode():
+                output = forward(self.reference, inputs)
+            self._send(_Captured("", (), {}, output))
+            self._send(_END)
+        except _Aborted:
+            return
+        except BaseException as exc:  # handed to the caller's thread, which raises it
+            self._send(exc)
+
+    def _send(self, item: object) -> None:
+        while not self.abort.is_set():
+            with contextlib.suppress(queue.Full):
+                self.handoff.put(item, timeout=0.1)
+                return
+
+    def _reference_hook(self, name: str, names: _CallNames):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+            if self.abort.is_set():
+                raise _Aborted
+            self._send(_Captured(names(name), args, kwargs, output))
+            self.resume.acquire()
+            if self.abort.is_set():
+                raise _Aborted
+        return hook
+
+    # -- variant (caller's) thread --
+    def _receive(self) -> object:
+        item = self.handoff.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def _variant_hook(self, name: str, names: _CallNames):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+            if self.rerunning:
+                return
+            call = names(name)
+            item = self._receive()
+            if item is _END or item.name != call:
+                raise InputError(f"module calls differ: variant ran {call!r} where the reference ran "
+                                 f"{getattr(item, 'name', 'nothing')!r}: compare models of one architecture")
+            try:
+                self._measure_layer(call, module, args, kwargs, output, item)
+            finally:
+                del item
+                self.resume.release()
+        return hook
+
+    def _measure_layer(self, call: str, module: nn.Module, args: tuple, kwargs: dict, output: object,
+                       item: _Captured) -> None:
+        ref_out = _primary_tensor(item.output)
+        if ref_out is None:  # no floating output (ids, masks, caches): nothing to compare, but say so
+            self.not_compared.append(call)
+            return
+        if self.mode == "isolated":
+            output = self._rerun(module, item, args, kwargs)
+            input_error = 0.0
+        else:
+            input_error = self._input_error(item, args, kwargs)
+        cand = _primary_tensor(output)
+        if cand is None:
+            raise InputError(f"layer {call!r} returns a floating tensor in the reference but not in the "
+                             "variant: compare models of one architecture")
+        shape, ref_out, cand = tuple(ref_out.shape), self._valid(ref_out), self._valid(cand)
+        floor = noise_floor_db(ref_out, self.fmt) if self.fmt is not None else None
+        sums = _sums(ref_out, cand)
+        metrics = sums.metrics()
+        added = metrics.relative_error - (input_error or 0.0)
+        self.rows.append(LayerRow(call, type(module).__name__, shape, sums.reference_absmax,
+                                  metrics, input_error, added, floor))
+
+    def _rerun(self, module: nn.Module, item: _Captured, args: tuple, kwargs: dict) -> object:
+        """The variant module again, on the reference module's inputs in the variant's dtypes."""
+        self.rerunning = True
+        try:
+            return module(*_feed_like(item.args, args), **_feed_like(item.kwargs, kwargs))
+        finally:
+            self.rerunning = False
+
+    def _final(self, variant_out: object) -> tuple[OutputMetrics, bool, torch.Tensor]:
+        item = self._receive()
+        if item is _END or item.name != "":
+            raise InputError(f"module calls differ: the reference ran {getattr(item, 'name', 'nothing')!r} "
+                             "after the variant had finished: compare models of one architecture")
+        reference_output = select_output(item.output, self.output_name)
+        logits = is_logits_output(item.output, self.output_kind)
+        cand = select_output(variant_out, self.output_name)
+        metrics = measure(self._valid(reference_output), self._valid(cand), logits)
+        if self._receive() is not _END:
+            raise InputError("the reference produced more than one output: compare models of one "
+                             "architecture")
+        return metrics, logits, reference_output
+
+    def _input_error(self, item: _Captured, args: tuple, kwargs: dict) -> float | None:
+        ref_in, var_in = _primary_input(item.args, item.kwargs), _primary_input(args, kwargs)
+        if ref_in is None or var_in is None or ref_in.shape != var_in.shape:
+            return None
+        return _sums(self._valid(ref_in), self._valid(var_in)).metrics().relative_error
+
+    def _valid(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Padding positions left out, as :func:`dtypelab.compare.valid_positions` does for the output
+        (a copy only when the batch holds padding)."""
+        return tensor if self.mask is None else valid_positions(tensor, self.mask)
+
+    def _stop(self, worker: threading.Thread) -> None:
+        """Unblock and end the reference thread after the variant side failed."""
+        self.abort.set()
+        for _ in range(2):
+            self.resume.release()
+            with contextlib.suppress(queue.Empty):
+                self.handoff.get_nowait()
+        worker.join(timeout=30)
+
+    @contextlib.contextmanager
+    def _hooks(self) -> Iterator[None]:
+        ref_names, var_names = _CallNames(), _CallNames()
+        handles = []
+        for name in self.names:
+            handles.append(self.reference.get_submodule(name).register_forward_hook(
+                self._reference_hook(name, ref_names), with_kwargs=True))
+            handles.append(_get_submodule(self.variant, name).register_forward_hook(
+                self._variant_hook(name, var_names), with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _get_submodule(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as exc:
+        raise InputError(f"the variant has no module {name!r}: compare models of one architecture") from exc
+
+
+def _sums(reference: torch.Tensor, candidate: torch.Tensor) -> ErrorSums:
+    sums = ErrorSums()
+    sums.add(reference, candidate)
+    return sums

@@ -1,0 +1,515 @@
+"""Checkpoint inspection and conversion, checked against safetensors' own reader and torch's casts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dtypelab.checkpoint import convert_checkpoint, inspect_checkpoint, parse_size
+from dtypelab.errors import CheckpointError, DamageError, InputError
+from dtypelab.safetensors_format import encode_header, read_header
+from dtypelab.staging import remove_leftovers
+
+SRC_DIR = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def tensors() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {"embed.weight": torch.randn(64, 32), "layers.0.norm.weight": torch.rand(32) + 0.5,
+            "layers.0.proj.weight": torch.randn(32, 32), "layers.0.proj.bias": torch.randn(32).double(),
+            "position_ids": torch.arange(64), "mask": torch.rand(8) > 0.5,
+            "half.weight": torch.randn(4, 4).half(),
+            "codes": torch.randint(-128, 127, (16,), dtype=torch.int8),
+            "empty": torch.zeros(0, 4), "scale": torch.tensor(0.125, dtype=torch.float64)}
+
+
+def expected_cast(source: dict[str, torch.Tensor], dtype: torch.dtype, keep=()) -> dict[str, torch.Tensor]:
+    """Independent truth: torch's own cast of floating tensors, everything else untouched."""
+    return {k: v.to(dtype) if v.is_floating_point() and k not in keep else v for k, v in source.items()}
+
+
+def assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype, name
+        assert actual[name].shape == tensor.shape, name
+        assert torch.equal(actual[name].reshape(-1).view(torch.uint8),  # bit for bit, NaNs included
+                           tensor.reshape(-1).view(torch.uint8)), name
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def hf_folder(root: Path, source: dict[str, torch.Tensor], shards: int = 2) -> Path:
+    """A Hugging Face style folder: shards, index, config, tokenizer, a sub-folder."""
+    root.mkdir()
+    names = list(source)
+    weight_map, total = {}, 0
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: source[n] for n in names[i::shards]}
+        save_file(part, root / file, metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+        total += sum(t.numel() * t.element_size() for t in part.values())
+    index = {"metadata": {"total_size": total, "note": "kept"}, "weight_map": weight_map}
+    (root / "model.safetensors.index.json").write_text(json.dumps(index))
+    (root / "config.json").write_text(json.dumps({"model_type": "x", "torch_dtype": "float32",
+                                                  "dtype": "float32", "hidden": 32}))
+    (root / "tokenizer.json").write_text('{"vocab": {}}')
+    (root / "extra").mkdir()
+    (root / "extra" / "notes.txt").write_text("hello")
+    return root
+
+
+def load_folder(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+# --------------------------------------------------------------------------------------- round trips
+
+@pytest.mark.parametrize("fmt,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16),
+                                       ("fp32", torch.float32)])
+def test_single_file_round_trip(tmp_path, fmt, dtype):
+    source = tensors()
+    save_file(source, tmp_path / "in.safetensors", metadata={"format": "pt", "origin": "test"})
+    before = digest(tmp_path)
+    result = convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out.safetensors", fmt,
+                                keep=["*norm*"], verify=True)
+    assert digest(tmp_path)["in.safetensors"] == before["in.safetensors"]  # source untouched
+    expected = expected_cast(source, dtype, {"layers.0.norm.weight"})
+    assert_same(load_file(tmp_path / "out.safetensors"), expected)
+    assert read_header(tmp_path / "out.safetensors").metadata == {"format": "pt", "origin": "test"}
+    actions = {t.name: t.action for t in result.tensors}
+    assert actions["layers.0.norm.weight"] == "kept" and actions["position_ids"] == "copied"
+    assert result.verified and result.shards == ["out.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "out.safetensors"]
+
+
+def test_sharded_folder_resharded_with_correct_index(tmp_path):
+    source = tensors()
+    src = hf_folder(tmp_path / "src", source)
+    save_file({"embed.weight": source["embed.weight"]}, src / "consolidated.safetensors")  # not indexed
+    (src / "pytorch_model.bin").write_bytes(b"pickled fp32 weights")
+    before = digest(src)
+    result = convert_checkpoint(src, tmp_path / "dst", "bf16", max_shard_size="3KB", verify=True)
+    dst = tmp_path / "dst"
+    assert digest(src) == before
+    assert_same(load_folder(dst), expected_cast(source, torch.bfloat16))
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["note"] == "kept"
+    assert set(index["weight_map"]) == set(source)
+    sizes = {}
+    for name, file in index["weight_map"].items():
+        assert name in load_file(dst / file)
+        sizes[name] = load_file(dst / file)[name].numel() * load_file(dst / file)[name].element_size()
+    assert index["metadata"]["total_size"] == sum(sizes.values())
+    shard_files = sorted(p.name for p in dst.glob("*.safetensors"))
+    assert len(shard_files) == len(result.shards) > 2
+    assert shard_files[0] == f"model-00001-of-{len(shard_files):05d}.safetensors"
+    for file in shard_files:  # every shard within the limit unless one tensor alone is larger
+        header = read_header(dst / file)
+        data = sum(e.nbytes for e in header.tensors)
+        assert data <= 3000 or len(header.tensors) == 1
+    config = json.loads((dst / "config.json").read_text())
+    assert config["torch_dtype"] == config["dtype"] == "bfloat16" and config["hidden"] == 32
+    assert (dst / "tokenizer.json").read_text() == '{"vocab": {}}'
+    assert (dst / "extra" / "notes.txt").read_text() == "hello"
+    assert result.config_updated and set(result.copied_files) == {"config.json", "tokenizer.json", "extra"}
+    assert result.skipped_files == ["consolidated.safetensors", "pytorch_model.bin"]  # weights again
+    assert not (dst / "pytorch_model.bin").exists() and not (dst / "consolidated.safetensors").exists()
+    assert "not copied" in result.to_text()
+
+
+def test_folder_keeps_its_shards_without_max_shard_size(tmp_path):
+    src = hf_folder(tmp_path / "src", tensors(), shards=3)
+    convert_checkpoint(src, tmp_path / "dst", "fp16")
+    assert sorted(p.name for p in (tmp_path / "dst").glob("*.safetensors")) == \
+        sorted(p.name for p in src.glob("*.safetensors"))
+    for file in src.glob("*.safetensors"):
+        assert load_file(tmp_path / "dst" / file.name).keys() == load_file(file).keys()
+
+
+def test_tied_tensors_stay_shared(tmp_path):
+    weight = torch.randn(8, 4)
+    header = encode_header([("embed", "F32", (8, 4), 0, 128), ("lm_head", "F32", (8, 4), 0, 128),
+                            ("bias", "F32", (4,), 128, 144)], {})
+    bias = torch.randn(4)
+    (tmp_path / "tied.safetensors").write_bytes(header + weight.numpy().tobytes() + bias.numpy().tobytes())
+    result = convert_checkpoint(tmp_path / "tied.safetensors", tmp_path / "out.safetensors", "bf16",
+                                verify=True)
+    out = read_header(tmp_path / "out.safetensors")
+    entries = {e.name: e for e in out.tensors}
+    embed, head = entries["embed"], entries["lm_head"]
+    assert (embed.begin, embed.end) == (head.begin, head.end)
+    assert out.file_bytes == out.data_start + 64 + 8  # stored once: 32 bf16 + 4 bf16
+    data = (tmp_path / "out.safetensors").read_bytes()[out.data_start:]
+    assert data[:64] == weight.to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
+    assert [t.aliases for t in result.tensors if t.name == "embed"] == [("lm_head",)]
+    assert inspect_checkpoint(tmp_path / "out.safetensors").shared == [("embed", "lm_head")]
+
+
+def test_hostile_tensor_names_never_become_paths(tmp_path):
+    source = {"../../escape": torch.randn(3), "/abs/path": torch.randn(2), "a\\b": torch.randn(1)}
+    src = hf_folder(tmp_path / "src", source, shards=1)
+    (tmp_path / "work").mkdir()
+    convert_checkpoint(src, tmp_path / "work" / "dst", "bf16", max_shard_size="8B")
+    assert [p.name for p in (tmp_path / "work").iterdir()] == ["dst"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "work"]
+    assert load_folder(tmp_path / "work" / "dst").keys() == source.keys()
+
+
+def test_progress_reaches_the_total(tmp_path):
+    save_file(tensors(), tmp_path / "in.safetensors")
+    seen = []
+    result = convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", "bf16",
+                                progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (result.bytes_read, result.bytes_read)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+# ---------------------------------------------------------------------------------------- damage
+
+def test_damage_report_on_tensors_built_to_overflow_and_underflow(tmp_path):
+    # fp16: max 65504 (65520 and above -> inf), smallest subnormal 5.96e-8 (below 2.98e-8 -> 0),
+    # smallest normal 6.10e-5 (below -> subnormal).
+    source = {"big": torch.tensor([1e5, -7e4, -1e9, 65504.0, 1.0]),
+              "tiny": torch.tensor([1e-9, 2e-8, 1e-6, 0.0]),
+              "fine": torch.tensor([0.5, -2.0]), "ids": torch.arange(3)}
+    save_file(source, tmp_path / "in.safetensors")
+    result = convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out.safetensors", "fp16")
+    damage = {t.name: t for t in result.tensors}
+    assert (damage["big"].overflowed, damage["big"].flushed_to_zero) == (3, 0)
+    assert (damage["tiny"].flushed_to_zero, damage["tiny"].subnormal) == (2, 1)
+    assert damage["tiny"].max_rel_error == 1.0
+    assert damage["fine"].lost_values == 0 and damage["fine"].max_rel_error == 0.0  # exact in fp16
+    assert (result.total.overflowed, result.total.flushed_to_zero, result.total.subnormal) == (3, 2, 1)
+    assert [t.name for t in result.worst(2)] == ["big", "tiny"]
+    report = json.loads(result.to_json())
+    assert report["total"]["overflowed"] == 3 and len(report["tensors"]) == 4
+
+
+def test_fp8_output_saturates_and_reads_back_with_safetensors(tmp_path):
+    from test_damage import fp8_e4m3
+    fmt = fp8_e4m3()
+    source = {"w": torch.tensor([1000.0, -3.0, 0.01, 1e-4]), "ids": torch.arange(3)}
+    save_file(source, tmp_path / "in.safetensors")
+    result = convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out.safetensors", fmt, verify=True)
+    out = load_file(tmp_path / "out.safetensors")
+    expected = source["w"].clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert torch.equal(out["w"].view(torch.uint8), expected.view(torch.uint8))
+    assert torch.equal(out["ids"], source["ids"])
+    assert (result.total.overflowed, result.total.flushed_to_zero) == (1, 1)
+
+
+def test_strict_refuses_lost_values_and_writes_nothing(tmp_path):
+    save_file({"ok": torch.ones(3), "big": torch.tensor([1e6])}, tmp_path / "in.safetensors")
+    with pytest.raises(DamageError, match="'big'.*1 values overflow") as caught:
+        convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", "fp16", strict=True)
+    assert caught.value.exit_code == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["in.safetensors"]
+    convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", "bf16", strict=True)  # bf16 holds 1e6
+
+
+# -------------------------------------------------------------------------------- nothing lost
+
+def test_existing_destination_refused_without_force(tmp_path):
+    save_file(tensors(), tmp_path / "in.safetensors")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("precious")
+    with pytest.raises(CheckpointError, match="already exists.*--force"):
+        convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", "bf16")
+    assert (tmp_path / "out" / "mine.txt").read_text() == "precious"
+    convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", "bf16", force=True)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["in.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "out"]
+
+
+def test_too_little_free_space_refused_before_writing(tmp_path, monkeypatch):
+    import dtypelab.checkpoint as checkpoint
+    save_file(tensors(), tmp_path / "in.safetensors")
+    real = shutil.disk_usage
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: real(path)._replace(free=100))
+    with pytest.raises(CheckpointError, match="bytes needed but only 100 free"):
+        convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", "bf16")
+    assert [p.name for p in tmp_path.iterdir()] == ["in.safetensors"]
+
+
+def test_destination_inside_source_refused(tmp_path):
+    src = hf_folder(tmp_path / "src", tensors())
+    with pytest.raises(InputError, match="outside"):
+        convert_checkpoint(src, src / "bf16", "bf16")
+    with pytest.raises(InputError, match="outside"):
+        convert_checkpoint(src, tmp_path, "bf16", force=True)
+    assert not (src / "bf16").exists()
+
+
+def test_verify_catches_bytes_that_differ(tmp_path, monkeypatch):
+    import dtypelab.checkpoint_writer as writer
+    save_file(tensors(), tmp_path / "in.safetensors")
+    real_write = writer.write_all
+
+    def corrupting_write(fd, view, path):  # flips one bit of every tensor chunk written
+        data = bytearray(view)
+        if len(data) > 1000:
+            data[-1] ^= 1
+        real_write(fd, memoryview(data), path)
+
+    monkeypatch.setattr(writer, "write_all", corrupting_write)
+    with pytest.raises(CheckpointError, match="verification failed"):
+        convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", "bf16", verify=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["in.safetensors"]
+
+
+def test_leftovers_of_dead_runs_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout)
+    leftover = tmp_path / f".out.dtypelab-tmp-{dead_pid}-0a1b2c3d"
+    live = tmp_path / f".out.dtypelab-tmp-{os.getpid()}-0a1b2c3d"
+    for folder in (leftover, live):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    assert remove_leftovers(tmp_path / "out") == [leftover]
+    assert not leftover.exists() and live.exists()  # a running conversion's folder is not touched
+
+
+KILL_SCRIPT = """
+import sys, time
+sys.path.insert(0, {src!r})
+from pathlib import Path
+from dtypelab.checkpoint import convert_checkpoint
+
+def progress(done, total):
+    if done > total // 2:
+        Path({marker!r}).write_text("half")
+        time.sleep(60)
+
+convert_checkpoint({source!r}, {dst!r}, "bf16", progress=progress)
+"""
+
+
+@pytest.mark.slow
+def test_killed_conversion_leaves_no_destination_and_next_run_cleans_up(tmp_path):
+    save_file({f"w{i}": torch.randn(256, 1024) for i in range(8)}, tmp_path / "in.safetensors")
+    marker, dst = tmp_path / "half", tmp_path / "out"
+    script = KILL_SCRIPT.format(src=SRC_DIR, marker=str(marker), source=str(tmp_path / "in.safetensors"),
+                                dst=str(dst))
+    child = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 120
+    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the conversion never got half way"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out.dtypelab-tmp-")]
+    assert not dst.exists() and len(leftovers) == 1  # half-written, but only in the temporary folder
+    convert_checkpoint(tmp_path / "in.safetensors", dst, "bf16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["half", "in.safetensors", "out"]
+
+
+DISK_FULL_SCRIPT = """
+import resource, signal, sys
+sys.path.insert(0, {src!r})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+from dtypelab.checkpoint import convert_checkpoint
+from dtypelab.errors import DtypelabError
+try:
+    convert_checkpoint({source!r}, {dst!r}, "bf16")
+except DtypelabError as exc:
+    print(exc)
+    sys.exit(2)
+"""
+
+
+def test_disk_full_is_a_clear_error_with_nothing_left(tmp_path):
+    save_file({"w": torch.randn(256, 1024)}, tmp_path / "in.safetensors")  # 1 MB in, 512 KB out
+    script = DISK_FULL_SCRIPT.format(src=SRC_DIR, source=str(tmp_path / "in.safetensors"),
+                                     dst=str(tmp_path / "out"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert "no space left" in done.stdout and "\n" not in done.stdout.strip()
+    assert [p.name for p in tmp_path.iterdir()] == ["in.safetensors"]
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+def test_index_naming_a_missing_shard(tmp_path):
+    src = hf_folder(tmp_path / "src", tensors())
+    (src / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing shard 'model-00002-of-00002.safetensors'"):
+        convert_checkpoint(src, tmp_path / "dst", "bf16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("shard", ["../model.safetensors", "/etc/model.safetensors", "sub\\x.safetensors",
+                                   "model\x00.safetensors", "config.json"])
+def test_index_with_hostile_shard_names(tmp_path, shard):
+    src = hf_folder(tmp_path / "src", tensors(), shards=1)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"]["embed.weight"] = shard
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="not a plain .safetensors file name"):
+        convert_checkpoint(src, tmp_path / "dst", "bf16")
+
+
+def test_index_that_disagrees_with_its_shards(tmp_path):
+    src = hf_folder(tmp_path / "src", tensors())
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"]["embed.weight"] = "model-00002-of-00002.safetensors"
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="'embed.weight'.*stale"):
+        inspect_checkpoint(src)
+
+
+def test_damaged_shard_names_file_and_tensor_and_writes_nothing(tmp_path):
+    src = hf_folder(tmp_path / "src", tensors(), shards=1)
+    shard = src / "model-00001-of-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])  # truncated: the last tensor runs past the end
+    with pytest.raises(CheckpointError, match=f"{shard}: tensor '.*': data ends at byte"):
+        convert_checkpoint(src, tmp_path / "dst", "bf16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_usage_errors(tmp_path):
+    save_file(tensors(), tmp_path / "in.safetensors")
+    with pytest.raises(InputError, match="matches no tensor"):
+        convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "o", "bf16", keep=["nope*"])
+    with pytest.raises(InputError, match="need a folder"):
+        convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "o.safetensors", "bf16",
+                           max_shard_size=100)
+    with pytest.raises(CheckpointError, match="no such file"):
+        convert_checkpoint(tmp_path / "missing", tmp_path / "o", "bf16")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no .safetensors file"):
+        inspect_checkpoint(tmp_path / "empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "in.safetensors"]
+
+
+@pytest.mark.parametrize("text,expected", [("5GB", 5 * 10**9), ("500MiB", 500 * 2**20), ("1024", 1024),
+                                           ("1.5kb", 1500), (77, 77), (None, None)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "5XB", "-1GB", "GB", "0"])
+def test_parse_size_rejects(text):
+    with pytest.raises(InputError, match="cannot read size"):
+        parse_size(text)
+
+
+# ------------------------------------------------------------------------------------------ inspect
+
+def test_inspect_counts_from_headers(tmp_path):
+    source = tensors()
+    src = hf_folder(tmp_path / "src", source)
+    info = inspect_checkpoint(src)
+    assert [s.file for s in info.shards] == ["model-00001-of-00002.safetensors",
+                                             "model-00002-of-00002.safetensors"]
+    assert {r.name for r in info.tensors} == set(source)
+    by_dtype: dict[str, int] = {}
+    for t in source.values():
+        key = str(t.dtype).removeprefix("torch.")
+        by_dtype[key] = by_dtype.get(key, 0) + t.numel() * t.element_size()
+    assert info.bytes_by_dtype == by_dtype
+    assert info.total_bytes == sum(by_dtype.values())
+    assert info.largest[0].name == "embed.weight" and info.largest[0].nbytes == 64 * 32 * 4
+    assert info.metadata == {"format": "pt"}
+    assert "total:" in info.to_text() and json.loads(info.to_json())["total_bytes"] == info.total_bytes
+
+
+def test_inspect_reads_headers_only(tmp_path):
+    # a 64 GiB checkpoint as a sparse file: reading its data would take minutes and all memory
+    header = encode_header([(f"w{i}", "F32", (2**17, 2**14), i * 2**33, (i + 1) * 2**33) for i in range(8)],
+                           {})
+    path = tmp_path / "huge.safetensors"
+    with open(path, "wb") as handle:
+        handle.write(header)
+        handle.truncate(len(header) + 8 * 2**33)
+    tracemalloc.start()
+    info = inspect_checkpoint(path)
+    peak_bytes = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert info.total_bytes == 2**36
+    assert peak_bytes < 2**20  # the header and its parse, not a single tensor's 8 GiB
+
+
+# ------------------------------------------------------------------------------------ peak memory
+
+PEAK_SCRIPT = """
+import sys
+sys.path.insert(0, {src!r})
+from dtypelab.checkpoint import convert_checkpoint
+
+def kib(key):  # VmHWM starts afresh at exec; ru_maxrss would inherit pytest's high-water mark
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+
+# a tiny conversion first: every library and code page the conversion touches is then resident
+convert_checkpoint({tiny!r}, {tiny_dst!r}, "bf16", verify=True)
+before = kib("VmRSS")
+convert_checkpoint({source!r}, {dst!r}, "bf16", verify=True)
+print(before, kib("VmHWM"))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS/VmHWM from Linux /proc")
+def test_peak_memory_stays_within_fixed_budget_plus_largest_tensor(tmp_path):
+    largest = 8 * 2**20
+    src = tmp_path / "src"
+    src.mkdir()
+    for shard in range(2):  # 2 x 128 MiB of fp32, tensors of 8 MiB at most
+        save_file({f"s{shard}.w{i}": torch.randn(2048, 1024) for i in range(16)},
+                  src / f"model-{shard + 1:05d}-of-00002.safetensors")
+    checkpoint = sum(p.stat().st_size for p in src.iterdir())
+    save_file({"w": torch.randn(64, 64), "ids": torch.arange(3)}, tmp_path / "tiny.safetensors")
+    script = PEAK_SCRIPT.format(src=SRC_DIR, source=str(src), dst=str(tmp_path / "dst"),
+                                tiny=str(tmp_path / "tiny.safetensors"), tiny_dst=str(tmp_path / "tiny"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    before_kib, peak_kib = map(int, done.stdout.split())
+    grown = (peak_kib - before_kib) * 1024
+    # fixed budget: reused buffers (8 MiB read, 2 MiB out, 3 x 4 MiB scratch, 1 MiB mask, 8 MiB verify)
+    # = 31 MiB, plus ~30 MiB measured here for the allocator and interpreter (varies run to run)
+    budget = 64 * 2**20
+    assert 0 < grown <= budget + largest, f"peak grew {grown / 2**20:.0f} MiB"
+    assert budget + largest < checkpoint / 3  # so holding the checkpoint (or a shard) would fail here
+
+
+# ------------------------------------------------------------------------------------- transformers
+
+def test_converted_folder_loads_with_transformers_like_an_in_memory_cast(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "fp32", max_shard_size="20KB")  # several shards and an index
+    assert len(list((tmp_path / "fp32").glob("*.safetensors"))) > 2
+    result = convert_checkpoint(tmp_path / "fp32", tmp_path / "bf16", "bf16", verify=True)
+    assert result.total.lost_values == 0
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").eval()
+    assert loaded.dtype == torch.bfloat16  # from the rewritten config dtype
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
+    ids = torch.tensor([[1, 5, 9, 3, 77]])
+    with torch.no_grad():
+        expected = model.to(torch.bfloat16)(ids).logits
+        actual = loaded(ids).logits
+    assert torch.equal(actual, expected)  # same weights bit for bit, so the very same logits

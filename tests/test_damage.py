@@ -1,0 +1,121 @@
+"""Chunked casting with damage counts, checked against torch's own casts and float64 truth."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from dtypelab.damage import ChunkCaster, TensorDamage, saturates
+from dtypelab.formats import NumberFormat, all_formats, get_format
+from dtypelab.safetensors_format import DTYPE_CODES
+
+TARGETS = [f for f in all_formats() if f.is_floating_point and f.torch_dtype in DTYPE_CODES]
+
+
+def cast_with(caster: ChunkCaster, source: torch.Tensor) -> tuple[torch.Tensor, TensorDamage]:
+    """Feed ``source`` through the caster chunk by chunk, as the converter does."""
+    raw = source.contiguous().view(torch.uint8)
+    outputs, total = [], TensorDamage("t", "", "", "cast", source.numel())
+    per_chunk = caster.chunk_elements
+    for first in range(0, source.numel(), per_chunk):
+        count = min(per_chunk, source.numel() - first)
+        size = source.element_size()
+        caster.raw[:count * size] = raw[first * size:(first + count) * size].numpy().tobytes()
+        out, damage = caster.cast(source.dtype, count)
+        outputs.append(torch.frombuffer(bytearray(out), dtype=caster.out_dtype))
+        total = total.merged(damage)
+    return torch.cat(outputs), total
+
+
+def truth(source: torch.Tensor, dtype: torch.dtype) -> dict:
+    """Damage counted directly, element by element, in float64."""
+    x = source.double()
+    cast = source.to(dtype).double()
+    finite, nonzero = torch.isfinite(x), x != 0
+    clamped = finite & (x.abs() > torch.finfo(dtype).max) if saturates(dtype) else torch.isinf(cast) & finite
+    kept = finite & nonzero & ~clamped
+    rel = ((cast - x).abs() / x.abs())[kept]
+    return {"overflowed": int(clamped.sum()), "flushed_to_zero": int((nonzero & (cast == 0)).sum()),
+            "subnormal": int(((cast != 0) & (cast.abs() < torch.finfo(dtype).smallest_normal)).sum()),
+            "max_rel_error": float(rel.max()) if rel.numel() else 0.0}
+
+
+def specials(dtype: torch.dtype) -> torch.Tensor:
+    """Values around every edge of ``dtype``: overflow, rounding to max, subnormal, flush, zero, nan."""
+    info = torch.finfo(dtype)
+    tiny = info.smallest_normal * info.eps  # smallest subnormal
+    return torch.tensor([0.0, -0.0, 1.0, -3.5, info.max, info.max * 1.001, -info.max * 4, tiny * 0.3,
+                         -tiny * 0.3, tiny * 3, info.smallest_normal * 0.5, float("nan"), float("inf"),
+                         1e-30, 1e30], dtype=torch.float64).clamp(-1e300, 1e300)
+
+
+@pytest.mark.parametrize("fmt", TARGETS, ids=[f.name for f in TARGETS])
+@pytest.mark.parametrize("source_dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cast_matches_torch_and_counts_match_truth(fmt, source_dtype):
+    torch.manual_seed(0)
+    source = torch.cat([torch.randn(5000, dtype=torch.float64) * 10.0 ** torch.randint(-12, 12, (5000,)),
+                        specials(fmt.torch_dtype)]).to(source_dtype)
+    caster = ChunkCaster(fmt, chunk_elements=1024)  # several chunks, the last one partial
+    out, damage = cast_with(caster, source)
+    expected = source.clamp(-fmt.max_finite, fmt.max_finite) if saturates(fmt.torch_dtype) else source
+    expected = expected.to(fmt.torch_dtype)
+    assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
+    counted = truth(source, fmt.torch_dtype)
+    assert damage.overflowed == counted["overflowed"]
+    assert damage.flushed_to_zero == counted["flushed_to_zero"]
+    assert damage.subnormal == counted["subnormal"]
+    # computed in float32 (float64 for float64 sources) versus float64 truth: agree to float32 rounding
+    assert damage.max_rel_error == pytest.approx(counted["max_rel_error"], rel=1e-6)
+
+
+def test_fp16_edges_counted_by_hand():
+    # 70000 and -1e5 overflow; 65519 rounds down to 65504; 1e-8 is below half the smallest
+    # subnormal (2.98e-8) and flushes; 1e-6 lands subnormal (below 6.1e-5); 0.0 is no damage.
+    source = torch.tensor([70000.0, -1e5, 65519.0, 1e-8, 1e-6, 0.0, 1.0])
+    out, damage = cast_with(ChunkCaster(get_format("fp16")), source)
+    assert (damage.overflowed, damage.flushed_to_zero, damage.subnormal) == (2, 1, 1)
+    assert damage.max_rel_error == 1.0  # the flushed value lost all of itself
+    assert damage.lost_values == 3
+    assert out[2].item() == 65504.0
+
+
+def test_bf16_keeps_range_of_float32():
+    source = torch.tensor([3e38, 1e-37, 1.0 + 2**-9])  # fits bf16's 8-bit exponent; 1+2^-9 rounds
+    _, damage = cast_with(ChunkCaster(get_format("bf16")), source)
+    assert damage.lost_values == 0 and damage.subnormal == 0
+    assert damage.max_rel_error <= get_format("bf16").eps / 2  # round to nearest: at most half an eps
+
+
+def test_chunks_merge_to_the_same_damage_as_one_chunk():
+    torch.manual_seed(1)
+    source = torch.randn(10_000) * 1e5
+    _, whole = cast_with(ChunkCaster(get_format("fp16"), chunk_elements=1 << 14), source)
+    _, parts = cast_with(ChunkCaster(get_format("fp16"), chunk_elements=333), source)
+    assert (whole.overflowed, whole.max_rel_error) == (parts.overflowed, parts.max_rel_error)
+    assert whole.overflowed > 0
+
+
+def fp8_e4m3() -> NumberFormat:
+    """The registry's fp8 e4m3 entry when it has one; else one derived from torch's dtype."""
+    for fmt in all_formats():
+        if fmt.torch_dtype == torch.float8_e4m3fn:
+            return fmt
+    fmt = dataclasses.replace(get_format("bf16"), name="fp8_e4m3_test", bits=8,
+                              torch_dtype=torch.float8_e4m3fn)
+    if fmt.max_finite != torch.finfo(torch.float8_e4m3fn).max:
+        pytest.skip("NumberFormat no longer derives its range from torch_dtype")
+    return fmt
+
+
+def test_saturating_format_clamps_and_counts_by_hand():
+    # e4m3fn has no inf: 448 is its largest value, so 1000 and -500 saturate (counted as overflowed);
+    # its smallest subnormal is 2^-9, so 1e-4 (< 2^-10) flushes; 0.01 lands subnormal (< 2^-6).
+    fmt = fp8_e4m3()
+    assert saturates(fmt.torch_dtype)
+    source = torch.tensor([1000.0, -500.0, 448.0, 1e-4, 0.01, 1.0, 0.0])
+    out, damage = cast_with(ChunkCaster(fmt), source)
+    assert out.float().tolist()[:3] == [448.0, -448.0, 448.0]
+    assert (damage.overflowed, damage.flushed_to_zero, damage.subnormal) == (2, 1, 1)
+    assert damage.max_rel_error == 1.0  # the flushed value

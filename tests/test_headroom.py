@@ -1,0 +1,190 @@
+"""Overflow headroom against torch's own casts, the keep list repairing a model that overflows fp16,
+weight statistics by hand, and the noise floor / verdict."""
+
+import math
+
+import pytest
+import torch
+
+from dtypelab import cast_model
+from dtypelab.compare import OutputMetrics, run_model, sqnr_db
+from dtypelab.formats import NumberFormat, all_formats, get_format
+from dtypelab.headroom import (
+    RangeCounts,
+    keep_list,
+    noise_floor_db,
+    predict_headroom,
+    rounding_floor_db,
+    variant_verdict,
+    weight_stats,
+)
+from layer_models import OverflowModel, minilm, minilm_input, overflow_input
+
+TORCH_FLOATS = [f for f in all_formats() if f.torch_dtype is not None and f.torch_dtype.is_floating_point]
+
+
+def test_fp16_counts_by_hand():
+    # 70000 and 65520 (the tie above 65504 rounds to even = 2^16) overflow; 65519 rounds down to 65504.
+    # 1e-8 is below half the smallest subnormal (2^-24 / 2) and flushes; 3e-8 and 1e-5 land subnormal.
+    values = torch.tensor([70000.0, 65520.0, 65519.0, -1e-8, 3e-8, 1e-5, 1.0, 0.0])
+    counts = RangeCounts()
+    counts.add(values, get_format("fp16"))
+    assert (counts.overflow, counts.flush_to_zero, counts.subnormal) == (2, 1, 2)
+    assert counts.absmax == 70000.0 and counts.nonzero == 7
+    assert counts.headroom_bits(get_format("fp16")) == pytest.approx(math.log2(65504 / 70000))
+    assert counts.verdict() == "overflow"
+
+
+class SaturatingHalf(NumberFormat):
+    """fp16 whose out-of-range values clip to +-65504 instead of going to inf (as fp8 e4m3 / int do)."""
+
+    def round_trip(self, tensor):
+        return tensor.clamp(-self.max_finite, self.max_finite).to(torch.float16).to(tensor.dtype)
+
+
+def test_saturation_counts_as_overflow_but_rounding_down_to_max_does_not():
+    fmt = SaturatingHalf("sat16", 16, torch.float16, "test format")
+    counts = RangeCounts()
+    counts.add(torch.tensor([1e6, 70000.0, 65519.0, 1.0]), fmt)
+    assert counts.overflow == 2 and counts.verdict() == "overflow"
+
+
+@pytest.mark.parametrize("fmt", TORCH_FLOATS, ids=lambda f: f.name)
+def test_counts_equal_torch_cast(fmt):
+    torch.manual_seed(0)
+    exponents = torch.empty(4000).uniform_(-148, 127.9)  # 2^-148 .. 2^127.9: every regime, all finite in fp32
+    values = torch.sign(torch.randn(4000)) * torch.exp2(exponents)
+    cast = values.to(fmt.torch_dtype).float()
+    counts = RangeCounts()
+    counts.add(values, fmt)
+    finfo = torch.finfo(fmt.torch_dtype)
+    assert counts.overflow == int(cast.isinf().sum())
+    assert counts.flush_to_zero == int((cast == 0).sum())
+    assert counts.subnormal == int(((cast.abs() > 0) & (cast.abs() < finfo.smallest_normal)).sum())
+    assert counts.absmax == values.abs().max().item()
+
+
+def test_fp16_breaks_the_overflow_model_and_the_generated_keep_list_repairs_it():
+    model, ids = OverflowModel(), overflow_input()
+    reference = run_model(model, ids)
+    broken = run_model(cast_model(model, "fp16"), ids)
+    assert not broken.isfinite().all()  # fp16 alone: inf/NaN at the output
+    report = predict_headroom(model, ids, ["fp16", "bf16"])
+    assert report.keep["fp16"] == ["blocks.1"] and report.keep["bf16"] == []
+    overflowing = {r.name for r in report.rows if r.format == "fp16" and r.overflows}
+    assert overflowing == {"blocks.1.wo"}
+    repaired = run_model(cast_model(model, "fp16", report.keep_policy("fp16")), ids)
+    assert repaired.isfinite().all()
+    # The rest runs in fp16, so the repaired output carries fp16 rounding noise; 20 dB (error one tenth of
+    # the signal) is far below fp16's floor (~60 dB here) and far above a broken output (-inf / NaN).
+    assert sqnr_db(reference, repaired) > 20
+
+
+def test_keep_list_walks_up_to_the_first_module_whose_output_fits():
+    from dtypelab.headroom import LayerHeadroom
+
+    def row(name, overflow):
+        return LayerHeadroom(name, "M", "fp16", RangeCounts(numel=1, overflow=overflow), None)
+
+    rows = [row("a.b.c", 1), row("a.b", 1), row("a", 0), row("x.y", 1), row("x", 0), row("x.z", 1),
+            row("", 0)]
+    assert keep_list(rows) == ["a", "x"]
+    assert keep_list([row("a.b", 1), row("a", 1), row("", 1)]) == [""]  # even the output overflows
+    assert keep_list([row("a", 0)]) == []
+
+
+def test_headroom_rows_selected_by_depth_but_keep_list_uses_all():
+    model, ids = OverflowModel(), overflow_input()
+    report = predict_headroom(model, ids, ["fp16"], depth=1)
+    assert {r.name for r in report.rows} == {"", "embed", "head"}
+    assert report.keep["fp16"] == ["blocks.1"]
+    assert "keep in float32 for fp16: 'blocks.1'" in report.to_text()
+
+
+@pytest.mark.slow
+def test_minilm_fits_fp16_and_bf16():
+    report = predict_headroom(minilm(), minilm_input(), ["fp16", "bf16"])
+    assert report.keep == {"fp16": [], "bf16": []}
+    assert all(r.activations.overflow == 0 for r in report.rows)
+
+
+def test_weight_stats_by_hand():
+    linear = torch.nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[1.0, -1.0, 3.0, -3.0]]))  # mean 0, variance 5, E[x^4] = 41
+    report = weight_stats(linear, ["fp32", "bf16"])
+    stats = report.rows[0]
+    assert stats.absmax == 3.0 and stats.std == pytest.approx(math.sqrt(5))
+    assert stats.kurtosis == pytest.approx(41 / 25 - 3) and stats.outlier_share == 0.0
+    assert stats.sqnr_db == {"fp32": math.inf, "bf16": math.inf}  # +-1, +-3 are exact in bf16
+
+
+def test_weight_outliers():
+    with torch.no_grad():
+        model = torch.nn.Linear(1000, 1, bias=False)
+        model.weight.zero_()
+        model.weight[0, 0] = 100.0  # one spike, 31.6 std from the mean
+    stats = weight_stats(model, ["fp16"]).rows[0]
+    assert stats.outlier_share == pytest.approx(1 / 1000)
+    n = 1000  # one spike among n values: m4 / m2^2 = (n^2 - 3n + 3) / (n - 1), worked out by hand
+    assert stats.kurtosis == pytest.approx((n * n - 3 * n + 3) / (n - 1) - 3, rel=1e-9)
+
+
+@pytest.mark.parametrize("fmt", TORCH_FLOATS, ids=lambda f: f.name)
+def test_weight_only_error_equals_torch_cast(fmt):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 32)
+    report = weight_stats(model, [fmt])
+    for stats, (name, param) in zip(report.rows, model.named_parameters(), strict=True):
+        assert stats.name == name
+        assert stats.sqnr_db[fmt.name] == sqnr_db(param.detach(), param.detach().to(fmt.torch_dtype))
+
+
+def test_noise_floor_by_hand():
+    # 1 + 2^-12 is a quarter of fp16's ulp above 1 and rounds to 1: noise 2^-24, signal 1 + (1 + 2^-12)^2.
+    values = torch.tensor([1.0, 1.0 + 2**-12])
+    expected = 10 * math.log10((1 + (1 + 2**-12) ** 2) / 2**-24)
+    assert noise_floor_db(values, "fp16") == pytest.approx(expected)
+    assert noise_floor_db(values, "fp32") == math.inf
+
+
+def metrics(sqnr, nan=0, inf=0, top1=None):
+    return OutputMetrics(0.0, 0.0, 0.0, sqnr, 1.0, None, top1, nan, inf)
+
+
+def test_variant_verdict_rules():
+    # NOISE_MARGIN_DB = 3: a variant may sit 3 dB below the rounding floor (twice its noise power).
+    assert variant_verdict(metrics(57.0), 60.0) == "within format noise"
+    assert variant_verdict(metrics(56.9), 60.0) == "degraded"
+    assert variant_verdict(metrics(70.0, inf=1), 60.0) == "broken"
+    assert variant_verdict(metrics(70.0, nan=3), 60.0) == "broken"
+    assert variant_verdict(metrics(70.0, top1=0.8), 60.0) == "broken"
+    assert variant_verdict(metrics(70.0, top1=0.95), 60.0) == "within format noise"
+    assert variant_verdict(metrics(30.0), None) == "unknown"
+    assert variant_verdict(metrics(math.inf), math.inf) == "within format noise"
+
+
+def test_rounding_floor_of_one_linear_by_hand():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(4, 16)
+    fmt = get_format("bf16")
+    rt = fmt.round_trip
+    # Weights and bias rounded, the product in float32, the (leaf) output rounded once more.
+    expected_out = rt(torch.nn.functional.linear(x, rt(layer.weight), rt(layer.bias)))
+    expected = sqnr_db(layer(x), expected_out)
+    assert rounding_floor_db(layer, fmt, x) == pytest.approx(expected, rel=1e-9)
+    assert rounding_floor_db(layer, "fp32", x) == math.inf
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in layer.parameters())  # untouched
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16"])
+def test_casts_of_a_healthy_model_are_within_format_noise(fmt):
+    from dtypelab.layers import compare_layers
+    from layer_models import llama_input, tiny_llama
+
+    model = tiny_llama()
+    result = compare_layers(model, {fmt: cast_model(model, fmt)}, llama_input(2, 16), patterns=["lm_head"])
+    variant = result.variants[0]
+    assert variant.verdict == "within format noise", (variant.final.sqnr_db, variant.noise_floor_db)
+    assert math.isfinite(variant.noise_floor_db)
