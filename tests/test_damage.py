@@ -11,7 +11,7 @@ from dtypelab.damage import ChunkCaster, TensorDamage, saturates
 from dtypelab.formats import NumberFormat, all_formats, get_format
 from dtypelab.safetensors_format import DTYPE_CODES
 
-TARGETS = [f for f in all_formats() if f.is_floating_point and f.torch_dtype in DTYPE_CODES]
+TARGETS = [f for f in all_formats() if f.raw_castable and f.torch_dtype in DTYPE_CODES]
 
 
 def cast_with(caster: ChunkCaster, source: torch.Tensor) -> tuple[torch.Tensor, TensorDamage]:

@@ -283,3 +283,8 @@ def test_formats_command_text_and_json(capsys):
 def test_formats_command_bad_spec_is_one_line_exit_2(capsys):
     code, out, err = _cli(capsys, "formats", "int4:g")
     assert code == 2 and out == "" and "unknown option 'g'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_raw_castable_formats_are_torch_floats_without_fixed_blocks():
+    castable = [f.name for f in all_formats() if f.raw_castable]
+    assert castable == ["fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2"]  # not mxfp8: it needs block scales

@@ -261,7 +261,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
 
 def _target_format(to: str | NumberFormat) -> NumberFormat:
     fmt = get_format(to)
-    if not fmt.is_floating_point or fmt.torch_dtype not in DTYPE_CODES:
+    if not fmt.raw_castable or fmt.torch_dtype not in DTYPE_CODES:
         raise InputError(f"convert writes floating formats stored as a torch dtype (fp32, fp16, bf16, "
                          f"fp8); {fmt.name!r} is not one (quantized int outputs are not supported yet): "
                          "pick one of those")

@@ -156,6 +156,7 @@ class ChunkCaster:
         largest = self.fmt.max_finite
         torch.abs(source, out=back)
         clamped = int(torch.gt(back, largest, out=self._mask[:source.numel()]).sum())
+        clamped -= int(torch.isinf(back).sum())  # an inf source is not a finite value lost
         torch.clamp(source, -largest, largest, out=back)
         out.copy_(back)
         back.copy_(out)

@@ -98,6 +98,12 @@ class NumberFormat:
         return self.torch_dtype is not None and self.torch_dtype.is_floating_point
 
     @property
+    def raw_castable(self) -> bool:
+        """Elements can be written as a plain torch cast, scales left out (fp8 checkpoints): a torch
+        floating dtype and no fixed block structure (MX / NVFP4 need their block scales)."""
+        return self.is_floating_point and not self.fixed_layout
+
+    @property
     def is_quantized(self) -> bool:
         """True when elements need a scale: storing the model takes :func:`dtypelab.quantize`."""
         return self.codec is not None
