@@ -388,3 +388,14 @@ def test_cli_compare_tiny_llama_quantized_has_next_token_report(capsys):
     assert all(row["next_token"]["positions"] > 5 and row["failure"] is None for row in rows.values())
     # int8 moves the next-token distribution far less than 4-bit formats (same text, same model)
     assert rows["int8"]["next_token"]["kl_mean"] < rows["nvfp4"]["next_token"]["kl_mean"]
+
+
+def test_round_trip_pads_rows_the_group_does_not_divide():
+    """Padding with zeros changes neither the block absmax nor any stored value: the first block's
+    values come back exactly as they do unpadded, and the short last block is quantized on its own."""
+    x = torch.randn(3, 48)
+    fmt = get_format("int4:g32")
+    back = fmt.round_trip(x)
+    assert back.shape == x.shape
+    assert torch.equal(back[:, :32], fmt.round_trip(x[:, :32]))
+    assert torch.equal(back[:, 32:], fmt.round_trip(torch.nn.functional.pad(x[:, 32:], (0, 16)))[:, :16])

@@ -183,12 +183,19 @@ class NumberFormat:
 
         Plain formats are a torch cast; scaled formats quantize the last dimension as rows (a 1-D
         tensor is one row) with this format's scales, exactly as :func:`dtypelab.quantize` stores them.
+        A row length the group size does not divide is zero-padded to the next multiple (zeros change
+        no absmax and are stored exactly), so any activation can be rounded; storing a weight that way
+        is refused instead (see quantize_tensor).
         """
         if self.codec is None:
             return tensor.to(self.torch_dtype).to(tensor.dtype)
         from .qtensor import quantize_tensor  # qtensor builds on formats
 
-        return quantize_tensor(tensor, self).dequantize(tensor.dtype).reshape(tensor.shape)
+        cols = tensor.shape[-1] if tensor.dim() else 1
+        pad = -cols % self.group_size if self.granularity == "group" else 0
+        padded = torch.nn.functional.pad(tensor, (0, pad)) if pad else tensor
+        back = quantize_tensor(padded, self).dequantize(tensor.dtype).reshape(padded.shape)
+        return back[..., :cols] if pad else back
 
 
 def _q(name: str, bits: int, dtype: torch.dtype | None, desc: str, aliases: tuple[str, ...],
