@@ -152,11 +152,12 @@ def _tensor_scale(rows: torch.Tensor, fmt: NumberFormat) -> torch.Tensor | None:
 
 def _choose_scales(blocks: torch.Tensor, fmt: NumberFormat, tensor_scale: torch.Tensor | None):
     """Stored (scale, zero point) per block: absmax, or the best clip ratio when ``:mse``."""
+    stats = _block_stats(blocks, fmt)
     if fmt.scale_search != "mse":
-        return _scales_for_clip(blocks, fmt, tensor_scale, 1.0)
+        return _scales_for_clip(stats, fmt, tensor_scale, 1.0)
     best = None
     for ratio in MSE_CLIP_RATIOS:
-        scale, zp = _scales_for_clip(blocks, fmt, tensor_scale, ratio)
+        scale, zp = _scales_for_clip(stats, fmt, tensor_scale, ratio)
         err = _block_error(blocks, fmt, scale, zp, tensor_scale)
         best = (err, scale, zp) if best is None else _keep_better(best, (err, scale, zp))
     return best[1], best[2]
@@ -171,23 +172,36 @@ def _keep_better(best: tuple, new: tuple) -> tuple:
 
 def _block_error(blocks, fmt, scale, zp, tensor_scale) -> torch.Tensor:
     """Sum of squared quantization error per block for one candidate scale."""
-    decoded = _decoded_scale(scale, tensor_scale)
-    codes = _encode_blocks(blocks, fmt, decoded, zp)
-    values = fmt.element_codec.decode(codes) if codes.dtype == torch.uint8 else codes.float()
+    decoded, codec = _decoded_scale(scale, tensor_scale), fmt.element_codec
+    if isinstance(codec, IntCodec):  # codec.encode's round and clamp, kept in float: no int16 round trip
+        values = torch.round(_scaled(blocks, decoded, zp)).clamp_(codec.min_value, codec.max_finite)
+    else:
+        values = codec.decode(_encode_blocks(blocks, fmt, decoded, zp))
     if zp is not None:
         values = values - zp.float()
     return _block_reduce((values * decoded - blocks) ** 2, fmt, torch.sum)
 
 
-def _scales_for_clip(blocks, fmt, tensor_scale, ratio: float):
+def _block_stats(blocks: torch.Tensor, fmt: NumberFormat) -> tuple[torch.Tensor, ...]:
+    """What a block's scale depends on, computed once per search: (min, max) with zero included for
+    asymmetric formats, the signed extreme for symmetric integers, the absmax otherwise."""
+    if not fmt.symmetric:
+        return (_block_reduce(blocks, fmt, torch.amin).clamp(max=0),
+                _block_reduce(blocks, fmt, torch.amax).clamp(min=0))
+    if isinstance(fmt.codec, IntCodec) and not fmt.codec.restricted:
+        return (_signed_extreme(blocks, fmt),)
+    return (_block_reduce(blocks.abs(), fmt, torch.amax),)
+
+
+def _scales_for_clip(stats: tuple[torch.Tensor, ...], fmt, tensor_scale, ratio: float):
     """Scale (stored dtype) and zero point for blocks clipped to ``ratio`` of their range."""
     if not fmt.symmetric:
-        return _asym_scales(blocks, fmt, ratio)
+        return _asym_scales(stats, fmt, ratio)
     codec = fmt.codec
     if isinstance(codec, IntCodec) and not codec.restricted:
-        extreme = _signed_extreme(blocks, fmt) * ratio  # onto the most negative code: signed scale
+        extreme = stats[0] * ratio  # onto the most negative code: signed scale
         return _encode_scale(extreme / codec.min_value, extreme != 0, fmt), None
-    amax = _block_reduce(blocks.abs(), fmt, torch.amax) * ratio
+    amax = stats[0] * ratio
     ideal = amax / codec.max_finite
     if tensor_scale is not None:
         ideal = ideal / tensor_scale
@@ -200,10 +214,9 @@ def _signed_extreme(blocks: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
     return values.gather(-1, values.abs().argmax(dim=-1, keepdim=True))
 
 
-def _asym_scales(blocks, fmt, ratio: float):
+def _asym_scales(stats: tuple[torch.Tensor, ...], fmt, ratio: float):
     """Asymmetric: [min, max] (zero included) spread over 0 .. 2^bits - 1, zero point rounded to it."""
-    lo = _block_reduce(blocks, fmt, torch.amin).clamp(max=0) * ratio
-    hi = _block_reduce(blocks, fmt, torch.amax).clamp(min=0) * ratio
+    lo, hi = stats[0] * ratio, stats[1] * ratio
     qmax = fmt.element_codec.max_finite
     scale = _encode_scale((hi - lo) / qmax, hi > lo, fmt)
     zp = torch.round(-lo / scale.float()).clamp(0, qmax).to(torch.uint8)
@@ -233,16 +246,19 @@ def _decoded_scale(scale: torch.Tensor, tensor_scale: torch.Tensor | None) -> to
 def _encode_blocks(blocks, fmt, scale, zp) -> torch.Tensor:
     """Element codes for ``blocks / scale`` (+ zero point), clamped to the codec's range first."""
     codec = fmt.element_codec
-    safe = torch.where(scale != 0, scale, torch.ones_like(scale))
-    scaled = blocks / safe
-    if zp is not None:
-        scaled = scaled + zp.float()
+    scaled = _scaled(blocks, scale, zp)
     if isinstance(codec, IntCodec):
         return codec.encode(scaled)
     scaled = scaled.clamp(-codec.max_finite, codec.max_finite)
     if codec in NATIVE_FLOAT8:  # same codes as codec.encode, bit for bit (tests/test_formats.py), faster
         return scaled.to(NATIVE_FLOAT8[codec]).view(torch.uint8)
     return codec.encode(scaled)
+
+
+def _scaled(blocks: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None) -> torch.Tensor:
+    """``blocks / scale (+ zero point)``: element values before rounding (a zero scale counts as 1)."""
+    scaled = blocks / torch.where(scale != 0, scale, torch.ones_like(scale))
+    return scaled + zp.float() if zp is not None else scaled
 
 
 def _store_codes(codes: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
