@@ -7,6 +7,7 @@ for refused damage); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -38,9 +39,20 @@ ERROR_MESSAGES: dict[type[BaseException], Callable[[BaseException], tuple[str, i
 }
 
 
+# Optional peers print load noise when transformers imports them (missing CUDA kernels, pytree
+# deprecations). It says nothing about the user's model, so the command line hides it.
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def quiet_optional_imports() -> None:
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     argv = sys.argv[1:] if argv is None else argv
+    quiet_optional_imports()
     try:
         cli.main(args=argv, prog_name="dtypelab", standalone_mode=False)
     except click.ClickException as exc:
