@@ -4,14 +4,9 @@ import pytest
 import torch
 
 from dtypelab.cli import main
+from helpers import run_cli
 
-
-def run(capsys, *argv):
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return exit_info.value.code or 0, out, err
+run = run_cli
 
 
 def test_demo_prints_the_notebook_numbers(capsys):

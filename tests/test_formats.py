@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from dtypelab.cli import main
 from dtypelab.codecs import FloatCodec, IntCodec, nearest_index
 from dtypelab.errors import UnknownFormatError
 from dtypelab.formats import (
@@ -33,6 +32,7 @@ from dtypelab.formats import (
     get_format,
     parse_format_list,
 )
+from helpers import run_cli
 
 TORCH_CODECS = [(E4M3, torch.float8_e4m3fn), (E5M2, torch.float8_e5m2), (E8M0, torch.float8_e8m0fnu)]
 ML_CODECS = [(E2M1, ml_dtypes.float4_e2m1fn), (E8M0, ml_dtypes.float8_e8m0fnu),
@@ -263,12 +263,7 @@ def test_asym_rows_show_unsigned_elements():
     assert (row.element, row.max_finite, row.scale) == ("uint4", 15.0, "fp16+zp")
 
 
-def _cli(capsys, *argv):
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return exit_info.value.code or 0, out, err
+_cli = run_cli
 
 
 def test_formats_command_text_and_json(capsys):

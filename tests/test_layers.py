@@ -13,6 +13,7 @@ from dtypelab import layers as layers_module
 from dtypelab.compare import output_metrics, select_output
 from dtypelab.errors import InputError
 from dtypelab.layers import compare_layers, forward, select_layers
+from helpers import run_cli
 from layer_models import OverflowModel, llama_input, minilm, minilm_input, overflow_input, tiny_llama
 
 # Row metrics are float64 sums; compare.py takes |diff| in float32, so the abs-diff metrics agree to
@@ -221,14 +222,7 @@ def test_lockstep_holds_at_most_one_reference_layer_ahead(monkeypatch):
 
 # ---- CLI: dtypelab compare MODEL --layers ----
 
-def cli(capsys, *argv):
-    from dtypelab.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return exit_info.value.code or 0, out, err
+cli = run_cli
 
 
 def test_cli_layers_json_matches_the_library(capsys):

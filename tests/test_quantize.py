@@ -21,6 +21,7 @@ from dtypelab.models import DummyModel
 from dtypelab.packing import pack_nibbles, unpack_nibbles
 from dtypelab.qtensor import quantize_tensor
 from dtypelab.quantize import QuantizedEmbedding, QuantizedLinear, quantize_activations, quantize_model
+from helpers import run_cli
 
 QUANTIZED = [f for f in all_formats() if f.is_quantized]
 SPECS = [f.name for f in QUANTIZED] + ["int4:g64:asym", "int8:asym", "fp8_e4m3:tensor", "int4:g32:mse",
@@ -315,14 +316,7 @@ def test_tiny_llama_quantize_forward():
     assert len(result.quantized) == 2 * 7 + 2  # 7 Linears per layer + lm_head + embed_tokens
 
 
-def _cli(capsys, *argv):
-    from dtypelab.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return exit_info.value.code or 0, out, err
+_cli = run_cli
 
 
 def test_cli_compare_quantized_formats_with_sizes_latency_and_failed_rows(capsys):

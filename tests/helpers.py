@@ -1,0 +1,14 @@
+"""Helpers shared by test modules (tests/ is on sys.path under pytest's default import mode)."""
+
+import pytest
+
+from dtypelab.cli import main
+
+
+def run_cli(capsys, *argv):
+    """Run ``dtypelab ARGV`` in-process; return (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return exit_info.value.code or 0, out, err
