@@ -280,6 +280,25 @@ def test_formats_command_bad_spec_is_one_line_exit_2(capsys):
     assert code == 2 and out == "" and "unknown option 'g'" in err and len(err.strip().splitlines()) == 1
 
 
-def test_raw_castable_formats_are_torch_floats_without_fixed_blocks():
+def test_raw_castable_formats_are_torch_floats_without_a_scale():
     castable = [f.name for f in all_formats() if f.raw_castable]
-    assert castable == ["fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2"]  # not mxfp8: it needs block scales
+    assert castable == ["fp32", "fp16", "bf16"]  # fp8 entries carry a scale unless :cast
+    assert get_format("fp8_e4m3:cast").raw_castable and get_format("fp8_e5m2:cast").raw_castable
+    assert not get_format("fp8_e4m3:cast").is_quantized
+
+
+@pytest.mark.parametrize("spec", ["fp8_e4m3:cast", "fp8_e5m2:cast"])
+def test_cast_option_round_trips_like_torch_cast(spec):
+    fmt = get_format(spec)
+    values = torch.tensor([1000.0, 1.1, -600.0, 3e-5, 0.0])
+    # e4m3fn has no inf: the stored cast saturates at 448 (as convert writes it); e5m2 overflows to inf
+    expected = values.clamp(-448, 448) if fmt.codec.overflow == "saturate" else values
+    assert torch.equal(fmt.round_trip(values), expected.to(fmt.torch_dtype).float())
+    assert fmt.effective_bits() == 8 and fmt.name == spec
+
+
+@pytest.mark.parametrize("spec", ["int8:cast", "mxfp8:cast", "bf16:cast", "fp8_e4m3:cast:sfp16",
+                                  "fp8_e4m3:cast:afp8"])
+def test_cast_option_refused_where_it_means_nothing(spec):
+    with pytest.raises(UnknownFormatError, match="cast|plain torch dtype"):
+        get_format(spec)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterable
@@ -19,16 +20,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint_writer import (
+    CAST_DTYPES,
     OutputPlan,
     ProgressCallback,
+    Quantization,
     copy_extra,
     parse_size,
     plan_output,
+    read_config,
     verify_output,
     write_index,
     write_shards,
 )
-from .damage import ChunkCaster, TensorDamage, dtype_name, one_thread
+from .compressed import check_supported, linear_layers, quantization_config
+from .damage import ChunkCaster, ChunkQuantizer, TensorDamage, dtype_name, one_thread
 from .errors import CheckpointError, InputError
 from .formats import NumberFormat, get_format
 from .inspection import DtypeSummary
@@ -161,10 +166,12 @@ class ConversionResult(TableMixin):
         copied_files: other files of the folder copied as they are.
         skipped_files: other weight files (pickles, stray safetensors) not copied: they would hold the
             weights again in the source precision.
-        config_updated: whether config.json's dtype fields were rewritten.
+        config_updated: whether config.json was rewritten (dtype fields, quantization_config).
         bytes_read: tensor bytes read from the source.
         bytes_written: bytes of the safetensors files written, headers included.
         verified: whether the output was re-read and checked bit for bit.
+        dense_layers: for quantized formats, the Linear layers left dense, each with its reason (they
+            are the ``ignore`` list of the written ``quantization_config``).
     """
 
     source: Path
@@ -179,6 +186,7 @@ class ConversionResult(TableMixin):
     bytes_read: int
     bytes_written: int
     verified: bool
+    dense_layers: dict[str, str] = field(default_factory=dict)
 
     @property
     def total(self) -> TensorDamage:
@@ -189,23 +197,32 @@ class ConversionResult(TableMixin):
         return total
 
     def worst(self, count: int = 5) -> list[TensorDamage]:
-        """The most damaged cast tensors: lost values first, then subnormals, then relative error."""
-        cast = [t for t in self.tensors if t.action == "cast"]
-        return sorted(cast, key=lambda t: (-t.lost_values, -t.subnormal, -t.max_rel_error))[:count]
+        """The most damaged cast or quantized tensors: lost values first, then subnormals, then the
+        lowest SQNR (quantized), then the largest relative error."""
+        changed = [t for t in self.tensors if t.action in ("cast", "quantized")]
+        return sorted(changed, key=lambda t: (-t.lost_values, -t.subnormal, _sqnr_key(t),
+                                              -t.max_rel_error))[:count]
 
     def to_table(self) -> Table:
+        quantized = any(t.action == "quantized" for t in self.tensors)
         columns = ["tensor", "from", "to", "numel", "overflowed", "flushed_to_zero", "subnormal",
-                   "max_rel_error"]
+                   "max_rel_error", *(["sqnr_db"] if quantized else [])]
         rows = [[t.name, t.source_dtype, t.output_dtype, t.numel, t.overflowed, t.flushed_to_zero,
-                 t.subnormal, t.max_rel_error] for t in [*self.worst(), self.total]]
-        actions = {a: sum(t.action == a for t in self.tensors) for a in ("cast", "copied", "kept")}
+                 t.subnormal, t.max_rel_error, *([t.sqnr_db] if quantized else [])]
+                for t in [*self.worst(), self.total]]
+        actions = {a: sum(t.action == a for t in self.tensors)
+                   for a in ("quantized", "cast", "copied", "kept") if a != "quantized" or quantized}
         notes = [f"{self.source} -> {self.destination}: {', '.join(f'{n} {a}' for a, n in actions.items())}"
                  f"; {self.bytes_read:,} bytes read, {self.bytes_written:,} written in "
                  f"{len(self.shards)} file(s)" + (f" + {self.index_file}" if self.index_file else ""),
-                 f"copied {len(self.copied_files)} other file(s); config dtype updated: "
+                 f"copied {len(self.copied_files)} other file(s); config.json updated: "
                  f"{self.config_updated}; verified bit for bit: {self.verified}"]
         if self.skipped_files:
             notes.append(f"not copied (other weights, source precision): {', '.join(self.skipped_files)}")
+        if quantized:
+            notes.append("quantized: overflowed = clamped beyond the codes' reach; flushed_to_zero = small "
+                         "values on the zero code (expected on a coarse grid; --strict refuses only clamps)")
+        notes += [f"dense: {name} ({reason})" for name, reason in self.dense_layers.items()]
         return Table(f"Conversion to {self.format}: most damaged tensors", columns, rows, notes)
 
     def to_json(self) -> str:
@@ -217,16 +234,21 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
                        to: str | NumberFormat, *, keep: Iterable[str] = (),
                        max_shard_size: str | int | None = None, force: bool = False,
                        verify: bool = False, strict: bool = False,
-                       progress: ProgressCallback | None = None) -> ConversionResult:
-    """Convert a safetensors file or folder to a floating format, tensor by tensor.
+                       progress: ProgressCallback | None = None,
+                       dense: str | NumberFormat | None = None) -> ConversionResult:
+    """Convert a safetensors file or folder to another format, tensor by tensor.
 
-    Floating tensors (fp16/bf16/fp32/fp64) are cast; integer, bool and fp8 tensors, tensors already in
-    the target dtype and those matching ``keep`` (exact names or globs) are copied bit for bit.
+    Plain formats (fp32, fp16, bf16, ``fp8_e4m3:cast``): floating tensors (fp16/bf16/fp32/fp64) are
+    cast; integer, bool and fp8 tensors, tensors already in the target dtype and those matching
+    ``keep`` (exact names or globs) are copied bit for bit. Quantized formats (int8, int4:g128,
+    fp8_e4m3, ...) store every Linear weight of the model folder in the compressed-tensors layout
+    (see :mod:`dtypelab.compressed`), row chunk by row chunk, and add the ``quantization_config`` to
+    config.json; other tensors are copied, or cast to ``dense``.
 
     Args:
         source: a ``.safetensors`` file or model folder; opened read-only.
         destination: a folder, or a ``.safetensors`` file name when ``source`` is a file.
-        to: target format name (``"bf16"``) or :class:`NumberFormat`.
+        to: target format name (``"bf16"``, ``"int4:g128"``) or :class:`NumberFormat`.
         keep: tensor names or globs (``"*norm*"``) left as they are.
         max_shard_size: reshard into files of at most this many bytes (``"5GB"``); ``None`` keeps
             the source's shards.
@@ -234,37 +256,57 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
         verify: re-read the output and check every tensor against its source, bit for bit.
         strict: raise :class:`DamageError` (and write nothing) if any value overflows or flushes.
         progress: called with ``(bytes_done, bytes_total)`` as tensor data streams.
+        dense: for quantized formats, cast the tensors left dense (embeddings, norms, biases) to this
+            plain format (``"bf16"``); None copies them as stored.
 
     Returns:
         A :class:`ConversionResult` with the damage per tensor.
+    Example:
+        >>> convert_checkpoint("llama-folder", "llama-w4", "int4:g128", dense="bf16")  # doctest: +SKIP
     """
-    fmt = _target_format(to)
-    src = open_checkpoint(source)
-    dst = Path(destination)
+    fmt, src, dst = get_format(to), open_checkpoint(source), Path(destination)
     dst_is_file = _check_destination(src, dst)
-    plan = plan_output(src, dst, dst_is_file, fmt, tuple(keep), parse_size(max_shard_size))
+    cast_to, quant, dense_layers = _conversion(src, fmt, dense, tuple(keep))
+    plan = plan_output(src, dst, dst_is_file, cast_to, tuple(keep), parse_size(max_shard_size), quant)
     with StagedOutput(dst, force) as staging, one_thread():
         extra, skipped = _extra_files(src)
         _check_free_space(staging.tmp, plan, extra)
-        caster = ChunkCaster(fmt)
-        damage = write_shards(plan, staging.tmp, caster, strict, progress)
+        caster, quantizer = ChunkCaster(cast_to or get_format("fp32")), quant and ChunkQuantizer(fmt)
+        damage = write_shards(plan, staging.tmp, caster, strict, progress, quantizer)
         write_index(plan, staging.tmp)
-        config_updated = copy_extra(src, extra, staging.tmp, fmt, plan)
+        qconfig = quantization_config(fmt, list(dense_layers)) if quant else None
+        config_updated = copy_extra(src, extra, staging.tmp, cast_to, plan, qconfig)
         if verify:
-            verify_output(plan, staging.tmp, caster)
+            verify_output(plan, staging.tmp, caster, quantizer)
         staging.commit(dst_is_file)
     written = sum(len(s.layout()[0]) + sum(i.out_nbytes for i in s.items) for s in plan.shards)
     return ConversionResult(src.path, dst, fmt.name, [s.file for s in plan.shards], plan.index_name,
                             damage, [p.name for p in extra], [p.name for p in skipped], config_updated,
-                            sum(i.entry.nbytes for i in plan.items), written, verify)
+                            sum(i.entry.nbytes for i in plan.items), written, verify, dense_layers)
 
 
-def _target_format(to: str | NumberFormat) -> NumberFormat:
-    fmt = get_format(to)
+def _sqnr_key(damage: TensorDamage) -> float:
+    return math.inf if damage.sqnr_db is None else damage.sqnr_db
+
+
+def _conversion(src: CheckpointSource, fmt: NumberFormat, dense: str | NumberFormat | None,
+                keep: tuple[str, ...]) -> tuple[NumberFormat | None, Quantization | None, dict[str, str]]:
+    """(format floating tensors are cast to, what is quantized, Linear layers left dense + why)."""
+    if fmt.raw_castable and fmt.torch_dtype in DTYPE_CODES:
+        if dense is not None:
+            raise InputError(f"--dense applies to quantized formats; {fmt.name} casts every floating "
+                             "tensor: drop --dense")
+        return fmt, None, {}
+    check_supported(fmt)
+    cast_to = _plain_format(dense) if dense is not None else None
+    quant, dense_layers = _plan_quantization(src, fmt, keep)
+    return cast_to, quant, dense_layers
+
+
+def _plain_format(spec: str | NumberFormat) -> NumberFormat:
+    fmt = get_format(spec)
     if not fmt.raw_castable or fmt.torch_dtype not in DTYPE_CODES:
-        raise InputError(f"convert writes floating formats stored as a torch dtype (fp32, fp16, bf16, "
-                         f"fp8); {fmt.name!r} is not one (quantized int outputs are not supported yet): "
-                         "pick one of those")
+        raise InputError(f"--dense takes a plain floating format (fp32, fp16, bf16), not {fmt.name!r}")
     return fmt
 
 
@@ -306,3 +348,53 @@ def _tree_bytes(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
+
+
+# ---------------------------------------------------------------------------------- quantization
+
+def _plan_quantization(src: CheckpointSource, fmt: NumberFormat,
+                       keep: tuple[str, ...]) -> tuple[Quantization, dict[str, str]]:
+    """Which Linear weights to quantize, and the Linear layers left dense with their reason."""
+    config_path = src.folder / "config.json" if src.folder else None
+    if config_path is None or not config_path.is_file():
+        raise InputError(f"{src.path}: {fmt.name} is written in the compressed-tensors layout, which needs "
+                         "the model folder with its config.json (to find the Linear layers and record the "
+                         f"quantization_config); for fp8 without scales use --to {fmt.base}:cast")
+    if "quantization_config" in read_config(config_path):
+        raise InputError(f"{config_path} already has a quantization_config: convert the unquantized "
+                         "checkpoint instead")
+    linears, heads = linear_layers(src.folder)
+    entries = {e.name: e for shard in src.shards for e in shard.tensors}
+    tied = {name for shard in src.shards for group in shard.shared_groups() for name in group}
+    layers, dense = {}, {}
+    for module in linears:
+        name = f"{module}.weight"
+        reason = _dense_reason(module, entries.get(name), fmt, heads, name in tied, keep)
+        if reason:
+            dense[module] = reason
+        else:
+            layers[name] = module
+    if not layers:
+        raise InputError(f"nothing to quantize in {src.path}: " + (
+            "; ".join(f"{m}: {r}" for m, r in list(dense.items())[:3]) or "the model has no Linear layers"))
+    return Quantization(fmt, layers), dense
+
+
+def _dense_reason(module: str, entry, fmt: NumberFormat, heads: set[str], tied: bool,
+                  keep: tuple[str, ...]) -> str:
+    """Why a Linear layer stays dense, or "" when its weight is quantized."""
+    name = f"{module}.weight"
+    if entry is None:
+        return "weight not stored in the checkpoint (tied to another tensor)"
+    if module in heads:
+        return "output head: kept dense, as serving stacks (vLLM) load lm_head unquantized"
+    if any(name == p or fnmatch.fnmatchcase(name, p) for p in keep):
+        return "kept (--keep)"
+    if tied:
+        return "weight stored once for several tensors (tied)"
+    if entry.dtype not in CAST_DTYPES or len(entry.shape) != 2:
+        return f"weight is {dtype_name(entry.torch_dtype)} {list(entry.shape)}, not a 2-D float"
+    if fmt.granularity == "group" and entry.shape[1] % fmt.group_size:
+        return (f"group size {fmt.group_size} does not divide its {entry.shape[1]} inputs: use a group "
+                "size that does, or :channel")
+    return ""

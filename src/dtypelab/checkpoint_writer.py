@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .damage import ChunkCaster, TensorDamage, dtype_name
+from .compressed import WHOLE_TENSOR_PARTS, StoredPart, stored_parts, to_parts
+from .damage import ChunkCaster, ChunkQuantizer, TensorDamage, dtype_name
 from .errors import CheckpointError, DamageError, InputError
 from .formats import NumberFormat
 from .safetensors_format import (
@@ -32,6 +33,7 @@ from .safetensors_format import (
     TensorEntry,
     copy_range,
     encode_header,
+    pwrite_all,
     read_exact,
     read_header,
     write_all,
@@ -44,36 +46,59 @@ ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(bytes_done, bytes_total)`` while tensor data streams."""
 
 
+Output = tuple[tuple[str, ...], str, tuple[int, ...], int]
+"""One tensor written: (names, safetensors dtype code, shape, bytes)."""
+
+
 @dataclass(frozen=True)
 class PlannedTensor:
-    """One stored tensor to write: its names (tied ones share), source, action and output dtype code."""
+    """One stored tensor to write: its names (tied ones share), source, action and output dtype code.
+
+    ``action`` is ``"cast"``, ``"copied"``, ``"kept"`` or ``"quantized"``; a quantized item is the
+    weight of the Linear layer ``module`` and writes ``parts`` (its compressed-tensors layout).
+    """
 
     names: tuple[str, ...]
     entry: TensorEntry
     shard: SafetensorsHeader
     action: str
     out_dtype: str
+    parts: tuple[StoredPart, ...] = ()
+    module: str = ""
+
+    def outputs(self) -> list[Output]:
+        """Every tensor this item writes, in the order a quantizer yields them."""
+        if self.action == "quantized":
+            return [((f"{self.module}.{p.suffix}",), DTYPE_CODES[p.dtype], p.shape, p.nbytes)
+                    for p in self.parts]
+        return [(self.names, self.out_dtype, self.entry.shape,
+                 self.entry.numel * DTYPES[self.out_dtype].itemsize)]
 
     @property
     def out_nbytes(self) -> int:
-        return self.entry.numel * DTYPES[self.out_dtype].itemsize
+        return sum(output[3] for output in self.outputs())
+
+
+Placed = tuple[PlannedTensor, int, int, int]
+"""An output in its file: (item, index into ``item.outputs()``, begin, end) in data bytes."""
 
 
 @dataclass
 class PlannedShard:
-    """One output file: items ordered by element size (keeps every tensor aligned), then offsets."""
+    """One output file: outputs ordered by element size (keeps every tensor aligned), then offsets."""
 
     file: str
     items: list[PlannedTensor]
     metadata: dict[str, str]
 
-    def layout(self) -> tuple[bytes, list[tuple[PlannedTensor, int, int]]]:
-        placed, offset = [], 0
-        for item in sorted(self.items, key=lambda i: -DTYPES[i.out_dtype].itemsize):
-            placed.append((item, offset, offset + item.out_nbytes))
-            offset += item.out_nbytes
-        entries = [(name, item.out_dtype, item.entry.shape, begin, end)
-                   for item, begin, end in placed for name in item.names]
+    def layout(self) -> tuple[bytes, list[Placed]]:
+        outputs = [(item, index, out) for item in self.items for index, out in enumerate(item.outputs())]
+        outputs.sort(key=lambda o: -DTYPES[o[2][1]].itemsize)  # stable: source order within a size
+        placed, offset, entries = [], 0, []
+        for item, index, (names, dtype, shape, nbytes) in outputs:
+            placed.append((item, index, offset, offset + nbytes))
+            entries += [(name, dtype, shape, offset, offset + nbytes) for name in names]
+            offset += nbytes
         return encode_header(entries, self.metadata), placed
 
 
@@ -108,10 +133,18 @@ def parse_size(text: str | int | None) -> int | None:
     return int(float(match.group(1)) * units[match.group(2).upper()])
 
 
-def _plan_tensors(source: CheckpointSource, fmt: NumberFormat,
-                  keep: tuple[str, ...]) -> list[list[PlannedTensor]]:
+@dataclass(frozen=True)
+class Quantization:
+    """Which weights a conversion quantizes: ``layers`` maps a tensor name to its Linear module."""
+
+    fmt: NumberFormat
+    layers: dict[str, str]
+
+
+def _plan_tensors(source: CheckpointSource, cast_to: NumberFormat | None, keep: tuple[str, ...],
+                  quant: Quantization | None) -> list[list[PlannedTensor]]:
     """Per source shard, the stored tensors to write; tied names grouped into one item."""
-    target, matched, per_shard = DTYPE_CODES[fmt.torch_dtype], set(), []
+    target, matched, per_shard = DTYPE_CODES[cast_to.torch_dtype] if cast_to else None, set(), []
     for shard in source.shards:
         groups: dict[tuple[int, int] | str, list[TensorEntry]] = {}
         for entry in shard.tensors:
@@ -121,9 +154,7 @@ def _plan_tensors(source: CheckpointSource, fmt: NumberFormat,
             names = tuple(e.name for e in entries)
             hits = {p for p in keep for n in names if n == p or fnmatch.fnmatchcase(n, p)}
             matched |= hits
-            action = _action(entries[0].dtype, target, kept=bool(hits))
-            items.append(PlannedTensor(names, entries[0], shard, action,
-                                       target if action == "cast" else entries[0].dtype))
+            items.append(_plan_item(names, entries[0], shard, target, bool(hits), quant))
         per_shard.append(items)
     for pattern in keep:
         if pattern not in matched:
@@ -132,21 +163,34 @@ def _plan_tensors(source: CheckpointSource, fmt: NumberFormat,
     return per_shard
 
 
-def _action(dtype: str, target: str, kept: bool) -> str:
+def _plan_item(names: tuple[str, ...], entry: TensorEntry, shard: SafetensorsHeader, target: str | None,
+               kept: bool, quant: Quantization | None) -> PlannedTensor:
+    if quant is not None and not kept and names[0] in quant.layers:
+        parts = tuple(stored_parts(quant.fmt, entry.shape))
+        return PlannedTensor(names, entry, shard, "quantized", DTYPE_CODES[parts[0].dtype], parts,
+                             quant.layers[names[0]])
+    action = _action(entry.dtype, target, kept)
+    return PlannedTensor(names, entry, shard, action, target if action == "cast" else entry.dtype)
+
+
+def _action(dtype: str, target: str | None, kept: bool) -> str:
     """``"kept"`` (a keep pattern matched), ``"cast"``, or ``"copied"`` (not cast: bit for bit)."""
     if kept:
         return "kept"
-    return "cast" if dtype in CAST_DTYPES and dtype != target else "copied"
+    return "cast" if target and dtype in CAST_DTYPES and dtype != target else "copied"
 
 
-def plan_output(source: CheckpointSource, dst: Path, dst_is_file: bool, fmt: NumberFormat,
-                keep: tuple[str, ...], max_shard_bytes: int | None) -> OutputPlan:
+def plan_output(source: CheckpointSource, dst: Path, dst_is_file: bool, cast_to: NumberFormat | None,
+                keep: tuple[str, ...], max_shard_bytes: int | None,
+                quant: Quantization | None = None) -> OutputPlan:
     """Plan the output files: the source's own shards, or new ones of at most ``max_shard_bytes``.
 
-    Resharded files are named like transformers names them (``model-00001-of-00003.safetensors``,
-    with ``model.safetensors.index.json``); a single one is ``model.safetensors`` without an index.
+    ``cast_to`` is the dtype floating tensors are cast to (None: copied as they are); ``quant`` names
+    the weights stored quantized instead. Resharded files are named like transformers names them
+    (``model-00001-of-00003.safetensors``, with ``model.safetensors.index.json``); a single one is
+    ``model.safetensors`` without an index.
     """
-    per_shard = _plan_tensors(source, fmt, keep)
+    per_shard = _plan_tensors(source, cast_to, keep, quant)
     if max_shard_bytes is None:
         names = [dst.name if dst_is_file else s.path.name for s in source.shards]
         shards = [PlannedShard(n, items, s.metadata)
@@ -181,7 +225,8 @@ def _pack(items: list[PlannedTensor], max_bytes: int) -> list[list[PlannedTensor
 
 
 def write_shards(plan: OutputPlan, folder: Path, caster: ChunkCaster, strict: bool,
-                 progress: ProgressCallback | None) -> list[TensorDamage]:
+                 progress: ProgressCallback | None,
+                 quantizer: ChunkQuantizer | None = None) -> list[TensorDamage]:
     """Write every planned shard into ``folder``; return each stored tensor's damage, in output order.
 
     Raises:
@@ -197,27 +242,93 @@ def write_shards(plan: OutputPlan, folder: Path, caster: ChunkCaster, strict: bo
     with ExitStack() as stack:
         sources = _open_sources(plan, stack)
         for shard in plan.shards:
-            damage += _write_shard(shard, folder / shard.file, sources, caster, strict, tick)
+            writer = _ShardWriter(folder / shard.file, sources, caster, quantizer, tick)
+            damage += writer.write(shard, strict)
     return damage
 
 
-def _write_shard(shard: PlannedShard, path: Path, sources: dict[Path, int], caster: ChunkCaster,
-                 strict: bool, tick: Callable[[int], None]) -> list[TensorDamage]:
-    header, placed = shard.layout()
-    fd = _create(path)
-    damage = []
-    try:
-        write_all(fd, memoryview(header), path)
-        for position, (item, _, _) in enumerate(placed):
-            if position + 1 < len(placed):
-                _prefetch(placed[position + 1][0], sources)
-            result = _stream_item(item, sources[item.shard.path], fd, path, caster, tick)
-            if strict and result.lost_values:
-                raise _damage_error(result, caster.fmt)
-            damage.append(result)
-    finally:
-        os.close(fd)
-    return damage
+class _ShardWriter:
+    """Writes one output file: the header, then every output at its planned offset."""
+
+    def __init__(self, path: Path, sources: dict[Path, int], caster: ChunkCaster,
+                 quantizer: ChunkQuantizer | None, tick: Callable[[int], None]):
+        self.path, self.sources, self.tick = path, sources, tick
+        self.caster, self.quantizer = caster, quantizer
+
+    def write(self, shard: PlannedShard, strict: bool) -> list[TensorDamage]:
+        header, placed = shard.layout()
+        starts = part_offsets(placed, len(header))
+        fd, damage = _create(self.path), []
+        try:
+            write_all(fd, memoryview(header), self.path)
+            for position, (item, index, begin, _) in enumerate(placed):
+                if position + 1 < len(placed):
+                    _prefetch(placed[position + 1][0], self.sources)
+                if index:  # a quantized item's later parts: written with its first
+                    continue
+                result = self._write_item(item, fd, len(header) + begin, starts)
+                if strict and result.lost_values:
+                    raise _damage_error(result, self.quantizer.fmt if self.quantizer and
+                                        item.action == "quantized" else self.caster.fmt)
+                damage.append(result)
+        finally:
+            os.close(fd)
+        return damage
+
+    def _write_item(self, item: PlannedTensor, fd: int, start: int,
+                    starts: dict[int, list[int]]) -> TensorDamage:
+        src_fd = self.sources[item.shard.path]
+        if item.action != "quantized":
+            os.lseek(fd, start, os.SEEK_SET)  # sequential unless quantized parts sit in between
+            return _stream_item(item, src_fd, fd, self.path, self.caster, self.tick)
+        positions, result = list(starts[id(item)]), _quantized_damage(item, self.quantizer)
+        for chunk, damage, nbytes in quantized_chunks(item, src_fd, self.quantizer):
+            for part, data in enumerate(chunk):
+                if data is not None:
+                    pwrite_all(fd, data, positions[part], self.path)
+                    positions[part] += len(data)
+            result = result.merged(damage)
+            self.tick(nbytes)
+        return result
+
+
+def part_offsets(placed: list[Placed], data_start: int) -> dict[int, list[int]]:
+    """File offset of every part of each quantized item (keyed by ``id(item)``), in part order."""
+    starts: dict[int, dict[int, int]] = {}
+    for item, index, begin, _ in placed:
+        if item.action == "quantized":
+            starts.setdefault(id(item), {})[index] = data_start + begin
+    return {key: [found[i] for i in sorted(found)] for key, found in starts.items()}
+
+
+def _quantized_damage(item: PlannedTensor, quantizer: ChunkQuantizer) -> TensorDamage:
+    entry = item.entry
+    return TensorDamage(entry.name, dtype_name(entry.torch_dtype), quantizer.fmt.name, "quantized",
+                        entry.numel, aliases=item.names[1:])
+
+
+def quantized_chunks(item: PlannedTensor, src_fd: int, quantizer: ChunkQuantizer):
+    """Quantize ``item``'s rows chunk by chunk: yield (bytes per part, or None where a whole-tensor
+    part was already given; the chunk's damage; source bytes read)."""
+    entry = item.entry
+    rows, cols = entry.shape
+    row_bytes, start = cols * entry.torch_dtype.itemsize, item.shard.data_start + entry.begin
+    for first, count in quantizer.row_chunks(rows, cols):
+        view = quantizer.buffer(count * row_bytes)
+        read_exact(src_fd, view, start + first * row_bytes, item.shard.path, entry.name)
+        try:
+            qt, damage = quantizer.quantize(entry.torch_dtype, count, cols)
+        except InputError as exc:
+            raise InputError(f"tensor {entry.name!r}: {exc}; or keep the layer dense with "
+                             f"--keep {entry.name!r}") from None
+        parts = to_parts(qt, (rows, cols))
+        yield [None if first and suffix in WHOLE_TENSOR_PARTS else tensor_bytes(tensor)
+               for suffix, tensor in parts.items()], damage, len(view)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor (any dtype, float8 included)."""
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def _prefetch(item: PlannedTensor, sources: dict[Path, int]) -> None:
@@ -266,15 +377,18 @@ def _stream_item(item: PlannedTensor, src_fd: int, dst_fd: int, path: Path, cast
 
 
 def _damage_error(damage: TensorDamage, fmt: NumberFormat) -> DamageError:
-    return DamageError(f"tensor {damage.name!r}: {damage.overflowed} values overflow and "
-                       f"{damage.flushed_to_zero} flush to zero in {fmt.name}; nothing was written "
-                       f"(--strict): keep it with --keep {damage.name!r} or drop --strict")
+    lost = (f"{damage.overflowed} values are clamped beyond what {fmt.name}'s codes reach"
+            if damage.action == "quantized" else
+            f"{damage.overflowed} values overflow and {damage.flushed_to_zero} flush to zero in {fmt.name}")
+    return DamageError(f"tensor {damage.name!r}: {lost}; nothing was written (--strict): keep it with "
+                       f"--keep {damage.name!r} or drop --strict")
 
 
 def write_index(plan: OutputPlan, folder: Path) -> None:
     if plan.index_name is None:
         return
-    weight_map = {name: shard.file for shard in plan.shards for item in shard.items for name in item.names}
+    weight_map = {name: shard.file for shard in plan.shards for item in shard.items
+                  for names, *_ in item.outputs() for name in names}
     total = sum(item.out_nbytes for item in plan.items)
     index = {"metadata": {**plan.index_metadata, "total_size": total},
              "weight_map": dict(sorted(weight_map.items()))}
@@ -289,14 +403,16 @@ def _write_text(path: Path, text: str) -> None:
                               "output folder; nothing was kept") from exc
 
 
-def copy_extra(src: CheckpointSource, extra: list[Path], folder: Path, fmt: NumberFormat,
-                plan: OutputPlan) -> bool:
-    """Copy the folder's other files; rewrite config.json's dtype fields when tensors were cast."""
+def copy_extra(src: CheckpointSource, extra: list[Path], folder: Path, cast_to: NumberFormat | None,
+               plan: OutputPlan, quantization_config: dict | None = None) -> bool:
+    """Copy the folder's other files; rewrite config.json's dtype fields when tensors were cast, and
+    add ``quantization_config`` when weights were quantized."""
     config_updated = False
+    cast = cast_to if any(i.action == "cast" for i in plan.items) else None
     for path in extra:
         try:
-            if path.name == "config.json" and any(i.action == "cast" for i in plan.items):
-                config_updated = _write_config(path, folder / path.name, fmt)
+            if path.name == "config.json" and (cast or quantization_config):
+                config_updated = _write_config(path, folder / path.name, cast, quantization_config)
             elif path.is_dir():
                 shutil.copytree(path, folder / path.name)
             else:
@@ -307,26 +423,40 @@ def copy_extra(src: CheckpointSource, extra: list[Path], folder: Path, fmt: Numb
     return config_updated
 
 
-def _write_config(source: Path, target: Path, fmt: NumberFormat) -> bool:
-    """Copy config.json with its ``torch_dtype`` / ``dtype`` keys (where present) set to the format."""
+def read_config(path: Path) -> dict:
+    """A config.json as a dict, or a one-line CheckpointError."""
     try:
-        config = json.loads(source.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{source}: not valid JSON ({exc}): fix or remove it") from None
+        raise CheckpointError(f"{path}: not valid JSON ({exc}): fix or remove it") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON object: fix or remove it")
+    return config
+
+
+def _write_config(source: Path, target: Path, cast: NumberFormat | None,
+                  quantization_config: dict | None) -> bool:
+    """Copy config.json with its ``torch_dtype`` / ``dtype`` keys (where present) set to the cast's
+    dtype, and the quantization config added."""
+    config = read_config(source)
     sections = [config] + [v for k, v in config.items() if k.endswith("_config") and isinstance(v, dict)]
     updated = False
-    for section in sections:
+    for section in sections if cast else []:
         for key in ("torch_dtype", "dtype"):
             if key in section:
-                section[key], updated = dtype_name(fmt.torch_dtype), True
+                section[key], updated = dtype_name(cast.torch_dtype), True
+    if quantization_config:
+        config["quantization_config"], updated = quantization_config, True
     _write_text(target, json.dumps(config, indent=2) + "\n")
     return updated
 
 
 # ------------------------------------------------------------------------------------------- verify
 
-def verify_output(plan: OutputPlan, folder: Path, caster: ChunkCaster) -> None:
-    """Re-read every output tensor and check it equals the cast (or copy) of its source, bit for bit.
+def verify_output(plan: OutputPlan, folder: Path, caster: ChunkCaster,
+                  quantizer: ChunkQuantizer | None = None) -> None:
+    """Re-read every output tensor and check it equals the cast, copy or quantization of its source,
+    bit for bit.
 
     Raises:
         CheckpointError: naming the first shard and tensor that differ.
@@ -336,17 +466,46 @@ def verify_output(plan: OutputPlan, folder: Path, caster: ChunkCaster) -> None:
         sources = _open_sources(plan, stack)
         for shard in plan.shards:
             path = folder / shard.file
-            header = read_header(path)
-            expected = {n: (i.out_dtype, i.entry.shape) for i in shard.items for n in i.names}
-            if {e.name: (e.dtype, e.shape) for e in header.tensors} != expected:
-                raise CheckpointError(f"{path}: verification failed: its header does not list the "
-                                      "tensors planned; nothing was kept")
+            header = _verified_header(path, shard)
             fd = os.open(path, os.O_RDONLY)
             stack.callback(os.close, fd)
-            offsets = {e.name: e for e in header.tensors}
+            offsets = {e.name: header.data_start + e.begin for e in header.tensors}
             for item in shard.items:
-                _verify_item(item, sources[item.shard.path], fd,
-                             header.data_start + offsets[item.names[0]].begin, path, caster, check)
+                starts = [offsets[names[0]] for names, *_ in item.outputs()]
+                if item.action == "quantized":
+                    _verify_quantized(item, sources[item.shard.path], fd, starts, path, quantizer)
+                else:
+                    _verify_item(item, sources[item.shard.path], fd, starts[0], path, caster, check)
+
+
+def _verified_header(path: Path, shard: PlannedShard) -> SafetensorsHeader:
+    """The output file's header, checked to list exactly the planned tensors."""
+    header = read_header(path)
+    expected = {n: (dtype, tuple(shape)) for i in shard.items for names, dtype, shape, _ in i.outputs()
+                for n in names}
+    if {e.name: (e.dtype, tuple(e.shape)) for e in header.tensors} != expected:
+        raise CheckpointError(f"{path}: verification failed: its header does not list the "
+                              "tensors planned; nothing was kept")
+    return header
+
+
+def _verify_quantized(item: PlannedTensor, src_fd: int, out_fd: int, starts: list[int], path: Path,
+                      quantizer: ChunkQuantizer) -> None:
+    positions = list(starts)
+    for chunk, _, _ in quantized_chunks(item, src_fd, quantizer):
+        for part, expected in enumerate(chunk):
+            if expected is None:
+                continue
+            actual = bytearray(len(expected))
+            read_exact(out_fd, memoryview(actual), positions[part], path, item.entry.name)
+            if actual != expected:
+                raise _verify_error(path, item.outputs()[part][0][0], "quantization")
+            positions[part] += len(expected)
+
+
+def _verify_error(path: Path, name: str, operation: str) -> CheckpointError:
+    return CheckpointError(f"{path}: tensor {name!r}: verification failed, the bytes written differ from "
+                           f"the {operation} of the source; nothing was kept")
 
 
 def _verify_item(item: PlannedTensor, src_fd: int, out_fd: int, out_start: int, path: Path,
@@ -365,5 +524,4 @@ def _verify_item(item: PlannedTensor, src_fd: int, out_fd: int, out_start: int, 
         read_exact(out_fd, actual, out_start + first * out_itemsize, path, entry.name)
         if not torch.equal(torch.frombuffer(expected, dtype=torch.uint8),
                            torch.frombuffer(actual, dtype=torch.uint8)):
-            raise CheckpointError(f"{path}: tensor {entry.name!r}: verification failed, the bytes "
-                                  "written differ from the cast of the source; nothing was kept")
+            raise _verify_error(path, entry.name, "cast")

@@ -304,7 +304,11 @@ class ProgressLine:
 
 @cli.command("convert")
 @click.argument("src")
-@click.option("--to", "fmt", required=True, help="Target dtype: bf16, fp16, fp32 (or aliases).")
+@click.option("--to", "fmt", required=True,
+              help="Target: bf16, fp16, fp32, fp8_e4m3:cast (plain casts), or int8, int4:g128, fp8_e4m3 "
+                   "(Linear weights quantized, compressed-tensors layout, needs a model folder).")
+@click.option("--dense", metavar="DTYPE",
+              help="With a quantized --to: cast the tensors left dense (embeddings, norms) to bf16 / fp16.")
 @click.option("-o", "--output", required=True,
               help="Destination folder (or a .safetensors file when SRC is one file).")
 @click.option("--keep", multiple=True, metavar="NAME|GLOB",
@@ -314,19 +318,20 @@ class ProgressLine:
 @click.option("--force", is_flag=True, help="Replace an existing destination.")
 @click.option("--verify", is_flag=True, help="Re-read the output and check it bit for bit.")
 @click.option("--strict", is_flag=True, help="Refuse (exit 3, nothing written) if any value overflows "
-                                             "or flushes to zero.")
+                                             "or flushes to zero (quantized: is clamped).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write every tensor's damage counts to this JSON file.")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 @json_option
-def convert_cmd(src: str, fmt: str, output: str, keep: tuple[str, ...], max_shard_size: str | None,
-                force: bool, verify: bool, strict: bool, report_path: Path | None, quiet: bool,
-                as_json: bool) -> None:
-    """Convert a safetensors file or model folder SRC to another dtype, tensor by tensor."""
+def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[str, ...],
+                max_shard_size: str | None, force: bool, verify: bool, strict: bool,
+                report_path: Path | None, quiet: bool, as_json: bool) -> None:
+    """Convert a safetensors file or model folder SRC to another format, tensor by tensor."""
     progress = ProgressLine() if not quiet and not as_json and sys.stderr.isatty() else None
     try:
         result = convert_checkpoint(src, output, fmt, keep=keep, max_shard_size=max_shard_size,
-                                    force=force, verify=verify, strict=strict, progress=progress)
+                                    force=force, verify=verify, strict=strict, progress=progress,
+                                    dense=dense)
     finally:
         if progress is not None:
             progress.close()

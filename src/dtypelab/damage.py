@@ -9,6 +9,7 @@ zero, values that became subnormal, and the largest relative error among values 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -16,6 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .formats import NumberFormat
+from .qtensor import QuantizedTensor, quantize_tensor, saturated_count
 
 CHUNK_ELEMENTS = 1 << 20
 """Elements per chunk: 4 MiB of float32, small enough to stay in cache across the counting passes."""
@@ -38,6 +40,8 @@ class TensorDamage:
         max_rel_error: largest ``|cast - source| / |source|`` over finite non-zero source values that
             did not overflow (a flushed value counts 1.0).
         aliases: other names tied to the same data.
+        signal_sq, noise_sq: sums of ``source²`` and ``(stored - source)²`` (quantized tensors only,
+            where rounding error is the point: they give :attr:`sqnr_db`).
     """
 
     name: str
@@ -50,18 +54,34 @@ class TensorDamage:
     subnormal: int = 0
     max_rel_error: float = 0.0
     aliases: tuple[str, ...] = ()
+    signal_sq: float = 0.0
+    noise_sq: float = 0.0
 
     @property
     def lost_values(self) -> int:
-        """Values destroyed outright (overflowed or flushed); what ``--strict`` refuses."""
+        """Values destroyed outright; what ``--strict`` refuses. A cast loses values that overflow or
+        flush to zero; a quantized tensor those clamped beyond its codes' reach (flushing small values
+        onto the zero code is what a coarse grid does, and its SQNR reports it)."""
+        if self.action == "quantized":
+            return self.overflowed
         return self.overflowed + self.flushed_to_zero
+
+    @property
+    def sqnr_db(self) -> float | None:
+        """Signal-to-quantization-noise ratio in dB (quantized tensors; inf when exact)."""
+        if self.action != "quantized" and not self.noise_sq:
+            return None
+        if not self.noise_sq:
+            return math.inf
+        return 10 * math.log10(self.signal_sq / self.noise_sq) if self.signal_sq else -math.inf
 
     def merged(self, other: TensorDamage) -> TensorDamage:
         """Add the counts of another chunk of the same tensor."""
         return replace(self, overflowed=self.overflowed + other.overflowed,
                        flushed_to_zero=self.flushed_to_zero + other.flushed_to_zero,
                        subnormal=self.subnormal + other.subnormal,
-                       max_rel_error=max(self.max_rel_error, other.max_rel_error))
+                       max_rel_error=max(self.max_rel_error, other.max_rel_error),
+                       signal_sq=self.signal_sq + other.signal_sq, noise_sq=self.noise_sq + other.noise_sq)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -195,3 +215,55 @@ class ChunkCaster:
         rel.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # overflow counted above, not an error size
         max_rel = float(rel.max()) if count else 0.0
         return TensorDamage("", "", "", "cast", count, overflowed, flushed, subnormal, max_rel)
+
+
+def quantization_damage(source: torch.Tensor, qt: QuantizedTensor) -> TensorDamage:
+    """What quantizing ``source`` (rows, cols) into ``qt`` did: clamped and flushed values, the
+    largest relative error and the squared sums behind the SQNR (name fields empty)."""
+    values = source.float()
+    error = qt.dequantize(torch.float32).reshape(values.shape) - values  # (rows, cols)
+    nonzero = values != 0
+    flushed = int(torch.count_nonzero(nonzero & (error == -values)))
+    rel = (error.abs() / values.abs()).masked_fill_(~nonzero, 0.0)
+    return TensorDamage("", "", "", "quantized", values.numel(), saturated_count(values, qt), flushed,
+                        max_rel_error=float(rel.max()) if values.numel() else 0.0,
+                        signal_sq=float(values.double().square().sum()),
+                        noise_sq=float(error.double().square().sum()))
+
+
+class ChunkQuantizer:
+    """Quantizes a weight's rows a chunk at a time, through one read buffer that grows to fit.
+
+    Scales are per row or per group of a row, so chunks of whole rows give exactly the codes of the
+    whole tensor; a per-tensor scale needs every row at once (one chunk).
+
+    Args:
+        fmt: the quantized format.
+        chunk_elements: about how many elements a chunk holds (at least 32 rows).
+    """
+
+    ROWS_MULTIPLE = 32  # packed zero points hold 32 / bits rows per int32 word: chunks never split one
+
+    def __init__(self, fmt: NumberFormat, chunk_elements: int = CHUNK_ELEMENTS):
+        self.fmt, self.chunk_elements, self.raw = fmt, chunk_elements, bytearray()
+
+    def row_chunks(self, rows: int, cols: int) -> list[tuple[int, int]]:
+        """``(first row, row count)`` per chunk."""
+        if self.fmt.granularity == "tensor":
+            return [(0, rows)]
+        step = max(self.ROWS_MULTIPLE, self.chunk_elements // max(cols, 1) // self.ROWS_MULTIPLE
+                   * self.ROWS_MULTIPLE)
+        return [(first, min(step, rows - first)) for first in range(0, rows, step)]
+
+    def buffer(self, nbytes: int) -> memoryview:
+        """The read buffer's first ``nbytes`` (grown, never shrunk, so it is reused)."""
+        if len(self.raw) < nbytes:
+            self.raw = bytearray(nbytes)
+        return memoryview(self.raw)[:nbytes]
+
+    def quantize(self, source_dtype: torch.dtype, rows: int,
+                 cols: int) -> tuple[QuantizedTensor, TensorDamage]:
+        """Quantize the ``rows`` x ``cols`` values held at the start of the buffer."""
+        source = torch.frombuffer(self.raw, dtype=source_dtype, count=rows * cols).reshape(rows, cols)
+        qt = quantize_tensor(source, self.fmt)
+        return qt, quantization_damage(source, qt)

@@ -14,6 +14,7 @@ A spec string picks a registry entry and sets its options (see ``GRAMMAR``)::
     int4:g128:mse    scales from a clipping search minimising the mean squared error
     int8:sfp16       int8 with fp16 instead of fp32 scales
     int8:a8          W8A8: weights int8, activations int8 per token (dynamic, emulated)
+    fp8_e4m3:cast    no scale at all: a plain saturating cast of every element (fp8 checkpoints)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .report import Table, TableMixin
 
 Codec = FloatCodec | IntCodec | TableCodec
 
-GRAMMAR = ("NAME[:tensor|:channel|:gN][:sym|:asym][:absmax|:mse][:sfp32|:sfp16|:sbf16][:a8|:afp8], "
+GRAMMAR = ("NAME[:tensor|:channel|:gN|:cast][:sym|:asym][:absmax|:mse][:sfp32|:sfp16|:sbf16][:a8|:afp8], "
            "e.g. int4:g128, int4:g64:asym, int8:channel, fp8_e4m3:tensor, int4:g128:mse, int8:a8, mxfp4")
 
 E4M3 = FloatCodec(4, 3, 7, overflow="saturate")
@@ -99,14 +100,13 @@ class NumberFormat:
 
     @property
     def raw_castable(self) -> bool:
-        """Elements can be written as a plain torch cast, scales left out (fp8 checkpoints): a torch
-        floating dtype and no fixed block structure (MX / NVFP4 need their block scales)."""
-        return self.is_floating_point and not self.fixed_layout
+        """Elements are a plain torch cast with no scale: fp32 / fp16 / bf16, and fp8 with ``:cast``."""
+        return self.is_floating_point and self.granularity == "none"
 
     @property
     def is_quantized(self) -> bool:
         """True when elements need a scale: storing the model takes :func:`dtypelab.quantize`."""
-        return self.codec is not None
+        return self.codec is not None and self.granularity != "none"
 
     @property
     def element_codec(self) -> Codec | None:
@@ -187,8 +187,10 @@ class NumberFormat:
         no absmax and are stored exactly), so any activation can be rounded; storing a weight that way
         is refused instead (see quantize_tensor).
         """
-        if self.codec is None:
-            return tensor.to(self.torch_dtype).to(tensor.dtype)
+        if not self.is_quantized:  # saturating codecs (e4m3) clamp first, as the stored cast does
+            clamped = tensor.clamp(-self.max_finite, self.max_finite) if self.codec and \
+                self.codec.overflow == "saturate" else tensor
+            return clamped.to(self.torch_dtype).to(tensor.dtype)
         from .qtensor import quantize_tensor  # qtensor builds on formats
 
         cols = tensor.shape[-1] if tensor.dim() else 1
@@ -259,6 +261,10 @@ def get_format(spec: str | torch.dtype | NumberFormat) -> NumberFormat:
     fmt = _BY_NAME[head]
     for option in options:
         fmt = _apply_option(fmt, option, str(spec))
+    if fmt.codec is not None and fmt.granularity == "none" and \
+            (fmt.scale_format or fmt.activations or fmt.scale_search != "absmax"):
+        raise UnknownFormatError(f"format spec {spec!r}: :cast stores no scale, so it takes no scale, "
+                                 "search or activation option; drop them")
     return dataclasses.replace(fmt, name=canonical_name(fmt)) if options else fmt
 
 
@@ -282,6 +288,7 @@ def _option_changes(option: str) -> dict | None:
     """The fields an option sets, or None when it is not an option of the grammar."""
     fixed = {"tensor": {"granularity": "tensor", "group_size": None},
              "channel": {"granularity": "channel", "group_size": None},
+             "cast": {"granularity": "none", "group_size": None, "scale_format": None},
              "sym": {"symmetric": True}, "asym": {"symmetric": False},
              "absmax": {"scale_search": "absmax"}, "mse": {"scale_search": "mse"},
              "a8": {"activations": "int8"}, "aint8": {"activations": "int8"},
@@ -299,6 +306,8 @@ def _option_problem(fmt: NumberFormat, changes: dict) -> str | None:
     """Why these changes do not apply to ``fmt`` (None when they do)."""
     if fmt.codec is None:
         return f"{fmt.name} is a plain torch dtype and takes no options"
+    if changes.get("granularity") == "none" and not fmt.is_floating_point:
+        return f"{fmt.name} needs a scale (only floating formats cast without one); :cast applies to fp8"
     if "granularity" in changes and fmt.fixed_layout:
         return f"{fmt.name} has a fixed block of {fmt.group_size}; drop the granularity option"
     if changes.get("group_size") is not None and changes["group_size"] < 2:
@@ -314,10 +323,12 @@ def canonical_name(fmt: NumberFormat) -> str:
     """The shortest spec that gives back ``fmt``: base name, layout, then non-default options."""
     parts = [fmt.base]
     if not fmt.fixed_layout and fmt.codec is not None:
-        parts.append(f"g{fmt.group_size}" if fmt.granularity == "group" else fmt.granularity)
+        layout = {"group": f"g{fmt.group_size}", "none": "cast"}
+        parts.append(layout.get(fmt.granularity, fmt.granularity))
     parts += [] if fmt.symmetric else ["asym"]
     parts += ["mse"] if fmt.scale_search == "mse" else []
-    parts += [f"s{fmt.scale_format}"] if fmt.scale_format != _BY_NAME[fmt.base].scale_format else []
+    default_scale = _BY_NAME[fmt.base].scale_format
+    parts += [f"s{fmt.scale_format}"] if fmt.scale_format not in (None, default_scale) else []
     parts += {"int8": ["a8"], "fp8": ["afp8"]}.get(fmt.activations, [])
     return ":".join(parts)
 

@@ -392,12 +392,19 @@ def _index_shards(folder: Path) -> set[str]:
 def _from_pretrained(path: Path, dtype: str | torch.dtype, use_safetensors: bool) -> LoadedModel:
     import transformers
 
+    from .compressed import build_quantized_model, quantization_scheme
+
     torch_dtype = "auto" if dtype == "auto" else compute_dtype(dtype)
     try:
         config = transformers.AutoConfig.from_pretrained(path)
-        with _no_progress_bars():
-            model = _model_class(config).from_pretrained(path, dtype=torch_dtype,
-                                                         use_safetensors=use_safetensors)
+        scheme = quantization_scheme(config)
+        if scheme is not None:  # compressed-tensors: dtypelab's own quantized modules, no extra package
+            model = build_quantized_model(path, config, scheme, model_class(config),
+                                          None if torch_dtype == "auto" else torch_dtype)
+        else:
+            with _no_progress_bars():
+                model = model_class(config).from_pretrained(path, dtype=torch_dtype,
+                                                            use_safetensors=use_safetensors)
     except (OSError, ValueError, KeyError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelSpecError(f"transformers cannot load {path} ({reason}): check config.json matches "
@@ -417,7 +424,7 @@ def compute_dtype(fmt: str | torch.dtype) -> torch.dtype:
     return _castable_dtype(get_format(fmt))
 
 
-def _model_class(config: object) -> type:
+def model_class(config: object) -> type:
     """The class named in ``config.architectures`` (what save_pretrained wrote), else AutoModel."""
     import transformers
 

@@ -283,3 +283,24 @@ def _select_rows(tensor: torch.Tensor | None, rows: torch.Tensor | None) -> torc
     if tensor is None or rows is None or tensor.shape[0] == 1:
         return tensor
     return tensor[rows]
+
+
+def saturated_count(tensor: torch.Tensor, qt: QuantizedTensor) -> int:
+    """How many values of ``tensor`` lie beyond what their block's codes reach in ``qt``.
+
+    Those were clamped (by an ``:mse`` clip, or a scale rounded down), not merely rounded: a value is
+    counted when, divided by its scale, it falls more than half a step outside the codec's range.
+    """
+    blocks = _blocks(_as_rows(tensor), qt.fmt)  # (rows, blocks, block)
+    scaled = _scaled(blocks, _decoded_scale(qt.scale, qt.tensor_scale), qt.zero_point)
+    low, high = _reach(qt.fmt.element_codec)
+    return int(torch.count_nonzero((scaled < low) | (scaled > high)))
+
+
+def _reach(codec) -> tuple[float, float]:
+    """The scaled values that round onto the codec's codes: its range widened by half a step."""
+    if isinstance(codec, IntCodec):
+        return codec.min_value - 0.5, codec.max_finite + 0.5
+    top = codec.max_finite
+    half_step = 2.0 ** (math.floor(math.log2(top)) - getattr(codec, "man_bits", 0) - 1)
+    return -(top + half_step), top + half_step

@@ -77,10 +77,20 @@ class QuantizedLinear(_QuantizedWeight):
     """``nn.Linear`` with a packed weight, dequantized to the input dtype in forward."""
 
     def __init__(self, linear: nn.Linear, fmt: NumberFormat):
-        super().__init__(quantize_tensor(linear.weight, fmt), linear.weight.dtype)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
-                                                                  requires_grad=False)
+        self._setup(quantize_tensor(linear.weight, fmt), linear.weight.dtype, linear.bias)
+
+    @classmethod
+    def from_qtensor(cls, qt: QuantizedTensor, bias: torch.Tensor | None,
+                     compute_dtype: torch.dtype) -> QuantizedLinear:
+        """A layer around codes already quantized (a compressed checkpoint's), ``qt.shape`` = (out, in)."""
+        layer = cls.__new__(cls)
+        layer._setup(qt, compute_dtype, bias)
+        return layer
+
+    def _setup(self, qt: QuantizedTensor, compute_dtype: torch.dtype, bias: torch.Tensor | None) -> None:
+        super().__init__(qt, compute_dtype)
+        self.out_features, self.in_features = qt.shape
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         x = quantize_activations(x, self.fmt.activations)
@@ -214,7 +224,7 @@ def _quantize_one(model: nn.Module, name: str, fmt: NumberFormat, reason: str) -
     except InputError as err:
         module.weight = nn.Parameter(module.weight.detach().clone(), module.weight.requires_grad)
         return LayerOutcome(name, kind, False, str(err), before, before)
-    _set_submodule(model, name, replacement)
+    set_submodule(model, name, replacement)
     return LayerOutcome(name, kind, True, "", before, replacement.qtensor.nbytes)
 
 
@@ -235,7 +245,7 @@ def _skip_reason(name, module, include, exclude, tied) -> str:
     return ""
 
 
-def _set_submodule(model: nn.Module, name: str, replacement: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, replacement: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, replacement)

@@ -277,6 +277,16 @@ def write_all(fd: int, view: memoryview, path: Path) -> None:
             raise _write_error(path, exc) from exc
 
 
+def pwrite_all(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    """Write all of ``view`` at byte ``offset`` of the file (the file position is left alone)."""
+    done = 0
+    while done < len(view):
+        try:
+            done += os.pwrite(fd, view[done:], offset + done)
+        except OSError as exc:
+            raise _write_error(path, exc) from exc
+
+
 def copy_range(src_fd: int, dst_fd: int, offset: int, count: int, buffer: bytearray,
                paths: tuple[Path, Path], name: str) -> None:
     """Copy ``count`` bytes from ``src_fd`` at ``offset`` to the current position of ``dst_fd``.
