@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError, InputError, ModelSpecError, NotRunnableError
+from .errors import CheckpointError, DtypelabError, InputError, ModelSpecError, NotRunnableError
 
 
 class DummyModel(nn.Module):
@@ -405,6 +405,8 @@ def _from_pretrained(path: Path, dtype: str | torch.dtype, use_safetensors: bool
             with _no_progress_bars():
                 model = model_class(config).from_pretrained(path, dtype=torch_dtype,
                                                             use_safetensors=use_safetensors)
+    except DtypelabError:
+        raise
     except (OSError, ValueError, KeyError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelSpecError(f"transformers cannot load {path} ({reason}): check config.json matches "

@@ -1,0 +1,314 @@
+"""The compressed-tensors layout: parts, packing by hand, the package's own decompression, convert
+end to end (dtypelab and transformers load the result), and every refusal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dtypelab
+from dtypelab import compressed
+from dtypelab.checkpoint import convert_checkpoint
+from dtypelab.errors import DamageError, InputError, UnknownFormatError
+from dtypelab.formats import get_format
+from dtypelab.packing import pack_nibbles
+from dtypelab.qtensor import QuantizedTensor, quantize_tensor
+from dtypelab.quantize import QuantizedLinear, quantize_model
+from helpers import run_cli
+
+# Every layout the writer produces: pack-quantized (int, weight-only), int-/float-quantized (with
+# activations), naive-quantized (fp8 weight-only); each granularity, symmetric and asymmetric.
+SPECS = ["int8", "int4:g128", "fp8_e4m3", "int4:g32:asym", "int8:asym", "int8:tensor", "int8:tensor:asym",
+         "int4:channel:asym", "int4:channel", "fp8_e4m3:tensor", "fp8_e4m3:g64", "int8:a8",
+         "int4:g64:a8:asym", "fp8_e4m3:afp8", "int4:g128:sbf16", "int4:g128:mse"]
+# 70 rows: not a multiple of 32 (chunks) nor of 8 (zero points packed along rows); 256 columns
+# divide every group size above. The odd-width case runs on per-row formats only.
+SHAPES = [(70, 256), (64, 128)]
+
+
+def weight(shape, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator) * 0.05
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_parts_are_planned_from_the_shape_and_round_trip(spec, shape):
+    fmt = get_format(spec)
+    qt = quantize_tensor(weight(shape), fmt)
+    parts = compressed.to_parts(qt)
+    planned = compressed.stored_parts(fmt, shape)
+    assert [(p.suffix, p.dtype, p.shape) for p in planned] == [
+        (name, t.dtype, tuple(t.shape)) for name, t in parts.items()]
+    back = compressed.from_parts(compressed.format_from_scheme(
+        compressed.quantization_config(fmt, [])["config_groups"]["group_0"], parts["weight_scale"].dtype),
+        parts, shape)
+    assert torch.equal(back.data.view(torch.uint8), qt.data.view(torch.uint8))
+    assert torch.equal(back.scale, qt.scale)
+    assert torch.equal(back.dequantize(), qt.dequantize())
+
+
+@pytest.mark.parametrize("spec", ["int4:channel", "int4:channel:asym", "int8:asym", "fp8_e4m3"])
+def test_odd_row_length_packs_and_unpacks(spec):
+    fmt = get_format(spec)
+    qt = quantize_tensor(weight((9, 37)), fmt)  # 37 codes: the last int32 word is partly padding
+    parts = compressed.to_parts(qt)
+    assert torch.equal(compressed.from_parts(fmt, parts, (9, 37)).dequantize(), qt.dequantize())
+
+
+@pytest.mark.parametrize("spec", ["int4:g32:asym", "int8:channel:asym", "fp8_e4m3", "int4:g128"])
+def test_row_chunks_concatenate_to_the_whole_tensor(spec):
+    # the writer appends 32-row chunks part by part: that must equal the parts of the whole tensor
+    fmt, full = get_format(spec), weight((100, 256))
+    whole = compressed.to_parts(quantize_tensor(full, fmt))
+    chunks = [compressed.to_parts(quantize_tensor(full[i:i + 32], fmt), (100, 256))
+              for i in range(0, 100, 32)]
+    for name, tensor in whole.items():
+        if name in compressed.WHOLE_TENSOR_PARTS:
+            assert all(torch.equal(c[name], tensor) for c in chunks)
+        else:
+            assert torch.equal(torch.cat([c[name] for c in chunks]), tensor), name
+
+
+def test_int4_packing_by_hand():
+    # codes q = -8..7 in one row, scale 1: compressed-tensors stores q + 8 = 0..15, element i at bits 4i
+    codes = torch.arange(-8, 8, dtype=torch.int16).reshape(1, 16)
+    qt = QuantizedTensor(get_format("int4:channel"), (1, 16), pack_nibbles(codes),
+                         torch.ones(1, 1, 1, dtype=torch.float16))
+    words = compressed.to_parts(qt)["weight_packed"]
+    expected = [sum((q + 8) << (4 * i) for i, q in enumerate(range(-8, 0))),
+                sum((q + 8) << (4 * i) for i, q in enumerate(range(0, 8)))]
+    assert words.tolist() == [[torch.tensor(w, dtype=torch.int64).to(torch.int32).item() for w in expected]]
+
+
+def test_int8_asymmetric_zero_point_by_hand():
+    # asym int8 codes u in 0..255 are stored as q = u - 128; the zero point likewise, packed 4 rows a word
+    fmt = get_format("int8:channel:asym")
+    zero_points = torch.tensor([1, 2, 3, 130], dtype=torch.uint8).reshape(4, 1, 1)
+    qt = QuantizedTensor(fmt, (4, 4), torch.tensor([[0, 128, 255, 1]] * 4, dtype=torch.uint8),
+                         torch.ones(4, 1, 1), zero_points)
+    parts = compressed.to_parts(qt)
+    assert parts["weight_packed"][0].item() == int.from_bytes(bytes([0, 128, 255, 1]), "little")
+    packed_zp = int.from_bytes(bytes([1, 2, 3, 130]), "little", signed=True)  # rows 0..3 in one word
+    assert parts["weight_zero_point"].tolist() == [[packed_zp]]
+
+
+@pytest.mark.parametrize("spec", ["nf4", "mxfp4", "nvfp4", "mxfp8", "fp8_e5m2", "fp8_e4m3:cast"])
+def test_formats_without_a_layout_are_refused(spec):
+    with pytest.raises(InputError, match="compressed-tensors layout"):
+        compressed.check_supported(get_format(spec))
+
+
+# ------------------------------------------------------------------------ the package itself
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_compressed_tensors_decompresses_to_dtypelab_weights(spec):
+    ct = pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.compressors.format import infer_module_format
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+    fmt = get_format(spec)
+    qt = quantize_tensor(weight((70, 256)), fmt)
+    parts = compressed.to_parts(qt)
+    config = compressed.quantization_config(fmt, ["lm_head"])
+    QuantizationConfig.model_validate(config)  # the whole quantization_config parses
+    scheme = QuantizationScheme.model_validate(config["config_groups"]["group_0"])
+    assert infer_module_format(torch.nn.Linear, scheme).value == config["format"]  # the package's choice
+    decompressed = BaseCompressor.get_value_from_registry(config["format"]).decompress(dict(parts), scheme)
+    # the package computes (q - zp) * scale in the scale's dtype: dtypelab's values in that dtype, exactly
+    assert torch.equal(decompressed["weight"], qt.dequantize(parts["weight_scale"].dtype)), ct.__version__
+
+
+@pytest.mark.parametrize("preset", ["W4A16", "W8A16", "W4A16_ASYM", "FP8_DYNAMIC", "W8A8"])
+def test_dtypelab_reads_parts_the_package_compressed(preset):
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.compressors.format import infer_module_format
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    w = weight((64, 256)).to(torch.bfloat16)
+    blocks = w.float().reshape(64, -1, scheme.weights.group_size or 256)
+    lo, hi = blocks.amin(-1), blocks.amax(-1)
+    scale, zp = calculate_qparams(lo, hi, scheme.weights)
+    fmt_name = infer_module_format(torch.nn.Linear, scheme).value
+    compressor = BaseCompressor.get_value_from_registry(fmt_name)
+    state = {"weight": w.float(), "weight_scale": scale, "weight_zero_point": zp}
+    parts = compressor.compress(state, scheme)
+    expected = compressor.decompress(dict(parts), scheme)["weight"]
+    fmt = compressed.format_from_scheme(json.loads(scheme.model_dump_json()), parts["weight_scale"].dtype)
+    ours = compressed.from_parts(fmt, dict(parts), (64, 256))
+    assert torch.equal(ours.dequantize(parts["weight_scale"].dtype), expected)
+
+
+# ------------------------------------------------------------------------------- convert, whole
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    from dtypelab.models import tiny_llama
+
+    folder = tmp_path_factory.mktemp("tiny") / "llama"
+    model = tiny_llama()
+    model.save_pretrained(folder)
+    return folder, model
+
+
+INPUT_IDS = torch.tensor([[1, 5, 9, 30, 2, 77, 12]])
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4:g32", "fp8_e4m3", "int4:g64:asym"])
+def test_convert_writes_what_quantize_model_computes(tmp_path, llama_folder, spec):
+    folder, model = llama_folder
+    result = convert_checkpoint(folder, tmp_path / "out", spec, verify=True)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["ignore"] == ["lm_head"]
+    assert result.dense_layers.keys() == {"lm_head"}
+    assert {t.action for t in result.tensors} == {"quantized", "copied"} and result.verified
+    loaded = dtypelab.load(str(tmp_path / "out"))
+    replaced = [m for m in loaded.model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(replaced) == sum(t.action == "quantized" for t in result.tensors) == 14
+    reference = quantize_model(model, spec, exclude=["lm_head"]).model
+    with torch.no_grad():  # same codes and scales: identical logits, bit for bit
+        assert torch.equal(loaded.model(INPUT_IDS).logits, reference(INPUT_IDS).logits)
+    stored = load_file(tmp_path / "out" / "model.safetensors")
+    assert "model.layers.0.self_attn.q_proj.weight" not in stored or spec.startswith("fp8")
+    assert torch.equal(stored["lm_head.weight"], model.lm_head.weight)  # dense, bit for bit
+
+
+@pytest.mark.parametrize("spec", ["int4:g32", "fp8_e4m3:afp8"])
+def test_transformers_with_compressed_tensors_loads_the_output(tmp_path, llama_folder, spec):
+    pytest.importorskip("compressed_tensors")
+    import transformers
+
+    folder, _ = llama_folder
+    convert_checkpoint(folder, tmp_path / "out", spec)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ours = dtypelab.load(str(tmp_path / "out")).model
+    with torch.no_grad():
+        their_logits, our_logits = theirs(INPUT_IDS).logits, ours(INPUT_IDS).logits
+    if spec.endswith("afp8"):  # activations: the package quantizes per token, dtypelab per tensor
+        assert torch.nn.functional.cosine_similarity(their_logits.flatten(), our_logits.flatten(), 0) > 0.99
+    else:  # weight-only: both decompress to the same weights
+        assert torch.equal(their_logits, our_logits)
+
+
+def test_dense_option_casts_what_stays_unquantized(tmp_path, llama_folder):
+    folder, _ = llama_folder
+    result = convert_checkpoint(folder, tmp_path / "out", "int8", dense="bf16")
+    stored = load_file(tmp_path / "out" / "model.safetensors")
+    assert stored["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert stored["model.layers.0.self_attn.q_proj.weight_scale"].dtype == torch.float32  # int8's scales
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {t.action for t in result.tensors} == {"quantized", "cast"}
+    assert dtypelab.load(str(tmp_path / "out")).model.dtype == torch.bfloat16
+
+
+def test_keep_and_group_size_leave_layers_dense_with_their_reason(tmp_path, llama_folder):
+    folder, _ = llama_folder
+    # tiny-llama's rows are 64 or 192 (down_proj) long: g128 divides none, g96 only down_proj's
+    with pytest.raises(InputError, match="nothing to quantize.*group size 128 does not divide"):
+        convert_checkpoint(folder, tmp_path / "out", "int4:g128")
+    result = convert_checkpoint(folder, tmp_path / "out", "int4:g96", keep=["*.0.mlp.down_proj.weight"])
+    assert "kept" in result.dense_layers["model.layers.0.mlp.down_proj"]
+    assert "does not divide its 64 inputs" in result.dense_layers["model.layers.0.mlp.up_proj"]
+    quantized = [t.name for t in result.tensors if t.action == "quantized"]
+    assert quantized == ["model.layers.1.mlp.down_proj.weight"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert set(config["quantization_config"]["ignore"]) == set(result.dense_layers)
+    dtypelab.load(str(tmp_path / "out"))  # dense layers load as plain Linear
+
+
+def test_nan_weight_is_refused_naming_the_tensor_and_nothing_is_written(tmp_path, llama_folder):
+    folder, model = llama_folder
+    bad = tmp_path / "bad"
+    model.save_pretrained(bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match="'model.layers.1.mlp.up_proj.weight'.*NaN.*--keep"):
+        convert_checkpoint(bad, tmp_path / "out", "int8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+def test_strict_refuses_clamped_values_only(tmp_path, llama_folder):
+    folder, _ = llama_folder
+    # symmetric int8 maps each row's extreme onto -128, so the other side reaches only 127 steps: a
+    # value there above 127.5 steps is clamped (seen on these random rows); asymmetric int8 spreads
+    # [min, max] over all 256 codes and clamps none, but flushes small values onto the zero point
+    with pytest.raises(DamageError, match="values are clamped beyond what int8's codes reach") as caught:
+        convert_checkpoint(folder, tmp_path / "out", "int8", strict=True)
+    assert caught.value.exit_code == 3 and not (tmp_path / "out").exists()
+    result = convert_checkpoint(folder, tmp_path / "out", "int8:asym", strict=True)
+    assert result.total.overflowed == 0 and result.total.flushed_to_zero > 0  # flushes are not refused
+
+
+def test_damage_counts_and_sqnr_match_a_direct_computation(tmp_path, llama_folder):
+    folder, model = llama_folder
+    result = convert_checkpoint(folder, tmp_path / "out", "int4:g32")
+    damage = {t.name: t for t in result.tensors}["model.layers.0.self_attn.o_proj.weight"]
+    w = model.model.layers[0].self_attn.o_proj.weight.detach()
+    back = quantize_tensor(w, get_format("int4:g32")).dequantize()
+    signal, noise = w.double().square().sum(), (back - w).double().square().sum()
+    assert damage.sqnr_db == pytest.approx(10 * torch.log10(signal / noise).item(), rel=1e-9)  # float64 sums
+    assert damage.flushed_to_zero == int(((back == 0) & (w != 0)).sum())
+
+
+# ------------------------------------------------------------------------------------ refusals
+
+def test_single_file_needs_the_model_folder(tmp_path):
+    save_file({"w": torch.randn(8, 8)}, tmp_path / "w.safetensors")
+    with pytest.raises(InputError, match="needs the model folder with its config.json.*fp8_e4m3:cast"):
+        convert_checkpoint(tmp_path / "w.safetensors", tmp_path / "o.safetensors", "fp8_e4m3")
+    convert_checkpoint(tmp_path / "w.safetensors", tmp_path / "o.safetensors", "fp8_e4m3:cast")
+
+
+def test_model_without_linear_weights_to_quantize_is_refused(tmp_path):
+    from dtypelab.models import tiny_gpt2
+
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")  # Conv1D projections; lm_head tied, not stored
+    with pytest.raises(InputError, match="nothing to quantize.*lm_head: weight not stored"):
+        convert_checkpoint(tmp_path / "gpt2", tmp_path / "out", "int8")
+
+
+def test_already_quantized_source_and_bad_dense_are_refused(tmp_path, llama_folder):
+    folder, _ = llama_folder
+    convert_checkpoint(folder, tmp_path / "q", "int8")
+    with pytest.raises(InputError, match="already has a quantization_config"):
+        convert_checkpoint(tmp_path / "q", tmp_path / "again", "int4:g32")
+    with pytest.raises(InputError, match="--dense applies to quantized formats"):
+        convert_checkpoint(folder, tmp_path / "o", "bf16", dense="fp16")
+    with pytest.raises(InputError, match="--dense takes a plain floating format"):
+        convert_checkpoint(folder, tmp_path / "o", "int8", dense="int4")
+    with pytest.raises(InputError, match="no compressed-tensors layout"):
+        convert_checkpoint(folder, tmp_path / "o", "nf4")
+    with pytest.raises(UnknownFormatError):
+        convert_checkpoint(folder, tmp_path / "o", "int3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+def test_tampered_output_fails_to_load_with_a_clear_error(tmp_path, llama_folder):
+    folder, _ = llama_folder
+    convert_checkpoint(folder, tmp_path / "q", "int8")
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, tmp_path / "q" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match="no stored value for \\['model.norm.weight'\\]"):
+        dtypelab.load(str(tmp_path / "q"))
+
+
+def test_cli_converts_to_int4_and_reports_sqnr(capsys, tmp_path, llama_folder):
+    folder, _ = llama_folder
+    code, out, err = run_cli(capsys, "convert", str(folder), "--to", "int4:g32", "-o", str(tmp_path / "o"),
+                             "--dense", "bf16", "--verify", "--json")
+    report = json.loads(out)
+    assert code == 0 and err == ""
+    assert report["dense_layers"] == {"lm_head": "output head: kept dense, as serving stacks (vLLM) load "
+                                                 "lm_head unquantized"}
+    assert report["format"] == "int4:g32" and report["verified"] is True
+    code, out, err = run_cli(capsys, "convert", str(folder), "--to", "mxfp4", "-o", str(tmp_path / "x"))
+    assert code == 2 and err.count("\n") == 1 and "no compressed-tensors layout" in err
