@@ -106,6 +106,7 @@ def run_once(command: list[str], src: Path, dst: Path, cold: bool) -> dict[str, 
         evict(src)
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     stats_file = BENCH_DIR / "time_stats"
+    stats_file.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", str(stats_file), *command], env=env, check=True)
     seconds = time.perf_counter() - start

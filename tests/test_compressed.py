@@ -205,7 +205,9 @@ def test_dense_option_casts_what_stays_unquantized(tmp_path, llama_folder):
     assert stored["model.layers.0.self_attn.q_proj.weight_scale"].dtype == torch.float32  # int8's scales
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
     assert {t.action for t in result.tensors} == {"quantized", "cast"}
-    assert dtypelab.load(str(tmp_path / "out")).model.dtype == torch.bfloat16
+    loaded = dtypelab.load(str(tmp_path / "out")).model
+    assert loaded.dtype == torch.bfloat16
+    assert loaded.model.rotary_emb.inv_freq.dtype == torch.float32  # built in bf16 as from_pretrained does
 
 
 def test_keep_and_group_size_leave_layers_dense_with_their_reason(tmp_path, llama_folder):

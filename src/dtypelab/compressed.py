@@ -367,16 +367,29 @@ def quantization_scheme(config: object) -> dict | None:
 def build_quantized_model(folder: Path, config: object, scheme: dict, model_cls: type,
                           dtype: torch.dtype | None) -> nn.Module:
     """A model from ``config`` (its quantization_config set aside) with the folder's weights: quantized
-    layers as dtypelab modules, everything else loaded dense; ``dtype`` None keeps the stored one."""
+    layers as dtypelab modules, everything else loaded dense; ``dtype`` None takes config's dtype.
+
+    The model is built in that dtype, as ``from_pretrained`` builds it (buffers such as rotary
+    frequencies stay float32), rather than cast afterwards.
+    """
     from safetensors.torch import load_file
 
     del config.quantization_config
-    model = model_cls(config)
+    dtype = dtype or _config_dtype(config)
+    model = model_cls._from_config(config, dtype=dtype) if hasattr(model_cls, "_from_config") \
+        else model_cls(config).to(dtype)
     tensors = {k: v for file in sorted(folder.glob("*.safetensors")) for k, v in load_file(file).items()}
     replaced = load_quantized_weights(model, scheme, tensors)
     _load_dense(model, tensors, replaced, folder)
-    dense = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
-    return model.to(dtype or dense).eval()
+    return model.eval()
+
+
+def _config_dtype(config: object) -> torch.dtype:
+    """config.json's ``dtype`` (``torch_dtype`` in older files) as a torch dtype; float32 if unset."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
 
 
 def _load_dense(model: nn.Module, tensors: dict[str, torch.Tensor], replaced: list[str],

@@ -1,0 +1,108 @@
+"""Quantized conversion (compressed-tensors int4:g128 / int8) against the in-memory script and ``cp``.
+
+The in-memory script is what one writes with the same library calls but no streaming: for each shard,
+``load_file`` -> quantize every Linear weight whole (dtypelab's own quantizer, so the output is the
+same) -> ``save_file``. ``dtypelab convert`` streams row chunks instead. Each method runs in its own
+process under ``/usr/bin/time`` (see :mod:`benchmarks.bench_convert`); warm runs only, medians.
+The checkpoint is a Llama-shaped fp32 model (hidden 2048, 4 or 8 layers: ~1 and ~2 GiB) written
+once under ``.bench/convert-quantized/`` from random tensors of the right names and shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from dtypelab.report import Table
+
+from .bench_convert import PY, ROOT, run_once
+from .harness import print_table
+
+BENCH_DIR = ROOT / ".bench" / "convert-quantized"
+
+IN_MEMORY_SCRIPT = """
+import pathlib, sys, torch
+from safetensors.torch import load_file, save_file
+from dtypelab.compressed import linear_layers, to_parts
+from dtypelab.formats import get_format
+from dtypelab.qtensor import quantize_tensor
+src, dst, fmt = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), get_format(sys.argv[3])
+dst.mkdir()
+linears, heads = linear_layers(src)
+for shard in sorted(src.glob("*.safetensors")):
+    out = {}
+    for name, tensor in load_file(shard).items():
+        module = name.removesuffix(".weight")
+        if module in linears and module not in heads:
+            out.update({f"{module}.{k}": v for k, v in to_parts(quantize_tensor(tensor, fmt)).items()})
+        else:
+            out[name] = tensor
+    save_file(out, dst / shard.name, metadata={"format": "pt"})
+"""
+
+
+def make_checkpoint(layers: int) -> Path:
+    """A Llama-shaped fp32 checkpoint with ``layers`` layers in two shards (reused when present)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = BENCH_DIR / f"llama-{layers}l"
+    if (folder / "done").exists():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+                         num_attention_heads=16, num_key_value_heads=16, vocab_size=8192,
+                         tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
+    generator, names, weight_map = torch.Generator().manual_seed(0), sorted(shapes), {}
+    for shard, part in enumerate((names[: len(names) // 2], names[len(names) // 2:]), 1):
+        file = f"model-{shard:05d}-of-00002.safetensors"
+        save_file({k: torch.randn(shapes[k], generator=generator) * 0.02 for k in part}, folder / file,
+                  metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    config.save_pretrained(folder)
+    (folder / "done").write_text("")
+    return folder
+
+
+def commands(src: Path, dst: Path) -> dict[str, list[str]]:
+    convert = [PY, "-c", "from dtypelab.cli import main; main()", "convert", str(src), "-o", str(dst),
+               "--quiet", "--to"]
+    return {"cp -r (floor)": ["cp", "-r", str(src), str(dst)],
+            "in-memory script, int4:g128": [PY, "-c", IN_MEMORY_SCRIPT, str(src), str(dst), "int4:g128"],
+            "dtypelab convert, int4:g128": [*convert, "int4:g128"],
+            "dtypelab convert, int8": [*convert, "int8"]}
+
+
+def run() -> Table:
+    rows, dst, peaks = [], BENCH_DIR / "out", {}
+    for layers in (4, 8):
+        src = make_checkpoint(layers)
+        size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+        for label, command in commands(src, dst).items():
+            runs = [run_once(command, src, dst, cold=False) for _ in range(4)][1:]  # first: warm-up
+            peak = max(r["peak_bytes"] for r in runs)
+            peaks[label, layers] = peak
+            rows.append([label, round(size / 2**30, 2), statistics.median(r["s"] for r in runs),
+                         statistics.median(r["cpu_s"] for r in runs), peak / 2**20, peak / size])
+        shutil.rmtree(dst, ignore_errors=True)
+    growth = {label: peaks[label, 8] / peaks[label, 4] for label, _ in peaks if _ == 4}
+    notes = [f"machine: {os.cpu_count()} cores; peak RSS 8 layers / 4 layers: "
+             + ", ".join(f"{label} {ratio:.2f}x" for label, ratio in growth.items()) + " (flat = 1.00x)"]
+    return Table("Quantized conversion (compressed-tensors), warm, medians of 3", COLUMNS, rows, notes)
+
+
+COLUMNS = ["method", "GiB fp32", "warm_s", "warm_cpu_s", "peak RSS MiB", "peak RSS x ckpt"]
+
+
+if __name__ == "__main__":
+    print_table(run())
