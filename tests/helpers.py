@@ -6,9 +6,10 @@ from dtypelab.cli import main
 
 
 def run_cli(capsys, *argv):
-    """Run ``dtypelab ARGV`` in-process; return (exit code, stdout, stderr)."""
+    """Run ``dtypelab ARGV`` in-process (paths and numbers become strings); return (exit code, stdout,
+    stderr)."""
     with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
+        main([str(arg) for arg in argv])
         raise SystemExit(0)
     out, err = capsys.readouterr()
     return exit_info.value.code or 0, out, err

@@ -123,6 +123,13 @@ def test_compressed_tensors_decompresses_to_dtypelab_weights(spec):
     assert torch.equal(decompressed["weight"], qt.dequantize(parts["weight_scale"].dtype)), ct.__version__
 
 
+def test_static_activation_scales_are_refused_on_load():
+    scheme = compressed.quantization_config(get_format("fp8_e4m3:afp8"), [])["config_groups"]["group_0"]
+    scheme["input_activations"]["dynamic"] = False  # llm-compressor's FP8 preset: a stored input_scale
+    with pytest.raises(InputError, match="static"):
+        compressed.format_from_scheme(scheme, torch.float32)
+
+
 @pytest.mark.parametrize("preset", ["W4A16", "W8A16", "W4A16_ASYM", "FP8_DYNAMIC", "W8A8"])
 def test_dtypelab_reads_parts_the_package_compressed(preset):
     pytest.importorskip("compressed_tensors")

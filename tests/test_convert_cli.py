@@ -8,15 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dtypelab.cli import ProgressLine, main
-
-
-def run(capsys, *argv):
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in argv])
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return exit_info.value.code or 0, out, err
+from dtypelab.cli import ProgressLine
+from helpers import run_cli
 
 
 @pytest.fixture
@@ -29,7 +22,7 @@ def src(tmp_path):
 
 
 def test_convert_writes_report_and_prints_worst_tensors(capsys, tmp_path, src):
-    code, out, err = run(capsys, "convert", src, "--to", "fp16", "-o", tmp_path / "out", "--keep", "norm",
+    code, out, err = run_cli(capsys, "convert", src, "--to", "fp16", "-o", tmp_path / "out", "--keep", "norm",
                          "--report", tmp_path / "report.json", "--verify")
     assert code == 0 and err == ""  # not a terminal: no progress line
     assert out.splitlines()[0] == "Conversion to fp16: most damaged tensors"
@@ -42,14 +35,14 @@ def test_convert_writes_report_and_prints_worst_tensors(capsys, tmp_path, src):
 
 
 def test_convert_json_and_quiet(capsys, tmp_path, src):
-    code, out, _ = run(capsys, "convert", src, "--to", "bf16", "-o", tmp_path / "a", "--json")
+    code, out, _ = run_cli(capsys, "convert", src, "--to", "bf16", "-o", tmp_path / "a", "--json")
     assert code == 0 and json.loads(out)["format"] == "bf16"
-    code, out, err = run(capsys, "convert", src, "--to", "bf16", "-o", tmp_path / "b", "--quiet")
+    code, out, err = run_cli(capsys, "convert", src, "--to", "bf16", "-o", tmp_path / "b", "--quiet")
     assert (code, out, err) == (0, "", "")
 
 
 def test_strict_exits_3_with_nothing_written(capsys, tmp_path, src):
-    code, out, err = run(capsys, "convert", src, "--to", "fp16", "-o", tmp_path / "out", "--strict")
+    code, out, err = run_cli(capsys, "convert", src, "--to", "fp16", "-o", tmp_path / "out", "--strict")
     assert code == 3 and out == "" and "'big'" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
 
@@ -61,7 +54,7 @@ def test_strict_exits_3_with_nothing_written(capsys, tmp_path, src):
 ])
 def test_bad_checkpoint_is_one_line_exit_2(capsys, tmp_path, src, make, message):
     make(src)
-    code, out, err = run(capsys, "convert", src, "--to", "bf16", "-o", tmp_path / "out")
+    code, out, err = run_cli(capsys, "convert", src, "--to", "bf16", "-o", tmp_path / "out")
     assert code == 2 and out == "" and message in err and str(src) in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
@@ -69,9 +62,9 @@ def test_bad_checkpoint_is_one_line_exit_2(capsys, tmp_path, src, make, message)
 
 def test_existing_output_and_unknown_format(capsys, tmp_path, src):
     (tmp_path / "out").mkdir()
-    code, _, err = run(capsys, "convert", src, "--to", "bf16", "-o", tmp_path / "out")
+    code, _, err = run_cli(capsys, "convert", src, "--to", "bf16", "-o", tmp_path / "out")
     assert code == 2 and "already exists" in err and "--force" in err
-    code, _, err = run(capsys, "convert", src, "--to", "fp17", "-o", tmp_path / "x")
+    code, _, err = run_cli(capsys, "convert", src, "--to", "fp17", "-o", tmp_path / "x")
     assert code == 2 and "unknown dtype or format 'fp17'" in err
 
 

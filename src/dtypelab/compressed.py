@@ -15,7 +15,7 @@ unsigned value ``q + 2^(bits-1)`` (compressed-tensors' ``pack_to_int32``). dtype
 without re-quantizing: symmetric codes are two's complement (flip the top bit of each code), asymmetric
 codes are already unsigned and equal ``q + 2^(bits-1)`` with the zero point shifted the same way. The
 value is always ``(q - zero_point) * scale``, so the layout decompresses to exactly the weights that
-:func:`dtypelab.quantize` computes (tested against the package itself when it is installed).
+:func:`dtypelab.quantize_model` computes (tested against the package itself when it is installed).
 
 The one liberty: dtypelab's symmetric integers use all 2^bits codes with a signed scale (see
 :mod:`dtypelab.qtensor`); the arithmetic above is unchanged by the sign.
@@ -31,13 +31,14 @@ from torch import nn
 
 from .codecs import FloatCodec, IntCodec
 from .errors import InputError, ModelSpecError
-from .formats import E4M3, NumberFormat, get_format
+from .formats import E4M3, SCALE_DTYPES, NumberFormat, get_format
 from .packing import pack_nibbles, unpack_nibbles
 from .qtensor import QuantizedTensor
 
 QUANT_METHOD = "compressed-tensors"
 SUPPORTED = "int8, int4 (any :gN / :channel / :tensor, :asym, :a8 / :afp8) and fp8_e4m3"
-_SCALE_DTYPES = {torch.float32: "sfp32", torch.float16: "sfp16", torch.bfloat16: "sbf16"}
+FLOAT_SCALES = ("fp32", "fp16", "bf16")  # the scale formats compressed-tensors stores
+_SCALE_OPTIONS = {SCALE_DTYPES[name]: f"s{name}" for name in FLOAT_SCALES}  # stored dtype -> spec option
 _ACTIVATIONS = {  # dtypelab's dynamic activation quantization as compressed-tensors input args
     "int8": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True},
     "fp8": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": True},
@@ -71,7 +72,7 @@ def check_supported(fmt: NumberFormat) -> None:
     fp8_ok = codec == E4M3 and not fmt.fixed_layout
     if not (int_ok or fp8_ok) or not fmt.is_quantized or fmt.tensor_scale:
         raise InputError(f"{fmt.name} has no compressed-tensors layout: use {SUPPORTED}")
-    if fmt.scale_format not in ("fp32", "fp16", "bf16"):
+    if fmt.scale_format not in FLOAT_SCALES:
         raise InputError(f"{fmt.name}: compressed-tensors stores fp32 / fp16 / bf16 scales: drop the "
                          "scale option")
 
@@ -94,7 +95,8 @@ def weight_args(fmt: NumberFormat) -> dict:
 def quantization_config(fmt: NumberFormat, ignore: list[str]) -> dict:
     """The ``quantization_config`` of config.json: one scheme for every Linear but ``ignore``."""
     scheme = {"targets": ["Linear"], "weights": weight_args(fmt),
-              "input_activations": _ACTIVATIONS.get(fmt.activations), "output_activations": None,
+              "input_activations": dict(_ACTIVATIONS[fmt.activations]) if fmt.activations else None,
+              "output_activations": None,
               "format": compression_format(fmt)}
     return {"quant_method": QUANT_METHOD, "format": compression_format(fmt),
             "quantization_status": "compressed", "config_groups": {"group_0": scheme},
@@ -112,10 +114,13 @@ def format_from_scheme(scheme: dict, scale_dtype: torch.dtype) -> NumberFormat:
         (weights.get("type"), weights.get("num_bits")))
     layout = {"channel": "channel", "tensor": "tensor", "group": f"g{weights.get('group_size')}"}.get(
         weights.get("strategy"))
-    if base is None or layout is None or scale_dtype not in _SCALE_DTYPES:
+    if base is None or layout is None or scale_dtype not in _SCALE_OPTIONS:
         raise InputError(f"compressed-tensors scheme {weights} ({scale_dtype} scales) is not one dtypelab "
                          f"loads: it holds {SUPPORTED} with fp32 / fp16 / bf16 scales")
-    options = [layout, "sym" if weights.get("symmetric", True) else "asym", _SCALE_DTYPES[scale_dtype]]
+    if activations and activations.get("dynamic") is not True:
+        raise InputError("the checkpoint's activations use stored (static) scales; dtypelab emulates "
+                         "dynamic activation quantization only: load a weight-only or dynamic checkpoint")
+    options = [layout, "sym" if weights.get("symmetric", True) else "asym", _SCALE_OPTIONS[scale_dtype]]
     if activations:
         options.append("a8" if activations.get("type") == "int" else "afp8")
     return get_format(":".join([base, *options]))
@@ -128,7 +133,7 @@ def stored_parts(fmt: NumberFormat, shape: tuple[int, int]) -> list[StoredPart]:
     rows, cols = shape
     blocks = cols // fmt.group_size if fmt.granularity == "group" else 1
     scale_shape = (1,) if fmt.granularity == "tensor" else (rows, blocks)
-    scale = StoredPart("weight_scale", _scale_dtype(fmt), scale_shape)
+    scale = StoredPart("weight_scale", SCALE_DTYPES[fmt.scale_format], scale_shape)
     if compression_format(fmt) != "pack-quantized":
         parts = [StoredPart("weight", _naive_dtype(fmt), (rows, cols)), scale]
         return parts + ([] if fmt.symmetric else [StoredPart("weight_zero_point", torch.int8, scale_shape)])
@@ -190,10 +195,6 @@ def from_parts(fmt: NumberFormat, parts: dict[str, torch.Tensor],
 
 def _words(count: int, bits: int) -> int:
     return -(-count * bits // 32)
-
-
-def _scale_dtype(fmt: NumberFormat) -> torch.dtype:
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[fmt.scale_format]
 
 
 def _naive_dtype(fmt: NumberFormat) -> torch.dtype:
