@@ -321,3 +321,19 @@ def test_cli_converts_to_int4_and_reports_sqnr(capsys, tmp_path, llama_folder):
     assert report["format"] == "int4:g32" and report["verified"] is True
     code, out, err = run_cli(capsys, "convert", str(folder), "--to", "mxfp4", "-o", str(tmp_path / "x"))
     assert code == 2 and err.count("\n") == 1 and "no compressed-tensors layout" in err
+
+
+def test_sharded_source_resharded_output_has_a_complete_index(tmp_path, llama_folder):
+    _, model = llama_folder
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    result = convert_checkpoint(tmp_path / "sharded", tmp_path / "out", "int4:g32", max_shard_size="40KB",
+                                verify=True)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    stored = {k for shard in result.shards for k in load_file(tmp_path / "out" / shard)}
+    assert len(result.shards) > 2 and set(index["weight_map"]) == stored
+    assert "model.layers.1.mlp.down_proj.weight_packed" in stored
+    reference = quantize_model(model, "int4:g32", exclude=["lm_head"]).model
+    with torch.no_grad():
+        assert torch.equal(dtypelab.load(str(tmp_path / "out")).model(INPUT_IDS).logits,
+                           reference(INPUT_IDS).logits)

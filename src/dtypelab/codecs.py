@@ -191,8 +191,13 @@ class IntCodec:
         return codes
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (their low ``bits`` bits) -> float32 integer values."""
-        return self.values().to(codes.device)[codes.long() & ((1 << self.int_bits) - 1)]
+        """Codes (their low ``bits`` bits) -> float32 integer values: the :meth:`values` table, computed
+        (two's complement sign-extension) rather than looked up, which needs no int64 index copy."""
+        low = codes.to(torch.int16) & ((1 << self.int_bits) - 1)
+        if self.signed:
+            half = 1 << (self.int_bits - 1)
+            low = (low ^ half) - half
+        return low.float()
 
     def encode(self, values: torch.Tensor) -> torch.Tensor:
         """Round half to even, clamp to [min_value, max_finite]; returns int16 integer values."""
