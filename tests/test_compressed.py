@@ -337,3 +337,24 @@ def test_sharded_source_resharded_output_has_a_complete_index(tmp_path, llama_fo
     with torch.no_grad():
         assert torch.equal(dtypelab.load(str(tmp_path / "out")).model(INPUT_IDS).logits,
                            reference(INPUT_IDS).logits)
+
+
+@pytest.mark.slow
+def test_minilm_to_int4_g128_matches_quantize_model_and_the_package(tmp_path, minilm):
+    # the issue's own spec on the real pretrained model: every Linear (384 / 1536 inputs) takes g128
+    from dtypelab.models import minilm_path
+
+    result = convert_checkpoint(minilm_path(), tmp_path / "w4", "int4:g128", dense="fp32", verify=True)
+    assert not result.dense_layers and sum(t.action == "quantized" for t in result.tensors) == 37
+    inputs = dtypelab.model_inputs(minilm)
+    ours = dtypelab.load(str(tmp_path / "w4")).model
+    reference = quantize_model(minilm.model, "int4:g128").model
+    with torch.no_grad():
+        hidden = ours(**inputs).last_hidden_state
+        assert torch.equal(hidden, reference(**inputs).last_hidden_state)
+    pytest.importorskip("compressed_tensors")  # what follows needs the package; the above did not
+    import transformers
+
+    theirs = transformers.AutoModel.from_pretrained(tmp_path / "w4")
+    with torch.no_grad():
+        assert torch.equal(theirs(**inputs).last_hidden_state, hidden)

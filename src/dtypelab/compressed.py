@@ -401,9 +401,11 @@ def _load_dense(model: nn.Module, tensors: dict[str, torch.Tensor], replaced: li
     except RuntimeError as exc:
         raise InputError(f"{folder}: weights do not fit the model of config.json "
                          f"({str(exc).splitlines()[-1].strip()}): check the folder") from None
-    if result.unexpected_keys:
-        raise InputError(f"{folder}: tensors {result.unexpected_keys[:3]} match no parameter of the "
-                         "model of config.json: check the folder")
+    buffers = {name for name, _ in model.named_buffers()}  # non-persistent ones (position_ids) too
+    unexpected = [k for k in result.unexpected_keys if k not in buffers]  # those the model recomputes
+    if unexpected:
+        raise InputError(f"{folder}: tensors {unexpected[:3]} match no parameter of the model of "
+                         "config.json: check the folder")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     state, loaded = model.state_dict(), set(tensors)
