@@ -122,3 +122,26 @@ def test_pickle_holding_code_is_refused_by_weights_only(tmp_path, dummy):
 def test_table_renders_as_html_in_jupyter(dummy):
     html = inspect_model(dummy)._repr_html_()
     assert html.startswith("<b>Tensors</b><table>") and "<td>token_embedding.weight</td>" in html
+
+
+class OneInnerTensor(torch.Tensor):
+    """A stand-in for a quantized subclass that keeps all its bytes in a single inner int8 tensor."""
+
+    def __tensor_flatten__(self):
+        return ["codes"], None
+
+
+def test_a_subclass_with_one_inner_tensor_is_inspected_not_compared_elementwise():
+    model = nn.Module()
+    model.weight = nn.Parameter(torch.zeros(4).as_subclass(OneInnerTensor), requires_grad=False)
+    model.weight.codes = torch.zeros(4, dtype=torch.int8)
+    row = inspect_model(model).tensors[0]
+    assert (row.dtype, row.nbytes) == ("int8", 4)
+    assert param_dtype_lines(model) == ["weight is loaded in torch.float32 (stored as int8, 4 bytes)"]
+
+
+def test_empty_buffers_do_not_share_storage():
+    model = nn.Module()
+    model.register_buffer("a", torch.empty(0))
+    model.register_buffer("b", torch.empty(0))
+    assert inspect_model(model).shared_groups == {}

@@ -82,7 +82,7 @@ def test_torchao_weights_inspect_to_their_real_storage(spec, stored):
     try:
         quantized = run_peer(_mlp(), spec).model
     except PeerError as err:
-        pytest.skip(f"{spec} unavailable on this torch / CPU: {err}")
+        pytest.skip(f"{spec} unavailable on this torch / device: {err}")
     weight = next(t for t in inspect_model(quantized).tensors if t.name.endswith("0.weight"))
     assert weight.dtype.startswith(stored.split("+")[0])
     _assert_inspect_matches_saved_bytes(quantized)
@@ -157,3 +157,24 @@ def test_quanto_minilm_inspect_tells_the_truth_transformers_does_not():
     assert quantized.get_memory_footprint() >= model.get_memory_footprint()
     assert ours < 0.7 * model.get_memory_footprint()  # int8 Linears, fp32 embeddings: ~58.7 MB
     _assert_inspect_matches_saved_bytes(quantized)
+
+
+def test_quantized_subclasses_count_as_float32_in_the_reference_size():
+    """quanto's weights stand for float32 tensors: the float32 reference is 4 bytes per element."""
+    pytest.importorskip("optimum.quanto")
+    quantized = run_peer(_mlp(), "quanto:qint8").model
+    info = inspect_model(quantized)
+    elements = sum(t.numel() for t in [*quantized.parameters(), *quantized.buffers()])
+    assert info.float32_bytes == 4 * elements  # every tensor here is float32 or stands for one
+    assert info.ratio_to_float32 == info.footprint_bytes / (4 * elements) < 0.3  # int8 + scales
+
+
+def test_missing_piece_inside_an_installed_peer_is_a_version_reason(monkeypatch):
+    pytest.importorskip("torchao")
+
+    def missing_config(model: nn.Module) -> None:
+        raise ImportError("cannot import name 'NoSuchConfig' from 'torchao.quantization'")
+
+    monkeypatch.setitem(PEERS, "torchao:int8wo", Peer("torchao:int8wo", "torchao", "", missing_config))
+    with pytest.raises(PeerError, match=r"unavailable with this torchao / torch version / device: cannot"):
+        run_peer(_mlp(), "torchao:int8wo")

@@ -34,6 +34,8 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class DtypeSummary:
+    """Tensors of one (storage) dtype, shared storage counted once: count, elements and bytes."""
+
     dtype: str
     tensors: int
     numel: int
@@ -79,8 +81,10 @@ class ModelInspection(TableMixin):
 
 
 def _is_floating(dtype_name: str) -> bool:
-    dtype = getattr(torch, dtype_name, None)
-    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
+    """A floating dtype name; ``int8+float32`` (a quantized subclass: codes and float scales) counts as
+    floating too, since the tensor it stands for is (it reports float32)."""
+    dtypes = [getattr(torch, name, None) for name in dtype_name.split("+")]
+    return any(isinstance(dtype, torch.dtype) and dtype.is_floating_point for dtype in dtypes)
 
 
 def named_tensors(model: nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:
@@ -98,11 +102,16 @@ def storage_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
     dtype they dequantize to (float32) while their storage is int8 / uint8 / float8 data plus scales;
     they expose it through ``__tensor_flatten__``, which this follows recursively.
     """
-    if type(tensor) in (torch.Tensor, nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+    if not is_tensor_subclass(tensor):
         return [tensor]
     names, _ = tensor.__tensor_flatten__()
     inner = [getattr(tensor, name) for name in names]
     return [part for t in inner if isinstance(t, torch.Tensor) for part in storage_parts(t)]
+
+
+def is_tensor_subclass(tensor: torch.Tensor) -> bool:
+    """A tensor subclass that keeps its bytes in inner tensors (``__tensor_flatten__``)."""
+    return type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__")
 
 
 def storage_dtype(tensor: torch.Tensor) -> str:
@@ -119,8 +128,10 @@ def storage_nbytes(tensor: torch.Tensor) -> int:
 def _storage_key(tensor: torch.Tensor) -> tuple:
     """Identity of the bytes a tensor views; two names with one key are one allocation."""
     if tensor.device.type == "meta":
-        return ("meta", id(tensor))
+        return ("no storage", id(tensor))
     first = storage_parts(tensor)[0]
+    if first.untyped_storage().nbytes() == 0:  # every empty storage has data_ptr 0: not a shared one
+        return ("no storage", id(tensor))
     return (first.device.type, first.untyped_storage().data_ptr(), first.storage_offset(),
             tuple(tensor.shape), storage_dtype(tensor))
 
@@ -169,8 +180,7 @@ def param_dtype_lines(model: nn.Module) -> list[str]:
 
 def _stored_note(tensor: torch.Tensor) -> str:
     """For quantized subclasses, what the bytes really are (their ``dtype`` says float32)."""
-    parts = storage_parts(tensor)
-    if parts == [tensor]:
+    if not is_tensor_subclass(tensor):
         return ""
     return f" (stored as {storage_dtype(tensor)}, {storage_nbytes(tensor):,} bytes)"
 
