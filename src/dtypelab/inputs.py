@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -31,7 +32,11 @@ def parse_token_ids(text: str) -> torch.Tensor:
     if not _is_int_matrix(rows):
         raise InputError(f"malformed --input {text!r}: expected a non-empty list of equal-length lists "
                          "of integers, e.g. '[[1, 0, 1]]'")
-    return torch.tensor(rows, dtype=torch.long)
+    try:
+        return torch.tensor(rows, dtype=torch.long)
+    except (OverflowError, RuntimeError, ValueError) as exc:  # an id past int64
+        raise InputError(f"token id out of range in --input {text!r}: ids are vocabulary indices, "
+                         "e.g. '[[1, 0, 1]]'") from exc
 
 
 def _is_int_matrix(rows: object) -> bool:
@@ -80,9 +85,27 @@ def tokenize(tokenizer: object, texts: Sequence[str],
     """
     if not texts:
         raise InputError("no text given: pass --text 'a sentence' or --text-file FILE")
-    encoded = tokenizer(list(texts), padding=True, truncation=max_length is not None,
-                        max_length=max_length, return_tensors="pt")
+    with _padding_token(tokenizer):
+        encoded = tokenizer(list(texts), padding=True, truncation=max_length is not None,
+                            max_length=max_length, return_tensors="pt")
     return dict(encoded)
+
+
+@contextlib.contextmanager
+def _padding_token(tokenizer: object) -> Iterator[None]:
+    """Tokenizers without a pad token (GPT-2's) pad with their end-of-sequence token for this call;
+    ``attention_mask`` hides it from every metric either way."""
+    if getattr(tokenizer, "pad_token", None) is not None:
+        yield
+        return
+    if getattr(tokenizer, "eos_token", None) is None:
+        raise InputError("the model's tokenizer has neither a padding nor an end-of-sequence token, so "
+                         "texts cannot be batched: give token ids with --input '[[1, 2, 3]]'")
+    tokenizer.pad_token = tokenizer.eos_token
+    try:
+        yield
+    finally:
+        tokenizer.pad_token = None
 
 
 def load_tensor_file(path: str | Path) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -105,7 +128,7 @@ def _read_npy(path: Path) -> dict[str, torch.Tensor]:
 
     try:
         return {"input": torch.from_numpy(np.load(path, allow_pickle=False))}
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, TypeError) as exc:  # TypeError: a dtype torch lacks (strings ...)
         raise InputError(f"cannot read {path} as a numeric .npy array ({exc}): save it with numpy.save "
                          "from a numeric array") from exc
 
@@ -135,8 +158,17 @@ def model_inputs(loaded: LoadedModel, *, texts: Sequence[str] = (), text_file: s
         tensor_file: a ``.safetensors`` / ``.npy`` file of input tensors.
 
     With no source: the model's default ids (``dummy``) or the bundled sentences (models with a
-    tokenizer). Returns a tensor for plain modules, keyword arguments for Hugging Face models.
+    tokenizer). Token ids given as one flat sequence become a batch of one, ``(1, seq)``.
+
+    Returns:
+        A tensor for plain modules, keyword arguments for Hugging Face models, on the model's device.
     """
+    return to_device(_inputs_from(loaded, texts, text_file, input_ids, tensor_file), loaded.device)
+
+
+def _inputs_from(loaded: LoadedModel, texts: Sequence[str], text_file: str | Path | None,
+                 input_ids: str | None, tensor_file: str | Path | None
+                 ) -> torch.Tensor | dict[str, torch.Tensor]:
     given = [name for name, value in [("--text", texts), ("--text-file", text_file), ("--input", input_ids),
                                       ("--input-file", tensor_file)] if value]
     if len(given) > 1:
@@ -162,6 +194,8 @@ def _text_inputs(loaded: LoadedModel, texts: list[str]) -> dict[str, torch.Tenso
 
 def _id_inputs(loaded: LoadedModel, raw: torch.Tensor | dict[str, torch.Tensor]
                ) -> torch.Tensor | dict[str, torch.Tensor]:
+    if isinstance(raw, torch.Tensor) and raw.dim() == 1 and not raw.is_floating_point():
+        raw = raw.unsqueeze(0)  # one sequence of ids -> (1, seq), as parse_token_ids reads a flat list
     ids = raw.get("input_ids") if isinstance(raw, dict) else raw
     if ids is not None and not ids.is_floating_point():
         validate_token_ids(loaded.model, ids)
