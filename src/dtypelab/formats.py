@@ -95,6 +95,7 @@ class NumberFormat:
 
     @property
     def is_floating_point(self) -> bool:
+        """A torch floating dtype holds the elements (fp32 ... fp8, mxfp8)."""
         return self.torch_dtype is not None and self.torch_dtype.is_floating_point
 
     @property
@@ -127,6 +128,7 @@ class NumberFormat:
 
     @property
     def smallest_normal(self) -> float:
+        """Smallest positive normal value (in units of the scale for quantized formats)."""
         return self.element_codec.smallest_normal if self.codec else float(torch.finfo(self.torch_dtype).tiny)
 
     @property
@@ -145,10 +147,12 @@ class NumberFormat:
 
     @property
     def has_inf(self) -> bool:
+        """Whether the element encoding has ±inf (plain torch floats do)."""
         return self.codec.has_inf if self.codec else True
 
     @property
     def has_nan(self) -> bool:
+        """Whether the element encoding has a NaN (plain torch floats do)."""
         return self.codec.has_nan if self.codec else True
 
     @property
@@ -256,9 +260,9 @@ def get_format(spec: str | torch.dtype | NumberFormat) -> NumberFormat:
     head, *options = str(spec).strip().lower().split(":")
     if head not in _BY_NAME:
         raise UnknownFormatError(f"unknown dtype or format {str(spec)!r}: {_known_help()}")
-    fmt = _BY_NAME[head]
+    fmt, set_by = _BY_NAME[head], {}
     for option in options:
-        fmt = _apply_option(fmt, option, str(spec))
+        fmt = _apply_option(fmt, option, str(spec), set_by)
     return dataclasses.replace(fmt, name=canonical_name(fmt)) if options else fmt
 
 
@@ -267,15 +271,25 @@ def _known_help() -> str:
     return f"use one of {names} (aliases like half, bfloat16, float8_e4m3fn work too); spec grammar {GRAMMAR}"
 
 
-def _apply_option(fmt: NumberFormat, option: str, spec: str) -> NumberFormat:
-    """One ``:option`` of a spec applied to ``fmt``; a wrong or inapplicable option is an error."""
+def _apply_option(fmt: NumberFormat, option: str, spec: str, set_by: dict[str, str]) -> NumberFormat:
+    """One ``:option`` of a spec applied to ``fmt``; a wrong, inapplicable or conflicting option is an
+    error. ``set_by`` maps each field already set to the option that set it (``int4:g64:g128``)."""
     changes = _option_changes(option)
     if changes is None:
         raise UnknownFormatError(f"unknown option {option!r} in format spec {spec!r}: grammar {GRAMMAR}")
-    problem = _option_problem(fmt, changes)
+    problem = _option_problem(fmt, changes) or _option_conflict(changes, option, set_by)
     if problem:
         raise UnknownFormatError(f"format spec {spec!r}: {problem}; grammar {GRAMMAR}")
+    set_by.update(dict.fromkeys(changes, option))
     return dataclasses.replace(fmt, **changes)
+
+
+def _option_conflict(changes: dict, option: str, set_by: dict[str, str]) -> str | None:
+    """Two different options setting one field (the later would silently win)."""
+    for field_name in changes:
+        if set_by.get(field_name, option) != option:
+            return f"options {set_by[field_name]!r} and {option!r} both set the {field_name}: keep one"
+    return None
 
 
 def _option_changes(option: str) -> dict | None:
