@@ -44,6 +44,7 @@ class KeepPolicy:
         return cls(types, tuple(i for i in items if i not in types))
 
     def matches(self, name: str, module: nn.Module) -> bool:
+        """Whether the module at qualified ``name`` is kept: its class (or a base) or its name matches."""
         for kind in self.module_types:
             if isinstance(kind, str) and any(c.__name__ == kind for c in type(module).__mro__):
                 return True

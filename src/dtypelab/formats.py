@@ -385,6 +385,7 @@ class FormatsReport(TableMixin):
     formats: list[FormatRow]
 
     def to_table(self) -> Table:
+        """One row per entry, summary lines as notes (rendered by :class:`~dtypelab.report.Table`)."""
         columns = ["name", "bits", "eff_bits", "element", "scale", "block", "max_finite", "smallest_normal",
                    "smallest_subnormal", "eps", "inf", "nan"]
         fields = [c.replace("eff_bits", "effective_bits") for c in columns]

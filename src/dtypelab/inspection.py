@@ -70,6 +70,7 @@ class ModelInspection(TableMixin):
         return self.footprint_bytes / self.float32_bytes if self.float32_bytes else 1.0
 
     def to_table(self) -> Table:
+        """One row per entry, summary lines as notes (rendered by :class:`~dtypelab.report.Table`)."""
         rows = [[t.name, t.kind, t.dtype, list(t.shape), t.numel, t.nbytes, t.shares_with or ""]
                 for t in self.tensors]
         notes = [f"{s.dtype}: {s.tensors} tensors, {s.numel:,} elements, {s.nbytes:,} bytes"

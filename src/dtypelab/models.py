@@ -46,6 +46,7 @@ class DummyModel(nn.Module):
             self.head = nn.Linear(2, 2)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids ``(batch, seq)`` in 0..1 -> logits ``(batch, seq, 2)``."""
         hidden_states = self.token_embedding(input_ids)  # (batch, seq, 2)
         hidden_states = self.layernorm_1(self.linear_1(hidden_states))
         hidden_states = self.layernorm_2(self.linear_2(hidden_states))
