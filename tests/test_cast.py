@@ -151,3 +151,19 @@ def test_keeping_a_tied_head_keeps_its_embedding_whole_and_the_forward_runs():
 def test_keeping_everything_gives_one_root():
     model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2)))
     assert KeepPolicy(name_patterns=("*",)).kept_roots(model) == [""]
+
+
+class TakesABatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, batch):
+        return self.norm(batch["hidden"])  # (batch, 4)
+
+
+def test_a_kept_module_does_not_change_the_callers_inputs():
+    batch = {"hidden": torch.ones(2, 4, dtype=torch.bfloat16)}
+    kept = cast_model(nn.Sequential(TakesABatch()), "bf16", KeepPolicy(name_patterns=("0",)))  # float32
+    assert kept(batch).dtype == torch.bfloat16
+    assert batch["hidden"].dtype == torch.bfloat16  # the caller's dict still holds its own tensor

@@ -152,3 +152,8 @@ def test_inputs_are_built_on_the_models_device(monkeypatch, tiny_llama):
     batch = model_inputs(tiny_llama, texts=["Hello."])
     assert {t.device.type for t in batch.values()} == {"meta"}
     assert model_inputs(load("dummy")).device.type == "meta"
+
+
+def test_one_string_is_one_text_not_its_letters(tiny_llama):
+    assert tokenize(tiny_llama.tokenizer, "Hello there.")["input_ids"].shape[0] == 1
+    assert model_inputs(tiny_llama, texts="Hello there.")["input_ids"].shape[0] == 1

@@ -182,6 +182,13 @@ def test_builtin_descriptions_name_the_true_layer_count(name):
     assert f"{model.config.num_hidden_layers}-layer" in BUILTIN_MODELS[name].description
 
 
+def test_tiny_llama_has_the_weights_its_docstring_counts():
+    vocab, hidden, kv, mlp = 259, 64, 2 * 16, 192  # 2 key/value heads of 64 / 4 = 16 dims
+    layer = hidden * hidden * 2 + hidden * kv * 2 + 3 * hidden * mlp + 2 * hidden  # q o, k v, mlp, norms
+    expected = 2 * vocab * hidden + 2 * layer + hidden  # untied embedding and head, final norm
+    assert sum(p.numel() for p in tiny_llama().parameters()) == expected == 131_776
+
+
 def test_loaded_model_reports_its_device(tiny_llama):
     assert tiny_llama.device == next(tiny_llama.model.parameters()).device == torch.device("cpu")
 

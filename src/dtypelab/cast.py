@@ -146,7 +146,9 @@ def map_floating(value: object, dtype: torch.dtype) -> object:
         return type(value)(*(map_floating(v, dtype) for v in value))
     if isinstance(value, list | tuple):
         return type(value)(map_floating(v, dtype) for v in value)
-    if isinstance(value, dict):
+    if type(value) is dict:  # e.g. a caller's batch passed to a kept module: a new dict, not changed
+        return {key: map_floating(item, dtype) for key, item in value.items()}
+    if isinstance(value, dict):  # ModelOutput and other mappings a module returned: updated in place
         for key in list(value):
             value[key] = map_floating(value[key], dtype)
     return value

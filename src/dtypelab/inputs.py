@@ -83,10 +83,11 @@ def tokenize(tokenizer: object, texts: Sequence[str],
         else the tokenizer produces (``token_type_ids``). Texts longer than ``max_length`` tokens are
         truncated to what the model accepts.
     """
+    texts = [texts] if isinstance(texts, str) else list(texts)  # one str is one text, not its letters
     if not texts:
         raise InputError("no text given: pass --text 'a sentence' or --text-file FILE")
     with _padding_token(tokenizer):
-        encoded = tokenizer(list(texts), padding=True, truncation=max_length is not None,
+        encoded = tokenizer(texts, padding=True, truncation=max_length is not None,
                             max_length=max_length, return_tensors="pt")
     return dict(encoded)
 
@@ -174,7 +175,7 @@ def _inputs_from(loaded: LoadedModel, texts: Sequence[str], text_file: str | Pat
     if len(given) > 1:
         raise InputError(f"several inputs given ({', '.join(given)}): choose one")
     if texts or text_file:
-        return _text_inputs(loaded, list(texts) or read_text_file(text_file))
+        return _text_inputs(loaded, texts or read_text_file(text_file))
     if input_ids is not None or tensor_file is not None:
         raw = parse_token_ids(input_ids) if input_ids is not None else load_tensor_file(tensor_file)
         return _id_inputs(loaded, raw)
@@ -185,7 +186,7 @@ def _inputs_from(loaded: LoadedModel, texts: Sequence[str], text_file: str | Pat
     raise InputError(f"model {loaded.spec!r} has no default input: give token ids with --input '[[1, 2, 3]]'")
 
 
-def _text_inputs(loaded: LoadedModel, texts: list[str]) -> dict[str, torch.Tensor]:
+def _text_inputs(loaded: LoadedModel, texts: Sequence[str]) -> dict[str, torch.Tensor]:
     if loaded.tokenizer is None:
         raise InputError(f"model {loaded.spec!r} has no tokenizer, so it cannot read text: give token ids "
                          "with --input '[[1, 0, 1]]' or a tensor file with --input-file")
