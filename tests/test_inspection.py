@@ -112,6 +112,13 @@ def test_pickled_state_dict_inspected_only_with_the_flag(tmp_path, dummy):
     assert info.footprint_bytes == 120 and [t.kind for t in info.tensors] == ["tensor"] * 11
 
 
+def test_a_folder_of_pickles_without_config_is_inspected_not_sent_back_to_inspect(tmp_path, dummy):
+    torch.save(dummy.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelSpecError, match="--allow-pickle"):
+        inspect(str(tmp_path))
+    assert inspect(str(tmp_path), allow_pickle=True).footprint_bytes == 30 * 4  # 30 float32 weights
+
+
 def test_pickle_holding_code_is_refused_by_weights_only(tmp_path, dummy):
     path = tmp_path / "model.pt"
     torch.save(dummy, path)  # a whole module: weights_only=True will not unpickle it

@@ -537,12 +537,22 @@ def inspect(spec: str, dtype: str | torch.dtype = "auto", *,
     bare = bare_checkpoint_path(spec)
     if bare is not None:
         return _inspect_bare_checkpoint(bare)
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+    pickles = _bare_pickles(Path(spec).expanduser())
+    if pickles:
         if not allow_pickle:
-            raise _pickle_refused(path)
-        return inspect_tensors((name, "tensor", t) for name, t in load_state_dict_file(path).items())
+            raise _pickle_refused(pickles[0])
+        return inspect_tensors((name, "tensor", tensor) for file in pickles
+                               for name, tensor in load_state_dict_file(file).items())
     return inspect_model(load(spec, dtype, allow_pickle=allow_pickle).model)
+
+
+def _bare_pickles(path: Path) -> list[Path]:
+    """A pickled state dict file, or the pickle weight files of a folder without ``config.json``."""
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        return [path]
+    if path.is_dir() and not (path / "config.json").is_file():
+        return folder_weights(path)[1]
+    return []
 
 
 def _inspect_bare_checkpoint(path: Path) -> CheckpointInspection:
