@@ -209,3 +209,11 @@ def test_the_dtype_is_handed_to_from_pretrained(monkeypatch, sharded_llama_folde
     load(str(sharded_llama_folder), "bf16")
     load(str(sharded_llama_folder))
     assert calls == [torch.bfloat16, "auto"]
+
+
+def test_a_broken_tokenizer_file_is_a_one_line_error(tmp_path, tiny_llama):
+    tiny_llama.model.save_pretrained(tmp_path)
+    tiny_llama.tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelSpecError, match="cannot read the tokenizer in .* fix or remove"):
+        load(str(tmp_path))

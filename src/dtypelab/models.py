@@ -344,6 +344,12 @@ def _load_path(path: Path, dtype: str | torch.dtype, allow_pickle: bool) -> Load
                          "safetensors), a .safetensors file, or a built-in name")
 
 
+def _first_line(exc: BaseException) -> str:
+    """A third-party error's first line for a one-line message (its type name when it has no text)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _pickle_refused(path: Path) -> ModelSpecError:
     return ModelSpecError(f"{path} is a pickle, which can run code when read: pass --allow-pickle "
                           "(allow_pickle=True) to read it with torch.load(weights_only=True), "
@@ -429,7 +435,7 @@ def _read_pretrained(path: Path, torch_dtype: str | torch.dtype, use_safetensors
                 path, dtype=torch_dtype, use_safetensors=use_safetensors, output_loading_info=True,
                 ignore_mismatched_sizes=True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = _first_line(exc)
         raise ModelSpecError(f"transformers cannot load {path} ({reason}): check config.json matches "
                              "the weights and that your transformers version knows the architecture") from exc
     _refuse_incomplete(path, info)
@@ -473,11 +479,17 @@ def _no_progress_bars() -> Iterator[None]:
 
 
 def _folder_tokenizer(path: Path) -> object | None:
+    """The folder's own tokenizer; None when it has no tokenizer files, an error when they are broken."""
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:  # JSONDecodeError is a ValueError
+        reason = _first_line(exc)
+        raise ModelSpecError(f"cannot read the tokenizer in {path} ({reason}): fix or remove its "
+                             "tokenizer files (without them, give token ids with --input)") from exc
 
 
 def model_kind(model: nn.Module) -> str:
@@ -514,7 +526,7 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = _first_line(exc)
         raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True) ({reason}): "
                               "save a plain state_dict or convert it to safetensors") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
