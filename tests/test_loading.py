@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from dtypelab.errors import CheckpointError, ModelSpecError, NotRunnableError
+from dtypelab.errors import CheckpointError, InputError, ModelSpecError, NotRunnableError
 from dtypelab.formats import all_formats
 from dtypelab.models import BUILTIN_MODELS, load, tiny_gpt2, tiny_llama
 
@@ -217,3 +217,9 @@ def test_a_broken_tokenizer_file_is_a_one_line_error(tmp_path, tiny_llama):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ModelSpecError, match="cannot read the tokenizer in .* fix or remove"):
         load(str(tmp_path))
+
+
+@pytest.mark.parametrize("device", ["no-such-device", "cuda:99"])
+def test_a_device_torch_cannot_use_is_a_one_line_error(device):
+    with pytest.raises(InputError, match=f"cannot put the model on device '{device}'"):
+        load("dummy", device=device)

@@ -292,8 +292,17 @@ def load(spec: str, dtype: str | torch.dtype = "auto", device: str | torch.devic
         torch.bfloat16
     """
     loaded = _load_builtin(spec, dtype) if spec in BUILTIN_MODELS else _load_other(spec, dtype, allow_pickle)
-    loaded.model.to(device)
+    _move(loaded.model, device)
     return loaded
+
+
+def _move(model: nn.Module, device: str | torch.device) -> None:
+    """``model.to(device)``; a device torch does not know or cannot reach is an :class:`InputError`."""
+    try:
+        model.to(device)
+    except (RuntimeError, AssertionError, ValueError) as exc:  # torch asserts when built without CUDA
+        raise InputError(f"cannot put the model on device {str(device)!r} ({_first_line(exc)}): "
+                         "use cpu, or cuda / cuda:N where torch sees a GPU") from exc
 
 
 def _load_builtin(spec: str, dtype: str | torch.dtype) -> LoadedModel:
