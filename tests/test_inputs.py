@@ -157,3 +157,12 @@ def test_inputs_are_built_on_the_models_device(monkeypatch, tiny_llama):
 def test_one_string_is_one_text_not_its_letters(tiny_llama):
     assert tokenize(tiny_llama.tokenizer, "Hello there.")["input_ids"].shape[0] == 1
     assert model_inputs(tiny_llama, texts="Hello there.")["input_ids"].shape[0] == 1
+
+
+def test_float64_arrays_are_read_as_float32_and_run(tmp_path):
+    embeds = np.random.default_rng(0).standard_normal((1, 3, 2))  # float64, as numpy makes them
+    np.save(tmp_path / "embeds.npy", embeds)
+    loaded = load_tensor_file(tmp_path / "embeds.npy")
+    assert loaded.dtype == torch.float32 and torch.equal(loaded, torch.from_numpy(embeds).float())
+    dummy = load("dummy").model
+    assert dummy.head(loaded).shape == (1, 3, 2)  # runs in the float32 reference

@@ -111,7 +111,8 @@ def _padding_token(tokenizer: object) -> Iterator[None]:
 
 def load_tensor_file(path: str | Path) -> torch.Tensor | dict[str, torch.Tensor]:
     """Inputs saved as tensors: a ``.npy`` array, or a ``.safetensors`` file (one tensor is returned
-    as is; several become keyword arguments by name, e.g. ``input_ids`` and ``attention_mask``)."""
+    as is; several become keyword arguments by name, e.g. ``input_ids`` and ``attention_mask``).
+    Integers are read as int64 and floats as float32 (see :func:`_as_input`)."""
     path = Path(path)
     if path.suffix not in TENSOR_SUFFIXES:
         raise InputError(f"cannot read inputs from {path}: use a .safetensors or .npy file, "
@@ -119,9 +120,16 @@ def load_tensor_file(path: str | Path) -> torch.Tensor | dict[str, torch.Tensor]
     if not path.is_file():
         raise InputError(f"no such input file {path}: check the path")
     tensors = _read_npy(path) if path.suffix == ".npy" else _read_safetensors(path)
-    tensors = {k: v if v.is_floating_point() or v.dtype == torch.bool else v.long()
-               for k, v in tensors.items()}
+    tensors = {name: _as_input(tensor) for name, tensor in tensors.items()}
     return next(iter(tensors.values())) if len(tensors) == 1 else tensors
+
+
+def _as_input(tensor: torch.Tensor) -> torch.Tensor:
+    """Integers as int64 (ids, masks), floats as float32 (the reference's dtype: a float64 .npy would
+    not run), booleans as they are."""
+    if tensor.dtype == torch.bool:
+        return tensor
+    return tensor.float() if tensor.is_floating_point() else tensor.long()
 
 
 def _read_npy(path: Path) -> dict[str, torch.Tensor]:
