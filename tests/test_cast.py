@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from dtypelab import KeepPolicy, NumberFormat, cast_model, get_format
-from dtypelab.errors import UnknownFormatError
+from dtypelab.errors import InputError, UnknownFormatError
 from dtypelab.formats import parse_format_list
 
 ALIASES = {
@@ -167,3 +167,9 @@ def test_a_kept_module_does_not_change_the_callers_inputs():
     kept = cast_model(nn.Sequential(TakesABatch()), "bf16", KeepPolicy(name_patterns=("0",)))  # float32
     assert kept(batch).dtype == torch.bfloat16
     assert batch["hidden"].dtype == torch.bfloat16  # the caller's dict still holds its own tensor
+
+
+@pytest.mark.parametrize("items", [[""], ["LayerNorm", " "]])
+def test_an_empty_keep_item_is_refused_not_a_keep_everything(items):
+    with pytest.raises(InputError, match="empty --keep item"):
+        KeepPolicy.from_strings(items)

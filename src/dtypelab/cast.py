@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import UnknownFormatError
+from .errors import InputError, UnknownFormatError
 from .formats import NumberFormat, get_format
 
 
@@ -39,7 +39,14 @@ class KeepPolicy:
 
     @classmethod
     def from_strings(cls, items: Sequence[str]) -> KeepPolicy:
-        """``["LayerNorm", "head*"]``: capitalised words without glob characters are class names."""
+        """``["LayerNorm", "head*"]``: capitalised words without glob characters are class names.
+
+        Raises:
+            InputError: an empty item (it would match the model itself and keep everything).
+        """
+        if not all(item.strip() for item in items):
+            raise InputError(f"empty --keep item in {list(items)!r}: give a class name (LayerNorm) or a "
+                             "module name glob (lm_head, *.norm)")
         types = tuple(i for i in items if i[:1].isupper() and not set(i) & set("*?[."))
         return cls(types, tuple(i for i in items if i not in types))
 
