@@ -93,3 +93,13 @@ def test_negative_token_id_is_named():
 def test_factory_specs_that_do_not_build_a_module(spec, match):
     with pytest.raises(ModelSpecError, match=match):
         build_model(spec)
+
+
+class NoEmbeddingLookup(DummyModel):
+    def get_input_embeddings(self):
+        raise NotImplementedError("as transformers raises for models it cannot resolve")
+
+
+def test_vocabulary_check_falls_back_when_get_input_embeddings_raises():
+    with pytest.raises(InputError, match="from 0 to 1"):
+        validate_token_ids(NoEmbeddingLookup(), torch.tensor([[0, 2]]))

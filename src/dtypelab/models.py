@@ -215,15 +215,25 @@ def output_kind(spec: str) -> str:
 
 def validate_token_ids(model: nn.Module, input_ids: torch.Tensor) -> None:
     """Refuse ids outside the model's vocabulary before an index error deep in the forward."""
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if not isinstance(embedding, nn.Embedding):
-        embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    embedding = _input_embedding(model)
     if embedding is None or input_ids.numel() == 0:
         return
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= embedding.num_embeddings:
         raise InputError(f"token id {high if high >= embedding.num_embeddings else low} is outside the "
                          f"vocabulary: use ids from 0 to {embedding.num_embeddings - 1}")
+
+
+def _input_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The token embedding: transformers' ``get_input_embeddings()`` (which raises NotImplementedError
+    for models it cannot resolve), else the first ``nn.Embedding``."""
+    try:
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except NotImplementedError:
+        embedding = None
+    if isinstance(embedding, nn.Embedding):
+        return embedding
+    return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
 
 
 # ---------------------------------------------------------------------------------------------------
