@@ -44,7 +44,8 @@ def test_builtin_lm_in_dtype_equals_torch_cast_of_float32(fmt, tiny_llama):
 
 
 def test_minilm_loads_offline_as_an_encoder(minilm):
-    assert minilm.kind == "transformers" and minilm.output_kind == "auto"
+    assert minilm.kind == "transformers"
+    assert minilm.output_kind == BUILTIN_MODELS["minilm"].output_kind == "hidden"  # the registry applies
     assert type(minilm.model).__name__ == "BertModel" and minilm.tokenizer.vocab_size == 30522
     assert minilm.max_length == 512
 

@@ -319,7 +319,7 @@ def _load_builtin(spec: str, dtype: str | torch.dtype) -> LoadedModel:
     entry = BUILTIN_MODELS[spec]
     if entry.folder is not None:
         loaded = load_folder(Path(entry.folder()), dtype)
-        loaded.spec = spec
+        loaded.spec, loaded.output_kind = spec, entry.output_kind  # the registry's word, as for the others
         return loaded
     model = _in_dtype(build_model(spec), dtype)
     tokenizer = entry.tokenizer() if entry.tokenizer else None
