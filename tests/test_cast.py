@@ -173,3 +173,13 @@ def test_a_kept_module_does_not_change_the_callers_inputs():
 def test_an_empty_keep_item_is_refused_not_a_keep_everything(items):
     with pytest.raises(InputError, match="empty --keep item"):
         KeepPolicy.from_strings(items)
+
+
+def test_a_shared_integer_buffer_does_not_keep_its_other_holder():
+    model = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 4))
+    positions = torch.arange(4)
+    model[0].register_buffer("positions", positions)
+    model[1].register_buffer("positions", positions)  # integers are copied as they are anyway
+    cast = cast_model(model, "bf16", KeepPolicy(("LayerNorm",)))
+    assert cast[1].weight.dtype == torch.bfloat16 and cast[0].weight.dtype == torch.float32
+    assert cast[0].positions is cast[1].positions

@@ -85,7 +85,8 @@ def _with_sharing_modules(model: nn.Module, roots: list[str]) -> list[str]:
     """
     roots, modules = list(roots), dict(model.named_modules())
     while True:  # until no module outside shares with one inside (a chain of ties is kept whole)
-        kept_ids = {id(t) for name, m in modules.items() if _is_inside(name, roots) for t in _own_tensors(m)}
+        kept_ids = {id(t) for name, m in modules.items() if _is_inside(name, roots)
+                    for t in _own_tensors(m) if t.is_floating_point()}  # shared ints are never cast
         sharing = [name for name, m in modules.items()
                    if not _is_inside(name, roots) and any(id(t) in kept_ids for t in _own_tensors(m))]
         if not sharing:
