@@ -148,3 +148,17 @@ def test_empty_buffers_do_not_share_storage():
     model.register_buffer("a", torch.empty(0))
     model.register_buffer("b", torch.empty(0))
     assert inspect_model(model).shared_groups == {}
+
+
+@pytest.mark.parametrize("spec", ["int4:g128", "int8", "nvfp4", "int4:g64:asym"])
+def test_a_quantized_model_is_measured_against_its_float32_original(spec):
+    """Packed codes stand for the float32 weight, scales for nothing: the float32 reference of a
+    quantized model is the original model's own footprint."""
+    from dtypelab import quantize_model
+
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 128))
+    quantized = inspect_model(quantize_model(original, spec).model)
+    assert quantized.float32_bytes == inspect_model(original).footprint_bytes == (256 * 512 + 512 * 128
+                                                                                  + 512 + 128) * 4
+    assert quantized.ratio_to_float32 == quantized.footprint_bytes / quantized.float32_bytes < 0.3

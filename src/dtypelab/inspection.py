@@ -6,7 +6,8 @@ as ``torch.nn.Module.parameters()`` and transformers' ``get_memory_footprint()``
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import math
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +21,9 @@ class TensorInfo:
     """One named parameter or buffer.
 
     ``nbytes`` is this tensor's own storage in bytes; ``shares_with`` names the first tensor listed
-    earlier that holds the same storage (its bytes are then not counted again).
+    earlier that holds the same storage (its bytes are then not counted again). ``float32_nbytes``:
+    its bytes in the float32 model when they cannot be told from its dtype (the codes of a quantized
+    weight stand for the whole float32 weight, its scales for nothing); None otherwise.
     """
 
     name: str
@@ -30,6 +33,7 @@ class TensorInfo:
     numel: int
     nbytes: int
     shares_with: str | None = None
+    float32_nbytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -61,8 +65,9 @@ class ModelInspection(TableMixin):
 
     @property
     def float32_bytes(self) -> int:
-        """Bytes the same tensors would take with every floating one in float32 (others as they are)."""
-        return sum(s.numel * 4 if _is_floating(s.dtype) else s.nbytes for s in self.by_dtype)
+        """Bytes the same model takes in float32: floating tensors at 4 bytes an element, quantized
+        weights at their float32 size, the rest (integer buffers) as they are."""
+        return sum(_float32_nbytes(t) for t in self.tensors if t.shares_with is None)
 
     @property
     def ratio_to_float32(self) -> float:
@@ -79,6 +84,12 @@ class ModelInspection(TableMixin):
                      f"{self.ratio_to_float32:.3f} x float32 ({self.float32_bytes:,} bytes)")
         return Table("Tensors", ["name", "kind", "dtype", "shape", "numel", "bytes", "shares storage with"],
                      rows, notes)
+
+
+def _float32_nbytes(info: TensorInfo) -> int:
+    if info.float32_nbytes is not None:
+        return info.float32_nbytes
+    return info.numel * 4 if _is_floating(info.dtype) else info.nbytes
 
 
 def _is_floating(dtype_name: str) -> bool:
@@ -148,18 +159,36 @@ def inspect_model(model: nn.Module) -> ModelInspection:
         >>> inspect_model(DummyModel()).footprint_bytes
         120
     """
-    return inspect_tensors(named_tensors(model))
+    return inspect_tensors(named_tensors(model), _quantized_float32_nbytes(model))
 
 
-def inspect_tensors(items: Iterable[tuple[str, str, torch.Tensor]]) -> ModelInspection:
-    """:func:`inspect_model` for any ``(name, kind, tensor)`` sequence, e.g. a loaded state dict."""
+def _quantized_float32_nbytes(model: nn.Module) -> dict[str, int]:
+    """Tensor name -> float32 bytes, for weights a module holds as codes + scales (dtypelab's
+    quantized layers: a ``qweight`` buffer and the float weight's ``weight_shape``)."""
+    sizes: dict[str, int] = {}
+    for prefix, module in model.named_modules():
+        buffers, shape = dict(module.named_buffers(recurse=False)), getattr(module, "weight_shape", None)
+        if shape is None or "qweight" not in buffers:
+            continue
+        for name in buffers:  # codes: the whole float32 weight; scales and zero points: nothing
+            sizes[f"{prefix}.{name}" if prefix else name] = math.prod(shape) * 4 if name == "qweight" else 0
+    return sizes
+
+
+def inspect_tensors(items: Iterable[tuple[str, str, torch.Tensor]],
+                    float32_nbytes: Mapping[str, int] | None = None) -> ModelInspection:
+    """:func:`inspect_model` for any ``(name, kind, tensor)`` sequence, e.g. a loaded state dict.
+
+    Args:
+        float32_nbytes: bytes in the float32 model of tensors whose dtype does not tell them (by name).
+    """
     owners: dict[tuple, str] = {}
-    rows = []
+    rows, float32_nbytes = [], float32_nbytes or {}
     for name, kind, tensor in items:
-        key = _storage_key(tensor)
-        owner = owners.setdefault(key, name)
-        rows.append(TensorInfo(name, kind, storage_dtype(tensor), tuple(tensor.shape),
-                               tensor.numel(), storage_nbytes(tensor), None if owner == name else owner))
+        owner = owners.setdefault(_storage_key(tensor), name)
+        rows.append(TensorInfo(name, kind, storage_dtype(tensor), tuple(tensor.shape), tensor.numel(),
+                               storage_nbytes(tensor), None if owner == name else owner,
+                               float32_nbytes.get(name)))
     return _summarise(rows)
 
 
