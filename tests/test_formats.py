@@ -307,3 +307,12 @@ def test_round_trip_of_a_row_the_group_does_not_divide(spec):
     else:
         tail = tail_fmt.round_trip(x[:, 32:])
     assert torch.equal(fmt.round_trip(x), torch.cat([fmt.round_trip(x[:, :32]), tail], dim=1))
+
+
+@pytest.mark.parametrize("spec", ["int4:g32", "int8", "fp8_e4m3:tensor", "mxfp4", "nf4"])
+def test_round_trip_of_scalars_and_empty_tensors(spec):
+    fmt = get_format(spec)
+    row = torch.tensor([1.7])
+    assert torch.equal(fmt.round_trip(torch.tensor(1.7)), fmt.round_trip(row)[0])  # a row of one
+    for empty in (torch.zeros(0), torch.zeros(2, 0)):
+        assert fmt.round_trip(empty).shape == empty.shape

@@ -186,16 +186,21 @@ class NumberFormat:
         """Quantize ``tensor`` to this format and back to its own dtype (round to nearest even).
 
         Plain formats are a torch cast; scaled formats quantize the last dimension as rows (a 1-D
-        tensor is one row) with this format's scales, exactly as :func:`dtypelab.quantize` stores them.
+        tensor is one row, a scalar a row of one) with this format's scales, exactly as
+        :func:`dtypelab.quantize` stores them; an empty tensor comes back as it is.
         A row length the group size does not divide is zero-padded to the next multiple (zeros change
         no absmax and are stored exactly), so any activation can be rounded; storing a weight that way
         is refused instead (see quantize_tensor).
         """
         if self.codec is None:
             return tensor.to(self.torch_dtype).to(tensor.dtype)
+        if tensor.numel() == 0:  # nothing to round (and no block to take a scale from)
+            return tensor.clone()
+        if tensor.dim() == 0:  # a scalar is a row of one
+            return self.round_trip(tensor.reshape(1)).reshape(())
         from .qtensor import quantize_tensor  # qtensor builds on formats
 
-        cols = tensor.shape[-1] if tensor.dim() else 1
+        cols = tensor.shape[-1]
         pad = -cols % self.group_size if self.granularity == "group" else 0
         padded = torch.nn.functional.pad(tensor, (0, pad)) if pad else tensor
         back = quantize_tensor(padded, self).dequantize(tensor.dtype).reshape(padded.shape)
