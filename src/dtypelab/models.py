@@ -295,7 +295,9 @@ def load(spec: str, dtype: str | torch.dtype = "auto", device: str | torch.devic
 
     Returns:
         A :class:`LoadedModel`. A bare ``.safetensors`` file or a folder of weights without
-        ``config.json`` raises :class:`~dtypelab.errors.NotRunnableError` (use :func:`inspect`).
+        ``config.json`` raises :class:`~dtypelab.errors.NotRunnableError` (use :func:`inspect`); a
+        checkpoint missing a weight or holding one in the wrong shape raises ``CheckpointError``; a
+        device torch cannot use raises ``InputError``.
 
     Example:
         >>> load("tiny-llama", dtype="bf16").model.dtype
