@@ -7,7 +7,14 @@ import torch
 from safetensors.torch import save_file
 
 from dtypelab.errors import InputError
-from dtypelab.inputs import default_texts, load_tensor_file, model_inputs, parse_token_ids, tokenize
+from dtypelab.inputs import (
+    default_texts,
+    load_tensor_file,
+    model_inputs,
+    parse_token_ids,
+    to_device,
+    tokenize,
+)
 from dtypelab.models import LoadedModel, byte_tokenizer, load
 
 pytest.importorskip("transformers")
@@ -166,3 +173,9 @@ def test_float64_arrays_are_read_as_float32_and_run(tmp_path):
     assert loaded.dtype == torch.float32 and torch.equal(loaded, torch.from_numpy(embeds).float())
     dummy = load("dummy").model
     assert dummy.head(loaded).shape == (1, 3, 2)  # runs in the float32 reference
+
+
+@pytest.mark.parametrize("device", ["no-such-device", "cuda:99"])
+def test_moving_inputs_to_a_device_torch_cannot_use_is_one_line(device):
+    with pytest.raises(InputError, match=f"cannot put the inputs on device '{device}'"):
+        to_device({"input_ids": torch.tensor([[1, 0, 1]])}, device)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .models import LoadedModel, validate_token_ids
+from .models import LoadedModel, device_errors, validate_token_ids
 
 
 def parse_token_ids(text: str) -> torch.Tensor:
@@ -217,7 +217,12 @@ def _id_inputs(loaded: LoadedModel, raw: torch.Tensor | dict[str, torch.Tensor]
 
 def to_device(inputs: torch.Tensor | dict[str, torch.Tensor], device: torch.device | str
               ) -> torch.Tensor | dict[str, torch.Tensor]:
-    """Move a tensor or every tensor of a keyword-argument mapping to ``device``."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    """Move a tensor or every tensor of a keyword-argument mapping to ``device``.
+
+    Raises:
+        InputError: a device torch does not know or cannot reach.
+    """
+    with device_errors(device, "the inputs"):
+        if isinstance(inputs, torch.Tensor):
+            return inputs.to(device)
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}

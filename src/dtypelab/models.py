@@ -309,11 +309,18 @@ def load(spec: str, dtype: str | torch.dtype = "auto", device: str | torch.devic
 
 
 def _move(model: nn.Module, device: str | torch.device) -> None:
-    """``model.to(device)``; a device torch does not know or cannot reach is an :class:`InputError`."""
-    try:
+    with device_errors(device, "the model"):
         model.to(device)
+
+
+@contextlib.contextmanager
+def device_errors(device: str | torch.device, what: str) -> Iterator[None]:
+    """Turn torch's error for a device it does not know or cannot reach (no CUDA, no MPS in this build,
+    ``cuda:99``) into one :class:`InputError` line naming ``what`` was being moved."""
+    try:
+        yield
     except (RuntimeError, AssertionError, ValueError) as exc:  # torch asserts when built without CUDA
-        raise InputError(f"cannot put the model on device {str(device)!r} ({_first_line(exc)}): "
+        raise InputError(f"cannot put {what} on device {str(device)!r} ({_first_line(exc)}): "
                          "use cpu, or cuda / cuda:N where torch sees a GPU") from exc
 
 
