@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from dtypelab import KeepPolicy, NumberFormat, cast_model, get_format
-from dtypelab.errors import UnknownFormatError
+from dtypelab.errors import InputError, UnknownFormatError
 from dtypelab.formats import parse_format_list
 
 ALIASES = {
@@ -92,8 +92,16 @@ def test_keep_policy_keeps_layernorm_and_forward_runs(dummy, seed_input, keep):
     with torch.no_grad():
         out, ref = cast(seed_input), dummy(seed_input)
     assert out.dtype == torch.float16  # outputs return to the model's dtype after kept modules
-    # Keeping the norms in fp32 can only remove rounding: error stays within a few fp16 ulps of |ref|.
-    assert (out.float() - ref).abs().max() <= 4 * get_format("fp16").eps * ref.abs().max()
+    # A 2-wide LayerNorm outputs ±gamma + beta whatever small error its input carries, so the error is
+    # the fp16 head's: 3 terms (2 products + bias), each through at most 4 roundings of eps/2 (input,
+    # weight, product, sum). The terms' magnitudes add up to under 2 |ref| (checked), so
+    # |error| <= 4 * eps/2 * 2 |ref| = 4 eps |ref|.
+    with torch.no_grad():
+        hidden = dummy.layernorm_2(dummy.linear_2(dummy.layernorm_1(dummy.linear_1(dummy.token_embedding(
+            seed_input)))))  # (batch, seq, 2), the head's input in float32
+        magnitudes = hidden.abs() @ dummy.head.weight.abs().T + dummy.head.bias.abs()  # (batch, seq, 2)
+    assert (magnitudes <= 2 * ref.abs()).all()
+    assert ((out.float() - ref).abs() <= 4 * get_format("fp16").eps * ref.abs()).all()
 
 
 def test_keep_by_name_keeps_submodules_too():
@@ -108,3 +116,70 @@ def test_cast_refuses_storage_only_formats(dummy):
     fp8 = NumberFormat("fp8_e4m3_test", 8, torch.float8_e4m3fn, "an 8-bit storage format")
     with pytest.raises(UnknownFormatError, match="use quantize"):
         cast_model(dummy, fp8)
+
+
+class TiedLM(nn.Module):
+    """An embedding tied to its head, as GPT-2 ties ``lm_head`` to ``wte``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(8, 4)
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 8, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.body(self.embed(ids)))  # (batch, seq, vocab)
+
+
+def test_keeping_a_tied_head_keeps_its_embedding_whole_and_the_forward_runs():
+    """The shared weight stays float32, so the embedding holding it is kept too (boundary casts)."""
+    model = TiedLM()
+    cast = cast_model(model, "fp16", KeepPolicy(name_patterns=("head",)))
+    assert cast.head.weight is cast.embed.weight and cast.embed.weight.dtype == torch.float32
+    assert cast.body.weight.dtype == torch.float16
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        out = cast(ids)
+        # the same computation by hand: float32 embedding, fp16 body, float32 head
+        hidden = model.body.half()(model.embed(ids).half()).float()
+        expected = nn.functional.linear(hidden, model.embed.weight).half()
+    assert out.dtype == torch.float16 and torch.equal(out, expected)
+
+
+def test_keeping_everything_gives_one_root():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2)))
+    assert KeepPolicy(name_patterns=("*",)).kept_roots(model) == [""]
+
+
+class TakesABatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, batch):
+        return self.norm(batch["hidden"])  # (batch, 4)
+
+
+def test_a_kept_module_does_not_change_the_callers_inputs():
+    batch = {"hidden": torch.ones(2, 4, dtype=torch.bfloat16)}
+    kept = cast_model(nn.Sequential(TakesABatch()), "bf16", KeepPolicy(name_patterns=("0",)))  # float32
+    assert kept(batch).dtype == torch.bfloat16
+    assert batch["hidden"].dtype == torch.bfloat16  # the caller's dict still holds its own tensor
+
+
+@pytest.mark.parametrize("items", [[""], ["LayerNorm", " "]])
+def test_an_empty_keep_item_is_refused_not_a_keep_everything(items):
+    with pytest.raises(InputError, match="empty --keep item"):
+        KeepPolicy.from_strings(items)
+
+
+def test_a_shared_integer_buffer_does_not_keep_its_other_holder():
+    model = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 4))
+    positions = torch.arange(4)
+    model[0].register_buffer("positions", positions)
+    model[1].register_buffer("positions", positions)  # integers are copied as they are anyway
+    cast = cast_model(model, "bf16", KeepPolicy(("LayerNorm",)))
+    assert cast[1].weight.dtype == torch.bfloat16 and cast[0].weight.dtype == torch.float32
+    assert cast[0].positions is cast[1].positions

@@ -7,8 +7,15 @@ import torch
 from safetensors.torch import save_file
 
 from dtypelab.errors import InputError
-from dtypelab.inputs import default_texts, load_tensor_file, model_inputs, parse_token_ids, tokenize
-from dtypelab.models import byte_tokenizer, load
+from dtypelab.inputs import (
+    default_texts,
+    load_tensor_file,
+    model_inputs,
+    parse_token_ids,
+    to_device,
+    tokenize,
+)
+from dtypelab.models import LoadedModel, byte_tokenizer, load
 
 pytest.importorskip("transformers")
 
@@ -101,3 +108,74 @@ def test_bad_tensor_files(tmp_path, name, content, match):
         load_tensor_file(tmp_path / name)
     with pytest.raises(InputError, match="no such input file"):
         load_tensor_file(tmp_path / "missing.npy")
+
+
+def test_a_tokenizer_without_pad_token_pads_with_eos_and_is_left_as_it_was():
+    """GPT-2's tokenizer has no pad token; padding with EOS is masked out, so any id would do."""
+    tokenizer = byte_tokenizer()
+    tokenizer.pad_token = None
+    batch = tokenize(tokenizer, ["ab", "abcd"])
+    alone = tokenizer("ab")["input_ids"]  # <s> a b, no padding
+    assert batch["input_ids"][0].tolist() == alone + [tokenizer.eos_token_id] * 2
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert tokenizer.pad_token is None
+
+
+def test_a_tokenizer_without_pad_or_eos_token_is_refused():
+    tokenizer = byte_tokenizer()
+    tokenizer.pad_token, tokenizer.eos_token = None, None
+    with pytest.raises(InputError, match="neither a padding nor an end-of-sequence token"):
+        tokenize(tokenizer, ["ab", "abcd"])
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("[[99999999999999999999]]", "out of range"), ("[[1, 0], [1]]", "equal-length"), ("[]", "non-empty"),
+    ("[[1.5]]", "of integers"), ("[[true]]", "of integers"), ("[[1, 0", "malformed"),
+])
+def test_bad_token_ids(text, match):
+    with pytest.raises(InputError, match=match):
+        parse_token_ids(text)
+
+
+def test_flat_ids_are_one_sequence():
+    assert parse_token_ids("[1, 0, 1]").tolist() == [[1, 0, 1]]
+
+
+def test_npy_of_strings_is_refused(tmp_path):
+    np.save(tmp_path / "words.npy", np.array(["a", "b"]))
+    with pytest.raises(InputError, match="numeric .npy"):
+        load_tensor_file(tmp_path / "words.npy")
+
+
+def test_one_dimensional_ids_from_a_file_are_a_batch_of_one(tmp_path, tiny_llama):
+    np.save(tmp_path / "ids.npy", np.array([1, 40, 41]))
+    batch = model_inputs(tiny_llama, tensor_file=tmp_path / "ids.npy")
+    assert batch["input_ids"].tolist() == [[1, 40, 41]] and batch["attention_mask"].tolist() == [[1, 1, 1]]
+
+
+def test_inputs_are_built_on_the_models_device(monkeypatch, tiny_llama):
+    """Built where the model lives (a GPU with --device cuda); "meta" stands in for another device."""
+    monkeypatch.setattr(LoadedModel, "device", property(lambda self: torch.device("meta")))
+    batch = model_inputs(tiny_llama, texts=["Hello."])
+    assert {t.device.type for t in batch.values()} == {"meta"}
+    assert model_inputs(load("dummy")).device.type == "meta"
+
+
+def test_one_string_is_one_text_not_its_letters(tiny_llama):
+    assert tokenize(tiny_llama.tokenizer, "Hello there.")["input_ids"].shape[0] == 1
+    assert model_inputs(tiny_llama, texts="Hello there.")["input_ids"].shape[0] == 1
+
+
+def test_float64_arrays_are_read_as_float32_and_run(tmp_path):
+    embeds = np.random.default_rng(0).standard_normal((1, 3, 2))  # float64, as numpy makes them
+    np.save(tmp_path / "embeds.npy", embeds)
+    loaded = load_tensor_file(tmp_path / "embeds.npy")
+    assert loaded.dtype == torch.float32 and torch.equal(loaded, torch.from_numpy(embeds).float())
+    dummy = load("dummy").model
+    assert dummy.head(loaded).shape == (1, 3, 2)  # runs in the float32 reference
+
+
+@pytest.mark.parametrize("device", ["no-such-device", "cuda:99"])
+def test_moving_inputs_to_a_device_torch_cannot_use_is_one_line(device):
+    with pytest.raises(InputError, match=f"cannot put the inputs on device '{device}'"):
+        to_device({"input_ids": torch.tensor([[1, 0, 1]])}, device)

@@ -55,7 +55,8 @@ def test_buffers_are_reported_with_their_kind():
 def test_renders_as_text_html_and_json(dummy):
     info = inspect_model(dummy)
     assert "token_embedding.weight" in info.to_text() and "footprint: 120 bytes" in info.to_text()
-    assert info._repr_html_().startswith("<b>Tensors</b><table>")
+    html = info._repr_html_()  # what Jupyter shows
+    assert html.startswith("<b>Tensors</b><table>") and "<td>token_embedding.weight</td>" in html
     assert '"footprint_bytes": 120' in info.to_json()
 
 
@@ -112,6 +113,13 @@ def test_pickled_state_dict_inspected_only_with_the_flag(tmp_path, dummy):
     assert info.footprint_bytes == 120 and [t.kind for t in info.tensors] == ["tensor"] * 11
 
 
+def test_a_folder_of_pickles_without_config_is_inspected_not_sent_back_to_inspect(tmp_path, dummy):
+    torch.save(dummy.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelSpecError, match="--allow-pickle"):
+        inspect(str(tmp_path))
+    assert inspect(str(tmp_path), allow_pickle=True).footprint_bytes == 30 * 4  # 30 float32 weights
+
+
 def test_pickle_holding_code_is_refused_by_weights_only(tmp_path, dummy):
     path = tmp_path / "model.pt"
     torch.save(dummy, path)  # a whole module: weights_only=True will not unpickle it
@@ -119,6 +127,38 @@ def test_pickle_holding_code_is_refused_by_weights_only(tmp_path, dummy):
         inspect(str(path), allow_pickle=True)
 
 
-def test_table_renders_as_html_in_jupyter(dummy):
-    html = inspect_model(dummy)._repr_html_()
-    assert html.startswith("<b>Tensors</b><table>") and "<td>token_embedding.weight</td>" in html
+class OneInnerTensor(torch.Tensor):
+    """A stand-in for a quantized subclass that keeps all its bytes in a single inner int8 tensor."""
+
+    def __tensor_flatten__(self):
+        return ["codes"], None
+
+
+def test_a_subclass_with_one_inner_tensor_is_inspected_not_compared_elementwise():
+    model = nn.Module()
+    model.weight = nn.Parameter(torch.zeros(4).as_subclass(OneInnerTensor), requires_grad=False)
+    model.weight.codes = torch.zeros(4, dtype=torch.int8)
+    row = inspect_model(model).tensors[0]
+    assert (row.dtype, row.nbytes) == ("int8", 4)
+    assert param_dtype_lines(model) == ["weight is loaded in torch.float32 (stored as int8, 4 bytes)"]
+
+
+def test_empty_buffers_do_not_share_storage():
+    model = nn.Module()
+    model.register_buffer("a", torch.empty(0))
+    model.register_buffer("b", torch.empty(0))
+    assert inspect_model(model).shared_groups == {}
+
+
+@pytest.mark.parametrize("spec", ["int4:g128", "int8", "nvfp4", "int4:g64:asym"])
+def test_a_quantized_model_is_measured_against_its_float32_original(spec):
+    """Packed codes stand for the float32 weight, scales for nothing: the float32 reference of a
+    quantized model is the original model's own footprint."""
+    from dtypelab import quantize_model
+
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 128))
+    quantized = inspect_model(quantize_model(original, spec).model)
+    assert quantized.float32_bytes == inspect_model(original).footprint_bytes == (256 * 512 + 512 * 128
+                                                                                  + 512 + 128) * 4
+    assert quantized.ratio_to_float32 == quantized.footprint_bytes / quantized.float32_bytes < 0.3

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from dtypelab.errors import CheckpointError, ModelSpecError, NotRunnableError
+from dtypelab.errors import CheckpointError, InputError, ModelSpecError, NotRunnableError
 from dtypelab.formats import all_formats
 from dtypelab.models import BUILTIN_MODELS, load, tiny_gpt2, tiny_llama
 
@@ -44,7 +44,8 @@ def test_builtin_lm_in_dtype_equals_torch_cast_of_float32(fmt, tiny_llama):
 
 
 def test_minilm_loads_offline_as_an_encoder(minilm):
-    assert minilm.kind == "transformers" and minilm.output_kind == "auto"
+    assert minilm.kind == "transformers"
+    assert minilm.output_kind == BUILTIN_MODELS["minilm"].output_kind == "hidden"  # the registry applies
     assert type(minilm.model).__name__ == "BertModel" and minilm.tokenizer.vocab_size == 30522
     assert minilm.max_length == 512
 
@@ -147,18 +148,50 @@ def test_pickle_weights_need_the_explicit_flag(tmp_path, tiny_llama):
 
 
 def test_bare_safetensors_inspection_goes_to_the_header_reader(tmp_path, tiny_llama):
-    """Headers-only inspection lives in dtypelab.checkpoint (issue 6); until it is merged, a clear error."""
-    import importlib.util
-
     from dtypelab.models import inspect
 
     tiny_llama.model.save_pretrained(tmp_path)
-    if importlib.util.find_spec("dtypelab.checkpoint") is None:
-        with pytest.raises(NotRunnableError, match="header-only checkpoint inspection is not in this build"):
-            inspect(str(tmp_path / "model.safetensors"))
-    else:
-        result = inspect(str(tmp_path / "model.safetensors"))
-        assert "model.layers.0.self_attn.q_proj.weight" in result.to_text()
+    result = inspect(str(tmp_path / "model.safetensors"))
+    assert "model.layers.0.self_attn.q_proj.weight" in result.to_text()
+    assert result.total_bytes == sum(t.numel() * 4 for t in tiny_llama.model.state_dict().values())
+
+
+def _resave_with(folder, change):
+    """Rewrite ``model.safetensors`` in ``folder`` after ``change(state_dict)``."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    change(state)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (lambda state: state.pop("model.layers.0.mlp.up_proj.weight"), "lacks model.layers.0.mlp.up_proj.weight"),
+    (lambda state: state.update({"model.norm.weight": torch.ones(3)}), "wrong shape for model.norm.weight"),
+])
+def test_weights_transformers_would_fill_at_random_are_refused(tmp_path, tiny_llama, change, match):
+    """transformers initialises a missing or mis-shaped weight at random and only logs it."""
+    tiny_llama.model.save_pretrained(tmp_path)
+    _resave_with(tmp_path, change)
+    with pytest.raises(CheckpointError, match=match):
+        load(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_builtin_descriptions_name_the_true_layer_count(name):
+    model = BUILTIN_MODELS[name].factory()
+    assert f"{model.config.num_hidden_layers}-layer" in BUILTIN_MODELS[name].description
+
+
+def test_tiny_llama_has_the_weights_its_docstring_counts():
+    vocab, hidden, kv, mlp = 259, 64, 2 * 16, 192  # 2 key/value heads of 64 / 4 = 16 dims
+    layer = hidden * hidden * 2 + hidden * kv * 2 + 3 * hidden * mlp + 2 * hidden  # q o, k v, mlp, norms
+    expected = 2 * vocab * hidden + 2 * layer + hidden  # untied embedding and head, final norm
+    assert sum(p.numel() for p in tiny_llama().parameters()) == expected == 131_776
+
+
+def test_loaded_model_reports_its_device(tiny_llama):
+    assert tiny_llama.device == next(tiny_llama.model.parameters()).device == torch.device("cpu")
 
 
 def test_the_dtype_is_handed_to_from_pretrained(monkeypatch, sharded_llama_folder):
@@ -177,3 +210,17 @@ def test_the_dtype_is_handed_to_from_pretrained(monkeypatch, sharded_llama_folde
     load(str(sharded_llama_folder), "bf16")
     load(str(sharded_llama_folder))
     assert calls == [torch.bfloat16, "auto"]
+
+
+def test_a_broken_tokenizer_file_is_a_one_line_error(tmp_path, tiny_llama):
+    tiny_llama.model.save_pretrained(tmp_path)
+    tiny_llama.tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelSpecError, match="cannot read the tokenizer in .* fix or remove"):
+        load(str(tmp_path))
+
+
+@pytest.mark.parametrize("device", ["no-such-device", "cuda:99"])
+def test_a_device_torch_cannot_use_is_a_one_line_error(device):
+    with pytest.raises(InputError, match=f"cannot put the model on device '{device}'"):
+        load("dummy", device=device)

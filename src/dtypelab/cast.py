@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import UnknownFormatError
+from .errors import InputError, UnknownFormatError
 from .formats import NumberFormat, get_format
 
 
@@ -28,8 +28,9 @@ class KeepPolicy:
         name_patterns: globs on qualified module names (``"head"``, ``"*.layernorm_*"``).
         dtype: the dtype kept modules hold and compute in.
 
-    A kept module keeps all its submodules. Inputs are cast to ``dtype`` on the way in and
-    outputs back to the model's dtype on the way out, so the forward runs unchanged.
+    A kept module keeps all its submodules, and a module tied to it (an embedding sharing the kept
+    head's weight) is kept whole too. Inputs are cast to ``dtype`` on the way in and outputs back to
+    the model's dtype on the way out, so the forward runs unchanged.
     """
 
     module_types: tuple[type | str, ...] = ()
@@ -38,11 +39,19 @@ class KeepPolicy:
 
     @classmethod
     def from_strings(cls, items: Sequence[str]) -> KeepPolicy:
-        """``["LayerNorm", "head*"]``: capitalised words without glob characters are class names."""
+        """``["LayerNorm", "head*"]``: capitalised words without glob characters are class names.
+
+        Raises:
+            InputError: an empty item (it would match the model itself and keep everything).
+        """
+        if not all(item.strip() for item in items):
+            raise InputError(f"empty --keep item in {list(items)!r}: give a class name (LayerNorm) or a "
+                             "module name glob (lm_head, *.norm)")
         types = tuple(i for i in items if i[:1].isupper() and not set(i) & set("*?[."))
         return cls(types, tuple(i for i in items if i not in types))
 
     def matches(self, name: str, module: nn.Module) -> bool:
+        """Whether the module at qualified ``name`` is kept: its class (or a base) or its name matches."""
         for kind in self.module_types:
             if isinstance(kind, str) and any(c.__name__ == kind for c in type(module).__mro__):
                 return True
@@ -54,10 +63,35 @@ class KeepPolicy:
         """Qualified names of the outermost kept modules (their children are kept with them)."""
         roots: list[str] = []
         for name, module in model.named_modules():
-            inside = any(name.startswith(root + ".") for root in roots if root)
-            if not inside and self.matches(name, module):
+            if not _is_inside(name, roots) and self.matches(name, module):
                 roots.append(name)
         return roots
+
+
+def _is_inside(name: str, roots: Sequence[str]) -> bool:
+    """``name`` is one of ``roots`` or a submodule of one (``""``, the model itself, holds everything)."""
+    return any(root == "" or name == root or name.startswith(root + ".") for root in roots)
+
+
+def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+
+
+def _with_sharing_modules(model: nn.Module, roots: list[str]) -> list[str]:
+    """``roots`` plus every module holding a tensor that a kept module holds too (tied weights).
+
+    A tied embedding whose head is kept must stay in the kept dtype, so it is kept as a whole, with
+    boundary casts, rather than left to compute in the kept dtype among cast modules.
+    """
+    roots, modules = list(roots), dict(model.named_modules())
+    while True:  # until no module outside shares with one inside (a chain of ties is kept whole)
+        kept_ids = {id(t) for name, m in modules.items() if _is_inside(name, roots)
+                    for t in _own_tensors(m) if t.is_floating_point()}  # shared ints are never cast
+        sharing = [name for name, m in modules.items()
+                   if not _is_inside(name, roots) and any(id(t) in kept_ids for t in _own_tensors(m))]
+        if not sharing:
+            return roots
+        roots += sharing
 
 
 def cast_model(model: nn.Module, fmt: str | torch.dtype | NumberFormat,
@@ -71,16 +105,22 @@ def cast_model(model: nn.Module, fmt: str | torch.dtype | NumberFormat,
         >>> cast_model(DummyModel(), "bf16").head.weight.dtype
         torch.bfloat16
     """
-    target = _castable_dtype(get_format(fmt))
+    target = compute_dtype(fmt)
     keep = keep or KeepPolicy()
-    roots = keep.kept_roots(model)
+    roots = _with_sharing_modules(model, keep.kept_roots(model))
     new_model = copy.deepcopy(model, _cast_memo(model, target, roots, keep.dtype))
     for name in roots:
         _add_boundary_casts(new_model.get_submodule(name), keep.dtype, target)
     return new_model
 
 
-def _castable_dtype(fmt: NumberFormat) -> torch.dtype:
+def compute_dtype(fmt: str | torch.dtype | NumberFormat) -> torch.dtype:
+    """The torch dtype a model can hold and compute in for ``fmt`` (fp32, fp16, bf16), or a clear error.
+
+    Raises:
+        UnknownFormatError: an unknown name, or an 8-bit or smaller format (those take quantize).
+    """
+    fmt = get_format(fmt)
     if not fmt.is_floating_point or fmt.torch_dtype is None or fmt.torch_dtype.itemsize < 2:
         raise UnknownFormatError(f"cannot compute in {fmt.name}: cast takes a floating compute dtype "
                                  "(fp32, fp16, bf16); use quantize for 8-bit and smaller formats")
@@ -88,13 +128,13 @@ def _castable_dtype(fmt: NumberFormat) -> torch.dtype:
 
 
 def _cast_memo(model: nn.Module, target: torch.dtype, roots: list[str], kept: torch.dtype) -> dict:
-    """Map id(original tensor) -> its cast copy; a tensor shared with a kept module is kept."""
+    """Map id(original tensor) -> its cast copy: ``kept`` inside ``roots``, ``target`` elsewhere."""
     memo: dict[int, torch.Tensor] = {}
     for name, module in model.named_modules():
-        is_kept = any(name == r or name.startswith(r + ".") or r == "" for r in roots)
-        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-            if id(tensor) not in memo or is_kept:
-                memo[id(tensor)] = _cast_tensor(tensor, kept if is_kept else target)
+        dtype = kept if _is_inside(name, roots) else target
+        for tensor in _own_tensors(module):
+            if id(tensor) not in memo:  # tied: one copy, so the copy stays tied
+                memo[id(tensor)] = _cast_tensor(tensor, dtype)
     return memo
 
 
@@ -114,7 +154,9 @@ def map_floating(value: object, dtype: torch.dtype) -> object:
         return type(value)(*(map_floating(v, dtype) for v in value))
     if isinstance(value, list | tuple):
         return type(value)(map_floating(v, dtype) for v in value)
-    if isinstance(value, dict):
+    if type(value) is dict:  # e.g. a caller's batch passed to a kept module: a new dict, not changed
+        return {key: map_floating(item, dtype) for key, item in value.items()}
+    if isinstance(value, dict):  # ModelOutput and other mappings a module returned: updated in place
         for key in list(value):
             value[key] = map_floating(value[key], dtype)
     return value

