@@ -263,7 +263,8 @@ def test_damage_counts_and_sqnr_match_a_direct_computation(tmp_path, llama_folde
     w = model.model.layers[0].self_attn.o_proj.weight.detach()
     back = quantize_tensor(w, get_format("int4:g32")).dequantize()
     signal, noise = w.double().square().sum(), (back - w).double().square().sum()
-    assert damage.sqnr_db == pytest.approx(10 * torch.log10(signal / noise).item(), rel=1e-9)  # float64 sums
+    # float32 dot products per chunk: ~1e-6 relative on the sums, far below 1e-4 dB
+    assert damage.sqnr_db == pytest.approx(10 * torch.log10(signal / noise).item(), abs=1e-4)
     assert damage.flushed_to_zero == int(((back == 0) & (w != 0)).sum())
 
 

@@ -221,16 +221,18 @@ def quantization_damage(source: torch.Tensor, qt: QuantizedTensor) -> TensorDama
     """What quantizing ``source`` (rows, cols) into ``qt`` did: clamped and flushed values, the
     largest relative error and the squared sums behind the SQNR (name fields empty).
 
-    Works in place on one dequantized copy: fresh temporaries cost more than the arithmetic here.
+    Works in place on one dequantized copy (fresh temporaries cost more than the arithmetic here);
+    the squared sums accumulate in float32 per chunk (BLAS dot), then in float64 across chunks.
     """
-    values = source.float()
-    error = qt.dequantize(torch.float32).reshape(values.shape)  # (rows, cols), the stored values
-    flushed = int(torch.count_nonzero((error == 0) & (values != 0)))
+    values = source.float().reshape(-1)
+    error = qt.dequantize(torch.float32).reshape(-1)  # the stored values
+    # zero always quantizes to exactly zero, so every zero of the output not in the input was flushed
+    flushed = int(torch.count_nonzero(values)) - int(torch.count_nonzero(error))
     error.sub_(values)
-    noise_sq = float(torch.linalg.vector_norm(error, dtype=torch.float64)) ** 2
-    signal_sq = float(torch.linalg.vector_norm(values, dtype=torch.float64)) ** 2
-    rel = error.abs_().div_(values.abs()).nan_to_num_(0.0)  # 0 / 0 where a zero stayed zero
-    return TensorDamage("", "", "", "quantized", values.numel(), saturated_count(values, qt), flushed,
+    signal_sq, noise_sq = float(torch.dot(values, values)), float(torch.dot(error, error))
+    tiny = torch.finfo(torch.float32).tiny  # a zero input has a zero error: 0 / tiny = 0
+    rel = error.abs_().div_(values.abs().clamp_(min=tiny))
+    return TensorDamage("", "", "", "quantized", values.numel(), saturated_count(source, qt), flushed,
                         max_rel_error=float(rel.max()) if values.numel() else 0.0,
                         signal_sq=signal_sq, noise_sq=noise_sq)
 
