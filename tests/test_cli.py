@@ -45,6 +45,9 @@ def test_cast_with_keep(capsys):
     (["compare", "dummy", "--input", "[[1,5]]"], "outside the vocabulary"),
     (["inspect", "nope"], "unknown model 'nope'"),
     (["compare", "dummy", "--device", "cuda:7"], "device"),
+    pytest.param(["compare", "dummy", "--device", "mps"], "cannot put anything on device 'mps'",
+                 marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="MPS is there")),
+    (["compare", "dummy", "--device", "gpu"], "unknown device 'gpu'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     code, out, err = run(capsys, *argv)

@@ -393,3 +393,10 @@ def test_round_trip_pads_rows_the_group_does_not_divide():
     assert back.shape == x.shape
     assert torch.equal(back[:, :32], fmt.round_trip(x[:, :32]))
     assert torch.equal(back[:, 32:], fmt.round_trip(torch.nn.functional.pad(x[:, 32:], (0, 16)))[:, :16])
+
+
+def test_empty_tensor_is_refused_with_a_clear_error():
+    from dtypelab.qtensor import quantize_tensor
+
+    with pytest.raises(InputError, match="empty tensor"):
+        quantize_tensor(torch.zeros(0, 128), get_format("int4:g128"))

@@ -392,8 +392,8 @@ def _dense_reason(module: str, entry, fmt: NumberFormat, heads: set[str], tied: 
         return "kept (--keep)"
     if tied:
         return "weight stored once for several tensors (tied)"
-    if entry.dtype not in CAST_DTYPES or len(entry.shape) != 2:
-        return f"weight is {dtype_name(entry.torch_dtype)} {list(entry.shape)}, not a 2-D float"
+    if entry.dtype not in CAST_DTYPES or len(entry.shape) != 2 or not entry.numel:
+        return f"weight is {dtype_name(entry.torch_dtype)} {list(entry.shape)}, not a non-empty 2-D float"
     if fmt.granularity == "group" and entry.shape[1] % fmt.group_size:
         return (f"group size {fmt.group_size} does not divide its {entry.shape[1]} inputs: use a group "
                 "size that does, or :channel")

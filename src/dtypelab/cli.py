@@ -98,12 +98,14 @@ def select_options(f: Callable) -> Callable:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The ``--device`` asked for, once an empty tensor has been put there (no CUDA, no MPS in this
+    build, ``cuda:99``: one line before any model loads)."""
     try:
         device = torch.device(name)
     except RuntimeError as exc:
         raise InputError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {name!r} requested but torch sees no CUDA GPU: use --device cpu")
+    with models.device_errors(device, "anything"):
+        torch.empty(0, device=device)
     return device
 
 

@@ -352,12 +352,17 @@ def canonical_name(fmt: NumberFormat) -> str:
     return ":".join(parts)
 
 
-def parse_format_list(text: str) -> list[NumberFormat]:
-    """Parse a comma-separated list such as ``"fp16,bf16,int4:g128"``; empty items are an error."""
+def split_list(text: str) -> list[str]:
+    """The items of a comma-separated ``--to`` list, stripped; an empty item is an error."""
     items = [item.strip() for item in text.split(",")]
     if not all(items):
         raise UnknownFormatError(f"empty item in format list {text!r}: write e.g. 'fp16,bf16,int4:g128'")
-    return [get_format(item) for item in items]
+    return items
+
+
+def parse_format_list(text: str) -> list[NumberFormat]:
+    """Parse a comma-separated list such as ``"fp16,bf16,int4:g128"``; empty items are an error."""
+    return [get_format(item) for item in split_list(text)]
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,8 @@ def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
     """float32 (rows, cols) view: a 1-D tensor is one row, N-D tensors are rows of the last dim."""
     if tensor.dim() == 0:
         raise InputError("cannot quantize a scalar: give a tensor with at least one dimension")
+    if tensor.numel() == 0:
+        raise InputError(f"cannot quantize an empty tensor (shape {list(tensor.shape)}): leave it as it is")
     return tensor.detach().float().reshape(-1, tensor.shape[-1])
 
 

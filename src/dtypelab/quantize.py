@@ -19,8 +19,8 @@ from torch import nn
 
 from .cast import KeepPolicy, cast_model
 from .compare import FailedVariant
-from .errors import InputError, UnknownFormatError
-from .formats import E4M3, NumberFormat, get_format
+from .errors import InputError
+from .formats import E4M3, NumberFormat, get_format, split_list
 from .peers import PeerError, is_peer_spec, run_peer
 from .qtensor import QuantizedTensor, quantize_tensor
 
@@ -276,10 +276,7 @@ def build_variants(reference: nn.Module, specs: str, keep: KeepPolicy | None = N
     A format that finds nothing to quantize, or a peer that fails, becomes a :class:`FailedVariant`
     with its reason; an unknown or malformed spec is still an error, raised before anything runs.
     """
-    items = [item.strip() for item in specs.split(",")]
-    if not all(items):
-        raise UnknownFormatError(f"empty item in format list {specs!r}: write e.g. 'bf16,int8,quanto:qint8'")
-    plans = [(item, None if is_peer_spec(item) else get_format(item)) for item in items]
+    plans = [(item, None if is_peer_spec(item) else get_format(item)) for item in split_list(specs)]
     return {(fmt.name if fmt else item): _build_one(reference, item, fmt, keep, embeddings)
             for item, fmt in plans}
 
