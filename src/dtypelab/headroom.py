@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .cast import KeepPolicy
-from .compare import OutputMetrics, measure, run_model, select_output, sqnr_db, valid_positions
+from .compare import OutputMetrics, map_tensors, measure, run_model, select_output, sqnr_db, valid_positions
 from .errors import DtypelabError
 from .formats import NumberFormat, get_format
 from .report import Table, TableMixin
@@ -336,17 +336,7 @@ class _RoundOutput:
         self.fmt = fmt
 
     def __call__(self, module: nn.Module, args: tuple, output: object) -> object:
-        return _map_tensors(output, lambda t: self.fmt.round_trip(t) if t.is_floating_point() else t)
-
-
-def _map_tensors(value: object, fn) -> object:
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
-        return type(value)(*(_map_tensors(v, fn) for v in value))
-    if isinstance(value, list | tuple):
-        return type(value)(_map_tensors(v, fn) for v in value)
-    return value
+        return map_tensors(output, lambda t: self.fmt.round_trip(t) if t.is_floating_point() else t)
 
 
 def variant_verdict(metrics: OutputMetrics, floor_db: float | None, top1_threshold: float = 0.9,
