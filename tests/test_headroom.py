@@ -8,6 +8,7 @@ import torch
 
 from dtypelab import cast_model
 from dtypelab.compare import OutputMetrics, run_model, sqnr_db
+from dtypelab.errors import InputError
 from dtypelab.formats import NumberFormat, all_formats, get_format
 from dtypelab.headroom import (
     RangeCounts,
@@ -189,3 +190,37 @@ def test_casts_of_a_healthy_model_are_within_format_noise(fmt):
     variant = result.variants[0]
     assert variant.verdict == "within format noise", (variant.final.sqnr_db, variant.noise_floor_db)
     assert math.isfinite(variant.noise_floor_db)
+
+
+def test_scaled_formats_are_not_predicted_but_said_so():
+    """int8's max_finite (127) and smallest normal are in units of a per-row scale: a fixed-range count
+    against them flagged every layer of a healthy model "subnormal" before."""
+    model, ids = OverflowModel(), overflow_input()
+    report = predict_headroom(model, ids, ["int8", "fp16", "int4"])
+    assert {r.format for r in report.rows} == {"fp16"} and list(report.keep) == ["fp16"]
+    assert set(report.not_predicted) == {"int8", "int4"}
+    assert "not predicted for int8: a scaled format has no fixed range" in report.to_text()
+    with pytest.raises(InputError, match="no keep list for int8"):
+        report.keep_policy("int8")
+    with pytest.raises(InputError, match="no keep list for bf16"):
+        report.keep_policy("bf16")
+
+
+def test_headroom_depth_zero_is_refused_not_ignored():
+    with pytest.raises(InputError, match="--depth 0"):
+        predict_headroom(OverflowModel(), overflow_input(), ["fp16"], depth=0)
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4:g32", "int8:a8"])
+def test_rounding_floor_of_a_scaled_format_is_its_quantized_model_in_float32(spec):
+    """Scaled formats store weights only (activations stay float, or are fake-quantized per ``:a8``), so
+    their floor is the quantized model itself; before, every leaf output was rounded per row to int8 /
+    int4 too, giving a floor below the variant's own SQNR (35.6 dB against 40.3 dB for int8 here)."""
+    from dtypelab.quantize import quantize_model
+    from layer_models import llama_input, tiny_llama
+
+    model, ids = tiny_llama(), llama_input()
+    expected = sqnr_db(run_model(model, ids).logits, run_model(quantize_model(model, spec).model, ids).logits)
+    # float64 sums over the same values, only summed in another order (chunks vs whole tensor)
+    assert rounding_floor_db(model, spec, ids) == pytest.approx(expected, rel=1e-9)
+    assert noise_floor_db(torch.randn(4, 64), spec) is None  # activations are never stored in the format

@@ -23,8 +23,9 @@ from torch import nn
 
 from .cast import KeepPolicy
 from .compare import OutputMetrics, map_tensors, measure, run_model, select_output, sqnr_db, valid_positions
-from .errors import DtypelabError
+from .errors import DtypelabError, InputError
 from .formats import NumberFormat, get_format
+from .quantize import quantize_model
 from .report import Table, TableMixin
 
 UNDERFLOW_SHARE = 0.01  # a layer is flagged when >= 1% of its non-zero values flush or go subnormal
@@ -106,16 +107,28 @@ class LayerHeadroom:
 
 @dataclass
 class HeadroomReport(TableMixin):
-    """The result of :func:`predict_headroom`: per module and format, plus a keep list per format."""
+    """The result of :func:`predict_headroom`: per module and format, plus a keep list per format.
+
+    ``not_predicted`` maps each scaled (quantized) format asked for to why it has no rows.
+    """
 
     rows: list[LayerHeadroom]
     keep: dict[str, list[str]] = field(default_factory=dict)
     formats: dict[str, NumberFormat] = field(default_factory=dict, repr=False)
     not_measured: list[str] = field(default_factory=list)  # modules that ran without a floating output
+    not_predicted: dict[str, str] = field(default_factory=dict)
 
     def keep_policy(self, fmt: str | NumberFormat) -> KeepPolicy:
-        """The :class:`~dtypelab.cast.KeepPolicy` that keeps this format's overflowing modules in float32."""
-        return KeepPolicy(name_patterns=tuple(self.keep[get_format(fmt).name]))
+        """The :class:`~dtypelab.cast.KeepPolicy` that keeps this format's overflowing modules in float32.
+
+        Raises:
+            InputError: ``fmt`` was not among the formats predicted.
+        """
+        name = get_format(fmt).name
+        if name not in self.keep:
+            raise InputError(f"no keep list for {name}: predict_headroom was run for "
+                             f"{', '.join(self.keep) or 'no plain format'}; add {name} to its formats")
+        return KeepPolicy(name_patterns=tuple(self.keep[name]))
 
     def to_table(self) -> Table:
         columns = ["layer", "type", "format", "act_absmax", "headroom_bits", "overflow", "flush_to_zero",
@@ -129,6 +142,7 @@ class HeadroomReport(TableMixin):
                  for name, keep in self.keep.items()]
         if self.not_measured:
             notes.append(f"not measured (no floating output): {', '.join(self.not_measured)}")
+        notes += [f"not predicted for {name}: {reason}" for name, reason in self.not_predicted.items()]
         return Table("Overflow headroom predicted from the float32 run", columns, rows, notes)
 
 
@@ -140,13 +154,31 @@ def predict_headroom(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch
     Every module is measured (the keep list needs them all); ``depth`` / ``patterns`` (as in
     :func:`dtypelab.layers.select_layers`) only choose the rows shown. Each output is counted and
     dropped inside its hook, so memory stays at a plain forward's plus a few copies of one activation.
+    Scaled (quantized) formats get no rows, only a note in ``not_predicted``: a scale per row or block
+    moves the range to the values, and their quantized variants keep activations in float.
 
     Returns:
         A :class:`HeadroomReport`; ``report.keep_policy("fp16")`` feeds :func:`dtypelab.cast_model`.
     """
-    from .layers import forward, select_layers  # layers imports this module
+    from .layers import select_layers  # layers imports this module
 
-    fmts = [get_format(f) for f in formats]
+    requested = [get_format(f) for f in formats]
+    fmts = [f for f in requested if not f.is_quantized]
+    shown = set(select_layers(model, depth, patterns)) | {""} if depth is not None or patterns else None
+    counts, skipped = _count_outputs(model, inputs, fmts)
+    by_name = {f.name: f for f in fmts}
+    rows = [_layer_headroom(model, name, by_name[fmt], counts) for name, fmt in counts]  # execution order
+    keep = {fmt.name: keep_list([r for r in rows if r.format == fmt.name]) for fmt in fmts}
+    visible = [r for r in rows if shown is None or r.name in shown]
+    return HeadroomReport(visible, keep, by_name, sorted(set(skipped) - {n for n, _ in counts}),
+                          {f.name: SCALED_REASON for f in requested if f.is_quantized})
+
+
+def _count_outputs(model: nn.Module, inputs, fmts: list[NumberFormat]) -> tuple[dict, list[str]]:
+    """One forward with every module's output counted per format: ``{(name, format): RangeCounts}`` in
+    execution order, and the modules that ran without a floating output."""
+    from .layers import forward  # layers imports this module
+
     counts: dict[tuple[str, str], RangeCounts] = {}
     skipped: list[str] = []
     handles = [module.register_forward_hook(_counting_hook(name, fmts, counts, skipped))
@@ -157,12 +189,11 @@ def predict_headroom(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch
     finally:
         for handle in handles:
             handle.remove()
-    by_name = {f.name: f for f in fmts}
-    rows = [_layer_headroom(model, name, by_name[fmt], counts) for name, fmt in counts]  # execution order
-    keep = {fmt.name: keep_list([r for r in rows if r.format == fmt.name]) for fmt in fmts}
-    shown = set(select_layers(model, depth, patterns)) | {""} if depth or patterns else None
-    visible = [r for r in rows if shown is None or r.name in shown]
-    return HeadroomReport(visible, keep, by_name, sorted(set(skipped) - {n for n, _ in counts}))
+    return counts, skipped
+
+
+SCALED_REASON = ("a scaled format has no fixed range (each row or block gets its own scale) and its "
+                 "quantized variants compute in float; see the weight statistics (--weights) instead")
 
 
 def _counting_hook(name: str, fmts: list[NumberFormat], counts: dict, skipped: list[str]):
@@ -278,12 +309,16 @@ def _weight_row(name: str, weight: torch.Tensor, fmts: list[NumberFormat]) -> We
 
 # ---- noise floor and verdict ---------------------------------------------------------------------
 
-def noise_floor_db(reference: torch.Tensor, fmt: str | NumberFormat) -> float:
+def noise_floor_db(reference: torch.Tensor, fmt: str | NumberFormat) -> float | None:
     """SQNR (dB) of ``reference`` rounded to ``fmt`` and back: the error storing it in the format alone
-    causes, before any arithmetic in the format adds more. inf for an exact format. Summed in chunks:
-    one rounded copy of ``reference`` is the only full-size temporary."""
+    causes, before any arithmetic in the format adds more. inf for an exact format; None for a scaled
+    (quantized) format, whose variants keep activations such as ``reference`` in float. Summed in
+    chunks: one rounded copy of ``reference`` is the only full-size temporary."""
+    fmt = get_format(fmt)
+    if fmt.is_quantized:
+        return None
     values = reference.detach().float()
-    return measure(values, get_format(fmt).round_trip(values)).sqnr_db
+    return measure(values, fmt.round_trip(values)).sqnr_db
 
 
 NOISE_MARGIN_DB = 3.0
@@ -296,26 +331,35 @@ tiny-llama, tiny-gpt2 and all-MiniLM-L6-v2 on their default inputs): 0.3 to 2.6 
 def rounding_floor_db(reference: nn.Module, fmt: str | NumberFormat,
                       inputs: torch.Tensor | Mapping[str, torch.Tensor], *,
                       reference_output: torch.Tensor | None = None, output_name: str | None = None) -> float:
-    """The model's output SQNR (dB) when the only error is rounding to ``fmt``: every floating weight and
-    buffer and every leaf module's output are rounded to the format, all arithmetic stays float32.
+    """The model's output SQNR (dB) when the only error is rounding to ``fmt``, all arithmetic in float32.
 
-    This is the noise a variant in ``fmt`` cannot avoid, carried through the network as the network
-    amplifies it; padding (``attention_mask`` in ``inputs``) is left out as in
-    :func:`dtypelab.compare.compare_models`. Costs one float32 copy of the weights and one forward.
+    For a plain format (fp16, bf16) every floating weight and buffer and every leaf module's output are
+    rounded to it. A scaled format (int8, int4:g128, fp8_e4m3, mxfp4 …) stores only the weights of the
+    layers :func:`dtypelab.quantize_model` quantizes, and its variants compute in float with activations
+    left as they are (or fake-quantized as the spec's ``:a8`` / ``:afp8`` says): its floor is that
+    quantized model run on float32 inputs. This is the noise a variant in ``fmt`` cannot avoid, carried
+    through the network as the network amplifies it; padding (``attention_mask`` in ``inputs``) is left
+    out as in :func:`dtypelab.compare.compare_models`. Costs one copy of the weights and one forward.
 
     Args:
         reference_output: the reference's selected output, if already computed (saves a forward).
     """
     fmt = get_format(fmt)
-    simulated = _rounded_copy(reference, fmt)
-    for module in simulated.modules():
-        if next(module.children(), None) is None:
-            module.register_forward_hook(_RoundOutput(fmt))
+    simulated = quantize_model(reference, fmt).model if fmt.is_quantized else _rounded_model(reference, fmt)
     out = select_output(run_model(simulated, inputs), output_name)
     if reference_output is None:
         reference_output = select_output(run_model(reference, inputs), output_name)
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
     return measure(valid_positions(reference_output, mask), valid_positions(out, mask)).sqnr_db
+
+
+def _rounded_model(model: nn.Module, fmt: NumberFormat) -> nn.Module:
+    """A float32 copy of ``model`` with its weights and every leaf module's output rounded to ``fmt``."""
+    simulated = _rounded_copy(model, fmt)
+    for module in simulated.modules():
+        if next(module.children(), None) is None:
+            module.register_forward_hook(_RoundOutput(fmt))
+    return simulated
 
 
 def _rounded_copy(model: nn.Module, fmt: NumberFormat) -> nn.Module:

@@ -66,7 +66,8 @@ class LayerRow:
         added_relative_error: how much relative error this layer added: output minus input error
             (the whole output error when there is no floating input; NaN when the input changed in
             place in propagated mode).
-        floor_db: SQNR of the reference output rounded to the variant's format (the noise floor).
+        floor_db: SQNR of the reference output rounded to the variant's format (the noise floor);
+            None for a scaled (quantized) format, whose variants keep activations in float.
     """
 
     name: str
