@@ -311,3 +311,29 @@ def test_failed_variant_is_a_row_with_its_reason(dummy, seed_input):
 
 def test_paired_latency_times_every_model(dummy, seed_input):
     assert all(ms > 0 for ms in paired_latency_ms([dummy, dummy], seed_input, warmup=1, runs=3))
+
+
+def test_kl_ignores_classes_masked_to_minus_inf_in_the_reference():
+    """Logits masked to -inf (a padded vocabulary, a banned token) are p = 0: 0·log(0/q) = 0, not NaN."""
+    ref = torch.tensor([[0.0, -math.inf, 0.0]])  # p = (1/2, 0, 1/2)
+    cand = torch.tensor([[math.log(3.0), -math.inf, 0.0]])  # q = (3/4, 0, 1/4)
+    expected = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert kl_divergence(ref, cand) == pytest.approx(expected)
+    ids = torch.tensor([[0, 2]])
+    assert next_token_metrics(torch.stack([ref[0], ref[0]])[None], torch.stack([cand[0], cand[0]])[None],
+                              ids).kl_mean == pytest.approx(expected)
+    # where the reference gives the class mass and the candidate none, KL is infinite
+    assert kl_divergence(torch.zeros(1, 2), torch.tensor([[0.0, -math.inf]])) == math.inf
+
+
+class _FailsInForward(nn.Module):
+    def forward(self, ids):
+        raise RuntimeError("no kernel for this dtype\nsecond line")
+
+
+def test_a_variant_whose_forward_fails_is_a_row_with_its_reason(dummy, seed_input):
+    result = compare_models(dummy, {"bad": _FailsInForward(), "fp32": cast_model(dummy, "fp32")}, seed_input)
+    bad, fine = result.variants
+    assert bad.failure == "forward failed: RuntimeError: no kernel for this dtype" and bad.metrics is None
+    assert fine.metrics.sqnr_db == math.inf
+    assert "failed: forward failed: RuntimeError: no kernel for this dtype" in result.to_text()

@@ -69,8 +69,14 @@ def cosine_similarity(reference: torch.Tensor, candidate: torch.Tensor) -> float
 def kl_divergence(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     """Mean over positions of KL(softmax(reference) ‖ softmax(candidate)) in nats; last dim = classes."""
     ref_logp = torch.log_softmax(reference.double(), dim=-1)
-    cand_logp = torch.log_softmax(candidate.double(), dim=-1)
-    return (ref_logp.exp() * (ref_logp - cand_logp)).sum(-1).mean().item()
+    return _kl_rows(ref_logp, torch.log_softmax(candidate.double(), dim=-1)).mean().item()
+
+
+def _kl_rows(ref_logp: torch.Tensor, cand_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) per row from log-probabilities ``(..., classes)``: classes with p = 0 add nothing
+    (0·log 0 = 0), so logits masked to -inf in both models give 0 there, not NaN (-inf minus -inf)."""
+    terms = ref_logp.exp() * (ref_logp - cand_logp)
+    return torch.where(ref_logp == -math.inf, 0.0, terms).sum(-1)
 
 
 def top1_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> float:
@@ -229,7 +235,7 @@ def next_token_metrics(reference: torch.Tensor, candidate: torch.Tensor, input_i
 def _next_token_block(reference: torch.Tensor, candidate: torch.Tensor, targets: torch.Tensor) -> tuple:
     ref_logp = torch.log_softmax(reference.double(), dim=-1)  # (block, vocab)
     cand_logp = torch.log_softmax(candidate.double(), dim=-1)
-    kl = (ref_logp.exp() * (ref_logp - cand_logp)).sum(-1)
+    kl = _kl_rows(ref_logp, cand_logp)
     top = ref_logp.argmax(-1, keepdim=True)
     same = (cand_logp.argmax(-1, keepdim=True) == top).double().squeeze(-1)
     delta_p = (cand_logp.gather(-1, top).exp() - ref_logp.gather(-1, top).exp()).squeeze(-1)
