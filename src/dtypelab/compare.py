@@ -391,12 +391,18 @@ def paired_latency_ms(models: list[nn.Module], inputs, warmup: int = 2, runs: in
     times: list[list[float]] = [[] for _ in models]
     for _ in range(runs):
         for model, series in zip(models, times, strict=True):
+            _synchronize()  # the previous model's queued GPU work must not count against this one
             start = time.perf_counter()
             run_model(model, inputs)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            _synchronize()
             series.append((time.perf_counter() - start) * 1000)
     return [statistics.median(series) for series in times]
+
+
+def _synchronize() -> None:
+    """Wait for queued CUDA kernels (forwards return before a GPU has finished); nothing on CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _pm(mean: float, stderr: float) -> str:
