@@ -224,3 +224,11 @@ def test_rounding_floor_of_a_scaled_format_is_its_quantized_model_in_float32(spe
     # float64 sums over the same values, only summed in another order (chunks vs whole tensor)
     assert rounding_floor_db(model, spec, ids) == pytest.approx(expected, rel=1e-9)
     assert noise_floor_db(torch.randn(4, 64), spec) is None  # activations are never stored in the format
+
+
+def test_values_already_non_finite_in_float32_are_reported_apart():
+    """inf / NaN in the float32 run is no format's doing: counted on their own, never as overflow."""
+    counts = RangeCounts()
+    counts.add(torch.tensor([math.inf, -math.inf, math.nan, 1.0, 0.0]), get_format("fp16"))
+    assert (counts.non_finite, counts.overflow, counts.nonzero, counts.absmax) == (3, 0, 1, 1.0)
+    assert counts.verdict() == "non-finite in float32"

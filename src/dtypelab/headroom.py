@@ -40,7 +40,8 @@ class RangeCounts:
 
     ``overflow`` counts finite values that become inf/NaN or saturate (clip) at ``max_finite``;
     ``flush_to_zero`` non-zero values that become 0; ``subnormal`` values that land below the
-    format's smallest normal (fewer significant bits).
+    format's smallest normal (fewer significant bits); ``non_finite`` values that are already inf or
+    NaN in the float32 run (no format can help those, and they are left out of the other counts).
     """
 
     numel: int = 0
@@ -49,6 +50,7 @@ class RangeCounts:
     overflow: int = 0
     flush_to_zero: int = 0
     subnormal: int = 0
+    non_finite: int = 0
 
     def add(self, tensor: torch.Tensor, fmt: NumberFormat) -> None:
         """Round ``tensor`` to ``fmt`` (via its ``round_trip``) and count what happened."""
@@ -57,7 +59,8 @@ class RangeCounts:
         magnitude = values.abs()
         finite = values.isfinite()
         self.numel += values.numel()
-        self.nonzero += int((magnitude > 0).sum())
+        self.non_finite += int((~finite).sum())
+        self.nonzero += int((finite & (magnitude > 0)).sum())
         self.absmax = max(self.absmax, magnitude[finite].max().item() if finite.any() else 0.0)
         # Saturated: clipped to the top of the range with more than the unit roundoff (eps/2) lost;
         # a value just above max_finite that merely rounds down to it is ordinary rounding.
@@ -72,7 +75,9 @@ class RangeCounts:
         return math.log2(fmt.max_finite / self.absmax) if self.absmax else math.inf
 
     def verdict(self) -> str:
-        """``overflow``, ``flush to zero``, ``subnormal`` or ``ok`` (worst first)."""
+        """``non-finite in float32``, ``overflow``, ``flush to zero``, ``subnormal`` or ``ok``."""
+        if self.non_finite:
+            return "non-finite in float32"
         if self.overflow:
             return "overflow"
         if self.nonzero and self.flush_to_zero / self.nonzero >= UNDERFLOW_SHARE:
