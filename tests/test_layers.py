@@ -393,3 +393,18 @@ def test_propagated_mode_reports_inputs_changed_in_place():
         assert_metrics_close(row.metrics, output_metrics(ref_out[row.name], var_out[row.name]))
     note = "input changed in place, added error unknown: act, doubler, block.1, outer.0, outer"
     assert note in result.to_text()
+
+
+def test_isolated_mode_feeds_the_reference_values_inside_namedtuples():
+    from collections import namedtuple
+
+    from dtypelab.layers import _feed_like
+
+    Pair = namedtuple("Pair", "hidden ids")
+    reference, variant = Pair(torch.tensor([1e6, 0.1]), torch.tensor([1])), Pair(torch.zeros(2).half(),
+                                                                                  torch.tensor([2]))
+    fed = _feed_like(reference, variant)
+    assert type(fed) is Pair and fed.ids is variant.ids  # non-floating values stay the variant's
+    # the reference's floats in the variant's dtype, saturating at fp16's largest finite value
+    assert fed.hidden.dtype == torch.float16
+    assert fed.hidden.tolist() == [65504.0, torch.tensor(0.1).half().item()]

@@ -272,12 +272,11 @@ def _feed_like(reference: object, variant: object) -> object:
         if not (reference.is_floating_point() and variant.is_floating_point()):
             return variant
         limit = torch.finfo(variant.dtype).max
-        return reference.clamp(-limit, limit).to(variant.dtype)
-    if isinstance(reference, tuple) and hasattr(reference, "_fields"):  # namedtuple
-        return variant
+        return reference.clamp(-limit, limit).to(device=variant.device, dtype=variant.dtype)
     pairable = isinstance(reference, list | tuple) and isinstance(variant, list | tuple)
     if pairable and len(reference) == len(variant):
-        return type(reference)(_feed_like(r, v) for r, v in zip(reference, variant, strict=True))
+        fed = (_feed_like(r, v) for r, v in zip(reference, variant, strict=True))
+        return type(reference)(*fed) if hasattr(reference, "_fields") else type(reference)(fed)  # namedtuple
     if isinstance(reference, dict) and isinstance(variant, dict):
         return {k: _feed_like(reference.get(k), v) for k, v in variant.items()}
     return variant
