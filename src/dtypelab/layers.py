@@ -14,6 +14,11 @@ Two modes:
 * ``isolated``: each variant layer is run again on the reference layer's input (rounded to the
   variant's dtype), so a row shows only that layer's own contribution.
 
+A module may write into its own input (``nn.ReLU(inplace=True)``, ``x += …``), and a forward hook only
+sees the inputs afterwards. Version counters show which calls did: isolated mode keeps a copy of the
+reference inputs from each call's start and re-runs on that; propagated mode names those calls
+(``input_changed_in_place``) and leaves their input error unknown.
+
 Metrics are accumulated chunk by chunk in float64 (:class:`dtypelab.compare.ErrorSums`) so that
 measuring never makes float64 copies of a whole activation; they equal ``output_metrics``.
 """
