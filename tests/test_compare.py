@@ -338,3 +338,22 @@ def test_a_variant_whose_forward_fails_is_a_row_with_its_reason(dummy, seed_inpu
     assert bad.failure == "forward failed: RuntimeError: no kernel for this dtype" and bad.metrics is None
     assert fine.metrics.sqnr_db == math.inf
     assert "failed: forward failed: RuntimeError: no kernel for this dtype" in result.to_text()
+
+
+class _DoublesItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(4)
+            self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x.mul_(2))
+
+
+def test_a_model_writing_into_its_input_changes_neither_the_caller_nor_the_next_model():
+    """The reference used to double the caller's tensor, so every variant then ran on 2x the input."""
+    model, x = _DoublesItsInput(), torch.arange(8.0).reshape(2, 4)
+    before = x.clone()
+    result = compare_models(model, {"fp32": cast_model(model, "fp32")}, x)
+    assert torch.equal(x, before) and result.variants[0].metrics.sqnr_db == math.inf

@@ -408,3 +408,27 @@ def test_isolated_mode_feeds_the_reference_values_inside_namedtuples():
     # the reference's floats in the variant's dtype, saturating at fp16's largest finite value
     assert fed.hidden.dtype == torch.float16
     assert fed.hidden.tolist() == [65504.0, torch.tensor(0.1).half().item()]
+
+
+class DoublesItsInput(nn.Module):
+    """Writes into the caller's float input tensor first thing, then a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(4)
+            self.doubler, self.lin = Double(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(self.doubler(x))
+
+
+@pytest.mark.parametrize("mode", ["propagated", "isolated"])
+def test_a_model_writing_into_its_input_leaves_the_callers_tensor_and_the_other_model_alone(mode):
+    """Both models used to read the caller's tensor while one of them doubled it in place (a race)."""
+    model, x = DoublesItsInput(), torch.arange(8.0).reshape(2, 4)
+    before = x.clone()
+    result = compare_layers(model, {"fp32": cast_model(model, "fp32")}, x, mode=mode)
+    assert torch.equal(x, before)
+    assert result.variants[0].final.sqnr_db == math.inf  # an exact copy on the same input
+    assert all(r.metrics.sqnr_db == math.inf for r in result.variants[0].rows)

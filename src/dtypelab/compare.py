@@ -267,8 +267,17 @@ def map_tensors(value: object, fn) -> object:
 
 @torch.no_grad()  # not inference_mode: quanto's int4 tensors fail under it ("version_counter")
 def run_model(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> object:
-    """One forward pass; a mapping of inputs is passed as keyword arguments."""
+    """One forward pass on :func:`own_inputs`; a mapping of inputs is passed as keyword arguments."""
+    inputs = own_inputs(inputs)
     return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def own_inputs(inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The inputs with floating tensors copied (ids and masks are shared): a model that writes into its
+    input would otherwise change the caller's tensors and what the next model compared is given."""
+    def own(value: object) -> object:
+        return value.clone() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+    return {k: own(v) for k, v in inputs.items()} if isinstance(inputs, Mapping) else own(inputs)
 
 
 @dataclass(frozen=True)

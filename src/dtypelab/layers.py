@@ -43,6 +43,7 @@ from .compare import (
     is_logits_output,
     map_tensors,
     measure,
+    own_inputs,
     select_output,
     valid_positions,
 )
@@ -169,7 +170,9 @@ def select_layers(model: nn.Module, depth: int | None = None, patterns: Sequence
 
 
 def forward(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> object:
-    """One forward pass without a key/value cache (a re-run layer would otherwise append twice)."""
+    """One forward pass without a key/value cache (a re-run layer would otherwise append twice), on
+    :func:`dtypelab.compare.own_inputs` (a model writing into its input leaves the caller's alone)."""
+    inputs = own_inputs(inputs)
     kwargs = dict(inputs) if isinstance(inputs, Mapping) else {}
     if "use_cache" in inspect.signature(model.forward).parameters:
         kwargs.setdefault("use_cache", False)
