@@ -232,3 +232,17 @@ def test_values_already_non_finite_in_float32_are_reported_apart():
     counts.add(torch.tensor([math.inf, -math.inf, math.nan, 1.0, 0.0]), get_format("fp16"))
     assert (counts.non_finite, counts.overflow, counts.nonzero, counts.absmax) == (3, 0, 1, 1.0)
     assert counts.verdict() == "non-finite in float32"
+
+
+def test_an_overflowing_model_output_is_said_to_need_a_wider_format():
+    """Keeping the whole model in float32 still casts its output back (cast_model's boundary), so when
+    the output itself overflows, no keep list helps: the note says so instead of listing ''."""
+
+    class Loud(torch.nn.Module):
+        def forward(self, x):
+            return x * 1e6  # (batch, n): above fp16's 65504 at the output itself
+
+    report = predict_headroom(Loud(), torch.ones(1, 3), ["fp16"])
+    assert report.keep["fp16"] == [""]
+    note = "keep in float32 for fp16: the whole model, and even so its output overflows fp16"
+    assert note in report.to_text()

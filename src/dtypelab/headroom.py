@@ -143,12 +143,18 @@ class HeadroomReport(TableMixin):
                  r.activations.flush_to_zero, r.activations.subnormal,
                  r.weights.absmax if r.weights else None, r.weights.overflow if r.weights else None,
                  r.verdict()] for r in self.rows]
-        notes = [f"keep in float32 for {name}: " + (", ".join(repr(k) for k in keep) if keep else "nothing")
-                 for name, keep in self.keep.items()]
+        notes = [_keep_note(name, keep) for name, keep in self.keep.items()]
         if self.not_measured:
             notes.append(f"not measured (no floating output): {', '.join(self.not_measured)}")
         notes += [f"not predicted for {name}: {reason}" for name, reason in self.not_predicted.items()]
         return Table("Overflow headroom predicted from the float32 run", columns, rows, notes)
+
+
+def _keep_note(fmt_name: str, keep: list[str]) -> str:
+    if keep == [""]:  # a kept model's output is still cast back to the format
+        return (f"keep in float32 for {fmt_name}: the whole model, and even so its output overflows "
+                f"{fmt_name}: run it in a wider format")
+    return f"keep in float32 for {fmt_name}: " + (", ".join(repr(k) for k in keep) if keep else "nothing")
 
 
 def predict_headroom(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor],
