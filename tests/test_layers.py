@@ -12,6 +12,7 @@ from dtypelab import DummyModel, cast_model
 from dtypelab import layers as layers_module
 from dtypelab.compare import output_metrics, select_output
 from dtypelab.errors import InputError
+from dtypelab.formats import get_format
 from dtypelab.layers import compare_layers, forward, select_layers
 from helpers import run_cli
 from layer_models import OverflowModel, llama_input, minilm, minilm_input, overflow_input, tiny_llama
@@ -322,6 +323,17 @@ def test_noise_floor_can_be_skipped():
                             noise_floor=False)
     assert result.variants[0].noise_floor_db is None and result.variants[0].verdict == "unknown"
     assert result.variants[0].rows[0].floor_db is not None  # per-layer floors are still there
+    assert "rounding alone unknown (noise_floor=False) -> unknown" in result.to_text()
+
+
+def test_a_variant_named_after_no_format_says_why_its_floor_is_unknown():
+    model = DummyModel()
+    result = compare_layers(model, {"mine": cast_model(model, "bf16")}, torch.tensor([[1, 0, 1]]))
+    assert result.variants[0].noise_floor_db is None and result.variants[0].rows[0].floor_db is None
+    assert "rounding alone unknown ('mine' names no format) -> unknown" in result.to_text()
+    named = compare_layers(model, {"mine": cast_model(model, "bf16")}, torch.tensor([[1, 0, 1]]),
+                           formats={"mine": get_format("bf16")})
+    assert named.variants[0].format_name == "bf16" and named.variants[0].verdict == "within format noise"
 
 
 def test_a_variant_sharing_modules_with_the_reference_is_refused():

@@ -112,6 +112,7 @@ class VariantLayers:
     verdict: str
     not_compared: list[str] = field(default_factory=list)
     input_changed_in_place: list[str] = field(default_factory=list)
+    format_name: str | None = None  # the format the floor is taken in; None when there is none
 
 
 @dataclass
@@ -137,7 +138,8 @@ class LayerComparison(TableMixin):
     def _note(self, v: VariantLayers) -> str:
         crossing = (f"first layer below {self.threshold_db:g} dB: {v.first_crossing}" if v.first_crossing
                     else f"no layer below {self.threshold_db:g} dB")
-        floor = "unknown" if v.noise_floor_db is None else f"{v.noise_floor_db:.1f} dB"
+        floor = f"{v.noise_floor_db:.1f} dB" if v.noise_floor_db is not None else (
+            "unknown (noise_floor=False)" if v.format_name else f"unknown ({v.name!r} names no format)")
         top1 = "" if v.final.top1_agreement is None else f", top-1 agreement {v.final.top1_agreement:.3f}"
         skipped = f"; not compared (no floating output): {', '.join(v.not_compared)}" * bool(v.not_compared)
         in_place = (f"; input changed in place, added error unknown: {', '.join(v.input_changed_in_place)}"
@@ -227,7 +229,8 @@ def compare_layers(reference: nn.Module, variants: Mapping[str, nn.Module],
         crossing = next((r.name for r in rows if r.crosses(threshold_db)), None)
         verdict = variant_verdict(final, floor, top1_threshold)
         result.variants.append(VariantLayers(name, rows, final, crossing, floor, verdict,
-                                             lockstep.not_compared, lockstep.changed_in_place))
+                                             lockstep.not_compared, lockstep.changed_in_place,
+                                             fmt.name if fmt is not None else None))
     return result
 
 
