@@ -357,3 +357,14 @@ def test_a_model_writing_into_its_input_changes_neither_the_caller_nor_the_next_
     before = x.clone()
     result = compare_models(model, {"fp32": cast_model(model, "fp32")}, x)
     assert torch.equal(x, before) and result.variants[0].metrics.sqnr_db == math.inf
+
+
+@pytest.mark.parametrize(("candidate", "expected"), [([0.0, 0.0], 0.0), ([0.0, 1.0], math.inf),
+                                                     ([0.0, math.nan], math.nan)])
+def test_relative_error_against_an_all_zero_reference(candidate, expected):
+    """No signal: equal is 0, any error is infinitely large, and NaN stays NaN (it read inf)."""
+    zeros, cand = torch.zeros(2), torch.tensor(candidate)
+    sums = ErrorSums()
+    sums.add(zeros, cand)
+    for value in (relative_error(zeros, cand), sums.metrics().relative_error):
+        assert value == expected or (math.isnan(expected) and math.isnan(value))

@@ -37,9 +37,14 @@ def max_abs_diff(reference: torch.Tensor, candidate: torch.Tensor) -> float:
 
 def relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     """||candidate - reference||₂ / ||reference||₂ over all elements (0 = identical)."""
-    num = _diff(reference, candidate).double().norm().item()
-    den = reference.double().norm().item()
-    return num / den if den else (0.0 if num == 0 else math.inf)
+    return _ratio(_diff(reference, candidate).double().norm().item(), reference.double().norm().item())
+
+
+def _ratio(error_norm: float, reference_norm: float) -> float:
+    """error / reference norm; against an all-zero reference: 0 when equal, inf when not, NaN for NaN."""
+    if reference_norm:
+        return error_norm / reference_norm
+    return 0.0 if error_norm == 0 else math.inf if error_norm > 0 else math.nan
 
 
 def sqnr_db(reference: torch.Tensor, candidate: torch.Tensor) -> float:
@@ -569,7 +574,7 @@ class ErrorSums:
     def metrics(self, **extra: float | None) -> OutputMetrics:
         """The accumulated :class:`OutputMetrics` (``extra`` adds kl_divergence / top1_agreement)."""
         noise, signal = self.sum_sq_diff, self.sum_sq_ref
-        rel = math.sqrt(noise) / math.sqrt(signal) if signal else (0.0 if noise == 0 else math.inf)
+        rel = _ratio(math.sqrt(noise), math.sqrt(signal))
         denom = math.sqrt(signal) * math.sqrt(self.sum_sq_cand)
         return OutputMetrics(self.sum_abs_diff / max(self.numel, 1), self.max_abs_diff, rel,
                              sqnr_from_powers(signal, noise),
