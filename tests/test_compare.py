@@ -276,6 +276,16 @@ def test_error_sums_carry_nan_and_inf(monkeypatch):
     metrics = sums.metrics()
     assert (metrics.nan_count, metrics.inf_count) == (1, 1)
     assert math.isnan(metrics.max_abs_diff) and math.isnan(metrics.sqnr_db)
+    assert sums.reference_absmax == 5.0
+
+
+def test_error_sums_keep_a_nan_in_the_reference_absmax(monkeypatch):
+    """A NaN in the reference (in a chunk before larger values) was dropped by Python's max()."""
+    monkeypatch.setattr(compare_module, "_CHUNK_ELEMENTS", 2)
+    ref = torch.tensor([1.0, math.nan, 3.0, 4.0])
+    sums = ErrorSums()
+    sums.add(ref, ref.clone())
+    assert math.isnan(sums.reference_absmax) and math.isnan(ref.abs().max().item())
 
 
 def test_sqnr_of_an_overflowed_candidate_is_minus_inf():

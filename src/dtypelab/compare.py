@@ -567,9 +567,8 @@ class ErrorSums:
         self.sum_sq_ref += ref.pow(2).sum().item()
         self.sum_sq_cand += cand.pow(2).sum().item()
         self.sum_dot += (ref * cand).sum().item()
-        chunk_max = diff.max().item()
-        self.max_abs_diff = chunk_max if math.isnan(chunk_max) else max(self.max_abs_diff, chunk_max)
-        self.reference_absmax = max(self.reference_absmax, ref.abs().max().item())
+        self.max_abs_diff = _max_keeping_nan(self.max_abs_diff, diff.max().item())
+        self.reference_absmax = _max_keeping_nan(self.reference_absmax, ref.abs().max().item())
 
     def metrics(self, **extra: float | None) -> OutputMetrics:
         """The accumulated :class:`OutputMetrics` (``extra`` adds kl_divergence / top1_agreement)."""
@@ -580,6 +579,12 @@ class ErrorSums:
                              sqnr_from_powers(signal, noise),
                              self.sum_dot / denom if denom else math.nan, **extra,
                              nan_count=self.nan_count, inf_count=self.inf_count)
+
+
+def _max_keeping_nan(running: float, chunk: float) -> float:
+    """max() that stays NaN once either side is NaN, as torch's max over the whole tensor does
+    (Python's max(x, nan) returns x)."""
+    return math.nan if math.isnan(running) or math.isnan(chunk) else max(running, chunk)
 
 
 def measure(reference: torch.Tensor, candidate: torch.Tensor, logits: bool = False) -> OutputMetrics:
