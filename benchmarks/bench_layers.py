@@ -57,6 +57,8 @@ run = {{
     "naive": lambda i: naive(reference, variant, i),
     "lockstep": lambda i: compare_layers(reference, {{"bf16": variant}}, i, noise_floor=False),
     "propagated": lambda i: compare_layers(reference, {{"bf16": variant}}, i),
+    "isolated-lockstep": lambda i: compare_layers(reference, {{"bf16": variant}}, i, mode="isolated",
+                                                  noise_floor=False),
     "isolated": lambda i: compare_layers(reference, {{"bf16": variant}}, i, mode="isolated"),
 }}[method]
 with torch.inference_mode():
@@ -71,6 +73,7 @@ METHODS = [("forward", "plain forward of the fp32 model (baseline)"),
            ("naive", "hooks keeping every output of fp32 + bf16, then compare"),
            ("lockstep", "dtypelab compare_layers, propagated, noise_floor=False"),
            ("propagated", "dtypelab compare_layers, propagated (+ noise floor)"),
+           ("isolated-lockstep", "dtypelab compare_layers, isolated, noise_floor=False"),
            ("isolated", "dtypelab compare_layers, isolated (+ noise floor)")]
 
 

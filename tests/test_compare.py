@@ -94,6 +94,7 @@ def test_compare_models_on_the_seed(dummy, seed_input):
     result = compare_models(dummy, variants, seed_input, output_kind="logits")
     assert [v.name for v in result.variants] == ["fp16", "bf16"]
     bf16 = result.variants[1]
+    # the seed notebook's printed "Mean diff: 0.0009978810558095574 | Max diff: 0.0016907453536987305"
     assert bf16.metrics.mean_abs_diff == 0.0009978810558095574
     assert bf16.metrics.max_abs_diff == 0.0016907453536987305
     assert bf16.footprint_bytes == 60 and result.reference_footprint_bytes == 120
@@ -275,6 +276,16 @@ def test_error_sums_carry_nan_and_inf(monkeypatch):
     metrics = sums.metrics()
     assert (metrics.nan_count, metrics.inf_count) == (1, 1)
     assert math.isnan(metrics.max_abs_diff) and math.isnan(metrics.sqnr_db)
+    assert sums.reference_absmax == 5.0
+
+
+def test_error_sums_keep_a_nan_in_the_reference_absmax(monkeypatch):
+    """A NaN in the reference (in a chunk before larger values) was dropped by Python's max()."""
+    monkeypatch.setattr(compare_module, "_CHUNK_ELEMENTS", 2)
+    ref = torch.tensor([1.0, math.nan, 3.0, 4.0])
+    sums = ErrorSums()
+    sums.add(ref, ref.clone())
+    assert math.isnan(sums.reference_absmax) and math.isnan(ref.abs().max().item())
 
 
 def test_sqnr_of_an_overflowed_candidate_is_minus_inf():
@@ -311,3 +322,59 @@ def test_failed_variant_is_a_row_with_its_reason(dummy, seed_input):
 
 def test_paired_latency_times_every_model(dummy, seed_input):
     assert all(ms > 0 for ms in paired_latency_ms([dummy, dummy], seed_input, warmup=1, runs=3))
+
+
+def test_kl_ignores_classes_masked_to_minus_inf_in_the_reference():
+    """Logits masked to -inf (a padded vocabulary, a banned token) are p = 0: 0·log(0/q) = 0, not NaN."""
+    ref = torch.tensor([[0.0, -math.inf, 0.0]])  # p = (1/2, 0, 1/2)
+    cand = torch.tensor([[math.log(3.0), -math.inf, 0.0]])  # q = (3/4, 0, 1/4)
+    expected = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert kl_divergence(ref, cand) == pytest.approx(expected)
+    ids = torch.tensor([[0, 2]])
+    assert next_token_metrics(torch.stack([ref[0], ref[0]])[None], torch.stack([cand[0], cand[0]])[None],
+                              ids).kl_mean == pytest.approx(expected)
+    # where the reference gives the class mass and the candidate none, KL is infinite
+    assert kl_divergence(torch.zeros(1, 2), torch.tensor([[0.0, -math.inf]])) == math.inf
+
+
+class _FailsInForward(nn.Module):
+    def forward(self, ids):
+        raise RuntimeError("no kernel for this dtype\nsecond line")
+
+
+def test_a_variant_whose_forward_fails_is_a_row_with_its_reason(dummy, seed_input):
+    result = compare_models(dummy, {"bad": _FailsInForward(), "fp32": cast_model(dummy, "fp32")}, seed_input)
+    bad, fine = result.variants
+    assert bad.failure == "forward failed: RuntimeError: no kernel for this dtype" and bad.metrics is None
+    assert fine.metrics.sqnr_db == math.inf
+    assert "failed: forward failed: RuntimeError: no kernel for this dtype" in result.to_text()
+
+
+class _DoublesItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(4)
+            self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x.mul_(2))
+
+
+def test_a_model_writing_into_its_input_changes_neither_the_caller_nor_the_next_model():
+    """The reference used to double the caller's tensor, so every variant then ran on 2x the input."""
+    model, x = _DoublesItsInput(), torch.arange(8.0).reshape(2, 4)
+    before = x.clone()
+    result = compare_models(model, {"fp32": cast_model(model, "fp32")}, x)
+    assert torch.equal(x, before) and result.variants[0].metrics.sqnr_db == math.inf
+
+
+@pytest.mark.parametrize(("candidate", "expected"), [([0.0, 0.0], 0.0), ([0.0, 1.0], math.inf),
+                                                     ([0.0, math.nan], math.nan)])
+def test_relative_error_against_an_all_zero_reference(candidate, expected):
+    """No signal: equal is 0, any error is infinitely large, and NaN stays NaN (it read inf)."""
+    zeros, cand = torch.zeros(2), torch.tensor(candidate)
+    sums = ErrorSums()
+    sums.add(zeros, cand)
+    for value in (relative_error(zeros, cand), sums.metrics().relative_error):
+        assert value == expected or (math.isnan(expected) and math.isnan(value))

@@ -8,6 +8,7 @@ import torch
 
 from dtypelab import cast_model
 from dtypelab.compare import OutputMetrics, run_model, sqnr_db
+from dtypelab.errors import InputError
 from dtypelab.formats import NumberFormat, all_formats, get_format
 from dtypelab.headroom import (
     RangeCounts,
@@ -189,3 +190,59 @@ def test_casts_of_a_healthy_model_are_within_format_noise(fmt):
     variant = result.variants[0]
     assert variant.verdict == "within format noise", (variant.final.sqnr_db, variant.noise_floor_db)
     assert math.isfinite(variant.noise_floor_db)
+
+
+def test_scaled_formats_are_not_predicted_but_said_so():
+    """int8's max_finite (127) and smallest normal are in units of a per-row scale: a fixed-range count
+    against them flagged every layer of a healthy model "subnormal" before."""
+    model, ids = OverflowModel(), overflow_input()
+    report = predict_headroom(model, ids, ["int8", "fp16", "int4"])
+    assert {r.format for r in report.rows} == {"fp16"} and list(report.keep) == ["fp16"]
+    assert set(report.not_predicted) == {"int8", "int4"}
+    assert "not predicted for int8: a scaled format has no fixed range" in report.to_text()
+    with pytest.raises(InputError, match="no keep list for int8"):
+        report.keep_policy("int8")
+    with pytest.raises(InputError, match="no keep list for bf16"):
+        report.keep_policy("bf16")
+
+
+def test_headroom_depth_zero_is_refused_not_ignored():
+    with pytest.raises(InputError, match="--depth 0"):
+        predict_headroom(OverflowModel(), overflow_input(), ["fp16"], depth=0)
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4:g32", "int8:a8"])
+def test_rounding_floor_of_a_scaled_format_is_its_quantized_model_in_float32(spec):
+    """Scaled formats store weights only (activations stay float, or are fake-quantized per ``:a8``), so
+    their floor is the quantized model itself; before, every leaf output was rounded per row to int8 /
+    int4 too, giving a floor below the variant's own SQNR (35.6 dB against 40.3 dB for int8 here)."""
+    from dtypelab.quantize import quantize_model
+    from layer_models import llama_input, tiny_llama
+
+    model, ids = tiny_llama(), llama_input()
+    expected = sqnr_db(run_model(model, ids).logits, run_model(quantize_model(model, spec).model, ids).logits)
+    # float64 sums over the same values, only summed in another order (chunks vs whole tensor)
+    assert rounding_floor_db(model, spec, ids) == pytest.approx(expected, rel=1e-9)
+    assert noise_floor_db(torch.randn(4, 64), spec) is None  # activations are never stored in the format
+
+
+def test_values_already_non_finite_in_float32_are_reported_apart():
+    """inf / NaN in the float32 run is no format's doing: counted on their own, never as overflow."""
+    counts = RangeCounts()
+    counts.add(torch.tensor([math.inf, -math.inf, math.nan, 1.0, 0.0]), get_format("fp16"))
+    assert (counts.non_finite, counts.overflow, counts.nonzero, counts.absmax) == (3, 0, 1, 1.0)
+    assert counts.verdict() == "non-finite in float32"
+
+
+def test_an_overflowing_model_output_is_said_to_need_a_wider_format():
+    """Keeping the whole model in float32 still casts its output back (cast_model's boundary), so when
+    the output itself overflows, no keep list helps: the note says so instead of listing ''."""
+
+    class Loud(torch.nn.Module):
+        def forward(self, x):
+            return x * 1e6  # (batch, n): above fp16's 65504 at the output itself
+
+    report = predict_headroom(Loud(), torch.ones(1, 3), ["fp16"])
+    assert report.keep["fp16"] == [""]
+    note = "keep in float32 for fp16: the whole model, and even so its output overflows fp16"
+    assert note in report.to_text()

@@ -12,6 +12,7 @@ from dtypelab import DummyModel, cast_model
 from dtypelab import layers as layers_module
 from dtypelab.compare import output_metrics, select_output
 from dtypelab.errors import InputError
+from dtypelab.formats import get_format
 from dtypelab.layers import compare_layers, forward, select_layers
 from helpers import run_cli
 from layer_models import OverflowModel, llama_input, minilm, minilm_input, overflow_input, tiny_llama
@@ -322,9 +323,124 @@ def test_noise_floor_can_be_skipped():
                             noise_floor=False)
     assert result.variants[0].noise_floor_db is None and result.variants[0].verdict == "unknown"
     assert result.variants[0].rows[0].floor_db is not None  # per-layer floors are still there
+    assert "rounding alone unknown (noise_floor=False) -> unknown" in result.to_text()
+
+
+def test_a_variant_named_after_no_format_says_why_its_floor_is_unknown():
+    model = DummyModel()
+    result = compare_layers(model, {"mine": cast_model(model, "bf16")}, torch.tensor([[1, 0, 1]]))
+    assert result.variants[0].noise_floor_db is None and result.variants[0].rows[0].floor_db is None
+    assert "rounding alone unknown ('mine' names no format) -> unknown" in result.to_text()
+    named = compare_layers(model, {"mine": cast_model(model, "bf16")}, torch.tensor([[1, 0, 1]]),
+                           formats={"mine": get_format("bf16")})
+    assert named.variants[0].format_name == "bf16" and named.variants[0].verdict == "within format noise"
 
 
 def test_a_variant_sharing_modules_with_the_reference_is_refused():
     model = DummyModel()
     with pytest.raises(InputError, match="shares modules with the reference"):
         compare_layers(model, {"same": model}, torch.tensor([[1, 0, 1]]))
+
+
+class Double(nn.Module):
+    """Writes its result into its input, as ``x.mul_(2)`` does (not idempotent, unlike ReLU)."""
+
+    def forward(self, x):
+        return x.mul_(2)
+
+
+class InPlace(nn.Module):
+    """Modules that overwrite their input: in-place ReLU, ``doubler``, a child ``Double`` overwriting
+    ``block.1``'s input, and one overwriting its container's own input (``outer``)."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(3)
+            self.embed, self.lin = nn.Embedding(10, 8), nn.Linear(8, 8)
+            self.act, self.doubler = nn.ReLU(inplace=True), Double()
+            self.block = nn.Sequential(nn.Linear(8, 8), Double(), nn.Linear(8, 8))
+            self.outer = nn.Sequential(Double(), nn.Linear(8, 10))
+
+    def forward(self, input_ids):
+        return self.outer(self.block(self.doubler(self.act(self.lin(self.embed(input_ids))))))
+
+
+IN_PLACE_IDS = torch.tensor([[1, 2, 3, 4]])
+
+
+def test_isolated_mode_feeds_inputs_as_they_were_before_an_in_place_module_wrote_them():
+    """An exact copy fed the reference's inputs must reproduce every layer: before the fix, ``doubler``
+    was re-run on its already doubled input (SQNR 0 dB) and ``outer`` on an input doubled once more."""
+    model = InPlace()
+    result = compare_layers(model, {"fp32": cast_model(model, "fp32")}, IN_PLACE_IDS, mode="isolated")
+    rows = {r.name: r.metrics.sqnr_db for r in result.variants[0].rows}
+    assert rows == dict.fromkeys(["embed", "lin", "act", "doubler", "block.0", "block.1", "block.2", "block",
+                                  "outer.0", "outer.1", "outer"], math.inf)
+    assert not result.variants[0].input_changed_in_place  # restored, so nothing to report
+
+
+def test_isolated_in_place_row_against_a_hand_computed_input():
+    model = InPlace()
+    result = compare_layers(model, {"bf16": cast_model(model, "bf16")}, IN_PLACE_IDS, mode="isolated",
+                            patterns=["doubler"])
+    with torch.no_grad():
+        x = torch.relu(model.lin(model.embed(IN_PLACE_IDS)))  # what `doubler` receives, (1, 4, 8)
+        expected = output_metrics(x * 2, x.bfloat16() * 2)  # the variant layer on it, in bf16
+    assert_metrics_close(result.variants[0].rows[0].metrics, expected)
+
+
+def test_propagated_mode_reports_inputs_changed_in_place():
+    model = InPlace()
+    result = compare_layers(model, {"bf16": cast_model(model, "bf16")}, IN_PLACE_IDS)
+    variant = result.variants[0]
+    assert variant.input_changed_in_place == ["act", "doubler", "block.1", "outer.0", "outer"]
+    rows = {r.name: r for r in variant.rows}
+    assert rows["act"].input_relative_error is None and math.isnan(rows["act"].added_relative_error)
+    assert rows["block.2"].input_relative_error is not None  # its input, block.1's output, is intact
+    names = [r.name for r in variant.rows]
+    ref_out = capture_all(model, IN_PLACE_IDS, names)
+    var_out = capture_all(cast_model(model, "bf16"), IN_PLACE_IDS, names)
+    for row in variant.rows:  # the outputs themselves are measured before anything overwrites them
+        assert_metrics_close(row.metrics, output_metrics(ref_out[row.name], var_out[row.name]))
+    note = "input changed in place, added error unknown: act, doubler, block.1, outer.0, outer"
+    assert note in result.to_text()
+
+
+def test_isolated_mode_feeds_the_reference_values_inside_namedtuples():
+    from collections import namedtuple
+
+    from dtypelab.layers import _feed_like
+
+    Pair = namedtuple("Pair", "hidden ids")
+    reference, variant = Pair(torch.tensor([1e6, 0.1]), torch.tensor([1])), Pair(torch.zeros(2).half(),
+                                                                                  torch.tensor([2]))
+    fed = _feed_like(reference, variant)
+    assert type(fed) is Pair and fed.ids is variant.ids  # non-floating values stay the variant's
+    # the reference's floats in the variant's dtype, saturating at fp16's largest finite value
+    assert fed.hidden.dtype == torch.float16
+    assert fed.hidden.tolist() == [65504.0, torch.tensor(0.1).half().item()]
+
+
+class DoublesItsInput(nn.Module):
+    """Writes into the caller's float input tensor first thing, then a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(4)
+            self.doubler, self.lin = Double(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(self.doubler(x))
+
+
+@pytest.mark.parametrize("mode", ["propagated", "isolated"])
+def test_a_model_writing_into_its_input_leaves_the_callers_tensor_and_the_other_model_alone(mode):
+    """Both models used to read the caller's tensor while one of them doubled it in place (a race)."""
+    model, x = DoublesItsInput(), torch.arange(8.0).reshape(2, 4)
+    before = x.clone()
+    result = compare_layers(model, {"fp32": cast_model(model, "fp32")}, x, mode=mode)
+    assert torch.equal(x, before)
+    assert result.variants[0].final.sqnr_db == math.inf  # an exact copy on the same input
+    assert all(r.metrics.sqnr_db == math.inf for r in result.variants[0].rows)

@@ -60,3 +60,21 @@ def test_many_layers_are_labelled_sparsely(tmp_path):
     labelled = [i for i in range(200) if f"layer_{i:03d}" in text]
     assert labelled == list(range(0, 200, 3))  # ceil(200 / 72) = 3: every third layer
     assert "one label every 3 layers" in text
+
+
+def test_layers_below_zero_db_stay_on_the_chart():
+    """A layer whose error outweighs its signal has a negative SQNR; the y axis used to start at 0 dB."""
+    import matplotlib.pyplot as plt
+
+    from dtypelab.compare import OutputMetrics
+    from dtypelab.layers import LayerComparison, LayerRow, VariantLayers
+    from dtypelab.plot import _draw
+
+    rows = [LayerRow(name, "Linear", (1,), 1.0, OutputMetrics(0.0, 0.0, 0.0, sqnr, 1.0), 0.0, 0.0)
+            for name, sqnr in [("a", 40.0), ("b", -12.0)]]
+    result = LayerComparison("propagated", 20.0, False,
+                             [VariantLayers("int4", rows, rows[1].metrics, "b", None, "unknown")])
+    figure = _draw(plt, result)
+    bottom, top = figure.axes[0].get_ylim()
+    plt.close(figure)
+    assert bottom <= -12.0 < 40.0 <= top

@@ -37,9 +37,14 @@ def max_abs_diff(reference: torch.Tensor, candidate: torch.Tensor) -> float:
 
 def relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     """||candidate - reference||₂ / ||reference||₂ over all elements (0 = identical)."""
-    num = _diff(reference, candidate).double().norm().item()
-    den = reference.double().norm().item()
-    return num / den if den else (0.0 if num == 0 else math.inf)
+    return _ratio(_diff(reference, candidate).double().norm().item(), reference.double().norm().item())
+
+
+def _ratio(error_norm: float, reference_norm: float) -> float:
+    """error / reference norm; against an all-zero reference: 0 when equal, inf when not, NaN for NaN."""
+    if reference_norm:
+        return error_norm / reference_norm
+    return 0.0 if error_norm == 0 else math.inf if error_norm > 0 else math.nan
 
 
 def sqnr_db(reference: torch.Tensor, candidate: torch.Tensor) -> float:
@@ -69,8 +74,14 @@ def cosine_similarity(reference: torch.Tensor, candidate: torch.Tensor) -> float
 def kl_divergence(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     """Mean over positions of KL(softmax(reference) ‖ softmax(candidate)) in nats; last dim = classes."""
     ref_logp = torch.log_softmax(reference.double(), dim=-1)
-    cand_logp = torch.log_softmax(candidate.double(), dim=-1)
-    return (ref_logp.exp() * (ref_logp - cand_logp)).sum(-1).mean().item()
+    return _kl_rows(ref_logp, torch.log_softmax(candidate.double(), dim=-1)).mean().item()
+
+
+def _kl_rows(ref_logp: torch.Tensor, cand_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) per row from log-probabilities ``(..., classes)``: classes with p = 0 add nothing
+    (0·log 0 = 0), so logits masked to -inf in both models give 0 there, not NaN (-inf minus -inf)."""
+    terms = ref_logp.exp() * (ref_logp - cand_logp)
+    return torch.where(ref_logp == -math.inf, 0.0, terms).sum(-1)
 
 
 def top1_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> float:
@@ -229,7 +240,7 @@ def next_token_metrics(reference: torch.Tensor, candidate: torch.Tensor, input_i
 def _next_token_block(reference: torch.Tensor, candidate: torch.Tensor, targets: torch.Tensor) -> tuple:
     ref_logp = torch.log_softmax(reference.double(), dim=-1)  # (block, vocab)
     cand_logp = torch.log_softmax(candidate.double(), dim=-1)
-    kl = (ref_logp.exp() * (ref_logp - cand_logp)).sum(-1)
+    kl = _kl_rows(ref_logp, cand_logp)
     top = ref_logp.argmax(-1, keepdim=True)
     same = (cand_logp.argmax(-1, keepdim=True) == top).double().squeeze(-1)
     delta_p = (cand_logp.gather(-1, top).exp() - ref_logp.gather(-1, top).exp()).squeeze(-1)
@@ -245,10 +256,33 @@ def _mean_stderr(values: torch.Tensor) -> tuple[float, float]:
     return values.mean().item(), stderr
 
 
+def map_tensors(value: object, fn) -> object:
+    """``value`` with ``fn`` applied to every tensor inside it (through tuples, namedtuples, lists and
+    plain dicts; anything else is returned as it is)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(map_tensors(v, fn) for v in value))
+    if isinstance(value, list | tuple):
+        return type(value)(map_tensors(v, fn) for v in value)
+    if type(value) is dict:
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
 @torch.no_grad()  # not inference_mode: quanto's int4 tensors fail under it ("version_counter")
 def run_model(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> object:
-    """One forward pass; a mapping of inputs is passed as keyword arguments."""
+    """One forward pass on :func:`own_inputs`; a mapping of inputs is passed as keyword arguments."""
+    inputs = own_inputs(inputs)
     return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def own_inputs(inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The inputs with floating tensors copied (ids and masks are shared): a model that writes into its
+    input would otherwise change the caller's tensors and what the next model compared is given."""
+    def own(value: object) -> object:
+        return value.clone() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+    return {k: own(v) for k, v in inputs.items()} if isinstance(inputs, Mapping) else own(inputs)
 
 
 @dataclass(frozen=True)
@@ -371,12 +405,18 @@ def paired_latency_ms(models: list[nn.Module], inputs, warmup: int = 2, runs: in
     times: list[list[float]] = [[] for _ in models]
     for _ in range(runs):
         for model, series in zip(models, times, strict=True):
+            _synchronize()  # the previous model's queued GPU work must not count against this one
             start = time.perf_counter()
             run_model(model, inputs)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            _synchronize()
             series.append((time.perf_counter() - start) * 1000)
     return [statistics.median(series) for series in times]
+
+
+def _synchronize() -> None:
+    """Wait for queued CUDA kernels (forwards return before a GPU has finished); nothing on CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _pm(mean: float, stderr: float) -> str:
@@ -527,19 +567,24 @@ class ErrorSums:
         self.sum_sq_ref += ref.pow(2).sum().item()
         self.sum_sq_cand += cand.pow(2).sum().item()
         self.sum_dot += (ref * cand).sum().item()
-        chunk_max = diff.max().item()
-        self.max_abs_diff = chunk_max if math.isnan(chunk_max) else max(self.max_abs_diff, chunk_max)
-        self.reference_absmax = max(self.reference_absmax, ref.abs().max().item())
+        self.max_abs_diff = _max_keeping_nan(self.max_abs_diff, diff.max().item())
+        self.reference_absmax = _max_keeping_nan(self.reference_absmax, ref.abs().max().item())
 
     def metrics(self, **extra: float | None) -> OutputMetrics:
         """The accumulated :class:`OutputMetrics` (``extra`` adds kl_divergence / top1_agreement)."""
         noise, signal = self.sum_sq_diff, self.sum_sq_ref
-        rel = math.sqrt(noise) / math.sqrt(signal) if signal else (0.0 if noise == 0 else math.inf)
+        rel = _ratio(math.sqrt(noise), math.sqrt(signal))
         denom = math.sqrt(signal) * math.sqrt(self.sum_sq_cand)
         return OutputMetrics(self.sum_abs_diff / max(self.numel, 1), self.max_abs_diff, rel,
                              sqnr_from_powers(signal, noise),
                              self.sum_dot / denom if denom else math.nan, **extra,
                              nan_count=self.nan_count, inf_count=self.inf_count)
+
+
+def _max_keeping_nan(running: float, chunk: float) -> float:
+    """max() that stays NaN once either side is NaN, as torch's max over the whole tensor does
+    (Python's max(x, nan) returns x)."""
+    return math.nan if math.isnan(running) or math.isnan(chunk) else max(running, chunk)
 
 
 def measure(reference: torch.Tensor, candidate: torch.Tensor, logits: bool = False) -> OutputMetrics:

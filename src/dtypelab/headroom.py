@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from .cast import KeepPolicy
-from .compare import OutputMetrics, measure, run_model, select_output, sqnr_db, valid_positions
-from .errors import DtypelabError
+from .compare import OutputMetrics, map_tensors, measure, run_model, select_output, sqnr_db, valid_positions
+from .errors import DtypelabError, InputError
 from .formats import NumberFormat, get_format
+from .quantize import quantize_model
 from .report import Table, TableMixin
 
 UNDERFLOW_SHARE = 0.01  # a layer is flagged when >= 1% of its non-zero values flush or go subnormal
@@ -39,7 +40,8 @@ class RangeCounts:
 
     ``overflow`` counts finite values that become inf/NaN or saturate (clip) at ``max_finite``;
     ``flush_to_zero`` non-zero values that become 0; ``subnormal`` values that land below the
-    format's smallest normal (fewer significant bits).
+    format's smallest normal (fewer significant bits); ``non_finite`` values that are already inf or
+    NaN in the float32 run (no format can help those, and they are left out of the other counts).
     """
 
     numel: int = 0
@@ -48,6 +50,7 @@ class RangeCounts:
     overflow: int = 0
     flush_to_zero: int = 0
     subnormal: int = 0
+    non_finite: int = 0
 
     def add(self, tensor: torch.Tensor, fmt: NumberFormat) -> None:
         """Round ``tensor`` to ``fmt`` (via its ``round_trip``) and count what happened."""
@@ -56,7 +59,8 @@ class RangeCounts:
         magnitude = values.abs()
         finite = values.isfinite()
         self.numel += values.numel()
-        self.nonzero += int((magnitude > 0).sum())
+        self.non_finite += int((~finite).sum())
+        self.nonzero += int((finite & (magnitude > 0)).sum())
         self.absmax = max(self.absmax, magnitude[finite].max().item() if finite.any() else 0.0)
         # Saturated: clipped to the top of the range with more than the unit roundoff (eps/2) lost;
         # a value just above max_finite that merely rounds down to it is ordinary rounding.
@@ -71,7 +75,9 @@ class RangeCounts:
         return math.log2(fmt.max_finite / self.absmax) if self.absmax else math.inf
 
     def verdict(self) -> str:
-        """``overflow``, ``flush to zero``, ``subnormal`` or ``ok`` (worst first)."""
+        """``non-finite in float32``, ``overflow``, ``flush to zero``, ``subnormal`` or ``ok``."""
+        if self.non_finite:
+            return "non-finite in float32"
         if self.overflow:
             return "overflow"
         if self.nonzero and self.flush_to_zero / self.nonzero >= UNDERFLOW_SHARE:
@@ -106,16 +112,28 @@ class LayerHeadroom:
 
 @dataclass
 class HeadroomReport(TableMixin):
-    """The result of :func:`predict_headroom`: per module and format, plus a keep list per format."""
+    """The result of :func:`predict_headroom`: per module and format, plus a keep list per format.
+
+    ``not_predicted`` maps each scaled (quantized) format asked for to why it has no rows.
+    """
 
     rows: list[LayerHeadroom]
     keep: dict[str, list[str]] = field(default_factory=dict)
     formats: dict[str, NumberFormat] = field(default_factory=dict, repr=False)
     not_measured: list[str] = field(default_factory=list)  # modules that ran without a floating output
+    not_predicted: dict[str, str] = field(default_factory=dict)
 
     def keep_policy(self, fmt: str | NumberFormat) -> KeepPolicy:
-        """The :class:`~dtypelab.cast.KeepPolicy` that keeps this format's overflowing modules in float32."""
-        return KeepPolicy(name_patterns=tuple(self.keep[get_format(fmt).name]))
+        """The :class:`~dtypelab.cast.KeepPolicy` that keeps this format's overflowing modules in float32.
+
+        Raises:
+            InputError: ``fmt`` was not among the formats predicted.
+        """
+        name = get_format(fmt).name
+        if name not in self.keep:
+            raise InputError(f"no keep list for {name}: predict_headroom was run for "
+                             f"{', '.join(self.keep) or 'no plain format'}; add {name} to its formats")
+        return KeepPolicy(name_patterns=tuple(self.keep[name]))
 
     def to_table(self) -> Table:
         columns = ["layer", "type", "format", "act_absmax", "headroom_bits", "overflow", "flush_to_zero",
@@ -125,11 +143,18 @@ class HeadroomReport(TableMixin):
                  r.activations.flush_to_zero, r.activations.subnormal,
                  r.weights.absmax if r.weights else None, r.weights.overflow if r.weights else None,
                  r.verdict()] for r in self.rows]
-        notes = [f"keep in float32 for {name}: " + (", ".join(repr(k) for k in keep) if keep else "nothing")
-                 for name, keep in self.keep.items()]
+        notes = [_keep_note(name, keep) for name, keep in self.keep.items()]
         if self.not_measured:
             notes.append(f"not measured (no floating output): {', '.join(self.not_measured)}")
+        notes += [f"not predicted for {name}: {reason}" for name, reason in self.not_predicted.items()]
         return Table("Overflow headroom predicted from the float32 run", columns, rows, notes)
+
+
+def _keep_note(fmt_name: str, keep: list[str]) -> str:
+    if keep == [""]:  # a kept model's output is still cast back to the format
+        return (f"keep in float32 for {fmt_name}: the whole model, and even so its output overflows "
+                f"{fmt_name}: run it in a wider format")
+    return f"keep in float32 for {fmt_name}: " + (", ".join(repr(k) for k in keep) if keep else "nothing")
 
 
 def predict_headroom(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor],
@@ -140,13 +165,31 @@ def predict_headroom(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch
     Every module is measured (the keep list needs them all); ``depth`` / ``patterns`` (as in
     :func:`dtypelab.layers.select_layers`) only choose the rows shown. Each output is counted and
     dropped inside its hook, so memory stays at a plain forward's plus a few copies of one activation.
+    Scaled (quantized) formats get no rows, only a note in ``not_predicted``: a scale per row or block
+    moves the range to the values, and their quantized variants keep activations in float.
 
     Returns:
         A :class:`HeadroomReport`; ``report.keep_policy("fp16")`` feeds :func:`dtypelab.cast_model`.
     """
-    from .layers import forward, select_layers  # layers imports this module
+    from .layers import select_layers  # layers imports this module
 
-    fmts = [get_format(f) for f in formats]
+    requested = [get_format(f) for f in formats]
+    fmts = [f for f in requested if not f.is_quantized]
+    shown = set(select_layers(model, depth, patterns)) | {""} if depth is not None or patterns else None
+    counts, skipped = _count_outputs(model, inputs, fmts)
+    by_name = {f.name: f for f in fmts}
+    rows = [_layer_headroom(model, name, by_name[fmt], counts) for name, fmt in counts]  # execution order
+    keep = {fmt.name: keep_list([r for r in rows if r.format == fmt.name]) for fmt in fmts}
+    visible = [r for r in rows if shown is None or r.name in shown]
+    return HeadroomReport(visible, keep, by_name, sorted(set(skipped) - {n for n, _ in counts}),
+                          {f.name: SCALED_REASON for f in requested if f.is_quantized})
+
+
+def _count_outputs(model: nn.Module, inputs, fmts: list[NumberFormat]) -> tuple[dict, list[str]]:
+    """One forward with every module's output counted per format: ``{(name, format): RangeCounts}`` in
+    execution order, and the modules that ran without a floating output."""
+    from .layers import forward  # layers imports this module
+
     counts: dict[tuple[str, str], RangeCounts] = {}
     skipped: list[str] = []
     handles = [module.register_forward_hook(_counting_hook(name, fmts, counts, skipped))
@@ -157,12 +200,11 @@ def predict_headroom(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch
     finally:
         for handle in handles:
             handle.remove()
-    by_name = {f.name: f for f in fmts}
-    rows = [_layer_headroom(model, name, by_name[fmt], counts) for name, fmt in counts]  # execution order
-    keep = {fmt.name: keep_list([r for r in rows if r.format == fmt.name]) for fmt in fmts}
-    shown = set(select_layers(model, depth, patterns)) | {""} if depth or patterns else None
-    visible = [r for r in rows if shown is None or r.name in shown]
-    return HeadroomReport(visible, keep, by_name, sorted(set(skipped) - {n for n, _ in counts}))
+    return counts, skipped
+
+
+SCALED_REASON = ("a scaled format has no fixed range (each row or block gets its own scale) and its "
+                 "quantized variants compute in float; see the weight statistics (--weights) instead")
 
 
 def _counting_hook(name: str, fmts: list[NumberFormat], counts: dict, skipped: list[str]):
@@ -278,12 +320,16 @@ def _weight_row(name: str, weight: torch.Tensor, fmts: list[NumberFormat]) -> We
 
 # ---- noise floor and verdict ---------------------------------------------------------------------
 
-def noise_floor_db(reference: torch.Tensor, fmt: str | NumberFormat) -> float:
+def noise_floor_db(reference: torch.Tensor, fmt: str | NumberFormat) -> float | None:
     """SQNR (dB) of ``reference`` rounded to ``fmt`` and back: the error storing it in the format alone
-    causes, before any arithmetic in the format adds more. inf for an exact format. Summed in chunks:
-    one rounded copy of ``reference`` is the only full-size temporary."""
+    causes, before any arithmetic in the format adds more. inf for an exact format; None for a scaled
+    (quantized) format, whose variants keep activations such as ``reference`` in float. Summed in
+    chunks: one rounded copy of ``reference`` is the only full-size temporary."""
+    fmt = get_format(fmt)
+    if fmt.is_quantized:
+        return None
     values = reference.detach().float()
-    return measure(values, get_format(fmt).round_trip(values)).sqnr_db
+    return measure(values, fmt.round_trip(values)).sqnr_db
 
 
 NOISE_MARGIN_DB = 3.0
@@ -296,26 +342,35 @@ tiny-llama, tiny-gpt2 and all-MiniLM-L6-v2 on their default inputs): 0.3 to 2.6 
 def rounding_floor_db(reference: nn.Module, fmt: str | NumberFormat,
                       inputs: torch.Tensor | Mapping[str, torch.Tensor], *,
                       reference_output: torch.Tensor | None = None, output_name: str | None = None) -> float:
-    """The model's output SQNR (dB) when the only error is rounding to ``fmt``: every floating weight and
-    buffer and every leaf module's output are rounded to the format, all arithmetic stays float32.
+    """The model's output SQNR (dB) when the only error is rounding to ``fmt``, all arithmetic in float32.
 
-    This is the noise a variant in ``fmt`` cannot avoid, carried through the network as the network
-    amplifies it; padding (``attention_mask`` in ``inputs``) is left out as in
-    :func:`dtypelab.compare.compare_models`. Costs one float32 copy of the weights and one forward.
+    For a plain format (fp16, bf16) every floating weight and buffer and every leaf module's output are
+    rounded to it. A scaled format (int8, int4:g128, fp8_e4m3, mxfp4 …) stores only the weights of the
+    layers :func:`dtypelab.quantize_model` quantizes, and its variants compute in float with activations
+    left as they are (or fake-quantized as the spec's ``:a8`` / ``:afp8`` says): its floor is that
+    quantized model run on float32 inputs. This is the noise a variant in ``fmt`` cannot avoid, carried
+    through the network as the network amplifies it; padding (``attention_mask`` in ``inputs``) is left
+    out as in :func:`dtypelab.compare.compare_models`. Costs one copy of the weights and one forward.
 
     Args:
         reference_output: the reference's selected output, if already computed (saves a forward).
     """
     fmt = get_format(fmt)
-    simulated = _rounded_copy(reference, fmt)
-    for module in simulated.modules():
-        if next(module.children(), None) is None:
-            module.register_forward_hook(_RoundOutput(fmt))
+    simulated = quantize_model(reference, fmt).model if fmt.is_quantized else _rounded_model(reference, fmt)
     out = select_output(run_model(simulated, inputs), output_name)
     if reference_output is None:
         reference_output = select_output(run_model(reference, inputs), output_name)
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
     return measure(valid_positions(reference_output, mask), valid_positions(out, mask)).sqnr_db
+
+
+def _rounded_model(model: nn.Module, fmt: NumberFormat) -> nn.Module:
+    """A float32 copy of ``model`` with its weights and every leaf module's output rounded to ``fmt``."""
+    simulated = _rounded_copy(model, fmt)
+    for module in simulated.modules():
+        if next(module.children(), None) is None:
+            module.register_forward_hook(_RoundOutput(fmt))
+    return simulated
 
 
 def _rounded_copy(model: nn.Module, fmt: NumberFormat) -> nn.Module:
@@ -336,17 +391,7 @@ class _RoundOutput:
         self.fmt = fmt
 
     def __call__(self, module: nn.Module, args: tuple, output: object) -> object:
-        return _map_tensors(output, lambda t: self.fmt.round_trip(t) if t.is_floating_point() else t)
-
-
-def _map_tensors(value: object, fn) -> object:
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
-        return type(value)(*(_map_tensors(v, fn) for v in value))
-    if isinstance(value, list | tuple):
-        return type(value)(_map_tensors(v, fn) for v in value)
-    return value
+        return map_tensors(output, lambda t: self.fmt.round_trip(t) if t.is_floating_point() else t)
 
 
 def variant_verdict(metrics: OutputMetrics, floor_db: float | None, top1_threshold: float = 0.9,

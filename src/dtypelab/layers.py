@@ -14,6 +14,11 @@ Two modes:
 * ``isolated``: each variant layer is run again on the reference layer's input (rounded to the
   variant's dtype), so a row shows only that layer's own contribution.
 
+A module may write into its own input (``nn.ReLU(inplace=True)``, ``x += …``), and a forward hook only
+sees the inputs afterwards. Version counters show which calls did: isolated mode keeps a copy of the
+reference inputs from each call's start and re-runs on that; propagated mode names those calls
+(``input_changed_in_place``) and leaves their input error unknown.
+
 Metrics are accumulated chunk by chunk in float64 (:class:`dtypelab.compare.ErrorSums`) so that
 measuring never makes float64 copies of a whole activation; they equal ``output_metrics``.
 """
@@ -32,7 +37,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .compare import ErrorSums, OutputMetrics, is_logits_output, measure, select_output, valid_positions
+from .compare import (
+    ErrorSums,
+    OutputMetrics,
+    is_logits_output,
+    map_tensors,
+    measure,
+    own_inputs,
+    select_output,
+    valid_positions,
+)
 from .errors import DtypelabError, InputError, UnknownFormatError
 from .formats import NumberFormat, get_format
 from .headroom import noise_floor_db, rounding_floor_db, variant_verdict
@@ -53,9 +67,13 @@ class LayerRow:
         reference_absmax: largest |value| of the reference output.
         metrics: the variant's output against the reference output.
         input_relative_error: relative error of the input the variant layer received (0 in isolated
-            mode, where it is fed the reference input; None when the layer has no floating input).
-        added_relative_error: how much relative error this layer added: output minus input error.
-        floor_db: SQNR of the reference output rounded to the variant's format (the noise floor).
+            mode, where it is fed the reference input; None when the layer has no floating input, or
+            when the module changed its input in place so that it is no longer known).
+        added_relative_error: how much relative error this layer added: output minus input error
+            (the whole output error when there is no floating input; NaN when the input changed in
+            place in propagated mode).
+        floor_db: SQNR of the reference output rounded to the variant's format (the noise floor);
+            None for a scaled (quantized) format, whose variants keep activations in float.
     """
 
     name: str
@@ -81,7 +99,9 @@ class VariantLayers:
     ``noise_floor_db`` is the output SQNR that rounding to the format alone gives
     (:func:`dtypelab.headroom.rounding_floor_db`); ``verdict`` is ``within format noise``, ``degraded`` or
     ``broken`` (:func:`dtypelab.headroom.variant_verdict`), judged on ``final`` against it.
-    ``not_compared`` lists module calls whose output holds no floating tensor (nothing to measure).
+    ``not_compared`` lists module calls whose output holds no floating tensor (nothing to measure);
+    ``input_changed_in_place`` module calls (propagated mode) that overwrote their own input
+    (``nn.ReLU(inplace=True)``, ``x += …``), so their input error and added error are unknown.
     """
 
     name: str
@@ -91,6 +111,8 @@ class VariantLayers:
     noise_floor_db: float | None
     verdict: str
     not_compared: list[str] = field(default_factory=list)
+    input_changed_in_place: list[str] = field(default_factory=list)
+    format_name: str | None = None  # the format the floor is taken in; None when there is none
 
 
 @dataclass
@@ -116,11 +138,14 @@ class LayerComparison(TableMixin):
     def _note(self, v: VariantLayers) -> str:
         crossing = (f"first layer below {self.threshold_db:g} dB: {v.first_crossing}" if v.first_crossing
                     else f"no layer below {self.threshold_db:g} dB")
-        floor = "unknown" if v.noise_floor_db is None else f"{v.noise_floor_db:.1f} dB"
+        floor = f"{v.noise_floor_db:.1f} dB" if v.noise_floor_db is not None else (
+            "unknown (noise_floor=False)" if v.format_name else f"unknown ({v.name!r} names no format)")
         top1 = "" if v.final.top1_agreement is None else f", top-1 agreement {v.final.top1_agreement:.3f}"
         skipped = f"; not compared (no floating output): {', '.join(v.not_compared)}" * bool(v.not_compared)
+        in_place = (f"; input changed in place, added error unknown: {', '.join(v.input_changed_in_place)}"
+                    * bool(v.input_changed_in_place))
         return (f"{v.name}: {crossing}; output SQNR {v.final.sqnr_db:.1f} dB{top1}, rounding alone "
-                f"{floor} -> {v.verdict}{skipped}")
+                f"{floor} -> {v.verdict}{skipped}{in_place}")
 
 
 def select_layers(model: nn.Module, depth: int | None = None, patterns: Sequence[str] = ()) -> list[str]:
@@ -147,7 +172,9 @@ def select_layers(model: nn.Module, depth: int | None = None, patterns: Sequence
 
 
 def forward(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> object:
-    """One forward pass without a key/value cache (a re-run layer would otherwise append twice)."""
+    """One forward pass without a key/value cache (a re-run layer would otherwise append twice), on
+    :func:`dtypelab.compare.own_inputs` (a model writing into its input leaves the caller's alone)."""
+    inputs = own_inputs(inputs)
     kwargs = dict(inputs) if isinstance(inputs, Mapping) else {}
     if "use_cache" in inspect.signature(model.forward).parameters:
         kwargs.setdefault("use_cache", False)
@@ -202,7 +229,8 @@ def compare_layers(reference: nn.Module, variants: Mapping[str, nn.Module],
         crossing = next((r.name for r in rows if r.crosses(threshold_db)), None)
         verdict = variant_verdict(final, floor, top1_threshold)
         result.variants.append(VariantLayers(name, rows, final, crossing, floor, verdict,
-                                             lockstep.not_compared))
+                                             lockstep.not_compared, lockstep.changed_in_place,
+                                             fmt.name if fmt is not None else None))
     return result
 
 
@@ -230,6 +258,7 @@ class _Captured:
     args: tuple
     kwargs: dict
     output: object
+    input_changed: bool = False  # an input was overwritten in place and no copy of it was kept
 
 
 def _primary_tensor(value: object) -> torch.Tensor | None:
@@ -254,12 +283,11 @@ def _feed_like(reference: object, variant: object) -> object:
         if not (reference.is_floating_point() and variant.is_floating_point()):
             return variant
         limit = torch.finfo(variant.dtype).max
-        return reference.clamp(-limit, limit).to(variant.dtype)
-    if isinstance(reference, tuple) and hasattr(reference, "_fields"):  # namedtuple
-        return variant
+        return reference.clamp(-limit, limit).to(device=variant.device, dtype=variant.dtype)
     pairable = isinstance(reference, list | tuple) and isinstance(variant, list | tuple)
     if pairable and len(reference) == len(variant):
-        return type(reference)(_feed_like(r, v) for r, v in zip(reference, variant, strict=True))
+        fed = (_feed_like(r, v) for r, v in zip(reference, variant, strict=True))
+        return type(reference)(*fed) if hasattr(reference, "_fields") else type(reference)(fed)  # namedtuple
     if isinstance(reference, dict) and isinstance(variant, dict):
         return {k: _feed_like(reference.get(k), v) for k, v in variant.items()}
     return variant
@@ -277,6 +305,66 @@ class _CallNames:
         return name if k == 0 else f"{name}#{k}"
 
 
+@dataclass
+class _Input:
+    """A floating input tensor of one module call as the call began."""
+
+    tensor: torch.Tensor
+    version: int  # the tensor's version counter then: every in-place write increments it
+    copy: torch.Tensor | None  # its values then, when copies are kept
+
+
+class _CallInputs:
+    """The inputs of the module calls under way, so that inputs a module overwrites in place
+    (``nn.ReLU(inplace=True)``, ``x += …``, or a child doing so) are noticed, or restored.
+
+    A forward hook sees the input tensors after the call: a module that wrote into its input hands
+    the hook its output in the input's place. :meth:`begin` (a pre-hook) records each floating
+    input's version counter and, with ``keep_copies``, a copy of it; nested calls that receive the same
+    unchanged tensor share one copy, so the extra memory is one copy per distinct input under way.
+    :meth:`end` (the forward hook) puts the copies back in place of overwritten inputs. Inference
+    tensors (made under ``torch.inference_mode``) have no version counter; they cannot be written in
+    place outside it either, so they are left as they are.
+    """
+
+    def __init__(self, keep_copies: bool) -> None:
+        self.keep_copies = keep_copies
+        self.calls: list[list[_Input]] = []  # a stack: calls nest
+
+    def begin(self, args: tuple, kwargs: dict) -> None:
+        entries: list[_Input] = []
+        map_tensors((args, kwargs), lambda t: self._record(t, entries))
+        self.calls.append(entries)
+
+    def _record(self, tensor: torch.Tensor, entries: list[_Input]) -> torch.Tensor:
+        if tensor.is_floating_point() and not tensor.is_inference():
+            entries.append(_Input(tensor, tensor._version, self._copy(tensor) if self.keep_copies else None))
+        return tensor
+
+    def _copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of ``tensor``'s current values, shared with an enclosing call's when unchanged since."""
+        same = (e for call in self.calls for e in call if e.tensor is tensor and e.version == tensor._version)
+        copy = next((e.copy for e in same), None)
+        return tensor.clone() if copy is None else copy
+
+    def end(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, bool]:
+        """``(args, kwargs)`` as the call received them where copies were kept, and whether some input
+        was overwritten in place with no copy to put back."""
+        changed = {id(e.tensor): e for e in self.calls.pop() if e.tensor._version != e.version}
+        if not changed or not self.keep_copies:
+            return args, kwargs, bool(changed)
+        restored = map_tensors((args, kwargs), lambda t: changed[id(t)].copy if id(t) in changed else t)
+        return *restored, False
+
+
+@contextlib.contextmanager
+def _no_grad() -> Iterator[None]:
+    """Autograd off, but not inference mode (also inside a caller's ``torch.inference_mode()``):
+    tensors made in inference mode have no version counter, which :class:`_CallInputs` needs."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
 class _LockStep:
     """Runs the reference in a worker thread, pausing it at each hooked module until the variant
     (driven by the caller's thread) has produced the same module's output; measures; drops both."""
@@ -292,6 +380,10 @@ class _LockStep:
         self.mask: torch.Tensor | None = None
         self.rows: list[LayerRow] = []
         self.not_compared: list[str] = []
+        self.changed_in_place: list[str] = []
+        # isolated mode feeds the reference inputs to the variant layer: keep them as they came in
+        self.reference_inputs = _CallInputs(keep_copies=mode == "isolated")
+        self.variant_inputs = _CallInputs(keep_copies=False)
 
     def run(self, inputs) -> tuple[OutputMetrics, bool, torch.Tensor]:
         """Run both models; fills ``rows`` and returns (final metrics, logits?, reference output)."""
@@ -301,7 +393,7 @@ class _LockStep:
         with self._hooks():
             worker.start()
             try:
-                with torch.inference_mode():
+                with _no_grad():
                     variant_out = forward(self.variant, inputs)
                 final = self._final(variant_out)
             except BaseException:
@@ -313,7 +405,7 @@ class _LockStep:
     # -- reference thread --
     def _reference_side(self, inputs) -> None:
         try:
-            with torch.inference_mode():
+            with _no_grad():
                 output = forward(self.reference, inputs)
             self._send(_Captured("", (), {}, output))
             self._send(_END)
@@ -328,11 +420,15 @@ class _LockStep:
                 self.handoff.put(item, timeout=0.1)
                 return
 
+    def _reference_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.reference_inputs.begin(args, kwargs)
+
     def _reference_hook(self, name: str, names: _CallNames):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
             if self.abort.is_set():
                 raise _Aborted
-            self._send(_Captured(names(name), args, kwargs, output))
+            args, kwargs, changed = self.reference_inputs.end(args, kwargs)
+            self._send(_Captured(names(name), args, kwargs, output, changed))
             self.resume.acquire()
             if self.abort.is_set():
                 raise _Aborted
@@ -345,33 +441,38 @@ class _LockStep:
             raise item
         return item
 
+    def _variant_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self.rerunning:
+            self.variant_inputs.begin(args, kwargs)
+
     def _variant_hook(self, name: str, names: _CallNames):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
             if self.rerunning:
                 return
             call = names(name)
+            changed = self.variant_inputs.end(args, kwargs)[2]
             item = self._receive()
             if item is _END or item.name != call:
                 raise InputError(f"module calls differ: variant ran {call!r} where the reference ran "
                                  f"{getattr(item, 'name', 'nothing')!r}: compare models of one architecture")
             try:
-                self._measure_layer(call, module, args, kwargs, output, item)
+                self._measure_layer(call, module, args, kwargs, output, item, changed)
             finally:
                 del item
                 self.resume.release()
         return hook
 
     def _measure_layer(self, call: str, module: nn.Module, args: tuple, kwargs: dict, output: object,
-                       item: _Captured) -> None:
+                       item: _Captured, input_changed: bool) -> None:
         ref_out = _primary_tensor(item.output)
         if ref_out is None:  # no floating output (ids, masks, caches): nothing to compare, but say so
             self.not_compared.append(call)
             return
         if self.mode == "isolated":
             output = self._rerun(module, item, args, kwargs)
-            input_error = 0.0
-        else:
-            input_error = self._input_error(item, args, kwargs)
+        in_place = self.mode == "propagated" and (input_changed or item.input_changed)
+        if in_place:  # the input this call received is gone: its error is unknown
+            self.changed_in_place.append(call)
         cand = _primary_tensor(output)
         if cand is None:
             raise InputError(f"layer {call!r} returns a floating tensor in the reference but not in the "
@@ -380,7 +481,9 @@ class _LockStep:
         floor = noise_floor_db(ref_out, self.fmt) if self.fmt is not None else None
         sums = _sums(ref_out, cand)
         metrics = sums.metrics()
-        added = metrics.relative_error - (input_error or 0.0)
+        input_error = (0.0 if self.mode == "isolated" else None if in_place
+                       else self._input_error(item, args, kwargs))
+        added = math.nan if in_place else metrics.relative_error - (input_error or 0.0)
         self.rows.append(LayerRow(call, type(module).__name__, shape, sums.reference_absmax,
                                   metrics, input_error, added, floor))
 
@@ -431,10 +534,12 @@ class _LockStep:
         ref_names, var_names = _CallNames(), _CallNames()
         handles = []
         for name in self.names:
-            handles.append(self.reference.get_submodule(name).register_forward_hook(
-                self._reference_hook(name, ref_names), with_kwargs=True))
-            handles.append(_get_submodule(self.variant, name).register_forward_hook(
-                self._variant_hook(name, var_names), with_kwargs=True))
+            reference, variant = self.reference.get_submodule(name), _get_submodule(self.variant, name)
+            handles += [
+                reference.register_forward_pre_hook(self._reference_pre_hook, with_kwargs=True),
+                reference.register_forward_hook(self._reference_hook(name, ref_names), with_kwargs=True),
+                variant.register_forward_pre_hook(self._variant_pre_hook, with_kwargs=True),
+                variant.register_forward_hook(self._variant_hook(name, var_names), with_kwargs=True)]
         try:
             yield
         finally:

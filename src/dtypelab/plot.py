@@ -74,10 +74,19 @@ def _draw(plt, result: LayerComparison):
     return figure
 
 
+def _finite_sqnrs(result: LayerComparison) -> list[float]:
+    return [r.metrics.sqnr_db for v in result.variants for r in v.rows if math.isfinite(r.metrics.sqnr_db)]
+
+
 def _ceiling(result: LayerComparison) -> float:
     """Where exact layers (infinite SQNR) are drawn: 10 dB above the best finite value."""
-    finite = [r.metrics.sqnr_db for v in result.variants for r in v.rows if math.isfinite(r.metrics.sqnr_db)]
-    return max(finite, default=result.threshold_db) + 10.0
+    return max(_finite_sqnrs(result), default=result.threshold_db) + 10.0
+
+
+def _floor(result: LayerComparison) -> float:
+    """The bottom of the y axis: 0 dB, or 5 dB below the worst layer when one is below 0 dB (error
+    stronger than the signal), so that no layer falls off the chart."""
+    return min(0.0, min(_finite_sqnrs(result), default=0.0) - 5.0)
 
 
 MAX_TICK_LABELS = 72  # beyond this every k-th layer is labelled, so labels never overlap on a 24-inch figure
@@ -90,6 +99,6 @@ def _label(axes, names: list[str], result: LayerComparison) -> None:
     axes.set_xlabel("layer, in execution order" + (f" (one label every {step} layers)" if step > 1 else ""))
     axes.set_ylabel("SQNR against reference (dB, higher is better)")
     axes.set_title(f"Error by layer ({result.mode})")
-    axes.set_ylim(bottom=0)
+    axes.set_ylim(bottom=_floor(result))
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
