@@ -72,6 +72,8 @@ def hf_folder(root: Path, source: dict[str, torch.Tensor], shards: int = 2) -> P
     (root / "tokenizer.json").write_text('{"vocab": {}}')
     (root / "extra").mkdir()
     (root / "extra" / "notes.txt").write_text("hello")
+    (root / "original").mkdir()  # Meta's layout: the consolidated weights again, as a pickle
+    (root / "original" / "consolidated.00.pth").write_bytes(b"not copied")
     return root
 
 
@@ -131,8 +133,11 @@ def test_sharded_folder_resharded_with_correct_index(tmp_path):
     assert config["torch_dtype"] == config["dtype"] == "bfloat16" and config["hidden"] == 32
     assert (dst / "tokenizer.json").read_text() == '{"vocab": {}}'
     assert (dst / "extra" / "notes.txt").read_text() == "hello"
-    assert result.config_updated and set(result.copied_files) == {"config.json", "tokenizer.json", "extra"}
-    assert result.skipped_files == ["consolidated.safetensors", "pytorch_model.bin"]  # weights again
+    assert result.config_updated
+    assert set(result.copied_files) == {"config.json", "tokenizer.json", "extra/notes.txt"}
+    assert result.skipped_files == ["consolidated.safetensors", "original/consolidated.00.pth",
+                                    "pytorch_model.bin"]  # the weights again, in the source precision
+    assert not (dst / "original").exists()
     assert not (dst / "pytorch_model.bin").exists() and not (dst / "consolidated.safetensors").exists()
     assert "not copied" in result.to_text()
 
@@ -236,9 +241,14 @@ def test_existing_destination_refused_without_force(tmp_path):
     with pytest.raises(CheckpointError, match="already exists.*--force"):
         convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", "bf16")
     assert (tmp_path / "out" / "mine.txt").read_text() == "precious"
-    convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", "bf16", force=True)
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["in.safetensors"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "out"]
+    with pytest.raises(CheckpointError, match="--force replaces only a checkpoint"):  # not a model folder
+        convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", "bf16", force=True)
+    assert (tmp_path / "out" / "mine.txt").read_text() == "precious"
+    convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "old", "fp16")
+    convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "old", "bf16", force=True)  # a checkpoint
+    assert [p.name for p in (tmp_path / "old").iterdir()] == ["in.safetensors"]
+    assert load_file(tmp_path / "old" / "in.safetensors")["embed.weight"].dtype == torch.bfloat16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "old", "out"]
 
 
 def test_too_little_free_space_refused_before_writing(tmp_path, monkeypatch):

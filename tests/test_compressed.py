@@ -281,14 +281,14 @@ def test_model_without_linear_weights_to_quantize_is_refused(tmp_path):
     from dtypelab.models import tiny_gpt2
 
     tiny_gpt2().save_pretrained(tmp_path / "gpt2")  # Conv1D projections; lm_head tied, not stored
-    with pytest.raises(InputError, match="nothing to quantize.*lm_head: weight not stored"):
+    with pytest.raises(InputError, match="nothing to quantize.*lm_head: no tensor of this name"):
         convert_checkpoint(tmp_path / "gpt2", tmp_path / "out", "int8")
 
 
 def test_already_quantized_source_and_bad_dense_are_refused(tmp_path, llama_folder):
     folder, _ = llama_folder
     convert_checkpoint(folder, tmp_path / "q", "int8")
-    with pytest.raises(InputError, match="already has a quantization_config"):
+    with pytest.raises(InputError, match="has a quantization_config: its tensors are codes and scales"):
         convert_checkpoint(tmp_path / "q", tmp_path / "again", "int4:g32")
     with pytest.raises(InputError, match="--dense applies to quantized formats"):
         convert_checkpoint(folder, tmp_path / "o", "bf16", dense="fp16")
@@ -359,3 +359,18 @@ def test_minilm_to_int4_g128_matches_quantize_model_and_the_package(tmp_path, mi
     theirs = transformers.AutoModel.from_pretrained(tmp_path / "w4")
     with torch.no_grad():
         assert torch.equal(theirs(**inputs).last_hidden_state, hidden)
+
+
+def test_a_source_tensor_named_like_a_part_is_refused(tmp_path, llama_folder):
+    _, model = llama_folder
+    model.save_pretrained(tmp_path / "src")
+    tensors = load_file(tmp_path / "src" / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.weight_scale"] = torch.ones(64, 1)  # a stray tensor
+    save_file(tensors, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match="'model.layers.0.self_attn.q_proj.weight_scale' would be written "
+                                         "twice.*--keep 'model.layers.0.self_attn.q_proj.weight'"):
+        convert_checkpoint(tmp_path / "src", tmp_path / "out", "int8")
+    result = convert_checkpoint(tmp_path / "src", tmp_path / "out", "int8",
+                                keep=["model.layers.0.self_attn.q_proj.weight"])
+    assert load_file(tmp_path / "out" / "model.safetensors")["model.layers.0.self_attn.q_proj.weight_scale"] \
+        .equal(torch.ones(64, 1)) and "kept" in result.dense_layers["model.layers.0.self_attn.q_proj"]

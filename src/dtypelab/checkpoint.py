@@ -281,8 +281,12 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
         staging.commit(dst_is_file)
     written = sum(len(s.layout()[0]) + sum(i.out_nbytes for i in s.items) for s in plan.shards)
     return ConversionResult(src.path, dst, fmt.name, [s.file for s in plan.shards], plan.index_name,
-                            damage, [p.name for p in extra], [p.name for p in skipped], config_updated,
+                            damage, _relative(src, extra), _relative(src, skipped), config_updated,
                             sum(i.entry.nbytes for i in plan.items), written, verify, dense_layers)
+
+
+def _relative(src: CheckpointSource, paths: list[Path]) -> list[str]:
+    return [str(p.relative_to(src.folder)) for p in paths]
 
 
 def _sqnr_key(damage: TensorDamage) -> float:
@@ -292,6 +296,7 @@ def _sqnr_key(damage: TensorDamage) -> float:
 def _conversion(src: CheckpointSource, fmt: NumberFormat, dense: str | NumberFormat | None,
                 keep: tuple[str, ...]) -> tuple[NumberFormat | None, Quantization | None, dict[str, str]]:
     """(format floating tensors are cast to, what is quantized, Linear layers left dense + why)."""
+    _refuse_quantized_source(src)
     if fmt.raw_castable and fmt.torch_dtype in DTYPE_CODES:
         if dense is not None:
             raise InputError(f"--dense applies to quantized formats; {fmt.name} casts every floating "
@@ -301,6 +306,15 @@ def _conversion(src: CheckpointSource, fmt: NumberFormat, dense: str | NumberFor
     cast_to = _plain_format(dense) if dense is not None else None
     quant, dense_layers = _plan_quantization(src, fmt, keep)
     return cast_to, quant, dense_layers
+
+
+def _refuse_quantized_source(src: CheckpointSource) -> None:
+    """A quantized checkpoint's codes and scales are not values to cast: casting its scales would
+    silently change its format."""
+    config_path = src.folder / "config.json" if src.folder else None
+    if config_path and config_path.is_file() and "quantization_config" in read_config(config_path):
+        raise InputError(f"{config_path} has a quantization_config: its tensors are codes and scales, not "
+                         "values to convert; convert the unquantized checkpoint instead")
 
 
 def _plain_format(spec: str | NumberFormat) -> NumberFormat:
@@ -321,33 +335,29 @@ def _check_destination(src: CheckpointSource, dst: Path) -> bool:
     return src.folder is None and dst.suffix == ".safetensors"
 
 
-OTHER_WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "pytorch_model*.bin.index.json", "tf_model.h5",
-                 "flax_model*.msgpack")
+OTHER_WEIGHTS = ("*.safetensors", "*.bin", "pytorch_model*.bin.index.json", "*.pt", "*.pth", "*.ckpt",
+                 "*.gguf", "*.h5", "*.msgpack", "*.onnx", "*.onnx_data")
 """Weight files outside the checkpoint being converted (pickles, a stray consolidated safetensors)."""
 
 
 def _extra_files(src: CheckpointSource) -> tuple[list[Path], list[Path]]:
-    """The folder's other files: those to copy, and other weight files to leave out."""
+    """The folder's other files, subfolders included: those to copy, and other weight files (pickles,
+    GGUF, a consolidated ``original/*.pth``...) to leave out, as they would hold the weights again in
+    the source precision."""
     if src.folder is None:
         return [], []
-    weights = {s.path.name for s in src.shards} | {src.index_name}
-    others = [p for p in sorted(src.folder.iterdir()) if p.name not in weights]
-    skipped = [p for p in others if p.is_file() and any(fnmatch.fnmatch(p.name, w) for w in OTHER_WEIGHTS)]
+    weights = {src.folder / s.path.name for s in src.shards} | {src.folder / str(src.index_name)}
+    others = [p for p in sorted(src.folder.rglob("*")) if p.is_file() and p not in weights]
+    skipped = [p for p in others if any(fnmatch.fnmatch(p.name, w) for w in OTHER_WEIGHTS)]
     return [p for p in others if p not in skipped], skipped
 
 
 def _check_free_space(folder: Path, plan: OutputPlan, extra: list[Path]) -> None:
-    needed = sum(i.out_nbytes for i in plan.items) + sum(_tree_bytes(p) for p in extra)
+    needed = sum(i.out_nbytes for i in plan.items) + sum(p.stat().st_size for p in extra)
     free = shutil.disk_usage(folder).free
     if needed > free:
         raise CheckpointError(f"{folder.parent}: {needed} bytes needed but only {free} free: free space "
                               "or choose another output folder")
-
-
-def _tree_bytes(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
 
 
 # ---------------------------------------------------------------------------------- quantization
@@ -357,12 +367,10 @@ def _plan_quantization(src: CheckpointSource, fmt: NumberFormat,
     """Which Linear weights to quantize, and the Linear layers left dense with their reason."""
     config_path = src.folder / "config.json" if src.folder else None
     if config_path is None or not config_path.is_file():
+        hint = f"; for fp8 without scales use --to {fmt.base}:cast" if fmt.is_floating_point else ""
         raise InputError(f"{src.path}: {fmt.name} is written in the compressed-tensors layout, which needs "
                          "the model folder with its config.json (to find the Linear layers and record the "
-                         f"quantization_config); for fp8 without scales use --to {fmt.base}:cast")
-    if "quantization_config" in read_config(config_path):
-        raise InputError(f"{config_path} already has a quantization_config: convert the unquantized "
-                         "checkpoint instead")
+                         f"quantization_config){hint}")
     linears, heads = linear_layers(src.folder)
     entries = {e.name: e for shard in src.shards for e in shard.tensors}
     tied = {name for shard in src.shards for group in shard.shared_groups() for name in group}
@@ -385,7 +393,7 @@ def _dense_reason(module: str, entry, fmt: NumberFormat, heads: set[str], tied: 
     """Why a Linear layer stays dense, or "" when its weight is quantized."""
     name = f"{module}.weight"
     if entry is None:
-        return "weight not stored in the checkpoint (tied to another tensor)"
+        return "no tensor of this name in the checkpoint (tied to another one, or named differently)"
     if module in heads:
         return "output head: kept dense, as serving stacks (vLLM) load lm_head unquantized"
     if any(name == p or fnmatch.fnmatchcase(name, p) for p in keep):

@@ -191,6 +191,7 @@ def plan_output(source: CheckpointSource, dst: Path, dst_is_file: bool, cast_to:
     ``model.safetensors`` without an index.
     """
     per_shard = _plan_tensors(source, cast_to, keep, quant)
+    _check_unique_outputs([item for items in per_shard for item in items])
     if max_shard_bytes is None:
         names = [dst.name if dst_is_file else s.path.name for s in source.shards]
         shards = [PlannedShard(n, items, s.metadata)
@@ -209,6 +210,22 @@ def plan_output(source: CheckpointSource, dst: Path, dst_is_file: bool, cast_to:
     shards = [PlannedShard(f"{prefix}-{i:05d}-of-{count:05d}.safetensors", g, metadata)
               for i, g in enumerate(groups, 1)]
     return OutputPlan(shards, prefix + INDEX_SUFFIX, source.index_metadata)
+
+
+def _check_unique_outputs(items: list[PlannedTensor]) -> None:
+    """Refuse two outputs of one name (a source tensor already called ``x.weight_scale``, say): the
+    file would list one of them at the other's bytes."""
+    written: dict[str, PlannedTensor] = {}
+    for item in items:
+        for names, *_ in item.outputs():
+            for name in names:
+                if name in written:
+                    first = written[name]
+                    layer = first if first.action == "quantized" else item
+                    raise InputError(f"tensor {name!r} would be written twice (from {first.names[0]!r} and "
+                                     f"{item.names[0]!r}): keep the layer dense with --keep "
+                                     f"{layer.names[0]!r}, or remove the stray tensor from the source")
+                written[name] = item
 
 
 def _pack(items: list[PlannedTensor], max_bytes: int) -> list[list[PlannedTensor]]:
@@ -405,21 +422,22 @@ def _write_text(path: Path, text: str) -> None:
 
 def copy_extra(src: CheckpointSource, extra: list[Path], folder: Path, cast_to: NumberFormat | None,
                plan: OutputPlan, quantization_config: dict | None = None) -> bool:
-    """Copy the folder's other files; rewrite config.json's dtype fields when tensors were cast, and
+    """Copy the folder's other files (``extra``, paths inside ``src.folder``); rewrite config.json's dtype
+    fields when tensors were cast, and
     add ``quantization_config`` when weights were quantized."""
     config_updated = False
     cast = cast_to if any(i.action == "cast" for i in plan.items) else None
     for path in extra:
+        target = folder / path.relative_to(src.folder)
         try:
-            if path.name == "config.json" and (cast or quantization_config):
-                config_updated = _write_config(path, folder / path.name, cast, quantization_config)
-            elif path.is_dir():
-                shutil.copytree(path, folder / path.name)
+            if path.parent == src.folder and path.name == "config.json" and (cast or quantization_config):
+                config_updated = _write_config(path, target, cast, quantization_config)
             else:
-                shutil.copy2(path, folder / path.name)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
         except OSError as exc:
-            raise CheckpointError(f"{folder / path.name}: cannot copy ({exc.strerror}): free space or "
-                                  "choose another output folder; nothing was kept") from exc
+            raise CheckpointError(f"{path}: cannot copy ({exc.strerror}): free space or choose another "
+                                  "output folder; nothing was kept") from exc
     return config_updated
 
 

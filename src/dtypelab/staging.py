@@ -28,6 +28,10 @@ class StagedOutput:
         remove_leftovers(self.dst)
         if self.dst.exists() and not self.force:
             raise CheckpointError(f"{self.dst}: already exists: choose another output or pass --force")
+        if self.dst.exists() and not _replaceable(self.dst):
+            raise CheckpointError(f"{self.dst}: --force replaces only a checkpoint (a .safetensors file, or "
+                                  "a folder with config.json or .safetensors files), and this is neither: "
+                                  "choose another output")
         self.tmp.mkdir()
         return self
 
@@ -44,6 +48,14 @@ class StagedOutput:
     def __exit__(self, *exc_info) -> None:
         if not self.committed:
             _remove(self.tmp)
+
+
+def _replaceable(path: Path) -> bool:
+    """Whether ``--force`` may delete ``path``: a checkpoint file, an empty folder or a model folder."""
+    if not path.is_dir() or path.is_symlink():
+        return path.suffix == ".safetensors"
+    return all(False for _ in path.iterdir()) or any(
+        p.suffix == ".safetensors" or p.name == "config.json" for p in path.iterdir())
 
 
 def _remove(path: Path) -> None:
