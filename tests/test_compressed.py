@@ -374,3 +374,21 @@ def test_a_source_tensor_named_like_a_part_is_refused(tmp_path, llama_folder):
                                 keep=["model.layers.0.self_attn.q_proj.weight"])
     assert load_file(tmp_path / "out" / "model.safetensors")["model.layers.0.self_attn.q_proj.weight_scale"] \
         .equal(torch.ones(64, 1)) and "kept" in result.dense_layers["model.layers.0.self_attn.q_proj"]
+
+
+def test_moe_experts_outside_linear_layers_are_named_as_dense(tmp_path):
+    # transformers 5 fuses Mixtral's experts into one module: their weights are no nn.Linear's
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=4, num_local_experts=2, num_experts_per_tok=1, vocab_size=100)
+    torch.manual_seed(0)
+    MixtralForCausalLM(config).save_pretrained(tmp_path / "moe")
+    result = convert_checkpoint(tmp_path / "moe", tmp_path / "out", "int8")
+    stored = load_file(tmp_path / "moe" / "model.safetensors")
+    matrices = {k for k, v in stored.items() if v.dim() == 2}
+    quantized = {t.name for t in result.tensors if t.action == "quantized"}
+    assert quantized and set(result.other_dense) == matrices - quantized - {"lm_head.weight"}
+    assert "model.embed_tokens.weight" in result.other_dense
+    assert {n for n in matrices if ".experts." in n} <= set(result.other_dense)  # 6 expert matrices
+    assert f"{len(result.other_dense)} 2-D tensor(s)" in result.to_text()

@@ -172,6 +172,8 @@ class ConversionResult(TableMixin):
         verified: whether the output was re-read and checked bit for bit.
         dense_layers: for quantized formats, the Linear layers left dense, each with its reason (they
             are the ``ignore`` list of the written ``quantization_config``).
+        other_dense: for quantized formats, the other 2-D tensors left dense: no ``nn.Linear`` of the
+            model built from config.json holds them (embeddings, Conv1D, fused MoE experts).
     """
 
     source: Path
@@ -187,6 +189,7 @@ class ConversionResult(TableMixin):
     bytes_written: int
     verified: bool
     dense_layers: dict[str, str] = field(default_factory=dict)
+    other_dense: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> TensorDamage:
@@ -223,6 +226,10 @@ class ConversionResult(TableMixin):
             notes.append("quantized: overflowed = clamped beyond the codes' reach; flushed_to_zero = small "
                          "values on the zero code (expected on a coarse grid; --strict refuses only clamps)")
         notes += [f"dense: {name} ({reason})" for name, reason in self.dense_layers.items()]
+        if self.other_dense:
+            shown = ", ".join(self.other_dense[:4]) + (", ..." if len(self.other_dense) > 4 else "")
+            notes.append(f"dense, no nn.Linear of the model holds them: {len(self.other_dense)} 2-D "
+                         f"tensor(s) ({shown})")
         return Table(f"Conversion to {self.format}: most damaged tensors", columns, rows, notes)
 
     def to_json(self) -> str:
@@ -266,7 +273,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     """
     fmt, src, dst = get_format(to), open_checkpoint(source), Path(destination)
     dst_is_file = _check_destination(src, dst)
-    cast_to, quant, dense_layers = _conversion(src, fmt, dense, tuple(keep))
+    cast_to, quant, dense_layers, other_dense = _conversion(src, fmt, dense, tuple(keep))
     plan = plan_output(src, dst, dst_is_file, cast_to, tuple(keep), parse_size(max_shard_size), quant)
     with StagedOutput(dst, force) as staging, one_thread():
         extra, skipped = _extra_files(src)
@@ -282,7 +289,8 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     written = sum(len(s.layout()[0]) + sum(i.out_nbytes for i in s.items) for s in plan.shards)
     return ConversionResult(src.path, dst, fmt.name, [s.file for s in plan.shards], plan.index_name,
                             damage, _relative(src, extra), _relative(src, skipped), config_updated,
-                            sum(i.entry.nbytes for i in plan.items), written, verify, dense_layers)
+                            sum(i.entry.nbytes for i in plan.items), written, verify, dense_layers,
+                            other_dense)
 
 
 def _relative(src: CheckpointSource, paths: list[Path]) -> list[str]:
@@ -294,18 +302,20 @@ def _sqnr_key(damage: TensorDamage) -> float:
 
 
 def _conversion(src: CheckpointSource, fmt: NumberFormat, dense: str | NumberFormat | None,
-                keep: tuple[str, ...]) -> tuple[NumberFormat | None, Quantization | None, dict[str, str]]:
-    """(format floating tensors are cast to, what is quantized, Linear layers left dense + why)."""
+                keep: tuple[str, ...]) -> tuple[NumberFormat | None, Quantization | None, dict[str, str],
+                                                list[str]]:
+    """(format floating tensors are cast to, what is quantized, Linear layers left dense + why, other
+    2-D tensors left dense)."""
     _refuse_quantized_source(src)
     if fmt.raw_castable and fmt.torch_dtype in DTYPE_CODES:
         if dense is not None:
             raise InputError(f"--dense applies to quantized formats; {fmt.name} casts every floating "
                              "tensor: drop --dense")
-        return fmt, None, {}
+        return fmt, None, {}, []
     check_supported(fmt)
     cast_to = _plain_format(dense) if dense is not None else None
-    quant, dense_layers = _plan_quantization(src, fmt, keep)
-    return cast_to, quant, dense_layers
+    quant, dense_layers, others = _plan_quantization(src, fmt, keep)
+    return cast_to, quant, dense_layers, others
 
 
 def _refuse_quantized_source(src: CheckpointSource) -> None:
@@ -363,8 +373,9 @@ def _check_free_space(folder: Path, plan: OutputPlan, extra: list[Path]) -> None
 # ---------------------------------------------------------------------------------- quantization
 
 def _plan_quantization(src: CheckpointSource, fmt: NumberFormat,
-                       keep: tuple[str, ...]) -> tuple[Quantization, dict[str, str]]:
-    """Which Linear weights to quantize, and the Linear layers left dense with their reason."""
+                       keep: tuple[str, ...]) -> tuple[Quantization, dict[str, str], list[str]]:
+    """Which Linear weights to quantize, the Linear layers left dense with their reason, and the other
+    2-D tensors left dense."""
     config_path = src.folder / "config.json" if src.folder else None
     if config_path is None or not config_path.is_file():
         hint = f"; for fp8 without scales use --to {fmt.base}:cast" if fmt.is_floating_point else ""
@@ -385,7 +396,15 @@ def _plan_quantization(src: CheckpointSource, fmt: NumberFormat,
     if not layers:
         raise InputError(f"nothing to quantize in {src.path}: " + (
             "; ".join(f"{m}: {r}" for m, r in list(dense.items())[:3]) or "the model has no Linear layers"))
-    return Quantization(fmt, layers), dense
+    return Quantization(fmt, layers), dense, _other_matrices(src, layers, dense)
+
+
+def _other_matrices(src: CheckpointSource, layers: dict[str, str], dense: dict[str, str]) -> list[str]:
+    """2-D float tensors that are no Linear weight of the model (embeddings, GPT-2's Conv1D, fused MoE
+    experts): they stay dense, and the result names them."""
+    linear = set(layers) | {f"{module}.weight" for module in dense}
+    return [e.name for shard in src.shards for e in shard.tensors
+            if len(e.shape) == 2 and e.dtype in CAST_DTYPES and e.name not in linear]
 
 
 def _dense_reason(module: str, entry, fmt: NumberFormat, heads: set[str], tied: bool,

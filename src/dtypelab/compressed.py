@@ -300,9 +300,11 @@ def _meta_model(folder: Path) -> nn.Module:
 
     try:
         config = transformers.AutoConfig.from_pretrained(folder)
+        cls = model_class(config)
+        build = getattr(cls, "_from_config", None) or cls.from_config  # AutoModel: no architectures
         with torch.device("meta"):
-            return model_class(config)(config)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+            return build(config)
+    except Exception as exc:  # noqa: BLE001 - a bad config.json raises many types; one line for each
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelSpecError(f"transformers cannot build the model of {folder / 'config.json'} ({reason}): "
                              "quantized outputs need an architecture your transformers knows") from None
