@@ -392,3 +392,14 @@ def test_moe_experts_outside_linear_layers_are_named_as_dense(tmp_path):
     assert "model.embed_tokens.weight" in result.other_dense
     assert {n for n in matrices if ".experts." in n} <= set(result.other_dense)  # 6 expert matrices
     assert f"{len(result.other_dense)} 2-D tensor(s)" in result.to_text()
+
+
+def test_report_json_carries_sqnr_and_lost_values(tmp_path, llama_folder):
+    folder, _ = llama_folder
+    report = json.loads(convert_checkpoint(folder, tmp_path / "out", "int8:asym").to_json())
+    tensors = {t["name"]: t for t in report["tensors"]}
+    row = tensors["model.layers.0.self_attn.q_proj.weight"]
+    expected = 10 * torch.log10(torch.tensor(row["signal_sq"] / row["noise_sq"], dtype=torch.float64))
+    assert row["sqnr_db"] == pytest.approx(expected.item(), rel=1e-12) and row["lost_values"] == 0
+    assert tensors["model.embed_tokens.weight"]["sqnr_db"] is None  # copied: nothing to measure
+    assert report["total"]["sqnr_db"] > 30  # int8 asym on N(0, 0.02) weights, all tensors together

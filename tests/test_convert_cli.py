@@ -80,3 +80,10 @@ def test_progress_line_shows_bytes_rate_and_time_left(capsys):
     stopped.close()  # an error follows: the half-drawn line is ended first
     err = capsys.readouterr().err
     assert err.startswith("\r1.00/2.00 GB") and err.endswith(" \n")
+
+
+def test_report_path_is_checked_before_anything_is_written(capsys, tmp_path, src):
+    code, out, err = run_cli(capsys, "convert", src, "--to", "bf16", "-o", tmp_path / "out",
+                             "--report", tmp_path / "no" / "such" / "r.json")
+    assert code == 2 and "--report" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -233,8 +233,15 @@ class ConversionResult(TableMixin):
         return Table(f"Conversion to {self.format}: most damaged tensors", columns, rows, notes)
 
     def to_json(self) -> str:
-        """The full report (every tensor) that ``--report FILE`` writes."""
-        return json.dumps({**to_jsonable(self), "total": to_jsonable(self.total)}, indent=2)
+        """The full report (every tensor, with its ``lost_values`` and ``sqnr_db``) that ``--report FILE``
+        writes."""
+        report = {**to_jsonable(self), "tensors": [_damage_json(t) for t in self.tensors],
+                  "total": _damage_json(self.total)}
+        return json.dumps(report, indent=2)
+
+
+def _damage_json(damage: TensorDamage) -> dict:
+    return to_jsonable({**to_jsonable(damage), "lost_values": damage.lost_values, "sqnr_db": damage.sqnr_db})
 
 
 def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,

@@ -329,6 +329,9 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
                 max_shard_size: str | None, force: bool, verify: bool, strict: bool,
                 report_path: Path | None, quiet: bool, as_json: bool) -> None:
     """Convert a safetensors file or model folder SRC to another format, tensor by tensor."""
+    if report_path is not None and not report_path.parent.is_dir():
+        raise InputError(f"--report {report_path}: no folder {report_path.parent} to write it in: create it "
+                         "or choose another path")
     progress = ProgressLine() if not quiet and not as_json and sys.stderr.isatty() else None
     try:
         result = convert_checkpoint(src, output, fmt, keep=keep, max_shard_size=max_shard_size,
