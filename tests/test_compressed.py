@@ -246,14 +246,15 @@ def test_nan_weight_is_refused_naming_the_tensor_and_nothing_is_written(tmp_path
 
 def test_strict_refuses_clamped_values_only(tmp_path, llama_folder):
     folder, _ = llama_folder
-    # symmetric int8 maps each row's extreme onto -128, so the other side reaches only 127 steps: a
-    # value there above 127.5 steps is clamped (seen on these random rows); asymmetric int8 spreads
-    # [min, max] over all 256 codes and clamps none, but flushes small values onto the zero point
-    with pytest.raises(DamageError, match="values are clamped beyond what int8's codes reach") as caught:
-        convert_checkpoint(folder, tmp_path / "out", "int8", strict=True)
+    # :mse clips each group's tails on purpose (a clip ratio below 1): those values are lost; absmax
+    # scales clip nothing, yet int4 puts many small values on the zero code, which --strict accepts
+    with pytest.raises(DamageError, match="values are clamped beyond what int4:g32:mse's codes reach") \
+            as caught:
+        convert_checkpoint(folder, tmp_path / "out", "int4:g32:mse", strict=True)
     assert caught.value.exit_code == 3 and not (tmp_path / "out").exists()
-    result = convert_checkpoint(folder, tmp_path / "out", "int8:asym", strict=True)
-    assert result.total.overflowed == 0 and result.total.flushed_to_zero > 0  # flushes are not refused
+    for spec in ("int8", "int4:g32:asym"):
+        result = convert_checkpoint(folder, tmp_path / spec, spec, strict=True)
+        assert result.total.overflowed == 0 and result.total.flushed_to_zero > 0, spec
 
 
 def test_damage_counts_and_sqnr_match_a_direct_computation(tmp_path, llama_folder):

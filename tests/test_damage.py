@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -32,7 +34,11 @@ def truth(source: torch.Tensor, dtype: torch.dtype) -> dict:
     x = source.double()
     cast = source.to(dtype).double()
     finite, nonzero = torch.isfinite(x), x != 0
-    clamped = finite & (x.abs() > torch.finfo(dtype).max) if saturates(dtype) else torch.isinf(cast) & finite
+    info = torch.finfo(dtype)
+    # saturating formats: beyond max + half the top binade's step (2^floor(log2 max) * eps / 2), i.e.
+    # past what round-to-nearest-even would round onto max anyway (e4m3fn: 448 + 16)
+    limit = info.max + 2.0 ** math.floor(math.log2(info.max)) * info.eps / 2
+    clamped = finite & (x.abs() > limit) if saturates(dtype) else torch.isinf(cast) & finite
     kept = finite & nonzero & ~clamped
     rel = ((cast - x).abs() / x.abs())[kept]
     return {"overflowed": int(clamped.sum()), "flushed_to_zero": int((nonzero & (cast == 0)).sum()),
@@ -110,3 +116,13 @@ def test_saturating_format_clamps_and_counts_by_hand():
     assert out.float().tolist()[:3] == [448.0, -448.0, 448.0]
     assert (damage.overflowed, damage.flushed_to_zero, damage.subnormal) == (2, 1, 1)
     assert damage.max_rel_error == 1.0  # the flushed value
+
+
+def test_e4m3_values_that_round_onto_448_are_not_counted_as_saturated():
+    # e4m3fn's top binade steps by 32: 450, 460 and the tie 464 round to 448 under round-to-nearest-even
+    # (as fp16 rounds 65519 to 65504); 470 and 1000 lie beyond and are saturated
+    source = torch.tensor([450.0, 460.0, 464.0, 470.0, 1000.0])
+    out, damage = cast_with(ChunkCaster(fp8_e4m3()), source)
+    assert out.float().tolist() == [448.0] * 5
+    assert damage.overflowed == 2
+    assert damage.max_rel_error == pytest.approx(16 / 464)  # the largest among the rounded, not 1000's

@@ -400,3 +400,21 @@ def test_empty_tensor_is_refused_with_a_clear_error():
 
     with pytest.raises(InputError, match="empty tensor"):
         quantize_tensor(torch.zeros(0, 128), get_format("int4:g128"))
+
+
+def test_saturated_count_by_hand():
+    from dtypelab.qtensor import QuantizedTensor, saturated_count
+
+    fmt = get_format("int4:channel")
+    row = torch.tensor([[-8.0, 8.0, 7.0, 0.0]])  # the extreme -8 on the -8 code: scale 1
+    codes = torch.zeros(1, 2, dtype=torch.uint8)  # the codes play no part in the count
+    one, half = torch.ones(1, 1, 1, dtype=torch.float16), torch.full((1, 1, 1), 0.5, dtype=torch.float16)
+    # scale 1: the short side's 8 is one step past the code 7 by design, not clipped
+    assert saturated_count(row, QuantizedTensor(fmt, (1, 4), codes, one)) == 0
+    # scale 0.5 (a clip ratio of 1/2): -16, 16 and 14 lie past ±8.5
+    assert saturated_count(row, QuantizedTensor(fmt, (1, 4), codes, half)) == 3
+    # fp8 e4m3: 464 (= 448 + half of the top step, 32) still rounds to 448; 465 is saturated
+    e4m3 = get_format("fp8_e4m3:tensor")
+    values = torch.tensor([[464.0, 465.0, -470.0]])
+    data = torch.zeros(1, 3, dtype=torch.float8_e4m3fn)
+    assert saturated_count(values, QuantizedTensor(e4m3, (1, 3), data, torch.ones(1, 1, 1))) == 2

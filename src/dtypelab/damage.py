@@ -141,6 +141,10 @@ class ChunkCaster:
         # the smallest normal (formats without inf are screened by clamping instead)
         self._inf_bits = 0 if self.saturating else _bits_of(float("inf"), self.out_dtype, bits)
         self._normal_bits = _bits_of(fmt.smallest_normal, self.out_dtype, bits)
+        # what round-to-nearest-even would still round onto max: half a top-binade step above it (a tie
+        # rounds down, since e4m3fn's max 1.110b x 2^8 is even); only values beyond are saturated
+        top = fmt.max_finite
+        self._saturation_limit = top + 2.0 ** math.floor(math.log2(top)) * fmt.eps / 2
 
     def cast(self, source_dtype: torch.dtype, count: int) -> tuple[memoryview, TensorDamage]:
         """Cast the first ``count`` elements held in ``self.raw`` (as ``source_dtype``).
@@ -175,7 +179,7 @@ class ChunkCaster:
             return None
         largest = self.fmt.max_finite
         torch.abs(source, out=back)
-        clamped = int(torch.gt(back, largest, out=self._mask[:source.numel()]).sum())
+        clamped = int(torch.gt(back, self._saturation_limit, out=self._mask[:source.numel()]).sum())
         clamped -= int(torch.isinf(back).sum())  # an inf source is not a finite value lost
         torch.clamp(source, -largest, largest, out=back)
         out.copy_(back)
@@ -213,6 +217,9 @@ class ChunkCaster:
         torch.sub(back, source, out=rel).div_(source).abs_()  # (count,) relative error; 0/0 -> nan
         overflowed = int(torch.eq(rel, float("inf"), out=mask).sum()) if clamped is None else clamped
         rel.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # overflow counted above, not an error size
+        if clamped:  # saturated values are counted as overflowed, not as an error size either
+            torch.gt(torch.abs(source, out=back), self._saturation_limit, out=mask)
+            rel.masked_fill_(mask, 0.0)
         max_rel = float(rel.max()) if count else 0.0
         return TensorDamage("", "", "", "cast", count, overflowed, flushed, subnormal, max_rel)
 

@@ -288,10 +288,13 @@ def _select_rows(tensor: torch.Tensor | None, rows: torch.Tensor | None) -> torc
 
 
 def saturated_count(tensor: torch.Tensor, qt: QuantizedTensor) -> int:
-    """How many values of ``tensor`` lie beyond what their block's codes reach in ``qt``.
+    """How many values of ``tensor`` were clipped in ``qt``: beyond their codes' reach, not rounded.
 
-    Those were clamped (by an ``:mse`` clip, or a scale rounded down), not merely rounded: a value is
-    counted when, divided by its scale, it falls more than half a step outside the codec's range.
+    A value counts when, divided by its scale, it lies beyond what the scheme maps onto codes by
+    rounding: symmetric integers ±(|most negative code| + 1/2) (the full-range short side reaches one
+    step past its last code by design), asymmetric ones one step past either end (the zero point is
+    rounded too), floats half the top binade's step past max (round to nearest lands on max anyway).
+    What remains is real clipping: an ``:mse`` clip ratio, fp8 saturation.
     """
     blocks = _blocks(_as_rows(tensor), qt.fmt)  # (rows, blocks, block)
     scaled = _scaled(blocks, _decoded_scale(qt.scale, qt.tensor_scale), qt.zero_point)
@@ -300,9 +303,11 @@ def saturated_count(tensor: torch.Tensor, qt: QuantizedTensor) -> int:
 
 
 def _reach(codec) -> tuple[float, float]:
-    """The scaled values that round onto the codec's codes: its range widened by half a step."""
+    """The scaled values the scheme maps onto the codec's codes without clipping (see above)."""
     if isinstance(codec, IntCodec):
-        return codec.min_value - 0.5, codec.max_finite + 0.5
+        if codec.signed:
+            return codec.min_value - 0.5, -codec.min_value + 0.5
+        return -1.0, codec.max_finite + 1.0
     top = codec.max_finite
     half_step = 2.0 ** (math.floor(math.log2(top)) - getattr(codec, "man_bits", 0) - 1)
     return -(top + half_step), top + half_step
