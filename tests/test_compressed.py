@@ -187,7 +187,13 @@ def test_convert_writes_what_quantize_model_computes(tmp_path, llama_folder, spe
     assert torch.equal(stored["lm_head.weight"], model.lm_head.weight)  # dense, bit for bit
 
 
-@pytest.mark.parametrize("spec", ["int4:g32", "fp8_e4m3:afp8"])
+ASYM_XFAIL = pytest.mark.xfail(strict=True, reason=(
+    "transformers + compressed-tensors 0.20 builds weight_zero_point unpacked, (rows, groups), while the "
+    "package's own compress() and vLLM pack it along rows into int32, as dtypelab writes it"))
+
+
+@pytest.mark.parametrize("spec", ["int4:g32", "int8", "fp8_e4m3", "int8:tensor:asym", "fp8_e4m3:afp8",
+                                  pytest.param("int4:g32:asym", marks=ASYM_XFAIL)])
 def test_transformers_with_compressed_tensors_loads_the_output(tmp_path, llama_folder, spec):
     pytest.importorskip("compressed_tensors")
     import transformers
@@ -198,10 +204,8 @@ def test_transformers_with_compressed_tensors_loads_the_output(tmp_path, llama_f
     ours = dtypelab.load(str(tmp_path / "out")).model
     with torch.no_grad():
         their_logits, our_logits = theirs(INPUT_IDS).logits, ours(INPUT_IDS).logits
-    if spec.endswith("afp8"):  # activations: the package quantizes per token, dtypelab per tensor
-        assert torch.nn.functional.cosine_similarity(their_logits.flatten(), our_logits.flatten(), 0) > 0.99
-    else:  # weight-only: both decompress to the same weights
-        assert torch.equal(their_logits, our_logits)
+    # the same weights; fp8 activations are quantized per tensor by both (absmax / 448, dynamic)
+    assert torch.equal(their_logits, our_logits)
 
 
 def test_dense_option_casts_what_stays_unquantized(tmp_path, llama_folder):
