@@ -18,7 +18,9 @@ value is always ``(q - zero_point) * scale``, so the layout decompresses to exac
 :func:`dtypelab.quantize_model` computes (tested against the package itself when it is installed).
 
 The one liberty: dtypelab's symmetric integers use all 2^bits codes with a signed scale (see
-:mod:`dtypelab.qtensor`); the arithmetic above is unchanged by the sign.
+:mod:`dtypelab.qtensor`); the arithmetic above is unchanged by the sign. Activations (``:a8``,
+``:afp8``) are declared dynamic, as dtypelab emulates them: int8 per token with absmax / 127 (vLLM's
+kernel; the package's own Python fake-quantization uses absmax / 127.5), fp8 per tensor.
 """
 
 from __future__ import annotations
