@@ -114,7 +114,7 @@ def test_keep_by_name_keeps_submodules_too():
 
 def test_cast_refuses_storage_only_formats(dummy):
     fp8 = NumberFormat("fp8_e4m3_test", 8, torch.float8_e4m3fn, "an 8-bit storage format")
-    with pytest.raises(UnknownFormatError, match="use quantize"):
+    with pytest.raises(UnknownFormatError, match="formats are quantized"):
         cast_model(dummy, fp8)
 
 

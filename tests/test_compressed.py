@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import dtypelab
 from dtypelab import compressed
 from dtypelab.checkpoint import convert_checkpoint
-from dtypelab.errors import DamageError, InputError, UnknownFormatError
+from dtypelab.errors import CheckpointError, DamageError, InputError, UnknownFormatError
 from dtypelab.formats import get_format
 from dtypelab.packing import pack_nibbles
 from dtypelab.qtensor import QuantizedTensor, quantize_tensor
@@ -408,3 +408,23 @@ def test_report_json_carries_sqnr_and_lost_values(tmp_path, llama_folder):
     assert row["sqnr_db"] == pytest.approx(expected.item(), rel=1e-12) and row["lost_values"] == 0
     assert tensors["model.embed_tokens.weight"]["sqnr_db"] is None  # copied: nothing to measure
     assert report["total"]["sqnr_db"] > 30  # int8 asym on N(0, 0.02) weights, all tensors together
+
+
+@pytest.mark.parametrize("part", ["weight_packed", "weight_scale"])
+def test_verify_catches_a_corrupt_quantized_part(tmp_path, llama_folder, monkeypatch, part):
+    import dtypelab.checkpoint_writer as writer
+
+    folder, _ = llama_folder
+    # k_proj's codes: 32 rows x 8 int32 words; q_proj's scales: 64 rows x 2 groups of fp16
+    real_pwrite, sizes = writer.pwrite_all, {"weight_packed": 32 * 8 * 4, "weight_scale": 64 * 2 * 2}
+
+    def corrupting_pwrite(fd, view, offset, path):  # flips a bit of each part of that size
+        data = bytearray(view)
+        if len(data) == sizes[part]:
+            data[0] ^= 1
+        real_pwrite(fd, memoryview(data), offset, path)
+
+    monkeypatch.setattr(writer, "pwrite_all", corrupting_pwrite)
+    with pytest.raises(CheckpointError, match=f"{part}'.*verification failed.*quantization"):
+        convert_checkpoint(folder, tmp_path / "out", "int4:g32", verify=True)
+    assert not (tmp_path / "out").exists()

@@ -123,7 +123,8 @@ def compute_dtype(fmt: str | torch.dtype | NumberFormat) -> torch.dtype:
     fmt = get_format(fmt)
     if not fmt.is_floating_point or fmt.torch_dtype is None or fmt.torch_dtype.itemsize < 2:
         raise UnknownFormatError(f"cannot compute in {fmt.name}: cast takes a floating compute dtype "
-                                 "(fp32, fp16, bf16); use quantize for 8-bit and smaller formats")
+                                 "(fp32, fp16, bf16); 8-bit and smaller formats are quantized: "
+                                 "compare --to int8, dtypelab.quantize_model")
     return fmt.torch_dtype
 
 

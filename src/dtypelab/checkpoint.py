@@ -25,6 +25,7 @@ from .checkpoint_writer import (
     ProgressCallback,
     Quantization,
     copy_extra,
+    keep_matches,
     parse_size,
     plan_output,
     read_config,
@@ -422,7 +423,7 @@ def _dense_reason(module: str, entry, fmt: NumberFormat, heads: set[str], tied: 
         return "no tensor of this name in the checkpoint (tied to another one, or named differently)"
     if module in heads:
         return "output head: kept dense, as serving stacks (vLLM) load lm_head unquantized"
-    if any(name == p or fnmatch.fnmatchcase(name, p) for p in keep):
+    if any(keep_matches(name, p) for p in keep):
         return "kept (--keep)"
     if tied:
         return "weight stored once for several tensors (tied)"

@@ -152,7 +152,7 @@ def _plan_tensors(source: CheckpointSource, cast_to: NumberFormat | None, keep: 
         items = []
         for entries in groups.values():
             names = tuple(e.name for e in entries)
-            hits = {p for p in keep for n in names if n == p or fnmatch.fnmatchcase(n, p)}
+            hits = {p for p in keep for n in names if keep_matches(n, p)}
             matched |= hits
             items.append(_plan_item(names, entries[0], shard, target, bool(hits), quant))
         per_shard.append(items)
@@ -161,6 +161,11 @@ def _plan_tensors(source: CheckpointSource, cast_to: NumberFormat | None, keep: 
             raise InputError(f"keep pattern {pattern!r} matches no tensor: check the names with "
                              "`dtypelab inspect`")
     return per_shard
+
+
+def keep_matches(name: str, pattern: str) -> bool:
+    """A ``--keep`` pattern: the exact tensor name or a glob (case-sensitive, ``*norm*``)."""
+    return name == pattern or fnmatch.fnmatchcase(name, pattern)
 
 
 def _plan_item(names: tuple[str, ...], entry: TensorEntry, shard: SafetensorsHeader, target: str | None,
@@ -402,6 +407,8 @@ def _damage_error(damage: TensorDamage, fmt: NumberFormat) -> DamageError:
 
 
 def write_index(plan: OutputPlan, folder: Path) -> None:
+    """The ``*.safetensors.index.json`` of a sharded output: every tensor name -> its file, and the
+    source index's metadata with ``total_size`` (tensor bytes) recomputed."""
     if plan.index_name is None:
         return
     weight_map = {name: shard.file for shard in plan.shards for item in shard.items
@@ -528,6 +535,7 @@ def _verify_error(path: Path, name: str, operation: str) -> CheckpointError:
 
 def _verify_item(item: PlannedTensor, src_fd: int, out_fd: int, out_start: int, path: Path,
                  caster: ChunkCaster, check: bytearray) -> None:
+    """Compare one cast (chunk by chunk) or copied (byte range) tensor with its source's bytes."""
     entry, start = item.entry, item.shard.data_start + item.entry.begin
     itemsize = entry.torch_dtype.itemsize if item.action == "cast" else 1
     step = caster.chunk_elements if item.action == "cast" else len(check)

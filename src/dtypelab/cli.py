@@ -21,7 +21,7 @@ from .cast import KeepPolicy, cast_model
 from .checkpoint import convert_checkpoint
 from .compare import FailedVariant, compare_models, run_model, select_output
 from .errors import DtypelabError, InputError
-from .formats import format_table, parse_format_list
+from .formats import format_table, parse_format_list, split_list
 from .headroom import predict_headroom, weight_stats
 from .inputs import model_inputs, to_device
 from .inspection import inspect_model, param_dtype_lines
@@ -276,7 +276,7 @@ def demo_cmd(seed_only: bool) -> None:
 @json_option
 def formats_cmd(specs: str | None, as_json: bool) -> None:
     """List number formats (or the comma-separated SPECS, e.g. int4:g64:asym,nvfp4) with their figures."""
-    emit(format_table([s.strip() for s in specs.split(",")] if specs else None), as_json)
+    emit(format_table(split_list(specs) if specs else None), as_json)
 
 
 # ------------------------------------------------------------------------------------------ convert
