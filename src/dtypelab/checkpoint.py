@@ -223,6 +223,10 @@ class ConversionResult(TableMixin):
                  f"{self.config_updated}; verified bit for bit: {self.verified}"]
         if self.skipped_files:
             notes.append(f"not copied (other weights, source precision): {', '.join(self.skipped_files)}")
+        tied = [f"{alias} = {t.name}" for t in self.tensors for alias in t.aliases]
+        if tied:
+            notes.append("tied: " + ", ".join(tied) + " (stored once under the second name; the first is "
+                         "metadata 'tied_aliases', as safetensors allows one name per byte range)")
         if quantized:
             notes.append("quantized: overflowed = clamped beyond the codes' reach; flushed_to_zero = small "
                          "values on the zero code (expected on a coarse grid; --strict refuses only clamps)")

@@ -46,6 +46,9 @@ ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(bytes_done, bytes_total)`` while tensor data streams."""
 
 
+TIED_KEY = "tied_aliases"
+"""Safetensors metadata key of the tied names a conversion stored once (see PlannedShard)."""
+
 Output = tuple[tuple[str, ...], str, tuple[int, ...], int]
 """One tensor written: (names, safetensors dtype code, shape, bytes)."""
 
@@ -71,7 +74,7 @@ class PlannedTensor:
         if self.action == "quantized":
             return [((f"{self.module}.{p.suffix}",), DTYPE_CODES[p.dtype], p.shape, p.nbytes)
                     for p in self.parts]
-        return [(self.names, self.out_dtype, self.entry.shape,
+        return [((self.names[0],), self.out_dtype, self.entry.shape,
                  self.entry.numel * DTYPES[self.out_dtype].itemsize)]
 
     @property
@@ -91,6 +94,13 @@ class PlannedShard:
     items: list[PlannedTensor]
     metadata: dict[str, str]
 
+    @property
+    def header_metadata(self) -> dict[str, str]:
+        """The source's metadata, plus ``tied_aliases`` (JSON: alias -> stored name) when tensors were
+        tied: safetensors allows one name per byte range, so an alias is written as this note only."""
+        aliases = {alias: item.names[0] for item in self.items for alias in item.names[1:]}
+        return {**self.metadata, TIED_KEY: json.dumps(aliases)} if aliases else self.metadata
+
     def layout(self) -> tuple[bytes, list[Placed]]:
         outputs = [(item, index, out) for item in self.items for index, out in enumerate(item.outputs())]
         outputs.sort(key=lambda o: -DTYPES[o[2][1]].itemsize)  # stable: source order within a size
@@ -99,7 +109,7 @@ class PlannedShard:
             placed.append((item, index, offset, offset + nbytes))
             entries += [(name, dtype, shape, offset, offset + nbytes) for name in names]
             offset += nbytes
-        return encode_header(entries, self.metadata), placed
+        return encode_header(entries, self.header_metadata), placed
 
 
 @dataclass
