@@ -183,3 +183,10 @@ def test_a_shared_integer_buffer_does_not_keep_its_other_holder():
     cast = cast_model(model, "bf16", KeepPolicy(("LayerNorm",)))
     assert cast[1].weight.dtype == torch.bfloat16 and cast[0].weight.dtype == torch.float32
     assert cast[0].positions is cast[1].positions
+
+
+def test_keep_that_matches_nothing_is_refused(dummy):
+    with pytest.raises(InputError, match="--keep 'LayerNrom' matches no module"):
+        cast_model(dummy, "fp16", KeepPolicy.from_strings(["LayerNrom"]))
+    with pytest.raises(InputError, match="--keep 'blocks.9' matches no module"):
+        cast_model(dummy, "fp16", KeepPolicy.from_strings(["blocks.9"]))

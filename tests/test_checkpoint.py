@@ -283,8 +283,9 @@ def test_verify_catches_bytes_that_differ(tmp_path, monkeypatch):
         real_write(fd, memoryview(data), path)
 
     monkeypatch.setattr(writer, "write_all", corrupting_write)
-    with pytest.raises(CheckpointError, match="verification failed"):
+    with pytest.raises(CheckpointError, match="verification failed") as caught:
         convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", "bf16", verify=True)
+    assert str(caught.value).startswith(str(tmp_path / "out" / "in.safetensors"))  # not the staging path
     assert [p.name for p in tmp_path.iterdir()] == ["in.safetensors"]
 
 

@@ -444,3 +444,13 @@ def test_a_model_writing_into_its_input_leaves_the_callers_tensor_and_the_other_
     assert torch.equal(x, before)
     assert result.variants[0].final.sqnr_db == math.inf  # an exact copy on the same input
     assert all(r.metrics.sqnr_db == math.inf for r in result.variants[0].rows)
+
+
+def test_nan_threshold_is_refused():
+    from dtypelab.errors import InputError
+    from dtypelab.layers import compare_layers
+    from dtypelab.models import DummyModel
+
+    model = DummyModel()
+    with pytest.raises(InputError, match="threshold nan"):
+        compare_layers(model, {"same": model}, torch.tensor([[1, 0, 1]]), threshold_db=float("nan"))

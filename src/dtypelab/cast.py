@@ -60,12 +60,26 @@ class KeepPolicy:
         return any(fnmatch.fnmatchcase(name, p) for p in self.name_patterns)
 
     def kept_roots(self, model: nn.Module) -> list[str]:
-        """Qualified names of the outermost kept modules (their children are kept with them)."""
+        """Qualified names of the outermost kept modules (their children are kept with them).
+
+        Raises:
+            InputError: a class or name pattern that matches no module (a typo would keep nothing).
+        """
         roots: list[str] = []
         for name, module in model.named_modules():
             if not _is_inside(name, roots) and self.matches(name, module):
                 roots.append(name)
+        self._check_all_match(model)
         return roots
+
+    def _check_all_match(self, model: nn.Module) -> None:
+        modules = list(model.named_modules())
+        for item in [*self.module_types, *self.name_patterns]:
+            single = KeepPolicy((item,), ()) if item in self.module_types else KeepPolicy((), (item,))
+            if not any(single.matches(name, module) for name, module in modules):
+                label = item.__name__ if isinstance(item, type) else item
+                raise InputError(f"--keep {label!r} matches no module of the model (neither a class nor a "
+                                 "name): check the names with `dtypelab inspect`")
 
 
 def _is_inside(name: str, roots: Sequence[str]) -> bool:

@@ -210,6 +210,8 @@ def compare_layers(reference: nn.Module, variants: Mapping[str, nn.Module],
     """
     if mode not in MODES:
         raise InputError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    if math.isnan(threshold_db):
+        raise InputError("threshold nan dB: give a number of dB SQNR, e.g. 20")
     names = select_layers(reference, depth, patterns)
     result = LayerComparison(mode, threshold_db, False)
     reference_modules = {id(m) for m in reference.modules()}

@@ -45,9 +45,12 @@ class StagedOutput:
         _remove(old)
         _remove(self.tmp)
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> None:
         if not self.committed:
             _remove(self.tmp)
+        if isinstance(exc, CheckpointError) and str(self.tmp) in str(exc):  # name what the user gave
+            message = str(exc).replace(str(self.tmp / self.dst.name), str(self.dst))  # a file output
+            exc.args = (message.replace(str(self.tmp), str(self.dst)),)
 
 
 def _replaceable(path: Path) -> bool:
