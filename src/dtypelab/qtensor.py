@@ -299,6 +299,9 @@ def saturated_count(tensor: torch.Tensor, qt: QuantizedTensor) -> int:
     blocks = _blocks(_as_rows(tensor), qt.fmt)  # (rows, blocks, block)
     scaled = _scaled(blocks, _decoded_scale(qt.scale, qt.tensor_scale), qt.zero_point)
     low, high = _reach(qt.fmt.element_codec)
+    smallest, largest = torch.aminmax(scaled)
+    if smallest >= low and largest <= high:  # the usual case, proved by one pass
+        return 0
     return int(torch.count_nonzero((scaled < low) | (scaled > high)))
 
 
