@@ -378,3 +378,16 @@ def test_relative_error_against_an_all_zero_reference(candidate, expected):
     sums.add(zeros, cand)
     for value in (relative_error(zeros, cand), sums.metrics().relative_error):
         assert value == expected or (math.isnan(expected) and math.isnan(value))
+
+
+def test_floating_inputs_are_given_in_each_variants_dtype():
+    # a model fed embeddings (--input-file): its fp16 / bf16 copies get the inputs in their own dtype
+    from dtypelab.cast import cast_model
+    from dtypelab.compare import compare_models
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    variants = {name: cast_model(model, name) for name in ("fp16", "bf16")}
+    result = compare_models(model, variants, torch.randn(5, 8))
+    assert [v.failure for v in result.variants] == [None, None]  # before: "forward failed", dtype mismatch
+    assert all(v.metrics.sqnr_db > 20 for v in result.variants)  # bf16's 8-bit mantissa: ~40 dB here

@@ -272,16 +272,27 @@ def map_tensors(value: object, fn) -> object:
 
 @torch.no_grad()  # not inference_mode: quanto's int4 tensors fail under it ("version_counter")
 def run_model(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> object:
-    """One forward pass on :func:`own_inputs`; a mapping of inputs is passed as keyword arguments."""
-    inputs = own_inputs(inputs)
+    """One forward pass on :func:`own_inputs` in the model's dtype; a mapping of inputs is passed as
+    keyword arguments."""
+    inputs = own_inputs(inputs, input_dtype(model))
     return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
 
 
-def own_inputs(inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
-    """The inputs with floating tensors copied (ids and masks are shared): a model that writes into its
-    input would otherwise change the caller's tensors and what the next model compared is given."""
+def input_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype floating inputs (embeddings fed with ``--input-file``) are given to ``model``: its
+    first floating parameter's, as a cast model computes in it (None: no floating parameter)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def own_inputs(inputs: torch.Tensor | Mapping[str, torch.Tensor],
+               dtype: torch.dtype | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The inputs with floating tensors copied, in ``dtype`` when given (ids and masks are shared): a
+    model that writes into its input would otherwise change the caller's tensors and what the next
+    model compared is given."""
     def own(value: object) -> object:
-        return value.clone() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+            return value
+        return value.to(dtype, copy=True) if dtype is not None else value.clone()
     return {k: own(v) for k, v in inputs.items()} if isinstance(inputs, Mapping) else own(inputs)
 
 

@@ -40,6 +40,7 @@ from torch import nn
 from .compare import (
     ErrorSums,
     OutputMetrics,
+    input_dtype,
     is_logits_output,
     map_tensors,
     measure,
@@ -174,7 +175,7 @@ def select_layers(model: nn.Module, depth: int | None = None, patterns: Sequence
 def forward(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> object:
     """One forward pass without a key/value cache (a re-run layer would otherwise append twice), on
     :func:`dtypelab.compare.own_inputs` (a model writing into its input leaves the caller's alone)."""
-    inputs = own_inputs(inputs)
+    inputs = own_inputs(inputs, input_dtype(model))
     kwargs = dict(inputs) if isinstance(inputs, Mapping) else {}
     if "use_cache" in inspect.signature(model.forward).parameters:
         kwargs.setdefault("use_cache", False)
