@@ -228,8 +228,9 @@ class ConversionResult(TableMixin):
             notes.append("tied: " + ", ".join(tied) + " (stored once under the second name; the first is "
                          "metadata 'tied_aliases', as safetensors allows one name per byte range)")
         if quantized:
-            notes.append("quantized: overflowed = clamped beyond the codes' reach; flushed_to_zero = small "
-                         "values on the zero code (expected on a coarse grid; --strict refuses only clamps)")
+            notes.append("quantized: overflowed = clipped beyond what the scheme maps by rounding (an :mse "
+                         "clip, fp8 saturation); flushed_to_zero = small values on the zero code (expected "
+                         "on a coarse grid; --strict refuses only clipping)")
         notes += [f"dense: {name} ({reason})" for name, reason in self.dense_layers.items()]
         if self.other_dense:
             shown = ", ".join(self.other_dense[:4]) + (", ..." if len(self.other_dense) > 4 else "")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -251,9 +252,10 @@ def headroom_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: st
 
 
 @cli.command("demo")
-@click.option("--seed-only", is_flag=True, help="Only the seed notebook replay (skip the minilm comparison).")
+@click.option("--seed-only", is_flag=True, help="Only the seed notebook replay (skip minilm).")
 def demo_cmd(seed_only: bool) -> None:
-    """Replay the seed notebook with the library, then compare the built-in minilm in fp16 and bf16."""
+    """Replay the seed notebook with the library, then compare the built-in minilm in fp16, bf16, int8 and
+    int4, and convert its checkpoint to int4 (compressed-tensors) in a temporary folder."""
     model, inputs = models.build_model("dummy"), models.default_input("dummy")
     variants = {"fp16": cast_model(model, "fp16"), "bf16": cast_model(model, "bf16")}
     for name, m in [("fp32", model), *variants.items()]:
@@ -267,8 +269,12 @@ def demo_cmd(seed_only: bool) -> None:
     if not seed_only:
         loaded = models.load("minilm", "fp32")
         click.echo("\n== minilm (all-MiniLM-L6-v2) on dtypelab's 64 bundled sentences")
-        click.echo(compare_loaded(loaded, "fp16,bf16", model_inputs(loaded),
+        click.echo(compare_loaded(loaded, "fp16,bf16,int8,int4:g128", model_inputs(loaded),
                                   torch.device("cpu")).to_text())
+        with tempfile.TemporaryDirectory() as folder:
+            click.echo("\n== minilm's checkpoint converted to int4:g128 (compressed-tensors, streamed)")
+            click.echo(convert_checkpoint(models.minilm_path(), Path(folder) / "minilm-int4", "int4:g128",
+                                          verify=True).to_text())
 
 
 @cli.command("formats")
