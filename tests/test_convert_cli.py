@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -87,3 +88,23 @@ def test_report_path_is_checked_before_anything_is_written(capsys, tmp_path, src
                              "--report", tmp_path / "no" / "such" / "r.json")
     assert code == 2 and "--report" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_fsync_flushes_every_output_file_before_the_rename(capsys, tmp_path, src, monkeypatch):
+    import dtypelab.staging as staging
+
+    synced, renamed = [], []
+    real_fsync, real_rename = os.fsync, os.rename
+    monkeypatch.setattr(staging.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+                        or real_fsync(fd))
+    monkeypatch.setattr(staging.os, "rename", lambda a, b: renamed.append((len(synced), str(b)))
+                        or real_rename(a, b))
+    code, _, _ = run_cli(capsys, "convert", src, "--to", "bf16", "-o", tmp_path / "out", "--fsync")
+    assert code == 0
+    before_rename = synced[:renamed[-1][0]]
+    assert any(p.endswith("in.safetensors") for p in before_rename)  # the data file, then its folder
+    assert f".out.dtypelab-tmp-{os.getpid()}-" in before_rename[-1]  # the staging folder itself, last
+    assert synced[-1] == str(tmp_path)  # the parent folder, after the rename
+    synced.clear()
+    run_cli(capsys, "convert", src, "--to", "bf16", "-o", tmp_path / "plain")
+    assert synced == []  # off by default: cp does not wait for the disk either

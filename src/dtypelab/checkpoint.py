@@ -255,7 +255,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
                        max_shard_size: str | int | None = None, force: bool = False,
                        verify: bool = False, strict: bool = False,
                        progress: ProgressCallback | None = None,
-                       dense: str | NumberFormat | None = None) -> ConversionResult:
+                       dense: str | NumberFormat | None = None, fsync: bool = False) -> ConversionResult:
     """Convert a safetensors file or folder to another format, tensor by tensor.
 
     Plain formats (fp32, fp16, bf16, ``fp8_e4m3:cast``): floating tensors (fp16/bf16/fp32/fp64) are
@@ -278,6 +278,9 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
         progress: called with ``(bytes_done, bytes_total)`` as tensor data streams.
         dense: for quantized formats, cast the tensors left dense (embeddings, norms, biases) to this
             plain format (``"bf16"``); None copies them as stored.
+        fsync: flush the output to disk before renaming it into place (and the folder after), so a
+            power loss, not only a killed process, leaves the destination complete or absent. Off by
+            default: it costs the disk's write time, which ``cp`` does not wait for either.
 
     Returns:
         A :class:`ConversionResult` with the damage per tensor.
@@ -298,7 +301,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
         config_updated = copy_extra(src, extra, staging.tmp, cast_to, plan, qconfig)
         if verify:
             verify_output(plan, staging.tmp, caster, quantizer)
-        staging.commit(dst_is_file)
+        staging.commit(dst_is_file, durable=fsync)
     written = sum(len(s.layout()[0]) + sum(i.out_nbytes for i in s.items) for s in plan.shards)
     return ConversionResult(src.path, dst, fmt.name, [s.file for s in plan.shards], plan.index_name,
                             damage, _relative(src, extra), _relative(src, skipped), config_updated,

@@ -325,6 +325,8 @@ class ProgressLine:
                                        "default keeps the source's files.")
 @click.option("--force", is_flag=True, help="Replace an existing destination.")
 @click.option("--verify", is_flag=True, help="Re-read the output and check it bit for bit.")
+@click.option("--fsync", is_flag=True, help="Flush the output to disk before renaming it into place "
+                                            "(complete or absent after a power loss too).")
 @click.option("--strict", is_flag=True, help="Refuse (exit 3, nothing written) if any value overflows "
                                              "or flushes to zero (quantized: is clamped).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -332,7 +334,7 @@ class ProgressLine:
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 @json_option
 def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[str, ...],
-                max_shard_size: str | None, force: bool, verify: bool, strict: bool,
+                max_shard_size: str | None, force: bool, verify: bool, fsync: bool, strict: bool,
                 report_path: Path | None, quiet: bool, as_json: bool) -> None:
     """Convert a safetensors file or model folder SRC to another format, tensor by tensor."""
     if report_path is not None and not report_path.parent.is_dir():
@@ -342,7 +344,7 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
     try:
         result = convert_checkpoint(src, output, fmt, keep=keep, max_shard_size=max_shard_size,
                                     force=force, verify=verify, strict=strict, progress=progress,
-                                    dense=dense)
+                                    dense=dense, fsync=fsync)
     finally:
         if progress is not None:
             progress.close()

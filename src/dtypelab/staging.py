@@ -35,12 +35,19 @@ class StagedOutput:
         self.tmp.mkdir()
         return self
 
-    def commit(self, dst_is_file: bool) -> None:
+    def commit(self, dst_is_file: bool, durable: bool = False) -> None:
+        """Rename the staged output into place. ``durable`` first flushes every staged file and folder
+        to disk (fsync), and the parent folder after the rename, so that a power loss too leaves either
+        the old destination or the complete new one: a rename can reach the disk before the data."""
         staged = self.tmp / self.dst.name if dst_is_file else self.tmp
         old = self.dst.parent / f".{self.dst.name}.dtypelab-old-{os.getpid()}-{secrets.token_hex(4)}"
+        if durable:
+            _sync_tree(self.tmp)
         if self.dst.exists() or self.dst.is_symlink():
             os.rename(self.dst, old)
         os.rename(staged, self.dst)
+        if durable:
+            _sync(self.dst.parent)
         self.committed = True
         _remove(old)
         _remove(self.tmp)
@@ -51,6 +58,21 @@ class StagedOutput:
         if isinstance(exc, CheckpointError) and str(self.tmp) in str(exc):  # name what the user gave
             message = str(exc).replace(str(self.tmp / self.dst.name), str(self.dst))  # a file output
             exc.args = (message.replace(str(self.tmp), str(self.dst)),)
+
+
+def _sync_tree(folder: Path) -> None:
+    """fsync every file below ``folder``, then every folder, deepest first."""
+    paths = sorted(folder.rglob("*"), key=lambda p: -len(p.parts))
+    for path in [p for p in paths if p.is_file()] + [p for p in paths if p.is_dir()] + [folder]:
+        _sync(path)
+
+
+def _sync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _replaceable(path: Path) -> bool:
