@@ -161,20 +161,27 @@ def _cast_tensor(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return data
 
 
+def map_tensors(value: object, fn, update_mappings: bool = False) -> object:
+    """``value`` with ``fn`` applied to every tensor inside it, through tuples, namedtuples, lists and
+    plain dicts (new containers: a caller's batch is never changed). Other mappings (a ``ModelOutput``
+    a module returned) are updated in place when ``update_mappings``, else returned as they are."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(map_tensors(v, fn, update_mappings) for v in value))
+    if isinstance(value, list | tuple):
+        return type(value)(map_tensors(v, fn, update_mappings) for v in value)
+    if type(value) is dict:
+        return {key: map_tensors(item, fn, update_mappings) for key, item in value.items()}
+    if update_mappings and isinstance(value, dict):
+        for key in list(value):
+            value[key] = map_tensors(value[key], fn, update_mappings)
+    return value
+
+
 def map_floating(value: object, dtype: torch.dtype) -> object:
     """Cast every floating tensor inside tensors, tuples, lists and dicts (model outputs) to ``dtype``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
-        return type(value)(*(map_floating(v, dtype) for v in value))
-    if isinstance(value, list | tuple):
-        return type(value)(map_floating(v, dtype) for v in value)
-    if type(value) is dict:  # e.g. a caller's batch passed to a kept module: a new dict, not changed
-        return {key: map_floating(item, dtype) for key, item in value.items()}
-    if isinstance(value, dict):  # ModelOutput and other mappings a module returned: updated in place
-        for key in list(value):
-            value[key] = map_floating(value[key], dtype)
-    return value
+    return map_tensors(value, lambda t: t.to(dtype) if t.is_floating_point() else t, update_mappings=True)
 
 
 class _CastInputs:

@@ -256,20 +256,6 @@ def _mean_stderr(values: torch.Tensor) -> tuple[float, float]:
     return values.mean().item(), stderr
 
 
-def map_tensors(value: object, fn) -> object:
-    """``value`` with ``fn`` applied to every tensor inside it (through tuples, namedtuples, lists and
-    plain dicts; anything else is returned as it is)."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
-        return type(value)(*(map_tensors(v, fn) for v in value))
-    if isinstance(value, list | tuple):
-        return type(value)(map_tensors(v, fn) for v in value)
-    if type(value) is dict:
-        return {k: map_tensors(v, fn) for k, v in value.items()}
-    return value
-
-
 @torch.no_grad()  # not inference_mode: quanto's int4 tensors fail under it ("version_counter")
 def run_model(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> object:
     """One forward pass on :func:`own_inputs` in the model's dtype; a mapping of inputs is passed as

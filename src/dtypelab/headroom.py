@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .cast import KeepPolicy
-from .compare import OutputMetrics, map_tensors, measure, run_model, select_output, sqnr_db, valid_positions
+from .cast import KeepPolicy, map_tensors
+from .compare import OutputMetrics, measure, run_model, select_output, sqnr_db, valid_positions
 from .errors import DtypelabError, InputError
 from .formats import NumberFormat, get_format
 from .quantize import quantize_model

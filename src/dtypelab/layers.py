@@ -37,12 +37,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .cast import map_tensors
 from .compare import (
     ErrorSums,
     OutputMetrics,
     input_dtype,
     is_logits_output,
-    map_tensors,
     measure,
     own_inputs,
     select_output,
