@@ -25,6 +25,7 @@ kernel; the package's own Python fake-quantization uses absmax / 127.5), fp8 per
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,10 +225,17 @@ def _pack_words(stored: torch.Tensor) -> torch.Tensor:
 
     Element ``i`` at bits ``i * bits`` of little-endian words is exactly byte order plus nibble order.
     """
+    _require_little_endian()
     rows, width = stored.shape
     padded = torch.zeros(rows, width + -width % 4, dtype=torch.uint8, device=stored.device)
     padded[:, :width] = stored
     return padded.view(torch.int32)
+
+
+def _require_little_endian() -> None:
+    """Words are reinterpreted bytes: that matches the file's little-endian int32 on such hosts only."""
+    if sys.byteorder != "little":
+        raise InputError("the compressed-tensors packing is implemented for little-endian hosts only")
 
 
 def _pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -237,6 +245,7 @@ def _pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _unpack_words(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """(rows, words) int32 -> (rows, stored bytes) uint8 for ``count`` codes per row."""
+    _require_little_endian()
     width = -(-count // 2) if bits == 4 else count
     return words.contiguous().view(torch.uint8)[:, :width].contiguous()
 
@@ -298,7 +307,7 @@ def _meta_model(folder: Path) -> nn.Module:
     except ImportError:
         raise ModelSpecError("quantized outputs need transformers to read config.json: "
                              "pip install 'dtypelab[hf]'") from None
-    from .models import model_class
+    from .models import first_line, model_class
 
     try:
         config = transformers.AutoConfig.from_pretrained(folder)
@@ -307,8 +316,8 @@ def _meta_model(folder: Path) -> nn.Module:
         with torch.device("meta"):
             return build(config)
     except Exception as exc:  # noqa: BLE001 - a bad config.json raises many types; one line for each
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelSpecError(f"transformers cannot build the model of {folder / 'config.json'} ({reason}): "
+        raise ModelSpecError(f"transformers cannot build the model of {folder / 'config.json'} "
+                             f"({first_line(exc)}): "
                              "quantized outputs need an architecture your transformers knows") from None
 
 

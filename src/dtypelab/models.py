@@ -320,7 +320,7 @@ def device_errors(device: str | torch.device, what: str) -> Iterator[None]:
     try:
         yield
     except (RuntimeError, AssertionError, ValueError) as exc:  # torch asserts when built without CUDA
-        raise InputError(f"cannot put {what} on device {str(device)!r} ({_first_line(exc)}): "
+        raise InputError(f"cannot put {what} on device {str(device)!r} ({first_line(exc)}): "
                          "use cpu, or cuda / cuda:N where torch sees a GPU") from exc
 
 
@@ -372,7 +372,7 @@ def _load_path(path: Path, dtype: str | torch.dtype, allow_pickle: bool) -> Load
                          "safetensors), a .safetensors file, or a built-in name")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """A third-party error's first line for a one-line message (its type name when it has no text)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -471,7 +471,7 @@ def _read_pretrained(path: Path, torch_dtype: str | torch.dtype, use_safetensors
     except DtypelabError:
         raise  # already one clear line (the compressed loader checks completeness itself)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        reason = _first_line(exc)
+        reason = first_line(exc)
         raise ModelSpecError(f"transformers cannot load {path} ({reason}): check config.json matches "
                              "the weights and that your transformers version knows the architecture") from exc
     _refuse_incomplete(path, info)
@@ -523,7 +523,7 @@ def _folder_tokenizer(path: Path) -> object | None:
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:  # JSONDecodeError is a ValueError
-        reason = _first_line(exc)
+        reason = first_line(exc)
         raise ModelSpecError(f"cannot read the tokenizer in {path} ({reason}): fix or remove its "
                              "tokenizer files (without them, give token ids with --input)") from exc
 
@@ -562,7 +562,7 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        reason = _first_line(exc)
+        reason = first_line(exc)
         raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True) ({reason}): "
                               "save a plain state_dict or convert it to safetensors") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
