@@ -323,12 +323,13 @@ class ProgressLine:
               help="Tensors left exactly as they are: a name or a glob (*norm*). Repeatable.")
 @click.option("--max-shard-size", help="Reshard into files of at most this size (5GB, 500MiB); "
                                        "default keeps the source's files.")
-@click.option("--force", is_flag=True, help="Replace an existing destination.")
+@click.option("--force", is_flag=True, help="Replace an existing destination (a checkpoint file or model "
+                                            "folder only).")
 @click.option("--verify", is_flag=True, help="Re-read the output and check it bit for bit.")
 @click.option("--fsync", is_flag=True, help="Flush the output to disk before renaming it into place "
                                             "(complete or absent after a power loss too).")
 @click.option("--strict", is_flag=True, help="Refuse (exit 3, nothing written) if any value overflows "
-                                             "or flushes to zero (quantized: is clamped).")
+                                             "or flushes to zero (quantized: is clipped).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write every tensor's damage counts to this JSON file.")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
