@@ -22,6 +22,13 @@ from functools import cached_property
 import torch
 
 
+def rounding_threshold(max_finite: float, eps: float) -> float:
+    """The largest magnitude round-to-nearest still puts on ``max_finite`` of a minifloat or IEEE format
+    with that ``eps``: half the top binade's step above it (e4m3fn: 448 + 16; fp16: 65504 + 16). Beyond it
+    a value overflows (saturates, or becomes inf / NaN)."""
+    return max_finite + 2.0 ** math.floor(math.log2(max_finite)) * eps / 2
+
+
 @dataclass(frozen=True)
 class FloatCodec:
     """A minifloat: sign (optional), ``exp_bits`` exponent bits, ``man_bits`` mantissa bits.

@@ -25,6 +25,7 @@ kernel; the package's own Python fake-quantization uses absmax / 127.5), fp8 per
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,10 +59,7 @@ class StoredPart:
 
     @property
     def nbytes(self) -> int:
-        numel = 1
-        for size in self.shape:
-            numel *= size
-        return numel * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def check_supported(fmt: NumberFormat) -> None:

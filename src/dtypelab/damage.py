@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .codecs import rounding_threshold
 from .formats import NumberFormat
 from .qtensor import QuantizedTensor, quantize_tensor, saturated_count
 
@@ -141,10 +142,9 @@ class ChunkCaster:
         # the smallest normal (formats without inf are screened by clamping instead)
         self._inf_bits = 0 if self.saturating else _bits_of(float("inf"), self.out_dtype, bits)
         self._normal_bits = _bits_of(fmt.smallest_normal, self.out_dtype, bits)
-        # what round-to-nearest-even would still round onto max: half a top-binade step above it (a tie
-        # rounds down, since e4m3fn's max 1.110b x 2^8 is even); only values beyond are saturated
-        top = fmt.max_finite
-        self._saturation_limit = top + 2.0 ** math.floor(math.log2(top)) * fmt.eps / 2
+        # values up to this round onto max anyway (a tie rounds down: e4m3fn's max 1.110b x 2^8 is even);
+        # only values beyond are saturated
+        self._saturation_limit = rounding_threshold(fmt.max_finite, fmt.eps)
 
     def cast(self, source_dtype: torch.dtype, count: int) -> tuple[memoryview, TensorDamage]:
         """Cast the first ``count`` elements held in ``self.raw`` (as ``source_dtype``).

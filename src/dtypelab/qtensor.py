@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .codecs import IntCodec
+from .codecs import IntCodec, rounding_threshold
 from .errors import InputError
 from .formats import E4M3, E5M2, SCALE_DTYPES, NumberFormat
 from .packing import pack_nibbles, unpack_nibbles
@@ -311,6 +311,5 @@ def _reach(codec) -> tuple[float, float]:
         if codec.signed:
             return codec.min_value - 0.5, -codec.min_value + 0.5
         return -1.0, codec.max_finite + 1.0
-    top = codec.max_finite
-    half_step = 2.0 ** (math.floor(math.log2(top)) - getattr(codec, "man_bits", 0) - 1)
-    return -(top + half_step), top + half_step
+    limit = rounding_threshold(codec.max_finite, codec.eps)
+    return -limit, limit
