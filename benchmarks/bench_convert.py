@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,25 +58,36 @@ for shard in sorted(src.glob("*.safetensors")):
 def make_checkpoint(gib: int) -> Path:
     """An fp32 checkpoint of ``gib`` GiB in two shards with an index (reused when already there)."""
     folder = BENCH_DIR / f"fp32-{gib}gib"
-    if (folder / "done").exists():
+    if is_built(folder):
         return folder
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
     per_shard = gib * 2**30 // 2 // (TENSOR_SHAPE[0] * TENSOR_SHAPE[1] * 4)
-    weight_map = {}
     torch.manual_seed(0)
-    for shard in range(2):
-        name = f"model-{shard + 1:05d}-of-00002.safetensors"
-        tensors = {f"layers.{shard * per_shard + i}.weight": torch.randn(TENSOR_SHAPE) * 0.02
-                   for i in range(per_shard)}
-        save_file(tensors, folder / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, name))
-        del tensors
-    index = {"metadata": {"total_size": gib * 2**30}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    write_two_shards(folder, lambda shard: {f"layers.{(shard - 1) * per_shard + i}.weight":
+                                            torch.randn(TENSOR_SHAPE) * 0.02 for i in range(per_shard)})
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "float32"}))
     (folder / "done").write_text("")
     return folder
+
+
+def is_built(folder: Path) -> bool:
+    """Whether a generated checkpoint is complete (its ``done`` marker); else ``folder`` is left empty."""
+    if (folder / "done").exists():
+        return True
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return False
+
+
+def write_two_shards(folder: Path, shard_tensors: Callable[[int], dict[str, torch.Tensor]]) -> None:
+    """``model-0000N-of-00002.safetensors`` for N = 1, 2 (each built only when written) and the index."""
+    weight_map, total = {}, 0
+    for shard in (1, 2):
+        name, tensors = f"model-{shard:05d}-of-00002.safetensors", shard_tensors(shard)
+        save_file(tensors, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(t.nbytes for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
 def commands(src: Path, dst: Path) -> dict[str, list[str]]:

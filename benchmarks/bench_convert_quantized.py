@@ -10,18 +10,16 @@ once under ``.bench/convert-quantized/`` from random tensors of the right names 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from dtypelab.report import Table
 
-from .bench_convert import PY, ROOT, run_once
+from .bench_convert import PY, ROOT, is_built, run_once, write_two_shards
 from .harness import print_table
 
 BENCH_DIR = ROOT / ".bench" / "convert-quantized"
@@ -52,23 +50,17 @@ def make_checkpoint(layers: int) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = BENCH_DIR / f"llama-{layers}l"
-    if (folder / "done").exists():
+    if is_built(folder):
         return folder
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
     config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
                          num_attention_heads=16, num_key_value_heads=16, vocab_size=8192,
                          tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
-    generator, names, weight_map = torch.Generator().manual_seed(0), sorted(shapes), {}
-    for shard, part in enumerate((names[: len(names) // 2], names[len(names) // 2:]), 1):
-        file = f"model-{shard:05d}-of-00002.safetensors"
-        save_file({k: torch.randn(shapes[k], generator=generator) * 0.02 for k in part}, folder / file,
-                  metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, file))
-    index = {"metadata": {}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    generator, names = torch.Generator().manual_seed(0), sorted(shapes)
+    parts = {1: names[: len(names) // 2], 2: names[len(names) // 2:]}
+    write_two_shards(folder, lambda shard: {k: torch.randn(shapes[k], generator=generator) * 0.02
+                                            for k in parts[shard]})
     config.save_pretrained(folder)
     (folder / "done").write_text("")
     return folder
