@@ -39,7 +39,13 @@ from .errors import CheckpointError, InputError
 from .formats import NumberFormat, get_format
 from .inspection import DtypeSummary
 from .report import Table, TableMixin, to_jsonable
-from .safetensors_format import DTYPE_CODES, CheckpointSource, SafetensorsHeader, open_checkpoint
+from .safetensors_format import (
+    DTYPE_CODES,
+    CheckpointSource,
+    SafetensorsHeader,
+    TensorEntry,
+    open_checkpoint,
+)
 from .staging import StagedOutput
 
 __all__ = ["CheckpointInspection", "ConversionResult", "ShardInfo", "TensorRow", "convert_checkpoint",
@@ -334,11 +340,17 @@ def _conversion(src: CheckpointSource, fmt: NumberFormat, dense: str | NumberFor
     return cast_to, quant, dense_layers, others
 
 
+def _config_path(src: CheckpointSource) -> Path | None:
+    """The folder's config.json, when it has one."""
+    path = src.folder / "config.json" if src.folder else None
+    return path if path and path.is_file() else None
+
+
 def _refuse_quantized_source(src: CheckpointSource) -> None:
     """A quantized checkpoint's codes and scales are not values to cast: casting its scales would
     silently change its format."""
-    config_path = src.folder / "config.json" if src.folder else None
-    if config_path and config_path.is_file() and "quantization_config" in read_config(config_path):
+    config_path = _config_path(src)
+    if config_path and "quantization_config" in read_config(config_path):
         raise InputError(f"{config_path} has a quantization_config: its tensors are codes and scales, not "
                          "values to convert; convert the unquantized checkpoint instead")
 
@@ -392,8 +404,7 @@ def _plan_quantization(src: CheckpointSource, fmt: NumberFormat,
                        keep: tuple[str, ...]) -> tuple[Quantization, dict[str, str], list[str]]:
     """Which Linear weights to quantize, the Linear layers left dense with their reason, and the other
     2-D tensors left dense."""
-    config_path = src.folder / "config.json" if src.folder else None
-    if config_path is None or not config_path.is_file():
+    if _config_path(src) is None:
         hint = f"; for fp8 without scales use --to {fmt.base}:cast" if fmt.is_floating_point else ""
         raise InputError(f"{src.path}: {fmt.name} is written in the compressed-tensors layout, which needs "
                          "the model folder with its config.json (to find the Linear layers and record the "
@@ -423,7 +434,7 @@ def _other_matrices(src: CheckpointSource, layers: dict[str, str], dense: dict[s
             if len(e.shape) == 2 and e.dtype in CAST_DTYPES and e.name not in linear]
 
 
-def _dense_reason(module: str, entry, fmt: NumberFormat, heads: set[str], tied: bool,
+def _dense_reason(module: str, entry: TensorEntry | None, fmt: NumberFormat, heads: set[str], tied: bool,
                   keep: tuple[str, ...]) -> str:
     """Why a Linear layer stays dense, or "" when its weight is quantized."""
     name = f"{module}.weight"
