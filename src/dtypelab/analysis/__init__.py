@@ -1,0 +1,50 @@
+"""Analysis: running models, the metrics, compare, layer-wise comparison, verdicts, headroom, weights.
+
+Analysis stage, above :mod:`dtypelab.variants`: everything that measures a reference against its variants.
+"""
+
+from .compare import ComparisonResult, VariantResult, compare_models
+from .headroom import HeadroomReport, LayerHeadroom, RangeCounts, keep_list, predict_headroom
+from .layers import DEFAULT_THRESHOLD_DB, MODES, LayerComparison, LayerRow, VariantLayers, compare_layers
+from .metrics import (
+    ErrorSums,
+    NextTokenMetrics,
+    OutputMetrics,
+    cosine_similarity,
+    kl_divergence,
+    max_abs_diff,
+    mean_abs_diff,
+    mean_pooled,
+    measure,
+    next_token_metrics,
+    output_metrics,
+    pooled_cosines,
+    relative_error,
+    sqnr_db,
+    top1_agreement,
+    valid_positions,
+)
+from .run import (
+    input_dtype,
+    is_logits_output,
+    named_output,
+    own_inputs,
+    run_model,
+    select_layers,
+    select_output,
+)
+from .timing import forward_latency_ms, paired_latency_ms
+from .verdict import NOISE_MARGIN_DB, noise_floor_db, rounding_floor_db, variant_verdict
+from .weights import WeightReport, WeightStats, weight_stats
+
+__all__ = [
+    "DEFAULT_THRESHOLD_DB", "MODES", "NOISE_MARGIN_DB", "ComparisonResult", "ErrorSums", "HeadroomReport",
+    "LayerComparison", "LayerHeadroom", "LayerRow", "NextTokenMetrics", "OutputMetrics", "RangeCounts",
+    "VariantLayers", "VariantResult", "WeightReport", "WeightStats", "compare_layers", "compare_models",
+    "cosine_similarity", "forward_latency_ms", "input_dtype", "is_logits_output", "keep_list",
+    "kl_divergence", "max_abs_diff", "mean_abs_diff", "mean_pooled", "measure", "named_output",
+    "next_token_metrics", "noise_floor_db", "output_metrics", "own_inputs", "paired_latency_ms",
+    "pooled_cosines", "predict_headroom", "relative_error", "rounding_floor_db", "run_model",
+    "select_layers", "select_output", "sqnr_db", "top1_agreement", "valid_positions", "variant_verdict",
+    "weight_stats",
+]

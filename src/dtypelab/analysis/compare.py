@@ -1,0 +1,248 @@
+"""``compare_models``: the same inputs through the reference and every variant, each row measured.
+
+Analysis stage: runs with :mod:`~dtypelab.analysis.run`, measures with :mod:`~dtypelab.analysis.metrics`,
+times with :mod:`~dtypelab.analysis.timing`; variants come from :mod:`dtypelab.variants`. Differences are
+taken in float32, as the seed notebook does, so its printed numbers are reproduced to the last digit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..models import ModelKind, OutputKind
+from ..models import model_kind as kind_of
+from ..progress import ProgressCallback, stage
+from ..quant import inspect_model
+from ..report import Table, TableMixin, format_cell
+from ..variants import Variant, as_variants
+from .metrics import (
+    NextTokenMetrics,
+    OutputMetrics,
+    next_token_metrics,
+    output_metrics,
+    pooled_cosines,
+    valid_positions,
+)
+from .run import is_logits_output, named_output, run_model, select_output
+from .timing import forward_latency_ms, paired_latency_ms
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """One variant's size, speed and output metrics against the reference.
+
+    ``embedding_cosine_mean`` / ``_min``: per-sentence cosine of mean-pooled embeddings (hidden-state
+    outputs only). ``next_token``: the causal-LM report (causal LMs only). ``bits_per_element``:
+    footprint bits over the reference's element count (scales included). ``latency_ms``: median
+    forward time after warm-up (None unless timed); ``latency_ratio``: its ratio to the reference timed
+    in alternation with it (load on the machine hits both alike). ``failure``: why there are no metrics.
+    """
+
+    name: str
+    dtype: str
+    footprint_bytes: int
+    metrics: OutputMetrics | None
+    output: torch.Tensor | None = field(repr=False, compare=False)
+    embedding_cosine_mean: float | None = None
+    embedding_cosine_min: float | None = None
+    next_token: NextTokenMetrics | None = None
+    bits_per_element: float | None = None
+    latency_ms: float | None = None
+    latency_ratio: float | None = None
+    failure: str | None = None
+
+
+@dataclass
+class ComparisonResult(TableMixin):
+    """Reference output plus one :class:`VariantResult` per variant, in the order given.
+
+    ``output_name`` is the output field compared; ``positions`` how many token positions (or rows)
+    entered the metrics and ``padding_positions`` how many padding positions were left out.
+    """
+
+    reference_footprint_bytes: int
+    variants: list[VariantResult]
+    logits: bool
+    reference_output: torch.Tensor = field(repr=False, default=None)
+    output_name: str = "output"
+    positions: int = 0
+    padding_positions: int = 0
+    reference_latency_ms: float | None = None
+
+    @property
+    def has_embeddings(self) -> bool:
+        return any(v.embedding_cosine_mean is not None for v in self.variants)
+
+    @property
+    def timed(self) -> bool:
+        return self.reference_latency_ms is not None
+
+    def to_table(self) -> Table:
+        columns = ["variant", "dtype", "bytes", "x fp32", "bits/elem", "mean_abs_diff", "max_abs_diff",
+                   "rel_error", "sqnr_db", "cosine"] + (["kl_div", "top1_agree"] if self.logits else [])
+        columns += ["emb_cos_mean", "emb_cos_min"] if self.has_embeddings else []
+        columns += ["ms", "x fp32 ms"] if self.timed else []
+        notes = [f"compared: {self.output_name} {list(self.reference_output.shape)}, {self.positions:,} "
+                 f"positions ({self.padding_positions:,} padding positions left out)"]
+        if self.timed:
+            notes.append(f"reference forward: {self.reference_latency_ms:.3g} ms (median after warm-up)")
+        return Table("Comparison against the reference", columns + ["status"],
+                     [self._row(v) for v in self.variants], notes)
+
+    def _row(self, variant: VariantResult) -> list:
+        ref_bytes = self.reference_footprint_bytes
+        ratio = round(variant.footprint_bytes / ref_bytes, 3) if ref_bytes and not variant.failure else None
+        row = [variant.name, variant.dtype, None if variant.failure else variant.footprint_bytes, ratio,
+               variant.bits_per_element, *_metric_cells(variant.metrics, self.logits)]
+        row += [variant.embedding_cosine_mean, variant.embedding_cosine_min] if self.has_embeddings else []
+        row += [variant.latency_ms, variant.latency_ratio] if self.timed else []
+        return row + [self._status(variant)]
+
+    def _status(self, variant: VariantResult) -> str:
+        if variant.failure:
+            return f"failed: {variant.failure}"
+        status, ratio = variant.metrics.status, variant.latency_ratio
+        if ratio is not None and ratio > 1:
+            status += f"; slower than fp32 here (x{ratio:.2f})"
+        return status
+
+    def to_tables(self) -> list[Table]:
+        rows = [_next_token_row(v) for v in self.variants if v.next_token is not None]
+        if not rows:
+            return [self.to_table()]
+        columns = ["variant", "KL mean ± se", "KL median", "KL p99", "KL max", "same top p ± se",
+                   "mean Δp", "RMS Δp", "ln(PPL/PPL_ref) ± se"]
+        notes = [f"{self.variants[0].next_token.positions:,} next-token positions; KL(reference ‖ variant) "
+                 "in nats; Δp: change in the probability of the reference's top token"]
+        return [self.to_table(), Table("Next-token report (llama.cpp --kl-divergence)", columns, rows, notes)]
+
+
+def _metric_cells(m: OutputMetrics | None, logits: bool) -> list:
+    if m is None:
+        return [None] * (7 if logits else 5)
+    row = [m.mean_abs_diff, m.max_abs_diff, m.relative_error, m.sqnr_db, m.cosine_similarity]
+    return row + ([m.kl_divergence, m.top1_agreement] if logits else [])
+
+
+def _pm(mean: float, stderr: float) -> str:
+    return f"{format_cell(mean)} ± {format_cell(stderr)}"
+
+
+def _next_token_row(variant: VariantResult) -> list:
+    n = variant.next_token
+    return [variant.name, _pm(n.kl_mean, n.kl_stderr), n.kl_median, n.kl_p99, n.kl_max,
+            f"{100 * n.same_top_p:.2f}% ± {100 * n.same_top_p_stderr:.2f}%", n.delta_p_mean, n.delta_p_rms,
+            _pm(n.ln_ppl_ratio, n.ln_ppl_ratio_stderr)]
+
+
+def compare_models(reference: nn.Module, variants: Mapping[str, nn.Module | Variant] | Sequence[Variant],
+                   inputs: torch.Tensor | Mapping[str, torch.Tensor], *, output_name: str | None = None,
+                   output_kind: str = OutputKind.AUTO, next_token: bool | None = None,
+                   timing: bool = False, model_kind: ModelKind | None = None,
+                   progress: ProgressCallback | None = None) -> ComparisonResult:
+    """Run the same inputs through ``reference`` and every variant and measure how far each moved.
+
+    Args:
+        reference: the model taken as truth (usually float32).
+        variants: :class:`~dtypelab.variants.Variant` values (a failed one becomes a row with its
+            reason), or display name -> model (e.g. from :func:`dtypelab.cast_model`). Any iterable of
+            variants works, so a generator builds, measures and drops them one at a time.
+        inputs: a tensor (first positional argument) or a mapping of keyword arguments; an
+            ``attention_mask`` in it masks padding out of every metric.
+        output_name: which field of an output object to compare (default: logits / last_hidden_state).
+        output_kind: an :class:`~dtypelab.models.OutputKind`: logits, hidden or auto (logits when the
+            output has a ``logits`` field).
+        next_token: add the causal-LM report (default: when ``reference`` is a transformers causal LM
+            and the inputs hold ``input_ids``).
+        timing: also measure forward latencies (medians after warm-up, each variant timed in
+            alternation with the reference) and flag variants slower than the reference.
+        model_kind: the reference's :class:`~dtypelab.models.ModelKind` when the caller knows it (a
+            :class:`~dtypelab.models.LoadedModel`'s ``kind``); otherwise it is decided once, here.
+        progress: a :data:`~dtypelab.progress.ProgressCallback`, told each variant measured
+            (stage ``compare``); returning False cancels.
+
+    Returns:
+        A :class:`ComparisonResult` whose rows hold each variant's footprint and :class:`OutputMetrics`,
+        plus pooled-embedding cosines for hidden-state outputs and :class:`NextTokenMetrics` for LMs.
+    """
+    raw = run_model(reference, inputs)
+    name, ref_out = named_output(raw, output_name)
+    context = _Context(name, ref_out, is_logits_output(raw, output_kind), *_mask_and_ids(inputs))
+    context.next_token = _wants_next_token(next_token, model_kind or kind_of(reference), context)
+    context.timer = reference if timing else None
+    context.numel = sum(s.numel for s in inspect_model(reference).by_dtype)
+    listed = as_variants(variants) if isinstance(variants, Mapping | list | tuple) else variants
+    bar = stage(progress, "compare", "variants", len(listed) if isinstance(listed, list) else None)
+    rows = []
+    for variant in listed:
+        rows.append(_variant_result(variant, inputs, context))
+        bar.advance(detail=variant.name)
+    compared = valid_positions(ref_out, context.mask)
+    positions = compared.shape[0] * compared.shape[1] if compared.dim() >= 3 else compared.shape[0]
+    padding = ref_out.shape[0] * ref_out.shape[1] - positions if compared is not ref_out else 0
+    ref_ms = forward_latency_ms(reference, inputs, warmup=1, runs=5) if timing else None
+    return ComparisonResult(inspect_model(reference).footprint_bytes, rows, context.logits, ref_out, name,
+                            positions, padding, ref_ms)
+
+
+@dataclass
+class _Context:
+    """What every variant is measured against."""
+
+    name: str
+    reference: torch.Tensor
+    logits: bool
+    mask: torch.Tensor | None
+    input_ids: torch.Tensor | None
+    next_token: bool = False
+    timer: nn.Module | None = None  # the reference, when latencies are measured
+    numel: int = 0  # the reference's elements, for bits per element
+
+
+def _mask_and_ids(inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> tuple:
+    if isinstance(inputs, Mapping):
+        return inputs.get("attention_mask"), inputs.get("input_ids")
+    return None, (inputs if not inputs.is_floating_point() else None)
+
+
+def _wants_next_token(requested: bool | None, kind: ModelKind, context: _Context) -> bool:
+    if requested is not None:
+        return requested
+    return (context.logits and context.input_ids is not None and context.reference.dim() == 3
+            and context.reference.shape[1] > 1 and kind == ModelKind.CAUSAL_LM)
+
+
+def _variant_result(variant: Variant, inputs, context: _Context) -> VariantResult:
+    name, model = variant.name, variant.model
+    if not variant.ok:
+        return VariantResult(name, "", 0, None, None, failure=variant.failure)
+    try:
+        out = select_output(run_model(model, inputs), context.name)
+    except (RuntimeError, NotImplementedError, TypeError) as exc:  # e.g. a peer's kernel missing here
+        reason = f"forward failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+        return VariantResult(name, "", 0, None, None, failure=reason)
+    info = inspect_model(model)
+    dtypes = "+".join(s.dtype for s in info.by_dtype)
+    ref, mask = context.reference, context.mask
+    metrics = output_metrics(valid_positions(ref, mask), valid_positions(out, mask), context.logits)
+    extra: dict = {}
+    if context.name == "last_hidden_state" and not context.logits:
+        cosines = pooled_cosines(ref, out, mask)
+        extra = {"embedding_cosine_mean": cosines.mean().item(), "embedding_cosine_min": cosines.min().item()}
+    if context.next_token:
+        extra["next_token"] = next_token_metrics(ref, out, context.input_ids, mask)
+    return VariantResult(name, dtypes, info.footprint_bytes, metrics, out, **extra,
+                         **_size_and_speed(model, inputs, info.footprint_bytes, context))
+
+
+def _size_and_speed(model: nn.Module, inputs, footprint_bytes: int, context: _Context) -> dict:
+    """Bits per reference element and, when timing, latency beside the reference's."""
+    extra = {"bits_per_element": footprint_bytes * 8 / context.numel if context.numel else None}
+    if context.timer is not None:
+        ref_ms, ms = paired_latency_ms([context.timer, model], inputs, warmup=1, runs=5)
+        extra |= {"latency_ms": ms, "latency_ratio": round(ms / ref_ms, 3) if ref_ms else None}
+    return extra

@@ -1,0 +1,246 @@
+"""Will this model fit in format X? Predicted from one float32 run, before anything is cast.
+
+For every module the float32 activations (its output) and its own weights are rounded to each
+target format with :func:`~dtypelab.quant.round_trip` — the same rounding a cast applies — and counted
+by the one damage accounting (:func:`~dtypelab.quant.count_damage`, which ``convert`` reports with too):
+values that would overflow (to inf / NaN, or saturate at the largest finite value), flush to zero, or
+fall subnormal. From the overflowing modules a keep-in-float32 list is built that, given to
+``KeepPolicy(name_patterns=...)``, lets the model run without inf or NaN.
+
+Analysis stage. Weight statistics live in :mod:`~dtypelab.analysis.weights`, noise floors and verdicts
+in :mod:`~dtypelab.analysis.verdict`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import DtypelabError, InputError
+from ..formats import NumberFormat, get_format
+from ..naming import is_inside
+from ..quant import KeepPolicy, count_damage, round_trip
+from ..report import Table, TableMixin
+from .run import run_model, select_layers, select_output
+
+UNDERFLOW_SHARE = 0.01  # a layer is flagged when >= 1% of its non-zero values flush or go subnormal
+
+
+@dataclass
+class RangeCounts:
+    """What rounding to one format would do to a set of values (accumulates over tensors/calls).
+
+    ``overflow`` counts finite values that become inf/NaN or saturate (clip) at ``max_finite`` (beyond
+    :func:`~dtypelab.quant.overflow_threshold`: what ``convert`` counts as overflowed too);
+    ``flush_to_zero`` non-zero values that become 0; ``subnormal`` values that land below the
+    format's smallest normal (fewer significant bits); ``non_finite`` values that are already inf or
+    NaN in the float32 run (no format can help those, and they are left out of the other counts).
+    """
+
+    numel: int = 0
+    nonzero: int = 0
+    absmax: float = 0.0
+    overflow: int = 0
+    flush_to_zero: int = 0
+    subnormal: int = 0
+    non_finite: int = 0
+
+    def add(self, tensor: torch.Tensor, fmt: NumberFormat) -> None:
+        """Round ``tensor`` to ``fmt`` (:func:`~dtypelab.quant.round_trip`) and count what happened, by
+        the one damage accounting (:func:`~dtypelab.quant.count_damage`)."""
+        values = tensor.detach().float()
+        counts = count_damage(values, round_trip(values, fmt), fmt, sums=False)
+        self.numel += counts.numel
+        self.non_finite += counts.non_finite
+        self.nonzero += counts.nonzero
+        self.absmax = max(self.absmax, counts.absmax)
+        self.overflow += counts.overflowed
+        self.flush_to_zero += counts.flushed_to_zero
+        self.subnormal += counts.subnormal
+
+    def headroom_bits(self, fmt: NumberFormat) -> float:
+        """log2(max_finite / absmax): binades to spare before overflow (negative: overflows)."""
+        return math.log2(fmt.max_finite / self.absmax) if self.absmax else math.inf
+
+    def verdict(self) -> str:
+        """``non-finite in float32``, ``overflow``, ``flush to zero``, ``subnormal`` or ``ok``."""
+        if self.non_finite:
+            return "non-finite in float32"
+        if self.overflow:
+            return "overflow"
+        if self.nonzero and self.flush_to_zero / self.nonzero >= UNDERFLOW_SHARE:
+            return "flush to zero"
+        if self.nonzero and self.subnormal / self.nonzero >= UNDERFLOW_SHARE:
+            return "subnormal"
+        return "ok"
+
+
+@dataclass
+class LayerHeadroom:
+    """One module against one format: its output values (all calls) and its own weights."""
+
+    name: str
+    module_type: str
+    format: str
+    activations: RangeCounts
+    weights: RangeCounts | None
+
+    @property
+    def overflows(self) -> bool:
+        return bool(self.activations.overflow or (self.weights and self.weights.overflow))
+
+    def verdict(self) -> str:
+        """The worse of the activation and weight verdicts, saying which one it is."""
+        act = self.activations.verdict()
+        weight = self.weights.verdict() if self.weights else "ok"
+        if weight == "overflow" or (act == "ok" and weight != "ok"):
+            return f"weights: {weight}"
+        return act if act == "ok" else f"activations: {act}"
+
+
+@dataclass
+class HeadroomReport(TableMixin):
+    """The result of :func:`predict_headroom`: per module and format, plus a keep list per format.
+
+    ``not_predicted`` maps each scaled (quantized) format asked for to why it has no rows.
+    """
+
+    rows: list[LayerHeadroom]
+    keep: dict[str, list[str]] = field(default_factory=dict)
+    formats: dict[str, NumberFormat] = field(default_factory=dict, repr=False)
+    not_measured: list[str] = field(default_factory=list)  # modules that ran without a floating output
+    not_predicted: dict[str, str] = field(default_factory=dict)
+
+    def keep_policy(self, fmt: str | NumberFormat) -> KeepPolicy:
+        """The :class:`~dtypelab.cast.KeepPolicy` that keeps this format's overflowing modules in float32.
+
+        Raises:
+            InputError: ``fmt`` was not among the formats predicted.
+        """
+        name = get_format(fmt).name
+        if name not in self.keep:
+            raise InputError(f"no keep list for {name}: predict_headroom was run for "
+                             f"{', '.join(self.keep) or 'no plain format'}; add {name} to its formats")
+        return KeepPolicy(name_patterns=tuple(self.keep[name]))
+
+    def to_table(self) -> Table:
+        columns = ["layer", "type", "format", "act_absmax", "headroom_bits", "overflow", "flush_to_zero",
+                   "subnormal", "weight_absmax", "weight_overflow", "verdict"]
+        rows = [[r.name or "(model)", r.module_type, r.format, r.activations.absmax,
+                 r.activations.headroom_bits(self.formats[r.format]), r.activations.overflow,
+                 r.activations.flush_to_zero, r.activations.subnormal,
+                 r.weights.absmax if r.weights else None, r.weights.overflow if r.weights else None,
+                 r.verdict()] for r in self.rows]
+        notes = [_keep_note(name, keep) for name, keep in self.keep.items()]
+        if self.not_measured:
+            notes.append(f"not measured (no floating output): {', '.join(self.not_measured)}")
+        notes += [f"not predicted for {name}: {reason}" for name, reason in self.not_predicted.items()]
+        return Table("Overflow headroom predicted from the float32 run", columns, rows, notes)
+
+
+def _keep_note(fmt_name: str, keep: list[str]) -> str:
+    if keep == [""]:  # a kept model's output is still cast back to the format
+        return (f"keep in float32 for {fmt_name}: the whole model, and even so its output overflows "
+                f"{fmt_name}: run it in a wider format")
+    return f"keep in float32 for {fmt_name}: " + (", ".join(repr(k) for k in keep) if keep else "nothing")
+
+
+def predict_headroom(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor],
+                     formats: Sequence[str | NumberFormat], *, depth: int | None = None,
+                     patterns: Sequence[str] = ()) -> HeadroomReport:
+    """Run ``model`` once as it is (float32) and predict, per module, what each format would do.
+
+    Every module is measured (the keep list needs them all); ``depth`` / ``patterns`` (as in
+    :func:`dtypelab.analysis.run.select_layers`) only choose the rows shown. Each output is counted and
+    dropped inside its hook, so memory stays at a plain forward's plus a few copies of one activation.
+    Scaled (quantized) formats get no rows, only a note in ``not_predicted``: a scale per row or block
+    moves the range to the values, and their quantized variants keep activations in float.
+
+    Returns:
+        A :class:`HeadroomReport`; ``report.keep_policy("fp16")`` feeds :func:`dtypelab.cast_model`.
+    """
+    requested = [get_format(f) for f in formats]
+    fmts = [f for f in requested if not f.is_quantized]
+    shown = set(select_layers(model, depth, patterns)) | {""} if depth is not None or patterns else None
+    counts, skipped = _count_outputs(model, inputs, fmts)
+    by_name = {f.name: f for f in fmts}
+    rows = [_layer_headroom(model, name, by_name[fmt], counts) for name, fmt in counts]  # execution order
+    keep = {fmt.name: keep_list([r for r in rows if r.format == fmt.name]) for fmt in fmts}
+    visible = [r for r in rows if shown is None or r.name in shown]
+    return HeadroomReport(visible, keep, by_name, sorted(set(skipped) - {n for n, _ in counts}),
+                          {f.name: SCALED_REASON for f in requested if f.is_quantized})
+
+
+def _count_outputs(model: nn.Module, inputs, fmts: list[NumberFormat]) -> tuple[dict, list[str]]:
+    """One forward with every module's output counted per format: ``{(name, format): RangeCounts}`` in
+    execution order, and the modules that ran without a floating output."""
+    counts: dict[tuple[str, str], RangeCounts] = {}
+    skipped: list[str] = []
+    handles = [module.register_forward_hook(_counting_hook(name, fmts, counts, skipped))
+               for name, module in model.named_modules()]
+    try:
+        with torch.inference_mode():
+            run_model(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts, skipped
+
+
+SCALED_REASON = ("a scaled format has no fixed range (each row or block gets its own scale) and its "
+                 "quantized variants compute in float; see the weight statistics (--weights) instead")
+
+
+def _counting_hook(name: str, fmts: list[NumberFormat], counts: dict, skipped: list[str]):
+    def hook(module: nn.Module, args: tuple, output: object) -> None:
+        try:
+            tensor = select_output(output)
+        except (DtypelabError, TypeError):  # no tensor in this output (caches, None): nothing to count
+            tensor = None
+        if tensor is None or not tensor.is_floating_point():
+            skipped.append(name)
+            return
+        for fmt in fmts:
+            counts.setdefault((name, fmt.name), RangeCounts()).add(tensor, fmt)
+    return hook
+
+
+def _layer_headroom(model: nn.Module, name: str, fmt: NumberFormat, counts: dict) -> LayerHeadroom:
+    module = model.get_submodule(name)
+    weights = [p for p in module.parameters(recurse=False) if p.is_floating_point()]
+    weight_counts = None
+    if weights:
+        weight_counts = RangeCounts()
+        for weight in weights:
+            weight_counts.add(weight, fmt)
+    return LayerHeadroom(name, type(module).__name__, fmt.name, counts[(name, fmt.name)], weight_counts)
+
+
+def keep_list(rows: Sequence[LayerHeadroom]) -> list[str]:
+    """Module names to keep in float32 so that no value overflows, for one format.
+
+    A kept module's output is cast back to the model's dtype, so keeping the overflowing module
+    itself is not enough: for each overflowing module the nearest enclosing module (itself
+    included) whose output fits is kept. ``""`` (the whole model) when even the output overflows.
+    Names inside another kept name are dropped.
+    """
+    by_name = {r.name: r for r in rows}
+    kept: set[str] = set()
+    for row in rows:
+        if row.overflows:
+            kept.add(_fitting_ancestor(row.name, by_name))
+    return sorted(n for n in kept if not any(is_inside(n, other) for other in kept if other != n))
+
+
+def _fitting_ancestor(name: str, by_name: Mapping[str, LayerHeadroom]) -> str:
+    candidate = name
+    while candidate:
+        row = by_name.get(candidate)
+        if row is not None and not row.activations.overflow:
+            return candidate
+        candidate = candidate.rpartition(".")[0]
+    return ""

@@ -1,0 +1,46 @@
+"""Checkpoints on disk: safetensors headers, inspection, the compressed-tensors layouts, conversion.
+
+Checkpoint stage, above :mod:`dtypelab.quant`: everything here works from files (headers, byte ranges,
+config.json), in constant memory; :mod:`dtypelab.models` builds on it to load folders.
+"""
+
+from .architecture import linear_layers, model_class
+from .convert import ConversionResult, convert_checkpoint
+from .inspect import CheckpointInspection, ShardInfo, TensorRow, inspect_checkpoint
+from .layouts import (
+    LAYOUTS,
+    Layout,
+    StoredPart,
+    check_supported,
+    compression_format,
+    format_from_scheme,
+    from_parts,
+    layout_for,
+    quantization_config,
+    register,
+    stored_parts,
+    to_parts,
+)
+from .plan import parse_size
+from .quantized import build_quantized_model, load_quantized_weights, quantization_scheme
+from .safetensors_file import (
+    INDEX_SUFFIX,
+    MAX_HEADER_BYTES,
+    CheckpointSource,
+    SafetensorsHeader,
+    TensorEntry,
+    open_checkpoint,
+    read_header,
+)
+from .staging import StagedOutput, remove_leftovers
+from .streaming import ChunkCaster, ChunkQuantizer, one_thread
+
+__all__ = [
+    "INDEX_SUFFIX", "LAYOUTS", "MAX_HEADER_BYTES", "CheckpointInspection", "CheckpointSource", "ChunkCaster",
+    "ChunkQuantizer", "ConversionResult", "Layout", "SafetensorsHeader", "ShardInfo", "StagedOutput",
+    "StoredPart", "TensorEntry", "TensorRow", "build_quantized_model", "check_supported",
+    "compression_format", "convert_checkpoint", "format_from_scheme", "from_parts", "inspect_checkpoint",
+    "layout_for", "linear_layers", "load_quantized_weights", "model_class", "one_thread", "open_checkpoint",
+    "parse_size", "quantization_config", "quantization_scheme", "read_header", "register",
+    "remove_leftovers", "stored_parts", "to_parts",
+]

@@ -1,0 +1,396 @@
+"""The compressed-tensors checkpoint layout (read by vLLM and transformers, written by llm-compressor).
+
+A quantized ``nn.Linear`` called ``NAME`` is stored as parts next to its dense neighbours::
+
+    pack-quantized   (int4 / int8 weight-only)   NAME.weight_packed  int32 (rows, ceil(cols * bits / 32))
+                                                  NAME.weight_scale   (rows, 1) | (rows, groups) | (1,)
+                                                  NAME.weight_shape   int64 [rows, cols]
+                                                  NAME.weight_zero_point (asym) int32, packed along rows
+    int-quantized    (int weights, :a8 / :afp8)  NAME.weight int8 (rows, cols), NAME.weight_scale, zp int8
+    naive-quantized  (fp8 weight-only)           NAME.weight float8_e4m3fn (rows, cols), NAME.weight_scale
+    float-quantized  (fp8, :a8 / :afp8)          the same parts
+
+Packing: element ``i`` of a row sits at bits ``i * bits`` of the little-endian int32 words, as an
+unsigned value ``q + 2^(bits-1)`` (compressed-tensors' ``pack_to_int32``). dtypelab's codes map onto it
+without re-quantizing: symmetric codes are two's complement (flip the top bit of each code), asymmetric
+codes are already unsigned and equal ``q + 2^(bits-1)`` with the zero point shifted the same way. The
+value is always ``(q - zero_point) * scale``, so the layout decompresses to exactly the weights that
+:func:`dtypelab.quantize_model` computes (tested against the package itself when it is installed).
+
+The one liberty: dtypelab's symmetric integers use all 2^bits codes with a signed scale (see
+:mod:`dtypelab.quant.qtensor`); the arithmetic above is unchanged by the sign. Activations (``:a8``,
+``:afp8``) are declared dynamic, as dtypelab emulates them: int8 per token with absmax / 127 (vLLM's
+kernel; the package's own Python fake-quantization uses absmax / 127.5), fp8 per tensor.
+
+Each on-disk format is one registered :class:`Layout` class (``@register``), as the compressed-tensors
+package registers one compressor per format: its stored parts from a shape, and packing to and from a
+:class:`~dtypelab.quant.QuantizedTensor`. Adding a format (nvfp4-pack-quantized, mxfp4) is adding a
+class. Checkpoint stage: builds on :mod:`dtypelab.quant` and :mod:`dtypelab.formats`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputError
+from ..formats import E4M3, SCALE_DTYPES, FloatCodec, Granularity, IntCodec, NumberFormat, get_format
+from ..quant import QuantizedTensor, pack_nibbles, unpack_nibbles
+
+QUANT_METHOD = "compressed-tensors"
+
+
+SUPPORTED = "int8, int4 (any :gN / :channel / :tensor, :asym, :a8 / :afp8) and fp8_e4m3"
+
+
+FLOAT_SCALES = ("fp32", "fp16", "bf16")  # the scale formats compressed-tensors stores
+
+
+_SCALE_OPTIONS = {SCALE_DTYPES[name]: f"s{name}" for name in FLOAT_SCALES}  # stored dtype -> spec option
+
+
+_ACTIVATIONS = {  # dtypelab's dynamic activation quantization as compressed-tensors input args
+    "int8": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True},
+    "fp8": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": True},
+}
+
+
+@dataclass(frozen=True)
+class StoredPart:
+    """One tensor a quantized layer is stored as: ``suffix`` (``"weight_scale"``), dtype and shape."""
+
+    suffix: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def check_supported(fmt: NumberFormat) -> None:
+    """Raise unless ``fmt`` has a compressed-tensors layout (the schemes vLLM serves).
+
+    Raises:
+        InputError: naming the format and the ones that work.
+    """
+    codec = fmt.codec
+    int_ok = isinstance(codec, IntCodec) and codec.bits in (4, 8)
+    fp8_ok = codec == E4M3 and not fmt.fixed_layout
+    if not (int_ok or fp8_ok) or not fmt.is_quantized or fmt.tensor_scale:
+        raise InputError(f"{fmt.name} has no compressed-tensors layout: use {SUPPORTED}")
+    if fmt.scale_format not in FLOAT_SCALES:
+        raise InputError(f"{fmt.name}: compressed-tensors stores fp32 / fp16 / bf16 scales: drop the "
+                         "scale option")
+
+
+def compression_format(fmt: NumberFormat) -> str:
+    """The compressed-tensors format name, chosen as the package's own inference chooses it."""
+    integer = isinstance(fmt.codec, IntCodec)
+    if fmt.activations:
+        return "int-quantized" if integer else "float-quantized"
+    return "pack-quantized" if integer else "naive-quantized"
+
+
+def weight_args(fmt: NumberFormat) -> dict:
+    """``QuantizationArgs`` of the weights, as JSON."""
+    return {"num_bits": fmt.bits, "type": "int" if isinstance(fmt.codec, IntCodec) else "float",
+            "symmetric": fmt.symmetric, "strategy": fmt.granularity,
+            "group_size": fmt.group_size if fmt.granularity == Granularity.GROUP else None, "dynamic": False}
+
+
+def quantization_config(fmt: NumberFormat, ignore: list[str]) -> dict:
+    """The ``quantization_config`` of config.json: one scheme for every Linear but ``ignore``."""
+    scheme = {"targets": ["Linear"], "weights": weight_args(fmt),
+              "input_activations": dict(_ACTIVATIONS[fmt.activations]) if fmt.activations else None,
+              "output_activations": None,
+              "format": compression_format(fmt)}
+    return {"quant_method": QUANT_METHOD, "format": compression_format(fmt),
+            "quantization_status": "compressed", "config_groups": {"group_0": scheme},
+            "ignore": sorted(ignore), "kv_cache_scheme": None}
+
+
+def format_from_scheme(scheme: dict, scale_dtype: torch.dtype) -> NumberFormat:
+    """The dtypelab format a compressed-tensors scheme stores (inverse of :func:`quantization_config`).
+
+    Raises:
+        InputError: a scheme dtypelab cannot hold (other bit widths, block strategies, fp4, ...).
+    """
+    weights, activations = scheme.get("weights") or {}, scheme.get("input_activations")
+    base = {("int", 8): "int8", ("int", 4): "int4", ("float", 8): "fp8_e4m3"}.get(
+        (weights.get("type"), weights.get("num_bits")))
+    layout = {"channel": "channel", "tensor": "tensor", "group": f"g{weights.get('group_size')}"}.get(
+        weights.get("strategy"))
+    if base is None or layout is None or scale_dtype not in _SCALE_OPTIONS:
+        raise InputError(f"compressed-tensors scheme {weights} ({scale_dtype} scales) is not one dtypelab "
+                         f"loads: it holds {SUPPORTED} with fp32 / fp16 / bf16 scales")
+    if activations and activations.get("dynamic") is not True:
+        raise InputError("the checkpoint's activations use stored (static) scales; dtypelab emulates "
+                         "dynamic activation quantization only: load a weight-only or dynamic checkpoint")
+    options = [layout, "sym" if weights.get("symmetric", True) else "asym", _SCALE_OPTIONS[scale_dtype]]
+    if activations:
+        options.append("a8" if activations.get("type") == "int" else "afp8")
+    return get_format(":".join([base, *options]))
+
+
+# ------------------------------------------------------------------------------- the layout registry
+
+class Layout:
+    """One compressed-tensors format: the parts a quantized weight is stored as, and their packing.
+
+    Subclasses set ``name`` (the package's format name, as config.json's ``format`` says) and register
+    with :func:`register`; :func:`layout_for` picks the class of a format.
+    """
+
+    name: str = ""
+
+    def stored_parts(self, fmt: NumberFormat, shape: tuple[int, int]) -> list[StoredPart]:
+        """The parts a (rows, cols) weight is stored as, from its shape alone (for planning a file)."""
+        raise NotImplementedError
+
+    def to_parts(self, qt: QuantizedTensor, shape: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """``qt`` as its parts (the order of :meth:`stored_parts`), sharing no memory with it."""
+        raise NotImplementedError
+
+    def from_parts(self, fmt: NumberFormat, parts: dict[str, torch.Tensor],
+                   shape: tuple[int, int]) -> QuantizedTensor:
+        """Rebuild the :class:`QuantizedTensor` that :meth:`to_parts` stored (rows, cols = ``shape``)."""
+        raise NotImplementedError
+
+
+LAYOUTS: dict[str, Layout] = {}
+"""compressed-tensors format name -> its layout."""
+
+
+def register(cls: type[Layout]) -> type[Layout]:
+    """Class decorator: add a :class:`Layout` to :data:`LAYOUTS` under its ``name``."""
+    if not cls.name or cls.name in LAYOUTS:
+        raise ValueError(f"layout {cls.__name__} needs a new, non-empty name (got {cls.name!r})")
+    LAYOUTS[cls.name] = cls()
+    return cls
+
+
+def layout_for(fmt: NumberFormat) -> Layout:
+    """The layout ``fmt`` is stored in (:func:`compression_format` names it)."""
+    return LAYOUTS[compression_format(fmt)]
+
+
+def stored_parts(fmt: NumberFormat, shape: tuple[int, int]) -> list[StoredPart]:
+    """The parts a (rows, cols) weight in ``fmt`` is stored as (see :meth:`Layout.stored_parts`)."""
+    return layout_for(fmt).stored_parts(fmt, shape)
+
+
+def to_parts(qt: QuantizedTensor, shape: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """``qt`` in its layout's parts. Row chunks of a tensor (a multiple of 32 rows) give the rows of
+    every part in order, so a writer can append chunk after chunk; ``shape`` is then the whole
+    tensor's, for ``weight_shape``."""
+    return layout_for(qt.fmt).to_parts(qt, shape)
+
+
+def from_parts(fmt: NumberFormat, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> QuantizedTensor:
+    """Rebuild the :class:`QuantizedTensor` that :func:`to_parts` stored."""
+    return layout_for(fmt).from_parts(fmt, parts, shape)
+
+
+def _scale_part(fmt: NumberFormat, rows: int, cols: int) -> StoredPart:
+    blocks = cols // fmt.group_size if fmt.granularity == Granularity.GROUP else 1
+    shape = (1,) if fmt.granularity == Granularity.TENSOR else (rows, blocks)
+    return StoredPart("weight_scale", SCALE_DTYPES[fmt.scale_format], shape)
+
+
+def _stored_scale(qt: QuantizedTensor) -> torch.Tensor:
+    rows = qt.shape[0]
+    scale = qt.scale.reshape(1) if qt.fmt.granularity == Granularity.TENSOR else qt.scale.reshape(rows, -1)
+    return scale.clone()
+
+
+def _scale_view(fmt: NumberFormat, parts: dict[str, torch.Tensor], rows: int) -> torch.Tensor:
+    return parts["weight_scale"].reshape(1 if fmt.granularity == Granularity.TENSOR else rows, -1, 1)
+
+
+@register
+class PackQuantized(Layout):
+    """int4 / int8 weight-only: codes packed into int32 words, the shape stored beside them."""
+
+    name = "pack-quantized"
+
+    def stored_parts(self, fmt: NumberFormat, shape: tuple[int, int]) -> list[StoredPart]:
+        rows, cols = shape
+        scale = _scale_part(fmt, rows, cols)
+        parts = [StoredPart("weight_packed", torch.int32, (rows, _words(cols, fmt.bits))), scale,
+                 StoredPart("weight_shape", torch.int64, (2,))]
+        if not fmt.symmetric:
+            zp_shape = (1,) if fmt.granularity == Granularity.TENSOR else (_words(rows, fmt.bits),
+                                                                             scale.shape[1])
+            parts.append(StoredPart("weight_zero_point", torch.int8 if zp_shape == (1,) else torch.int32,
+                                    zp_shape))
+        return parts
+
+    def to_parts(self, qt: QuantizedTensor, shape: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        fmt, scale = qt.fmt, _stored_scale(qt)
+        parts = {"weight_packed": _pack_words(_unsigned_codes(qt)), "weight_scale": scale,
+                 "weight_shape": torch.tensor(shape or qt.shape, dtype=torch.int64)}
+        if not fmt.symmetric:
+            zp = qt.zero_point.reshape(scale.shape)
+            parts["weight_zero_point"] = (_shift(zp, fmt.bits) if fmt.granularity == Granularity.TENSOR
+                                          else _pack_codes(zp.t().contiguous(), fmt.bits).t().contiguous())
+        return parts
+
+    def from_parts(self, fmt: NumberFormat, parts: dict[str, torch.Tensor],
+                   shape: tuple[int, int]) -> QuantizedTensor:
+        rows, cols = shape
+        scale, zp = _scale_view(fmt, parts, rows), parts.get("weight_zero_point")
+        data = _unpack_words(parts["weight_packed"], fmt.bits, cols)  # unsigned: asymmetric codes as they are
+        if fmt.symmetric:
+            data = _flip_sign_bits(data, fmt.bits)
+            data = data.view(torch.int8) if fmt.bits == 8 else data
+        elif fmt.granularity == Granularity.TENSOR:
+            zp = _unshift(zp, fmt.bits).reshape(scale.shape)
+        else:
+            zp = _unpack_codes(zp.t().contiguous(), fmt.bits, rows).t().reshape(scale.shape)
+        return QuantizedTensor(fmt, shape, data, scale, zp)
+
+
+@register
+class NaiveQuantized(Layout):
+    """fp8 weight-only: one float8 (or int8) element per weight, unpacked, with its scales."""
+
+    name = "naive-quantized"
+
+    def stored_parts(self, fmt: NumberFormat, shape: tuple[int, int]) -> list[StoredPart]:
+        rows, cols = shape
+        scale = _scale_part(fmt, rows, cols)
+        parts = [StoredPart("weight", _naive_dtype(fmt), (rows, cols)), scale]
+        return parts + ([] if fmt.symmetric else [StoredPart("weight_zero_point", torch.int8, scale.shape)])
+
+    def to_parts(self, qt: QuantizedTensor, shape: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        scale = _stored_scale(qt)
+        parts = {"weight": _signed_codes(qt), "weight_scale": scale}
+        if not qt.fmt.symmetric:
+            parts["weight_zero_point"] = _shift(qt.zero_point.reshape(scale.shape), qt.fmt.bits)
+        return parts
+
+    def from_parts(self, fmt: NumberFormat, parts: dict[str, torch.Tensor],
+                   shape: tuple[int, int]) -> QuantizedTensor:
+        scale, zp = _scale_view(fmt, parts, shape[0]), parts.get("weight_zero_point")
+        zp = None if zp is None else _unshift(zp, fmt.bits).reshape(scale.shape)
+        return QuantizedTensor(fmt, shape, _from_signed(parts["weight"], fmt), scale, zp)
+
+
+@register
+class IntQuantized(NaiveQuantized):
+    """int8 weights with dynamic activation quantization (``:a8`` / ``:afp8``): the naive parts."""
+
+    name = "int-quantized"
+
+
+@register
+class FloatQuantized(NaiveQuantized):
+    """fp8 weights with dynamic activation quantization: the naive parts."""
+
+    name = "float-quantized"
+
+
+@functools.cache
+def stored_suffixes() -> frozenset[str]:
+    """Every part suffix any registered layout stores (``weight_packed``, ``weight_scale``, ...)."""
+    probes = [get_format(s) for s in ("int4:g32:asym", "int8:channel:asym", "fp8_e4m3", "int8:a8:asym")]
+    return frozenset(p.suffix for fmt in probes for p in layout_for(fmt).stored_parts(fmt, (32, 32)))
+
+
+# ------------------------------------------------------------------------------ packing helpers
+
+WHOLE_TENSOR_PARTS = frozenset({"weight_shape"})
+"""Parts that describe the whole tensor: a writer appending row chunks writes them once."""
+
+
+def _words(count: int, bits: int) -> int:
+    return -(-count * bits // 32)
+
+
+def _naive_dtype(fmt: NumberFormat) -> torch.dtype:
+    return torch.int8 if isinstance(fmt.codec, IntCodec) else torch.float8_e4m3fn
+
+
+def _sign_mask(bits: int) -> int:
+    """The top bit of every code in a byte: flipping it maps two's complement onto ``q + 2^(bits-1)``."""
+    return 0x88 if bits == 4 else 0x80
+
+
+def _flip_sign_bits(data: torch.Tensor, bits: int) -> torch.Tensor:
+    return data.view(torch.uint8) ^ _sign_mask(bits)
+
+
+def _unsigned_codes(qt: QuantizedTensor) -> torch.Tensor:
+    """Stored bytes (packed nibbles for 4 bits) holding ``q + 2^(bits-1)``."""
+    if qt.fmt.symmetric:
+        return _flip_sign_bits(qt.data, qt.fmt.bits)
+    return qt.data.view(torch.uint8)
+
+
+def _pack_words(stored: torch.Tensor) -> torch.Tensor:
+    """(rows, bytes) uint8 as dtypelab stores codes (4 bits: two per byte) -> (rows, words) int32.
+
+    Element ``i`` at bits ``i * bits`` of little-endian words is exactly byte order plus nibble order.
+    """
+    _require_little_endian()
+    rows, width = stored.shape
+    padded = torch.zeros(rows, width + -width % 4, dtype=torch.uint8, device=stored.device)
+    padded[:, :width] = stored
+    return padded.view(torch.int32)
+
+
+def _require_little_endian() -> None:
+    """Words are reinterpreted bytes: that matches the file's little-endian int32 on such hosts only."""
+    if sys.byteorder != "little":
+        raise InputError("the compressed-tensors packing is implemented for little-endian hosts only")
+
+
+def _pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(rows, count) unsigned codes, one per byte (zero points) -> (rows, words) int32."""
+    return _pack_words(pack_nibbles(codes) if bits == 4 else codes)
+
+
+def _unpack_words(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """(rows, words) int32 -> (rows, stored bytes) uint8 for ``count`` codes per row."""
+    _require_little_endian()
+    width = -(-count // 2) if bits == 4 else count
+    return words.contiguous().view(torch.uint8)[:, :width].contiguous()
+
+
+def _unpack_codes(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """(rows, words) int32 -> (rows, count) uint8 unsigned codes, one per byte (zero points)."""
+    stored = _unpack_words(words, bits, count)
+    return unpack_nibbles(stored, count) if bits == 4 else stored
+
+
+def _shift(unsigned: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes ``u`` -> compressed-tensors' signed ``u - 2^(bits-1)`` as int8."""
+    return (unsigned.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+
+
+def _unshift(signed: torch.Tensor, bits: int) -> torch.Tensor:
+    return (signed.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
+
+
+def _signed_codes(qt: QuantizedTensor) -> torch.Tensor:
+    """(rows, cols) compressed-tensors ``q`` as int8; fp8 keeps its float8 codes."""
+    if isinstance(qt.fmt.codec, FloatCodec):
+        return qt.data.clone()
+    if not qt.fmt.symmetric:
+        return _shift(qt.codes(), qt.fmt.bits)
+    if qt.fmt.bits == 8:
+        return qt.data.clone()
+    return ((qt.codes().to(torch.int16) ^ 8) - 8).to(torch.int8)  # 4-bit two's complement -> -8..7
+
+
+def _from_signed(weight: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
+    """Inverse of :func:`_signed_codes`: codes as dtypelab stores them."""
+    if isinstance(fmt.codec, FloatCodec):
+        return weight.view(torch.float8_e4m3fn)
+    codes = weight if fmt.symmetric else _unshift(weight, fmt.bits)
+    return codes if fmt.bits == 8 else pack_nibbles(codes)

@@ -1,0 +1,120 @@
+"""Loading a compressed-tensors folder into dtypelab's own quantized modules (no extra package needed).
+
+Checkpoint stage: the stored parts are read back through :mod:`dtypelab.checkpoint.layouts`, so nothing
+is re-quantized; ``dtypelab.load`` calls :func:`build_quantized_model` when config.json holds a
+compressed-tensors ``quantization_config``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..quant import QuantizedLinear
+from ..tree import set_submodule
+from .layouts import QUANT_METHOD, format_from_scheme, from_parts, stored_suffixes
+
+
+def load_quantized_weights(model: nn.Module, scheme: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Replace every Linear of ``model`` stored quantized in ``tensors`` with dtypelab's
+    :class:`~dtypelab.quant.QuantizedLinear`, built from the stored codes (nothing re-quantized).
+
+    ``tensors`` (a checkpoint's state dict) loses the parts it used; what remains is dense.
+
+    Returns:
+        The names of the modules replaced.
+    Raises:
+        InputError: a stored layer that is not a Linear of the model, or a scheme dtypelab cannot hold.
+    """
+    names = sorted(key.removesuffix(".weight_scale") for key in tensors if key.endswith(".weight_scale"))
+    for name in names:
+        linear = _linear(model, name)
+        parts = {suffix: tensors.pop(f"{name}.{suffix}") for suffix in stored_suffixes()
+                 if f"{name}.{suffix}" in tensors}
+        fmt = format_from_scheme(scheme, parts["weight_scale"].dtype)
+        qt = from_parts(fmt, parts, (linear.out_features, linear.in_features))
+        set_submodule(model, name, QuantizedLinear.from_qtensor(qt, linear.bias, linear.weight.dtype))
+    return names
+
+
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        module = None
+    if not isinstance(module, nn.Linear):
+        raise InputError(f"checkpoint stores {name!r} quantized, but the model has no Linear layer of "
+                         "that name: check config.json matches the weights")
+    return module
+
+
+def quantization_scheme(config: object) -> dict | None:
+    """The one weight scheme of a compressed-tensors ``quantization_config`` (None when the config
+    has none, or another quantization method).
+
+    Raises:
+        InputError: several config groups (per-layer schemes), which dtypelab does not load yet.
+    """
+    qconfig = getattr(config, "quantization_config", None)
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
+        return None
+    groups = list((qconfig.get("config_groups") or {}).values())
+    if len(groups) != 1 or not isinstance(groups[0], dict):
+        raise InputError(f"quantization_config has {len(groups)} config groups; dtypelab loads "
+                         "checkpoints with exactly one (one scheme for all quantized layers)")
+    return groups[0]
+
+
+def build_quantized_model(folder: Path, config: object, scheme: dict, model_cls: type,
+                          dtype: torch.dtype | None) -> nn.Module:
+    """A model from ``config`` (its quantization_config set aside) with the folder's weights: quantized
+    layers as dtypelab modules, everything else loaded dense; ``dtype`` None takes config's dtype.
+
+    The model is built in that dtype, as ``from_pretrained`` builds it (buffers such as rotary
+    frequencies stay float32), rather than cast afterwards.
+    """
+    from safetensors.torch import load_file
+
+    del config.quantization_config
+    dtype = dtype or _config_dtype(config)
+    model = model_cls._from_config(config, dtype=dtype) if hasattr(model_cls, "_from_config") \
+        else model_cls(config).to(dtype)
+    tensors = {k: v for file in sorted(folder.glob("*.safetensors")) for k, v in load_file(file).items()}
+    replaced = load_quantized_weights(model, scheme, tensors)
+    _load_dense(model, tensors, replaced, folder)
+    return model.eval()
+
+
+def _config_dtype(config: object) -> torch.dtype:
+    """config.json's ``dtype`` (``torch_dtype`` in older files) as a torch dtype; float32 if unset."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
+
+
+def _load_dense(model: nn.Module, tensors: dict[str, torch.Tensor], replaced: list[str],
+                folder: Path) -> None:
+    """Load the dense tensors; any parameter left without a value (tied ones aside) is an error."""
+    try:
+        result = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:
+        raise InputError(f"{folder}: weights do not fit the model of config.json "
+                         f"({str(exc).splitlines()[-1].strip()}): check the folder") from None
+    buffers = {name for name, _ in model.named_buffers()}  # non-persistent ones (position_ids) too
+    unexpected = [k for k in result.unexpected_keys if k not in buffers]  # those the model recomputes
+    if unexpected:
+        raise InputError(f"{folder}: tensors {unexpected[:3]} match no parameter of the model of "
+                         "config.json: check the folder")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    state, loaded = model.state_dict(), set(tensors)
+    stored = {state[k].data_ptr() for k in loaded if k in state}
+    codes = {f"{name}.{buffer}" for name in replaced for buffer in ("qweight", "scale", "zero_point",
+                                                                    "tensor_scale")}  # set from parts
+    missing = [k for k in result.missing_keys if k not in codes and state[k].data_ptr() not in stored]
+    if missing:
+        raise InputError(f"{folder}: no stored value for {missing[:3]}: the checkpoint is incomplete")

@@ -1,0 +1,416 @@
+"""The safetensors file format, read and written by hand so that nothing is memory-mapped.
+
+A safetensors file is an 8-byte little-endian header length ``N``, ``N`` bytes of JSON (tensor name ->
+dtype, shape, ``[begin, end)`` byte offsets into the data that follows, plus optional string
+``__metadata__``), then the raw little-endian tensor data. ``safetensors.safe_open`` memory-maps the
+file, and every page a mapping touches counts in the process's resident memory until it is closed;
+parsing the header ourselves lets :mod:`dtypelab.checkpoint` inspect a checkpoint reading headers only
+and convert it through small reused buffers.
+
+Every check a hostile or damaged file can fail raises :class:`~dtypelab.errors.CheckpointError` with one
+line naming the file (and the tensor, when there is one) and what to do about it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+
+INDEX_SUFFIX = ".safetensors.index.json"
+MAX_HEADER_BYTES = 100_000_000
+"""Largest header accepted, in bytes (the limit the reference Rust implementation enforces)."""
+
+_DTYPE_NAMES: dict[str, str] = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
+    "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16",
+    "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu", "C64": "complex64",
+}
+DTYPES: dict[str, torch.dtype] = {
+    code: getattr(torch, name) for code, name in _DTYPE_NAMES.items() if hasattr(torch, name)
+}
+"""Safetensors dtype code -> torch dtype, for every code this torch can hold."""
+
+DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
+
+_NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as its header describes it.
+
+    Args:
+        name: the tensor's key in the header.
+        dtype: safetensors dtype code (``"F32"``).
+        shape: dimensions, outermost first.
+        begin: first byte, relative to the start of the data section.
+        end: one past the last byte, relative to the start of the data section.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A validated header: where every tensor's bytes are, and the file's string metadata.
+
+    Args:
+        path: the file the header was read from.
+        header_bytes: length of the JSON header, padding included (``N``).
+        file_bytes: size of the whole file.
+        tensors: every entry, in data order (ties broken by name).
+        metadata: the ``__metadata__`` mapping, empty when absent.
+    """
+
+    path: Path
+    header_bytes: int
+    file_bytes: int
+    tensors: tuple[TensorEntry, ...]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def data_start(self) -> int:
+        """Absolute file offset of the first data byte."""
+        return 8 + self.header_bytes
+
+    def shared_groups(self) -> list[tuple[str, ...]]:
+        """Names whose data are the same bytes (tied weights stored once), two or more per group."""
+        groups: dict[tuple[int, int], list[str]] = {}
+        for entry in self.tensors:
+            if entry.nbytes:
+                groups.setdefault((entry.begin, entry.end), []).append(entry.name)
+        return [tuple(names) for names in groups.values() if len(names) > 1]
+
+
+def read_header(path: str | os.PathLike, max_header_bytes: int = MAX_HEADER_BYTES) -> SafetensorsHeader:
+    """Read and validate a safetensors header without touching the tensor data.
+
+    Checks: the file is long enough, the header length fits the file and ``max_header_bytes``, the
+    header is a JSON object of well-formed entries with known dtypes, sizes match shapes, and data
+    ranges stay inside the file and do not overlap (identical ranges are tied tensors, allowed).
+
+    Args:
+        path: a ``.safetensors`` file.
+        max_header_bytes: refuse larger headers (a hostile length would otherwise be read into memory).
+
+    Returns:
+        The validated :class:`SafetensorsHeader`.
+
+    Raises:
+        CheckpointError: naming the file (and tensor) and the problem.
+    """
+    path = Path(path)
+    with _open_read(path) as handle:
+        file_bytes = os.fstat(handle.fileno()).st_size
+        header_bytes = _read_length(path, handle, file_bytes, max_header_bytes)
+        parsed = _parse_json(path, handle.read(header_bytes))
+    metadata = _parse_metadata(path, parsed.pop("__metadata__", {}))
+    data_bytes = file_bytes - 8 - header_bytes
+    entries = [_parse_entry(path, name, spec, data_bytes) for name, spec in parsed.items()]
+    entries.sort(key=lambda e: (e.begin, e.end, e.name))
+    _check_overlaps(path, entries)
+    return SafetensorsHeader(path, header_bytes, file_bytes, tuple(entries), metadata)
+
+
+def _open_read(path: Path):
+    try:
+        return open(path, "rb")  # noqa: SIM115 - returned to a with-statement
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot open for reading ({exc.strerror}): check the path") from exc
+
+
+def _read_length(path: Path, handle, file_bytes: int, max_header_bytes: int) -> int:
+    if file_bytes < 8:
+        raise CheckpointError(f"{path}: truncated: {file_bytes} bytes, shorter than the 8-byte header "
+                              "length every safetensors file starts with; re-download or re-save it")
+    header_bytes = int.from_bytes(handle.read(8), "little")
+    if header_bytes > max_header_bytes:
+        raise CheckpointError(f"{path}: header length {header_bytes} bytes exceeds the {max_header_bytes}"
+                              "-byte limit: not a safetensors file, or a hostile one; do not load it")
+    if 8 + header_bytes > file_bytes:
+        raise CheckpointError(f"{path}: header length {header_bytes} runs past the end of the file "
+                              f"({file_bytes} bytes): truncated or not safetensors; re-download it")
+    return header_bytes
+
+
+def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        duplicate = next(key for key in keys if keys.count(key) > 1)
+        raise ValueError(f"duplicate key {duplicate!r}")
+    return dict(pairs)
+
+
+def _parse_json(path: Path, raw: bytes) -> dict:
+    try:
+        parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: header is not valid JSON ({exc}): the file is damaged or "
+                              "not safetensors; re-download or re-save it") from None
+    if not isinstance(parsed, dict):
+        raise CheckpointError(f"{path}: header is JSON but not an object of tensors: not a safetensors file")
+    return parsed
+
+
+def _parse_metadata(path: Path, metadata: object) -> dict[str, str]:
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings: the header is damaged")
+    return metadata
+
+
+def check_tensor_name(path: Path, name: str) -> None:
+    """Refuse empty names and names with control characters (they garble terminals and logs)."""
+    if not name or any(unicodedata.category(char) == "Cc" for char in name):
+        raise CheckpointError(f"{path}: tensor {name!r}: empty name or control characters in it: "
+                              "the header is damaged or hostile; do not load it")
+
+
+def _parse_entry(path: Path, name: str, spec: object, data_bytes: int) -> TensorEntry:
+    check_tensor_name(path, name)
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(spec, dict) or set(spec) - {"dtype", "shape", "data_offsets"}:
+        raise CheckpointError(f"{where}: entry must hold exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+    if dtype not in DTYPES:
+        known = ", ".join(DTYPES)
+        raise CheckpointError(f"{where}: unknown dtype {dtype!r}: expected one of {known}")
+    if not _is_int_list(shape) or not _is_int_list(offsets) or len(offsets) != 2:
+        raise CheckpointError(f"{where}: shape and data_offsets must be lists of non-negative integers")
+    begin, end = offsets
+    expected = math.prod(shape) * DTYPES[dtype].itemsize
+    if end - begin != expected:
+        raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] hold {end - begin} bytes but "
+                              f"shape {shape} of {dtype} needs {expected}: the header is damaged")
+    if end > data_bytes:
+        raise CheckpointError(f"{where}: data ends at byte {end} but the file holds only {data_bytes} "
+                              "bytes of data: truncated; re-download it")
+    return TensorEntry(name, dtype, tuple(shape), begin, end)
+
+
+def _is_int_list(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(item, int) and not isinstance(item, bool) and item >= 0 for item in value)
+
+
+def _check_overlaps(path: Path, entries: list[TensorEntry]) -> None:
+    """Entries sorted by range: each must start after the previous ends, or be the very same range."""
+    previous: TensorEntry | None = None
+    for entry in entries:
+        if not entry.nbytes:
+            continue
+        if previous is not None and (entry.begin, entry.end) == (previous.begin, previous.end):
+            if entry.dtype != previous.dtype:
+                raise CheckpointError(f"{path}: tensor {entry.name!r} shares its bytes with "
+                                      f"{previous.name!r} but has another dtype: the header is damaged")
+            continue
+        if previous is not None and entry.begin < previous.end:
+            raise CheckpointError(f"{path}: tensor {entry.name!r} overlaps {previous.name!r} (bytes "
+                                  f"{entry.begin} < {previous.end}): the header is damaged or hostile")
+        previous = entry
+
+
+def encode_header(entries: list[tuple[str, str, tuple[int, ...], int, int]],
+                  metadata: dict[str, str]) -> bytes:
+    """Serialise a header: the 8-byte length, then JSON padded with spaces to a multiple of 8 bytes.
+
+    Padding keeps the data section 8-byte aligned, as the reference writer does.
+
+    Args:
+        entries: ``(name, dtype code, shape, begin, end)`` per tensor, in data order.
+        metadata: string metadata; omitted when empty.
+    """
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    for name, dtype, shape, begin, end in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-(8 + len(raw)) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def read_exact(fd: int, view: memoryview, offset: int, path: Path, name: str) -> None:
+    """Fill ``view`` from ``fd`` at absolute ``offset``; a short read means the file shrank under us."""
+    done = 0
+    while done < len(view):
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if count == 0:
+            raise CheckpointError(f"{path}: tensor {name!r}: file ended at byte {offset + done}, before "
+                                  "the data its header promised: truncated or changed while reading")
+        done += count
+
+
+def write_all(fd: int, view: memoryview, path: Path) -> None:
+    """Write all of ``view``; a full disk (or file-size limit) becomes a one-line CheckpointError."""
+    done = 0
+    while done < len(view):
+        try:
+            done += os.write(fd, view[done:])
+        except OSError as exc:
+            raise _write_error(path, exc) from exc
+
+
+def pwrite_all(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    """Write all of ``view`` at byte ``offset`` of the file (the file position is left alone)."""
+    done = 0
+    while done < len(view):
+        try:
+            done += os.pwrite(fd, view[done:], offset + done)
+        except OSError as exc:
+            raise _write_error(path, exc) from exc
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, count: int, buffer: bytearray,
+               paths: tuple[Path, Path], name: str) -> None:
+    """Copy ``count`` bytes from ``src_fd`` at ``offset`` to the current position of ``dst_fd``.
+
+    Uses the kernel's ``copy_file_range`` (no user-space memory at all) and falls back to ``buffer``.
+    ``paths`` (source, destination) name the files in errors.
+    """
+    while count:
+        try:
+            copied = os.copy_file_range(src_fd, dst_fd, count, offset)
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise _write_error(paths[1], exc) from exc
+            break
+        if copied == 0:
+            break
+        offset, count = offset + copied, count - copied
+    while count:
+        view = memoryview(buffer)[:min(count, len(buffer))]
+        read_exact(src_fd, view, offset, paths[0], name)
+        write_all(dst_fd, view, paths[1])
+        offset, count = offset + len(view), count - len(view)
+
+
+def _write_error(path: Path, exc: OSError) -> CheckpointError:
+    if exc.errno in _NO_SPACE:
+        return CheckpointError(f"{path}: no space left to write ({exc.strerror}): free space or choose "
+                               "another output folder; nothing was kept")
+    return CheckpointError(f"{path}: cannot write ({exc.strerror}): check the output folder")
+
+
+# ------------------------------------------------------------------- checkpoints: a file or a folder
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """A checkpoint's validated shard headers.
+
+    Args:
+        path: the file or folder given.
+        folder: the folder, or ``None`` for a single file.
+        shards: one validated header per shard, in index order.
+        index_name: the index file's name, when the folder has one.
+        index_metadata: the index's ``metadata`` minus ``total_size``.
+    """
+
+    path: Path
+    folder: Path | None
+    shards: tuple[SafetensorsHeader, ...]
+    index_name: str | None = None
+    index_metadata: dict = field(default_factory=dict)
+
+
+def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
+    """Validate every shard header of a file or folder, reading no tensor data.
+
+    Raises:
+        CheckpointError: missing path, no safetensors in the folder, an index naming a missing shard or
+            disagreeing with it, a tensor in two shards, or any damaged header.
+    """
+    path = Path(path)
+    if path.is_file():
+        return CheckpointSource(path, None, (read_header(path),))
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such file or folder: give a .safetensors file or a model folder")
+    indexes = sorted(path.glob("*" + INDEX_SUFFIX))
+    if len(indexes) > 1:
+        raise CheckpointError(f"{path}: several safetensors indexes ({', '.join(i.name for i in indexes)}):"
+                              " give the folder of one model")
+    if indexes:
+        return _open_indexed(path, indexes[0])
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no .safetensors file in this folder: convert .bin weights to "
+                              "safetensors first, or give the right folder")
+    shards = tuple(read_header(file) for file in files)
+    _check_unique_names(shards)
+    return CheckpointSource(path, path, shards)
+
+
+def _open_indexed(folder: Path, index: Path) -> CheckpointSource:
+    weight_map, metadata = _read_index(index)
+    files = list(dict.fromkeys(weight_map.values()))
+    for name, file in weight_map.items():
+        if not (folder / file).is_file():
+            raise CheckpointError(f"{index}: names missing shard {file!r} (tensor {name!r}): "
+                                  "re-download the checkpoint")
+    shards = tuple(read_header(folder / file) for file in files)
+    _check_unique_names(shards)
+    held = {entry.name: shard.path.name for shard in shards for entry in shard.tensors}
+    for name in {**weight_map, **held}:
+        if held.get(name) != weight_map.get(name):
+            raise CheckpointError(f"{index}: tensor {name!r}: index says shard {weight_map.get(name)!r} "
+                                  f"but it is in {held.get(name)!r}: the index is stale; re-download it")
+    metadata = {k: v for k, v in metadata.items() if k != "total_size"}
+    return CheckpointSource(folder, folder, shards, index.name, metadata)
+
+
+def _read_index(index: Path) -> tuple[dict[str, str], dict]:
+    try:
+        parsed = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{index}: unreadable index ({exc}): re-download it") from None
+    weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
+    metadata = parsed.get("metadata", {}) if isinstance(parsed, dict) else None
+    if not isinstance(weight_map, dict) or not isinstance(metadata, dict):
+        raise CheckpointError(f"{index}: index must hold a weight_map object: re-download it")
+    for name, file in weight_map.items():
+        _check_shard_name(index, name, file)
+    return weight_map, metadata
+
+
+def _check_shard_name(index: Path, tensor: str, file: object) -> None:
+    """A shard must be a plain file name inside the folder: no separators, no '..', no control bytes."""
+    if (not isinstance(file, str) or not file.endswith(".safetensors") or file in {".", ".."}
+            or re.search(r"[/\\\x00-\x1f\x7f]", file)):
+        raise CheckpointError(f"{index}: tensor {tensor!r}: shard {file!r} is not a plain .safetensors "
+                              "file name in the folder: the index is damaged or hostile")
+
+
+def _check_unique_names(shards: Iterable[SafetensorsHeader]) -> None:
+    seen: dict[str, Path] = {}
+    for shard in shards:
+        for entry in shard.tensors:
+            if entry.name in seen:
+                raise CheckpointError(f"{shard.path}: tensor {entry.name!r} is also in "
+                                      f"{seen[entry.name].name}: shards must not repeat tensors")
+            seen[entry.name] = shard.path

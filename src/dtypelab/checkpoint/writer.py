@@ -1,0 +1,340 @@
+"""How a conversion writes its output: stream the planned tensors, write index and config, verify.
+
+Checkpoint stage. :func:`write_shards` streams every tensor of an
+:class:`~dtypelab.checkpoint.plan.OutputPlan` from its source file into its output file through one
+:class:`~dtypelab.checkpoint.streaming.ChunkCaster`'s reused buffers (or a ChunkQuantizer's, row chunk by
+row chunk, into the compressed-tensors parts); :func:`verify_output` re-reads the result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, DamageError, InputError
+from ..formats import NumberFormat
+from ..progress import Progress
+from ..quant import Action, TensorDamage, dtype_name
+from .layouts import WHOLE_TENSOR_PARTS, to_parts
+from .plan import OutputPlan, Placed, PlannedShard, PlannedTensor
+from .safetensors_file import (
+    DTYPES,
+    CheckpointSource,
+    SafetensorsHeader,
+    copy_range,
+    pwrite_all,
+    read_exact,
+    read_header,
+    write_all,
+)
+from .streaming import ChunkCaster, ChunkQuantizer
+
+
+def write_shards(plan: OutputPlan, folder: Path, caster: ChunkCaster, strict: bool,
+                 progress: Progress | None,
+                 quantizer: ChunkQuantizer | None = None) -> list[TensorDamage]:
+    """Write every planned shard into ``folder``; return each stored tensor's damage, in output order.
+
+    Raises:
+        DamageError: under ``strict``, at the first tensor that lost values.
+    """
+    damage: list[TensorDamage] = []
+
+    def tick(count: int) -> None:  # bytes of source data streamed
+        if progress is not None:
+            progress.advance(count)
+
+    with ExitStack() as stack:
+        sources = _open_sources(plan, stack)
+        for shard in plan.shards:
+            writer = _ShardWriter(folder / shard.file, sources, caster, quantizer, tick)
+            damage += writer.write(shard, strict)
+    return damage
+
+
+class _ShardWriter:
+    """Writes one output file: the header, then every output at its planned offset."""
+
+    def __init__(self, path: Path, sources: dict[Path, int], caster: ChunkCaster,
+                 quantizer: ChunkQuantizer | None, tick: Callable[[int], None]):
+        self.path, self.sources, self.tick = path, sources, tick
+        self.caster, self.quantizer = caster, quantizer
+
+    def write(self, shard: PlannedShard, strict: bool) -> list[TensorDamage]:
+        header, placed = shard.layout()
+        starts = part_offsets(placed, len(header))
+        fd, damage = _create(self.path), []
+        try:
+            write_all(fd, memoryview(header), self.path)
+            for position, (item, index, begin, _) in enumerate(placed):
+                if position + 1 < len(placed):
+                    _prefetch(placed[position + 1][0], self.sources)
+                if index:  # a quantized item's later parts: written with its first
+                    continue
+                result = self._write_item(item, fd, len(header) + begin, starts)
+                if strict and result.lost_values:
+                    raise _damage_error(result, self.quantizer.fmt if self.quantizer and
+                                        item.action == Action.QUANTIZED else self.caster.fmt)
+                damage.append(result)
+        finally:
+            os.close(fd)
+        return damage
+
+    def _write_item(self, item: PlannedTensor, fd: int, start: int,
+                    starts: dict[int, list[int]]) -> TensorDamage:
+        src_fd = self.sources[item.shard.path]
+        if item.action != Action.QUANTIZED:
+            os.lseek(fd, start, os.SEEK_SET)  # sequential unless quantized parts sit in between
+            return _stream_item(item, src_fd, fd, self.path, self.caster, self.tick)
+        positions, result = list(starts[id(item)]), _quantized_damage(item, self.quantizer)
+        for chunk, damage, nbytes in quantized_chunks(item, src_fd, self.quantizer):
+            for part, data in enumerate(chunk):
+                if data is not None:
+                    pwrite_all(fd, data, positions[part], self.path)
+                    positions[part] += len(data)
+            result = result.merged(damage)
+            self.tick(nbytes)
+        return result
+
+
+def part_offsets(placed: list[Placed], data_start: int) -> dict[int, list[int]]:
+    """File offset of every part of each quantized item (keyed by ``id(item)``), in part order."""
+    starts: dict[int, dict[int, int]] = {}
+    for item, index, begin, _ in placed:
+        if item.action == Action.QUANTIZED:
+            starts.setdefault(id(item), {})[index] = data_start + begin
+    return {key: [found[i] for i in sorted(found)] for key, found in starts.items()}
+
+
+def _quantized_damage(item: PlannedTensor, quantizer: ChunkQuantizer) -> TensorDamage:
+    entry = item.entry
+    return TensorDamage(entry.name, dtype_name(entry.torch_dtype), quantizer.fmt.name, Action.QUANTIZED,
+                        entry.numel, aliases=item.names[1:])
+
+
+def quantized_chunks(item: PlannedTensor, src_fd: int, quantizer: ChunkQuantizer):
+    """Quantize ``item``'s rows chunk by chunk: yield (bytes per part, or None where a whole-tensor
+    part was already given; the chunk's damage; source bytes read)."""
+    entry = item.entry
+    rows, cols = entry.shape
+    row_bytes, start = cols * entry.torch_dtype.itemsize, item.shard.data_start + entry.begin
+    for first, count in quantizer.row_chunks(rows, cols):
+        view = quantizer.buffer(count * row_bytes)
+        read_exact(src_fd, view, start + first * row_bytes, item.shard.path, entry.name)
+        try:
+            qt, damage = quantizer.quantize(entry.torch_dtype, count, cols)
+        except InputError as exc:
+            raise InputError(f"tensor {entry.name!r}: {exc}; or keep the layer dense with "
+                             f"--keep {entry.name!r}") from None
+        parts = to_parts(qt, (rows, cols))
+        yield [None if first and suffix in WHOLE_TENSOR_PARTS else tensor_bytes(tensor)
+               for suffix, tensor in parts.items()], damage, len(view)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor (any dtype, float8 included)."""
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _prefetch(item: PlannedTensor, sources: dict[Path, int]) -> None:
+    """Ask the kernel to start reading the next tensor while this one is cast (page cache, not RSS)."""
+    start = item.shard.data_start + item.entry.begin
+    if item.entry.nbytes:  # a length of 0 would mean "to the end of the file"
+        os.posix_fadvise(sources[item.shard.path], start, item.entry.nbytes, os.POSIX_FADV_WILLNEED)
+
+
+def _open_sources(plan: OutputPlan, stack: ExitStack) -> dict[Path, int]:
+    sources = {}
+    for item in plan.items:
+        if item.shard.path not in sources:
+            sources[item.shard.path] = os.open(item.shard.path, os.O_RDONLY)
+            stack.callback(os.close, sources[item.shard.path])
+    return sources
+
+
+def _create(path: Path) -> int:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot create ({exc.strerror}): check the output folder") from exc
+
+
+def _stream_item(item: PlannedTensor, src_fd: int, dst_fd: int, path: Path, caster: ChunkCaster,
+                 tick: Callable[[int], None]) -> TensorDamage:
+    """Write one tensor: bytes copied by the kernel, or cast chunk by chunk through the caster."""
+    entry, start = item.entry, item.shard.data_start + item.entry.begin
+    result = TensorDamage(entry.name, dtype_name(entry.torch_dtype), dtype_name(DTYPES[item.out_dtype]),
+                          item.action, entry.numel, aliases=item.names[1:])
+    if item.action != Action.CAST:
+        copy_range(src_fd, dst_fd, start, entry.nbytes, caster.raw, (item.shard.path, path), entry.name)
+        tick(entry.nbytes)
+        return result
+    itemsize = entry.torch_dtype.itemsize
+    for first in range(0, entry.numel, caster.chunk_elements):
+        count = min(caster.chunk_elements, entry.numel - first)
+        read_exact(src_fd, memoryview(caster.raw)[:count * itemsize], start + first * itemsize,
+                   item.shard.path, entry.name)
+        out, chunk = caster.cast(entry.torch_dtype, count)
+        write_all(dst_fd, out, path)
+        result = result.merged(chunk)
+        tick(count * itemsize)
+    return result
+
+
+def _damage_error(damage: TensorDamage, fmt: NumberFormat) -> DamageError:
+    lost = (f"{damage.overflowed} values are clamped beyond what {fmt.name}'s codes reach"
+            if damage.action == Action.QUANTIZED else
+            f"{damage.overflowed} values overflow and {damage.flushed_to_zero} flush to zero in {fmt.name}")
+    return DamageError(f"tensor {damage.name!r}: {lost}; nothing was written (--strict): keep it with "
+                       f"--keep {damage.name!r} or drop --strict")
+
+
+def write_index(plan: OutputPlan, folder: Path) -> None:
+    """The ``*.safetensors.index.json`` of a sharded output: every tensor name -> its file, and the
+    source index's metadata with ``total_size`` (tensor bytes) recomputed."""
+    if plan.index_name is None:
+        return
+    weight_map = {name: shard.file for shard in plan.shards for item in shard.items
+                  for names, *_ in item.outputs() for name in names}
+    total = sum(item.out_nbytes for item in plan.items)
+    index = {"metadata": {**plan.index_metadata, "total_size": total},
+             "weight_map": dict(sorted(weight_map.items()))}
+    _write_text(folder / plan.index_name, json.dumps(index, indent=2) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot write ({exc.strerror}): free space or choose another "
+                              "output folder; nothing was kept") from exc
+
+
+def copy_extra(src: CheckpointSource, extra: list[Path], folder: Path, cast_to: NumberFormat | None,
+               plan: OutputPlan, quantization_config: dict | None = None) -> bool:
+    """Copy the folder's other files (``extra``, paths inside ``src.folder``); rewrite config.json's dtype
+    fields when tensors were cast, and
+    add ``quantization_config`` when weights were quantized."""
+    config_updated = False
+    cast = cast_to if any(i.action == Action.CAST for i in plan.items) else None
+    for path in extra:
+        target = folder / path.relative_to(src.folder)
+        try:
+            if path.parent == src.folder and path.name == "config.json" and (cast or quantization_config):
+                config_updated = _write_config(path, target, cast, quantization_config)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot copy ({exc.strerror}): free space or choose another "
+                                  "output folder; nothing was kept") from exc
+    return config_updated
+
+
+def read_config(path: Path) -> dict:
+    """A config.json as a dict, or a one-line CheckpointError."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc}): fix or remove it") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON object: fix or remove it")
+    return config
+
+
+def _write_config(source: Path, target: Path, cast: NumberFormat | None,
+                  quantization_config: dict | None) -> bool:
+    """Copy config.json with its ``torch_dtype`` / ``dtype`` keys (where present) set to the cast's
+    dtype, and the quantization config added."""
+    config = read_config(source)
+    sections = [config] + [v for k, v in config.items() if k.endswith("_config") and isinstance(v, dict)]
+    updated = False
+    for section in sections if cast else []:
+        for key in ("torch_dtype", "dtype"):
+            if key in section:
+                section[key], updated = dtype_name(cast.torch_dtype), True
+    if quantization_config:
+        config["quantization_config"], updated = quantization_config, True
+    _write_text(target, json.dumps(config, indent=2) + "\n")
+    return updated
+
+
+def verify_output(plan: OutputPlan, folder: Path, caster: ChunkCaster,
+                  quantizer: ChunkQuantizer | None = None) -> None:
+    """Re-read every output tensor and check it equals the cast, copy or quantization of its source,
+    bit for bit.
+
+    Raises:
+        CheckpointError: naming the first shard and tensor that differ.
+    """
+    check = bytearray(len(caster.raw))
+    with ExitStack() as stack:
+        sources = _open_sources(plan, stack)
+        for shard in plan.shards:
+            path = folder / shard.file
+            header = _verified_header(path, shard)
+            fd = os.open(path, os.O_RDONLY)
+            stack.callback(os.close, fd)
+            offsets = {e.name: header.data_start + e.begin for e in header.tensors}
+            for item in shard.items:
+                starts = [offsets[names[0]] for names, *_ in item.outputs()]
+                if item.action == Action.QUANTIZED:
+                    _verify_quantized(item, sources[item.shard.path], fd, starts, path, quantizer)
+                else:
+                    _verify_item(item, sources[item.shard.path], fd, starts[0], path, caster, check)
+
+
+def _verified_header(path: Path, shard: PlannedShard) -> SafetensorsHeader:
+    """The output file's header, checked to list exactly the planned tensors."""
+    header = read_header(path)
+    expected = {n: (dtype, tuple(shape)) for i in shard.items for names, dtype, shape, _ in i.outputs()
+                for n in names}
+    if {e.name: (e.dtype, tuple(e.shape)) for e in header.tensors} != expected:
+        raise CheckpointError(f"{path}: verification failed: its header does not list the "
+                              "tensors planned; nothing was kept")
+    return header
+
+
+def _verify_quantized(item: PlannedTensor, src_fd: int, out_fd: int, starts: list[int], path: Path,
+                      quantizer: ChunkQuantizer) -> None:
+    positions = list(starts)
+    for chunk, _, _ in quantized_chunks(item, src_fd, quantizer):
+        for part, expected in enumerate(chunk):
+            if expected is None:
+                continue
+            actual = bytearray(len(expected))
+            read_exact(out_fd, memoryview(actual), positions[part], path, item.entry.name)
+            if actual != expected:
+                raise _verify_error(path, item.outputs()[part][0][0], "quantization")
+            positions[part] += len(expected)
+
+
+def _verify_error(path: Path, name: str, operation: str) -> CheckpointError:
+    return CheckpointError(f"{path}: tensor {name!r}: verification failed, the bytes written differ from "
+                           f"the {operation} of the source; nothing was kept")
+
+
+def _verify_item(item: PlannedTensor, src_fd: int, out_fd: int, out_start: int, path: Path,
+                 caster: ChunkCaster, check: bytearray) -> None:
+    """Compare one cast (chunk by chunk) or copied (byte range) tensor with its source's bytes."""
+    entry, start = item.entry, item.shard.data_start + item.entry.begin
+    itemsize = entry.torch_dtype.itemsize if item.action == Action.CAST else 1
+    step = caster.chunk_elements if item.action == Action.CAST else len(check)
+    numel = entry.numel if item.action == Action.CAST else entry.nbytes
+    out_itemsize = DTYPES[item.out_dtype].itemsize if item.action == Action.CAST else 1
+    for first in range(0, numel, step):
+        count = min(step, numel - first)
+        source = memoryview(caster.raw)[:count * itemsize]
+        read_exact(src_fd, source, start + first * itemsize, item.shard.path, entry.name)
+        expected = caster.cast(entry.torch_dtype, count)[0] if item.action == Action.CAST else source
+        actual = memoryview(check)[:count * out_itemsize]
+        read_exact(out_fd, actual, out_start + first * out_itemsize, path, entry.name)
+        if not torch.equal(torch.frombuffer(expected, dtype=torch.uint8),
+                           torch.frombuffer(actual, dtype=torch.uint8)):
+            raise _verify_error(path, entry.name, "cast")

@@ -1,0 +1,25 @@
+"""``dtypelab cast``: a model in another dtype, and what it then holds."""
+
+from __future__ import annotations
+
+import click
+
+from ..models import load
+from ..quant import KeepPolicy, cast_model, inspect_model
+from .common import MODEL_HELP, emit, json_option, keep_option, pickle_option
+
+
+@click.command("cast", help="Cast MODEL to another dtype and show what it then holds, dtype by dtype. "
+               + MODEL_HELP)
+@click.argument("model")
+@click.option("--to", "fmt", required=True, help="Target dtype: fp32, fp16, bf16 (or aliases).")
+@keep_option
+@pickle_option
+@json_option
+def cast_cmd(model: str, fmt: str, keep: tuple[str, ...], allow_pickle: bool, as_json: bool) -> None:
+    policy = KeepPolicy.from_strings(keep)
+    if keep:
+        cast = cast_model(load(model, allow_pickle=allow_pickle).model, fmt, policy)
+    else:  # straight into the target dtype: no float32 copy of a checkpoint is made
+        cast = load(model, fmt, allow_pickle=allow_pickle).model
+    emit(inspect_model(cast), as_json)

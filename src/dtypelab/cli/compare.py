@@ -1,0 +1,89 @@
+"""``dtypelab compare``: the model in float32 and in each ``--to`` format, measured side by side."""
+
+from __future__ import annotations
+
+import click
+import torch
+
+from ..analysis import DEFAULT_THRESHOLD_DB, MODES, ComparisonResult, compare_layers, compare_models
+from ..errors import InputError
+from ..models import LoadedModel, load, model_inputs, to_device
+from ..quant import KeepPolicy
+from ..report import plot_layers
+from ..variants import iter_variants, parse_variant_specs
+from .common import (
+    MODEL_HELP,
+    device_option,
+    emit,
+    input_options,
+    json_option,
+    keep_option,
+    pickle_option,
+    resolve_device,
+    select_options,
+)
+
+
+@click.command("compare", help="Run MODEL in float32 and in each --to format on the same input and measure "
+               "the difference (padding masked out), size, bits per element and forward latency. --to takes "
+               "dtypes (fp16, bf16), quantized formats (int8, int4:g128:mse, mxfp4, nvfp4, int8:a8 ...; see "
+               "`dtypelab formats`) and, when installed, peers (quanto:qint8, quanto:qint4, quanto:qfloat8, "
+               "torchao:int8wo, torchao:int4wo, torchao:intx4, torchao:fp8wo). Without an input: the model's "
+               "default ids or dtypelab's 64 bundled sentences. " + MODEL_HELP)
+@click.argument("model")
+@click.option("--to", "formats", default="fp16,bf16", show_default=True,
+              help="Comma-separated formats (and peers) to compare against float32.")
+@input_options
+@click.option("--output", "output_name",
+              help="Output field to compare (logits, last_hidden_state, pooler_output …); "
+                   "default: logits, else last_hidden_state.")
+@keep_option
+@pickle_option
+@device_option
+@click.option("--layers", "by_layer", is_flag=True, help="Compare every module's output, in execution order.")
+@click.option("--mode", type=click.Choice(MODES), default="propagated", show_default=True,
+              help="With --layers: each model on its own, or each variant layer fed the reference input.")
+@select_options
+@click.option("--threshold", "threshold_db", type=float, default=DEFAULT_THRESHOLD_DB,
+              show_default=True, help="With --layers: name the first layer whose SQNR (dB) falls below this.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="With --layers: write the SQNR-by-layer chart to this .png or .svg file.")
+@json_option
+@click.option("--embeddings/--no-embeddings", default=True, show_default=True,
+              help="Quantize nn.Embedding tables too (quantized formats only).")
+@click.option("--time/--no-time", "timing", default=True, show_default=True,
+              help="Measure each variant's forward latency beside float32's (medians after warm-up).")
+def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str | None,
+                input_ids: str | None, input_file: str | None, output_name: str | None,
+                keep: tuple[str, ...], allow_pickle: bool, device: str, by_layer: bool, mode: str,
+                depth: int | None, select: tuple[str, ...], threshold_db: float, plot_path: str | None,
+                as_json: bool, embeddings: bool, timing: bool) -> None:
+    specs, target = parse_variant_specs(formats), resolve_device(device)
+    loaded = load(model, "fp32", allow_pickle=allow_pickle)
+    inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
+                                    tensor_file=input_file), target)
+    policy = KeepPolicy.from_strings(keep)
+    if not by_layer:
+        if plot_path or depth is not None or select or mode != "propagated":
+            raise InputError("--mode, --depth, --select and --plot need --layers: add --layers")
+        emit(compare_loaded(loaded, formats, inputs, target, output_name, policy, embeddings=embeddings,
+                            timing=timing), as_json)
+        return
+    reference = loaded.model.to(target)
+    variants = list(iter_variants(reference, specs, policy, embeddings, target))
+    result = compare_layers(reference, variants, inputs, mode=mode, depth=depth, patterns=select,
+                            threshold_db=threshold_db, output_name=output_name,
+                            output_kind=loaded.output_kind)
+    if plot_path:
+        plot_layers(result, plot_path)
+    emit(result, as_json)
+
+
+def compare_loaded(loaded: LoadedModel, formats: str, inputs, target: torch.device,
+                   output_name: str | None = None, policy: KeepPolicy | None = None, *,
+                   embeddings: bool = True, timing: bool = False) -> ComparisonResult:
+    """``compare`` without ``--layers``: variants built, measured and dropped one at a time."""
+    reference = loaded.model.to(target)
+    variants = iter_variants(reference, formats, policy, embeddings, target)
+    return compare_models(reference, variants, inputs, output_name=output_name,
+                          output_kind=loaded.output_kind, timing=timing, model_kind=loaded.kind)

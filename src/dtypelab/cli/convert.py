@@ -1,0 +1,83 @@
+"""``dtypelab convert``: a checkpoint in another format, streamed tensor by tensor."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from ..checkpoint import convert_checkpoint
+from ..errors import InputError
+from ..progress import ProgressEvent
+from .common import emit, json_option
+
+
+class ProgressLine:
+    """Bytes done, rate and time left on one stderr line, redrawn at most 5 times a second."""
+
+    def __init__(self) -> None:
+        self.start = self.shown = time.monotonic()
+        self.open_line = False
+
+    def __call__(self, event: ProgressEvent) -> None:
+        done, total = event.done, event.total or 0
+        now = time.monotonic()
+        if now - self.shown < 0.2 and done < total:
+            return
+        self.shown, rate = now, done / max(now - self.start, 1e-9)
+        left = (total - done) / rate if rate else 0.0
+        self.open_line = done < total
+        click.echo(f"\r{done / 1e9:.2f}/{total / 1e9:.2f} GB  {rate / 1e6:.0f} MB/s  {left:.0f} s left ",
+                   err=True, nl=not self.open_line)
+
+    def close(self) -> None:
+        """End a line left open by a run that stopped early, so an error starts on its own line."""
+        if self.open_line:
+            click.echo("", err=True)
+
+
+@click.command("convert")
+@click.argument("src")
+@click.option("--to", "fmt", required=True,
+              help="Target: bf16, fp16, fp32, fp8_e4m3:cast (plain casts), or int8, int4:g128, fp8_e4m3 "
+                   "(Linear weights quantized, compressed-tensors layout, needs a model folder).")
+@click.option("--dense", metavar="DTYPE",
+              help="With a quantized --to: cast the tensors left dense (embeddings, norms) to bf16 / fp16.")
+@click.option("-o", "--output", required=True,
+              help="Destination folder (or a .safetensors file when SRC is one file).")
+@click.option("--keep", multiple=True, metavar="NAME|GLOB",
+              help="Tensors left exactly as they are: a name or a glob (*norm*). Repeatable.")
+@click.option("--max-shard-size", help="Reshard into files of at most this size (5GB, 500MiB); "
+                                       "default keeps the source's files.")
+@click.option("--force", is_flag=True, help="Replace an existing destination (a checkpoint file or model "
+                                            "folder only).")
+@click.option("--verify", is_flag=True, help="Re-read the output and check it bit for bit.")
+@click.option("--fsync", is_flag=True, help="Flush the output to disk before renaming it into place "
+                                            "(complete or absent after a power loss too).")
+@click.option("--strict", is_flag=True, help="Refuse (exit 3, nothing written) if any value overflows "
+                                             "or flushes to zero (quantized: is clipped).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write every tensor's damage counts to this JSON file.")
+@click.option("--quiet", is_flag=True, help="Print nothing but errors.")
+@json_option
+def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[str, ...],
+                max_shard_size: str | None, force: bool, verify: bool, fsync: bool, strict: bool,
+                report_path: Path | None, quiet: bool, as_json: bool) -> None:
+    """Convert a safetensors file or model folder SRC to another format, tensor by tensor."""
+    if report_path is not None and not report_path.parent.is_dir():
+        raise InputError(f"--report {report_path}: no folder {report_path.parent} to write it in: create it "
+                         "or choose another path")
+    progress = ProgressLine() if not quiet and not as_json and sys.stderr.isatty() else None
+    try:
+        result = convert_checkpoint(src, output, fmt, keep=keep, max_shard_size=max_shard_size,
+                                    force=force, verify=verify, strict=strict, progress=progress,
+                                    dense=dense, fsync=fsync)
+    finally:
+        if progress is not None:
+            progress.close()
+    if report_path is not None:
+        report_path.write_text(result.to_json() + "\n", encoding="utf-8")
+    if not quiet:
+        emit(result, as_json)

@@ -1,0 +1,52 @@
+"""``dtypelab headroom``: which layers overflow or underflow in each format, predicted from float32."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..analysis import predict_headroom, weight_stats
+from ..formats import parse_format_list
+from ..models import load, model_inputs, to_device
+from ..report import to_jsonable
+from .common import (
+    MODEL_HELP,
+    device_option,
+    emit,
+    input_options,
+    json_option,
+    pickle_option,
+    resolve_device,
+    select_options,
+)
+
+
+@click.command("headroom", help="Predict from one float32 run which layers of MODEL overflow or underflow in "
+               "each format, and which modules to keep in float32 (pass them to --keep). " + MODEL_HELP)
+@click.argument("model")
+@click.option("--to", "formats", default="fp16,bf16", show_default=True,
+              help="Comma-separated formats to predict overflow and underflow for.")
+@input_options
+@select_options
+@click.option("--weights", is_flag=True,
+              help="Also show weight statistics and each format's weight-only error.")
+@pickle_option
+@device_option
+@json_option
+def headroom_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str | None,
+                 input_ids: str | None, input_file: str | None, depth: int | None, select: tuple[str, ...],
+                 weights: bool, allow_pickle: bool, device: str, as_json: bool) -> None:
+    fmts, target = parse_format_list(formats), resolve_device(device)
+    loaded = load(model, "fp32", allow_pickle=allow_pickle)
+    inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
+                                    tensor_file=input_file), target)
+    reference = loaded.model.to(target)
+    report = predict_headroom(reference, inputs, fmts, depth=depth, patterns=select)
+    stats = weight_stats(reference, fmts) if weights else None
+    if as_json and stats is not None:  # one JSON document holding both
+        click.echo(json.dumps({"headroom": to_jsonable(report), "weights": to_jsonable(stats)}, indent=2))
+        return
+    for result in (report, stats):
+        if result is not None:
+            emit(result, as_json)

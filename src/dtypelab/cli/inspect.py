@@ -1,0 +1,18 @@
+"""``dtypelab inspect``: what a model or checkpoint holds."""
+
+from __future__ import annotations
+
+import click
+
+from ..models import inspect
+from .common import MODEL_HELP, emit, json_option, pickle_option
+
+
+@click.command("inspect", help="List every parameter and buffer of MODEL with dtype, shape and bytes; a bare "
+               ".safetensors file or weights folder is read from its headers. " + MODEL_HELP)
+@click.argument("model")
+@click.option("--dtype", default="auto", show_default=True, help="Load in this dtype (auto: as stored).")
+@pickle_option
+@json_option
+def inspect_cmd(model: str, dtype: str, allow_pickle: bool, as_json: bool) -> None:
+    emit(inspect(model, dtype, allow_pickle=allow_pickle), as_json)

@@ -1,0 +1,369 @@
+"""Loading any model spec — built-in, Hugging Face folder, checkpoint file, factory — to a LoadedModel.
+
+Models stage, above :mod:`dtypelab.checkpoint` (safetensors validation, compressed-tensors folders) and
+:mod:`dtypelab.quant` (loading a built-in straight into a dtype is :func:`~dtypelab.quant.cast_model`).
+``package.module:factory`` imports and runs user code, so it is only accepted in that explicit form;
+pickles only with ``allow_pickle``, through ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import build_quantized_model, model_class, quantization_scheme
+from ..errors import CheckpointError, DtypelabError, InputError, ModelSpecError, NotRunnableError, first_line
+from ..quant import cast_model, compute_dtype
+from .builtins import BUILTIN_MODELS, builtin_names, default_input
+from .kinds import ModelKind, OutputKind, model_kind
+
+
+def resolve_factory(spec: str) -> Callable[[], nn.Module]:
+    """Return the factory for a built-in name or an explicit ``package.module:factory``."""
+    if spec in BUILTIN_MODELS:
+        return BUILTIN_MODELS[spec].factory
+    if ":" not in spec:
+        raise ModelSpecError(f"unknown model {spec!r}: use a built-in ({', '.join(builtin_names())}) "
+                             "or 'package.module:factory' to run your own code")
+    return _import_factory(spec)
+
+
+def _import_factory(spec: str) -> Callable[[], nn.Module]:
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ModelSpecError(f"cannot import factory {spec!r} ({exc}): check the module is importable "
+                             "and the name after ':' exists") from exc
+    if not callable(factory):
+        raise ModelSpecError(f"{spec!r} is not callable: point to a function or class that builds the model")
+    return factory
+
+
+def build_model(spec: str) -> nn.Module:
+    """Build the model named by ``spec`` (see :func:`resolve_factory`) in eval mode; a built-in that is a
+    folder of weights (``minilm``) is loaded from it in float32."""
+    if spec in BUILTIN_MODELS and BUILTIN_MODELS[spec].factory is None:
+        return load(spec, "fp32").model
+    model = resolve_factory(spec)()
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()
+
+
+def validate_token_ids(model: nn.Module, input_ids: torch.Tensor) -> None:
+    """Refuse ids outside the model's vocabulary before an index error deep in the forward."""
+    embedding = _input_embedding(model)
+    if embedding is None or input_ids.numel() == 0:
+        return
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= embedding.num_embeddings:
+        raise InputError(f"token id {high if high >= embedding.num_embeddings else low} is outside the "
+                         f"vocabulary: use ids from 0 to {embedding.num_embeddings - 1}")
+
+
+def _input_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The token embedding: transformers' ``get_input_embeddings()`` (which raises NotImplementedError
+    for models it cannot resolve), else the first ``nn.Embedding``."""
+    try:
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except NotImplementedError:
+        embedding = None
+    if isinstance(embedding, nn.Embedding):
+        return embedding
+    return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with what dtypelab needs to feed it and read its output.
+
+    Args:
+        spec: what was asked for (built-in name, path or ``package.module:factory``).
+        model: the module, in eval mode, on the requested device.
+        kind: the :class:`ModelKind`: causal-lm (next-token metrics apply), transformers (another
+            Hugging Face model, e.g. a sentence encoder) or module (plain torch); known once, here.
+        output_kind: the :class:`OutputKind` (see :func:`dtypelab.compare_models`).
+        tokenizer: a transformers tokenizer, or None when the model takes token ids only.
+        default_input: token ids used when nothing is given and there is no tokenizer.
+    """
+
+    spec: str
+    model: nn.Module
+    kind: ModelKind
+    output_kind: OutputKind = OutputKind.AUTO
+    tokenizer: object | None = None
+    default_input: torch.Tensor | None = None
+
+    @property
+    def max_length(self) -> int | None:
+        """Longest input in tokens the model accepts (None when it does not say)."""
+        config = getattr(self.model, "config", None)
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's first parameter (or buffer) lives; inputs are built there."""
+        first = next(self.model.parameters(), None)
+        if first is None:
+            first = next(self.model.buffers(), None)
+        return first.device if first is not None else torch.device("cpu")
+
+
+def load(spec: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", *,
+         allow_pickle: bool = False) -> LoadedModel:
+    """Load a model by built-in name, Hugging Face folder or ``package.module:factory``.
+
+    Args:
+        spec: ``dummy``, ``minilm``, ``tiny-llama``, ``tiny-gpt2``; a folder with ``config.json`` and
+            safetensors weights (one file, or shards with ``model.safetensors.index.json``); or
+            ``package.module:factory`` (imports and runs your code).
+        dtype: ``"auto"`` keeps the checkpoint's dtype; a format name (``"fp16"``, ``"bf16"`` …)
+            loads a Hugging Face checkpoint tensor by tensor straight into that dtype, so no float32
+            copy is made first. Built-in random models are initialised in float32, then cast.
+        device: where the model lives (``"cpu"``, ``"cuda"`` …).
+        allow_pickle: accept ``pytorch_model.bin`` weights, read with ``torch.load(weights_only=True)``.
+
+    Returns:
+        A :class:`LoadedModel`. A bare ``.safetensors`` file or a folder of weights without
+        ``config.json`` raises :class:`~dtypelab.errors.NotRunnableError` (use :func:`inspect`); a
+        checkpoint missing a weight or holding one in the wrong shape raises ``CheckpointError``; a
+        device torch cannot use raises ``InputError``.
+
+    Example:
+        >>> load("tiny-llama", dtype="bf16").model.dtype
+        torch.bfloat16
+    """
+    loaded = _load_builtin(spec, dtype) if spec in BUILTIN_MODELS else _load_other(spec, dtype, allow_pickle)
+    _move(loaded.model, device)
+    return loaded
+
+
+def _move(model: nn.Module, device: str | torch.device) -> None:
+    with device_errors(device, "the model"):
+        model.to(device)
+
+
+@contextlib.contextmanager
+def device_errors(device: str | torch.device, what: str) -> Iterator[None]:
+    """Turn torch's error for a device it does not know or cannot reach (no CUDA, no MPS in this build,
+    ``cuda:99``) into one :class:`InputError` line naming ``what`` was being moved."""
+    try:
+        yield
+    except (RuntimeError, AssertionError, ValueError) as exc:  # torch asserts when built without CUDA
+        raise InputError(f"cannot put {what} on device {str(device)!r} ({first_line(exc)}): "
+                         "use cpu, or cuda / cuda:N where torch sees a GPU") from exc
+
+
+def _load_builtin(spec: str, dtype: str | torch.dtype) -> LoadedModel:
+    entry = BUILTIN_MODELS[spec]
+    if entry.folder is not None:
+        loaded = load_folder(Path(entry.folder()), dtype)
+        loaded.spec, loaded.output_kind = spec, entry.output_kind  # the registry's word, as for the others
+        return loaded
+    model = _in_dtype(build_model(spec), dtype)
+    tokenizer = entry.tokenizer() if entry.tokenizer else None
+    return LoadedModel(spec, model, model_kind(model), entry.output_kind, tokenizer, default_input(spec))
+
+
+def _in_dtype(model: nn.Module, dtype: str | torch.dtype) -> nn.Module:
+    return model if dtype == "auto" else cast_model(model, dtype).eval()
+
+
+def _load_other(spec: str, dtype: str | torch.dtype, allow_pickle: bool) -> LoadedModel:
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _load_path(path, dtype, allow_pickle)
+    if looks_like_path(spec):
+        raise ModelSpecError(f"no such file or folder {spec!r}: give a Hugging Face model folder "
+                             f"(config.json + safetensors) or a built-in name ({', '.join(builtin_names())})")
+    model = _in_dtype(build_model(spec), dtype)
+    return LoadedModel(spec, model, model_kind(model))
+
+
+def looks_like_path(spec: str) -> bool:
+    """A spec meant as a file or folder (not a built-in name or ``package.module:factory``)."""
+    if "/" in spec or "\\" in spec or spec.startswith((".", "~")):
+        return True
+    return Path(spec).suffix in (".safetensors", ".json", *PICKLE_SUFFIXES)
+
+
+def _load_path(path: Path, dtype: str | torch.dtype, allow_pickle: bool) -> LoadedModel:
+    if path.is_dir():
+        return load_folder(path, dtype, allow_pickle=allow_pickle)
+    if path.suffix == ".safetensors" or (path.suffix in PICKLE_SUFFIXES and allow_pickle):
+        raise NotRunnableError(f"{path} holds weights without a config.json, so it can be inspected "
+                               f"(dtypelab inspect {path}) but not run: give the model folder with its "
+                               "config.json")
+    if path.suffix in PICKLE_SUFFIXES:
+        raise pickle_refused(path)
+    raise ModelSpecError(f"{path} is not a model: give a Hugging Face model folder (config.json + "
+                         "safetensors), a .safetensors file, or a built-in name")
+
+
+def pickle_refused(path: Path) -> ModelSpecError:
+    return ModelSpecError(f"{path} is a pickle, which can run code when read: pass --allow-pickle "
+                          "(allow_pickle=True) to read it with torch.load(weights_only=True), "
+                          "or convert it to safetensors")
+
+
+def load_folder(path: Path, dtype: str | torch.dtype = "auto", *, allow_pickle: bool = False) -> LoadedModel:
+    """Load a Hugging Face model folder with transformers, straight into ``dtype`` (see :func:`load`)."""
+    safetensors_files, pickles = folder_weights(path)
+    if not (path / "config.json").is_file():
+        if safetensors_files or pickles:
+            raise NotRunnableError(f"folder {path} holds weights but no config.json, so it can be inspected "
+                                   f"(dtypelab inspect {path}) but not run: add the model's config.json")
+        raise ModelSpecError(f"folder {path} has no config.json and no weights: give a folder written by "
+                             "save_pretrained (config.json + model.safetensors) or a built-in name")
+    if not safetensors_files:
+        if not pickles:
+            raise ModelSpecError(f"folder {path} has config.json but no weights: add model.safetensors "
+                                 "(or its shards and model.safetensors.index.json)")
+        if not allow_pickle:
+            raise pickle_refused(pickles[0])
+    validate_safetensors(path, safetensors_files)
+    return _from_pretrained(path, dtype, use_safetensors=bool(safetensors_files))
+
+
+def folder_weights(path: Path) -> tuple[list[Path], list[Path]]:
+    """The safetensors files and the pickle weight files directly inside ``path``."""
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    return [p for p in files if p.suffix == ".safetensors"], [p for p in files if p.suffix in PICKLE_SUFFIXES]
+
+
+def validate_safetensors(folder: Path, files: list[Path]) -> None:
+    """Refuse a missing shard or a corrupt / truncated file before transformers reads any weights.
+
+    The safetensors library checks each header (JSON, offsets, file length) when the file is opened.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    for shard in _index_shards(folder):
+        if not (folder / shard).is_file():
+            raise CheckpointError(f"shard {shard} listed in {folder / 'model.safetensors.index.json'} is "
+                                  "missing: copy every shard the index names into the folder")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except SafetensorError as exc:
+            raise CheckpointError(f"corrupt or truncated safetensors file {file} ({exc}): "
+                                  "re-save or re-download it") from exc
+
+
+def _index_shards(folder: Path) -> set[str]:
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return set()
+    try:
+        return set(json.loads(index.read_text())["weight_map"].values())
+    except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
+        raise CheckpointError(f"corrupt shard index {index} ({exc}): re-save the model with "
+                              "save_pretrained") from exc
+
+
+def _from_pretrained(path: Path, dtype: str | torch.dtype, use_safetensors: bool) -> LoadedModel:
+    model = _read_pretrained(path, "auto" if dtype == "auto" else compute_dtype(dtype), use_safetensors)
+    kind = model_kind(model)
+    if kind == ModelKind.CAUSAL_LM:
+        model.config.use_cache = False  # compare needs logits only; no key/value cache in the output
+    output = OutputKind.LOGITS if kind == ModelKind.CAUSAL_LM else OutputKind.AUTO
+    return LoadedModel(str(path), model.eval(), kind, output, _folder_tokenizer(path))
+
+
+def _read_pretrained(path: Path, torch_dtype: str | torch.dtype, use_safetensors: bool) -> nn.Module:
+    """``from_pretrained`` of the config's class; a weight missing from the checkpoint or of the wrong
+    shape is an error (transformers would initialise it at random and only log it)."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+        scheme = quantization_scheme(config)
+        if scheme is not None:  # compressed-tensors: dtypelab's own quantized modules, no extra package
+            return build_quantized_model(path, config, scheme, model_class(config),
+                                         None if torch_dtype == "auto" else torch_dtype)
+        with _no_progress_bars():
+            model, info = model_class(config).from_pretrained(
+                path, dtype=torch_dtype, use_safetensors=use_safetensors, output_loading_info=True,
+                ignore_mismatched_sizes=True)
+    except DtypelabError:
+        raise  # already one clear line (the compressed loader checks completeness itself)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        reason = first_line(exc)
+        raise ModelSpecError(f"transformers cannot load {path} ({reason}): check config.json matches "
+                             "the weights and that your transformers version knows the architecture") from exc
+    _refuse_incomplete(path, info)
+    return model
+
+
+def _refuse_incomplete(path: Path, info: dict) -> None:
+    """Refuse weights the checkpoint lacks (``missing_keys``) or holds in another shape."""
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ())
+    for problem, names in (("lacks", missing), ("has a wrong shape for", mismatched)):
+        if names:
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            raise CheckpointError(f"the checkpoint in {path} {problem} {names[0]}{more}, which transformers "
+                                  "would fill with random values: check config.json matches the weights")
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Silence transformers' "Loading weights" bar for one call, then restore the user's setting."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
+def _folder_tokenizer(path: Path) -> object | None:
+    """The folder's own tokenizer; None when it has no tokenizer files, an error when they are broken."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:  # JSONDecodeError is a ValueError
+        reason = first_line(exc)
+        raise ModelSpecError(f"cannot read the tokenizer in {path} ({reason}): fix or remove its "
+                             "tokenizer files (without them, give token ids with --input)") from exc
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """Read a pickled state dict (``.bin``/``.pt``) with ``torch.load(weights_only=True)``, memory-mapped.
+
+    Only call this when the user asked for pickles: weights_only refuses code, but the format is
+    still one a user should opt into.
+    """
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        reason = first_line(exc)
+        raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True) ({reason}): "
+                              "save a plain state_dict or convert it to safetensors") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a state dict of tensors: save model.state_dict(), "
+                              "or convert it to safetensors")
+    return state

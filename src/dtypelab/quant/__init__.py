@@ -1,0 +1,41 @@
+"""Putting a model into a format: plain casts, quantized tensors and layers, and what they cost.
+
+Quant stage, above :mod:`dtypelab.formats`: :func:`cast_model` for plain dtypes, :func:`quantize_model`
+for scaled formats, :func:`round_trip` (the one rounding every analysis uses), the damage accounting
+(:mod:`dtypelab.quant.damage`) and :func:`inspect_model` (what a model in a format holds).
+"""
+
+from .activations import quantize_activations
+from .cast import KeepPolicy, cast_model, compute_dtype
+from .damage import (
+    Action,
+    DamageCounts,
+    TensorDamage,
+    count_damage,
+    dtype_name,
+    overflow_threshold,
+    quantization_damage,
+    sqnr_from_powers,
+)
+from .footprint import (
+    DtypeSummary,
+    ModelInspection,
+    TensorInfo,
+    inspect_model,
+    inspect_tensors,
+    param_dtype_lines,
+    print_param_dtype,
+)
+from .model import LayerOutcome, QuantizeResult, quantize_model
+from .nn import QuantizedEmbedding, QuantizedLinear
+from .packing import pack_nibbles, unpack_nibbles
+from .qtensor import QuantizedTensor, quantize_tensor, round_trip, saturated_count
+
+__all__ = [
+    "Action", "DamageCounts", "DtypeSummary", "KeepPolicy", "LayerOutcome", "ModelInspection",
+    "QuantizeResult", "QuantizedEmbedding", "QuantizedLinear", "QuantizedTensor", "TensorDamage",
+    "TensorInfo", "cast_model", "compute_dtype", "count_damage", "dtype_name", "inspect_model",
+    "inspect_tensors", "overflow_threshold", "pack_nibbles", "param_dtype_lines", "print_param_dtype",
+    "quantization_damage", "quantize_activations", "quantize_model", "quantize_tensor", "round_trip",
+    "saturated_count", "sqnr_from_powers", "unpack_nibbles",
+]

@@ -1,0 +1,165 @@
+"""``cast_model``: a copy of a model in another floating dtype, with modules kept in float32 on request.
+
+The copy is built tensor by tensor: every parameter and buffer is cast straight from the original
+into the new dtype and handed to ``copy.deepcopy`` through its memo, so the module tree is copied but
+no float32 duplicate of the weights is ever made. Tied tensors stay tied in the copy.
+
+Quant stage (putting a model into a format: this for plain dtypes, :mod:`dtypelab.quant.model` for
+scaled ones). It sits below :mod:`dtypelab.models` because loading a built-in straight into a dtype
+goes through this same cast.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import InputError, UnknownFormatError
+from ..formats import NumberFormat, get_format
+from ..naming import any_matches, inside_any, is_glob
+from ..tree import map_floating, modules_sharing_with, own_tensors
+
+
+@dataclass(frozen=True)
+class KeepPolicy:
+    """Modules to keep in a higher-precision dtype (default float32) while the rest is cast.
+
+    Args:
+        module_types: class names (``"LayerNorm"``) or classes; subclasses match too.
+        name_patterns: globs on qualified module names (``"head"``, ``"*.layernorm_*"``).
+        dtype: the dtype kept modules hold and compute in.
+
+    A kept module keeps all its submodules, and a module tied to it (an embedding sharing the kept
+    head's weight) is kept whole too. Inputs are cast to ``dtype`` on the way in and outputs back to
+    the model's dtype on the way out, so the forward runs unchanged.
+    """
+
+    module_types: tuple[type | str, ...] = ()
+    name_patterns: tuple[str, ...] = ()
+    dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def from_strings(cls, items: Sequence[str]) -> KeepPolicy:
+        """``["LayerNorm", "head*"]``: capitalised words without glob characters are class names.
+
+        Raises:
+            InputError: an empty item (it would match the model itself and keep everything).
+        """
+        if not all(item.strip() for item in items):
+            raise InputError(f"empty --keep item in {list(items)!r}: give a class name (LayerNorm) or a "
+                             "module name glob (lm_head, *.norm)")
+        types = tuple(i for i in items if i[:1].isupper() and not is_glob(i) and "." not in i)
+        return cls(types, tuple(i for i in items if i not in types))
+
+    def matches(self, name: str, module: nn.Module) -> bool:
+        """Whether the module at qualified ``name`` is kept: its class (or a base) or its name matches."""
+        for kind in self.module_types:
+            if isinstance(kind, str) and any(c.__name__ == kind for c in type(module).__mro__):
+                return True
+            if isinstance(kind, type) and isinstance(module, kind):
+                return True
+        return any_matches(name, self.name_patterns)
+
+    def kept_roots(self, model: nn.Module) -> list[str]:
+        """Qualified names of the outermost kept modules (their children are kept with them).
+
+        Raises:
+            InputError: a class or name pattern that matches no module (a typo would keep nothing).
+        """
+        roots: list[str] = []
+        for name, module in model.named_modules():
+            if not inside_any(name, roots) and self.matches(name, module):
+                roots.append(name)
+        self._check_all_match(model)
+        return roots
+
+    def _check_all_match(self, model: nn.Module) -> None:
+        modules = list(model.named_modules())
+        for item in [*self.module_types, *self.name_patterns]:
+            single = KeepPolicy((item,), ()) if item in self.module_types else KeepPolicy((), (item,))
+            if not any(single.matches(name, module) for name, module in modules):
+                label = item.__name__ if isinstance(item, type) else item
+                raise InputError(f"--keep {label!r} matches no module of the model (neither a class nor a "
+                                 "name): check the names with `dtypelab inspect`")
+
+
+def cast_model(model: nn.Module, fmt: str | torch.dtype | NumberFormat,
+               keep: KeepPolicy | None = None) -> nn.Module:
+    """Return a copy of ``model`` with floating tensors in ``fmt``; ``model`` is not modified.
+
+    Integer and boolean buffers are copied unchanged. With ``keep``, the modules it matches stay in
+    ``keep.dtype`` and the forward casts at their boundaries.
+
+    Example:
+        >>> cast_model(DummyModel(), "bf16").head.weight.dtype
+        torch.bfloat16
+    """
+    target = compute_dtype(fmt)
+    keep = keep or KeepPolicy()
+    roots = modules_sharing_with(model, keep.kept_roots(model))
+    new_model = copy.deepcopy(model, _cast_memo(model, target, roots, keep.dtype))
+    for name in roots:
+        _add_boundary_casts(new_model.get_submodule(name), keep.dtype, target)
+    return new_model
+
+
+def compute_dtype(fmt: str | torch.dtype | NumberFormat) -> torch.dtype:
+    """The torch dtype a model can hold and compute in for ``fmt`` (fp32, fp16, bf16), or a clear error.
+
+    Raises:
+        UnknownFormatError: an unknown name, or an 8-bit or smaller format (those take quantize).
+    """
+    fmt = get_format(fmt)
+    if not fmt.is_floating_point or fmt.torch_dtype is None or fmt.torch_dtype.itemsize < 2:
+        raise UnknownFormatError(f"cannot compute in {fmt.name}: cast takes a floating compute dtype "
+                                 "(fp32, fp16, bf16); 8-bit and smaller formats are quantized: "
+                                 "compare --to int8, dtypelab.quantize_model")
+    return fmt.torch_dtype
+
+
+def _cast_memo(model: nn.Module, target: torch.dtype, roots: list[str], kept: torch.dtype) -> dict:
+    """Map id(original tensor) -> its cast copy: ``kept`` inside ``roots``, ``target`` elsewhere."""
+    memo: dict[int, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        dtype = kept if inside_any(name, roots) else target
+        for tensor in own_tensors(module):
+            if id(tensor) not in memo:  # tied: one copy, so the copy stays tied
+                memo[id(tensor)] = _cast_tensor(tensor, dtype)
+    return memo
+
+
+def _cast_tensor(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A new tensor (never a view of the original): floating ones in ``dtype``, others as they are."""
+    data = tensor.detach().to(dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(data, requires_grad=tensor.requires_grad)
+    return data
+
+
+class _CastInputs:
+    """Forward pre-hook: floating positional and keyword inputs to the kept dtype."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        return map_floating(args, self.dtype), map_floating(kwargs, self.dtype)
+
+
+class _CastOutput:
+    """Forward hook: floating outputs back to the dtype the rest of the model computes in."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def __call__(self, module: nn.Module, args: tuple, output: object) -> object:
+        return map_floating(output, self.dtype)
+
+
+def _add_boundary_casts(module: nn.Module, kept: torch.dtype, target: torch.dtype) -> None:
+    module.register_forward_pre_hook(_CastInputs(kept), with_kwargs=True)
+    module.register_forward_hook(_CastOutput(target))

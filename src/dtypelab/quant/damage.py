@@ -1,0 +1,239 @@
+"""What storing values in a format destroys: the one damage accounting of dtypelab.
+
+Quant stage: builds on :mod:`dtypelab.formats` and :mod:`dtypelab.quant.qtensor`. Three callers count
+with it, so they can never disagree: ``predict_headroom`` (the float32 run's activations and weights,
+rounded with :func:`~dtypelab.quant.qtensor.round_trip`), ``convert``'s cast report (chunk by chunk,
+through reused buffers) and ``convert``'s quantized report.
+
+The definitions, for a source value ``x`` and the value ``s`` the format stores for it:
+
+* **overflowed**: ``x`` finite and ``s`` not (inf / NaN), or ``|x|`` beyond
+  :func:`overflow_threshold` in a format without inf (e4m3fn saturates: 448 for anything past 464);
+  for scaled formats, ``x`` beyond its block's reach (:func:`~dtypelab.quant.qtensor.saturated_count`);
+* **flushed to zero**: ``x != 0`` and ``s == 0``;
+* **subnormal**: ``0 < |s| <`` the format's smallest normal;
+* **SQNR**: ``10·log10(Σx² / Σ(s − x)²)`` from float64 sums (:func:`sqnr_from_powers`, the formula
+  ``compare`` uses too).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..enums import StrEnum
+from ..formats import NumberFormat, rounding_threshold
+from .qtensor import QuantizedTensor, saturated_count
+
+
+class Action(StrEnum):
+    """What a conversion did to one tensor."""
+
+    CAST = "cast"
+    COPIED = "copied"
+    KEPT = "kept"
+    QUANTIZED = "quantized"
+
+
+def sqnr_from_powers(signal: float, noise: float) -> float:
+    """10·log10(signal / noise) in dB from summed squares: inf when noise is 0, -inf when the signal
+    is 0 or the noise infinite (an overflowed candidate), NaN when the noise is NaN."""
+    if noise == 0:
+        return math.inf
+    if math.isnan(noise):
+        return math.nan
+    return 10 * math.log10(signal / noise) if signal and noise != math.inf else -math.inf
+
+
+@dataclass(frozen=True)
+class TensorDamage:
+    """What casting one tensor did to its values.
+
+    Args:
+        name: the tensor (the first name, when tied tensors share it).
+        source_dtype: torch dtype name before (``"float32"``).
+        output_dtype: torch dtype name written.
+        action: an :class:`Action`: cast, copied (not floating, or already in the target dtype), kept
+            (matched a keep pattern) or quantized.
+        numel: number of elements.
+        overflowed: finite values that became inf or were saturated to the largest finite value.
+        flushed_to_zero: non-zero values that became zero.
+        subnormal: values that became non-zero subnormals (precision lost, value kept).
+        max_rel_error: largest ``|cast - source| / |source|`` over finite non-zero source values that
+            did not overflow (a flushed value counts 1.0).
+        aliases: other names tied to the same data.
+        signal_sq, noise_sq: sums of ``source²`` and ``(stored - source)²`` (quantized tensors only,
+            where rounding error is the point: they give :attr:`sqnr_db`).
+    """
+
+    name: str
+    source_dtype: str
+    output_dtype: str
+    action: Action
+    numel: int
+    overflowed: int = 0
+    flushed_to_zero: int = 0
+    subnormal: int = 0
+    max_rel_error: float = 0.0
+    aliases: tuple[str, ...] = ()
+    signal_sq: float = 0.0
+    noise_sq: float = 0.0
+
+    @property
+    def lost_values(self) -> int:
+        """Values destroyed outright; what ``--strict`` refuses. A cast loses values that overflow or
+        flush to zero; a quantized tensor those clamped beyond its codes' reach (flushing small values
+        onto the zero code is what a coarse grid does, and its SQNR reports it)."""
+        if self.action == Action.QUANTIZED:
+            return self.overflowed
+        return self.overflowed + self.flushed_to_zero
+
+    @property
+    def sqnr_db(self) -> float | None:
+        """Signal-to-quantization-noise ratio in dB (quantized tensors; inf when exact)."""
+        if self.action != Action.QUANTIZED and not self.noise_sq:
+            return None
+        return sqnr_from_powers(self.signal_sq, self.noise_sq)
+
+    def merged(self, other: TensorDamage) -> TensorDamage:
+        """Add the counts of another chunk of the same tensor."""
+        return replace(self, overflowed=self.overflowed + other.overflowed,
+                       flushed_to_zero=self.flushed_to_zero + other.flushed_to_zero,
+                       subnormal=self.subnormal + other.subnormal,
+                       max_rel_error=max(self.max_rel_error, other.max_rel_error),
+                       signal_sq=self.signal_sq + other.signal_sq, noise_sq=self.noise_sq + other.noise_sq)
+
+    @classmethod
+    def from_counts(cls, counts: DamageCounts, action: Action = Action.CAST) -> TensorDamage:
+        """A tensor's damage from :func:`count_damage`'s counts (name fields empty)."""
+        return cls("", "", "", action, counts.numel, counts.overflowed, counts.flushed_to_zero,
+                   counts.subnormal, counts.max_rel_error, signal_sq=counts.signal_sq,
+                   noise_sq=counts.noise_sq)
+
+
+def overflow_threshold(fmt: NumberFormat) -> float:
+    """The largest magnitude a plain format stores without overflowing: half the top binade's step past
+    max finite (e4m3fn: 448 + 16), where round to nearest still lands on max."""
+    return rounding_threshold(fmt.max_finite, fmt.eps)
+
+
+@dataclass(frozen=True)
+class DamageCounts:
+    """What rounding one set of values to a format did (see the module docstring for each count).
+
+    ``nonzero`` counts finite non-zero sources, ``non_finite`` sources already inf / NaN (no format can
+    help those; they are left out of the other counts), ``absmax`` the largest finite source magnitude.
+    ``max_rel_error`` is the largest ``|s - x| / |x|`` over finite non-zero sources that did not overflow
+    (a flushed value counts 1.0); ``signal_sq`` and ``noise_sq`` are ``Σx²`` and ``Σ(s − x)²`` over finite
+    sources that did not overflow, in float64.
+    """
+
+    numel: int = 0
+    nonzero: int = 0
+    non_finite: int = 0
+    absmax: float = 0.0
+    overflowed: int = 0
+    flushed_to_zero: int = 0
+    subnormal: int = 0
+    max_rel_error: float = 0.0
+    signal_sq: float = 0.0
+    noise_sq: float = 0.0
+
+    def merged(self, other: DamageCounts) -> DamageCounts:
+        """The counts of both sets together."""
+        return DamageCounts(self.numel + other.numel, self.nonzero + other.nonzero,
+                            self.non_finite + other.non_finite, max(self.absmax, other.absmax),
+                            self.overflowed + other.overflowed, self.flushed_to_zero + other.flushed_to_zero,
+                            self.subnormal + other.subnormal, max(self.max_rel_error, other.max_rel_error),
+                            self.signal_sq + other.signal_sq, self.noise_sq + other.noise_sq)
+
+    @property
+    def sqnr_db(self) -> float:
+        """SQNR in dB of what stayed finite (inf when exact)."""
+        return sqnr_from_powers(self.signal_sq, self.noise_sq)
+
+
+def count_damage(source: torch.Tensor, stored: torch.Tensor, fmt: NumberFormat, *,
+                 scratch: tuple[torch.Tensor, torch.Tensor] | None = None, sums: bool = True) -> DamageCounts:
+    """Count what storing ``source`` in the plain format ``fmt`` did, from its read-back ``stored``.
+
+    Args:
+        source: the values, float32 or float64, 1-D (any shape is flattened).
+        stored: the same values stored in ``fmt`` and read back in ``source``'s dtype (a cast or
+            :func:`~dtypelab.quant.qtensor.round_trip`).
+        scratch: a float buffer of ``source``'s dtype and a bool buffer of at least ``source.numel()``
+            elements, reused instead of fresh temporaries (fresh memory is what costs on hosts that
+            hand freed pages back; ``convert`` passes its chunk buffers).
+        sums: also take ``signal_sq`` / ``noise_sq`` (float64 copies; a plain cast's report skips them).
+    """
+    source, stored = source.reshape(-1), stored.reshape(-1)
+    count = source.numel()
+    if scratch is None:
+        scratch = torch.empty_like(source), torch.empty(count, dtype=torch.bool)
+    work, mask = scratch[0][:count], scratch[1][:count]
+    torch.abs(source, out=work)
+    finite = torch.lt(work, math.inf, out=mask)  # |x| < inf: False for inf and NaN
+    non_finite = count - int(finite.sum())
+    absmax = float(work.masked_fill_(~finite, 0).max()) if count else 0.0
+    nonzero = int(torch.count_nonzero(work))  # finite non-zero: non-finite ones were zeroed just above
+    stored_nonzero = int(torch.count_nonzero(stored))
+    flushed = int(torch.count_nonzero(source)) - stored_nonzero
+    below_normal = int(torch.lt(torch.abs(stored, out=work), fmt.smallest_normal, out=mask).sum())
+    subnormal = below_normal - (count - stored_nonzero)
+    overflow = _overflowed(source, stored, fmt, work, mask)
+    overflowed = int(overflow.sum())
+    lost = overflow | ~torch.isfinite(source)
+    torch.sub(stored, source, out=work).masked_fill_(lost, 0.0)  # (count,) error of what stayed finite
+    signal_sq = noise_sq = 0.0
+    if sums and count:
+        noise_sq = float(torch.dot(work.double(), work.double()))
+        signal = source.masked_fill(lost, 0.0).double()
+        signal_sq = float(torch.dot(signal, signal))
+    work.abs_().div_(source.abs()).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # 0/0 (exact zero) -> 0
+    max_rel = float(work.max()) if count else 0.0
+    return DamageCounts(count, nonzero, non_finite, absmax, overflowed, flushed, subnormal, max_rel,
+                        signal_sq, noise_sq)
+
+
+def _overflowed(source: torch.Tensor, stored: torch.Tensor, fmt: NumberFormat, work: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+    """Where a finite source value overflowed (a new bool tensor; ``work`` and ``mask`` are clobbered)."""
+    lost = torch.isfinite(source) & ~torch.isfinite(stored)
+    if fmt.torch_dtype is not None and saturates(fmt.torch_dtype):
+        torch.gt(torch.abs(source, out=work), overflow_threshold(fmt), out=mask)
+        lost |= mask & torch.isfinite(source)
+    return lost
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+@functools.cache
+def saturates(dtype: torch.dtype) -> bool:
+    """True for formats without inf (fp8 e4m3fn): out-of-range values clamp to the largest finite."""
+    return not torch.tensor(float("inf")).to(dtype).float().isinf().item()
+
+
+def quantization_damage(source: torch.Tensor, qt: QuantizedTensor) -> TensorDamage:
+    """What quantizing ``source`` (rows, cols) into ``qt`` did: clamped and flushed values, the
+    largest relative error and the squared sums behind the SQNR (name fields empty).
+
+    Works in place on one dequantized copy (fresh temporaries cost more than the arithmetic here);
+    the squared sums accumulate in float32 per chunk (BLAS dot), then in float64 across chunks.
+    """
+    values = source.float().reshape(-1)
+    error = qt.dequantize(torch.float32).reshape(-1)  # the stored values
+    # zero always quantizes to exactly zero, so every zero of the output not in the input was flushed
+    flushed = int(torch.count_nonzero(values)) - int(torch.count_nonzero(error))
+    error.sub_(values)
+    signal_sq, noise_sq = float(torch.dot(values, values)), float(torch.dot(error, error))
+    tiny = torch.finfo(torch.float32).tiny  # a zero input has a zero error: 0 / tiny = 0
+    rel = error.abs_().div_(values.abs().clamp_(min=tiny))
+    return TensorDamage("", "", "", Action.QUANTIZED, values.numel(), saturated_count(source, qt), flushed,
+                        max_rel_error=float(rel.max()) if values.numel() else 0.0,
+                        signal_sq=signal_sq, noise_sq=noise_sq)

@@ -1,0 +1,343 @@
+"""Quantize one 2-D tensor to a scaled format: codes + scales in their own dtypes, and back.
+
+Layout: a (rows, cols) tensor is cut into blocks along cols — one block per row (``channel``),
+``cols / g`` blocks per row (``gN``) or one block for everything (``tensor``). Each block gets a scale
+(and a zero point when asymmetric); elements are ``codec.encode(x / scale)``, clamped to the codec's
+range first (saturation), so the stored value is always finite. 4-bit codes are packed two per byte.
+Scale rules: absmax / max_finite rounded to the scale format (RNE). Symmetric integers use all 2^b
+codes: the block's largest-magnitude value x_ext maps onto the most negative code (scale = x_ext / -8
+for int4, as llama.cpp's Q4_0 does), so the scale is signed and the extreme's side gets the extra code
+(int4: 16 levels instead of 15, +1.2 dB at the same bits). e8m0 (OCP MX) takes
+2^(floor(log2 absmax) - emax of the element), as the OCP MX spec says, saturating elements above max;
+NVFP4 divides by an fp32 tensor scale absmax / (448 * 6) first, so block scales fit e4m3.
+
+:func:`round_trip` is the one rounding every analysis uses (a plain format's torch cast, a scaled
+format's quantize-and-back), so a prediction rounds exactly as the stored model does.
+Quant stage: builds on :mod:`dtypelab.formats`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputError
+from ..formats import E4M3, E5M2, SCALE_DTYPES, Granularity, IntCodec, NumberFormat, rounding_threshold
+from .packing import pack_nibbles, unpack_nibbles
+
+NATIVE_FLOAT8 = {E4M3: torch.float8_e4m3fn, E5M2: torch.float8_e5m2}
+CHUNK_ELEMENTS = 1 << 20  # rows quantized together: ~4 MB of float32 per temporary
+MSE_CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 .. 0.5: clip candidates for :mse
+
+
+@dataclass
+class QuantizedTensor:
+    """A tensor stored as codes and scales; ``dequantize`` gives it back in any float dtype.
+
+    Args:
+        fmt: the format (with its granularity).
+        shape: (rows, cols) of the original tensor.
+        data: codes, (rows, cols) for 8-bit formats (int8 / float8 / uint8 dtype) or
+            (rows, ceil(cols / 2)) uint8 with two 4-bit codes per byte.
+        scale: (rows or 1, blocks per row, 1) in the format's scale dtype.
+        zero_point: uint8, shaped like ``scale``, for asymmetric formats; else None.
+        tensor_scale: fp32 scalar second-level scale (NVFP4); else None.
+    """
+
+    fmt: NumberFormat
+    shape: tuple[int, int]
+    data: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None = None
+    tensor_scale: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """True storage bytes: codes + scales + zero points + tensor scale."""
+        parts = (self.data, self.scale, self.zero_point, self.tensor_scale)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Element codes (rows, cols) as stored, unpacked; ``rows`` selects a subset of rows."""
+        data = self.data if rows is None else self.data[rows]
+        if self.fmt.bits == 4:
+            return unpack_nibbles(data, self.shape[1])
+        return data.view(torch.uint8) if data.dtype.is_floating_point else data
+
+    def dequantize(self, dtype: torch.dtype = torch.float32,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Values (rows, cols) in ``dtype``: decode(codes) times the block scale (minus zero point)."""
+        values = _decode_elements(self, rows)  # (rows, cols) float32
+        scale, zp = _select_rows(self.scale, rows).float(), _select_rows(self.zero_point, rows)
+        blocks = values.reshape(values.shape[0], scale.shape[1], -1)  # (rows, blocks, block)
+        if zp is not None:
+            blocks = blocks - zp.float()
+        out = blocks * scale
+        if self.tensor_scale is not None:
+            out = out * self.tensor_scale
+        return out.reshape(values.shape).to(dtype)
+
+
+def quantize_tensor(tensor: torch.Tensor, fmt: NumberFormat) -> QuantizedTensor:
+    """Quantize ``tensor`` (2-D, or any shape read as rows of its last dimension) to ``fmt``.
+
+    Raises:
+        InputError: NaN/inf values, a group size that does not divide the row length.
+    Example:
+        >>> qt = quantize_tensor(torch.randn(4, 256), get_format("int4:g128"))
+        >>> qt.nbytes * 8 / (4 * 256)
+        4.125
+    """
+    rows = _as_rows(tensor)
+    _check_quantizable(rows, fmt)
+    tensor_scale = _tensor_scale(rows, fmt)
+    parts = [_quantize_rows(chunk, fmt, tensor_scale) for chunk in _row_chunks(rows, fmt)]
+    data, scale, zp = (None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True))
+    return QuantizedTensor(fmt, tuple(rows.shape), data, scale, zp, tensor_scale)
+
+
+def round_trip(tensor: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
+    """``tensor`` stored in ``fmt`` and read back in its own dtype (round to nearest even).
+
+    Plain formats are a torch cast (saturating codecs such as e4m3 clamp first, as the stored cast
+    does); scaled formats quantize the last dimension as rows (a 1-D tensor is one row, a scalar a row
+    of one) with this format's scales, exactly as :func:`quantize_tensor` stores them; an empty tensor
+    comes back as it is. A row length the group size does not divide is zero-padded to the next
+    multiple (zeros change no absmax and are stored exactly), so any activation can be rounded;
+    storing a weight that way is refused instead (see :func:`quantize_tensor`).
+    """
+    if not fmt.is_quantized:
+        saturating = fmt.codec is not None and fmt.codec.overflow == "saturate"
+        clamped = tensor.clamp(-fmt.max_finite, fmt.max_finite) if saturating else tensor
+        return clamped.to(fmt.torch_dtype).to(tensor.dtype)
+    if tensor.numel() == 0:  # nothing to round (and no block to take a scale from)
+        return tensor.clone()
+    if tensor.dim() == 0:  # a scalar is a row of one
+        return round_trip(tensor.reshape(1), fmt).reshape(())
+    cols = tensor.shape[-1]
+    pad = -cols % fmt.group_size if fmt.granularity == Granularity.GROUP else 0
+    padded = torch.nn.functional.pad(tensor, (0, pad)) if pad else tensor
+    back = quantize_tensor(padded, fmt).dequantize(tensor.dtype).reshape(padded.shape)
+    return back[..., :cols] if pad else back
+
+
+def _row_chunks(rows: torch.Tensor, fmt: NumberFormat) -> tuple[torch.Tensor, ...]:
+    """Rows in chunks of about ``CHUNK_ELEMENTS``: the scale search's temporaries stay cache-sized and
+    are reused instead of touching fresh memory. A per-tensor scale needs all rows at once."""
+    if fmt.granularity == Granularity.TENSOR:
+        return (rows,)
+    return rows.split(max(1, CHUNK_ELEMENTS // rows.shape[1]))
+
+
+def _quantize_rows(rows: torch.Tensor, fmt: NumberFormat, tensor_scale: torch.Tensor | None) -> tuple:
+    """(stored codes, scale, zero point) of some whole rows."""
+    blocks = _blocks(rows, fmt)
+    scale, zp = _choose_scales(blocks, fmt, tensor_scale)
+    codes = _encode_blocks(blocks, fmt, _decoded_scale(scale, tensor_scale), zp)
+    return _store_codes(codes.reshape(rows.shape), fmt), scale, zp
+
+
+def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """float32 (rows, cols) view: a 1-D tensor is one row, N-D tensors are rows of the last dim."""
+    if tensor.dim() == 0:
+        raise InputError("cannot quantize a scalar: give a tensor with at least one dimension")
+    if tensor.numel() == 0:
+        raise InputError(f"cannot quantize an empty tensor (shape {list(tensor.shape)}): leave it as it is")
+    return tensor.detach().float().reshape(-1, tensor.shape[-1])
+
+
+def _check_quantizable(rows: torch.Tensor, fmt: NumberFormat) -> None:
+    if fmt.codec is None:
+        raise InputError(f"{fmt.name} is a plain dtype, not a quantized format: cast instead")
+    if rows.numel() and not torch.isfinite(torch.stack(torch.aminmax(rows))).all():  # NaN propagates
+        raise InputError("tensor has NaN or inf values, which no scale can represent: fix or exclude it")
+    if fmt.granularity == Granularity.GROUP and rows.shape[1] % fmt.group_size:
+        raise InputError(f"group size {fmt.group_size} does not divide the row length {rows.shape[1]}: "
+                         "choose a group size that divides it or use :channel")
+
+
+def _blocks(rows: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
+    """(rows, blocks, block) view of the values that share a scale."""
+    block = fmt.group_size if fmt.granularity == Granularity.GROUP else rows.shape[1]
+    return rows.reshape(rows.shape[0], -1, block)
+
+
+def _block_reduce(values: torch.Tensor, fmt: NumberFormat, op) -> torch.Tensor:
+    """``op`` (torch.amax / amin / sum) over each scale's block: (rows|1, blocks|1, 1)."""
+    if fmt.granularity == Granularity.TENSOR:
+        values = values.reshape(1, 1, -1)
+    return op(values, dim=-1, keepdim=True)
+
+
+def _tensor_scale(rows: torch.Tensor, fmt: NumberFormat) -> torch.Tensor | None:
+    """NVFP4's fp32 tensor scale: maps the tensor absmax onto e4m3 max x element max (1 if all 0)."""
+    if not fmt.tensor_scale:
+        return None
+    amax = rows.abs().max()
+    scale = amax / (E4M3.max_finite * fmt.codec.max_finite)
+    return torch.where(amax > 0, scale, torch.ones_like(scale)).float()
+
+
+def _choose_scales(blocks: torch.Tensor, fmt: NumberFormat, tensor_scale: torch.Tensor | None):
+    """Stored (scale, zero point) per block: absmax, or the best clip ratio when ``:mse``."""
+    stats = _block_stats(blocks, fmt)
+    if fmt.scale_search != "mse":
+        return _scales_for_clip(stats, fmt, tensor_scale, 1.0)
+    best = None
+    for ratio in MSE_CLIP_RATIOS:
+        scale, zp = _scales_for_clip(stats, fmt, tensor_scale, ratio)
+        err = _block_error(blocks, fmt, scale, zp, tensor_scale)
+        best = (err, scale, zp) if best is None else _keep_better(best, (err, scale, zp))
+    return best[1], best[2]
+
+
+def _keep_better(best: tuple, new: tuple) -> tuple:
+    """Per block, keep whichever candidate has the smaller squared error."""
+    better = new[0] < best[0]
+    pick = [torch.where(better, n, b) if n is not None else None for n, b in zip(new, best, strict=True)]
+    return tuple(pick)
+
+
+def _block_error(blocks, fmt, scale, zp, tensor_scale) -> torch.Tensor:
+    """Sum of squared quantization error per block for one candidate scale."""
+    decoded, codec = _decoded_scale(scale, tensor_scale), fmt.element_codec
+    if isinstance(codec, IntCodec):  # codec.encode's round and clamp, kept in float: no int16 round trip
+        values = torch.round(_scaled(blocks, decoded, zp)).clamp_(codec.min_value, codec.max_finite)
+    else:
+        values = codec.decode(_encode_blocks(blocks, fmt, decoded, zp))
+    if zp is not None:
+        values = values - zp.float()
+    return _block_reduce((values * decoded - blocks) ** 2, fmt, torch.sum)
+
+
+def _block_stats(blocks: torch.Tensor, fmt: NumberFormat) -> tuple[torch.Tensor, ...]:
+    """What a block's scale depends on, computed once per search: (min, max) with zero included for
+    asymmetric formats, the signed extreme for symmetric integers, the absmax otherwise."""
+    if not fmt.symmetric:
+        return (_block_reduce(blocks, fmt, torch.amin).clamp(max=0),
+                _block_reduce(blocks, fmt, torch.amax).clamp(min=0))
+    if isinstance(fmt.codec, IntCodec) and not fmt.codec.restricted:
+        return (_signed_extreme(blocks, fmt),)
+    return (_block_reduce(blocks.abs(), fmt, torch.amax),)
+
+
+def _scales_for_clip(stats: tuple[torch.Tensor, ...], fmt, tensor_scale, ratio: float):
+    """Scale (stored dtype) and zero point for blocks clipped to ``ratio`` of their range."""
+    if not fmt.symmetric:
+        return _asym_scales(stats, fmt, ratio)
+    codec = fmt.codec
+    if isinstance(codec, IntCodec) and not codec.restricted:
+        extreme = stats[0] * ratio  # onto the most negative code: signed scale
+        return _encode_scale(extreme / codec.min_value, extreme != 0, fmt), None
+    amax = stats[0] * ratio
+    ideal = amax / codec.max_finite
+    if tensor_scale is not None:
+        ideal = ideal / tensor_scale
+    return _encode_scale(ideal, amax > 0, fmt), None
+
+
+def _signed_extreme(blocks: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
+    """The value of largest magnitude in each block, with its sign: (rows|1, blocks|1, 1)."""
+    values = blocks.reshape(1, 1, -1) if fmt.granularity == Granularity.TENSOR else blocks
+    return values.gather(-1, values.abs().argmax(dim=-1, keepdim=True))
+
+
+def _asym_scales(stats: tuple[torch.Tensor, ...], fmt, ratio: float):
+    """Asymmetric: [min, max] (zero included) spread over 0 .. 2^bits - 1, zero point rounded to it."""
+    lo, hi = stats[0] * ratio, stats[1] * ratio
+    qmax = fmt.element_codec.max_finite
+    scale = _encode_scale((hi - lo) / qmax, hi > lo, fmt)
+    zp = torch.round(-lo / scale.float()).clamp(0, qmax).to(torch.uint8)
+    return scale, zp
+
+
+def _encode_scale(ideal: torch.Tensor, nonzero: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
+    """Round ideal scales to the scale format; an all-zero block gets scale 1 (``nonzero`` False)."""
+    dtype = SCALE_DTYPES[fmt.scale_format]
+    if fmt.scale_format == "e8m0":  # OCP MX: 2^(floor(log2 amax) - emax_elem)
+        emax = math.floor(math.log2(fmt.codec.max_finite))
+        exp = torch.floor(torch.log2(ideal * fmt.codec.max_finite)) - emax
+        ideal = torch.exp2(exp.clamp(-127, 127))
+    elif fmt.scale_format == "e4m3":
+        ideal = ideal.clamp(max=E4M3.max_finite)
+    else:  # float scales keep their sign (signed integer scales); magnitude within the dtype's range
+        ideal = torch.sign(ideal) * ideal.abs().clamp(min=torch.finfo(dtype).tiny, max=torch.finfo(dtype).max)
+    ideal = torch.where(nonzero, ideal, torch.ones_like(ideal))
+    return ideal.to(dtype)
+
+
+def _decoded_scale(scale: torch.Tensor, tensor_scale: torch.Tensor | None) -> torch.Tensor:
+    decoded = scale.float()
+    return decoded * tensor_scale if tensor_scale is not None else decoded
+
+
+def _encode_blocks(blocks, fmt, scale, zp) -> torch.Tensor:
+    """Element codes for ``blocks / scale`` (+ zero point), clamped to the codec's range first."""
+    codec = fmt.element_codec
+    scaled = _scaled(blocks, scale, zp)
+    if isinstance(codec, IntCodec):
+        return codec.encode(scaled)
+    scaled = scaled.clamp(-codec.max_finite, codec.max_finite)
+    if codec in NATIVE_FLOAT8:  # same codes as codec.encode, bit for bit (tests/test_formats.py), faster
+        return scaled.to(NATIVE_FLOAT8[codec]).view(torch.uint8)
+    return codec.encode(scaled)
+
+
+def _scaled(blocks: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None) -> torch.Tensor:
+    """``blocks / scale (+ zero point)``: element values before rounding (a zero scale counts as 1)."""
+    scaled = blocks / torch.where(scale != 0, scale, torch.ones_like(scale))
+    return scaled + zp.float() if zp is not None else scaled
+
+
+def _store_codes(codes: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
+    """Codes in their storage dtype: packed nibbles, int8/uint8, or viewed as the float8 dtype."""
+    if fmt.bits == 4:
+        return pack_nibbles(codes.to(torch.uint8) if codes.dtype == torch.uint8 else codes)
+    if codes.dtype == torch.int16:  # integers: signed int8, or uint8 for asymmetric
+        return codes.to(torch.int8 if fmt.symmetric else torch.uint8)
+    return codes.view(fmt.torch_dtype) if fmt.torch_dtype is not None else codes
+
+
+def _decode_elements(qt: QuantizedTensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """float32 element values (rows, cols) before scaling."""
+    data = qt.data if rows is None else qt.data[rows]
+    if qt.fmt.bits == 8 and data.dtype != torch.uint8:
+        return data.float()  # int8 and float8 storage convert natively (bit-exact, tested)
+    return qt.fmt.element_codec.decode(qt.codes(rows)).reshape(data.shape[0], qt.shape[1])
+
+
+def _select_rows(tensor: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+    """Scale rows for a row subset; per-tensor scales (one row) broadcast to every row."""
+    if tensor is None or rows is None or tensor.shape[0] == 1:
+        return tensor
+    return tensor[rows]
+
+
+def saturated_count(tensor: torch.Tensor, qt: QuantizedTensor) -> int:
+    """How many values of ``tensor`` were clipped in ``qt``: beyond their codes' reach, not rounded.
+
+    A value counts when, divided by its scale, it lies beyond what the scheme maps onto codes by
+    rounding: symmetric integers ±(|most negative code| + 1/2) (the full-range short side reaches one
+    step past its last code by design), asymmetric ones one step past either end (the zero point is
+    rounded too), floats half the top binade's step past max (round to nearest lands on max anyway).
+    What remains is real clipping: an ``:mse`` clip ratio, fp8 saturation.
+    """
+    blocks = _blocks(_as_rows(tensor), qt.fmt)  # (rows, blocks, block)
+    scaled = _scaled(blocks, _decoded_scale(qt.scale, qt.tensor_scale), qt.zero_point)
+    low, high = _reach(qt.fmt.element_codec)
+    smallest, largest = torch.aminmax(scaled)
+    if smallest >= low and largest <= high:  # the usual case, proved by one pass
+        return 0
+    return int(torch.count_nonzero((scaled < low) | (scaled > high)))
+
+
+def _reach(codec) -> tuple[float, float]:
+    """The scaled values the scheme maps onto the codec's codes without clipping (see above)."""
+    if isinstance(codec, IntCodec):
+        if codec.signed:
+            return codec.min_value - 0.5, -codec.min_value + 0.5
+        return -1.0, codec.max_finite + 1.0
+    limit = rounding_threshold(codec.max_finite, codec.eps)
+    return -limit, limit

@@ -1,0 +1,21 @@
+"""Variants: the candidates a reference is measured against — our formats and the peers' — built once.
+
+Variants stage, above :mod:`dtypelab.models`; :mod:`dtypelab.analysis` measures what this builds.
+"""
+
+from .build import (
+    Variant,
+    VariantSpec,
+    apply_format,
+    as_variants,
+    build_variant,
+    build_variants,
+    iter_variants,
+    parse_variant_specs,
+)
+from .peers import PEERS, Peer, PeerError, PeerRun, is_peer_spec, run_peer
+
+__all__ = [
+    "PEERS", "Peer", "PeerError", "PeerRun", "Variant", "VariantSpec", "apply_format", "as_variants",
+    "build_variant", "build_variants", "is_peer_spec", "iter_variants", "parse_variant_specs", "run_peer",
+]
