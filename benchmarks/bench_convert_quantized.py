@@ -27,9 +27,9 @@ BENCH_DIR = ROOT / ".bench" / "convert-quantized"
 IN_MEMORY_SCRIPT = """
 import pathlib, sys, torch
 from safetensors.torch import load_file, save_file
-from dtypelab.compressed import linear_layers, to_parts
+from dtypelab.checkpoint import linear_layers, to_parts
 from dtypelab.formats import get_format
-from dtypelab.qtensor import quantize_tensor
+from dtypelab.quant import quantize_tensor
 src, dst, fmt = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), get_format(sys.argv[3])
 dst.mkdir()
 linears, heads = linear_layers(src)

@@ -25,8 +25,8 @@ _PEAK_SCRIPT = f"""
 import sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from dtypelab import cast_model
-from dtypelab.compare import output_metrics, select_output
-from dtypelab.layers import compare_layers, forward
+from dtypelab.analysis import output_metrics, select_output
+from dtypelab.analysis import compare_layers, run_model
 
 def status(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))

@@ -18,12 +18,11 @@ import time
 import torch
 from torch import nn
 
-from dtypelab.compare import paired_latency_ms, sqnr_db
-from dtypelab.inputs import model_inputs
-from dtypelab.models import load
-from dtypelab.peers import run_peer
-from dtypelab.quantize import apply_format, quantize_model
+from dtypelab.analysis import paired_latency_ms, sqnr_db
+from dtypelab.models import load, model_inputs
+from dtypelab.quant import quantize_model
 from dtypelab.report import Table
+from dtypelab.variants import apply_format, run_peer
 
 from .harness import median_seconds, print_table
 

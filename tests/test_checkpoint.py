@@ -17,10 +17,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dtypelab.checkpoint import convert_checkpoint, inspect_checkpoint, parse_size
+from dtypelab.checkpoint import (
+    convert_checkpoint,
+    inspect_checkpoint,
+    parse_size,
+    read_header,
+    remove_leftovers,
+)
+from dtypelab.checkpoint.safetensors_file import encode_header
 from dtypelab.errors import CheckpointError, DamageError, InputError
-from dtypelab.safetensors_format import encode_header, read_header
-from dtypelab.staging import remove_leftovers
 
 SRC_DIR = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -185,8 +190,8 @@ def test_progress_reaches_the_total(tmp_path):
     save_file(tensors(), tmp_path / "in.safetensors")
     seen = []
     result = convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", "bf16",
-                                progress=lambda done, total: seen.append((done, total)))
-    assert seen[-1] == (result.bytes_read, result.bytes_read)
+                                progress=lambda event: seen.append((event.done, event.total)))
+    assert seen[0] == (0, result.bytes_read) and seen[-1] == (result.bytes_read, result.bytes_read)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
 
 
@@ -253,7 +258,7 @@ def test_existing_destination_refused_without_force(tmp_path):
 
 
 def test_too_little_free_space_refused_before_writing(tmp_path, monkeypatch):
-    import dtypelab.checkpoint as checkpoint
+    import dtypelab.checkpoint.convert as checkpoint
     save_file(tensors(), tmp_path / "in.safetensors")
     real = shutil.disk_usage
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: real(path)._replace(free=100))
@@ -272,7 +277,7 @@ def test_destination_inside_source_refused(tmp_path):
 
 
 def test_verify_catches_bytes_that_differ(tmp_path, monkeypatch):
-    import dtypelab.checkpoint_writer as writer
+    import dtypelab.checkpoint.writer as writer
     save_file(tensors(), tmp_path / "in.safetensors")
     real_write = writer.write_all
 
@@ -308,8 +313,8 @@ sys.path.insert(0, {src!r})
 from pathlib import Path
 from dtypelab.checkpoint import convert_checkpoint
 
-def progress(done, total):
-    if done > total // 2:
+def progress(event):
+    if event.done > event.total // 2:
         Path({marker!r}).write_text("half")
         time.sleep(60)
 

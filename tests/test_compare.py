@@ -7,10 +7,8 @@ import pytest
 import torch
 
 from dtypelab import cast_model, compare_models, output_metrics
-from dtypelab import compare as compare_module
-from dtypelab.compare import (
+from dtypelab.analysis import (
     ErrorSums,
-    FailedVariant,
     cosine_similarity,
     kl_divergence,
     max_abs_diff,
@@ -22,7 +20,9 @@ from dtypelab.compare import (
     sqnr_db,
     top1_agreement,
 )
+from dtypelab.analysis import metrics as metrics_module
 from dtypelab.errors import InputError
+from dtypelab.variants import Variant
 
 REF = torch.tensor([3.0, 4.0])
 CAND = torch.tensor([3.0, 3.0])  # error (0, -1)
@@ -108,12 +108,7 @@ def test_compare_models_on_the_seed(dummy, seed_input):
 
 from torch import nn  # noqa: E402
 
-from dtypelab.compare import (  # noqa: E402
-    mean_pooled,
-    next_token_metrics,
-    pooled_cosines,
-    valid_positions,
-)
+from dtypelab.analysis import mean_pooled, next_token_metrics, pooled_cosines, valid_positions  # noqa: E402
 
 
 def test_valid_positions_drops_padding_rows():
@@ -216,7 +211,7 @@ def test_output_name_that_does_not_exist():
 # --- Real models ------------------------------------------------------------------------------------
 
 def test_minilm_pooled_embeddings_survive_fp16_and_bf16(minilm, short_texts):
-    from dtypelab.inputs import model_inputs
+    from dtypelab.models import model_inputs
 
     inputs = model_inputs(minilm, texts=short_texts)
     variants = {f: cast_model(minilm.model, f) for f in ("fp16", "bf16")}
@@ -232,7 +227,7 @@ def test_minilm_pooled_embeddings_survive_fp16_and_bf16(minilm, short_texts):
 
 
 def test_tiny_llama_report(tiny_llama, short_texts):
-    from dtypelab.inputs import model_inputs
+    from dtypelab.models import model_inputs
 
     inputs = model_inputs(tiny_llama, texts=short_texts)
     variants = {f: cast_model(tiny_llama.model, f) for f in ("fp16", "bf16")}
@@ -256,7 +251,7 @@ def assert_metrics_close(row_metrics, truth):
 
 
 def test_error_sums_match_whole_tensor_metrics_over_many_chunks(monkeypatch):
-    monkeypatch.setattr(compare_module, "_CHUNK_ELEMENTS", 7)  # 60 elements -> 9 chunks
+    monkeypatch.setattr(metrics_module, "_CHUNK_ELEMENTS", 7)  # 60 elements -> 9 chunks
     torch.manual_seed(0)
     ref = torch.randn(3, 4, 5)
     cand = ref.half().float() + 0.01 * torch.randn(3, 4, 5)
@@ -268,7 +263,7 @@ def test_error_sums_match_whole_tensor_metrics_over_many_chunks(monkeypatch):
 
 
 def test_error_sums_carry_nan_and_inf(monkeypatch):
-    monkeypatch.setattr(compare_module, "_CHUNK_ELEMENTS", 2)
+    monkeypatch.setattr(metrics_module, "_CHUNK_ELEMENTS", 2)
     ref = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
     cand = torch.tensor([1.0, math.inf, 3.0, math.nan, 5.0])
     sums = ErrorSums()
@@ -281,7 +276,7 @@ def test_error_sums_carry_nan_and_inf(monkeypatch):
 
 def test_error_sums_keep_a_nan_in_the_reference_absmax(monkeypatch):
     """A NaN in the reference (in a chunk before larger values) was dropped by Python's max()."""
-    monkeypatch.setattr(compare_module, "_CHUNK_ELEMENTS", 2)
+    monkeypatch.setattr(metrics_module, "_CHUNK_ELEMENTS", 2)
     ref = torch.tensor([1.0, math.nan, 3.0, 4.0])
     sums = ErrorSums()
     sums.add(ref, ref.clone())
@@ -314,7 +309,7 @@ def test_timed_compare_warns_when_a_variant_is_slower_than_the_reference(dummy, 
 
 
 def test_failed_variant_is_a_row_with_its_reason(dummy, seed_input):
-    result = compare_models(dummy, {"broken": FailedVariant("nothing to quantize")}, seed_input)
+    result = compare_models(dummy, {"broken": Variant.failed("broken", "nothing to quantize")}, seed_input)
     row = result.variants[0]
     assert row.failure == "nothing to quantize" and row.metrics is None
     assert "failed: nothing to quantize" in result.to_text()
@@ -382,8 +377,8 @@ def test_relative_error_against_an_all_zero_reference(candidate, expected):
 
 def test_floating_inputs_are_given_in_each_variants_dtype():
     # a model fed embeddings (--input-file): its fp16 / bf16 copies get the inputs in their own dtype
-    from dtypelab.cast import cast_model
-    from dtypelab.compare import compare_models
+    from dtypelab.analysis import compare_models
+    from dtypelab.quant import cast_model
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))

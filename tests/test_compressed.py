@@ -10,13 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dtypelab
-from dtypelab import compressed
 from dtypelab.checkpoint import convert_checkpoint
+from dtypelab.checkpoint import layouts as compressed
 from dtypelab.errors import CheckpointError, DamageError, InputError, UnknownFormatError
 from dtypelab.formats import get_format
-from dtypelab.packing import pack_nibbles
-from dtypelab.qtensor import QuantizedTensor, quantize_tensor
-from dtypelab.quantize import QuantizedLinear, quantize_model
+from dtypelab.quant import QuantizedLinear, QuantizedTensor, pack_nibbles, quantize_model, quantize_tensor
 from helpers import run_cli
 
 # Every layout the writer produces: pack-quantized (int, weight-only), int-/float-quantized (with
@@ -412,7 +410,7 @@ def test_report_json_carries_sqnr_and_lost_values(tmp_path, llama_folder):
 
 @pytest.mark.parametrize("part", ["weight_packed", "weight_scale"])
 def test_verify_catches_a_corrupt_quantized_part(tmp_path, llama_folder, monkeypatch, part):
-    import dtypelab.checkpoint_writer as writer
+    import dtypelab.checkpoint.writer as writer
 
     folder, _ = llama_folder
     # k_proj's codes: 32 rows x 8 int32 words; q_proj's scales: 64 rows x 2 groups of fp16

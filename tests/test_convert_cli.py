@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dtypelab.cli import ProgressLine
+from dtypelab.cli.convert import ProgressLine
+from dtypelab.progress import ProgressEvent
 from helpers import run_cli
 
 
@@ -71,13 +72,13 @@ def test_existing_output_and_unknown_format(capsys, tmp_path, src):
 
 def test_progress_line_shows_bytes_rate_and_time_left(capsys):
     progress = ProgressLine()
-    progress(0, 2 * 10**9)
-    progress(2 * 10**9, 2 * 10**9)
+    progress(ProgressEvent("convert", 0, 2 * 10**9, "bytes"))
+    progress(ProgressEvent("convert", 2 * 10**9, 2 * 10**9, "bytes"))
     err = capsys.readouterr().err
     assert "2.00/2.00 GB" in err and "MB/s" in err and "s left" in err and err.endswith("\n")
     stopped = ProgressLine()
     stopped.shown -= 1.0  # as if the last redraw were a second ago
-    stopped(10**9, 2 * 10**9)
+    stopped(ProgressEvent("convert", 10**9, 2 * 10**9, "bytes"))
     stopped.close()  # an error follows: the half-drawn line is ended first
     err = capsys.readouterr().err
     assert err.startswith("\r1.00/2.00 GB") and err.endswith(" \n")
@@ -91,7 +92,7 @@ def test_report_path_is_checked_before_anything_is_written(capsys, tmp_path, src
 
 
 def test_fsync_flushes_every_output_file_before_the_rename(capsys, tmp_path, src, monkeypatch):
-    import dtypelab.staging as staging
+    import dtypelab.checkpoint.staging as staging
 
     synced, renamed = [], []
     real_fsync, real_rename = os.fsync, os.rename

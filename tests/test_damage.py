@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from dtypelab.damage import ChunkCaster, TensorDamage, saturates
+from dtypelab.checkpoint import ChunkCaster
+from dtypelab.checkpoint.safetensors_file import DTYPE_CODES
 from dtypelab.formats import NumberFormat, all_formats, get_format
-from dtypelab.safetensors_format import DTYPE_CODES
+from dtypelab.quant import TensorDamage
+from dtypelab.quant.damage import saturates
 
 TARGETS = [f for f in all_formats() if f.raw_castable and f.torch_dtype in DTYPE_CODES]
 

@@ -7,15 +7,17 @@ import torch
 from safetensors.torch import save_file
 
 from dtypelab.errors import InputError
-from dtypelab.inputs import (
+from dtypelab.models import (
+    LoadedModel,
+    byte_tokenizer,
     default_texts,
+    load,
     load_tensor_file,
     model_inputs,
     parse_token_ids,
     to_device,
     tokenize,
 )
-from dtypelab.models import LoadedModel, byte_tokenizer, load
 
 pytest.importorskip("transformers")
 

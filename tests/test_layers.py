@@ -9,11 +9,10 @@ import torch
 from torch import nn
 
 from dtypelab import DummyModel, cast_model
-from dtypelab import layers as layers_module
-from dtypelab.compare import output_metrics, select_output
+from dtypelab.analysis import compare_layers, output_metrics, run_model, select_layers, select_output
+from dtypelab.analysis import layers as layers_module
 from dtypelab.errors import InputError
 from dtypelab.formats import get_format
-from dtypelab.layers import compare_layers, forward, select_layers
 from helpers import run_cli
 from layer_models import OverflowModel, llama_input, minilm, minilm_input, overflow_input, tiny_llama
 
@@ -33,7 +32,7 @@ def capture_all(model: nn.Module, inputs, names: list[str]) -> dict[str, torch.T
 
     handles = [model.get_submodule(n).register_forward_hook(keeper(n)) for n in names]
     with torch.inference_mode():
-        forward(model, inputs)
+        run_model(model, inputs)
     for h in handles:
         h.remove()
     return outputs
@@ -85,7 +84,7 @@ def test_isolated_row_is_the_variant_layer_on_the_reference_input():
     handle = model.get_submodule(name).register_forward_hook(
         lambda m, a, o: inputs.update(x=a[0].clone(), y=o))
     with torch.inference_mode():
-        forward(model, ids)
+        run_model(model, ids)
         handle.remove()
         expected = output_metrics(inputs["y"], variant.get_submodule(name)(inputs["x"].half()))
     row = next(r for r in compare_layers(model, {"fp16": variant}, ids, mode="isolated", patterns=[name])
@@ -273,7 +272,7 @@ class PassesIds(DummyModel):
 
 
 def test_layers_without_floating_output_are_listed_not_dropped():
-    from dtypelab.headroom import predict_headroom
+    from dtypelab.analysis import predict_headroom
 
     model = PassesIds()
     result = compare_layers(model, {"bf16": cast_model(model, "bf16")}, torch.tensor([[1, 0, 1]]))
@@ -298,9 +297,8 @@ def test_tiny_gpt2_blocks(mode):
 
 @pytest.mark.slow
 def test_padding_is_left_out_as_compare_models_does():
-    from dtypelab.compare import compare_models, valid_positions
-    from dtypelab.inputs import model_inputs
-    from dtypelab.models import load
+    from dtypelab.analysis import compare_models, valid_positions
+    from dtypelab.models import load, model_inputs
 
     loaded = load("minilm", "fp32")
     inputs = model_inputs(loaded, texts=["A short one.", "A much longer sentence, with more tokens in it."])
@@ -410,7 +408,7 @@ def test_propagated_mode_reports_inputs_changed_in_place():
 def test_isolated_mode_feeds_the_reference_values_inside_namedtuples():
     from collections import namedtuple
 
-    from dtypelab.layers import _feed_like
+    from dtypelab.analysis.layers import _feed_like
 
     Pair = namedtuple("Pair", "hidden ids")
     reference, variant = Pair(torch.tensor([1e6, 0.1]), torch.tensor([1])), Pair(torch.zeros(2).half(),
@@ -447,8 +445,8 @@ def test_a_model_writing_into_its_input_leaves_the_callers_tensor_and_the_other_
 
 
 def test_nan_threshold_is_refused():
+    from dtypelab.analysis import compare_layers
     from dtypelab.errors import InputError
-    from dtypelab.layers import compare_layers
     from dtypelab.models import DummyModel
 
     model = DummyModel()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dtypelab import cast_model
-from dtypelab.compare import max_abs_diff, mean_abs_diff
+from dtypelab.analysis import max_abs_diff, mean_abs_diff
 from dtypelab.errors import InputError, ModelSpecError
 from dtypelab.models import DummyModel, build_model, validate_token_ids
 
@@ -86,7 +86,7 @@ def test_negative_token_id_is_named():
 
 
 @pytest.mark.parametrize(("spec", "match"), [
-    ("dtypelab.models:TINY_LM_SEED", "is not callable"),
+    ("dtypelab.models.builtins:TINY_LM_SEED", "is not callable"),
     ("dtypelab.models:builtin_names", "returned list, not a torch.nn.Module"),
     ("dtypelab.models:no_such_factory", "cannot import factory"),
 ])

@@ -13,10 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from dtypelab.compare import FailedVariant, compare_models
-from dtypelab.inspection import inspect_model, param_dtype_lines
-from dtypelab.peers import PEERS, Peer, PeerError, is_peer_spec, run_peer
-from dtypelab.quantize import build_variants, quantize_model
+from dtypelab.analysis import compare_models
+from dtypelab.quant import inspect_model, param_dtype_lines, quantize_model
+from dtypelab.variants import PEERS, Peer, PeerError, build_variants, is_peer_spec, run_peer
 
 
 def _mlp() -> nn.Module:
@@ -113,8 +112,8 @@ def test_build_variants_mixes_formats_peers_and_failures():
     model = nn.Sequential(nn.Embedding(20, 48), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
     variants = build_variants(model, "bf16,int8,int4:g128,quanto:qint8")
     assert list(variants) == ["bf16", "int8", "int4:g128", "quanto:qint8"]
-    assert isinstance(variants["int4:g128"], FailedVariant)
-    assert "does not divide" in variants["int4:g128"].reason
+    assert not variants["int4:g128"].ok and variants["int4:g128"].model is None
+    assert "does not divide" in variants["int4:g128"].failure
     result = compare_models(model, variants, torch.randint(0, 20, (2, 5)), timing=True)
     rows = {v.name: v for v in result.variants}
     assert rows["int4:g128"].failure and rows["int4:g128"].metrics is None

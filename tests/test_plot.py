@@ -7,9 +7,9 @@ pytest.importorskip("matplotlib")
 import torch  # noqa: E402
 
 from dtypelab import DummyModel, cast_model  # noqa: E402
+from dtypelab.analysis import compare_layers  # noqa: E402
 from dtypelab.errors import InputError  # noqa: E402
-from dtypelab.layers import compare_layers  # noqa: E402
-from dtypelab.plot import plot_layers  # noqa: E402
+from dtypelab.report import plot_layers  # noqa: E402
 from layer_models import OverflowModel, overflow_input  # noqa: E402
 
 
@@ -49,8 +49,7 @@ def test_bad_suffix_is_refused_and_nothing_written(tmp_path, dummy_result):
 
 
 def test_many_layers_are_labelled_sparsely(tmp_path):
-    from dtypelab.compare import OutputMetrics
-    from dtypelab.layers import LayerComparison, LayerRow, VariantLayers
+    from dtypelab.analysis import LayerComparison, LayerRow, OutputMetrics, VariantLayers
 
     metrics = OutputMetrics(0.0, 0.0, 0.0, 50.0, 1.0)
     rows = [LayerRow(f"layer_{i:03d}", "Linear", (1,), 1.0, metrics, 0.0, 0.0) for i in range(200)]
@@ -66,9 +65,8 @@ def test_layers_below_zero_db_stay_on_the_chart():
     """A layer whose error outweighs its signal has a negative SQNR; the y axis used to start at 0 dB."""
     import matplotlib.pyplot as plt
 
-    from dtypelab.compare import OutputMetrics
-    from dtypelab.layers import LayerComparison, LayerRow, VariantLayers
-    from dtypelab.plot import _draw
+    from dtypelab.analysis import LayerComparison, LayerRow, OutputMetrics, VariantLayers
+    from dtypelab.report.plot import _draw
 
     rows = [LayerRow(name, "Linear", (1,), 1.0, OutputMetrics(0.0, 0.0, 0.0, sqnr, 1.0), 0.0, 0.0)
             for name, sqnr in [("a", 40.0), ("b", -12.0)]]

@@ -11,8 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from dtypelab.checkpoint import read_header
+from dtypelab.checkpoint.safetensors_file import DTYPES, encode_header
 from dtypelab.errors import CheckpointError
-from dtypelab.safetensors_format import DTYPES, encode_header, read_header
 
 
 def raw_file(path: Path, header: dict | bytes, data: bytes = b"", length: int | None = None) -> Path:

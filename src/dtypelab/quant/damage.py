@@ -200,12 +200,11 @@ def count_damage(source: torch.Tensor, stored: torch.Tensor, fmt: NumberFormat, 
 
 def _overflowed(source: torch.Tensor, stored: torch.Tensor, fmt: NumberFormat, work: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
-    """Where a finite source value overflowed (a new bool tensor; ``work`` and ``mask`` are clobbered)."""
-    lost = torch.isfinite(source) & ~torch.isfinite(stored)
-    if fmt.torch_dtype is not None and saturates(fmt.torch_dtype):
-        torch.gt(torch.abs(source, out=work), overflow_threshold(fmt), out=mask)
-        lost |= mask & torch.isfinite(source)
-    return lost
+    """Where a finite source value overflowed: it was stored as inf / NaN, or it lies beyond
+    :func:`overflow_threshold` (saturated: read back finite). A new bool tensor; ``work`` and ``mask``
+    are clobbered. For IEEE formats the two tests agree; formats without inf need the second."""
+    torch.gt(torch.abs(source, out=work), overflow_threshold(fmt), out=mask)
+    return torch.isfinite(source) & (mask | ~torch.isfinite(stored))
 
 
 def dtype_name(dtype: torch.dtype) -> str:
