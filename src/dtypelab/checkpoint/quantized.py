@@ -89,8 +89,11 @@ def build_quantized_model(folder: Path, config: object, scheme: dict, model_cls:
 
 
 def _config_dtype(config: object) -> torch.dtype:
-    """config.json's ``dtype`` (``torch_dtype`` in older files) as a torch dtype; float32 if unset."""
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    """config.json's ``dtype`` (``torch_dtype`` in older files) as a torch dtype; float32 if unset.
+
+    ``config.torch_dtype`` is not read as an attribute: transformers 5 keeps it as a deprecated alias
+    that warns on every access, so only a value stored under that old name is looked up."""
+    value = getattr(config, "dtype", None) or vars(config).get("torch_dtype")
     if isinstance(value, str):
         value = getattr(torch, value, None)
     return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32

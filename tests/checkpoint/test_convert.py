@@ -27,7 +27,7 @@ from dtypelab.checkpoint import (
 from dtypelab.checkpoint.safetensors_file import encode_header
 from dtypelab.errors import CheckpointError, DamageError, InputError
 
-SRC_DIR = str(Path(__file__).resolve().parents[1] / "src")
+SRC_DIR = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def tensors() -> dict[str, torch.Tensor]:
@@ -217,7 +217,7 @@ def test_damage_report_on_tensors_built_to_overflow_and_underflow(tmp_path):
 
 
 def test_fp8_output_saturates_and_reads_back_with_safetensors(tmp_path):
-    from test_damage import fp8_e4m3
+    from test_streaming import fp8_e4m3
     fmt = fp8_e4m3()
     source = {"w": torch.tensor([1000.0, -3.0, 0.01, 1e-4]), "ids": torch.arange(3)}
     save_file(source, tmp_path / "in.safetensors")

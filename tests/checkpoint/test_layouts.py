@@ -426,3 +426,20 @@ def test_verify_catches_a_corrupt_quantized_part(tmp_path, llama_folder, monkeyp
     with pytest.raises(CheckpointError, match=f"{part}'.*verification failed.*quantization"):
         convert_checkpoint(folder, tmp_path / "out", "int4:g32", verify=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_each_on_disk_format_is_one_registered_layout_class():
+    from dtypelab.checkpoint import LAYOUTS, Layout, layout_for, register
+
+    assert set(LAYOUTS) == {"pack-quantized", "naive-quantized", "int-quantized", "float-quantized"}
+    chosen = {spec: layout_for(get_format(spec)).name
+              for spec in ("int4:g32", "int8", "fp8_e4m3", "int8:a8", "fp8_e4m3:afp8")}
+    assert chosen == {"int4:g32": "pack-quantized", "int8": "pack-quantized", "fp8_e4m3": "naive-quantized",
+                      "int8:a8": "int-quantized", "fp8_e4m3:afp8": "float-quantized"}
+    with pytest.raises(ValueError, match="new, non-empty name"):
+        register(type("Again", (Layout,), {"name": "pack-quantized"}))
+    added = register(type("Nvfp4Packed", (Layout,), {"name": "nvfp4-pack-quantized"}))
+    try:
+        assert isinstance(LAYOUTS["nvfp4-pack-quantized"], added)  # adding a format is adding a class
+    finally:
+        del LAYOUTS["nvfp4-pack-quantized"]

@@ -48,7 +48,25 @@ def test_saturation_counts_as_overflow_but_rounding_down_to_max_does_not():
     counts = RangeCounts()
     counts.add(torch.tensor([1000.0, 470.0, 460.0, 1.0]), fmt)
     assert counts.overflow == 2 and counts.verdict() == "overflow"
+    half = RangeCounts()  # fp16: 65519 rounds down onto 65504 (not lost), the tie 65520 rounds up to inf
+    half.add(torch.tensor([65519.0, 65520.0]), get_format("fp16"))
+    assert half.overflow == 1
 
+
+
+@pytest.mark.parametrize("fmt", TORCH_FLOATS, ids=lambda f: f.name)
+def test_counts_equal_torch_cast(fmt):
+    torch.manual_seed(0)
+    exponents = torch.empty(4000).uniform_(-148, 127.9)  # 2^-148 .. 2^127.9: every regime, all finite in fp32
+    values = torch.sign(torch.randn(4000)) * torch.exp2(exponents)
+    cast = values.to(fmt.torch_dtype).float()
+    counts = RangeCounts()
+    counts.add(values, fmt)
+    finfo = torch.finfo(fmt.torch_dtype)
+    assert counts.overflow == int(cast.isinf().sum())
+    assert counts.flush_to_zero == int((cast == 0).sum())
+    assert counts.subnormal == int(((cast.abs() > 0) & (cast.abs() < finfo.smallest_normal)).sum())
+    assert counts.absmax == values.abs().max().item()
 
 
 def test_fp16_breaks_the_overflow_model_and_the_generated_keep_list_repairs_it():

@@ -1,0 +1,5 @@
+"""``python -m dtypelab.cli``: the ``dtypelab`` command without the console script."""
+
+from . import main
+
+main()

@@ -1,0 +1,101 @@
+"""The one damage accounting: headroom's prediction, convert's cast report and the quantizer's clip count
+count with the same definitions, so they agree on every value (see dtypelab.quant.damage)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dtypelab.analysis import RangeCounts
+from dtypelab.checkpoint import ChunkCaster
+from dtypelab.formats import get_format
+from dtypelab.quant import (
+    TensorDamage,
+    count_damage,
+    overflow_threshold,
+    quantization_damage,
+    quantize_tensor,
+    round_trip,
+    sqnr_from_powers,
+)
+
+PLAIN = ["fp16", "bf16", "fp8_e4m3:cast"]
+
+
+def adversarial(fmt_name: str, n: int = 5000) -> torch.Tensor:
+    """Values in every regime of the format: overflow, the rounding threshold and its neighbours,
+    normals, subnormals, flush-to-zero, zeros, inf and NaN."""
+    fmt = get_format(fmt_name)
+    torch.manual_seed(0)
+    top, tiny = fmt.max_finite, fmt.smallest_subnormal
+    limit = overflow_threshold(fmt)
+    edges = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, top, -top, limit,
+                          math.nextafter(limit, math.inf), math.nextafter(limit, 0), tiny, tiny / 2, tiny / 4,
+                          fmt.smallest_normal, 3 * top, -3 * top])
+    exponents = torch.empty(n).uniform_(math.log2(tiny) - 3, math.log2(top) + 2)
+    spread = torch.sign(torch.randn(n)) * torch.exp2(exponents)
+    return torch.cat([edges, spread]).float()
+
+
+def caster_damage(fmt_name: str, values: torch.Tensor) -> TensorDamage:
+    caster = ChunkCaster(get_format(fmt_name), chunk_elements=values.numel())
+    raw = values.numpy().tobytes()
+    caster.raw[:len(raw)] = raw
+    return caster.cast(torch.float32, values.numel())[1]
+
+
+@pytest.mark.parametrize("name", PLAIN)
+def test_headroom_convert_and_count_damage_agree_on_every_regime(name):
+    fmt, values = get_format(name), adversarial(name)
+    counts = count_damage(values, round_trip(values, fmt), fmt)
+    predicted = RangeCounts()
+    predicted.add(values, fmt)
+    written = caster_damage(name, values)
+    assert (predicted.overflow, predicted.flush_to_zero, predicted.subnormal) == \
+        (counts.overflowed, counts.flushed_to_zero, counts.subnormal)
+    assert (written.overflowed, written.flushed_to_zero, written.subnormal) == \
+        (counts.overflowed, counts.flushed_to_zero, counts.subnormal)
+    assert written.max_rel_error == counts.max_rel_error
+    assert counts.overflowed > 0 and counts.flushed_to_zero > 0 and counts.subnormal > 0  # every regime seen
+
+
+@pytest.mark.parametrize("name", PLAIN)
+def test_counts_match_an_independent_element_by_element_truth(name):
+    fmt, values = get_format(name), adversarial(name, 500)
+    stored = round_trip(values, fmt)
+    counts = count_damage(values, stored, fmt)
+    overflowed = flushed = subnormal = 0
+    for x, s in zip(values.tolist(), stored.tolist(), strict=True):  # the module docstring's definitions
+        if math.isfinite(x) and (not math.isfinite(s) or abs(x) > overflow_threshold(fmt)):
+            overflowed += 1
+        flushed += x != 0 and s == 0  # NaN != 0 holds and a NaN stays NaN: never counted
+        subnormal += 0 < abs(s) < fmt.smallest_normal
+    assert (counts.overflowed, counts.flushed_to_zero, counts.subnormal) == (overflowed, flushed, subnormal)
+    assert counts.non_finite == int((~values.isfinite()).sum()) and counts.numel == values.numel()
+
+
+def test_e4m3_threshold_is_half_the_top_step_past_448():
+    assert overflow_threshold(get_format("fp8_e4m3:cast")) == 464.0
+    assert overflow_threshold(get_format("fp16")) == 65520.0
+
+
+def test_sqnr_of_the_damage_is_the_compare_formula():
+    values = torch.linspace(-3, 3, 101)
+    fmt = get_format("bf16")
+    stored = round_trip(values, fmt)
+    counts = count_damage(values, stored, fmt)
+    signal, noise = float(values.double().pow(2).sum()), float((stored.double() - values.double()).pow(2).sum())
+    assert counts.sqnr_db == pytest.approx(10 * math.log10(signal / noise), rel=1e-12)
+    assert sqnr_from_powers(1.0, 0.0) == math.inf and sqnr_from_powers(0.0, 1.0) == -math.inf
+
+
+def test_quantized_damage_sqnr_and_cast_damage_share_one_formula():
+    torch.manual_seed(1)
+    weight = torch.randn(64, 128)
+    qt = quantize_tensor(weight, get_format("int4:g32"))
+    damage = quantization_damage(weight, qt)
+    noise = float((qt.dequantize(torch.float32).double() - weight.double()).pow(2).sum())
+    assert damage.sqnr_db == pytest.approx(sqnr_from_powers(float(weight.double().pow(2).sum()), noise),
+                                           rel=1e-5)  # float32 dot products per chunk, float64 across
