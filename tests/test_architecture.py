@@ -83,7 +83,7 @@ def imports(root: Path) -> list[tuple[str, str, list[str], bool, int]]:
 
 def layering_problems(root: Path) -> list[str]:
     problems = []
-    for importer, target, names, in_function, line in imports(root):
+    for importer, target, _, in_function, line in imports(root):
         where = f"{importer}:{line}"
         if in_function:
             problems.append(f"{where} imports {target} inside a function (to dodge a circle?)")
@@ -158,7 +158,8 @@ def test_a_planted_upward_import_is_caught(tmp_path):
 
 
 def test_a_planted_function_level_import_is_caught(tmp_path):
-    copy = plant(tmp_path, "quant/cast.py", "def late():\n    from ..errors import InputError\n    return InputError")
+    late = "def late():\n    from ..errors import InputError\n    return InputError"
+    copy = plant(tmp_path, "quant/cast.py", late)
     assert any("inside a function" in p and "dtypelab.quant.cast" in p for p in layering_problems(copy))
 
 
@@ -190,7 +191,8 @@ def test_each_stage_draws_its_public_names(package):
 
 def test_the_public_api_holds_the_user_verbs_and_every_name_it_had():
     verbs = {"load", "model_inputs", "cast_model", "quantize_model", "get_format", "compare_models",
-             "compare_layers", "predict_headroom", "inspect_model", "inspect_checkpoint", "convert_checkpoint",
+             "compare_layers", "predict_headroom", "inspect_model", "inspect_checkpoint",
+             "convert_checkpoint",
              "build_variants", "Variant", "ProgressEvent", "round_trip"}
     before = {"DtypelabError", "DummyModel", "HeadroomReport", "KeepPolicy", "LayerComparison", "LoadedModel",
               "NextTokenMetrics", "NumberFormat", "OutputMetrics", "all_formats", "build_model", "cast_model",

@@ -33,8 +33,8 @@ def test_fp16_counts_by_hand():
     # 1e-8 is below half the smallest subnormal (2^-24 / 2) and flushes; 3e-8 and 1e-5 land subnormal.
     values = torch.tensor([70000.0, 65520.0, 65519.0, -1e-8, 3e-8, 1e-5, 1.0, 0.0])
     counts = RangeCounts()
-    counts.add(values, get_format("fp16"))
-    assert (counts.overflow, counts.flush_to_zero, counts.subnormal) == (2, 1, 2)
+    counts.add_values(values, get_format("fp16"))
+    assert (counts.overflowed, counts.flushed_to_zero, counts.subnormal) == (2, 1, 2)
     assert counts.absmax == 70000.0 and counts.nonzero == 7
     assert counts.headroom_bits(get_format("fp16")) == pytest.approx(math.log2(65504 / 70000))
     assert counts.verdict() == "overflow"
@@ -46,11 +46,11 @@ def test_saturation_counts_as_overflow_but_rounding_down_to_max_does_not():
     # quantizer's clip count (dtypelab.quant.damage), so headroom and convert agree on every value.
     fmt = get_format("fp8_e4m3:cast")
     counts = RangeCounts()
-    counts.add(torch.tensor([1000.0, 470.0, 460.0, 1.0]), fmt)
-    assert counts.overflow == 2 and counts.verdict() == "overflow"
+    counts.add_values(torch.tensor([1000.0, 470.0, 460.0, 1.0]), fmt)
+    assert counts.overflowed == 2 and counts.verdict() == "overflow"
     half = RangeCounts()  # fp16: 65519 rounds down onto 65504 (not lost), the tie 65520 rounds up to inf
-    half.add(torch.tensor([65519.0, 65520.0]), get_format("fp16"))
-    assert half.overflow == 1
+    half.add_values(torch.tensor([65519.0, 65520.0]), get_format("fp16"))
+    assert half.overflowed == 1
 
 
 
@@ -61,10 +61,10 @@ def test_counts_equal_torch_cast(fmt):
     values = torch.sign(torch.randn(4000)) * torch.exp2(exponents)
     cast = values.to(fmt.torch_dtype).float()
     counts = RangeCounts()
-    counts.add(values, fmt)
+    counts.add_values(values, fmt)
     finfo = torch.finfo(fmt.torch_dtype)
-    assert counts.overflow == int(cast.isinf().sum())
-    assert counts.flush_to_zero == int((cast == 0).sum())
+    assert counts.overflowed == int(cast.isinf().sum())
+    assert counts.flushed_to_zero == int((cast == 0).sum())
     assert counts.subnormal == int(((cast.abs() > 0) & (cast.abs() < finfo.smallest_normal)).sum())
     assert counts.absmax == values.abs().max().item()
 
@@ -89,7 +89,7 @@ def test_keep_list_walks_up_to_the_first_module_whose_output_fits():
     from dtypelab.analysis import LayerHeadroom
 
     def row(name, overflow):
-        return LayerHeadroom(name, "M", "fp16", RangeCounts(numel=1, overflow=overflow), None)
+        return LayerHeadroom(name, "M", "fp16", RangeCounts(numel=1, overflowed=overflow), None)
 
     rows = [row("a.b.c", 1), row("a.b", 1), row("a", 0), row("x.y", 1), row("x", 0), row("x.z", 1),
             row("", 0)]
@@ -110,7 +110,7 @@ def test_headroom_rows_selected_by_depth_but_keep_list_uses_all():
 def test_minilm_fits_fp16_and_bf16():
     report = predict_headroom(minilm(), minilm_input(), ["fp16", "bf16"])
     assert report.keep == {"fp16": [], "bf16": []}
-    assert all(r.activations.overflow == 0 for r in report.rows)
+    assert all(r.activations.overflowed == 0 for r in report.rows)
 
 
 def test_weight_stats_by_hand():
@@ -234,8 +234,8 @@ def test_rounding_floor_of_a_scaled_format_is_its_quantized_model_in_float32(spe
 def test_values_already_non_finite_in_float32_are_reported_apart():
     """inf / NaN in the float32 run is no format's doing: counted on their own, never as overflow."""
     counts = RangeCounts()
-    counts.add(torch.tensor([math.inf, -math.inf, math.nan, 1.0, 0.0]), get_format("fp16"))
-    assert (counts.non_finite, counts.overflow, counts.nonzero, counts.absmax) == (3, 0, 1, 1.0)
+    counts.add_values(torch.tensor([math.inf, -math.inf, math.nan, 1.0, 0.0]), get_format("fp16"))
+    assert (counts.non_finite, counts.overflowed, counts.nonzero, counts.absmax) == (3, 0, 1, 1.0)
     assert counts.verdict() == "non-finite in float32"
 
 

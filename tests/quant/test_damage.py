@@ -51,9 +51,9 @@ def test_headroom_convert_and_count_damage_agree_on_every_regime(name):
     fmt, values = get_format(name), adversarial(name)
     counts = count_damage(values, round_trip(values, fmt), fmt)
     predicted = RangeCounts()
-    predicted.add(values, fmt)
+    predicted.add_values(values, fmt)
     written = caster_damage(name, values)
-    assert (predicted.overflow, predicted.flush_to_zero, predicted.subnormal) == \
+    assert (predicted.overflowed, predicted.flushed_to_zero, predicted.subnormal) == \
         (counts.overflowed, counts.flushed_to_zero, counts.subnormal)
     assert (written.overflowed, written.flushed_to_zero, written.subnormal) == \
         (counts.overflowed, counts.flushed_to_zero, counts.subnormal)
@@ -86,7 +86,8 @@ def test_sqnr_of_the_damage_is_the_compare_formula():
     fmt = get_format("bf16")
     stored = round_trip(values, fmt)
     counts = count_damage(values, stored, fmt)
-    signal, noise = float(values.double().pow(2).sum()), float((stored.double() - values.double()).pow(2).sum())
+    signal = float(values.double().pow(2).sum())
+    noise = float((stored.double() - values.double()).pow(2).sum())
     assert counts.sqnr_db == pytest.approx(10 * math.log10(signal / noise), rel=1e-12)
     assert sqnr_from_powers(1.0, 0.0) == math.inf and sqnr_from_powers(0.0, 1.0) == -math.inf
 

@@ -23,44 +23,23 @@ from torch import nn
 from ..errors import DtypelabError, InputError
 from ..formats import NumberFormat, get_format
 from ..naming import is_inside
-from ..quant import KeepPolicy, count_damage, round_trip
+from ..quant import DamageCounts, KeepPolicy, count_damage, round_trip
 from ..report import Table, TableMixin
 from .run import run_model, select_layers, select_output
 
 UNDERFLOW_SHARE = 0.01  # a layer is flagged when >= 1% of its non-zero values flush or go subnormal
 
 
-@dataclass
-class RangeCounts:
-    """What rounding to one format would do to a set of values (accumulates over tensors/calls).
-
-    ``overflow`` counts finite values that become inf/NaN or saturate (clip) at ``max_finite`` (beyond
-    :func:`~dtypelab.quant.overflow_threshold`: what ``convert`` counts as overflowed too);
-    ``flush_to_zero`` non-zero values that become 0; ``subnormal`` values that land below the
-    format's smallest normal (fewer significant bits); ``non_finite`` values that are already inf or
-    NaN in the float32 run (no format can help those, and they are left out of the other counts).
+class RangeCounts(DamageCounts):
+    """What rounding to one format would do to a set of values, accumulated over tensors and calls: the
+    damage accounting's counts (:class:`~dtypelab.quant.DamageCounts`; ``overflowed`` is beyond
+    :func:`~dtypelab.quant.overflow_threshold`, as ``convert`` counts it) plus headroom's reading of them.
     """
 
-    numel: int = 0
-    nonzero: int = 0
-    absmax: float = 0.0
-    overflow: int = 0
-    flush_to_zero: int = 0
-    subnormal: int = 0
-    non_finite: int = 0
-
-    def add(self, tensor: torch.Tensor, fmt: NumberFormat) -> None:
-        """Round ``tensor`` to ``fmt`` (:func:`~dtypelab.quant.round_trip`) and count what happened, by
-        the one damage accounting (:func:`~dtypelab.quant.count_damage`)."""
+    def add_values(self, tensor: torch.Tensor, fmt: NumberFormat) -> None:
+        """Round ``tensor`` to ``fmt`` (:func:`~dtypelab.quant.round_trip`) and count what happened."""
         values = tensor.detach().float()
-        counts = count_damage(values, round_trip(values, fmt), fmt, sums=False)
-        self.numel += counts.numel
-        self.non_finite += counts.non_finite
-        self.nonzero += counts.nonzero
-        self.absmax = max(self.absmax, counts.absmax)
-        self.overflow += counts.overflowed
-        self.flush_to_zero += counts.flushed_to_zero
-        self.subnormal += counts.subnormal
+        self.add(count_damage(values, round_trip(values, fmt), fmt, sums=False))
 
     def headroom_bits(self, fmt: NumberFormat) -> float:
         """log2(max_finite / absmax): binades to spare before overflow (negative: overflows)."""
@@ -70,9 +49,9 @@ class RangeCounts:
         """``non-finite in float32``, ``overflow``, ``flush to zero``, ``subnormal`` or ``ok``."""
         if self.non_finite:
             return "non-finite in float32"
-        if self.overflow:
+        if self.overflowed:
             return "overflow"
-        if self.nonzero and self.flush_to_zero / self.nonzero >= UNDERFLOW_SHARE:
+        if self.nonzero and self.flushed_to_zero / self.nonzero >= UNDERFLOW_SHARE:
             return "flush to zero"
         if self.nonzero and self.subnormal / self.nonzero >= UNDERFLOW_SHARE:
             return "subnormal"
@@ -91,7 +70,7 @@ class LayerHeadroom:
 
     @property
     def overflows(self) -> bool:
-        return bool(self.activations.overflow or (self.weights and self.weights.overflow))
+        return bool(self.activations.overflowed or (self.weights and self.weights.overflowed))
 
     def verdict(self) -> str:
         """The worse of the activation and weight verdicts, saying which one it is."""
@@ -131,9 +110,9 @@ class HeadroomReport(TableMixin):
         columns = ["layer", "type", "format", "act_absmax", "headroom_bits", "overflow", "flush_to_zero",
                    "subnormal", "weight_absmax", "weight_overflow", "verdict"]
         rows = [[r.name or "(model)", r.module_type, r.format, r.activations.absmax,
-                 r.activations.headroom_bits(self.formats[r.format]), r.activations.overflow,
-                 r.activations.flush_to_zero, r.activations.subnormal,
-                 r.weights.absmax if r.weights else None, r.weights.overflow if r.weights else None,
+                 r.activations.headroom_bits(self.formats[r.format]), r.activations.overflowed,
+                 r.activations.flushed_to_zero, r.activations.subnormal,
+                 r.weights.absmax if r.weights else None, r.weights.overflowed if r.weights else None,
                  r.verdict()] for r in self.rows]
         notes = [_keep_note(name, keep) for name, keep in self.keep.items()]
         if self.not_measured:
@@ -205,7 +184,7 @@ def _counting_hook(name: str, fmts: list[NumberFormat], counts: dict, skipped: l
             skipped.append(name)
             return
         for fmt in fmts:
-            counts.setdefault((name, fmt.name), RangeCounts()).add(tensor, fmt)
+            counts.setdefault((name, fmt.name), RangeCounts()).add_values(tensor, fmt)
     return hook
 
 
@@ -216,7 +195,7 @@ def _layer_headroom(model: nn.Module, name: str, fmt: NumberFormat, counts: dict
     if weights:
         weight_counts = RangeCounts()
         for weight in weights:
-            weight_counts.add(weight, fmt)
+            weight_counts.add_values(weight, fmt)
     return LayerHeadroom(name, type(module).__name__, fmt.name, counts[(name, fmt.name)], weight_counts)
 
 
@@ -240,7 +219,7 @@ def _fitting_ancestor(name: str, by_name: Mapping[str, LayerHeadroom]) -> str:
     candidate = name
     while candidate:
         row = by_name.get(candidate)
-        if row is not None and not row.activations.overflow:
+        if row is not None and not row.activations.overflowed:
             return candidate
         candidate = candidate.rpartition(".")[0]
     return ""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -120,15 +120,16 @@ def overflow_threshold(fmt: NumberFormat) -> float:
     return rounding_threshold(fmt.max_finite, fmt.eps)
 
 
-@dataclass(frozen=True)
+@dataclass
 class DamageCounts:
-    """What rounding one set of values to a format did (see the module docstring for each count).
+    """What rounding one set of values to a format did (see the module docstring for each count);
+    :meth:`add` accumulates another set (headroom sums every call of a module).
 
     ``nonzero`` counts finite non-zero sources, ``non_finite`` sources already inf / NaN (no format can
     help those; they are left out of the other counts), ``absmax`` the largest finite source magnitude.
     ``max_rel_error`` is the largest ``|s - x| / |x|`` over finite non-zero sources that did not overflow
     (a flushed value counts 1.0); ``signal_sq`` and ``noise_sq`` are ``Σx²`` and ``Σ(s − x)²`` over finite
-    sources that did not overflow, in float64.
+    sources that did not overflow, in float64 (0 unless asked for: ``count_damage(sums=True)``).
     """
 
     numel: int = 0
@@ -139,16 +140,16 @@ class DamageCounts:
     flushed_to_zero: int = 0
     subnormal: int = 0
     max_rel_error: float = 0.0
-    signal_sq: float = 0.0
-    noise_sq: float = 0.0
+    signal_sq: float = field(default=0.0, repr=False)
+    noise_sq: float = field(default=0.0, repr=False)
 
-    def merged(self, other: DamageCounts) -> DamageCounts:
-        """The counts of both sets together."""
-        return DamageCounts(self.numel + other.numel, self.nonzero + other.nonzero,
-                            self.non_finite + other.non_finite, max(self.absmax, other.absmax),
-                            self.overflowed + other.overflowed, self.flushed_to_zero + other.flushed_to_zero,
-                            self.subnormal + other.subnormal, max(self.max_rel_error, other.max_rel_error),
-                            self.signal_sq + other.signal_sq, self.noise_sq + other.noise_sq)
+    def add(self, other: DamageCounts) -> None:
+        """Add the counts of another set of values to these."""
+        for name in ("numel", "nonzero", "non_finite", "overflowed", "flushed_to_zero", "subnormal",
+                     "signal_sq", "noise_sq"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.absmax = max(self.absmax, other.absmax)
+        self.max_rel_error = max(self.max_rel_error, other.max_rel_error)
 
     @property
     def sqnr_db(self) -> float:
