@@ -25,8 +25,7 @@ _PEAK_SCRIPT = f"""
 import sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from dtypelab import cast_model
-from dtypelab.analysis import output_metrics, select_output
-from dtypelab.analysis import compare_layers, run_model
+from dtypelab.analysis import compare_layers, output_metrics, run_model, select_output
 
 def status(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
@@ -38,7 +37,7 @@ def naive(reference, variant, ids):  # the by-hand way: keep every output of bot
         hooks = [m.register_forward_hook(lambda m, a, o, n=n: kept.__setitem__(n, select_output(o)) and None)
                  for n, m in model.named_modules() if n]
         with torch.inference_mode():
-            forward(model, ids)
+            run_model(model, ids)
         for h in hooks:
             h.remove()
         outs.append(kept)
@@ -53,7 +52,7 @@ variant = cast_model(reference, "bf16")
 ids = torch.randint(0, {VOCAB}, (1, {SEQ}))
 method = sys.argv[1]
 run = {{
-    "forward": lambda i: forward(reference, i),
+    "forward": lambda i: run_model(reference, i),
     "naive": lambda i: naive(reference, variant, i),
     "lockstep": lambda i: compare_layers(reference, {{"bf16": variant}}, i, noise_floor=False),
     "propagated": lambda i: compare_layers(reference, {{"bf16": variant}}, i),

@@ -196,22 +196,6 @@ def from_parts(fmt: NumberFormat, parts: dict[str, torch.Tensor], shape: tuple[i
     return layout_for(fmt).from_parts(fmt, parts, shape)
 
 
-def _scale_part(fmt: NumberFormat, rows: int, cols: int) -> StoredPart:
-    blocks = cols // fmt.group_size if fmt.granularity == Granularity.GROUP else 1
-    shape = (1,) if fmt.granularity == Granularity.TENSOR else (rows, blocks)
-    return StoredPart("weight_scale", SCALE_DTYPES[fmt.scale_format], shape)
-
-
-def _stored_scale(qt: QuantizedTensor) -> torch.Tensor:
-    rows = qt.shape[0]
-    scale = qt.scale.reshape(1) if qt.fmt.granularity == Granularity.TENSOR else qt.scale.reshape(rows, -1)
-    return scale.clone()
-
-
-def _scale_view(fmt: NumberFormat, parts: dict[str, torch.Tensor], rows: int) -> torch.Tensor:
-    return parts["weight_scale"].reshape(1 if fmt.granularity == Granularity.TENSOR else rows, -1, 1)
-
-
 @register
 class PackQuantized(Layout):
     """int4 / int8 weight-only: codes packed into int32 words, the shape stored beside them."""
@@ -293,6 +277,22 @@ class FloatQuantized(NaiveQuantized):
     """fp8 weights with dynamic activation quantization: the naive parts."""
 
     name = "float-quantized"
+
+
+def _scale_part(fmt: NumberFormat, rows: int, cols: int) -> StoredPart:
+    blocks = cols // fmt.group_size if fmt.granularity == Granularity.GROUP else 1
+    shape = (1,) if fmt.granularity == Granularity.TENSOR else (rows, blocks)
+    return StoredPart("weight_scale", SCALE_DTYPES[fmt.scale_format], shape)
+
+
+def _stored_scale(qt: QuantizedTensor) -> torch.Tensor:
+    rows = qt.shape[0]
+    scale = qt.scale.reshape(1) if qt.fmt.granularity == Granularity.TENSOR else qt.scale.reshape(rows, -1)
+    return scale.clone()
+
+
+def _scale_view(fmt: NumberFormat, parts: dict[str, torch.Tensor], rows: int) -> torch.Tensor:
+    return parts["weight_scale"].reshape(1 if fmt.granularity == Granularity.TENSOR else rows, -1, 1)
 
 
 @functools.cache

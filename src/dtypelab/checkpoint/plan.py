@@ -137,28 +137,6 @@ class Quantization:
     layers: dict[str, str]
 
 
-def _plan_tensors(source: CheckpointSource, cast_to: NumberFormat | None, keep: tuple[str, ...],
-                  quant: Quantization | None) -> list[list[PlannedTensor]]:
-    """Per source shard, the stored tensors to write; tied names grouped into one item."""
-    target, matched, per_shard = DTYPE_CODES[cast_to.torch_dtype] if cast_to else None, set(), []
-    for shard in source.shards:
-        groups: dict[tuple[int, int] | str, list[TensorEntry]] = {}
-        for entry in shard.tensors:
-            groups.setdefault((entry.begin, entry.end) if entry.nbytes else entry.name, []).append(entry)
-        items = []
-        for entries in groups.values():
-            names = tuple(e.name for e in entries)
-            hits = {p for p in keep for n in names if name_matches(n, p)}
-            matched |= hits
-            items.append(_plan_item(names, entries[0], shard, target, bool(hits), quant))
-        per_shard.append(items)
-    for pattern in keep:
-        if pattern not in matched:
-            raise InputError(f"keep pattern {pattern!r} matches no tensor: check the names with "
-                             "`dtypelab inspect`")
-    return per_shard
-
-
 def _plan_item(names: tuple[str, ...], entry: TensorEntry, shard: SafetensorsHeader, target: str | None,
                kept: bool, quant: Quantization | None) -> PlannedTensor:
     if quant is not None and not kept and names[0] in quant.layers:
@@ -206,6 +184,28 @@ def plan_output(source: CheckpointSource, dst: Path, dst_is_file: bool, cast_to:
     shards = [PlannedShard(f"{prefix}-{i:05d}-of-{count:05d}.safetensors", g, metadata)
               for i, g in enumerate(groups, 1)]
     return OutputPlan(shards, prefix + INDEX_SUFFIX, source.index_metadata)
+
+
+def _plan_tensors(source: CheckpointSource, cast_to: NumberFormat | None, keep: tuple[str, ...],
+                  quant: Quantization | None) -> list[list[PlannedTensor]]:
+    """Per source shard, the stored tensors to write; tied names grouped into one item."""
+    target, matched, per_shard = DTYPE_CODES[cast_to.torch_dtype] if cast_to else None, set(), []
+    for shard in source.shards:
+        groups: dict[tuple[int, int] | str, list[TensorEntry]] = {}
+        for entry in shard.tensors:
+            groups.setdefault((entry.begin, entry.end) if entry.nbytes else entry.name, []).append(entry)
+        items = []
+        for entries in groups.values():
+            names = tuple(e.name for e in entries)
+            hits = {p for p in keep for n in names if name_matches(n, p)}
+            matched |= hits
+            items.append(_plan_item(names, entries[0], shard, target, bool(hits), quant))
+        per_shard.append(items)
+    for pattern in keep:
+        if pattern not in matched:
+            raise InputError(f"keep pattern {pattern!r} matches no tensor: check the names with "
+                             "`dtypelab inspect`")
+    return per_shard
 
 
 def _check_unique_outputs(items: list[PlannedTensor]) -> None:

@@ -33,14 +33,6 @@ CHUNK_ELEMENTS = 1 << 20
 """Elements per chunk: 4 MiB of float32, small enough to stay in cache across the counting passes."""
 
 
-_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bits_of(value: float, dtype: torch.dtype, bits: torch.dtype) -> int:
-    """The bit pattern of ``value`` stored in ``dtype``, as a signed integer of the same width."""
-    return int(torch.tensor(value, dtype=dtype).view(bits))
-
-
 @contextmanager
 def one_thread() -> Iterator[None]:
     """Run torch single-threaded for a while: on small chunks, thread hand-offs cost more than they win.
@@ -138,6 +130,14 @@ class ChunkCaster:
         exponents = torch.bitwise_and(self._out_bits[:count], self._inf_bits, out=self._exponents[:count])
         low, high = torch.aminmax(exponents)
         return int(low) >= self._normal_bits and int(high) < self._inf_bits
+
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits_of(value: float, dtype: torch.dtype, bits: torch.dtype) -> int:
+    """The bit pattern of ``value`` stored in ``dtype``, as a signed integer of the same width."""
+    return int(torch.tensor(value, dtype=dtype).view(bits))
 
 
 class ChunkQuantizer:

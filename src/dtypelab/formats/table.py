@@ -31,12 +31,6 @@ class FormatRow:
     description: str
 
 
-def _block_label(fmt: NumberFormat) -> str:
-    if fmt.granularity == Granularity.GROUP:
-        return f"{fmt.group_size}"
-    return {"none": "", "channel": "row", "tensor": "tensor"}[fmt.granularity]
-
-
 def format_row(fmt: NumberFormat) -> FormatRow:
     """The table row of one format; scales name their dtype (``fp16``, ``e8m0``, ``e4m3+fp32``)."""
     scale = (fmt.scale_format or "") + ("+fp32" if fmt.tensor_scale else "")
@@ -44,6 +38,12 @@ def format_row(fmt: NumberFormat) -> FormatRow:
     return FormatRow(fmt.name, fmt.bits, fmt.effective_bits(), fmt.element, scale, _block_label(fmt),
                      fmt.max_finite, fmt.smallest_normal, fmt.smallest_subnormal, fmt.eps,
                      fmt.has_inf, fmt.has_nan, fmt.description)
+
+
+def _block_label(fmt: NumberFormat) -> str:
+    if fmt.granularity == Granularity.GROUP:
+        return f"{fmt.group_size}"
+    return {"none": "", "channel": "row", "tensor": "tensor"}[fmt.granularity]
 
 
 @dataclass

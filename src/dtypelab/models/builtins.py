@@ -111,12 +111,6 @@ TINY_LM_SEED = 0
 TINY_LM_INIT_STD = 0.3
 
 
-def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_LM_SEED)
-        return build()
-
-
 def tiny_llama() -> nn.Module:
     """A 2-layer Llama (hidden 64, GQA 4/2 heads, untied head; 131,776 weights, 527,104 bytes in float32).
 
@@ -140,6 +134,12 @@ def tiny_gpt2() -> nn.Module:
                         initializer_range=TINY_LM_INIT_STD, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                         use_cache=False)
     return _seeded(lambda: GPT2LMHeadModel(config))
+
+
+def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_LM_SEED)
+        return build()
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
