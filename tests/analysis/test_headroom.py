@@ -251,3 +251,10 @@ def test_an_overflowing_model_output_is_said_to_need_a_wider_format():
     assert report.keep["fp16"] == [""]
     note = "keep in float32 for fp16: the whole model, and even so its output overflows fp16"
     assert note in report.to_text()
+
+
+def test_a_peer_asked_for_is_named_with_its_reason_like_a_scaled_format(dummy, seed_input):
+    report = predict_headroom(dummy, seed_input, ["fp16", "int8", "quanto:qint8"])
+    assert set(report.not_predicted) == {"int8", "quanto:qint8"}
+    assert "peer library" in report.not_predicted["quanto:qint8"]
+    assert {r.format for r in report.rows} == {"fp16"}

@@ -25,6 +25,7 @@ from ..formats import NumberFormat, get_format
 from ..naming import is_inside
 from ..quant import DamageCounts, KeepPolicy, count_damage, round_trip
 from ..report import Table, TableMixin
+from ..variants import is_peer_spec
 from .run import run_model, select_layers, select_output
 
 UNDERFLOW_SHARE = 0.01  # a layer is flagged when >= 1% of its non-zero values flush or go subnormal
@@ -85,7 +86,7 @@ class LayerHeadroom:
 class HeadroomReport(TableMixin):
     """The result of :func:`predict_headroom`: per module and format, plus a keep list per format.
 
-    ``not_predicted`` maps each scaled (quantized) format asked for to why it has no rows.
+    ``not_predicted`` maps each scaled (quantized) format or peer asked for to why it has no rows.
     """
 
     rows: list[LayerHeadroom]
@@ -142,7 +143,8 @@ def predict_headroom(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch
     Returns:
         A :class:`HeadroomReport`; ``report.keep_policy("fp16")`` feeds :func:`dtypelab.cast_model`.
     """
-    requested = [get_format(f) for f in formats]
+    peers = [f for f in formats if isinstance(f, str) and is_peer_spec(f)]
+    requested = [get_format(f) for f in formats if f not in peers]
     fmts = [f for f in requested if not f.is_quantized]
     shown = set(select_layers(model, depth, patterns)) | {""} if depth is not None or patterns else None
     counts, skipped = _count_outputs(model, inputs, fmts)
@@ -151,7 +153,8 @@ def predict_headroom(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch
     keep = {fmt.name: keep_list([r for r in rows if r.format == fmt.name]) for fmt in fmts}
     visible = [r for r in rows if shown is None or r.name in shown]
     return HeadroomReport(visible, keep, by_name, sorted(set(skipped) - {n for n, _ in counts}),
-                          {f.name: SCALED_REASON for f in requested if f.is_quantized})
+                          {f.name: SCALED_REASON for f in requested if f.is_quantized}
+                          | dict.fromkeys(peers, PEER_REASON))
 
 
 def _count_outputs(model: nn.Module, inputs, fmts: list[NumberFormat]) -> tuple[dict, list[str]]:
@@ -170,6 +173,7 @@ def _count_outputs(model: nn.Module, inputs, fmts: list[NumberFormat]) -> tuple[
     return counts, skipped
 
 
+PEER_REASON = "a peer library's quantization keeps activations in float and scales its weights itself"
 SCALED_REASON = ("a scaled format has no fixed range (each row or block gets its own scale) and its "
                  "quantized variants compute in float; see the weight statistics (--weights) instead")
 

@@ -7,9 +7,9 @@ import json
 import click
 
 from ..analysis import predict_headroom, weight_stats
-from ..formats import parse_format_list
 from ..models import load, model_inputs, to_device
 from ..report import to_jsonable
+from ..variants import parse_variant_specs
 from .common import (
     MODEL_HELP,
     device_option,
@@ -37,13 +37,14 @@ from .common import (
 def headroom_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str | None,
                  input_ids: str | None, input_file: str | None, depth: int | None, select: tuple[str, ...],
                  weights: bool, allow_pickle: bool, device: str, as_json: bool) -> None:
-    fmts, target = parse_format_list(formats), resolve_device(device)
+    specs, target = parse_variant_specs(formats), resolve_device(device)
     loaded = load(model, "fp32", allow_pickle=allow_pickle)
     inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
                                     tensor_file=input_file), target)
     reference = loaded.model.to(target)
-    report = predict_headroom(reference, inputs, fmts, depth=depth, patterns=select)
-    stats = weight_stats(reference, fmts) if weights else None
+    report = predict_headroom(reference, inputs, [s.format or s.spec for s in specs], depth=depth,
+                              patterns=select)
+    stats = weight_stats(reference, [s.format for s in specs if s.format]) if weights else None
     if as_json and stats is not None:  # one JSON document holding both
         click.echo(json.dumps({"headroom": to_jsonable(report), "weights": to_jsonable(stats)}, indent=2))
         return
