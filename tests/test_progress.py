@@ -71,3 +71,13 @@ def test_a_cancelled_conversion_leaves_no_destination(tmp_path):
         dtypelab.convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out.safetensors", "bf16",
                                     progress=stop)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
+def test_loading_and_headroom_report_progress(dummy, seed_input):
+    events, callback = recorder()
+    dtypelab.load("dummy", progress=callback)
+    dtypelab.predict_headroom(dummy, seed_input, ["fp16"], progress=callback)
+    assert [(e.stage, e.done, e.total) for e in events if e.stage == "load"] == \
+        [("load", 0, 2), ("load", 1, 2), ("load", 2, 2)]
+    counted = [e.detail for e in events if e.stage == "headroom"][1:]
+    assert counted[-1] == "" and "linear_1" in counted  # every module call, the model itself last

@@ -7,7 +7,7 @@ taken in float32, as the seed notebook does, so its printed numbers are reproduc
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -139,7 +139,7 @@ def _next_token_row(variant: VariantResult) -> list:
             _pm(n.ln_ppl_ratio, n.ln_ppl_ratio_stderr)]
 
 
-def compare_models(reference: nn.Module, variants: Mapping[str, nn.Module | Variant] | Sequence[Variant],
+def compare_models(reference: nn.Module, variants: Mapping[str, nn.Module | Variant] | Iterable[Variant],
                    inputs: torch.Tensor | Mapping[str, torch.Tensor], *, output_name: str | None = None,
                    output_kind: str = OutputKind.AUTO, next_token: bool | None = None,
                    timing: bool = False, model_kind: ModelKind | None = None,

@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import DtypelabError, InputError
 from ..formats import NumberFormat, get_format
 from ..naming import is_inside
+from ..progress import Progress, ProgressCallback, stage
 from ..quant import DamageCounts, KeepPolicy, count_damage, round_trip
 from ..report import Table, TableMixin
 from ..variants import is_peer_spec
@@ -131,7 +132,8 @@ def _keep_note(fmt_name: str, keep: list[str]) -> str:
 
 def predict_headroom(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor],
                      formats: Sequence[str | NumberFormat], *, depth: int | None = None,
-                     patterns: Sequence[str] = ()) -> HeadroomReport:
+                     patterns: Sequence[str] = (),
+                     progress: ProgressCallback | None = None) -> HeadroomReport:
     """Run ``model`` once as it is (float32) and predict, per module, what each format would do.
 
     Every module is measured (the keep list needs them all); ``depth`` / ``patterns`` (as in
@@ -139,6 +141,8 @@ def predict_headroom(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch
     dropped inside its hook, so memory stays at a plain forward's plus a few copies of one activation.
     Scaled (quantized) formats get no rows, only a note in ``not_predicted``: a scale per row or block
     moves the range to the values, and their quantized variants keep activations in float.
+    ``progress`` (a :data:`~dtypelab.progress.ProgressCallback`) is told each module call counted (stage
+    ``headroom``; the total is not known ahead, as a module may run several times).
 
     Returns:
         A :class:`HeadroomReport`; ``report.keep_policy("fp16")`` feeds :func:`dtypelab.cast_model`.
@@ -147,7 +151,7 @@ def predict_headroom(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch
     requested = [get_format(f) for f in formats if f not in peers]
     fmts = [f for f in requested if not f.is_quantized]
     shown = set(select_layers(model, depth, patterns)) | {""} if depth is not None or patterns else None
-    counts, skipped = _count_outputs(model, inputs, fmts)
+    counts, skipped = _count_outputs(model, inputs, fmts, stage(progress, "headroom", "module calls"))
     by_name = {f.name: f for f in fmts}
     rows = [_layer_headroom(model, name, by_name[fmt], counts) for name, fmt in counts]  # execution order
     keep = {fmt.name: keep_list([r for r in rows if r.format == fmt.name]) for fmt in fmts}
@@ -157,12 +161,13 @@ def predict_headroom(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch
                           | dict.fromkeys(peers, PEER_REASON))
 
 
-def _count_outputs(model: nn.Module, inputs, fmts: list[NumberFormat]) -> tuple[dict, list[str]]:
+def _count_outputs(model: nn.Module, inputs, fmts: list[NumberFormat],
+                   bar: Progress) -> tuple[dict, list[str]]:
     """One forward with every module's output counted per format: ``{(name, format): RangeCounts}`` in
     execution order, and the modules that ran without a floating output."""
     counts: dict[tuple[str, str], RangeCounts] = {}
     skipped: list[str] = []
-    handles = [module.register_forward_hook(_counting_hook(name, fmts, counts, skipped))
+    handles = [module.register_forward_hook(_counting_hook(name, fmts, counts, skipped, bar))
                for name, module in model.named_modules()]
     try:
         with torch.inference_mode():
@@ -178,7 +183,7 @@ SCALED_REASON = ("a scaled format has no fixed range (each row or block gets its
                  "quantized variants compute in float; see the weight statistics (--weights) instead")
 
 
-def _counting_hook(name: str, fmts: list[NumberFormat], counts: dict, skipped: list[str]):
+def _counting_hook(name: str, fmts: list[NumberFormat], counts: dict, skipped: list[str], bar: Progress):
     def hook(module: nn.Module, args: tuple, output: object) -> None:
         try:
             tensor = select_output(output)
@@ -189,6 +194,7 @@ def _counting_hook(name: str, fmts: list[NumberFormat], counts: dict, skipped: l
             return
         for fmt in fmts:
             counts.setdefault((name, fmt.name), RangeCounts()).add_values(tensor, fmt)
+        bar.advance(detail=name)
     return hook
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..checkpoint import build_quantized_model, model_class, quantization_scheme
 from ..errors import CheckpointError, DtypelabError, InputError, ModelSpecError, NotRunnableError, first_line
+from ..progress import ProgressCallback, stage
 from ..quant import cast_model, compute_dtype
 from .builtins import BUILTIN_MODELS, builtin_names, default_input
 from .kinds import ModelKind, OutputKind, model_kind
@@ -124,7 +125,7 @@ class LoadedModel:
 
 
 def load(spec: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", *,
-         allow_pickle: bool = False) -> LoadedModel:
+         allow_pickle: bool = False, progress: ProgressCallback | None = None) -> LoadedModel:
     """Load a model by built-in name, Hugging Face folder or ``package.module:factory``.
 
     Args:
@@ -136,6 +137,8 @@ def load(spec: str, dtype: str | torch.dtype = "auto", device: str | torch.devic
             copy is made first. Built-in random models are initialised in float32, then cast.
         device: where the model lives (``"cpu"``, ``"cuda"`` …).
         allow_pickle: accept ``pytorch_model.bin`` weights, read with ``torch.load(weights_only=True)``.
+        progress: a :data:`~dtypelab.progress.ProgressCallback`, told when loading starts and ends
+            (stage ``load``, 2 steps: read, moved to ``device``); returning False cancels.
 
     Returns:
         A :class:`LoadedModel`. A bare ``.safetensors`` file or a folder of weights without
@@ -147,8 +150,11 @@ def load(spec: str, dtype: str | torch.dtype = "auto", device: str | torch.devic
         >>> load("tiny-llama", dtype="bf16").model.dtype
         torch.bfloat16
     """
+    bar = stage(progress, "load", "steps", 2)
     loaded = _load_builtin(spec, dtype) if spec in BUILTIN_MODELS else _load_other(spec, dtype, allow_pickle)
+    bar.advance(detail=spec)
     _move(loaded.model, device)
+    bar.advance(detail=str(device))
     return loaded
 
 

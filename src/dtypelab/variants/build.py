@@ -10,7 +10,7 @@ from a display name.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -121,7 +121,7 @@ def build_variants(reference: nn.Module, specs: str | Sequence[str], keep: KeepP
     return {v.name: v for v in iter_variants(reference, specs, keep, embeddings, device, progress)}
 
 
-def as_variants(variants: Mapping[str, nn.Module | Variant] | Sequence[Variant]) -> list[Variant]:
+def as_variants(variants: Mapping[str, nn.Module | Variant] | Iterable[Variant]) -> list[Variant]:
     """What ``compare_models`` and ``compare_layers`` accept, as a list of :class:`Variant`."""
     if isinstance(variants, Mapping):
         return [Variant.of(name, model) for name, model in variants.items()]
