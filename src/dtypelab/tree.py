@@ -7,7 +7,7 @@ Base layer: imports torch only. The one tied-weight detector lives here (:func:`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -31,6 +31,18 @@ def map_tensors(value: object, fn, update_mappings: bool = False) -> object:
         for key in list(value):
             value[key] = map_tensors(value[key], fn, update_mappings)
     return value
+
+
+def iter_tensors(value: object) -> Iterator[torch.Tensor]:
+    """Every tensor inside ``value``: tensors, tuples, lists and any mapping (a ``ModelOutput`` too)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from iter_tensors(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from iter_tensors(item)
 
 
 def map_floating(value: object, dtype: torch.dtype) -> object:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dtypelab import cast_model
+from dtypelab import KeepPolicy, cast_model
 from dtypelab.analysis import (
     OutputMetrics,
     RangeCounts,
@@ -75,7 +75,10 @@ def test_fp16_breaks_the_overflow_model_and_the_generated_keep_list_repairs_it()
     broken = run_model(cast_model(model, "fp16"), ids)
     assert not broken.isfinite().all()  # fp16 alone: inf/NaN at the output
     report = predict_headroom(model, ids, ["fp16", "bf16"])
-    assert report.keep["fp16"] == ["blocks.1"] and report.keep["bf16"] == []
+    # wo overflows fp16; kept, it hands its float32 output to the norm after it, which must be kept too
+    # (cast to fp16 on its way in, that output would be inf): "a big Linear and its norm in float32"
+    assert report.keep["fp16"] == ["blocks.1.norm_out", "blocks.1.wo"] and report.keep["bf16"] == []
+    assert report.keep_status == {"fp16": "verified", "bf16": "verified"}
     overflowing = {r.name for r in report.rows if r.format == "fp16" and r.overflows}
     assert overflowing == {"blocks.1.wo"}
     repaired = run_model(cast_model(model, "fp16", report.keep_policy("fp16")), ids)
@@ -85,7 +88,7 @@ def test_fp16_breaks_the_overflow_model_and_the_generated_keep_list_repairs_it()
     assert sqnr_db(reference, repaired) > 20
 
 
-def test_keep_list_walks_up_to_the_first_module_whose_output_fits():
+def test_keep_list_starts_where_the_overflow_starts():
     from dtypelab.analysis import LayerHeadroom
 
     def row(name, overflow):
@@ -93,8 +96,8 @@ def test_keep_list_walks_up_to_the_first_module_whose_output_fits():
 
     rows = [row("a.b.c", 1), row("a.b", 1), row("a", 0), row("x.y", 1), row("x", 0), row("x.z", 1),
             row("", 0)]
-    assert keep_list(rows) == ["a", "x"]
-    assert keep_list([row("a.b", 1), row("a", 1), row("", 1)]) == [""]  # even the output overflows
+    assert keep_list(rows) == ["a.b.c", "x.y", "x.z"]  # the deepest overflowing modules
+    assert keep_list([row("a.b", 1), row("a", 1), row("", 1)]) == ["a.b"]
     assert keep_list([row("a", 0)]) == []
 
 
@@ -102,8 +105,8 @@ def test_headroom_rows_selected_by_depth_but_keep_list_uses_all():
     model, ids = OverflowModel(), overflow_input()
     report = predict_headroom(model, ids, ["fp16"], depth=1)
     assert {r.name for r in report.rows} == {"", "embed", "head"}
-    assert report.keep["fp16"] == ["blocks.1"]
-    assert "keep in float32 for fp16: 'blocks.1'" in report.to_text()
+    assert report.keep["fp16"] == ["blocks.1.norm_out", "blocks.1.wo"]
+    assert "keep in float32 for fp16: 'blocks.1.norm_out', 'blocks.1.wo' (verified" in report.to_text()
 
 
 @pytest.mark.slow
@@ -240,17 +243,92 @@ def test_values_already_non_finite_in_float32_are_reported_apart():
 
 
 def test_an_overflowing_model_output_is_said_to_need_a_wider_format():
-    """Keeping the whole model in float32 still casts its output back (cast_model's boundary), so when
-    the output itself overflows, no keep list helps: the note says so instead of listing ''."""
+    """When the model's own output exceeds fp16, no keep list inside the model changes that: the note
+    says so (instead of listing '', which --keep refuses)."""
 
     class Loud(torch.nn.Module):
         def forward(self, x):
             return x * 1e6  # (batch, n): above fp16's 65504 at the output itself
 
     report = predict_headroom(Loud(), torch.ones(1, 3), ["fp16"])
-    assert report.keep["fp16"] == [""]
-    note = "keep in float32 for fp16: the whole model, and even so its output overflows fp16"
+    assert report.keep["fp16"] == [] and report.keep_status["fp16"] == "output overflows"
+    note = "the model's own output overflows fp16, which no keep list inside the model changes"
     assert note in report.to_text()
+
+
+class ScoresOverflow(torch.nn.Module):
+    """Self-attention whose q·k scores exceed fp16 inside its forward while every module output fits:
+    q and k reach ~300, their dot product over 16 dims ~1e6 (softmax of inf is NaN)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(16, 16, bias=False) for _ in range(3))
+        with torch.no_grad():
+            for layer in (self.q, self.k):
+                layer.weight.fill_(20.0)
+
+    def forward(self, x):  # (batch, seq, 16)
+        scores = self.q(x) @ self.k(x).transpose(-1, -2)  # (batch, seq, seq)
+        return torch.softmax(scores, dim=-1) @ self.v(x)
+
+
+class AttentionModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = ScoresOverflow()
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(x + self.attn(x))
+
+
+class Residual(torch.nn.Module):
+    """A block adding 3.4e4 to the residual stream: after two the stream exceeds fp16's 65504. (Inputs
+    ~N(0, 1000): fp16's step at 3.4e4 is 32, a few percent of them, so the rest of the fp16 model still
+    carries the signal.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = torch.nn.Linear(16, 16)
+        with torch.no_grad():
+            self.mlp.weight.fill_(0.0)
+            self.mlp.bias.fill_(3.4e4)
+
+    def forward(self, h):
+        return h + self.mlp(h)
+
+
+class ResidualModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([Residual(), Residual()])
+        self.norm = torch.nn.LayerNorm(16)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+@pytest.mark.parametrize("build, expected", [
+    (OverflowModel, ["blocks.1.norm_out", "blocks.1.wo"]),  # a Linear's output
+    (AttentionModel, ["attn"]),  # attention scores inside a module whose output fits
+    (ResidualModel, ["blocks.1", "norm"]),  # the residual stream, and the norm that reads it
+], ids=["linear", "attention-scores", "residual-stream"])
+def test_the_predicted_keep_list_repairs_each_kind_of_overflow(build, expected):
+    torch.manual_seed(0)
+    model = build().eval()
+    inputs = overflow_input() if build is OverflowModel else torch.randn(2, 5, 16) * (
+        1000 if build is ResidualModel else 1)
+    assert not run_model(cast_model(model, "fp16"), inputs).isfinite().all()  # broken without a keep list
+    report = predict_headroom(model, inputs, ["fp16"])
+    assert report.keep["fp16"] == expected and report.keep_status["fp16"] == "verified"
+    policy = KeepPolicy.from_strings(report.keep["fp16"])  # what --keep NAME --keep NAME builds
+    repaired = run_model(cast_model(model, "fp16", policy), inputs)
+    assert repaired.isfinite().all()
+    # fp16 rounding everywhere else: 20 dB is far below fp16's floor and far above a broken output
+    assert sqnr_db(run_model(model, inputs), repaired) > 20
 
 
 def test_a_peer_asked_for_is_named_with_its_reason_like_a_scaled_format(dummy, seed_input):

@@ -28,6 +28,7 @@ from dtypelab.quant import (
     round_trip,
     unpack_nibbles,
 )
+from dtypelab.quant.model import EMBEDDING_REASON, HEAD_REASON, KEPT_REASON
 from helpers import run_cli
 
 QUANTIZED = [f for f in all_formats() if f.is_quantized]
@@ -231,9 +232,11 @@ def test_embedding_forward_dequantizes_only_looked_up_rows_exactly():
 def test_include_exclude_and_reasons():
     result = quantize_model(_mlp(), "int8", exclude=["3"], embeddings=True)
     assert [(o.name, o.quantized, o.reason) for o in result.layers] == [
-        ("0", True, ""), ("1", True, ""), ("3", False, "excluded")]
+        ("0", True, ""), ("1", True, ""), ("3", False, KEPT_REASON)]
     result = quantize_model(_mlp(), "int8", include=["1"])
-    assert [(o.name, o.reason) for o in result.skipped] == [("3", "not matched by include")]
+    assert [(o.name, o.reason) for o in result.skipped] == [("0", "not matched by include"),
+                                                            ("3", "not matched by include")]
+    assert quantize_model(_mlp(), "int8").skipped[0].reason == EMBEDDING_REASON
 
 
 def test_group_not_dividing_and_nan_weights_become_skipped_rows():
@@ -242,13 +245,14 @@ def test_group_not_dividing_and_nan_weights_become_skipped_rows():
         model[3].weight[0, 0] = float("inf")
     result = quantize_model(model, "int4:g128")  # layer 1 has 128 inputs: fine; layer 3 has inf
     assert [o.name for o in result.quantized] == ["1"]
-    assert "NaN or inf" in result.skipped[0].reason
+    skipped = {o.name: o.reason for o in result.skipped}
+    assert skipped["0"] == EMBEDDING_REASON and "NaN or inf" in skipped["3"]
     # the skipped layer is a copy in the new model, not the original's tensor
     assert result.model[3].weight.data_ptr() != model[3].weight.data_ptr()
     assert torch.equal(result.model[3].weight, model[3].weight)
     result = quantize_model(_mlp(), "int4:g256")
     assert [o.name for o in result.quantized] == ["3"]
-    assert "does not divide the row length 128" in result.skipped[0].reason
+    assert "does not divide the row length 128" in {o.name: o.reason for o in result.skipped}["1"]
 
 
 def test_nan_weights_are_refused():
@@ -256,7 +260,7 @@ def test_nan_weights_are_refused():
     with torch.no_grad():
         model[1].weight[3, 7] = float("nan")
     result = quantize_model(model, "int8")
-    assert [(o.name, "NaN or inf" in o.reason) for o in result.skipped] == [("1", True)]
+    assert [(o.name, "NaN or inf" in o.reason) for o in result.skipped] == [("0", False), ("1", True)]
 
 
 def test_nothing_to_quantize_is_an_error():
@@ -316,18 +320,23 @@ def test_tiny_llama_quantize_forward():
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 128, (1, 12))
-    result = quantize_model(model, "int4:g32", embeddings=True)
+    result = quantize_model(model, "int4:g32", embeddings=True, head=True)
     with torch.no_grad():
         ref, out = model(ids).logits, result.model(ids).logits
     assert _sqnr_db(ref, out) > 10.0  # 4-bit weights through 2 layers + head
     assert len(result.quantized) == 2 * 7 + 2  # 7 Linears per layer + lm_head + embed_tokens
+    default = quantize_model(model, "int4:g32")  # embeddings and the head stay dense, with their reasons
+    assert len(default.quantized) == 2 * 7
+    assert {o.name: o.reason for o in default.skipped} == {"model.embed_tokens": EMBEDDING_REASON,
+                                                           "lm_head": HEAD_REASON}
 
 
 _cli = run_cli
 
 
 def test_cli_compare_quantized_formats_with_sizes_latency_and_failed_rows(capsys):
-    code, out, _ = _cli(capsys, "compare", "dummy", "--to", "bf16,int8,fp8_e4m3:tensor,int4:g128", "--json")
+    code, out, _ = _cli(capsys, "compare", "dummy", "--to", "bf16,int8,fp8_e4m3:tensor,int4:g128", "--json",
+                        "--time")
     assert code == 0
     rows = {v["name"]: v for v in json.loads(out)["variants"]}
     assert rows["int8"]["dtype"] == "float32+int8" and rows["int8"]["latency_ms"] > 0

@@ -24,8 +24,9 @@ from ..errors import DtypelabError, InputError
 from ..formats import NumberFormat, get_format
 from ..naming import is_inside
 from ..progress import Progress, ProgressCallback, stage
-from ..quant import DamageCounts, KeepPolicy, count_damage, round_trip
+from ..quant import DamageCounts, KeepPolicy, cast_model, count_damage, round_trip
 from ..report import Table, TableMixin
+from ..tree import iter_tensors
 from ..variants import is_peer_spec
 from .run import run_model, select_layers, select_output
 
@@ -87,6 +88,11 @@ class LayerHeadroom:
 class HeadroomReport(TableMixin):
     """The result of :func:`predict_headroom`: per module and format, plus a keep list per format.
 
+    ``keep`` maps each plain format to module names to keep in float32 (what ``--keep`` takes);
+    ``keep_status`` says for each what was established: ``"verified"`` (the model cast with that keep
+    list ran finite on these inputs), ``"output overflows"`` (the model's own output exceeds the
+    format: no keep list inside the model changes that), ``"not verified"`` (a format no model computes
+    in, e.g. fp8, or float32 values already non-finite) or ``"unrepaired"`` (the repair gave up).
     ``not_predicted`` maps each scaled (quantized) format or peer asked for to why it has no rows.
     """
 
@@ -95,6 +101,7 @@ class HeadroomReport(TableMixin):
     formats: dict[str, NumberFormat] = field(default_factory=dict, repr=False)
     not_measured: list[str] = field(default_factory=list)  # modules that ran without a floating output
     not_predicted: dict[str, str] = field(default_factory=dict)
+    keep_status: dict[str, str] = field(default_factory=dict)
 
     def keep_policy(self, fmt: str | NumberFormat) -> KeepPolicy:
         """The :class:`~dtypelab.cast.KeepPolicy` that keeps this format's overflowing modules in float32.
@@ -116,18 +123,21 @@ class HeadroomReport(TableMixin):
                  r.activations.flushed_to_zero, r.activations.subnormal,
                  r.weights.absmax if r.weights else None, r.weights.overflowed if r.weights else None,
                  r.verdict()] for r in self.rows]
-        notes = [_keep_note(name, keep) for name, keep in self.keep.items()]
+        notes = [_keep_note(name, keep, self.keep_status.get(name, "")) for name, keep in self.keep.items()]
         if self.not_measured:
             notes.append(f"not measured (no floating output): {', '.join(self.not_measured)}")
         notes += [f"not predicted for {name}: {reason}" for name, reason in self.not_predicted.items()]
         return Table("Overflow headroom predicted from the float32 run", columns, rows, notes)
 
 
-def _keep_note(fmt_name: str, keep: list[str]) -> str:
-    if keep == [""]:  # a kept model's output is still cast back to the format
-        return (f"keep in float32 for {fmt_name}: the whole model, and even so its output overflows "
-                f"{fmt_name}: run it in a wider format")
-    return f"keep in float32 for {fmt_name}: " + (", ".join(repr(k) for k in keep) if keep else "nothing")
+def _keep_note(fmt_name: str, keep: list[str], status: str) -> str:
+    names = ", ".join(repr(k) for k in keep) if keep else "nothing"
+    if status == "output overflows":
+        return (f"keep in float32 for {fmt_name}: {names}; the model's own output overflows {fmt_name}, "
+                "which no keep list inside the model changes: run it in a wider format")
+    said = {"verified": " (verified: the cast model runs finite on these inputs)",
+            "unrepaired": f" (not enough: the {fmt_name} model still overflows; see the rows)"}
+    return f"keep in float32 for {fmt_name}: {names}{said.get(status, '')}"
 
 
 def predict_headroom(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor],
@@ -154,11 +164,14 @@ def predict_headroom(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch
     counts, skipped = _count_outputs(model, inputs, fmts, stage(progress, "headroom", "module calls"))
     by_name = {f.name: f for f in fmts}
     rows = [_layer_headroom(model, name, by_name[fmt], counts) for name, fmt in counts]  # execution order
-    keep = {fmt.name: keep_list([r for r in rows if r.format == fmt.name]) for fmt in fmts}
+    keep, status = {}, {}
+    for fmt in fmts:
+        fmt_rows = [r for r in rows if r.format == fmt.name]
+        keep[fmt.name], status[fmt.name] = repaired_keep_list(model, inputs, fmt, fmt_rows)
     visible = [r for r in rows if shown is None or r.name in shown]
     return HeadroomReport(visible, keep, by_name, sorted(set(skipped) - {n for n, _ in counts}),
                           {f.name: SCALED_REASON for f in requested if f.is_quantized}
-                          | dict.fromkeys(peers, PEER_REASON))
+                          | dict.fromkeys(peers, PEER_REASON), status)
 
 
 def _count_outputs(model: nn.Module, inputs, fmts: list[NumberFormat],
@@ -210,26 +223,91 @@ def _layer_headroom(model: nn.Module, name: str, fmt: NumberFormat, counts: dict
 
 
 def keep_list(rows: Sequence[LayerHeadroom]) -> list[str]:
-    """Module names to keep in float32 so that no value overflows, for one format.
+    """Where the overflow starts, for one format: each module whose output (or weight) overflows while
+    none of its submodules' does. ``""`` stands for the model itself (it overflows in its own forward).
 
-    A kept module's output is cast back to the model's dtype, so keeping the overflowing module
-    itself is not enough: for each overflowing module the nearest enclosing module (itself
-    included) whose output fits is kept. ``""`` (the whole model) when even the output overflows.
-    Names inside another kept name are dropped.
+    A kept module hands its float32 output on as it is (see :class:`~dtypelab.quant.KeepPolicy`), so
+    these are the modules to start from; :func:`repaired_keep_list` adds what a run of the cast model
+    shows is still needed (the norm that takes a kept layer's large output, an attention whose scores
+    overflow inside its forward).
     """
-    by_name = {r.name: r for r in rows}
-    kept: set[str] = set()
-    for row in rows:
-        if row.overflows:
-            kept.add(_fitting_ancestor(row.name, by_name))
-    return sorted(n for n in kept if not any(is_inside(n, other) for other in kept if other != n))
+    overflowing = {r.name for r in rows if r.overflows}
+    origins = [n for n in overflowing
+               if not any(o != n and is_inside(o, n) for o in overflowing)]  # no overflowing submodule
+    return sorted(origins)
 
 
-def _fitting_ancestor(name: str, by_name: Mapping[str, LayerHeadroom]) -> str:
-    candidate = name
-    while candidate:
-        row = by_name.get(candidate)
-        if row is not None and not row.activations.overflowed:
-            return candidate
-        candidate = candidate.rpartition(".")[0]
-    return ""
+MAX_REPAIR_ROUNDS = 64
+"""Forwards :func:`repaired_keep_list` may spend adding modules; each round adds one."""
+
+
+def repaired_keep_list(model: nn.Module, inputs, fmt: NumberFormat,
+                       rows: Sequence[LayerHeadroom]) -> tuple[list[str], str]:
+    """A keep list for ``fmt`` that, applied with ``--keep``, makes the forward finite on ``inputs``.
+
+    Starts from :func:`keep_list`, then runs the model cast to ``fmt`` with it and, while the output is
+    not finite, keeps the first module where a non-finite value appears: one whose finite inputs became
+    inf when cast to ``fmt`` on the way in, or whose finite inputs gave a non-finite output. One forward
+    per round (:data:`MAX_REPAIR_ROUNDS` at most).
+
+    Returns:
+        The sorted names (none inside another) and its status (see :class:`HeadroomReport`).
+    """
+    keep = [n for n in keep_list(rows) if n]
+    output_overflows = any(r.name == "" and r.activations.overflowed for r in rows)
+    if fmt.torch_dtype is None or fmt.torch_dtype.itemsize < 2 or any(r.activations.non_finite for r in rows):
+        return _outermost(keep), "not verified"
+    for _ in range(MAX_REPAIR_ROUNDS):
+        culprit = _first_non_finite(cast_model(model, fmt, KeepPolicy(name_patterns=tuple(keep))), inputs)
+        if culprit is None:
+            return _outermost(keep), "output overflows" if output_overflows else "verified"
+        if culprit == "" or culprit in keep:
+            return _outermost(keep), "output overflows" if output_overflows else "unrepaired"
+        keep.append(culprit)
+    return _outermost(keep), "unrepaired"
+
+
+def _outermost(names: list[str]) -> list[str]:
+    return sorted(n for n in set(names) if not any(o != n and is_inside(n, o) for o in names))
+
+
+class _FoundNonFinite(Exception):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _first_non_finite(model: nn.Module, inputs) -> str | None:
+    """The first module (in execution order) where the run turns non-finite, ``""`` when only the
+    model's own arithmetic does, None when the output is finite."""
+    names = {id(m): n for n, m in model.named_modules()}
+    handles, received = [], {}
+
+    def before_cast(module, args, kwargs):  # first pre-hook: the inputs as the module was handed them
+        received[id(module)] = _finite(args) and _finite(kwargs)
+
+    def after_cast(module, args, kwargs):  # last pre-hook: what it computes on
+        if received.get(id(module)) and not (_finite(args) and _finite(kwargs)):
+            raise _FoundNonFinite(names[id(module)])
+
+    def after_forward(module, args, kwargs, output):
+        if _finite(args) and _finite(kwargs) and not _finite(output):
+            raise _FoundNonFinite(names[id(module)])
+
+    for module in model.modules():
+        handles += [module.register_forward_pre_hook(before_cast, with_kwargs=True, prepend=True),
+                    module.register_forward_pre_hook(after_cast, with_kwargs=True),
+                    module.register_forward_hook(after_forward, with_kwargs=True)]
+    try:
+        output = run_model(model, inputs)
+    except _FoundNonFinite as found:
+        return found.name
+    finally:
+        for handle in handles:
+            handle.remove()
+    return None if _finite(output) else ""
+
+
+def _finite(value: object) -> bool:
+    """Whether every floating tensor inside ``value`` (tensors, tuples, lists, dicts, outputs) is finite."""
+    return all(bool(t.isfinite().all()) for t in iter_tensors(value) if t.is_floating_point())

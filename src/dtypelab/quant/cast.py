@@ -34,8 +34,11 @@ class KeepPolicy:
         dtype: the dtype kept modules hold and compute in.
 
     A kept module keeps all its submodules, and a module tied to it (an embedding sharing the kept
-    head's weight) is kept whole too. Inputs are cast to ``dtype`` on the way in and outputs back to
-    the model's dtype on the way out, so the forward runs unchanged.
+    head's weight) is kept whole too. Casts happen only at the boundary between kept and cast regions:
+    a kept module casts its floating inputs to ``dtype`` and hands its output on in ``dtype``; a cast
+    module casts the floating inputs it receives to the model's dtype. So adjacent kept modules pass
+    float32 to each other ("a big Linear and the norm after it in float32" never round-trips through
+    fp16 between them), and a kept output head returns float32 logits.
     """
 
     module_types: tuple[type | str, ...] = ()
@@ -91,8 +94,12 @@ def cast_model(model: nn.Module, fmt: str | torch.dtype | NumberFormat,
                keep: KeepPolicy | None = None) -> nn.Module:
     """Return a copy of ``model`` with floating tensors in ``fmt``; ``model`` is not modified.
 
-    Integer and boolean buffers are copied unchanged. With ``keep``, the modules it matches stay in
-    ``keep.dtype`` and the forward casts at their boundaries.
+    Integer and boolean buffers are copied unchanged. As transformers' ``from_pretrained(dtype=…)``
+    does, buffers the model computes itself (non-persistent: rotary ``inv_freq``) keep their dtype and
+    the modules the model class lists in ``_keep_in_fp32_modules`` stay float32, so a cast model is the
+    model transformers would run in ``fmt``. With ``keep``, the modules it matches stay in
+    ``keep.dtype`` and the forward casts at the boundaries between kept and cast regions (see
+    :class:`KeepPolicy`).
 
     Example:
         >>> cast_model(DummyModel(), "bf16").head.weight.dtype
@@ -102,8 +109,8 @@ def cast_model(model: nn.Module, fmt: str | torch.dtype | NumberFormat,
     keep = keep or KeepPolicy()
     roots = modules_sharing_with(model, keep.kept_roots(model))
     new_model = copy.deepcopy(model, _cast_memo(model, target, roots, keep.dtype))
-    for name in roots:
-        _add_boundary_casts(new_model.get_submodule(name), keep.dtype, target)
+    if roots:
+        _add_boundary_casts(new_model, roots, keep.dtype, target)
     return new_model
 
 
@@ -122,14 +129,27 @@ def compute_dtype(fmt: str | torch.dtype | NumberFormat) -> torch.dtype:
 
 
 def _cast_memo(model: nn.Module, target: torch.dtype, roots: list[str], kept: torch.dtype) -> dict:
-    """Map id(original tensor) -> its cast copy: ``kept`` inside ``roots``, ``target`` elsewhere."""
+    """Map id(original tensor) -> its cast copy: ``kept`` inside ``roots``, ``target`` elsewhere; the
+    model's own float32 modules and its computed buffers as transformers keeps them."""
     memo: dict[int, torch.Tensor] = {}
+    fp32_modules = _keep_in_fp32_modules(model)
     for name, module in model.named_modules():
-        dtype = kept if inside_any(name, roots) else target
+        in_fp32 = any(part in fp32_modules for part in name.split("."))
+        dtype = kept if inside_any(name, roots) else torch.float32 if in_fp32 else target
+        computed = {id(b) for n, b in module.named_buffers(recurse=False)
+                    if n in getattr(module, "_non_persistent_buffers_set", ())}
         for tensor in own_tensors(module):
             if id(tensor) not in memo:  # tied: one copy, so the copy stays tied
-                memo[id(tensor)] = _cast_tensor(tensor, dtype)
+                memo[id(tensor)] = _cast_tensor(tensor, tensor.dtype if id(tensor) in computed else dtype)
     return memo
+
+
+def _keep_in_fp32_modules(model: nn.Module) -> set[str]:
+    """The module names a transformers model class keeps in float32 whatever the dtype (T5's ``wo``)."""
+    names: set[str] = set()
+    for attribute in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+        names.update(getattr(model, attribute, None) or ())
+    return names
 
 
 def _cast_tensor(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -141,7 +161,7 @@ def _cast_tensor(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _CastInputs:
-    """Forward pre-hook: floating positional and keyword inputs to the kept dtype."""
+    """Forward pre-hook: floating positional and keyword inputs to ``dtype``."""
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
@@ -150,16 +170,13 @@ class _CastInputs:
         return map_floating(args, self.dtype), map_floating(kwargs, self.dtype)
 
 
-class _CastOutput:
-    """Forward hook: floating outputs back to the dtype the rest of the model computes in."""
-
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
-
-    def __call__(self, module: nn.Module, args: tuple, output: object) -> object:
-        return map_floating(output, self.dtype)
-
-
-def _add_boundary_casts(module: nn.Module, kept: torch.dtype, target: torch.dtype) -> None:
-    module.register_forward_pre_hook(_CastInputs(kept), with_kwargs=True)
-    module.register_forward_hook(_CastOutput(target))
+def _add_boundary_casts(model: nn.Module, roots: list[str], kept: torch.dtype, target: torch.dtype) -> None:
+    """Kept roots take their inputs in ``kept``; every cast-region module that holds tensors takes its
+    inputs in ``target``. Outputs are left as computed, so a kept output reaches a kept consumer as it
+    is and a cast consumer casts it on the way in (modules holding no tensor — activations, containers —
+    compute in what they receive)."""
+    for name, module in model.named_modules():
+        if name in roots:
+            module.register_forward_pre_hook(_CastInputs(kept), with_kwargs=True)
+        elif not inside_any(name, roots) and own_tensors(module):
+            module.register_forward_pre_hook(_CastInputs(target), with_kwargs=True)

@@ -1,8 +1,15 @@
-"""``quantize_model``: a copy of a model whose Linear (and optionally Embedding) weights are stored in
-a scaled format, with every candidate layer's outcome.
+"""``quantize_model``: a copy of a model whose Linear weights are stored in a scaled format, with every
+candidate layer's outcome.
 
 Quant stage: builds on :mod:`dtypelab.quant.nn`. The original model is untouched; the layers replaced
 hold codes + scales (see :mod:`dtypelab.quant.qtensor`); layers left as they are say why.
+
+What "the model in format X" is, for every command (compare, quantize_model, convert, the plan): the
+weights of ``nn.Linear`` layers and of transformers' ``Conv1D`` (GPT-2's attention and MLP, a Linear with
+its weight stored transposed) are quantized; embeddings and the output head stay dense, as vLLM serves
+them, unless asked for (``embeddings=True`` / ``head=True``, ``--embeddings`` / ``--head``); a weight
+tied to another module stays dense (quantizing one copy would store it twice); norms, biases and
+buffers stay as they are. Every candidate that stays dense is listed with its reason.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from ..errors import InputError
 from ..formats import NumberFormat, get_format
 from ..naming import any_matches
 from ..tree import set_submodule, tied_module_names
-from .nn import QuantizedEmbedding, QuantizedLinear
+from .nn import QuantizedEmbedding, QuantizedLinear, is_conv1d
 
 
 @dataclass(frozen=True)
@@ -26,9 +33,9 @@ class LayerOutcome:
 
     Args:
         name: module path (``encoder.layer.0.attention.self.query``).
-        kind: ``"Linear"`` or ``"Embedding"``.
+        kind: ``"Linear"``, ``"Conv1D"`` or ``"Embedding"``.
         quantized: whether it was replaced.
-        reason: why it was skipped ("" when quantized).
+        reason: why it stays dense ("" when quantized).
         bytes_before, bytes_after: weight storage bytes (after = codes + scales + zero points).
     """
 
@@ -58,12 +65,17 @@ class QuantizeResult:
         return [layer for layer in self.layers if not layer.quantized]
 
 
-_LAYER_TYPES = {nn.Linear: QuantizedLinear, nn.Embedding: QuantizedEmbedding}
+KEPT_REASON = "kept as it is (matched a keep / exclude pattern)"
+HEAD_REASON = "the output head stays dense, as vLLM serves it (head=True / --head quantizes it)"
+EMBEDDING_REASON = ("embeddings stay dense, as vLLM serves them (embeddings=True / --embeddings "
+                    "quantizes them)")
+TIED_REASON = "weight tied to another module; quantizing one copy would store it twice"
 
 
 def quantize_model(model: nn.Module, spec: str | NumberFormat, include: list[str] | None = None,
-                   exclude: list[str] | None = None, embeddings: bool = False) -> QuantizeResult:
-    """Copy ``model`` and store its Linear (and, if ``embeddings``, Embedding) weights in ``spec``.
+                   exclude: list[str] | None = None, embeddings: bool = False,
+                   head: bool = False) -> QuantizeResult:
+    """Copy ``model`` and store its Linear and Conv1D weights in ``spec`` (see the module docstring).
 
     Args:
         model: any torch module; it is not modified.
@@ -71,9 +83,11 @@ def quantize_model(model: nn.Module, spec: str | NumberFormat, include: list[str
         include: globs on module names (:func:`dtypelab.naming.name_matches`) to consider (default: all).
         exclude: globs on module names to leave as they are.
         embeddings: also quantize ``nn.Embedding`` tables (per row / per group along the dim).
+        head: also quantize the output head (``model.get_output_embeddings()``), unless it is tied.
     Returns:
-        QuantizeResult with the new model and one LayerOutcome per candidate layer, skipped ones
-        with their reason (tied weight, NaN/inf values, group size not dividing, excluded).
+        QuantizeResult with the new model and one LayerOutcome per candidate layer (every Linear,
+        Conv1D and Embedding), the dense ones with their reason (head, embedding, tied weight, group
+        size not dividing, excluded, ...).
     Raises:
         UnknownFormatError: bad spec. InputError: a plain-dtype spec, or nothing got quantized.
     """
@@ -81,9 +95,10 @@ def quantize_model(model: nn.Module, spec: str | NumberFormat, include: list[str
     if not fmt.is_quantized:
         raise InputError(f"{fmt.name} is a plain dtype: use cast for it, quantize takes e.g. int8, int4:g128")
     start = time.perf_counter()
-    kinds, tied = ((nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)), tied_module_names(model)
-    reasons = {name: _skip_reason(name, module, include, exclude, tied)
-               for name, module in model.named_modules() if type(module) in kinds}
+    scope = _Scope(include or [], exclude or [], embeddings, head, tied_module_names(model),
+                   _head_names(model))
+    reasons = {name: _skip_reason(name, module, scope)
+               for name, module in model.named_modules() if _layer_kind(module)}
     new = _copy_sharing_weights(model, [name for name, reason in reasons.items() if not reason])
     layers = [_quantize_one(new, name, fmt, reason) for name, reason in reasons.items()]
     result = QuantizeResult(new, fmt, layers, time.perf_counter() - start)
@@ -93,10 +108,15 @@ def quantize_model(model: nn.Module, spec: str | NumberFormat, include: list[str
 
 
 def _nothing_reason(layers: list[LayerOutcome]) -> str:
+    """Why no candidate was quantized: each distinct reason once, with an example and a count."""
     if not layers:
-        return "the model has no nn.Linear layers (pass embeddings=True for nn.Embedding)"
-    more = f" (and {len(layers) - 1} more)" if len(layers) > 1 else ""
-    return f"every candidate was skipped, e.g. {layers[0].name}: {layers[0].reason}{more}"
+        return "the model has no nn.Linear, Conv1D or nn.Embedding layers"
+    by_reason: dict[str, list[str]] = {}
+    for layer in layers:
+        by_reason.setdefault(layer.reason, []).append(layer.name)
+    parts = [f"{names[0]}" + (f" (and {len(names) - 1} more)" if len(names) > 1 else "") + f": {reason}"
+             for reason, names in sorted(by_reason.items(), key=lambda item: -len(item[1]))]
+    return "every candidate was skipped: " + "; ".join(parts)
 
 
 def _copy_sharing_weights(model: nn.Module, names: list[str]) -> nn.Module:
@@ -113,12 +133,12 @@ def _copy_sharing_weights(model: nn.Module, names: list[str]) -> nn.Module:
 def _quantize_one(model: nn.Module, name: str, fmt: NumberFormat, reason: str) -> LayerOutcome:
     """Replace one layer in ``model`` (or say why not)."""
     module = model.get_submodule(name)
-    kind = type(module).__name__
+    kind = _layer_kind(module)
     before = module.weight.numel() * module.weight.element_size()
     if reason:
         return LayerOutcome(name, kind, False, reason, before, before)
     try:
-        replacement = _LAYER_TYPES[type(module)](module, fmt)
+        replacement = QuantizedEmbedding(module, fmt) if kind == "Embedding" else QuantizedLinear(module, fmt)
     except InputError as err:
         module.weight = nn.Parameter(module.weight.detach().clone(), module.weight.requires_grad)
         return LayerOutcome(name, kind, False, str(err), before, before)
@@ -126,16 +146,52 @@ def _quantize_one(model: nn.Module, name: str, fmt: NumberFormat, reason: str) -
     return LayerOutcome(name, kind, True, "", before, replacement.qtensor.nbytes)
 
 
-def _skip_reason(name, module, include, exclude, tied) -> str:
+@dataclass(frozen=True)
+class _Scope:
+    """Which candidates a call quantizes: patterns, the dense-by-default families, tied and head names."""
+
+    include: list[str]
+    exclude: list[str]
+    embeddings: bool
+    head: bool
+    tied: set[str]
+    heads: set[str]
+
+
+def _layer_kind(module: nn.Module) -> str:
+    """``"Linear"``, ``"Conv1D"`` (transformers' GPT-2 layer: weight (in, out), no torch base class) or
+    ``"Embedding"`` for a candidate layer; ``""`` for anything else."""
+    if isinstance(module, nn.Linear):
+        return "Linear"
+    if isinstance(module, nn.Embedding):
+        return "Embedding"
+    return "Conv1D" if is_conv1d(module) else ""
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    """Names of the module(s) ``model.get_output_embeddings()`` returns (transformers' output head)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        head = getter() if callable(getter) else None
+    except (NotImplementedError, AttributeError):
+        head = None
+    return {name for name, module in model.named_modules() if head is not None and module is head}
+
+
+def _skip_reason(name: str, module: nn.Module, scope: _Scope) -> str:
     """Why a candidate layer stays as it is, or "" when it is to be quantized."""
     if not name:
         return "the model itself is the layer; wrap it (nn.Sequential(layer)) to quantize it"
-    if include and not any_matches(name, include):
+    if scope.include and not any_matches(name, scope.include):
         return "not matched by include"
-    if exclude and any_matches(name, exclude):
-        return "excluded"
-    if name in tied:
-        return "weight tied to another module; quantizing one copy would store it twice"
+    if scope.exclude and any_matches(name, scope.exclude):
+        return KEPT_REASON
+    if name in scope.heads and not scope.head:
+        return HEAD_REASON
+    if isinstance(module, nn.Embedding) and not scope.embeddings:
+        return EMBEDDING_REASON
+    if name in scope.tied:
+        return TIED_REASON
     if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
         return "embedding with max_norm or sparse gradients is not supported"
     if not module.weight.is_floating_point():

@@ -46,11 +46,23 @@ class _QuantizedWeight(nn.Module):
         return f"{self.weight_shape[0]}, {self.weight_shape[1]}, format={self.fmt.name}"
 
 
-class QuantizedLinear(_QuantizedWeight):
-    """``nn.Linear`` with a packed weight, dequantized to the input dtype in forward."""
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a Linear whose weight is stored (in, out); it has no torch base
+    class, so it is recognised by name and its ``nf`` (output features) attribute, without importing
+    transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and \
+        isinstance(getattr(module, "weight", None), torch.Tensor)
 
-    def __init__(self, linear: nn.Linear, fmt: NumberFormat):
-        self._setup(quantize_tensor(linear.weight, fmt), linear.weight.dtype, linear.bias)
+
+class QuantizedLinear(_QuantizedWeight):
+    """``nn.Linear`` (or transformers' ``Conv1D``) with a packed weight, dequantized to the input dtype in
+    forward. A Conv1D's (in, out) weight is quantized as its transpose, the (out, in) matrix a Linear
+    holds, so scales run along each output's inputs as for every other layer (and as vLLM, which loads
+    GPT-2's Conv1D weights into Linear layers, computes)."""
+
+    def __init__(self, linear: nn.Module, fmt: NumberFormat):
+        weight = linear.weight.t() if is_conv1d(linear) else linear.weight  # (out, in)
+        self._setup(quantize_tensor(weight, fmt), linear.weight.dtype, linear.bias)
 
     @classmethod
     def from_qtensor(cls, qt: QuantizedTensor, bias: torch.Tensor | None,

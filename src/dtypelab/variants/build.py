@@ -11,7 +11,7 @@ from a display name.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import InputError, UnknownFormatError
 from ..formats import NumberFormat, get_format, split_list
 from ..progress import ProgressCallback, stage
-from ..quant import KeepPolicy, cast_model, quantize_model
+from ..quant import KeepPolicy, LayerOutcome, QuantizeResult, cast_model, quantize_model
 from .peers import PeerError, is_peer_spec, run_peer
 
 
@@ -46,6 +46,8 @@ class Variant:
         format: the format it is in (None for a peer, or a module of unknown format).
         model: the candidate (None when it failed).
         failure: why it could not be built or run (None when ok).
+        layers: for a quantized format, every candidate layer's outcome (quantized, or dense with its
+            reason); empty for casts and peers.
     """
 
     name: str
@@ -53,6 +55,7 @@ class Variant:
     format: NumberFormat | None = None
     model: nn.Module | None = None
     failure: str | None = None
+    layers: list[LayerOutcome] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -87,38 +90,47 @@ def parse_variant_specs(specs: str | Sequence[str]) -> list[VariantSpec]:
 
 
 def build_variant(reference: nn.Module, spec: VariantSpec, keep: KeepPolicy | None = None,
-                  embeddings: bool = True, device: torch.device | str | None = None) -> Variant:
+                  embeddings: bool = False, device: torch.device | str | None = None,
+                  head: bool = False) -> Variant:
     """Build one variant of ``reference`` (which is not modified); a format that finds nothing to
-    quantize or a peer that fails becomes a failed :class:`Variant` with its reason."""
+    quantize or a peer that fails becomes a failed :class:`Variant` with its reason.
+
+    ``embeddings`` / ``head``: also quantize the embedding tables / the output head (both stay dense by
+    default, as in ``quantize_model`` and ``convert``)."""
+    layers: list[LayerOutcome] = []
     try:
         if spec.format is None:
             model = run_peer(reference, spec.spec).model
+        elif spec.format.is_quantized:
+            result = _quantize(reference, spec.format, keep, embeddings, head)
+            model, layers = result.model, result.layers
         else:
-            model = apply_format(reference, spec.format, keep, embeddings)
+            model = cast_model(reference, spec.format, keep)
     except (InputError, PeerError) as err:
         return Variant(spec.name, spec.spec, spec.format, None, str(err))
-    return Variant(spec.name, spec.spec, spec.format, model.to(device) if device is not None else model)
+    model = model.to(device) if device is not None else model
+    return Variant(spec.name, spec.spec, spec.format, model, layers=layers)
 
 
 def iter_variants(reference: nn.Module, specs: str | Sequence[str] | Sequence[VariantSpec],
-                  keep: KeepPolicy | None = None, embeddings: bool = True,
+                  keep: KeepPolicy | None = None, embeddings: bool = False,
                   device: torch.device | str | None = None,
-                  progress: ProgressCallback | None = None) -> Iterator[Variant]:
+                  progress: ProgressCallback | None = None, head: bool = False) -> Iterator[Variant]:
     """Build the variants one at a time, in order (every spec is validated before the first is built)."""
     parsed = specs if specs and isinstance(specs[0], VariantSpec) else parse_variant_specs(specs)
     bar = stage(progress, "variants", "variants", len(parsed))
     for spec in parsed:
-        variant = build_variant(reference, spec, keep, embeddings, device)
+        variant = build_variant(reference, spec, keep, embeddings, device, head)
         bar.advance(detail=spec.name)
         yield variant
 
 
 def build_variants(reference: nn.Module, specs: str | Sequence[str], keep: KeepPolicy | None = None,
-                   embeddings: bool = True, device: torch.device | str | None = None,
-                   progress: ProgressCallback | None = None) -> dict[str, Variant]:
+                   embeddings: bool = False, device: torch.device | str | None = None,
+                   progress: ProgressCallback | None = None, head: bool = False) -> dict[str, Variant]:
     """One :class:`Variant` per item of a ``--to`` list: our formats and peers (``quanto:qint8``,
     ``torchao:int8wo``), by display name; see :func:`iter_variants`."""
-    return {v.name: v for v in iter_variants(reference, specs, keep, embeddings, device, progress)}
+    return {v.name: v for v in iter_variants(reference, specs, keep, embeddings, device, progress, head)}
 
 
 def as_variants(variants: Mapping[str, nn.Module | Variant] | Iterable[Variant]) -> list[Variant]:
@@ -129,21 +141,28 @@ def as_variants(variants: Mapping[str, nn.Module | Variant] | Iterable[Variant])
 
 
 def apply_format(model: nn.Module, fmt: str | NumberFormat, keep: KeepPolicy | None = None,
-                 embeddings: bool = True) -> nn.Module:
+                 embeddings: bool = False, head: bool = False) -> nn.Module:
     """A copy of ``model`` in ``fmt``: cast for plain dtypes, :func:`quantize_model` for the rest.
 
     Args:
         keep: modules to leave alone (cast: kept in float32; quantize: excluded with their children).
-        embeddings: quantize ``nn.Embedding`` tables too (only for quantized formats).
+        embeddings, head: also quantize ``nn.Embedding`` tables / the output head (quantized formats
+            only; both stay dense by default, as vLLM serves them).
     Raises:
         InputError: a quantized format finds nothing it can quantize (the reasons are in the message).
     """
     fmt = get_format(fmt)
     if not fmt.is_quantized:
         return cast_model(model, fmt, keep)
+    return _quantize(model, fmt, keep, embeddings, head).model
+
+
+def _quantize(model: nn.Module, fmt: NumberFormat, keep: KeepPolicy | None, embeddings: bool,
+              head: bool) -> QuantizeResult:
+    """``quantize_model`` with a keep policy: kept modules are excluded with their children."""
     roots = keep.kept_roots(model) if keep else []
     exclude = [p for root in roots for p in ((root, f"{root}.*") if root else ("*",))]
-    return quantize_model(model, fmt, exclude=exclude, embeddings=embeddings).model
+    return quantize_model(model, fmt, exclude=exclude, embeddings=embeddings, head=head)
 
 
 def _format_named(name: str) -> NumberFormat | None:
