@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -236,6 +238,128 @@ def test_strict_refuses_lost_values_and_writes_nothing(tmp_path):
     assert caught.value.exit_code == 3
     assert [p.name for p in tmp_path.iterdir()] == ["in.safetensors"]
     convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", "bf16", strict=True)  # bf16 holds 1e6
+
+
+def test_strict_accepts_a_negligible_flush_and_reports_it(tmp_path):
+    # the user's case: one value in 262,144 of an N(0, 0.02) embedding flushes in fp16, ~5e-8 of its RMS
+    from test_streaming import embedding_with_one_tiny_value
+    embed = embedding_with_one_tiny_value()
+    save_file({"embed.weight": embed}, tmp_path / "in.safetensors")
+    result = convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", "fp16", strict=True)
+    assert torch.equal(load_file(tmp_path / "out" / "in.safetensors")["embed.weight"], embed.half())
+    (damage,) = result.tensors
+    assert (damage.flushed_to_zero, damage.negligible_flushes, damage.significant_flushes) == (1, 1, 0)
+    report = json.loads(result.to_json())
+    row = report["tensors"][0]
+    assert (row["flushed_to_zero"], row["negligible_flushes"], row["significant_flushes"]) == (1, 1, 0)
+    assert row["max_flushed_rel_rms"] == pytest.approx(torch.tensor(1e-9).item() / row["rms"])
+    assert row["max_flushed_rel_rms"] < 2.0 ** -10
+    assert (report["total"]["negligible_flushes"], report["total"]["significant_flushes"]) == (1, 0)
+    assert report["refused"] is False and report["reason"] is None
+    assert report["limits"] == {"max_flushed": 0, "flushed_fraction": None, "max_overflowed": 0}
+    assert "1 negligible flush(es) in 1 tensor(s)" in result.to_text()
+
+
+def test_strict_refusal_names_only_the_damaged_tensor_and_still_counts_every_tensor(tmp_path, monkeypatch):
+    from test_streaming import embedding_with_one_tiny_value
+
+    import dtypelab.checkpoint.writer as writer
+
+    written = []
+    real_write_all = writer.write_all
+    monkeypatch.setattr(writer, "write_all", lambda fd, data, path: written.append(len(data))
+                        or real_write_all(fd, data, path))
+    # "a_big" is streamed first: after it, nothing more is written, but "embed" is still counted
+    save_file({"a_big": torch.tensor([1e6, 1.0]), "embed": embedding_with_one_tiny_value()},
+              tmp_path / "in.safetensors")
+    with pytest.raises(DamageError) as caught:
+        convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", "fp16", strict=True)
+    message = str(caught.value)
+    assert caught.value.exit_code == 3
+    assert message.startswith("tensor 'a_big': 1 values overflow in fp16; nothing was written (--strict)")
+    assert "--keep 'a_big'" in message and "--max-overflowed 1" in message and "embed" not in message
+    assert [p.name for p in tmp_path.iterdir()] == ["in.safetensors"]
+    result = caught.value.result
+    assert result.refused and result.refused_tensors == ["a_big"] and result.reason == message
+    assert [(t.name, t.overflowed, t.flushed_to_zero, t.negligible_flushes) for t in result.tensors] == \
+        [("a_big", 1, 0, 0), ("embed", 0, 1, 1)]
+    assert result.bytes_written == 0 and not result.verified and result.copied_files == []
+    header = len(written) and written[0]
+    assert written == [header, 2 * 2]  # the header, a_big's two fp16 values, and not embed's 512 KiB
+    assert json.loads(result.to_json())["refused"] is True
+
+
+def test_max_overflowed_lets_that_many_overflows_through(tmp_path):
+    save_file({"big": torch.tensor([1e6, 1.0])}, tmp_path / "one.safetensors")
+    result = convert_checkpoint(tmp_path / "one.safetensors", tmp_path / "one", "fp16", strict=True,
+                                max_overflowed=1)
+    assert result.total.overflowed == 1 and result.limits.max_overflowed == 1
+    assert load_file(tmp_path / "one" / "one.safetensors")["big"].tolist() == [math.inf, 1.0]
+    save_file({"big": torch.tensor([1e6, -1e6, 1.0])}, tmp_path / "two.safetensors")
+    with pytest.raises(DamageError, match=r"'big': 2 values overflow.*--max-overflowed 2, or drop"):
+        convert_checkpoint(tmp_path / "two.safetensors", tmp_path / "two", "fp16", strict=True,
+                           max_overflowed="1")
+    assert not (tmp_path / "two").exists()
+
+
+def significant_flushes_tensor() -> torch.Tensor:
+    """1,022 values 2^-17 (fp16 subnormals) and two 2^-26, which fp16 flushes: 2^-26 is 2^-9 / 0.999 of
+    the RMS (2^-17 * sqrt(1022/1024 + tiny)), above 2^-10, so both flushes are significant."""
+    return torch.tensor([2.0 ** -17] * 1022 + [2.0 ** -26] * 2)
+
+
+@pytest.mark.parametrize(("limit", "passes"), [(0, False), (1, False), (2, True), ("2", True),
+                                               (2 / 1024, True), ("0.001953125", True), (1e-3, False)])
+def test_max_flushed_counts_significant_flushes_per_tensor(tmp_path, limit, passes):
+    save_file({"small": significant_flushes_tensor(), "ones": torch.ones(8)}, tmp_path / "in.safetensors")
+    convert = lambda: convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", "fp16",  # noqa: E731
+                                         strict=True, max_flushed=limit)
+    if passes:
+        damage = {t.name: t for t in convert().tensors}
+        assert (damage["small"].flushed_to_zero, damage["small"].significant_flushes) == (2, 2)
+        return
+    with pytest.raises(DamageError, match=r"^tensor 'small': 2 values flush to zero \(the largest 0.002 of "
+                                          r"its RMS, above the negligible 2\^-10\) in fp16;.*--keep 'small'.*"
+                                          r"--max-flushed 2, or drop --strict$"):
+        convert()
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"max_flushed": 1}, "--max-flushed needs --strict"),
+    ({"max_overflowed": "0"}, "--max-overflowed needs --strict"),
+    ({"max_flushed": 1, "max_overflowed": 1}, "--max-flushed and --max-overflowed need --strict"),
+    ({"strict": True, "max_flushed": "abc"}, "--max-flushed takes a count (3) or a fraction"),
+    ({"strict": True, "max_flushed": -1}, "not -1: give 0 or more"),
+    ({"strict": True, "max_flushed": 1.5}, "a fraction lies in [0, 1]"),
+    ({"strict": True, "max_flushed": "nan"}, "not 'nan'"),
+    ({"strict": True, "max_overflowed": "1e-6"}, "--max-overflowed takes a count (3), not '1e-6'"),
+    ({"strict": True, "max_overflowed": True}, "--max-overflowed takes a count (3), not True"),
+])
+def test_damage_limits_are_checked_before_anything_is_read(tmp_path, options, message):
+    save_file({"big": torch.tensor([1e6])}, tmp_path / "in.safetensors")
+    with pytest.raises(InputError, match=re.escape(message)):
+        convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", "fp16", **options)
+    assert [p.name for p in tmp_path.iterdir()] == ["in.safetensors"]
+
+
+def test_refusal_of_a_quantized_output_advises_dense_bf16_for_dense_tensors(tmp_path):
+    from dtypelab.models import tiny_llama
+
+    folder = tmp_path / "llama"
+    tiny_llama().save_pretrained(folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.embed_tokens.weight"][5, 3] = 1e6  # overflows fp16, the --dense format
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(DamageError) as caught:
+        convert_checkpoint(folder, tmp_path / "out", "int8", dense="fp16", strict=True)
+    assert str(caught.value).startswith("tensor 'model.embed_tokens.weight': 1 values overflow in fp16; "
+                                        "nothing was written (--strict): cast what stays dense to bf16 "
+                                        "(float32's range) with --dense bf16, keep it as stored with --keep ")
+    assert caught.value.result.refused_tensors == ["model.embed_tokens.weight"]
+    assert not (tmp_path / "out").exists()
+    result = convert_checkpoint(folder, tmp_path / "out", "int8", dense="bf16", strict=True)  # the fix works
+    assert result.total.overflowed == 0
 
 
 # -------------------------------------------------------------------------------- nothing lost

@@ -128,3 +128,59 @@ def test_e4m3_values_that_round_onto_448_are_not_counted_as_saturated():
     assert out.float().tolist() == [448.0] * 5
     assert damage.overflowed == 2
     assert damage.max_rel_error == pytest.approx(16 / 464)  # the largest among the rounded, not 1000's
+
+
+# ------------------------------------------------------------------- flushes weighed against the scale
+
+def embedding_with_one_tiny_value() -> torch.Tensor:
+    """N(0, 0.02), 512 x 512, its magnitudes floored at 1e-4 (normal in fp16: nothing else flushes or
+    falls subnormal), and one value 1e-9, which fp16 flushes (below half its smallest subnormal, 2^-25)."""
+    torch.manual_seed(0)
+    values = torch.randn(512, 512) * 0.02
+    values = torch.where(values.abs() < 1e-4, torch.full_like(values, 1e-4), values)
+    values[3, 7] = 1e-9
+    return values
+
+
+def test_a_flush_far_below_the_tensors_rms_is_negligible():
+    source = embedding_with_one_tiny_value()
+    out, damage = cast_with(ChunkCaster(get_format("fp16"), chunk_elements=1 << 14), source.reshape(-1))
+    assert torch.equal(out.view(torch.uint8), source.reshape(-1).half().view(torch.uint8))  # same bytes
+    assert (damage.overflowed, damage.flushed_to_zero, damage.subnormal) == (0, 1, 0)
+    assert damage.lost_values == 1  # still a lost value, as before
+    assert damage.max_flushed == torch.tensor(1e-9).item()  # the float32 nearest 1e-9
+    assert damage.rms == pytest.approx(float(source.double().square().mean().sqrt()), rel=1e-6)
+    assert damage.rms > 0.019  # ~0.02: the flushed value is ~5e-8 of it, far below 2^-10
+    assert (damage.negligible_flushes, damage.significant_flushes) == (1, 0)
+
+
+@pytest.mark.parametrize(("flushed", "negligible"), [(2.0 ** -26, False), (2.0 ** -28, True)])
+def test_negligible_means_below_2_to_the_minus_10_of_the_rms(flushed, negligible):
+    # 1023 values 2^-17 (fp16 subnormals, kept) and one below 2^-25 (flushed): RMS = 2^-17 * sqrt(1023/1024
+    # + tiny), so the threshold is 2^-27 * 0.9995; 2^-26 lies above it, 2^-28 below
+    source = torch.tensor([2.0 ** -17] * 1023 + [flushed])
+    _, damage = cast_with(ChunkCaster(get_format("fp16")), source)
+    assert (damage.flushed_to_zero, damage.subnormal) == (1, 1023)
+    assert damage.rms == pytest.approx(2.0 ** -17 * math.sqrt(1023 / 1024), rel=1e-6)
+    assert damage.negligible_flushes == int(negligible)
+    assert damage.significant_flushes == int(not negligible)
+
+
+def test_the_whole_tensors_rms_decides_not_the_chunks():
+    # the first chunk alone would make its flush significant (as above); the tensor's RMS, ~0.707 with the
+    # second chunk's ones, makes it negligible
+    source = torch.tensor([2.0 ** -17] * 1023 + [2.0 ** -26] + [1.0] * 1024)
+    _, damage = cast_with(ChunkCaster(get_format("fp16"), chunk_elements=1024), source)
+    assert damage.rms == pytest.approx(math.sqrt((1024 + 1023 * 2.0 ** -34 + 2.0 ** -52) / 2048), rel=1e-6)
+    assert (damage.flushed_to_zero, damage.negligible_flushes, damage.significant_flushes) == (1, 1, 0)
+    _, first = cast_with(ChunkCaster(get_format("fp16"), chunk_elements=1024), source[:1024])
+    assert first.significant_flushes == 1
+
+
+def test_non_finite_values_leave_the_rms_finite_and_saturating_formats_weigh_flushes_too():
+    # e4m3fn: 1e-4 flushes (below 2^-10); inf and NaN are left out of the RMS, 1000 (saturated) is in
+    source = torch.tensor([1000.0, 1e-4, float("inf"), float("nan"), 1.0])
+    _, damage = cast_with(ChunkCaster(fp8_e4m3()), source)
+    assert damage.rms == pytest.approx(math.sqrt((1000.0 ** 2 + 1e-8 + 1.0) / 5), rel=1e-6)
+    assert damage.max_flushed == torch.tensor(1e-4).item()
+    assert (damage.flushed_to_zero, damage.negligible_flushes) == (1, 1)  # 1e-4 / 447 < 2^-10

@@ -109,3 +109,56 @@ def test_fsync_flushes_every_output_file_before_the_rename(capsys, tmp_path, src
     synced.clear()
     run_cli(capsys, "convert", src, "--to", "bf16", "-o", tmp_path / "plain")
     assert synced == []  # off by default: cp does not wait for the disk either
+
+
+def test_strict_refusal_still_writes_the_report(capsys, tmp_path, src):
+    code, out, err = run_cli(capsys, "convert", src, "--to", "fp16", "-o", tmp_path / "out", "--strict",
+                             "--report", tmp_path / "report.json")
+    assert code == 3 and out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: tensor 'big': 1 values overflow in fp16; nothing was written (--strict): "
+                          "keep it as stored with --keep 'big', let it through with --max-overflowed 1, or "
+                          "drop --strict")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "report.json"]  # no output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["refused"] is True and report["reason"] == err.strip().removeprefix("error: ")
+    assert report["refused_tensors"] == ["big"] and report["bytes_written"] == 0
+    # every tensor is counted, also those after the refused one
+    assert {t["name"]: (t["action"], t["overflowed"]) for t in report["tensors"]} == {
+        "w": ("cast", 0), "big": ("cast", 1), "norm": ("cast", 0), "ids": ("copied", 0)}
+
+
+def test_max_overflowed_lets_one_overflow_through(capsys, tmp_path, src):
+    code, _, err = run_cli(capsys, "convert", src, "--to", "fp16", "-o", tmp_path / "out", "--strict",
+                           "--max-overflowed", "1", "--report", tmp_path / "report.json")
+    assert code == 0 and err == ""
+    assert load_file(tmp_path / "out" / "in.safetensors")["big"][0].item() == float("inf")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["refused"] is False and report["limits"]["max_overflowed"] == 1
+
+
+def test_strict_passes_a_negligible_flush_and_the_report_says_so(capsys, tmp_path):
+    # N(0, 0.02), magnitudes floored at 1e-4 (nothing else flushes in fp16), one 1e-9: flushed, ~5e-8 of RMS
+    torch.manual_seed(0)
+    embed = torch.randn(512, 512) * 0.02
+    embed = torch.where(embed.abs() < 1e-4, torch.full_like(embed, 1e-4), embed)
+    embed[3, 7] = 1e-9
+    save_file({"embed.weight": embed}, tmp_path / "in.safetensors")
+    code, out, _ = run_cli(capsys, "convert", tmp_path / "in.safetensors", "--to", "fp16", "-o",
+                           tmp_path / "out", "--strict", "--report", tmp_path / "report.json")
+    assert code == 0 and "1 negligible flush(es) in 1 tensor(s)" in out
+    row = json.loads((tmp_path / "report.json").read_text())["tensors"][0]
+    assert (row["flushed_to_zero"], row["negligible_flushes"], row["significant_flushes"]) == (1, 1, 0)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--max-flushed", "3"], "error: --max-flushed needs --strict (it loosens what --strict refuses): add "
+                             "--strict or drop --max-flushed"),
+    (["--max-overflowed", "1"], "error: --max-overflowed needs --strict"),
+    (["--strict", "--max-flushed", "lots"], "error: --max-flushed takes a count (3) or a fraction of each "
+                                            "tensor's values (1e-6), not 'lots'"),
+])
+def test_damage_limits_without_strict_or_malformed_are_one_line_exit_2(capsys, tmp_path, src, args, message):
+    code, out, err = run_cli(capsys, "convert", src, "--to", "fp16", "-o", tmp_path / "out", *args,
+                             "--report", tmp_path / "report.json")
+    assert code == 2 and out == "" and err.startswith(message) and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]  # no output, no report

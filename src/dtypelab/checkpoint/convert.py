@@ -17,16 +17,18 @@ import fnmatch
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, DamageError, InputError
 from ..formats import Granularity, NumberFormat, get_format
 from ..naming import name_matches
 from ..progress import ProgressCallback, stage
 from ..quant import Action, TensorDamage, dtype_name
+from ..quant.damage import NEGLIGIBLE_FLUSH
 from ..report import Table, TableMixin, to_jsonable
 from .architecture import linear_layers
 from .layouts import check_supported, quantization_config
@@ -59,6 +61,11 @@ class ConversionResult(TableMixin):
             are the ``ignore`` list of the written ``quantization_config``).
         other_dense: for quantized formats, the other 2-D tensors left dense: no ``nn.Linear`` of the
             model built from config.json holds them (embeddings, Conv1D, fused MoE experts).
+        limits: what ``strict`` let through (None without ``strict``).
+        refused: True when ``strict`` refused the output: nothing was written (``destination`` stays
+            absent, ``bytes_written`` is 0) and the counts are what the conversion would have done.
+        reason: the refusal's message (None unless refused).
+        refused_tensors: the tensors past the limits, in output order.
     """
 
     source: Path
@@ -75,6 +82,10 @@ class ConversionResult(TableMixin):
     verified: bool
     dense_layers: dict[str, str] = field(default_factory=dict)
     other_dense: list[str] = field(default_factory=list)
+    limits: DamageLimits | None = None
+    refused: bool = False
+    reason: str | None = None
+    refused_tensors: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> TensorDamage:
@@ -85,11 +96,12 @@ class ConversionResult(TableMixin):
         return total
 
     def worst(self, count: int = 5) -> list[TensorDamage]:
-        """The most damaged cast or quantized tensors: lost values first, then subnormals, then the
-        lowest SQNR (quantized), then the largest relative error."""
+        """The most damaged cast or quantized tensors: lost values first (those ``--strict`` counts,
+        then negligible flushes), then subnormals, then the lowest SQNR (quantized), then the largest
+        relative error."""
         changed = [t for t in self.tensors if t.action in (Action.CAST, Action.QUANTIZED)]
-        return sorted(changed, key=lambda t: (-t.lost_values, -t.subnormal, _sqnr_key(t),
-                                              -t.max_rel_error))[:count]
+        return sorted(changed, key=lambda t: (-t.overflowed - t.significant_flushes, -t.lost_values,
+                                              -t.subnormal, _sqnr_key(t), -t.max_rel_error))[:count]
 
     def to_table(self) -> Table:
         quantized = any(t.action == Action.QUANTIZED for t in self.tensors)
@@ -101,13 +113,20 @@ class ConversionResult(TableMixin):
         actions = {a: sum(t.action == a for t in self.tensors)
                    for a in (Action.QUANTIZED, Action.CAST, Action.COPIED, Action.KEPT)
                    if a != Action.QUANTIZED or quantized}
-        notes = [f"{self.source} -> {self.destination}: {', '.join(f'{n} {a}' for a, n in actions.items())}"
+        notes = [f"refused: {self.reason}"] if self.refused else []
+        notes += [f"{self.source} -> {self.destination}: {', '.join(f'{n} {a}' for a, n in actions.items())}"
                  f"; {self.bytes_read:,} bytes read, {self.bytes_written:,} written in "
                  f"{len(self.shards)} file(s)" + (f" + {self.index_file}" if self.index_file else ""),
                  f"copied {len(self.copied_files)} other file(s); config.json updated: "
                  f"{self.config_updated}; verified bit for bit: {self.verified}"]
         if self.skipped_files:
             notes.append(f"not copied (other weights, source precision): {', '.join(self.skipped_files)}")
+        negligible = [t for t in self.tensors if t.negligible_flushes]
+        if negligible:
+            count, power = sum(t.negligible_flushes for t in negligible), int(math.log2(NEGLIGIBLE_FLUSH))
+            notes.append(f"flushed_to_zero holds {count} negligible flush(es) in {len(negligible)} "
+                         f"tensor(s): every value flushed there lies below 2^{power} of its tensor's RMS "
+                         "(--strict lets them through)")
         tied = [f"{alias} = {t.name}" for t in self.tensors for alias in t.aliases]
         if tied:
             notes.append("tied: " + ", ".join(tied) + " (stored once under the second name; the first is "
@@ -124,15 +143,52 @@ class ConversionResult(TableMixin):
         return Table(f"Conversion to {self.format}: most damaged tensors", columns, rows, notes)
 
     def to_json(self) -> str:
-        """The full report (every tensor, with its ``lost_values`` and ``sqnr_db``) that ``--report FILE``
-        writes."""
-        report = {**to_jsonable(self), "tensors": [_damage_json(t) for t in self.tensors],
-                  "total": _damage_json(self.total)}
+        """The full report (every tensor, with its ``lost_values``, ``sqnr_db``, ``rms`` and its flushes
+        split into ``negligible_flushes`` / ``significant_flushes``) that ``--report FILE`` writes, also
+        when ``--strict`` refused the output (``"refused": true``, ``"reason"``)."""
+        total = {**_damage_json(self.total), "rms": None, "max_flushed_rel_rms": None,
+                 "negligible_flushes": sum(t.negligible_flushes for t in self.tensors),
+                 "significant_flushes": sum(t.significant_flushes for t in self.tensors)}
+        report = {**to_jsonable(self), "tensors": [_damage_json(t) for t in self.tensors], "total": total}
         return json.dumps(report, indent=2)
 
 
 def _damage_json(damage: TensorDamage) -> dict:
-    return to_jsonable({**to_jsonable(damage), "lost_values": damage.lost_values, "sqnr_db": damage.sqnr_db})
+    rms = damage.rms
+    relative = damage.max_flushed / rms if rms and damage.flushed_to_zero else None
+    return to_jsonable({**to_jsonable(damage), "lost_values": damage.lost_values, "sqnr_db": damage.sqnr_db,
+                        "rms": rms, "max_flushed_rel_rms": relative,
+                        "negligible_flushes": damage.negligible_flushes,
+                        "significant_flushes": damage.significant_flushes})
+
+
+@dataclass(frozen=True)
+class DamageLimits:
+    """What ``--strict`` lets through, per tensor: a tensor is refused when it overflows (quantized:
+    clips) more than ``max_overflowed`` values, or flushes more significant values to zero (flushes
+    that are not :attr:`~dtypelab.quant.TensorDamage.negligible_flushes`) than it is allowed.
+
+    Per tensor, not in total, so the allowance does not grow with the checkpoint and the refusal can
+    name exactly the tensors to keep.
+
+    Args:
+        max_flushed: significant flushes allowed per tensor (a count).
+        flushed_fraction: when set, the allowance is instead this fraction of the tensor's values.
+        max_overflowed: overflowed (quantized: clipped) values allowed per tensor.
+    """
+
+    max_flushed: int = 0
+    flushed_fraction: float | None = None
+    max_overflowed: int = 0
+
+    def refuses(self, damage: TensorDamage) -> bool:
+        """Whether this tensor's damage is past the limits."""
+        return self.flushes_past(damage) or damage.overflowed > self.max_overflowed
+
+    def flushes_past(self, damage: TensorDamage) -> bool:
+        """Whether the tensor flushes more significant values than it is allowed."""
+        allowed = self.max_flushed if self.flushed_fraction is None else self.flushed_fraction * damage.numel
+        return damage.significant_flushes > allowed
 
 
 def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,
@@ -140,7 +196,9 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
                        max_shard_size: str | int | None = None, force: bool = False,
                        verify: bool = False, strict: bool = False,
                        progress: ProgressCallback | None = None,
-                       dense: str | NumberFormat | None = None, fsync: bool = False) -> ConversionResult:
+                       dense: str | NumberFormat | None = None, fsync: bool = False,
+                       max_flushed: int | float | str | None = None,
+                       max_overflowed: int | str | None = None) -> ConversionResult:
     """Convert a safetensors file or folder to another format, tensor by tensor.
 
     Plain formats (fp32, fp16, bf16, ``fp8_e4m3:cast``): floating tensors (fp16/bf16/fp32/fp64) are
@@ -159,7 +217,11 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
             the source's shards.
         force: replace an existing destination.
         verify: re-read the output and check every tensor against its source, bit for bit.
-        strict: raise :class:`DamageError` (and write nothing) if any value overflows or flushes.
+        strict: raise :class:`DamageError` (and write nothing) if a tensor loses values: any overflow
+            (quantized: a value clipped), or a flush to zero that is not negligible (a tensor's flushes
+            are negligible when the largest is below 2^-10 of its RMS, see
+            :data:`~dtypelab.quant.damage.NEGLIGIBLE_FLUSH`). Every tensor is still counted, so the
+            error's ``result`` attribute is the complete report, with ``refused`` True.
         progress: a :data:`~dtypelab.progress.ProgressCallback`, told the source bytes streamed
             (stage ``convert``); returning False cancels the conversion (nothing is written).
         dense: for quantized formats, cast the tensors left dense (embeddings, norms, biases) to this
@@ -167,12 +229,22 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
         fsync: flush the output to disk before renaming it into place (and the folder after), so a
             power loss, not only a killed process, leaves the destination complete or absent. Off by
             default: it costs the disk's write time, which ``cp`` does not wait for either.
+        max_flushed: with ``strict``, the significant flushes each tensor may have: a count (``3``, or
+            ``"3"``) or a fraction of its values (``1e-6``, or ``"1e-6"``; a float is a fraction).
+            Default 0.
+        max_overflowed: with ``strict``, the overflowed (quantized: clipped) values each tensor may
+            have, a count. Default 0: any overflow is real damage.
 
     Returns:
         A :class:`ConversionResult` with the damage per tensor.
+    Raises:
+        DamageError: under ``strict``, when a tensor is past the limits (exit code 3); the message names
+            those tensors and the smallest fix, and the exception's ``result`` is the refused
+            conversion's :class:`ConversionResult` (``refused`` True, nothing written).
     Example:
         >>> convert_checkpoint("llama-folder", "llama-w4", "int4:g128", dense="bf16")  # doctest: +SKIP
     """
+    limits = _damage_limits(strict, max_flushed, max_overflowed)
     fmt, src, dst = get_format(to), open_checkpoint(source), Path(destination)
     dst_is_file = _check_destination(src, dst)
     cast_to, quant, dense_layers, other_dense = _conversion(src, fmt, dense, tuple(keep))
@@ -182,7 +254,14 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
         _check_free_space(staging.tmp, plan, extra)
         caster, quantizer = ChunkCaster(cast_to or get_format("fp32")), quant and ChunkQuantizer(fmt)
         bar = stage(progress, "convert", "bytes", sum(i.entry.nbytes for i in plan.items))
-        damage = write_shards(plan, staging.tmp, caster, strict, bar, quantizer)
+        refuses = limits.refuses if limits is not None else None
+        damage = write_shards(plan, staging.tmp, caster, refuses, bar, quantizer)
+        refused = [t for t in damage if refuses is not None and refuses(t)]
+        if refused:  # raised inside the staging, which removes the partial output
+            raise _refusal(refused, fmt, cast_to, quant is not None, ConversionResult(
+                src.path, dst, fmt.name, [s.file for s in plan.shards], plan.index_name, damage, [],
+                _relative(src, skipped), False, sum(i.entry.nbytes for i in plan.items), 0, False,
+                dense_layers, other_dense, limits))
         write_index(plan, staging.tmp)
         qconfig = quantization_config(fmt, list(dense_layers)) if quant else None
         config_updated = copy_extra(src, extra, staging.tmp, cast_to, plan, qconfig)
@@ -193,7 +272,103 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     return ConversionResult(src.path, dst, fmt.name, [s.file for s in plan.shards], plan.index_name,
                             damage, _relative(src, extra), _relative(src, skipped), config_updated,
                             sum(i.entry.nbytes for i in plan.items), written, verify, dense_layers,
-                            other_dense)
+                            other_dense, limits)
+
+
+def _damage_limits(strict: bool, max_flushed: int | float | str | None,
+                   max_overflowed: int | str | None) -> DamageLimits | None:
+    """The limits ``strict`` applies (None without it), from counts or fractions given as numbers or
+    as the CLI's strings."""
+    if not strict:
+        given = [f"--max-{n}" for n, v in (("flushed", max_flushed), ("overflowed", max_overflowed))
+                 if v is not None]
+        if len(given) == 1:
+            raise InputError(f"{given[0]} needs --strict (it loosens what --strict refuses): add --strict "
+                             f"or drop {given[0]}")
+        if given:
+            raise InputError(f"{' and '.join(given)} need --strict (they loosen what --strict refuses): "
+                             "add --strict or drop them")
+        return None
+    overflowed = _count(max_overflowed, "--max-overflowed", fraction=False)
+    flushed = _count(max_flushed, "--max-flushed", fraction=True)
+    if isinstance(flushed, float):
+        return DamageLimits(0, flushed, int(overflowed))
+    return DamageLimits(flushed, None, int(overflowed))
+
+
+def _count(value: int | float | str | None, option: str, fraction: bool) -> int | float:
+    """A limit: an integer count (``3``, ``"3"``) or, where ``fraction``, a float in [0, 1] (``1e-6``)."""
+    takes = "a count (3) or a fraction of each tensor's values (1e-6)" if fraction else "a count (3)"
+    if value is None:
+        return 0
+    given = value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = int(text) if re.fullmatch(r"[+-]?\d+", text) else float(text)
+        except ValueError:
+            raise InputError(f"{option} takes {takes}, not {given!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InputError(f"{option} takes {takes}, not {given!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise InputError(f"{option} takes {takes}, not {given!r}: give 0 or more")
+        return value
+    if not fraction or not 0.0 <= value <= 1.0:  # NaN fails the range test too
+        raise InputError(f"{option} takes {takes}, not {given!r}"
+                         + (": a fraction lies in [0, 1], a count is a whole number" if fraction else ""))
+    return value
+
+
+def _refusal(refused: list[TensorDamage], fmt: NumberFormat, cast_to: NumberFormat | None, quantized: bool,
+             result: ConversionResult) -> DamageError:
+    """The DamageError of a refused conversion; its ``result`` attribute is ``result`` (what the conversion
+    would have done, nothing written) marked refused, with the reason, for ``--report``."""
+    result.refused, result.refused_tensors = True, [t.name for t in refused]
+    result.reason = _refusal_reason(refused, result.limits or DamageLimits(), fmt, cast_to, quantized)
+    error = DamageError(result.reason)
+    error.result = result  # type: ignore[attr-defined]  # DamageError is the family's; the report rides on it
+    return error
+
+
+def _refusal_reason(refused: list[TensorDamage], limits: DamageLimits, fmt: NumberFormat,
+                    cast_to: NumberFormat | None, quantized: bool) -> str:
+    """One line: the refused tensors with what they lost, and the smallest fixes: keep those tensors
+    (or, for what a quantized output leaves dense, cast it to bf16), or allow as many losses."""
+    shown = "; ".join(_loss(t, fmt, cast_to) for t in refused[:3])
+    if len(refused) > 3:
+        shown += f"; and {len(refused) - 3} more tensor(s) (the --report lists every one)"
+    fixes = []
+    dense_cast = [t for t in refused if quantized and t.action == Action.CAST]
+    if dense_cast and cast_to is not None and cast_to.name not in ("bf16", "fp32"):
+        fixes.append("cast what stays dense to bf16 (float32's range) with --dense bf16")
+    it = "it" if len(refused) == 1 else "them"
+    keeps = " ".join(f"--keep {t.name!r}" for t in refused) if len(refused) <= 3 else "--keep NAME for each"
+    layers = all(t.action == Action.QUANTIZED for t in refused)
+    fixes.append(f"keep the layer(s) dense with {keeps}" if layers else f"keep {it} as stored with {keeps}")
+    allow = []
+    if any(t.overflowed > limits.max_overflowed for t in refused):
+        allow.append(f"--max-overflowed {max(t.overflowed for t in refused)}")
+    if any(limits.flushes_past(t) for t in refused):
+        allow.append(f"--max-flushed {max(t.significant_flushes for t in refused)}")
+    fixes.append(f"let {it} through with {' '.join(allow)}")
+    return f"{shown}; nothing was written (--strict): {', '.join(fixes)}, or drop --strict"
+
+
+def _loss(damage: TensorDamage, fmt: NumberFormat, cast_to: NumberFormat | None) -> str:
+    """What one refused tensor lost, in words."""
+    if damage.action == Action.QUANTIZED:
+        return (f"tensor {damage.name!r}: {damage.overflowed} values are clamped beyond what {fmt.name}'s "
+                "codes reach")
+    target = (cast_to or fmt).name
+    parts = [f"{damage.overflowed} values overflow"] if damage.overflowed else []
+    if damage.significant_flushes:
+        rms = damage.rms or 0.0
+        scale = f"{damage.max_flushed / rms:.2g} of its RMS" if rms else "its RMS is 0"
+        power = int(math.log2(NEGLIGIBLE_FLUSH))
+        parts.append(f"{damage.significant_flushes} values flush to zero (the largest {scale}, above the "
+                     f"negligible 2^{power})")
+    return f"tensor {damage.name!r}: {' and '.join(parts)} in {target}"
 
 
 def _relative(src: CheckpointSource, paths: list[Path]) -> list[str]:

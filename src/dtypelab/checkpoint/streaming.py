@@ -4,7 +4,9 @@ Fresh allocations cost more than the cast itself on machines that return freed m
 one :class:`ChunkCaster` owns all its buffers (a raw read buffer, an output buffer, float scratch) and
 reuses them for every chunk of every tensor. Each chunk's damage is counted exactly: values that
 overflowed (to inf, or saturated at the largest finite value in formats without inf), values flushed to
-zero, values that became subnormal, and the largest relative error among values that stayed finite.
+zero, values that became subnormal, and the largest relative error among values that stayed finite; and,
+so that a flush can be weighed against the tensor's scale once the tensor is done, the largest flushed
+magnitude and the sum of squares (one dot product per chunk, on a buffer already there).
 
 Checkpoint stage: the streaming half of the damage accounting; the counts themselves are
 :func:`dtypelab.quant.damage.count_damage` (a chunk that is all normal numbers is proved so by the
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 
@@ -114,17 +117,36 @@ class ChunkCaster:
         """Exact counts from the source and its round trip ``back`` (cast and read back).
 
         Most chunks hold neither zeros, subnormals, infs nor NaNs: the min/max of the output's
-        exponent fields proves it (all normal, none all-ones), leaving only the relative error to
-        compute; other chunks, and every chunk of a saturating format (its clamped values read back
-        finite), take the full count.
+        exponent fields proves it (all normal, none all-ones), leaving only the relative error and the
+        sum of squares to compute; other chunks, and every chunk of a saturating format (its clamped
+        values read back finite), take the full count.
+
+        The sum of squares (``source_sq``) is one BLAS dot in the compute dtype (float32; float64 for
+        float64 sources), then float64 across chunks. Squares past float32's range (``|x| > 1.8e19``)
+        make it inf, which decides the same as the exact value would: no flushed value lies within 2^-10
+        of such a tensor's RMS. A tensor whose every value is below about 1e-19 squares to zero, and its
+        flushes then count as significant (the safe side).
         """
         count = source.numel()
         if self.saturating or not self._all_normal(count):
             counts = count_damage(source, back, self.fmt, scratch=(rel, mask), sums=False)
-            return TensorDamage.from_counts(counts)
+            largest = self._largest_flushed(source, back, rel, mask) if counts.flushed_to_zero else 0.0
+            finite = torch.nan_to_num(source, nan=0.0, posinf=0.0, neginf=0.0, out=rel)
+            return replace(TensorDamage.from_counts(counts), max_flushed=largest,
+                           source_sq=float(torch.dot(finite, finite)))
+        squares = float(torch.dot(source, source))  # every value normal in the output: all finite
         torch.sub(back, source, out=rel).div_(source)  # (count,) signed relative error; |source| > 0
         low, high = torch.aminmax(rel)
-        return TensorDamage("", "", "", Action.CAST, count, max_rel_error=max(-float(low), float(high)))
+        return TensorDamage("", "", "", Action.CAST, count, max_rel_error=max(-float(low), float(high)),
+                            source_sq=squares)
+
+    @staticmethod
+    def _largest_flushed(source: torch.Tensor, back: torch.Tensor, work: torch.Tensor,
+                         mask: torch.Tensor) -> float:
+        """The largest ``|x|`` the cast stored as zero (zeros of the source count 0), through the
+        scratch buffers ``work`` and ``mask`` (clobbered)."""
+        torch.ne(back, 0, out=mask)  # stored non-zero (NaN too): not flushed
+        return float(torch.abs(source, out=work).masked_fill_(mask, 0.0).max())
 
     def _all_normal(self, count: int) -> bool:
         exponents = torch.bitwise_and(self._out_bits[:count], self._inf_bits, out=self._exponents[:count])

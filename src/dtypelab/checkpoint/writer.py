@@ -3,7 +3,8 @@
 Checkpoint stage. :func:`write_shards` streams every tensor of an
 :class:`~dtypelab.checkpoint.plan.OutputPlan` from its source file into its output file through one
 :class:`~dtypelab.checkpoint.streaming.ChunkCaster`'s reused buffers (or a ChunkQuantizer's, row chunk by
-row chunk, into the compressed-tensors parts); :func:`verify_output` re-reads the result.
+row chunk, into the compressed-tensors parts); once a tensor is past ``--strict``'s limits it only counts
+the rest, so the refusal's report is complete; :func:`verify_output` re-reads the result.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, DamageError, InputError
+from ..errors import CheckpointError, InputError
 from ..formats import NumberFormat
 from ..progress import Progress
 from ..quant import Action, TensorDamage, dtype_name
@@ -36,67 +37,79 @@ from .safetensors_file import (
 from .streaming import ChunkCaster, ChunkQuantizer
 
 
-def write_shards(plan: OutputPlan, folder: Path, caster: ChunkCaster, strict: bool,
-                 progress: Progress | None,
+def write_shards(plan: OutputPlan, folder: Path, caster: ChunkCaster,
+                 refuses: Callable[[TensorDamage], bool] | None, progress: Progress | None,
                  quantizer: ChunkQuantizer | None = None) -> list[TensorDamage]:
     """Write every planned shard into ``folder``; return each stored tensor's damage, in output order.
 
-    Raises:
-        DamageError: under ``strict``, at the first tensor that lost values.
+    Args:
+        refuses: under ``--strict``, whether a tensor's damage is past the limits. From the first such
+            tensor on, nothing more is written (the output will be thrown away) but every remaining
+            tensor is still read and counted, so the damage returned is the whole conversion's.
     """
     damage: list[TensorDamage] = []
-
-    def tick(count: int) -> None:  # bytes of source data streamed
-        if progress is not None:
-            progress.advance(count)
-
     with ExitStack() as stack:
-        sources = _open_sources(plan, stack)
+        writer = _ShardWriter(_open_sources(plan, stack), caster, quantizer, progress, refuses)
         for shard in plan.shards:
-            writer = _ShardWriter(folder / shard.file, sources, caster, quantizer, tick)
-            damage += writer.write(shard, strict)
+            damage += writer.write(shard, folder / shard.file)
     return damage
 
 
+_COUNTED = (Action.CAST, Action.QUANTIZED)
+"""What is still read once nothing more is written: what has damage to count."""
+
+
 class _ShardWriter:
-    """Writes one output file: the header, then every output at its planned offset."""
+    """Writes output files: the header, then every output at its planned offset; after a refused
+    tensor, counts without writing (``counting_only``)."""
 
-    def __init__(self, path: Path, sources: dict[Path, int], caster: ChunkCaster,
-                 quantizer: ChunkQuantizer | None, tick: Callable[[int], None]):
-        self.path, self.sources, self.tick = path, sources, tick
-        self.caster, self.quantizer = caster, quantizer
+    def __init__(self, sources: dict[Path, int], caster: ChunkCaster, quantizer: ChunkQuantizer | None,
+                 progress: Progress | None, refuses: Callable[[TensorDamage], bool] | None):
+        self.sources, self.caster, self.quantizer = sources, caster, quantizer
+        self.progress, self.refuses = progress, refuses
+        self.counting_only = False
 
-    def write(self, shard: PlannedShard, strict: bool) -> list[TensorDamage]:
+    def tick(self, count: int) -> None:
+        """Report ``count`` more bytes of source data streamed (or skipped, when counting only)."""
+        if self.progress is not None:
+            self.progress.advance(count)
+
+    def write(self, shard: PlannedShard, path: Path) -> list[TensorDamage]:
         header, placed = shard.layout()
         starts = part_offsets(placed, len(header))
-        fd, damage = _create(self.path), []
+        fd, damage = None if self.counting_only else _create(path), []
         try:
-            write_all(fd, memoryview(header), self.path)
+            if fd is not None:
+                write_all(fd, memoryview(header), path)
             for position, (item, index, begin, _) in enumerate(placed):
-                if position + 1 < len(placed):
-                    _prefetch(placed[position + 1][0], self.sources)
+                following = placed[position + 1][0] if position + 1 < len(placed) else None
+                if following is not None and (not self.counting_only or following.action in _COUNTED):
+                    _prefetch(following, self.sources)
                 if index:  # a quantized item's later parts: written with its first
                     continue
-                result = self._write_item(item, fd, len(header) + begin, starts)
-                if strict and result.lost_values:
-                    raise _damage_error(result, self.quantizer.fmt if self.quantizer and
-                                        item.action == Action.QUANTIZED else self.caster.fmt)
+                result = self._write_item(item, None if self.counting_only else fd, path,
+                                          len(header) + begin, starts)
                 damage.append(result)
+                if self.refuses is not None and self.refuses(result):
+                    self.counting_only = True
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         return damage
 
-    def _write_item(self, item: PlannedTensor, fd: int, start: int,
+    def _write_item(self, item: PlannedTensor, fd: int | None, path: Path, start: int,
                     starts: dict[int, list[int]]) -> TensorDamage:
+        """Write (``fd`` None: only count) one planned tensor."""
         src_fd = self.sources[item.shard.path]
         if item.action != Action.QUANTIZED:
-            os.lseek(fd, start, os.SEEK_SET)  # sequential unless quantized parts sit in between
-            return _stream_item(item, src_fd, fd, self.path, self.caster, self.tick)
+            if fd is not None:
+                os.lseek(fd, start, os.SEEK_SET)  # sequential unless quantized parts sit in between
+            return _stream_item(item, src_fd, fd, path, self.caster, self.tick)
         positions, result = list(starts[id(item)]), _quantized_damage(item, self.quantizer)
         for chunk, damage, nbytes in quantized_chunks(item, src_fd, self.quantizer):
             for part, data in enumerate(chunk):
-                if data is not None:
-                    pwrite_all(fd, data, positions[part], self.path)
+                if data is not None and fd is not None:
+                    pwrite_all(fd, data, positions[part], path)
                     positions[part] += len(data)
             result = result.merged(damage)
             self.tick(nbytes)
@@ -165,14 +178,16 @@ def _create(path: Path) -> int:
         raise CheckpointError(f"{path}: cannot create ({exc.strerror}): check the output folder") from exc
 
 
-def _stream_item(item: PlannedTensor, src_fd: int, dst_fd: int, path: Path, caster: ChunkCaster,
+def _stream_item(item: PlannedTensor, src_fd: int, dst_fd: int | None, path: Path, caster: ChunkCaster,
                  tick: Callable[[int], None]) -> TensorDamage:
-    """Write one tensor: bytes copied by the kernel, or cast chunk by chunk through the caster."""
+    """Write one tensor: bytes copied by the kernel, or cast chunk by chunk through the caster. With
+    ``dst_fd`` None, only count: a cast is still read and counted, a copy (nothing to count) skipped."""
     entry, start = item.entry, item.shard.data_start + item.entry.begin
     result = TensorDamage(entry.name, dtype_name(entry.torch_dtype), dtype_name(DTYPES[item.out_dtype]),
                           item.action, entry.numel, aliases=item.names[1:])
     if item.action != Action.CAST:
-        copy_range(src_fd, dst_fd, start, entry.nbytes, caster.raw, (item.shard.path, path), entry.name)
+        if dst_fd is not None:
+            copy_range(src_fd, dst_fd, start, entry.nbytes, caster.raw, (item.shard.path, path), entry.name)
         tick(entry.nbytes)
         return result
     itemsize = entry.torch_dtype.itemsize
@@ -181,18 +196,11 @@ def _stream_item(item: PlannedTensor, src_fd: int, dst_fd: int, path: Path, cast
         read_exact(src_fd, memoryview(caster.raw)[:count * itemsize], start + first * itemsize,
                    item.shard.path, entry.name)
         out, chunk = caster.cast(entry.torch_dtype, count)
-        write_all(dst_fd, out, path)
+        if dst_fd is not None:
+            write_all(dst_fd, out, path)
         result = result.merged(chunk)
         tick(count * itemsize)
     return result
-
-
-def _damage_error(damage: TensorDamage, fmt: NumberFormat) -> DamageError:
-    lost = (f"{damage.overflowed} values are clamped beyond what {fmt.name}'s codes reach"
-            if damage.action == Action.QUANTIZED else
-            f"{damage.overflowed} values overflow and {damage.flushed_to_zero} flush to zero in {fmt.name}")
-    return DamageError(f"tensor {damage.name!r}: {lost}; nothing was written (--strict): keep it with "
-                       f"--keep {damage.name!r} or drop --strict")
 
 
 def write_index(plan: OutputPlan, folder: Path) -> None:

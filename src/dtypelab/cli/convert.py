@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..checkpoint import convert_checkpoint
-from ..errors import InputError
+from ..errors import DamageError, InputError
 from ..progress import ProgressEvent
 from .common import emit, json_option
 
@@ -56,15 +56,24 @@ class ProgressLine:
 @click.option("--verify", is_flag=True, help="Re-read the output and check it bit for bit.")
 @click.option("--fsync", is_flag=True, help="Flush the output to disk before renaming it into place "
                                             "(complete or absent after a power loss too).")
-@click.option("--strict", is_flag=True, help="Refuse (exit 3, nothing written) if any value overflows "
-                                             "or flushes to zero (quantized: is clipped).")
+@click.option("--strict", is_flag=True,
+              help="Refuse (exit 3, nothing written) an output where a tensor loses values: any overflow "
+                   "(quantized: clipping), or a flush to zero that is not negligible (a tensor's flushes "
+                   "are negligible when even the largest is below 2^-10 of its RMS).")
+@click.option("--max-flushed", metavar="N|FRACTION",
+              help="With --strict: let each tensor flush up to N (3) or this fraction of its values (1e-6) "
+                   "to zero beyond the negligible ones. Default 0.")
+@click.option("--max-overflowed", metavar="N",
+              help="With --strict: let each tensor overflow (quantized: clip) up to N values. Default 0.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write every tensor's damage counts to this JSON file.")
+              help="Write every tensor's damage counts to this JSON file (also when --strict refuses: "
+                   "then with \"refused\": true).")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 @json_option
 def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[str, ...],
                 max_shard_size: str | None, force: bool, verify: bool, fsync: bool, strict: bool,
-                report_path: Path | None, quiet: bool, as_json: bool) -> None:
+                max_flushed: str | None, max_overflowed: str | None, report_path: Path | None, quiet: bool,
+                as_json: bool) -> None:
     """Convert a safetensors file or model folder SRC to another format, tensor by tensor."""
     if report_path is not None and not report_path.parent.is_dir():
         raise InputError(f"--report {report_path}: no folder {report_path.parent} to write it in: create it "
@@ -73,7 +82,13 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
     try:
         result = convert_checkpoint(src, output, fmt, keep=keep, max_shard_size=max_shard_size,
                                     force=force, verify=verify, strict=strict, progress=progress,
-                                    dense=dense, fsync=fsync)
+                                    dense=dense, fsync=fsync, max_flushed=max_flushed,
+                                    max_overflowed=max_overflowed)
+    except DamageError as exc:  # refused by --strict: the report of what it would have done still asked for
+        refused = getattr(exc, "result", None)
+        if report_path is not None and refused is not None:
+            report_path.write_text(refused.to_json() + "\n", encoding="utf-8")
+        raise
     finally:
         if progress is not None:
             progress.close()

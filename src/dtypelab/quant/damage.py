@@ -12,6 +12,8 @@ The definitions, for a source value ``x`` and the value ``s`` the format stores 
   for scaled formats, ``x`` beyond its block's reach (:func:`~dtypelab.quant.qtensor.saturated_count`);
 * **flushed to zero**: ``x != 0`` and ``s == 0``;
 * **subnormal**: ``0 < |s| <`` the format's smallest normal;
+* **negligible flush** (a cast tensor's, :attr:`TensorDamage.negligible_flushes`): the tensor's flushes when
+  even the largest flushed ``|x|`` lies below :data:`NEGLIGIBLE_FLUSH` (2^-10) times the tensor's RMS;
 * **SQNR**: ``10·log10(Σx² / Σ(s − x)²)`` from float64 sums (:func:`sqnr_from_powers`, the formula
   ``compare`` uses too).
 """
@@ -27,6 +29,13 @@ import torch
 from ..enums import StrEnum
 from ..formats import NumberFormat, rounding_threshold
 from .qtensor import QuantizedTensor, saturated_count
+
+NEGLIGIBLE_FLUSH = 2.0 ** -10
+"""A cast tensor's flushes to zero are negligible when its largest flushed ``|x|`` is below this fraction of
+the tensor's RMS: each lost value is then under a thousandth of a typical one, so dropping it changes a
+dot product with the tensor by under a thousandth of one typical term, the order of fp16's own rounding
+of that term (2^-11). The rule is per tensor (all of its flushes are negligible, or none are), so it is
+counted in one streaming pass from the largest flushed magnitude and the sum of squares."""
 
 
 class Action(StrEnum):
@@ -67,6 +76,10 @@ class TensorDamage:
         aliases: other names tied to the same data.
         signal_sq, noise_sq: sums of ``source²`` and ``(stored - source)²`` (quantized tensors only,
             where rounding error is the point: they give :attr:`sqnr_db`).
+        max_flushed: the largest ``|source|`` among the values flushed to zero (0.0 when none), in the
+            source's units: with :attr:`rms` it decides :attr:`negligible_flushes`.
+        source_sq: ``Σ source²`` over the finite source values of a cast tensor (float64 across chunks;
+            0 for copied, kept and quantized tensors): gives :attr:`rms`.
     """
 
     name: str
@@ -81,15 +94,44 @@ class TensorDamage:
     aliases: tuple[str, ...] = ()
     signal_sq: float = 0.0
     noise_sq: float = 0.0
+    max_flushed: float = 0.0
+    source_sq: float = field(default=0.0, repr=False)
 
     @property
     def lost_values(self) -> int:
-        """Values destroyed outright; what ``--strict`` refuses. A cast loses values that overflow or
-        flush to zero; a quantized tensor those clamped beyond its codes' reach (flushing small values
-        onto the zero code is what a coarse grid does, and its SQNR reports it)."""
+        """Values destroyed outright. A cast loses values that overflow or flush to zero; a quantized
+        tensor those clamped beyond its codes' reach (flushing small values onto the zero code is what a
+        coarse grid does, and its SQNR reports it). ``--strict`` counts these less the
+        :attr:`negligible_flushes`."""
         if self.action == Action.QUANTIZED:
             return self.overflowed
         return self.overflowed + self.flushed_to_zero
+
+    @property
+    def rms(self) -> float | None:
+        """The tensor's scale, ``sqrt(Σx² / numel)`` over its finite values, in the source's units (cast
+        tensors only; None for others, whose values are not read through the caster)."""
+        if self.action != Action.CAST:
+            return None
+        return math.sqrt(self.source_sq / self.numel) if self.numel else 0.0
+
+    @property
+    def negligible_flushes(self) -> int:
+        """Flushes to zero too small to matter: all of a cast tensor's flushes when its largest flushed
+        ``|x|`` is below :data:`NEGLIGIBLE_FLUSH` times its :attr:`rms`, else 0 (and 0 for quantized
+        tensors, whose flushes are never lost values)."""
+        rms = self.rms
+        if not self.flushed_to_zero or rms is None:
+            return 0
+        return self.flushed_to_zero if self.max_flushed < NEGLIGIBLE_FLUSH * rms else 0
+
+    @property
+    def significant_flushes(self) -> int:
+        """Flushes to zero that are lost values worth refusing: those not :attr:`negligible_flushes`
+        (0 for quantized tensors)."""
+        if self.action == Action.QUANTIZED:
+            return 0
+        return self.flushed_to_zero - self.negligible_flushes
 
     @property
     def sqnr_db(self) -> float | None:
@@ -104,7 +146,9 @@ class TensorDamage:
                        flushed_to_zero=self.flushed_to_zero + other.flushed_to_zero,
                        subnormal=self.subnormal + other.subnormal,
                        max_rel_error=max(self.max_rel_error, other.max_rel_error),
-                       signal_sq=self.signal_sq + other.signal_sq, noise_sq=self.noise_sq + other.noise_sq)
+                       signal_sq=self.signal_sq + other.signal_sq, noise_sq=self.noise_sq + other.noise_sq,
+                       max_flushed=max(self.max_flushed, other.max_flushed),
+                       source_sq=self.source_sq + other.source_sq)
 
     @classmethod
     def from_counts(cls, counts: DamageCounts, action: Action = Action.CAST) -> TensorDamage:
