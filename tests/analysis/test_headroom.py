@@ -336,3 +336,42 @@ def test_a_peer_asked_for_is_named_with_its_reason_like_a_scaled_format(dummy, s
     assert set(report.not_predicted) == {"int8", "quanto:qint8"}
     assert "peer library" in report.not_predicted["quanto:qint8"]
     assert {r.format for r in report.rows} == {"fp16"}
+
+
+def _metrics(sqnr, top1=None, kl=None, nan=0):
+    return OutputMetrics(0.0, 0.0, 0.0, sqnr, 1.0, kl, top1, nan_count=nan)
+
+
+def test_weight_only_scaled_formats_are_judged_by_quality_bands_not_a_floor():
+    from dtypelab.analysis.verdict import QUALITY_BANDS, quality_band
+
+    assert [b.name for b in QUALITY_BANDS] == ["near-lossless", "close", "degraded"]
+    # MiniLM's measured int8 (30.5 dB) and int4:g128 (10.0 dB) rows, and a 3.8 dB layer
+    assert variant_verdict(_metrics(30.5), None, fmt="int8") == "near-lossless"
+    assert variant_verdict(_metrics(24.9), 99.0, fmt="fp8_e4m3") == "close"  # a floor is ignored for them
+    assert variant_verdict(_metrics(10.0), None, fmt="int4:g128") == "degraded"
+    assert variant_verdict(_metrics(3.8), None, fmt="int4:g128") == "broken"
+    assert quality_band(_metrics(35.0), embedding_cosine_min=0.95) == "degraded"  # every criterion counts
+    assert quality_band(_metrics(35.0, top1=0.99, kl=0.2)) == "degraded"
+    # plain casts and activation-rounding formats keep the floor
+    assert variant_verdict(_metrics(40.0), 42.0, fmt="fp16") == "within format noise"
+    assert variant_verdict(_metrics(20.0), 42.0, fmt="int8:a8") == "degraded"
+    assert variant_verdict(_metrics(20.0), None, fmt="int8:a8") == "unknown"
+
+
+def test_layer_rows_and_the_variant_verdict_use_one_rule():
+    from dtypelab.analysis import compare_layers
+    from dtypelab.analysis.verdict import QUALITY_BANDS
+    from dtypelab.variants import build_variants
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64)).eval()
+    x = torch.randn(4, 64)
+    result = compare_layers(model, build_variants(model, "int4:g32,fp16"), x)
+    int4, fp16 = result.variants
+    assert int4.verdict in {"close", "degraded"} and fp16.verdict == "within format noise"
+    for row in int4.rows:  # judged by the bands on their own SQNR, never a bare "ok"
+        expected = next((b.name for b in QUALITY_BANDS if row.metrics.sqnr_db >= b.min_sqnr_db), "broken")
+        assert row.verdict == expected
+    assert all(r.verdict == "within format noise" for r in fp16.rows)
+    assert int4.rows[-1].verdict == int4.verdict and fp16.rows[-1].verdict == fp16.verdict  # = the output

@@ -32,7 +32,7 @@ import math
 import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ from ..tree import map_tensors
 from ..variants import Variant, as_variants
 from .metrics import ErrorSums, OutputMetrics, measure, valid_positions
 from .run import is_logits_output, run_model, select_layers, select_output
-from .verdict import noise_floor_db, rounding_floor_db, variant_verdict
+from .verdict import noise_floor_db, rounding_floor_db, row_verdict, variant_verdict
 
 MODES = ("propagated", "isolated")
 DEFAULT_THRESHOLD_DB = 20.0  # error amplitude one tenth of the signal: clearly more than rounding noise
@@ -69,6 +69,8 @@ class LayerRow:
             place in propagated mode).
         floor_db: SQNR of the reference output rounded to the variant's format (the noise floor);
             None for a scaled (quantized) format, whose variants keep activations in float.
+        verdict: the row judged as the variant is (:func:`~dtypelab.analysis.verdict.row_verdict`):
+            against its floor where it has one, else by the quality bands.
     """
 
     name: str
@@ -79,6 +81,7 @@ class LayerRow:
     input_relative_error: float | None
     added_relative_error: float
     floor_db: float | None = None
+    verdict: str = ""
 
     def crosses(self, threshold_db: float) -> bool:
         """True when the output SQNR is below ``threshold_db`` (NaN SQNR counts as crossing)."""
@@ -125,13 +128,13 @@ class LayerComparison(TableMixin):
 
     def to_table(self) -> Table:
         columns = ["variant", "layer", "type", "shape", "ref_absmax", "mean_abs_diff", "max_abs_diff",
-                   "rel_error", "added_rel_error", "sqnr_db", "floor_db", "cosine", "status"]
+                   "rel_error", "added_rel_error", "sqnr_db", "floor_db", "cosine", "verdict", "status"]
         rows = [[v.name, r.name, r.module_type, list(r.shape), r.reference_absmax, r.metrics.mean_abs_diff,
                  r.metrics.max_abs_diff, r.metrics.relative_error, r.added_relative_error, r.metrics.sqnr_db,
-                 r.floor_db, r.metrics.cosine_similarity,
+                 r.floor_db, r.metrics.cosine_similarity, r.verdict,
                  r.metrics.status + (" <- first crossing" if r.name == v.first_crossing else "")]
                 for v in self.variants for r in v.rows]
-        rows += [[v.name, None, None, None, None, None, None, None, None, None, None, None,
+        rows += [[v.name, None, None, None, None, None, None, None, None, None, None, None, "failed",
                   f"failed: {v.failure}"] for v in self.variants if v.failure]
         return Table(f"Layer-wise comparison ({self.mode}; threshold {self.threshold_db:g} dB SQNR)",
                      columns, rows, [self._note(v) for v in self.variants])
@@ -220,9 +223,9 @@ def _variant_layers(reference: nn.Module, variant: Variant, names: list[str], in
         floor = rounding_floor_db(reference, fmt, inputs, output_name=output_name,
                                   reference_output=reference_output)
     del reference_output
-    rows = lockstep.rows
+    rows = [replace(r, verdict=row_verdict(r.metrics, r.floor_db, floor)) for r in lockstep.rows]
     crossing = next((r.name for r in rows if r.crosses(threshold_db)), None)
-    verdict = variant_verdict(final, floor, top1_threshold)
+    verdict = variant_verdict(final, floor, top1_threshold, fmt=fmt)
     return VariantLayers(variant.name, rows, final, crossing, floor, verdict, lockstep.not_compared,
                          lockstep.changed_in_place, fmt.name if fmt is not None else None, logits=logits)
 
