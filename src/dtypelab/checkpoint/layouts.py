@@ -9,6 +9,10 @@ A quantized ``nn.Linear`` called ``NAME`` is stored as parts next to its dense n
     int-quantized    (int weights, :a8 / :afp8)  NAME.weight int8 (rows, cols), NAME.weight_scale, zp int8
     naive-quantized  (fp8 weight-only)           NAME.weight float8_e4m3fn (rows, cols), NAME.weight_scale
     float-quantized  (fp8, :a8 / :afp8)          the same parts
+    mxfp4-pack-quantized (mxfp4)                 NAME.weight_packed uint8 (rows, cols / 2), two e2m1 a byte
+                                                  NAME.weight_scale   uint8 (rows, cols / 32): e8m0 exponents
+    mxfp8-quantized  (mxfp8)                     NAME.weight float8_e4m3fn (rows, cols), NAME.weight_scale
+                                                  uint8 (rows, cols / 32)
 
 Packing: element ``i`` of a row sits at bits ``i * bits`` of the little-endian int32 words, as an
 unsigned value ``q + 2^(bits-1)`` (compressed-tensors' ``pack_to_int32``). dtypelab's codes map onto it
@@ -17,6 +21,19 @@ codes are already unsigned and equal ``q + 2^(bits-1)`` with the zero point shif
 value is always ``(q - zero_point) * scale``, so the layout decompresses to exactly the weights that
 :func:`dtypelab.quantize_model` computes (tested against the package itself when it is installed).
 
+The MX layouts are dtypelab's storage as it is: e2m1 codes packed two a byte with element ``2k`` in the
+low nibble (the package's ``pack_fp4_to_uint8`` order, its index ``i`` being the e2m1 code ``i``), and each
+e8m0 scale as its byte, the biased exponent ``e`` of ``2^(e - 127)`` (the package's ``compress_mx_scale``).
+Both decompress exactly: the package multiplies a code by a power of two in bfloat16, which rounds the same
+exact product dtypelab computes in float32 (tested: every code, scales 2^-127 to 2^127).
+
+NVFP4 has no exact layout and is refused (:func:`convert_support` says why): nvfp4-pack-quantized stores
+the tensor scale as an fp32 *divisor* ``g`` (448 * 6 / absmax) and decompresses ``code * (scale / g)``;
+dtypelab multiplies ``code * scale`` by its fp32 tensor scale ``t`` (absmax / (448 * 6)). The roundings
+differ (measured: the float32 weights of 189 in 200 random tensors), and no fp32 ``g`` gives every ``t``
+back: above sqrt(2) in a binade, fp32 reciprocals are sparser than fp32 values, so 30% of such ``t`` are
+the reciprocal of no fp32 number at all (measured), and even dtypelab could not reload its own output.
+
 The one liberty: dtypelab's symmetric integers use all 2^bits codes with a signed scale (see
 :mod:`dtypelab.quant.qtensor`); the arithmetic above is unchanged by the sign. Activations (``:a8``,
 ``:afp8``) are declared dynamic, as dtypelab emulates them: int8 per token with absmax / 127 (vLLM's
@@ -24,8 +41,9 @@ kernel; the package's own Python fake-quantization uses absmax / 127.5), fp8 per
 
 Each on-disk format is one registered :class:`Layout` class (``@register``), as the compressed-tensors
 package registers one compressor per format: its stored parts from a shape, and packing to and from a
-:class:`~dtypelab.quant.QuantizedTensor`. Adding a format (nvfp4-pack-quantized, mxfp4) is adding a
-class. Checkpoint stage: builds on :mod:`dtypelab.quant` and :mod:`dtypelab.formats`.
+:class:`~dtypelab.quant.QuantizedTensor`. Adding a format is adding a class; :func:`convert_support`
+says, for any format, whether ``convert`` can write it and why not. Checkpoint stage: builds on
+:mod:`dtypelab.quant` and :mod:`dtypelab.formats`.
 """
 
 from __future__ import annotations
@@ -38,13 +56,30 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
-from ..formats import E4M3, SCALE_DTYPES, FloatCodec, Granularity, IntCodec, NumberFormat, get_format
+from ..formats import (
+    E2M1,
+    E4M3,
+    SCALE_DTYPES,
+    FloatCodec,
+    Granularity,
+    IntCodec,
+    NumberFormat,
+    TableCodec,
+    get_format,
+)
 from ..quant import QuantizedTensor, pack_nibbles, unpack_nibbles
+from .safetensors_file import DTYPE_CODES
 
 QUANT_METHOD = "compressed-tensors"
 
 
-SUPPORTED = "int8, int4 (any :gN / :channel / :tensor, :asym, :a8 / :afp8) and fp8_e4m3"
+SUPPORTED = "int8, int4 (any :gN / :channel / :tensor, :asym, :a8 / :afp8), fp8_e4m3, mxfp4 and mxfp8"
+
+
+MX_BLOCK = 32  # elements per e8m0 scale in the OCP MX formats and in the package's MX layouts
+
+
+MX_SCALE_DTYPE = torch.uint8  # how the package stores an e8m0 scale: its exponent byte
 
 
 FLOAT_SCALES = ("fp32", "fp16", "bf16")  # the scale formats compressed-tensors stores
@@ -72,24 +107,33 @@ class StoredPart:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
+def convert_support(fmt: NumberFormat) -> str | None:
+    """Why ``dtypelab convert`` cannot write ``fmt``, in one line; None when it can.
+
+    Plain formats (fp32, fp16, bf16, fp8 with ``:cast``) are written as a cast of every floating tensor,
+    scaled ones in their compressed-tensors layout; the reason names what to use instead (for the
+    ``compare`` table's rows).
+    """
+    if fmt.raw_castable:
+        return None if fmt.torch_dtype in DTYPE_CODES else f"{fmt.name}: safetensors has no dtype to store it"
+    return _layout_problem(fmt)
+
+
 def check_supported(fmt: NumberFormat) -> None:
-    """Raise unless ``fmt`` has a compressed-tensors layout (the schemes vLLM serves).
+    """Raise unless ``fmt`` has an exact compressed-tensors layout (the schemes vLLM serves).
 
     Raises:
-        InputError: naming the format and the ones that work.
+        InputError: naming the format, why it has none, and what to use.
     """
-    codec = fmt.codec
-    int_ok = isinstance(codec, IntCodec) and codec.bits in (4, 8)
-    fp8_ok = codec == E4M3 and not fmt.fixed_layout
-    if not (int_ok or fp8_ok) or not fmt.is_quantized or fmt.tensor_scale:
-        raise InputError(f"{fmt.name} has no compressed-tensors layout: use {SUPPORTED}")
-    if fmt.scale_format not in FLOAT_SCALES:
-        raise InputError(f"{fmt.name}: compressed-tensors stores fp32 / fp16 / bf16 scales: drop the "
-                         "scale option")
+    problem = _layout_problem(fmt)
+    if problem:
+        raise InputError(problem)
 
 
 def compression_format(fmt: NumberFormat) -> str:
     """The compressed-tensors format name, chosen as the package's own inference chooses it."""
+    if _is_mx(fmt):
+        return "mxfp4-pack-quantized" if fmt.bits == 4 else "mxfp8-quantized"
     integer = isinstance(fmt.codec, IntCodec)
     if fmt.activations:
         return "int-quantized" if integer else "float-quantized"
@@ -98,9 +142,12 @@ def compression_format(fmt: NumberFormat) -> str:
 
 def weight_args(fmt: NumberFormat) -> dict:
     """``QuantizationArgs`` of the weights, as JSON."""
-    return {"num_bits": fmt.bits, "type": "int" if isinstance(fmt.codec, IntCodec) else "float",
+    args = {"num_bits": fmt.bits, "type": "int" if isinstance(fmt.codec, IntCodec) else "float",
             "symmetric": fmt.symmetric, "strategy": fmt.granularity,
             "group_size": fmt.group_size if fmt.granularity == Granularity.GROUP else None, "dynamic": False}
+    if _is_mx(fmt):  # the MXFP4A16 / MXFP8A16 presets: e8m0 scales as uint8 (mxfp8-quantized requires it)
+        args["scale_dtype"] = str(MX_SCALE_DTYPE)
+    return args
 
 
 def quantization_config(fmt: NumberFormat, ignore: list[str]) -> dict:
@@ -118,9 +165,14 @@ def format_from_scheme(scheme: dict, scale_dtype: torch.dtype) -> NumberFormat:
     """The dtypelab format a compressed-tensors scheme stores (inverse of :func:`quantization_config`).
 
     Raises:
-        InputError: a scheme dtypelab cannot hold (other bit widths, block strategies, fp4, ...).
+        InputError: a scheme dtypelab cannot hold (other bit widths, block strategies, NVFP4, ...).
     """
     weights, activations = scheme.get("weights") or {}, scheme.get("input_activations")
+    if weights.get("strategy") == "tensor_group":
+        raise InputError(f"compressed-tensors scheme {weights} is NVFP4's (fp4 with a global scale per "
+                         f"tensor), which dtypelab does not load: {_NVFP4_WHY}")
+    if scale_dtype == MX_SCALE_DTYPE and weights.get("type") == "float":
+        return _mx_format(weights, activations)
     base = {("int", 8): "int8", ("int", 4): "int4", ("float", 8): "fp8_e4m3"}.get(
         (weights.get("type"), weights.get("num_bits")))
     layout = {"channel": "channel", "tensor": "tensor", "group": f"g{weights.get('group_size')}"}.get(
@@ -135,6 +187,53 @@ def format_from_scheme(scheme: dict, scale_dtype: torch.dtype) -> NumberFormat:
     if activations:
         options.append("a8" if activations.get("type") == "int" else "afp8")
     return get_format(":".join([base, *options]))
+
+
+_NVFP4_WHY = ("its nvfp4-pack-quantized layout divides by an fp32 global scale (448 * 6 / absmax) where "
+              "dtypelab multiplies by an fp32 tensor scale (absmax / (448 * 6)), and no fp32 divisor gives "
+              "every such product exactly")
+
+
+def _layout_problem(fmt: NumberFormat) -> str | None:
+    """Why ``fmt`` has no exact compressed-tensors layout (one line), or None when it has one."""
+    codec, name = fmt.codec, fmt.name
+    if not fmt.is_quantized:
+        return f"{name} has no compressed-tensors layout: it stores no scale (convert casts to it instead)"
+    if isinstance(codec, TableCodec):
+        return (f"{name} has no compressed-tensors layout (the package defines none for lookup-table codes; "
+                "bitsandbytes stores NF4 differently): use int4:g64 or mxfp4")
+    if fmt.tensor_scale:
+        return f"{name} has no exact compressed-tensors layout: {_NVFP4_WHY}: use mxfp4 or int4:g16"
+    if isinstance(codec, FloatCodec) and codec not in (E4M3, E2M1):
+        return (f"{name} has no compressed-tensors layout (the package's 8-bit floats are e4m3 only): use "
+                f"fp8_e4m3, or {fmt.base}:cast for a plain cast without scales")
+    if _is_mx(fmt):
+        return None if not fmt.activations else (
+            f"{name} has no compressed-tensors layout: the package's MX schemes quantize activations in MX "
+            "blocks (its MXFP4 / MXFP8 presets), dtypelab's :a8 / :afp8 per token / tensor: drop the option")
+    if not (isinstance(codec, IntCodec) and codec.bits in (4, 8) or codec == E4M3 and not fmt.fixed_layout):
+        return f"{name} has no compressed-tensors layout: use {SUPPORTED}"
+    if fmt.scale_format not in FLOAT_SCALES:
+        return f"{name}: compressed-tensors stores fp32 / fp16 / bf16 scales: drop the scale option"
+    return None
+
+
+def _is_mx(fmt: NumberFormat) -> bool:
+    """An OCP MX format the package has a layout for: e2m1 or e4m3 elements, an e8m0 scale per 32."""
+    return (fmt.codec in (E2M1, E4M3) and fmt.scale_format == "e8m0" and fmt.granularity == Granularity.GROUP
+            and fmt.group_size == MX_BLOCK and not fmt.tensor_scale)
+
+
+def _mx_format(weights: dict, activations: dict | None) -> NumberFormat:
+    """mxfp4 / mxfp8 from an MX scheme (uint8 scales); the package's other MX variants are refused."""
+    bits, group_size = weights.get("num_bits"), weights.get("group_size")
+    if bits not in (4, 8) or weights.get("strategy") != "group" or group_size != MX_BLOCK:
+        raise InputError(f"compressed-tensors scheme {weights} (e8m0 scales) is not one dtypelab loads: it "
+                         f"holds mxfp4 and mxfp8, fp4 / fp8 with one scale per group of {MX_BLOCK}")
+    if activations:
+        raise InputError("the checkpoint quantizes activations in MX blocks; dtypelab loads MX weight-only "
+                         "checkpoints (the MXFP4A16 / MXFP8A16 schemes)")
+    return get_format("mxfp4" if bits == 4 else "mxfp8")
 
 
 # ------------------------------------------------------------------------------- the layout registry
@@ -279,6 +378,45 @@ class FloatQuantized(NaiveQuantized):
     name = "float-quantized"
 
 
+class _MxLayout(Layout):
+    """The MX layouts: the element codes as dtypelab stores them, and each e8m0 scale as its exponent
+    byte (``2^(byte - 127)``), one per 32 inputs of a row. Subclasses name the codes' part and dtype."""
+
+    codes_suffix: str = ""
+    codes_dtype: torch.dtype = torch.uint8
+
+    def stored_parts(self, fmt: NumberFormat, shape: tuple[int, int]) -> list[StoredPart]:
+        rows, cols = shape
+        width = cols // 2 if fmt.bits == 4 else cols  # 4 bits: two codes a byte
+        return [StoredPart(self.codes_suffix, self.codes_dtype, (rows, width)),
+                StoredPart("weight_scale", MX_SCALE_DTYPE, (rows, cols // fmt.group_size))]
+
+    def to_parts(self, qt: QuantizedTensor, shape: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        scale = qt.scale.reshape(qt.shape[0], -1).view(MX_SCALE_DTYPE)  # e8m0's bits are the exponent byte
+        return {self.codes_suffix: qt.data.view(self.codes_dtype).clone(), "weight_scale": scale.clone()}
+
+    def from_parts(self, fmt: NumberFormat, parts: dict[str, torch.Tensor],
+                   shape: tuple[int, int]) -> QuantizedTensor:
+        scale = parts["weight_scale"].view(SCALE_DTYPES[fmt.scale_format]).reshape(shape[0], -1, 1)
+        return QuantizedTensor(fmt, shape, parts[self.codes_suffix].view(self.codes_dtype), scale)
+
+
+@register
+class Mxfp4PackQuantized(_MxLayout):
+    """mxfp4: e2m1 codes two a byte (element 2k in the low nibble, index = e2m1 code), uint8 e8m0 scales."""
+
+    name = "mxfp4-pack-quantized"
+    codes_suffix = "weight_packed"
+
+
+@register
+class Mxfp8Quantized(_MxLayout):
+    """mxfp8: one float8_e4m3fn element per weight, uint8 e8m0 scales."""
+
+    name = "mxfp8-quantized"
+    codes_suffix, codes_dtype = "weight", torch.float8_e4m3fn
+
+
 def _scale_part(fmt: NumberFormat, rows: int, cols: int) -> StoredPart:
     blocks = cols // fmt.group_size if fmt.granularity == Granularity.GROUP else 1
     shape = (1,) if fmt.granularity == Granularity.TENSOR else (rows, blocks)
@@ -298,7 +436,8 @@ def _scale_view(fmt: NumberFormat, parts: dict[str, torch.Tensor], rows: int) ->
 @functools.cache
 def stored_suffixes() -> frozenset[str]:
     """Every part suffix any registered layout stores (``weight_packed``, ``weight_scale``, ...)."""
-    probes = [get_format(s) for s in ("int4:g32:asym", "int8:channel:asym", "fp8_e4m3", "int8:a8:asym")]
+    probes = [get_format(s) for s in ("int4:g32:asym", "int8:channel:asym", "fp8_e4m3", "int8:a8:asym",
+                                      "mxfp4", "mxfp8")]
     return frozenset(p.suffix for fmt in probes for p in layout_for(fmt).stored_parts(fmt, (32, 32)))
 
 
