@@ -32,7 +32,7 @@ from dtypelab.formats import get_format
 from dtypelab.quant import quantize_tensor
 src, dst, fmt = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), get_format(sys.argv[3])
 dst.mkdir()
-linears, heads = linear_layers(src)
+linears, heads, _ = linear_layers(src)
 for shard in sorted(src.glob("*.safetensors")):
     out = {}
     for name, tensor in load_file(shard).items():

@@ -321,8 +321,9 @@ def test_model_without_linear_weights_to_quantize_is_refused(tmp_path):
     from dtypelab.models import tiny_gpt2
 
     tiny_gpt2().save_pretrained(tmp_path / "gpt2")  # Conv1D projections; lm_head tied, not stored
-    with pytest.raises(InputError, match="nothing to quantize.*lm_head: no tensor of this name"):
-        convert_checkpoint(tmp_path / "gpt2", tmp_path / "out", "int8")
+    with pytest.raises(InputError, match="nothing to quantize.*kept \\(--keep\\)"):  # every Conv1D kept
+        convert_checkpoint(tmp_path / "gpt2", tmp_path / "out", "int8", keep=("*.c_*",))
+    assert not (tmp_path / "out").exists()
 
 
 def test_already_quantized_source_and_bad_dense_are_refused(tmp_path, llama_folder):

@@ -33,6 +33,7 @@ from .safetensors_file import (
     open_checkpoint,
     read_header,
 )
+from .sizes import stored_nbytes
 from .staging import StagedOutput, remove_leftovers
 from .streaming import ChunkCaster, ChunkQuantizer, one_thread
 
@@ -44,5 +45,5 @@ __all__ = [
     "inspect_checkpoint",
     "layout_for", "linear_layers", "load_quantized_weights", "model_class", "one_thread", "open_checkpoint",
     "parse_size", "quantization_config", "quantization_scheme", "read_header", "register",
-    "remove_leftovers", "stored_parts", "to_parts",
+    "remove_leftovers", "stored_nbytes", "stored_parts", "to_parts",
 ]

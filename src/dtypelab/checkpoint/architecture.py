@@ -12,10 +12,13 @@ import torch
 from torch import nn
 
 from ..errors import ModelSpecError, first_line
+from ..quant import is_conv1d
 
 
-def linear_layers(folder: Path) -> tuple[list[str], set[str]]:
-    """The ``nn.Linear`` modules the folder's config.json builds, and the output head's name.
+def linear_layers(folder: Path) -> tuple[list[str], set[str], set[str]]:
+    """The layers the folder's config.json builds whose weight ``convert`` quantizes — every
+    ``nn.Linear`` and transformers ``Conv1D`` (GPT-2) — with the output head's name and the Conv1D names
+    (their weight is stored (in, out): it is quantized as its (out, in) transpose, as a Linear holds it).
 
     The model is built on the meta device (no memory, no weights, no code from the folder): a
     checkpoint's names alone cannot tell a Linear weight from an embedding table.
@@ -25,8 +28,10 @@ def linear_layers(folder: Path) -> tuple[list[str], set[str]]:
     """
     model = _meta_model(folder)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    return linears, {name for name, module in model.named_modules() if head is not None and module is head}
+    modules = list(model.named_modules())
+    conv1d = {name for name, module in modules if is_conv1d(module)}
+    linears = [name for name, module in modules if isinstance(module, nn.Linear) or name in conv1d]
+    return linears, {name for name, module in modules if head is not None and module is head}, conv1d
 
 
 def _meta_model(folder: Path) -> nn.Module:

@@ -463,13 +463,13 @@ def _plan_quantization(src: CheckpointSource, fmt: NumberFormat,
         raise InputError(f"{src.path}: {fmt.name} is written in the compressed-tensors layout, which needs "
                          "the model folder with its config.json (to find the Linear layers and record the "
                          f"quantization_config){hint}")
-    linears, heads = linear_layers(src.folder)
+    linears, heads, conv1d = linear_layers(src.folder)
     entries = {e.name: e for shard in src.shards for e in shard.tensors}
     tied = {name for shard in src.shards for group in shard.shared_groups() for name in group}
     layers, dense = {}, {}
     for module in linears:
         name = f"{module}.weight"
-        reason = _dense_reason(module, entries.get(name), fmt, heads, name in tied, keep)
+        reason = _dense_reason(module, entries.get(name), fmt, heads, name in tied, keep, conv1d)
         if reason:
             dense[module] = reason
         else:
@@ -477,19 +477,20 @@ def _plan_quantization(src: CheckpointSource, fmt: NumberFormat,
     if not layers:
         raise InputError(f"nothing to quantize in {src.path}: " + (
             "; ".join(f"{m}: {r}" for m, r in list(dense.items())[:3]) or "the model has no Linear layers"))
-    return Quantization(fmt, layers), dense, _other_matrices(src, layers, dense)
+    transposed = frozenset(f"{m}.weight" for m in conv1d)
+    return Quantization(fmt, layers, transposed & set(layers)), dense, _other_matrices(src, layers, dense)
 
 
 def _other_matrices(src: CheckpointSource, layers: dict[str, str], dense: dict[str, str]) -> list[str]:
-    """2-D float tensors that are no Linear weight of the model (embeddings, GPT-2's Conv1D, fused MoE
-    experts): they stay dense, and the result names them."""
+    """2-D float tensors that are no Linear or Conv1D weight of the model (embeddings, fused MoE experts):
+    they stay dense, and the result names them."""
     linear = set(layers) | {f"{module}.weight" for module in dense}
     return [e.name for shard in src.shards for e in shard.tensors
             if len(e.shape) == 2 and e.dtype in CAST_DTYPES and e.name not in linear]
 
 
 def _dense_reason(module: str, entry: TensorEntry | None, fmt: NumberFormat, heads: set[str], tied: bool,
-                  keep: tuple[str, ...]) -> str:
+                  keep: tuple[str, ...], conv1d: set[str]) -> str:
     """Why a Linear layer stays dense, or "" when its weight is quantized."""
     name = f"{module}.weight"
     if entry is None:
@@ -502,7 +503,8 @@ def _dense_reason(module: str, entry: TensorEntry | None, fmt: NumberFormat, hea
         return "weight stored once for several tensors (tied)"
     if entry.dtype not in CAST_DTYPES or len(entry.shape) != 2 or not entry.numel:
         return f"weight is {dtype_name(entry.torch_dtype)} {list(entry.shape)}, not a non-empty 2-D float"
-    if fmt.granularity == Granularity.GROUP and entry.shape[1] % fmt.group_size:
-        return (f"group size {fmt.group_size} does not divide its {entry.shape[1]} inputs: use a group "
+    inputs = entry.shape[0] if module in conv1d else entry.shape[1]  # Conv1D stores (in, out)
+    if fmt.granularity == Granularity.GROUP and inputs % fmt.group_size:
+        return (f"group size {fmt.group_size} does not divide its {inputs} inputs: use a group "
                 "size that does, or :channel")
     return ""

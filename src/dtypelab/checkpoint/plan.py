@@ -44,7 +44,9 @@ class PlannedTensor:
     """One stored tensor to write: its names (tied ones share), source, action and output dtype code.
 
     ``action`` is an :class:`~dtypelab.quant.Action` (cast, copied, kept or quantized); a quantized item
-    is the weight of the Linear layer ``module`` and writes ``parts`` (its compressed-tensors layout).
+    is the weight of the Linear layer ``module`` and writes ``parts`` (its compressed-tensors layout);
+    ``transposed``: the source holds it (in, out), as GPT-2's Conv1D does, and it is stored as its
+    (out, in) transpose.
     """
 
     names: tuple[str, ...]
@@ -54,6 +56,13 @@ class PlannedTensor:
     out_dtype: str
     parts: tuple[StoredPart, ...] = ()
     module: str = ""
+    transposed: bool = False
+
+    @property
+    def quantized_shape(self) -> tuple[int, int]:
+        """(out, in) of a quantized weight: the source's shape, or its transpose."""
+        rows, cols = self.entry.shape
+        return (cols, rows) if self.transposed else (rows, cols)
 
     def outputs(self) -> list[Output]:
         """Every tensor this item writes, in the order a quantizer yields them."""
@@ -131,18 +140,22 @@ def parse_size(text: str | int | None) -> int | None:
 
 @dataclass(frozen=True)
 class Quantization:
-    """Which weights a conversion quantizes: ``layers`` maps a tensor name to its Linear module."""
+    """Which weights a conversion quantizes: ``layers`` maps a tensor name to its Linear module;
+    ``transposed`` names the weights stored (in, out) (GPT-2's Conv1D)."""
 
     fmt: NumberFormat
     layers: dict[str, str]
+    transposed: frozenset[str] = frozenset()
 
 
 def _plan_item(names: tuple[str, ...], entry: TensorEntry, shard: SafetensorsHeader, target: str | None,
                kept: bool, quant: Quantization | None) -> PlannedTensor:
     if quant is not None and not kept and names[0] in quant.layers:
-        parts = tuple(stored_parts(quant.fmt, entry.shape))
+        transposed = names[0] in quant.transposed
+        shape = tuple(reversed(entry.shape)) if transposed else entry.shape
+        parts = tuple(stored_parts(quant.fmt, shape))
         return PlannedTensor(names, entry, shard, Action.QUANTIZED, DTYPE_CODES[parts[0].dtype], parts,
-                             quant.layers[names[0]])
+                             quant.layers[names[0]], transposed)
     action = _action(entry.dtype, target, kept)
     return PlannedTensor(names, entry, shard, action, target if action == Action.CAST else entry.dtype)
 

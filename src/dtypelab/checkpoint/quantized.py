@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..quant import QuantizedLinear
+from ..quant import QuantizedLinear, is_conv1d
 from ..tree import set_submodule
 from .layouts import QUANT_METHOD, format_from_scheme, from_parts, stored_suffixes
 
@@ -35,20 +35,27 @@ def load_quantized_weights(model: nn.Module, scheme: dict, tensors: dict[str, to
         parts = {suffix: tensors.pop(f"{name}.{suffix}") for suffix in stored_suffixes()
                  if f"{name}.{suffix}" in tensors}
         fmt = format_from_scheme(scheme, parts["weight_scale"].dtype)
-        qt = from_parts(fmt, parts, (linear.out_features, linear.in_features))
+        qt = from_parts(fmt, parts, _out_in(linear))
         set_submodule(model, name, QuantizedLinear.from_qtensor(qt, linear.bias, linear.weight.dtype))
     return names
 
 
-def _linear(model: nn.Module, name: str) -> nn.Linear:
+def _linear(model: nn.Module, name: str) -> nn.Module:
+    """The Linear (or GPT-2 Conv1D) layer ``name`` of ``model``, or a clear error."""
     try:
         module = model.get_submodule(name)
     except AttributeError:
         module = None
-    if not isinstance(module, nn.Linear):
+    if not (isinstance(module, nn.Linear) or is_conv1d(module)):
         raise InputError(f"checkpoint stores {name!r} quantized, but the model has no Linear layer of "
                          "that name: check config.json matches the weights")
     return module
+
+
+def _out_in(layer: nn.Module) -> tuple[int, int]:
+    """(out, in) of the matrix the layer computes with: a Conv1D's weight is stored (in, out)."""
+    rows, cols = layer.weight.shape
+    return (cols, rows) if is_conv1d(layer) else (rows, cols)
 
 
 def quantization_scheme(config: object) -> dict | None:

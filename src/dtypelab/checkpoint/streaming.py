@@ -196,5 +196,15 @@ class ChunkQuantizer:
                  cols: int) -> tuple[QuantizedTensor, TensorDamage]:
         """Quantize the ``rows`` x ``cols`` values held at the start of the buffer."""
         source = torch.frombuffer(self.raw, dtype=source_dtype, count=rows * cols).reshape(rows, cols)
+        return self.quantize_rows(source)
+
+    def quantize_rows(self, source: torch.Tensor) -> tuple[QuantizedTensor, TensorDamage]:
+        """Quantize the (rows, cols) tensor ``source`` and count what it lost."""
         qt = quantize_tensor(source, self.fmt)
         return qt, quantization_damage(source, qt)
+
+    def transposed(self, source_dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
+        """The (cols, rows) transpose of the (rows, cols) tensor at the start of the buffer, as a
+        contiguous copy (a Conv1D weight, stored (in, out), quantized as the Linear it is)."""
+        stored = torch.frombuffer(self.raw, dtype=source_dtype, count=rows * cols).reshape(rows, cols)
+        return stored.t().contiguous()

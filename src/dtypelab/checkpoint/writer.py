@@ -135,19 +135,26 @@ def quantized_chunks(item: PlannedTensor, src_fd: int, quantizer: ChunkQuantizer
     """Quantize ``item``'s rows chunk by chunk: yield (bytes per part, or None where a whole-tensor
     part was already given; the chunk's damage; source bytes read)."""
     entry = item.entry
-    rows, cols = entry.shape
+    rows, cols = item.quantized_shape
     row_bytes, start = cols * entry.torch_dtype.itemsize, item.shard.data_start + entry.begin
+    if item.transposed:  # (in, out) on disk: read it whole once, quantize rows of its transpose
+        view = quantizer.buffer(entry.nbytes)
+        read_exact(src_fd, view, start, item.shard.path, entry.name)
+        whole = quantizer.transposed(entry.torch_dtype, cols, rows)  # (out, in)
     for first, count in quantizer.row_chunks(rows, cols):
-        view = quantizer.buffer(count * row_bytes)
-        read_exact(src_fd, view, start + first * row_bytes, item.shard.path, entry.name)
+        if not item.transposed:
+            view = quantizer.buffer(count * row_bytes)
+            read_exact(src_fd, view, start + first * row_bytes, item.shard.path, entry.name)
         try:
-            qt, damage = quantizer.quantize(entry.torch_dtype, count, cols)
+            qt, damage = (quantizer.quantize_rows(whole[first:first + count]) if item.transposed
+                          else quantizer.quantize(entry.torch_dtype, count, cols))
         except InputError as exc:
             raise InputError(f"tensor {entry.name!r}: {exc}; or keep the layer dense with "
                              f"--keep {entry.name!r}") from None
         parts = to_parts(qt, (rows, cols))
+        read = count * row_bytes if item.transposed else len(view)
         yield [None if first and suffix in WHOLE_TENSOR_PARTS else tensor_bytes(tensor)
-               for suffix, tensor in parts.items()], damage, len(view)
+               for suffix, tensor in parts.items()], damage, read
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

@@ -27,13 +27,14 @@ from .footprint import (
     print_param_dtype,
 )
 from .model import LayerOutcome, QuantizeResult, quantize_model
-from .nn import QuantizedEmbedding, QuantizedLinear
+from .nn import QuantizedEmbedding, QuantizedLinear, QuantizedWeightModule, is_conv1d
 from .packing import pack_nibbles, unpack_nibbles
 from .qtensor import QuantizedTensor, quantize_tensor, round_trip, saturated_count
 
 __all__ = [
     "Action", "DamageCounts", "DtypeSummary", "KeepPolicy", "LayerOutcome", "ModelInspection",
-    "QuantizeResult", "QuantizedEmbedding", "QuantizedLinear", "QuantizedTensor", "TensorDamage",
+    "QuantizeResult", "QuantizedEmbedding", "QuantizedLinear", "QuantizedTensor", "QuantizedWeightModule",
+    "TensorDamage", "is_conv1d",
     "TensorInfo", "cast_model", "compute_dtype", "count_damage", "dtype_name", "inspect_model",
     "inspect_tensors", "overflow_threshold", "pack_nibbles", "param_dtype_lines", "print_param_dtype",
     "quantization_damage", "quantize_activations", "quantize_model", "quantize_tensor", "round_trip",

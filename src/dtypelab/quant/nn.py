@@ -16,7 +16,7 @@ from .activations import quantize_activations
 from .qtensor import QuantizedTensor, quantize_tensor
 
 
-class _QuantizedWeight(nn.Module):
+class QuantizedWeightModule(nn.Module):
     """Holds a QuantizedTensor's parts as buffers (so state_dict shows the real storage)."""
 
     def __init__(self, qt: QuantizedTensor, compute_dtype: torch.dtype):
@@ -54,7 +54,7 @@ def is_conv1d(module: nn.Module) -> bool:
         isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
-class QuantizedLinear(_QuantizedWeight):
+class QuantizedLinear(QuantizedWeightModule):
     """``nn.Linear`` (or transformers' ``Conv1D``) with a packed weight, dequantized to the input dtype in
     forward. A Conv1D's (in, out) weight is quantized as its transpose, the (out, in) matrix a Linear
     holds, so scales run along each output's inputs as for every other layer (and as vLLM, which loads
@@ -84,7 +84,7 @@ class QuantizedLinear(_QuantizedWeight):
         return F.linear(x, weight, bias)
 
 
-class QuantizedEmbedding(_QuantizedWeight):
+class QuantizedEmbedding(QuantizedWeightModule):
     """``nn.Embedding`` with a packed table; forward dequantizes only the rows it looks up."""
 
     def __init__(self, embedding: nn.Embedding, fmt: NumberFormat):

@@ -1,0 +1,53 @@
+"""What a model's checkpoint would hold, in bytes: the one size ``compare`` reports and ``convert`` writes.
+
+Checkpoint stage. A safetensors checkpoint holds every persistent tensor of the state dict once (tied
+storage once; buffers the model computes itself, such as rotary ``inv_freq``, not at all), and a
+quantized layer as the parts of its compressed-tensors layout (packed int32 words, scales, zero points,
+the ``weight_shape``), which is what ``convert`` writes for it. A layer in a format with no layout is
+counted as it is held in memory (codes, scales, zero points).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import InputError
+from ..quant import QuantizedLinear, QuantizedWeightModule
+from ..tree import storage_key, storage_nbytes
+from .layouts import check_supported, stored_parts
+
+_CODE_BUFFERS = frozenset({"qweight", "scale", "zero_point", "tensor_scale"})
+
+
+def stored_nbytes(model: nn.Module) -> int:
+    """Bytes of tensor data a safetensors checkpoint of ``model`` holds (headers excluded).
+
+    Example:
+        >>> stored_nbytes(DummyModel())  # 30 float32 weights
+        120
+    """
+    quantized = {name: module for name, module in model.named_modules()
+                 if isinstance(module, QuantizedWeightModule)}
+    seen: set[tuple] = set()
+    total = 0
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        owner, _, leaf = name.rpartition(".")
+        if owner in quantized and leaf in _CODE_BUFFERS:
+            continue  # counted as its layout's parts below
+        key = storage_key(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += storage_nbytes(tensor)
+    return total + sum(_layer_nbytes(module) for module in quantized.values())
+
+
+def _layer_nbytes(module: QuantizedWeightModule) -> int:
+    """A quantized layer's stored parts: its compressed-tensors layout, else its in-memory parts."""
+    if isinstance(module, QuantizedLinear):
+        try:
+            check_supported(module.fmt)
+        except InputError:
+            pass
+        else:
+            return sum(part.nbytes for part in stored_parts(module.fmt, module.weight_shape))
+    return module.qtensor.nbytes

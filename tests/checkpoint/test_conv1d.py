@@ -1,0 +1,64 @@
+"""GPT-2's Conv1D layers are quantized like the Linear layers they are, in memory and on disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dtypelab
+from dtypelab.checkpoint import convert_checkpoint, read_header
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory):
+    loaded = dtypelab.load("tiny-gpt2")
+    folder = tmp_path_factory.mktemp("gpt2")
+    loaded.model.save_pretrained(folder)
+    return loaded.model, folder
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4:g32", "int4:g32:asym", "fp8_e4m3"])
+def test_conv1d_weights_are_stored_as_their_transpose_and_load_back(gpt2_folder, spec, tmp_path):
+    model, folder = gpt2_folder
+    result = convert_checkpoint(folder, tmp_path / "out", spec, verify=True)
+    assert sum(t.action == "quantized" for t in result.tensors) == 8  # c_attn, c_proj, c_fc, c_proj x 2
+    header = {e.name: e for e in read_header(tmp_path / "out" / "model.safetensors").tensors}
+    c_fc = model.transformer.h[0].mlp.c_fc  # Conv1D weight (in 64, out 256)
+    assert tuple(c_fc.weight.shape) == (64, 256)
+    if "weight_shape" in {n.rsplit(".", 1)[1] for n in header}:  # pack-quantized: the (out, in) it holds
+        shape = load_file(tmp_path / "out" / "model.safetensors")["transformer.h.0.mlp.c_fc.weight_shape"]
+        assert shape.tolist() == [256, 64]
+    else:
+        assert tuple(header["transformer.h.0.mlp.c_fc.weight"].shape) == (256, 64)
+    ids = torch.randint(0, 259, (2, 11))
+    ours = dtypelab.quantize_model(model, spec).model
+    loaded = dtypelab.load(str(tmp_path / "out")).model
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ours(ids).logits)
+
+
+def test_compare_quantizes_gpt2s_conv1d_and_says_what_stays_dense(gpt2_folder):
+    model, _ = gpt2_folder
+    result = dtypelab.quantize_model(model, "int8")
+    kinds = {(o.kind, o.quantized) for o in result.layers}
+    assert ("Conv1D", True) in kinds and len(result.quantized) == 8
+    assert {o.name for o in result.skipped} == {"transformer.wte", "transformer.wpe", "lm_head"}
+
+
+@pytest.mark.xfail(strict=True, reason="compressed-tensors 0.20 applies quantization to nn.Linear and "
+                   "nn.Embedding modules only (quantization/lifecycle/initialize.py); transformers' GPT-2 "
+                   "keeps Conv1D, so its quantized parts are left unloaded and the weights random")
+def test_transformers_with_compressed_tensors_loads_quantized_conv1d(gpt2_folder, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    model, folder = gpt2_folder
+    convert_checkpoint(folder, tmp_path / "out", "int8")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 259, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(theirs(ids).logits, dtypelab.quantize_model(model, "int8").model(ids).logits)
