@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from dtypelab import cast_model, compare_models, output_metrics
+from dtypelab import cast_model, compare_models, get_format, output_metrics
 from dtypelab.analysis import (
     ErrorSums,
     cosine_similarity,
@@ -20,9 +20,12 @@ from dtypelab.analysis import (
     sqnr_db,
     top1_agreement,
 )
+from dtypelab.analysis import compare as compare_module
 from dtypelab.analysis import metrics as metrics_module
+from dtypelab.analysis.timing import is_clearly_slower, ratio_quartiles, take_turns
 from dtypelab.errors import InputError
-from dtypelab.variants import Variant
+from dtypelab.report import format_cell
+from dtypelab.variants import Variant, apply_format
 
 REF = torch.tensor([3.0, 4.0])
 CAND = torch.tensor([3.0, 3.0])  # error (0, -1)
@@ -289,23 +292,128 @@ def test_sqnr_of_an_overflowed_candidate_is_minus_inf():
 
 
 class _Sleepy(torch.nn.Module):
-    """Wraps a model and sleeps 20 ms per forward: slower than the reference (~0.05 ms) by construction."""
+    """Wraps a model and sleeps 50 ms per forward: slower than the reference (~0.05 ms) by construction,
+    and still over x1.10 in a round where a busy machine stalls both forwards by tens of milliseconds."""
 
     def __init__(self, inner: torch.nn.Module) -> None:
         super().__init__()
         self.inner = inner
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        time.sleep(0.02)
+        time.sleep(0.05)
         return self.inner(ids)
 
 
 def test_timed_compare_warns_when_a_variant_is_slower_than_the_reference(dummy, seed_input):
     result = compare_models(dummy, {"slow": _Sleepy(dummy), "same": dummy}, seed_input, timing=True)
     slow, same = result.variants
-    assert slow.latency_ms >= 20.0 and slow.latency_ratio > 1
-    assert "slower than fp32 here" in result.to_text()
+    assert slow.latency_ms >= 50.0 and slow.latency_ratio > 1 and slow.slower
     assert result.reference_latency_ms > 0 and same.metrics.sqnr_db == float("inf")
+    status = {row[0]: row[-1] for row in result.to_table().rows}
+    assert "slower than fp32 here" in status["slow"]
+    # the same model at parity: its ratio wanders around 1 by noise, which is not "slower"
+    assert not same.slower and status["same"] == "ok"
+    assert not slow.emulated and not same.emulated
+
+
+def test_timed_ratios_are_the_printed_ms_over_the_printed_reference_ms(dummy, seed_input):
+    result = compare_models(dummy, {"slow": _Sleepy(dummy), "same": dummy}, seed_input, timing=True)
+    table = result.to_table()
+    at = {name: table.columns.index(name) for name in ("ms", "fp32 ms", "x fp32 ms", "x per round")}
+    for variant, row in zip(result.variants, table.rows, strict=True):
+        ms, ref_ms, ratio = (float(format_cell(row[at[c]])) for c in ("ms", "fp32 ms", "x fp32 ms"))
+        assert ratio == pytest.approx(ms / ref_ms, rel=2e-3, abs=1e-3)
+        assert variant.latency_ratio == round(variant.latency_ms / variant.reference_latency_ms, 3)
+        low, high = (float(x) for x in row[at["x per round"]].split("-"))
+        assert 0 < low <= high and variant.latency_rounds >= 7
+    # the footer's reference time is the median of every reference run the rows' ratios used
+    beside = [v.reference_latency_ms for v in result.variants]
+    assert min(beside) <= result.reference_latency_ms <= max(beside)
+    assert result.reference_runs == sum(v.latency_rounds for v in result.variants)
+    assert f"reference forward: {format_cell(result.reference_latency_ms)} ms" in result.to_text()
+
+
+def test_an_emulated_format_is_labelled_emulated_never_slower(dummy, seed_input):
+    int8 = get_format("int8")
+    slow_int8 = Variant("int8", "int8", int8, _Sleepy(apply_format(dummy, int8)))
+    result = compare_models(dummy, [slow_int8, Variant.of("bf16", cast_model(dummy, "bf16"))], seed_input,
+                            timing=True)
+    emulated, bf16 = result.variants
+    assert emulated.emulated and emulated.latency_ratio > 1.1 and not emulated.slower
+    status = {row[0]: row[-1] for row in result.to_table().rows}
+    assert "emulated (dequantize + float matmul)" in status["int8"] and "slower" not in status["int8"]
+    assert not bf16.emulated and "emulated" not in status["bf16"]
+    assert any(note.startswith("emulated: dtypelab's quantized formats") for note in result.to_table().notes)
+
+
+def test_compare_times_nothing_unless_asked(dummy, seed_input, monkeypatch):
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed without timing=True")
+
+    monkeypatch.setattr(compare_module, "take_turns", no_timing)
+    monkeypatch.setattr(compare_module, "forward_latency_ms", no_timing)
+    result = compare_models(dummy, {"bf16": cast_model(dummy, "bf16"), "int8": apply_format(dummy, "int8")},
+                            seed_input)
+    assert not result.timed and all(v.latency_ms is None for v in result.variants)
+    assert "ms" not in result.to_table().columns and "emulated" not in result.to_text()
+
+
+def test_a_timed_compare_without_a_running_variant_still_has_its_footer(dummy, seed_input):
+    result = compare_models(dummy, [Variant.failed("broken", "nothing to quantize")], seed_input, timing=True)
+    assert result.timed and result.reference_latency_ms > 0 and result.reference_runs == 7
+
+
+class _Named(torch.nn.Module):
+    """Writes its name into a shared log at each forward, to see the order models were run in."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        super().__init__()
+        self.name, self.log = name, log
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        self.log.append(self.name)
+        return ids.float()
+
+
+def test_take_turns_alternates_and_flips_the_order_every_round(seed_input):
+    log: list[str] = []
+    turns = take_turns(_Named("ref", log), _Named("cand", log), seed_input, warmup=1, rounds=4, min_seconds=0)
+    assert log == ["ref", "cand"] + ["ref", "cand", "cand", "ref"] * 2
+    assert len(turns.reference_ms) == len(turns.candidate_ms) == len(turns.ratios) == 4
+
+
+def test_take_turns_runs_more_rounds_for_fast_models_up_to_a_cap(seed_input):
+    log: list[str] = []
+    turns = take_turns(_Named("ref", log), _Named("cand", log), seed_input, warmup=0, rounds=3,
+                       min_seconds=60.0, max_rounds=9)
+    assert len(turns.ratios) == 9 and len(log) == 18
+
+
+@pytest.mark.parametrize("kwargs", [{"rounds": 1}, {"rounds": 5, "max_rounds": 4}, {"warmup": -1},
+                                    {"min_seconds": -1.0}])
+def test_take_turns_rejects_settings_without_a_spread(dummy, seed_input, kwargs):
+    with pytest.raises(InputError):
+        take_turns(dummy, dummy, seed_input, **kwargs)
+
+
+def test_ratio_quartiles_by_hand():
+    assert ratio_quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 4.0)
+    with pytest.raises(InputError, match="at least two rounds"):
+        ratio_quartiles([1.0])
+
+
+@pytest.mark.parametrize(("ratio", "low_quartile", "slower"), [
+    (300.0, 250.0, True),    # a variant that sleeps beside a 0.1 ms reference
+    (1.4, 1.35, True),       # the same, with most reference rounds stalled by a busy machine
+    (1.5, 1.12, True),       # over 10 % slower in 3 rounds of 4 and in the median
+    (1.05, 1.04, False),     # steady, but within the 10 % margin
+    (1.3, 0.95, False),      # the median says slower, a quarter of the rounds or more do not
+    (1.02, 1.2, False),      # rounds say slower, the medians do not: not clearly slower
+    (1.0, 0.9, False),       # parity
+    (0.5, 0.45, False),      # faster
+])
+def test_slower_only_beyond_the_measured_noise(ratio, low_quartile, slower):
+    assert is_clearly_slower(ratio, low_quartile) is slower
 
 
 def test_failed_variant_is_a_row_with_its_reason(dummy, seed_input):

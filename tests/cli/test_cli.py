@@ -28,6 +28,29 @@ def test_compare_json(capsys):
     assert bf16["metrics"]["mean_abs_diff"] == 0.0009978810558095574
 
 
+def test_compare_times_nothing_by_default(capsys, monkeypatch):
+    def no_timing(*args, **kwargs):
+        raise AssertionError("compare timed forwards without --time")
+
+    monkeypatch.setattr("dtypelab.analysis.compare.take_turns", no_timing)
+    monkeypatch.setattr("dtypelab.analysis.compare.forward_latency_ms", no_timing)
+    for extra in ((), ("--no-time",)):  # --no-time is still accepted: it says what the default does
+        code, out, err = run(capsys, "compare", "dummy", "--to", "bf16,int8", *extra)
+        assert code == 0 and err == ""
+        header = next(line for line in out.splitlines() if line.startswith("variant")).split()
+        assert "ms" not in header and "reference forward" not in out
+
+
+def test_compare_with_time_shows_latency_and_its_explanation(capsys):
+    code, out, _ = run(capsys, "compare", "dummy", "--to", "bf16,int8", "--time")
+    assert code == 0
+    header = next(line for line in out.splitlines() if line.startswith("variant"))
+    assert "fp32 ms" in header and "x fp32 ms" in header and "x per round" in header
+    assert "reference forward:" in out and "slower only when" in out
+    int8 = next(line for line in out.splitlines() if line.startswith("int8 "))
+    assert "emulated (dequantize + float matmul)" in int8 and "slower" not in int8
+
+
 def test_inspect_json(capsys):
     code, out, _ = run(capsys, "inspect", "dummy", "--json")
     assert code == 0 and json.loads(out)["footprint_bytes"] == 120

@@ -124,6 +124,10 @@ def test_build_variants_mixes_formats_peers_and_failures():
     assert rows["int8"].metrics.sqnr_db > 35 and rows["quanto:qint8"].metrics.sqnr_db > 35
     assert all(rows[n].latency_ms > 0 for n in ("bf16", "int8", "quanto:qint8"))
     assert result.reference_latency_ms > 0
+    # dtypelab's int8 is emulated (dequantize + float matmul); a cast and a peer's own ops are timed as real
+    assert rows["int8"].emulated and not rows["bf16"].emulated and not rows["quanto:qint8"].emulated
+    notes = result.to_table().notes
+    assert any(n.startswith("emulated:") for n in notes) and any(n.startswith("peers (quanto") for n in notes)
 
 
 def _raise_import_error(model: nn.Module) -> None:

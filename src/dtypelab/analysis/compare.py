@@ -7,6 +7,7 @@ taken in float32, as the seed notebook does, so its printed numbers are reproduc
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ from ..models import model_kind as kind_of
 from ..progress import ProgressCallback, stage
 from ..quant import inspect_model
 from ..report import Table, TableMixin, format_cell
-from ..variants import Variant, as_variants
+from ..variants import Variant, as_variants, is_peer_spec
 from .metrics import (
     NextTokenMetrics,
     OutputMetrics,
@@ -28,7 +29,7 @@ from .metrics import (
     valid_positions,
 )
 from .run import is_logits_output, named_output, run_model, select_output
-from .timing import forward_latency_ms, paired_latency_ms
+from .timing import SLOWER_MARGIN, forward_latency_ms, is_clearly_slower, take_turns
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,16 @@ class VariantResult:
 
     ``embedding_cosine_mean`` / ``_min``: per-sentence cosine of mean-pooled embeddings (hidden-state
     outputs only). ``next_token``: the causal-LM report (causal LMs only). ``bits_per_element``:
-    footprint bits over the reference's element count (scales included). ``latency_ms``: median
-    forward time after warm-up (None unless timed); ``latency_ratio``: its ratio to the reference timed
-    in alternation with it (load on the machine hits both alike). ``failure``: why there are no metrics.
+    footprint bits over the reference's element count (scales included). ``failure``: why there are no
+    metrics. ``emulated``: dtypelab's quantized formats dequantize weights and multiply in float, so their
+    latency is the emulation's cost, never a low-precision kernel's.
+
+    Timing (None unless timed; milliseconds are medians after warm-up): ``latency_ms``, the variant's
+    forward, timed in turns with the reference; ``reference_latency_ms``, the reference's forward in those
+    same rounds; ``latency_ratio``, ``latency_ms / reference_latency_ms`` (rounded to 3 decimals), so a
+    change of load between rows never enters a ratio; ``latency_ratio_low`` / ``_high``, the lower and
+    upper quartile of the per-round ratios (the variant's time over the reference run beside it), i.e. how
+    noisy the ratio is; ``latency_rounds``, how many rounds were timed.
     """
 
     name: str
@@ -54,6 +62,19 @@ class VariantResult:
     latency_ms: float | None = None
     latency_ratio: float | None = None
     failure: str | None = None
+    emulated: bool = False
+    reference_latency_ms: float | None = None
+    latency_ratio_low: float | None = None
+    latency_ratio_high: float | None = None
+    latency_rounds: int | None = None
+
+    @property
+    def slower(self) -> bool:
+        """Slower than the reference beyond the measured noise (see :func:`~dtypelab.analysis.timing.
+        is_clearly_slower`); never for an emulated format, whose latency is no kernel's."""
+        if self.emulated or self.latency_ratio is None or self.latency_ratio_low is None:
+            return False
+        return is_clearly_slower(self.latency_ratio, self.latency_ratio_low)
 
 
 @dataclass
@@ -62,6 +83,9 @@ class ComparisonResult(TableMixin):
 
     ``output_name`` is the output field compared; ``positions`` how many token positions (or rows)
     entered the metrics and ``padding_positions`` how many padding positions were left out.
+    ``reference_latency_ms``: when timed, the median of every reference forward timed in turns with the
+    variants (each row's ratio divides by the reference's runs beside that variant, its own
+    ``reference_latency_ms``); ``reference_runs``: how many runs that was.
     """
 
     reference_footprint_bytes: int
@@ -72,6 +96,7 @@ class ComparisonResult(TableMixin):
     positions: int = 0
     padding_positions: int = 0
     reference_latency_ms: float | None = None
+    reference_runs: int = 0
 
     @property
     def has_embeddings(self) -> bool:
@@ -85,11 +110,11 @@ class ComparisonResult(TableMixin):
         columns = ["variant", "dtype", "bytes", "x fp32", "bits/elem", "mean_abs_diff", "max_abs_diff",
                    "rel_error", "sqnr_db", "cosine"] + (["kl_div", "top1_agree"] if self.logits else [])
         columns += ["emb_cos_mean", "emb_cos_min"] if self.has_embeddings else []
-        columns += ["ms", "x fp32 ms"] if self.timed else []
+        columns += ["ms", "fp32 ms", "x fp32 ms", "x per round"] if self.timed else []
         notes = [f"compared: {self.output_name} {list(self.reference_output.shape)}, {self.positions:,} "
                  f"positions ({self.padding_positions:,} padding positions left out)"]
         if self.timed:
-            notes.append(f"reference forward: {self.reference_latency_ms:.3g} ms (median after warm-up)")
+            notes += self._timing_notes()
         return Table("Comparison against the reference", columns + ["status"],
                      [self._row(v) for v in self.variants], notes)
 
@@ -99,16 +124,47 @@ class ComparisonResult(TableMixin):
         row = [variant.name, variant.dtype, None if variant.failure else variant.footprint_bytes, ratio,
                variant.bits_per_element, *_metric_cells(variant.metrics, self.logits)]
         row += [variant.embedding_cosine_mean, variant.embedding_cosine_min] if self.has_embeddings else []
-        row += [variant.latency_ms, variant.latency_ratio] if self.timed else []
+        row += [variant.latency_ms, variant.reference_latency_ms, variant.latency_ratio,
+                _spread(variant)] if self.timed else []
         return row + [self._status(variant)]
 
     def _status(self, variant: VariantResult) -> str:
         if variant.failure:
             return f"failed: {variant.failure}"
-        status, ratio = variant.metrics.status, variant.latency_ratio
-        if ratio is not None and ratio > 1:
-            status += f"; slower than fp32 here (x{ratio:.2f})"
+        status = variant.metrics.status
+        if variant.latency_ms is None:
+            return status
+        if variant.emulated:
+            return status + "; emulated (dequantize + float matmul): latency is not a kernel's"
+        if variant.slower:
+            return status + (f"; slower than fp32 here (x{variant.latency_ratio:.2f}, "
+                             f"x{variant.latency_ratio_low:.2f} or more in 3 rounds of 4)")
         return status
+
+    def _timing_notes(self) -> list[str]:
+        """What the timing columns mean and when a row says "slower", so the numbers explain themselves."""
+        margin = f"x{1 + SLOWER_MARGIN:.2f}"
+        notes = [f"reference forward: {format_cell(self.reference_latency_ms)} ms, the median of all its "
+                 f"{self.reference_runs} timed runs; each variant is timed in turns with it after warm-up: "
+                 "ms is the variant's median, fp32 ms the reference's median in those same rounds, "
+                 "x fp32 ms = ms / fp32 ms",
+                 "x per round: lower-upper quartile of the variant's time over the reference run beside "
+                 "it, round by round (order flipped every round); a row says slower only when that lower "
+                 f"quartile and x fp32 ms both exceed {margin} (slower in three rounds of four, and in "
+                 "the median): anything less is within this machine's noise"]
+        beside = [v.reference_latency_ms for v in self.variants if v.reference_latency_ms]
+        if beside and max(beside) > 1.5 * min(beside):
+            notes.append(f"the reference took {format_cell(min(beside))} to {format_cell(max(beside))} ms "
+                         "from row to row: the machine's load changed, so compare ratios, not ms")
+        if any(v.emulated and v.latency_ms is not None for v in self.variants):
+            notes.append("emulated: dtypelab's quantized formats dequantize the weights and multiply in "
+                         "float, so their ms is the emulation's cost, not what an int8 / fp8 / fp4 kernel "
+                         "would take")
+        if any(is_peer_spec(v.name) and v.latency_ms is not None for v in self.variants):
+            notes.append("peers (quanto, torchao) run their own package's ops, timed as they are: a packed "
+                         "low-precision kernel where the package has one for this device and shape, "
+                         "otherwise their own dequantize + matmul")
+        return notes
 
     def to_tables(self) -> list[Table]:
         rows = [_next_token_row(v) for v in self.variants if v.next_token is not None]
@@ -126,6 +182,12 @@ def _metric_cells(m: OutputMetrics | None, logits: bool) -> list:
         return [None] * (7 if logits else 5)
     row = [m.mean_abs_diff, m.max_abs_diff, m.relative_error, m.sqnr_db, m.cosine_similarity]
     return row + ([m.kl_divergence, m.top1_agreement] if logits else [])
+
+
+def _spread(variant: VariantResult) -> str | None:
+    if variant.latency_ratio_low is None:
+        return None
+    return f"{variant.latency_ratio_low:.3g}-{variant.latency_ratio_high:.3g}"
 
 
 def _pm(mean: float, stderr: float) -> str:
@@ -158,8 +220,10 @@ def compare_models(reference: nn.Module, variants: Mapping[str, nn.Module | Vari
             output has a ``logits`` field).
         next_token: add the causal-LM report (default: when ``reference`` is a transformers causal LM
             and the inputs hold ``input_ids``).
-        timing: also measure forward latencies (medians after warm-up, each variant timed in
-            alternation with the reference) and flag variants slower than the reference.
+        timing: also measure forward latencies: each variant is timed in turns with the reference
+            (:func:`~dtypelab.analysis.timing.take_turns`); each ratio divides by the reference's runs in
+            those same rounds, a row says "slower" only beyond the per-round noise, and dtypelab's
+            quantized formats are marked emulated. Off by default: it roughly doubles a comparison's time.
         model_kind: the reference's :class:`~dtypelab.models.ModelKind` when the caller knows it (a
             :class:`~dtypelab.models.LoadedModel`'s ``kind``); otherwise it is decided once, here.
         progress: a :data:`~dtypelab.progress.ProgressCallback`, told each variant measured
@@ -184,9 +248,18 @@ def compare_models(reference: nn.Module, variants: Mapping[str, nn.Module | Vari
     compared = valid_positions(ref_out, context.mask)
     positions = compared.shape[0] * compared.shape[1] if compared.dim() >= 3 else compared.shape[0]
     padding = ref_out.shape[0] * ref_out.shape[1] - positions if compared is not ref_out else 0
-    ref_ms = forward_latency_ms(reference, inputs, warmup=1, runs=5) if timing else None
+    ref_ms, runs = _reference_latency(reference, inputs, context) if timing else (None, 0)
     return ComparisonResult(inspect_model(reference).footprint_bytes, rows, context.logits, ref_out, name,
-                            positions, padding, ref_ms)
+                            positions, padding, ref_ms, runs)
+
+
+def _reference_latency(reference: nn.Module, inputs, context: _Context) -> tuple[float, int]:
+    """The footer's reference milliseconds: the median of all its runs taken in turns with the variants
+    (timed on its own only when no variant ran, so a timed comparison always has its footer)."""
+    runs = context.reference_ms
+    if not runs:
+        return forward_latency_ms(reference, inputs, warmup=1, runs=7), 7
+    return statistics.median(runs), len(runs)
 
 
 @dataclass
@@ -201,6 +274,7 @@ class _Context:
     next_token: bool = False
     timer: nn.Module | None = None  # the reference, when latencies are measured
     numel: int = 0  # the reference's elements, for bits per element
+    reference_ms: list[float] = field(default_factory=list)  # every reference run timed, for the footer
 
 
 def _mask_and_ids(inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> tuple:
@@ -235,14 +309,23 @@ def _variant_result(variant: Variant, inputs, context: _Context) -> VariantResul
         extra = {"embedding_cosine_mean": cosines.mean().item(), "embedding_cosine_min": cosines.min().item()}
     if context.next_token:
         extra["next_token"] = next_token_metrics(ref, out, context.input_ids, mask)
-    return VariantResult(name, dtypes, info.footprint_bytes, metrics, out, **extra,
+    emulated = variant.format is not None and variant.format.is_quantized
+    return VariantResult(name, dtypes, info.footprint_bytes, metrics, out, **extra, emulated=emulated,
                          **_size_and_speed(model, inputs, info.footprint_bytes, context))
 
 
 def _size_and_speed(model: nn.Module, inputs, footprint_bytes: int, context: _Context) -> dict:
-    """Bits per reference element and, when timing, latency beside the reference's."""
+    """Bits per reference element and, when timing, the variant's latency taken in turns with the
+    reference: its ratio divides by the reference's runs in these rounds, which are also kept for the
+    footer's median over the whole comparison."""
     extra = {"bits_per_element": footprint_bytes * 8 / context.numel if context.numel else None}
     if context.timer is not None:
-        ref_ms, ms = paired_latency_ms([context.timer, model], inputs, warmup=1, runs=5)
-        extra |= {"latency_ms": ms, "latency_ratio": round(ms / ref_ms, 3) if ref_ms else None}
+        turns = take_turns(context.timer, model, inputs)
+        context.reference_ms.extend(turns.reference_ms)
+        ms, ref_ms = statistics.median(turns.candidate_ms), statistics.median(turns.reference_ms)
+        low, high = turns.ratio_quartiles
+        extra |= {"latency_ms": ms, "reference_latency_ms": ref_ms,
+                  "latency_ratio": round(ms / ref_ms, 3) if ref_ms > 0 else None,
+                  "latency_ratio_low": round(low, 3), "latency_ratio_high": round(high, 3),
+                  "latency_rounds": len(turns.candidate_ms)}
     return extra

@@ -25,7 +25,7 @@ from .common import (
 
 
 @click.command("compare", help="Run MODEL in float32 and in each --to format on the same input and measure "
-               "the difference (padding masked out), size, bits per element and forward latency. --to takes "
+               "the difference (padding masked out), size, bits per element and (--time) latency. --to takes "
                "dtypes (fp16, bf16), quantized formats (int8, int4:g128:mse, mxfp4, nvfp4, int8:a8 ...; see "
                "`dtypelab formats`) and, when installed, peers (quanto:qint8, quanto:qint4, quanto:qfloat8, "
                "torchao:int8wo, torchao:int4wo, torchao:intx4, torchao:fp8wo). Without an input: the model's "
@@ -51,8 +51,10 @@ from .common import (
 @json_option
 @click.option("--embeddings/--no-embeddings", default=True, show_default=True,
               help="Quantize nn.Embedding tables too (quantized formats only).")
-@click.option("--time/--no-time", "timing", default=True, show_default=True,
-              help="Measure each variant's forward latency beside float32's (medians after warm-up).")
+@click.option("--time/--no-time", "timing", default=False, show_default=True,
+              help="Also time forwards: each variant in turns with float32, its ratio to float32 timed "
+                   "beside it and the ratio's per-round spread; 'slower' only beyond that noise. Off by "
+                   "default (it about doubles the run time); --no-time is accepted and does nothing.")
 def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str | None,
                 input_ids: str | None, input_file: str | None, output_name: str | None,
                 keep: tuple[str, ...], allow_pickle: bool, device: str, by_layer: bool, mode: str,
@@ -82,7 +84,8 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
 def compare_loaded(loaded: LoadedModel, formats: str, inputs, target: torch.device,
                    output_name: str | None = None, policy: KeepPolicy | None = None, *,
                    embeddings: bool = True, timing: bool = False) -> ComparisonResult:
-    """``compare`` without ``--layers``: variants built, measured and dropped one at a time."""
+    """``compare`` without ``--layers``: variants built, measured and dropped one at a time; forwards are
+    timed only when ``timing`` is True (``--time``)."""
     reference = loaded.model.to(target)
     variants = iter_variants(reference, formats, policy, embeddings, target)
     return compare_models(reference, variants, inputs, output_name=output_name,
