@@ -162,3 +162,15 @@ def test_a_quantized_model_is_measured_against_its_float32_original(spec):
     assert quantized.float32_bytes == inspect_model(original).footprint_bytes == (256 * 512 + 512 * 128
                                                                                   + 512 + 128) * 4
     assert quantized.ratio_to_float32 == quantized.footprint_bytes / quantized.float32_bytes < 0.3
+
+
+def test_inspect_says_what_a_checkpoint_of_the_model_holds_beside_its_memory():
+    from dtypelab.models import inspect as inspect_spec
+
+    info = inspect_spec("tiny-llama", "bf16")
+    # rotary inv_freq / original_inv_freq (head dim 16: 8 frequencies each, kept float32 as transformers
+    # keeps them) are computed buffers: in memory, not on disk
+    assert info.footprint_bytes - info.stored_bytes == 2 * 8 * 4
+    summary = [(s.dtype, s.numel) for s in info.by_dtype]
+    assert summary == [("bfloat16", info.stored_bytes // 2), ("float32", 16)]
+    assert f"in a checkpoint: {info.stored_bytes:,} bytes" in info.to_text()

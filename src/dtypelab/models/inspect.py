@@ -7,11 +7,12 @@ Models stage: a loadable model is loaded and measured with :func:`~dtypelab.quan
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointInspection, inspect_checkpoint
+from ..checkpoint import CheckpointInspection, inspect_checkpoint, stored_nbytes
 from ..quant import ModelInspection, inspect_model, inspect_tensors
 from .loading import PICKLE_SUFFIXES, folder_weights, load, load_state_dict_file, pickle_refused
 
@@ -45,7 +46,8 @@ def inspect(spec: str, dtype: str | torch.dtype = "auto", *,
             raise pickle_refused(pickles[0])
         return inspect_tensors((name, "tensor", tensor) for file in pickles
                                for name, tensor in load_state_dict_file(file).items())
-    return inspect_model(load(spec, dtype, allow_pickle=allow_pickle).model)
+    model = load(spec, dtype, allow_pickle=allow_pickle).model
+    return replace(inspect_model(model), stored_bytes=stored_nbytes(model))
 
 
 def _bare_pickles(path: Path) -> list[Path]:

@@ -52,11 +52,17 @@ class DtypeSummary:
 
 @dataclass
 class ModelInspection(TableMixin):
-    """The result of :func:`inspect_model`; renders as a table (text, HTML, JSON)."""
+    """The result of :func:`inspect_model`; renders as a table (text, HTML, JSON).
+
+    ``footprint_bytes`` is what the model holds in memory (transformers' ``get_memory_footprint``);
+    ``stored_bytes``, when known (``dtypelab inspect`` fills it), what a checkpoint of it holds — no
+    computed buffers, quantized layers in their on-disk layout — the bytes ``compare`` reports.
+    """
 
     tensors: list[TensorInfo]
     by_dtype: list[DtypeSummary] = field(default_factory=list)
     footprint_bytes: int = 0
+    stored_bytes: int | None = None
 
     @property
     def shared_groups(self) -> dict[str, list[str]]:
@@ -86,6 +92,9 @@ class ModelInspection(TableMixin):
                  for s in self.by_dtype]
         notes.append(f"footprint: {self.footprint_bytes:,} bytes (shared storage counted once) = "
                      f"{self.ratio_to_float32:.3f} x float32 ({self.float32_bytes:,} bytes)")
+        if self.stored_bytes is not None:
+            notes.append(f"in a checkpoint: {self.stored_bytes:,} bytes (what compare reports and convert "
+                         "writes: no computed buffers, quantized layers in their stored layout)")
         return Table("Tensors", ["name", "kind", "dtype", "shape", "numel", "bytes", "shares storage with"],
                      rows, notes)
 
