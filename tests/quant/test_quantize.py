@@ -128,11 +128,38 @@ def test_mx_hand_case_saturates_and_ties_to_even():
 
 def test_nvfp4_hand_case_two_level_scales():
     w = torch.zeros(1, 32)
-    w[0, 0], w[0, 16] = 2688.0, 6.0  # tensor scale 2688 / (448 * 6) = 1
+    w[0, 0], w[0, 16] = 2688.0, 6.0  # global scale g = 448 * 6 / 2688 = 1
     qt = quantize_tensor(w, get_format("nvfp4"))
-    assert qt.tensor_scale.item() == 1.0
-    assert qt.scale.float().flatten().tolist() == [448.0, 1.0]  # block absmax / 6, in e4m3
+    assert qt.tensor_scale.tolist() == [1.0]
+    assert qt.scale.float().flatten().tolist() == [448.0, 1.0]  # g * block absmax / 6, in e4m3
     assert qt.dequantize()[0, [0, 16]].tolist() == [2688.0, 6.0]
+
+
+def test_nvfp4_hand_case_global_scale_is_a_divisor():
+    """compressed-tensors' rule: g = 448 * 6 / absmax (fp32), block scale e4m3(g * absmax / 6), value
+    code * fp32(scale / g); an all-zero block stores scale 0.125, as the package does."""
+    w = torch.zeros(1, 48)
+    w[0, 0], w[0, 16], w[0, 17] = 1.0, -0.25, 0.1  # block 2 (elements 32..47) stays zero
+    qt = quantize_tensor(w, get_format("nvfp4"))
+    assert qt.tensor_scale.dtype == torch.float32 and qt.tensor_scale.tolist() == [2688.0]
+    # block 0: 2688 / 6 = 448; block 1: 2688 * (0.25 / 6) = 112; block 2: 0 -> 0.125
+    assert qt.scale.float().flatten().tolist() == [448.0, 112.0, 0.125]
+    step = torch.tensor(112.0) / torch.tensor(2688.0)  # fp32(1 / 24): the package's scale / g
+    assert qt.dequantize()[0, [0, 16, 17]].tolist() == [
+        (6 * (torch.tensor(448.0) / 2688.0)).item(), (-6 * step).item(), (2 * step).item()]  # 0.1 / step 2.4
+    assert qt.dequantize()[0, 32:].abs().sum() == 0
+
+
+def test_nvfp4_global_scale_of_an_all_zero_or_tiny_tensor_is_one():
+    """448 * 6 / absmax overflows fp32 below absmax ~8e-36 (and for zeros): the package then uses g = 1,
+    so the blocks' scales fall to e4m3's 0 and become 0.125, and everything rounds to zero."""
+    for w in (torch.zeros(2, 32), torch.full((2, 32), 1e-37)):
+        qt = quantize_tensor(w, get_format("nvfp4"))
+        assert qt.tensor_scale.tolist() == [1.0] and (qt.scale.float() == 0.125).all()
+        assert torch.equal(qt.dequantize(), torch.zeros(2, 32))
+    qt = quantize_tensor(torch.full((1, 16), 1e-30), get_format("nvfp4"))  # tiny but representable
+    assert qt.tensor_scale.item() == pytest.approx(2688 / 1e-30, rel=1e-6)
+    assert torch.allclose(qt.dequantize(), torch.full((1, 16), 1e-30), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("spec", ["int4:g128", "int4:g128:asym", "nf4", "nvfp4", "int8", "mxfp4"])

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckpointError, DamageError, InputError
-from ..formats import Granularity, NumberFormat, get_format
+from ..formats import Granularity, NumberFormat, all_formats, get_format
 from ..naming import name_matches
 from ..progress import ProgressCallback, stage
 from ..quant import Action, TensorDamage, dtype_name
@@ -459,7 +459,9 @@ def _plan_quantization(src: CheckpointSource, fmt: NumberFormat,
     """Which Linear weights to quantize, the Linear layers left dense with their reason, and the other
     2-D tensors left dense."""
     if _config_path(src) is None:
-        hint = f"; for fp8 without scales use --to {fmt.base}:cast" if fmt.is_floating_point else ""
+        cast = next((f.name for f in all_formats() if f.torch_dtype == fmt.torch_dtype and not f.fixed_layout
+                     and f.is_quantized), None) if fmt.is_floating_point else None  # mxfp8 -> fp8_e4m3
+        hint = f"; for fp8 without scales use --to {cast}:cast" if cast else ""
         raise InputError(f"{src.path}: {fmt.name} is written in the compressed-tensors layout, which needs "
                          "the model folder with its config.json (to find the Linear layers and record the "
                          f"quantization_config){hint}")

@@ -13,6 +13,9 @@ A quantized ``nn.Linear`` called ``NAME`` is stored as parts next to its dense n
                                                   NAME.weight_scale   uint8 (rows, cols / 32): e8m0 exponents
     mxfp8-quantized  (mxfp8)                     NAME.weight float8_e4m3fn (rows, cols), NAME.weight_scale
                                                   uint8 (rows, cols / 32)
+    nvfp4-pack-quantized (nvfp4)                 NAME.weight_packed uint8 (rows, cols / 2), two e2m1 a byte
+                                                  NAME.weight_scale   float8_e4m3fn (rows, cols / 16)
+                                                  NAME.weight_global_scale float32 (1,): g, a divisor
 
 Packing: element ``i`` of a row sits at bits ``i * bits`` of the little-endian int32 words, as an
 unsigned value ``q + 2^(bits-1)`` (compressed-tensors' ``pack_to_int32``). dtypelab's codes map onto it
@@ -27,12 +30,13 @@ e8m0 scale as its byte, the biased exponent ``e`` of ``2^(e - 127)`` (the packag
 Both decompress exactly: the package multiplies a code by a power of two in bfloat16, which rounds the same
 exact product dtypelab computes in float32 (tested: every code, scales 2^-127 to 2^127).
 
-NVFP4 has no exact layout and is refused (:func:`convert_support` says why): nvfp4-pack-quantized stores
-the tensor scale as an fp32 *divisor* ``g`` (448 * 6 / absmax) and decompresses ``code * (scale / g)``;
-dtypelab multiplies ``code * scale`` by its fp32 tensor scale ``t`` (absmax / (448 * 6)). The roundings
-differ (measured: the float32 weights of 189 in 200 random tensors), and no fp32 ``g`` gives every ``t``
-back: above sqrt(2) in a binade, fp32 reciprocals are sparser than fp32 values, so 30% of such ``t`` are
-the reciprocal of no fp32 number at all (measured), and even dtypelab could not reload its own output.
+NVFP4 is stored as dtypelab holds it, too: dtypelab's nvfp4 *is* the package's rule (see
+:mod:`dtypelab.quant.qtensor`), so its codes (packed as the MX ones), e4m3 block scales and fp32 global
+scale ``g`` (a divisor, 448 * 6 / absmax) are the parts. The package decompresses ``code * fp32(scale /
+g)`` in float32 (codes and e4m3 scales are exact in the bfloat16 it unpacks them to, and dividing by the
+fp32 ``g`` promotes to float32) and rounds the product to bfloat16; dtypelab computes the same float32
+product, so any dtype it is rounded to agrees bit for bit (tested against the package, and the parts the
+package's own compressor writes are the ones dtypelab's quantizer stores).
 
 The one liberty: dtypelab's symmetric integers use all 2^bits codes with a signed scale (see
 :mod:`dtypelab.quant.qtensor`); the arithmetic above is unchanged by the sign. Activations (``:a8``,
@@ -73,13 +77,19 @@ from .safetensors_file import DTYPE_CODES
 QUANT_METHOD = "compressed-tensors"
 
 
-SUPPORTED = "int8, int4 (any :gN / :channel / :tensor, :asym, :a8 / :afp8), fp8_e4m3, mxfp4 and mxfp8"
+SUPPORTED = "int8, int4 (any :gN / :channel / :tensor, :asym, :a8 / :afp8), fp8_e4m3, mxfp4, mxfp8 and nvfp4"
 
 
 MX_BLOCK = 32  # elements per e8m0 scale in the OCP MX formats and in the package's MX layouts
 
 
 MX_SCALE_DTYPE = torch.uint8  # how the package stores an e8m0 scale: its exponent byte
+
+
+NVFP4_BLOCK = 16  # elements per e4m3 scale in NVFP4 (the package's NVFP4 schemes, vLLM's kernels)
+
+
+NVFP4_SCALE_DTYPE = torch.float8_e4m3fn  # NVFP4's stored block scale (the NVFP4A16 preset's scale_dtype)
 
 
 FLOAT_SCALES = ("fp32", "fp16", "bf16")  # the scale formats compressed-tensors stores
@@ -132,6 +142,8 @@ def check_supported(fmt: NumberFormat) -> None:
 
 def compression_format(fmt: NumberFormat) -> str:
     """The compressed-tensors format name, chosen as the package's own inference chooses it."""
+    if fmt.tensor_scale:
+        return "nvfp4-pack-quantized"
     if _is_mx(fmt):
         return "mxfp4-pack-quantized" if fmt.bits == 4 else "mxfp8-quantized"
     integer = isinstance(fmt.codec, IntCodec)
@@ -147,6 +159,8 @@ def weight_args(fmt: NumberFormat) -> dict:
             "group_size": fmt.group_size if fmt.granularity == Granularity.GROUP else None, "dynamic": False}
     if _is_mx(fmt):  # the MXFP4A16 / MXFP8A16 presets: e8m0 scales as uint8 (mxfp8-quantized requires it)
         args["scale_dtype"] = str(MX_SCALE_DTYPE)
+    if fmt.tensor_scale:  # the NVFP4A16 preset: a global scale per tensor, e4m3 scales per 16
+        args.update(strategy="tensor_group", scale_dtype=str(NVFP4_SCALE_DTYPE))
     return args
 
 
@@ -165,12 +179,11 @@ def format_from_scheme(scheme: dict, scale_dtype: torch.dtype) -> NumberFormat:
     """The dtypelab format a compressed-tensors scheme stores (inverse of :func:`quantization_config`).
 
     Raises:
-        InputError: a scheme dtypelab cannot hold (other bit widths, block strategies, NVFP4, ...).
+        InputError: a scheme dtypelab cannot hold (other bit widths, block strategies, NVFP4 W4A4, ...).
     """
     weights, activations = scheme.get("weights") or {}, scheme.get("input_activations")
     if weights.get("strategy") == "tensor_group":
-        raise InputError(f"compressed-tensors scheme {weights} is NVFP4's (fp4 with a global scale per "
-                         f"tensor), which dtypelab does not load: {_NVFP4_WHY}")
+        return _nvfp4_format(weights, activations, scale_dtype)
     if scale_dtype == MX_SCALE_DTYPE and weights.get("type") == "float":
         return _mx_format(weights, activations)
     base = {("int", 8): "int8", ("int", 4): "int4", ("float", 8): "fp8_e4m3"}.get(
@@ -189,11 +202,6 @@ def format_from_scheme(scheme: dict, scale_dtype: torch.dtype) -> NumberFormat:
     return get_format(":".join([base, *options]))
 
 
-_NVFP4_WHY = ("its nvfp4-pack-quantized layout divides by an fp32 global scale (448 * 6 / absmax) where "
-              "dtypelab multiplies by an fp32 tensor scale (absmax / (448 * 6)), and no fp32 divisor gives "
-              "every such product exactly")
-
-
 def _layout_problem(fmt: NumberFormat) -> str | None:
     """Why ``fmt`` has no exact compressed-tensors layout (one line), or None when it has one."""
     codec, name = fmt.codec, fmt.name
@@ -203,7 +211,10 @@ def _layout_problem(fmt: NumberFormat) -> str | None:
         return (f"{name} has no compressed-tensors layout (the package defines none for lookup-table codes; "
                 "bitsandbytes stores NF4 differently): use int4:g64 or mxfp4")
     if fmt.tensor_scale:
-        return f"{name} has no exact compressed-tensors layout: {_NVFP4_WHY}: use mxfp4 or int4:g16"
+        return None if not fmt.activations else (
+            f"{name} has no compressed-tensors layout: the package's NVFP4 scheme quantizes activations in "
+            "fp4 blocks of 16 with a global scale, dtypelab's :a8 / :afp8 per token / tensor: drop the "
+            "option")
     if isinstance(codec, FloatCodec) and codec not in (E4M3, E2M1):
         return (f"{name} has no compressed-tensors layout (the package's 8-bit floats are e4m3 only): use "
                 f"fp8_e4m3, or {fmt.base}:cast for a plain cast without scales")
@@ -234,6 +245,20 @@ def _mx_format(weights: dict, activations: dict | None) -> NumberFormat:
         raise InputError("the checkpoint quantizes activations in MX blocks; dtypelab loads MX weight-only "
                          "checkpoints (the MXFP4A16 / MXFP8A16 schemes)")
     return get_format("mxfp4" if bits == 4 else "mxfp8")
+
+
+def _nvfp4_format(weights: dict, activations: dict | None, scale_dtype: torch.dtype) -> NumberFormat:
+    """nvfp4 from a ``tensor_group`` scheme (the NVFP4A16 preset); the package's others are refused."""
+    args = (weights.get("num_bits"), weights.get("type"), weights.get("group_size"))
+    nvfp4 = args == (4, "float", NVFP4_BLOCK)
+    if not nvfp4 or not weights.get("symmetric", True) or scale_dtype != NVFP4_SCALE_DTYPE:
+        raise InputError(f"compressed-tensors scheme {weights} ({scale_dtype} scales) is not one dtypelab "
+                         f"loads: its tensor_group scheme is nvfp4, symmetric fp4 with {NVFP4_SCALE_DTYPE} "
+                         f"scales per {NVFP4_BLOCK} and one global scale per tensor")
+    if activations:
+        raise InputError("the checkpoint quantizes activations in fp4 blocks (the NVFP4 scheme); dtypelab "
+                         "loads NVFP4 weight-only checkpoints (the NVFP4A16 scheme)")
+    return get_format("nvfp4")
 
 
 # ------------------------------------------------------------------------------- the layout registry
@@ -417,6 +442,40 @@ class Mxfp8Quantized(_MxLayout):
     codes_suffix, codes_dtype = "weight", torch.float8_e4m3fn
 
 
+@register
+class Nvfp4PackQuantized(Layout):
+    """nvfp4: e2m1 codes two a byte (as mxfp4), float8_e4m3fn scales per 16, the fp32 global scale g.
+
+    ``weight_global_scale`` is dtypelab's ``tensor_scale`` as it is: both are the divisor g, so the parts
+    are the stored tensor, byte for byte, and decompress to dtypelab's weights exactly.
+    """
+
+    name = "nvfp4-pack-quantized"
+
+    def stored_parts(self, fmt: NumberFormat, shape: tuple[int, int]) -> list[StoredPart]:
+        rows, cols = shape
+        return [StoredPart("weight_packed", torch.uint8, (rows, cols // 2)),
+                StoredPart("weight_scale", NVFP4_SCALE_DTYPE, (rows, cols // fmt.group_size)),
+                StoredPart("weight_global_scale", torch.float32, (1,))]
+
+    def to_parts(self, qt: QuantizedTensor, shape: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        return {"weight_packed": qt.data.clone(), "weight_scale": qt.scale.reshape(qt.shape[0], -1).clone(),
+                "weight_global_scale": qt.tensor_scale.reshape(1).clone()}
+
+    def from_parts(self, fmt: NumberFormat, parts: dict[str, torch.Tensor],
+                   shape: tuple[int, int]) -> QuantizedTensor:
+        """Raises InputError when the global scale is missing or not one float32 (the package divides by
+        it in its own dtype, so another dtype would decompress to other weights)."""
+        global_scale = parts.get("weight_global_scale")
+        if global_scale is None or global_scale.dtype != torch.float32 or global_scale.numel() != 1:
+            found = "none" if global_scale is None else f"{global_scale.dtype} {list(global_scale.shape)}"
+            raise InputError(f"nvfp4 weight needs weight_global_scale, one float32 (found {found}): the "
+                             "checkpoint is not the package's NVFP4A16 layout")
+        scale = parts["weight_scale"].view(NVFP4_SCALE_DTYPE).reshape(shape[0], -1, 1)
+        return QuantizedTensor(fmt, shape, parts["weight_packed"].view(torch.uint8), scale,
+                               tensor_scale=global_scale.reshape(1))
+
+
 def _scale_part(fmt: NumberFormat, rows: int, cols: int) -> StoredPart:
     blocks = cols // fmt.group_size if fmt.granularity == Granularity.GROUP else 1
     shape = (1,) if fmt.granularity == Granularity.TENSOR else (rows, blocks)
@@ -437,7 +496,7 @@ def _scale_view(fmt: NumberFormat, parts: dict[str, torch.Tensor], rows: int) ->
 def stored_suffixes() -> frozenset[str]:
     """Every part suffix any registered layout stores (``weight_packed``, ``weight_scale``, ...)."""
     probes = [get_format(s) for s in ("int4:g32:asym", "int8:channel:asym", "fp8_e4m3", "int8:a8:asym",
-                                      "mxfp4", "mxfp8")]
+                                      "mxfp4", "mxfp8", "nvfp4")]
     return frozenset(p.suffix for fmt in probes for p in layout_for(fmt).stored_parts(fmt, (32, 32)))
 
 

@@ -179,8 +179,9 @@ class ChunkQuantizer:
         self.fmt, self.chunk_elements, self.raw = fmt, chunk_elements, bytearray()
 
     def row_chunks(self, rows: int, cols: int) -> list[tuple[int, int]]:
-        """``(first row, row count)`` per chunk."""
-        if self.fmt.granularity == Granularity.TENSOR:
+        """``(first row, row count)`` per chunk: one chunk for a format with a per-tensor scale (a
+        ``:tensor`` granularity, or NVFP4's global scale, which depends on the whole tensor's absmax)."""
+        if self.fmt.granularity == Granularity.TENSOR or self.fmt.tensor_scale:
             return [(0, rows)]
         step = max(self.ROWS_MULTIPLE, self.chunk_elements // max(cols, 1) // self.ROWS_MULTIPLE
                    * self.ROWS_MULTIPLE)

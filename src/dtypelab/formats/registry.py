@@ -237,7 +237,8 @@ _REGISTRY: tuple[NumberFormat, ...] = (
     _q("mxfp4", 4, None, "OCP MX: e2m1 elements, e8m0 scale per 32",
        ("mxfp4_e2m1",), E2M1, granularity=Granularity.GROUP, group_size=32, scale_format="e8m0",
        fixed_layout=True),
-    _q("nvfp4", 4, None, "NVIDIA FP4: e2m1 elements, e4m3 scale per 16, fp32 scale per tensor",
+    _q("nvfp4", 4, None, "NVIDIA FP4: e2m1 elements, e4m3 scale per 16, fp32 global scale (a divisor, "
+       "as compressed-tensors and vLLM store it) per tensor",
        (), E2M1, granularity=Granularity.GROUP, group_size=16, scale_format="e4m3", tensor_scale=True,
        fixed_layout=True),
 )

@@ -8,8 +8,14 @@ Scale rules: absmax / max_finite rounded to the scale format (RNE). Symmetric in
 codes: the block's largest-magnitude value x_ext maps onto the most negative code (scale = x_ext / -8
 for int4, as llama.cpp's Q4_0 does), so the scale is signed and the extreme's side gets the extra code
 (int4: 16 levels instead of 15, +1.2 dB at the same bits). e8m0 (OCP MX) takes
-2^(floor(log2 absmax) - emax of the element), as the OCP MX spec says, saturating elements above max;
-NVFP4 divides by an fp32 tensor scale absmax / (448 * 6) first, so block scales fit e4m3.
+2^(floor(log2 absmax) - emax of the element), as the OCP MX spec says, saturating elements above max.
+
+NVFP4 is the compressed-tensors package's rule (its NVFP4A16 scheme, the checkpoints vLLM serves), bit
+for bit: an fp32 *global scale* ``g = 448 * 6 / absmax(tensor)`` (1 when that is not finite: an all-zero
+or near-zero tensor), a divisor; each block of 16 takes ``s = e4m3(g * (absmax(block) / 6))`` (0.125
+where that is 0, the package's guard against dividing by zero), elements are ``e2m1(x / fp32(s / g))``
+and the value is ``code * fp32(s / g)``, all in float32. The package's decompression computes exactly
+that product (then rounds it to the model's dtype, as :meth:`QuantizedTensor.dequantize` does).
 
 :func:`round_trip` is the one rounding every analysis uses (a plain format's torch cast, a scaled
 format's quantize-and-back), so a prediction rounds exactly as the stored model does.
@@ -30,6 +36,7 @@ from .packing import pack_nibbles, unpack_nibbles
 NATIVE_FLOAT8 = {E4M3: torch.float8_e4m3fn, E5M2: torch.float8_e5m2}
 CHUNK_ELEMENTS = 1 << 20  # rows quantized together: ~4 MB of float32 per temporary
 MSE_CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 .. 0.5: clip candidates for :mse
+NVFP4_ZERO_SCALE = 0.125  # the package's stored block scale where e4m3(g * absmax / 6) is 0 (e4m3's "eps")
 
 
 @dataclass
@@ -43,7 +50,8 @@ class QuantizedTensor:
             (rows, ceil(cols / 2)) uint8 with two 4-bit codes per byte.
         scale: (rows or 1, blocks per row, 1) in the format's scale dtype.
         zero_point: uint8, shaped like ``scale``, for asymmetric formats; else None.
-        tensor_scale: fp32 scalar second-level scale (NVFP4); else None.
+        tensor_scale: NVFP4's fp32 global scale ``g``, shape (1,): a *divisor* (block scale / g is the
+            step), exactly the package's ``weight_global_scale``; None for other formats.
     """
 
     fmt: NumberFormat
@@ -68,16 +76,15 @@ class QuantizedTensor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32,
                    rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Values (rows, cols) in ``dtype``: decode(codes) times the block scale (minus zero point)."""
+        """Values (rows, cols) in ``dtype``: decode(codes) (minus zero point) times the block scale
+        (NVFP4: times fp32(scale / g)), computed in float32 and rounded once to ``dtype``."""
         values = _decode_elements(self, rows)  # (rows, cols) float32
-        scale, zp = _select_rows(self.scale, rows).float(), _select_rows(self.zero_point, rows)
+        scale = _decoded_scale(_select_rows(self.scale, rows), self.tensor_scale)
+        zp = _select_rows(self.zero_point, rows)
         blocks = values.reshape(values.shape[0], scale.shape[1], -1)  # (rows, blocks, block)
         if zp is not None:
             blocks = blocks - zp.float()
-        out = blocks * scale
-        if self.tensor_scale is not None:
-            out = out * self.tensor_scale
-        return out.reshape(values.shape).to(dtype)
+        return (blocks * scale).reshape(values.shape).to(dtype)
 
 
 def quantize_tensor(tensor: torch.Tensor, fmt: NumberFormat) -> QuantizedTensor:
@@ -172,12 +179,17 @@ def _block_reduce(values: torch.Tensor, fmt: NumberFormat, op) -> torch.Tensor:
 
 
 def _tensor_scale(rows: torch.Tensor, fmt: NumberFormat) -> torch.Tensor | None:
-    """NVFP4's fp32 tensor scale: maps the tensor absmax onto e4m3 max x element max (1 if all 0)."""
+    """NVFP4's fp32 global scale g, shape (1,): 448 * 6 / absmax, the package's ``generate_gparam``.
+
+    g maps the tensor's absmax onto e4m3 max x e2m1 max, so every block scale g * absmax / 6 fits e4m3.
+    The absmax is clamped to fp32's smallest normal first and a non-finite g (an all-zero tensor, or
+    absmax below ~8e-36) becomes 1, as the package does; its blocks then flush to zero.
+    """
     if not fmt.tensor_scale:
         return None
-    amax = rows.abs().max()
-    scale = amax / (E4M3.max_finite * fmt.codec.max_finite)
-    return torch.where(amax > 0, scale, torch.ones_like(scale)).float()
+    amax = rows.abs().max().clamp(min=torch.finfo(torch.float32).tiny)
+    scale = (E4M3.max_finite * fmt.codec.max_finite) / amax  # 2688 / absmax, one float32 division
+    return torch.nan_to_num(scale, nan=1.0, posinf=1.0, neginf=1.0).reshape(1)
 
 
 def _choose_scales(blocks: torch.Tensor, fmt: NumberFormat, tensor_scale: torch.Tensor | None):
@@ -234,8 +246,17 @@ def _scales_for_clip(stats: tuple[torch.Tensor, ...], fmt, tensor_scale, ratio: 
     amax = stats[0] * ratio
     ideal = amax / codec.max_finite
     if tensor_scale is not None:
-        ideal = ideal / tensor_scale
+        return _nvfp4_block_scale(ideal, tensor_scale), None
     return _encode_scale(ideal, amax > 0, fmt), None
+
+
+def _nvfp4_block_scale(ideal: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 block scales from ``ideal`` = block absmax / 6, the package's ``calculate_qparams`` order:
+    fp32(g * ideal), clamped to e4m3's range, rounded to e4m3 (RNE); a 0 (an all-zero block, or one whose
+    absmax is at most 6 * 2^-10 / g) becomes 0.125, so nothing divides by zero; its elements round to 0."""
+    rounded = (global_scale * ideal).clamp(-E4M3.max_finite, E4M3.max_finite).to(torch.float8_e4m3fn)
+    decoded = rounded.float()
+    return torch.where(decoded == 0, torch.full_like(decoded, NVFP4_ZERO_SCALE), decoded).to(rounded.dtype)
 
 
 def _signed_extreme(blocks: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
@@ -269,8 +290,9 @@ def _encode_scale(ideal: torch.Tensor, nonzero: torch.Tensor, fmt: NumberFormat)
 
 
 def _decoded_scale(scale: torch.Tensor, tensor_scale: torch.Tensor | None) -> torch.Tensor:
+    """The float32 step of each block: the stored scale, or NVFP4's fp32(scale / g) (g a divisor)."""
     decoded = scale.float()
-    return decoded * tensor_scale if tensor_scale is not None else decoded
+    return decoded / tensor_scale if tensor_scale is not None else decoded
 
 
 def _encode_blocks(blocks, fmt, scale, zp) -> torch.Tensor:
