@@ -100,7 +100,7 @@ def test_compare_models_on_the_seed(dummy, seed_input):
     # the seed notebook's printed "Mean diff: 0.0009978810558095574 | Max diff: 0.0016907453536987305"
     assert bf16.metrics.mean_abs_diff == 0.0009978810558095574
     assert bf16.metrics.max_abs_diff == 0.0016907453536987305
-    assert bf16.footprint_bytes == 60 and result.reference_footprint_bytes == 120
+    assert bf16.stored_bytes == 60 and result.reference_stored_bytes == 120
     assert bf16.metrics.top1_agreement == 1.0 and bf16.metrics.kl_divergence >= 0
     # fp16 has 3 more mantissa bits than bf16: its error must be smaller on the same input.
     assert result.variants[0].metrics.sqnr_db > bf16.metrics.sqnr_db

@@ -24,7 +24,7 @@ def test_compare_json(capsys):
     assert code == 0
     data = json.loads(out)
     bf16 = data["variants"][1]
-    assert bf16["name"] == "bf16" and bf16["footprint_bytes"] == 60
+    assert bf16["name"] == "bf16" and bf16["stored_bytes"] == 60
     assert bf16["metrics"]["mean_abs_diff"] == 0.0009978810558095574
 
 

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..checkpoint import convert_support, stored_nbytes
 from ..models import ModelKind, OutputKind
 from ..models import model_kind as kind_of
 from ..progress import ProgressCallback, stage
-from ..quant import inspect_model
+from ..quant import LayerOutcome, inspect_model
 from ..report import Table, TableMixin, format_cell
 from ..variants import Variant, as_variants, is_peer_spec
 from .metrics import (
@@ -37,10 +38,13 @@ class VariantResult:
     """One variant's size, speed and output metrics against the reference.
 
     ``embedding_cosine_mean`` / ``_min``: per-sentence cosine of mean-pooled embeddings (hidden-state
-    outputs only). ``next_token``: the causal-LM report (causal LMs only). ``bits_per_element``:
-    footprint bits over the reference's element count (scales included). ``failure``: why there are no
-    metrics. ``emulated``: dtypelab's quantized formats dequantize weights and multiply in float, so their
-    latency is the emulation's cost, never a low-precision kernel's.
+    outputs only). ``next_token``: the causal-LM report (causal LMs only). ``stored_bytes``: what a
+    checkpoint of the variant holds (:func:`~dtypelab.checkpoint.stored_nbytes`: the bytes ``convert``
+    writes); ``bits_per_element``: those bits over the reference's element count (scales included).
+    ``layers``: for a quantized format, every candidate layer's outcome (quantized, or dense with its
+    reason); ``convert``: why ``convert`` cannot write this format (None when it can, or for a peer).
+    ``failure``: why there are no metrics. ``emulated``: dtypelab's quantized formats dequantize weights
+    and multiply in float, so their latency is the emulation's cost, never a low-precision kernel's.
 
     Timing (None unless timed; milliseconds are medians after warm-up): ``latency_ms``, the variant's
     forward, timed in turns with the reference; ``reference_latency_ms``, the reference's forward in those
@@ -52,7 +56,7 @@ class VariantResult:
 
     name: str
     dtype: str
-    footprint_bytes: int
+    stored_bytes: int
     metrics: OutputMetrics | None
     output: torch.Tensor | None = field(repr=False, compare=False)
     embedding_cosine_mean: float | None = None
@@ -67,6 +71,8 @@ class VariantResult:
     latency_ratio_low: float | None = None
     latency_ratio_high: float | None = None
     latency_rounds: int | None = None
+    layers: list[LayerOutcome] = field(default_factory=list)
+    convert: str | None = None
 
     @property
     def slower(self) -> bool:
@@ -88,7 +94,7 @@ class ComparisonResult(TableMixin):
     ``reference_latency_ms``); ``reference_runs``: how many runs that was.
     """
 
-    reference_footprint_bytes: int
+    reference_stored_bytes: int
     variants: list[VariantResult]
     logits: bool
     reference_output: torch.Tensor = field(repr=False, default=None)
@@ -113,15 +119,17 @@ class ComparisonResult(TableMixin):
         columns += ["ms", "fp32 ms", "x fp32 ms", "x per round"] if self.timed else []
         notes = [f"compared: {self.output_name} {list(self.reference_output.shape)}, {self.positions:,} "
                  f"positions ({self.padding_positions:,} padding positions left out)"]
+        notes += [note for v in self.variants for note in _layer_notes(v)]
+        notes += [f"{v.name}: convert cannot write it: {v.convert}" for v in self.variants if v.convert]
         if self.timed:
             notes += self._timing_notes()
         return Table("Comparison against the reference", columns + ["status"],
                      [self._row(v) for v in self.variants], notes)
 
     def _row(self, variant: VariantResult) -> list:
-        ref_bytes = self.reference_footprint_bytes
-        ratio = round(variant.footprint_bytes / ref_bytes, 3) if ref_bytes and not variant.failure else None
-        row = [variant.name, variant.dtype, None if variant.failure else variant.footprint_bytes, ratio,
+        ref_bytes = self.reference_stored_bytes
+        ratio = round(variant.stored_bytes / ref_bytes, 3) if ref_bytes and not variant.failure else None
+        row = [variant.name, variant.dtype, None if variant.failure else variant.stored_bytes, ratio,
                variant.bits_per_element, *_metric_cells(variant.metrics, self.logits)]
         row += [variant.embedding_cosine_mean, variant.embedding_cosine_min] if self.has_embeddings else []
         row += [variant.latency_ms, variant.reference_latency_ms, variant.latency_ratio,
@@ -177,6 +185,22 @@ class ComparisonResult(TableMixin):
         return [self.to_table(), Table("Next-token report (llama.cpp --kl-divergence)", columns, rows, notes)]
 
 
+def _layer_notes(variant: VariantResult) -> list[str]:
+    """"int8: 14 of 16 layers quantized; dense: lm_head (the output head stays dense, …)" — every
+    layer left dense, grouped by reason, so nothing stays float32 silently."""
+    if not variant.layers:
+        return []
+    quantized = sum(layer.quantized for layer in variant.layers)
+    by_reason: dict[str, list[str]] = {}
+    for layer in variant.layers:
+        if not layer.quantized:
+            by_reason.setdefault(layer.reason, []).append(layer.name)
+    dense = "; ".join(f"{', '.join(names[:4])}" + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+                      + f" ({reason})" for reason, names in by_reason.items())
+    return [f"{variant.name}: {quantized} of {len(variant.layers)} layers quantized"
+            + (f"; dense: {dense}" if dense else "")]
+
+
 def _metric_cells(m: OutputMetrics | None, logits: bool) -> list:
     if m is None:
         return [None] * (7 if logits else 5)
@@ -230,7 +254,7 @@ def compare_models(reference: nn.Module, variants: Mapping[str, nn.Module | Vari
             (stage ``compare``); returning False cancels.
 
     Returns:
-        A :class:`ComparisonResult` whose rows hold each variant's footprint and :class:`OutputMetrics`,
+        A :class:`ComparisonResult` whose rows hold each variant's stored bytes and :class:`OutputMetrics`,
         plus pooled-embedding cosines for hidden-state outputs and :class:`NextTokenMetrics` for LMs.
     """
     raw = run_model(reference, inputs)
@@ -249,7 +273,7 @@ def compare_models(reference: nn.Module, variants: Mapping[str, nn.Module | Vari
     positions = compared.shape[0] * compared.shape[1] if compared.dim() >= 3 else compared.shape[0]
     padding = ref_out.shape[0] * ref_out.shape[1] - positions if compared is not ref_out else 0
     ref_ms, runs = _reference_latency(reference, inputs, context) if timing else (None, 0)
-    return ComparisonResult(inspect_model(reference).footprint_bytes, rows, context.logits, ref_out, name,
+    return ComparisonResult(stored_nbytes(reference), rows, context.logits, ref_out, name,
                             positions, padding, ref_ms, runs)
 
 
@@ -301,6 +325,7 @@ def _variant_result(variant: Variant, inputs, context: _Context) -> VariantResul
         return VariantResult(name, "", 0, None, None, failure=reason)
     info = inspect_model(model)
     dtypes = "+".join(s.dtype for s in info.by_dtype)
+    stored = stored_nbytes(model)
     ref, mask = context.reference, context.mask
     metrics = output_metrics(valid_positions(ref, mask), valid_positions(out, mask), context.logits)
     extra: dict = {}
@@ -310,15 +335,17 @@ def _variant_result(variant: Variant, inputs, context: _Context) -> VariantResul
     if context.next_token:
         extra["next_token"] = next_token_metrics(ref, out, context.input_ids, mask)
     emulated = variant.format is not None and variant.format.is_quantized
-    return VariantResult(name, dtypes, info.footprint_bytes, metrics, out, **extra, emulated=emulated,
-                         **_size_and_speed(model, inputs, info.footprint_bytes, context))
+    writable = convert_support(variant.format) if variant.format is not None else None
+    return VariantResult(name, dtypes, stored, metrics, out, **extra, emulated=emulated,
+                         layers=variant.layers, convert=writable,
+                         **_size_and_speed(model, inputs, stored, context))
 
 
-def _size_and_speed(model: nn.Module, inputs, footprint_bytes: int, context: _Context) -> dict:
+def _size_and_speed(model: nn.Module, inputs, stored_bytes: int, context: _Context) -> dict:
     """Bits per reference element and, when timing, the variant's latency taken in turns with the
     reference: its ratio divides by the reference's runs in these rounds, which are also kept for the
     footer's median over the whole comparison."""
-    extra = {"bits_per_element": footprint_bytes * 8 / context.numel if context.numel else None}
+    extra = {"bits_per_element": stored_bytes * 8 / context.numel if context.numel else None}
     if context.timer is not None:
         turns = take_turns(context.timer, model, inputs)
         context.reference_ms.extend(turns.reference_ms)

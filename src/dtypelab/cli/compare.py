@@ -49,8 +49,11 @@ from .common import (
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="With --layers: write the SQNR-by-layer chart to this .png or .svg file.")
 @json_option
-@click.option("--embeddings/--no-embeddings", default=True, show_default=True,
-              help="Quantize nn.Embedding tables too (quantized formats only).")
+@click.option("--embeddings", is_flag=True,
+              help="Quantized formats: quantize the embedding tables too (dense by default, as vLLM serves "
+                   "them, and as convert writes them).")
+@click.option("--head", is_flag=True,
+              help="Quantized formats: quantize the output head too (dense by default, as vLLM serves it).")
 @click.option("--time/--no-time", "timing", default=False, show_default=True,
               help="Also time forwards: each variant in turns with float32, its ratio to float32 timed "
                    "beside it and the ratio's per-round spread; 'slower' only beyond that noise. Off by "
@@ -59,7 +62,7 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
                 input_ids: str | None, input_file: str | None, output_name: str | None,
                 keep: tuple[str, ...], allow_pickle: bool, device: str, by_layer: bool, mode: str,
                 depth: int | None, select: tuple[str, ...], threshold_db: float, plot_path: str | None,
-                as_json: bool, embeddings: bool, timing: bool) -> None:
+                as_json: bool, embeddings: bool, head: bool, timing: bool) -> None:
     specs, target = parse_variant_specs(formats), resolve_device(device)
     loaded = load(model, "fp32", allow_pickle=allow_pickle)
     inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
@@ -69,10 +72,10 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
         if plot_path or depth is not None or select or mode != "propagated":
             raise InputError("--mode, --depth, --select and --plot need --layers: add --layers")
         emit(compare_loaded(loaded, formats, inputs, target, output_name, policy, embeddings=embeddings,
-                            timing=timing), as_json)
+                            head=head, timing=timing), as_json)
         return
     reference = loaded.model.to(target)
-    variants = list(iter_variants(reference, specs, policy, embeddings, target))
+    variants = list(iter_variants(reference, specs, policy, embeddings, target, head=head))
     result = compare_layers(reference, variants, inputs, mode=mode, depth=depth, patterns=select,
                             threshold_db=threshold_db, output_name=output_name,
                             output_kind=loaded.output_kind)
@@ -83,10 +86,10 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
 
 def compare_loaded(loaded: LoadedModel, formats: str, inputs, target: torch.device,
                    output_name: str | None = None, policy: KeepPolicy | None = None, *,
-                   embeddings: bool = True, timing: bool = False) -> ComparisonResult:
+                   embeddings: bool = False, head: bool = False, timing: bool = False) -> ComparisonResult:
     """``compare`` without ``--layers``: variants built, measured and dropped one at a time; forwards are
     timed only when ``timing`` is True (``--time``)."""
     reference = loaded.model.to(target)
-    variants = iter_variants(reference, formats, policy, embeddings, target)
+    variants = iter_variants(reference, formats, policy, embeddings, target, head=head)
     return compare_models(reference, variants, inputs, output_name=output_name,
                           output_kind=loaded.output_kind, timing=timing, model_kind=loaded.kind)

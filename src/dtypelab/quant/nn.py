@@ -61,7 +61,7 @@ class QuantizedLinear(QuantizedWeightModule):
     GPT-2's Conv1D weights into Linear layers, computes)."""
 
     def __init__(self, linear: nn.Module, fmt: NumberFormat):
-        weight = linear.weight.t() if is_conv1d(linear) else linear.weight  # (out, in)
+        weight = linear.weight.t().contiguous() if is_conv1d(linear) else linear.weight  # (out, in)
         self._setup(quantize_tensor(weight, fmt), linear.weight.dtype, linear.bias)
 
     @classmethod
