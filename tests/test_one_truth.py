@@ -15,7 +15,7 @@ from dtypelab.models import DummyModel
 from dtypelab.variants import Variant, build_variants
 
 CAST_FORMATS = ["fp16", "bf16"]
-QUANTIZED_FORMATS = ["int8", "int4:g32", "int4:g32:asym", "fp8_e4m3", "int8:a8", "mxfp4", "mxfp8"]
+QUANTIZED_FORMATS = ["int8", "int4:g32", "int4:g32:asym", "fp8_e4m3", "int8:a8", "mxfp4", "mxfp8", "nvfp4"]
 
 
 def written_bytes(folder) -> int:

@@ -62,3 +62,22 @@ def test_transformers_with_compressed_tensors_loads_quantized_conv1d(gpt2_folder
     ids = torch.randint(0, 259, (2, 11))
     with torch.no_grad():
         assert torch.equal(theirs(ids).logits, dtypelab.quantize_model(model, "int8").model(ids).logits)
+
+
+def test_head_and_embeddings_are_the_same_explicit_options_as_in_compare(tmp_path):
+    from dtypelab.errors import InputError
+
+    loaded = dtypelab.load("tiny-llama")
+    folder = tmp_path / "llama"
+    loaded.model.save_pretrained(folder)
+    default = convert_checkpoint(folder, tmp_path / "dense-head", "int8")
+    assert "lm_head" in default.dense_layers and "--head" in default.dense_layers["lm_head"]
+    with_head = convert_checkpoint(folder, tmp_path / "with-head", "int8", head=True)
+    assert "lm_head" not in with_head.dense_layers
+    ours = dtypelab.quantize_model(loaded.model, "int8", head=True).model
+    ids = torch.randint(0, 259, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(dtypelab.load(str(tmp_path / "with-head")).model(ids).logits, ours(ids).logits)
+    with pytest.raises(InputError, match="embeddings stay dense"):
+        convert_checkpoint(folder, tmp_path / "emb", "int8", embeddings=True)
+    assert not (tmp_path / "emb").exists()

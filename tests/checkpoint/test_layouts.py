@@ -371,7 +371,7 @@ def test_cli_converts_to_int4_and_reports_sqnr(capsys, tmp_path, llama_folder):
     report = json.loads(out)
     assert code == 0 and err == ""
     assert report["dense_layers"] == {"lm_head": "output head: kept dense, as serving stacks (vLLM) load "
-                                                 "lm_head unquantized"}
+                                                 "lm_head unquantized (--head quantizes it)"}
     assert report["format"] == "int4:g32" and report["verified"] is True
     code, out, err = run_cli(capsys, "convert", str(folder), "--to", "nf4", "-o", str(tmp_path / "x"))
     assert code == 2 and err.count("\n") == 1 and "no compressed-tensors layout" in err

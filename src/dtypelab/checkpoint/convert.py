@@ -198,7 +198,8 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
                        progress: ProgressCallback | None = None,
                        dense: str | NumberFormat | None = None, fsync: bool = False,
                        max_flushed: int | float | str | None = None,
-                       max_overflowed: int | str | None = None) -> ConversionResult:
+                       max_overflowed: int | str | None = None, head: bool = False,
+                       embeddings: bool = False) -> ConversionResult:
     """Convert a safetensors file or folder to another format, tensor by tensor.
 
     Plain formats (fp32, fp16, bf16, ``fp8_e4m3:cast``): floating tensors (fp16/bf16/fp32/fp64) are
@@ -247,7 +248,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     limits = _damage_limits(strict, max_flushed, max_overflowed)
     fmt, src, dst = get_format(to), open_checkpoint(source), Path(destination)
     dst_is_file = _check_destination(src, dst)
-    cast_to, quant, dense_layers, other_dense = _conversion(src, fmt, dense, tuple(keep))
+    cast_to, quant, dense_layers, other_dense = _conversion(src, fmt, dense, tuple(keep), head, embeddings)
     plan = plan_output(src, dst, dst_is_file, cast_to, tuple(keep), parse_size(max_shard_size), quant)
     with StagedOutput(dst, force) as staging, one_thread():
         extra, skipped = _extra_files(src)
@@ -380,19 +381,26 @@ def _sqnr_key(damage: TensorDamage) -> float:
 
 
 def _conversion(src: CheckpointSource, fmt: NumberFormat, dense: str | NumberFormat | None,
-                keep: tuple[str, ...]) -> tuple[NumberFormat | None, Quantization | None, dict[str, str],
-                                                list[str]]:
+                keep: tuple[str, ...], head: bool = False,
+                embeddings: bool = False) -> tuple[NumberFormat | None, Quantization | None, dict[str, str],
+                                                   list[str]]:
     """(format floating tensors are cast to, what is quantized, Linear layers left dense + why, other
     2-D tensors left dense)."""
     _refuse_quantized_source(src)
     if fmt.raw_castable and fmt.torch_dtype in DTYPE_CODES:
-        if dense is not None:
-            raise InputError(f"--dense applies to quantized formats; {fmt.name} casts every floating "
-                             "tensor: drop --dense")
+        options = (("--dense", dense is not None), ("--head", head), ("--embeddings", embeddings))
+        given = [option for option, on in options if on]
+        if given:
+            raise InputError(f"{' and '.join(given)} applies to quantized formats; {fmt.name} casts every "
+                             f"floating tensor: drop {' and '.join(given)}")
         return fmt, None, {}, []
     check_supported(fmt)
+    if embeddings:
+        raise InputError("convert writes the Linear and Conv1D weights in compressed-tensors' layouts, which "
+                         "vLLM and transformers load; embeddings stay dense there: drop --embeddings "
+                         "(compare --embeddings measures what quantizing them would cost)")
     cast_to = _plain_format(dense) if dense is not None else None
-    quant, dense_layers, others = _plan_quantization(src, fmt, keep)
+    quant, dense_layers, others = _plan_quantization(src, fmt, keep, head)
     return cast_to, quant, dense_layers, others
 
 
@@ -454,8 +462,8 @@ def _check_free_space(folder: Path, plan: OutputPlan, extra: list[Path]) -> None
                               "or choose another output folder")
 
 
-def _plan_quantization(src: CheckpointSource, fmt: NumberFormat,
-                       keep: tuple[str, ...]) -> tuple[Quantization, dict[str, str], list[str]]:
+def _plan_quantization(src: CheckpointSource, fmt: NumberFormat, keep: tuple[str, ...],
+                       head: bool = False) -> tuple[Quantization, dict[str, str], list[str]]:
     """Which Linear weights to quantize, the Linear layers left dense with their reason, and the other
     2-D tensors left dense."""
     if _config_path(src) is None:
@@ -466,6 +474,7 @@ def _plan_quantization(src: CheckpointSource, fmt: NumberFormat,
                          "the model folder with its config.json (to find the Linear layers and record the "
                          f"quantization_config){hint}")
     linears, heads, conv1d = linear_layers(src.folder)
+    heads = set() if head else heads
     entries = {e.name: e for shard in src.shards for e in shard.tensors}
     tied = {name for shard in src.shards for group in shard.shared_groups() for name in group}
     layers, dense = {}, {}
@@ -498,7 +507,8 @@ def _dense_reason(module: str, entry: TensorEntry | None, fmt: NumberFormat, hea
     if entry is None:
         return "no tensor of this name in the checkpoint (tied to another one, or named differently)"
     if module in heads:
-        return "output head: kept dense, as serving stacks (vLLM) load lm_head unquantized"
+        return ("output head: kept dense, as serving stacks (vLLM) load lm_head unquantized (--head "
+                "quantizes it)")
     if any(name_matches(name, p) for p in keep):
         return "kept (--keep)"
     if tied:

@@ -45,6 +45,12 @@ class ProgressLine:
                    "(Linear weights quantized, compressed-tensors layout, needs a model folder).")
 @click.option("--dense", metavar="DTYPE",
               help="With a quantized --to: cast the tensors left dense (embeddings, norms) to bf16 / fp16.")
+@click.option("--head", is_flag=True,
+              help="With a quantized --to: quantize the output head too (dense by default, as vLLM "
+                   "serves it).")
+@click.option("--embeddings", is_flag=True,
+              help="Refused with the reason: embeddings stay dense in the compressed-tensors output "
+                   "(compare's option, here one clear line).")
 @click.option("-o", "--output", required=True,
               help="Destination folder (or a .safetensors file when SRC is one file).")
 @click.option("--keep", multiple=True, metavar="NAME|GLOB",
@@ -73,7 +79,7 @@ class ProgressLine:
 def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[str, ...],
                 max_shard_size: str | None, force: bool, verify: bool, fsync: bool, strict: bool,
                 max_flushed: str | None, max_overflowed: str | None, report_path: Path | None, quiet: bool,
-                as_json: bool) -> None:
+                as_json: bool, head: bool, embeddings: bool) -> None:
     """Convert a safetensors file or model folder SRC to another format, tensor by tensor."""
     if report_path is not None and not report_path.parent.is_dir():
         raise InputError(f"--report {report_path}: no folder {report_path.parent} to write it in: create it "
@@ -83,7 +89,7 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
         result = convert_checkpoint(src, output, fmt, keep=keep, max_shard_size=max_shard_size,
                                     force=force, verify=verify, strict=strict, progress=progress,
                                     dense=dense, fsync=fsync, max_flushed=max_flushed,
-                                    max_overflowed=max_overflowed)
+                                    max_overflowed=max_overflowed, head=head, embeddings=embeddings)
     except DamageError as exc:  # refused by --strict: the report of what it would have done still asked for
         refused = getattr(exc, "result", None)
         if report_path is not None and refused is not None:
