@@ -6,6 +6,7 @@ config.json), in constant memory; :mod:`dtypelab.models` builds on it to load fo
 
 from .architecture import linear_layers, model_class
 from .convert import ConversionResult, convert_checkpoint
+from .gguf_file import GgufHeader, GgufInspection, inspect_gguf, read_gguf_header
 from .inspect import CheckpointInspection, ShardInfo, TensorRow, inspect_checkpoint
 from .layouts import (
     LAYOUTS,
@@ -39,11 +40,12 @@ from .streaming import ChunkCaster, ChunkQuantizer, one_thread
 
 __all__ = [
     "INDEX_SUFFIX", "LAYOUTS", "MAX_HEADER_BYTES", "CheckpointInspection", "CheckpointSource", "ChunkCaster",
-    "ChunkQuantizer", "ConversionResult", "Layout", "SafetensorsHeader", "ShardInfo", "StagedOutput",
+    "ChunkQuantizer", "ConversionResult", "GgufHeader", "GgufInspection",
+    "Layout", "SafetensorsHeader", "ShardInfo", "StagedOutput",
     "StoredPart", "TensorEntry", "TensorRow", "build_quantized_model", "check_supported",
     "compression_format", "convert_checkpoint", "convert_support", "format_from_scheme", "from_parts",
-    "inspect_checkpoint",
+    "inspect_checkpoint", "inspect_gguf",
     "layout_for", "linear_layers", "load_quantized_weights", "model_class", "one_thread", "open_checkpoint",
-    "parse_size", "quantization_config", "quantization_scheme", "read_header", "register",
+    "parse_size", "quantization_config", "quantization_scheme", "read_gguf_header", "read_header", "register",
     "remove_leftovers", "stored_nbytes", "stored_parts", "to_parts",
 ]

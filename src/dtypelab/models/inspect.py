@@ -2,7 +2,9 @@
 
 Models stage: a loadable model is loaded and measured with :func:`~dtypelab.quant.inspect_model`; a bare
 ``.safetensors`` file or a weights folder without config.json is read from its headers only
-(:func:`~dtypelab.checkpoint.inspect_checkpoint`); a pickled state dict only with ``allow_pickle``.
+(:func:`~dtypelab.checkpoint.inspect_checkpoint`), a ``.gguf`` file (or a folder holding one, without
+config.json or safetensors) from its GGUF header (:func:`~dtypelab.checkpoint.inspect_gguf`); a pickled
+state dict only with ``allow_pickle``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointInspection, inspect_checkpoint, stored_nbytes
+from ..checkpoint import CheckpointInspection, GgufInspection, inspect_checkpoint, inspect_gguf, stored_nbytes
+from ..errors import ModelSpecError
 from ..quant import ModelInspection, inspect_model, inspect_tensors
 from .loading import PICKLE_SUFFIXES, folder_weights, load, load_state_dict_file, pickle_refused
 
@@ -28,15 +31,40 @@ def bare_checkpoint_path(spec: str) -> Path | None:
     return None
 
 
+def gguf_file_path(spec: str) -> Path | None:
+    """The ``.gguf`` file ``spec`` names: the file itself, or the one ``.gguf`` of a folder that has no
+    ``config.json`` and no safetensors weights; None otherwise.
+
+    Raises:
+        ModelSpecError: a folder without config.json or safetensors holding several ``.gguf`` files.
+    """
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if not path.is_dir() or (path / "config.json").is_file() or folder_weights(path)[0]:
+        return None
+    files = sorted(p for p in path.glob("*.gguf") if p.is_file())
+    if len(files) > 1:
+        raise ModelSpecError(f"{path} holds {len(files)} .gguf files ({', '.join(p.name for p in files)}): "
+                             "name the one to inspect")
+    return files[0] if files else None
+
+
 def inspect(spec: str, dtype: str | torch.dtype = "auto", *,
-            allow_pickle: bool = False) -> ModelInspection | CheckpointInspection:
+            allow_pickle: bool = False) -> ModelInspection | CheckpointInspection | GgufInspection:
     """What a model or checkpoint holds: dtypes, bytes per dtype, footprint, shared storage.
 
     A loadable model (see :func:`load`) is loaded in ``dtype`` and inspected with
     :func:`~dtypelab.inspect_model`. A bare ``.safetensors`` file or a weights folder without
     ``config.json`` is read from its headers only (``dtypelab.checkpoint.inspect_checkpoint``). A
-    pickled state dict is read with ``torch.load(weights_only=True)`` when ``allow_pickle`` is set.
+    pickled state dict is read with ``torch.load(weights_only=True)`` when ``allow_pickle`` is set. A
+    ``.gguf`` file, or a folder holding one without config.json or safetensors, is read from its GGUF
+    header only (``dtypelab.checkpoint.inspect_gguf``: GGML types, bytes, bits per weight; ``dtype``
+    does not apply).
     """
+    gguf = gguf_file_path(spec)
+    if gguf is not None:
+        return inspect_gguf(gguf)
     bare = bare_checkpoint_path(spec)
     if bare is not None:
         return _inspect_bare_checkpoint(bare)
