@@ -70,14 +70,14 @@ def imports(root: Path) -> list[tuple[str, str, list[str], bool, int]]:
                        for n in ast.walk(f)}
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
-                target = resolve(module, path.name == "__init__.py", node)
-                names = [a.name for a in node.names]
+                targets = [(resolve(module, path.name == "__init__.py", node), [a.name for a in node.names])]
             elif isinstance(node, ast.Import):
-                target, names = node.names[0].name, []
+                targets = [(alias.name, []) for alias in node.names]  # import os, dtypelab.x: every name
             else:
                 continue
-            if target == "dtypelab" or target.startswith("dtypelab."):
-                found.append((module, target, names, id(node) in in_function, node.lineno))
+            for target, names in targets:
+                if target == "dtypelab" or target.startswith("dtypelab."):
+                    found.append((module, target, names, id(node) in in_function, node.lineno))
     return found
 
 

@@ -15,8 +15,18 @@ GLOB_CHARACTERS = frozenset("*?[")
 
 
 def name_matches(name: str, pattern: str) -> bool:
-    """Whether qualified ``name`` (``layers.0.mlp``) matches the glob ``pattern``, case-sensitively."""
-    return fnmatch.fnmatchcase(name, pattern)
+    """Whether qualified ``name`` (``layers.0.mlp``) is ``pattern`` or matches it as a glob,
+    case-sensitively. The exact name wins first, so a ModuleDict key such as ``experts[0]`` is found as
+    itself rather than read as a character class."""
+    return name == pattern or fnmatch.fnmatchcase(name, pattern)
+
+
+def tensor_matches(tensor: str, pattern: str) -> bool:
+    """Whether a tensor (``layers.0.norm.weight``) is named by ``pattern``: the tensor itself, or any
+    module holding it (``layers.0.norm``, ``*.norm``) — so ``--keep`` takes module names in ``convert``
+    as in ``compare``."""
+    parts = tensor.split(".")
+    return any(name_matches(".".join(parts[:i]), pattern) for i in range(len(parts), 0, -1))
 
 
 def any_matches(name: str, patterns: Iterable[str]) -> bool:

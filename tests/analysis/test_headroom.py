@@ -247,8 +247,12 @@ def test_an_overflowing_model_output_is_said_to_need_a_wider_format():
     says so (instead of listing '', which --keep refuses)."""
 
     class Loud(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(1e3))  # the model computes in its dtype
+
         def forward(self, x):
-            return x * 1e6  # (batch, n): above fp16's 65504 at the output itself
+            return x * self.scale * 1e3  # (batch, n): above fp16's 65504 in the model's own forward
 
     report = predict_headroom(Loud(), torch.ones(1, 3), ["fp16"])
     assert report.keep["fp16"] == [] and report.keep_status["fp16"] == "output overflows"
@@ -309,6 +313,23 @@ class ResidualModel(torch.nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))
+
+
+def test_a_kept_head_whose_float32_logits_fit_is_verified_not_called_hopeless():
+    class LoudHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(4, 4)
+            self.head = torch.nn.Linear(4, 2)
+            with torch.no_grad():
+                self.head.weight.fill_(1e5)  # logits ~1e5: beyond fp16, fine in float32
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    torch.manual_seed(0)
+    report = predict_headroom(LoudHead(), torch.randn(2, 4), ["fp16"])
+    assert report.keep["fp16"] == ["head"] and report.keep_status["fp16"] == "verified"
 
 
 @pytest.mark.parametrize("build, expected", [

@@ -25,6 +25,8 @@ def test_conv1d_weights_are_stored_as_their_transpose_and_load_back(gpt2_folder,
     model, folder = gpt2_folder
     result = convert_checkpoint(folder, tmp_path / "out", spec, verify=True)
     assert sum(t.action == "quantized" for t in result.tensors) == 8  # c_attn, c_proj, c_fc, c_proj x 2
+    assert result.cautions and "transformers + compressed-tensors 0.20 cannot load them" in result.cautions[0]
+    assert "caution: 8 Conv1D layer(s)" in result.to_text()
     header = {e.name: e for e in read_header(tmp_path / "out" / "model.safetensors").tensors}
     c_fc = model.transformer.h[0].mlp.c_fc  # Conv1D weight (in 64, out 256)
     assert tuple(c_fc.weight.shape) == (64, 256)

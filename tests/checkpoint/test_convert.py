@@ -654,3 +654,15 @@ def test_converted_folder_loads_with_transformers_like_an_in_memory_cast(tmp_pat
         expected = model.to(torch.bfloat16)(ids).logits
         actual = loaded(ids).logits
     assert torch.equal(actual, expected)  # same weights bit for bit, so the very same logits
+
+
+def test_keep_takes_module_names_and_globs_as_compare_does(tmp_path):
+    """A headroom keep list (module names) works in convert: every tensor of the module is kept."""
+    save_file({"blocks.1.norm_out.weight": torch.ones(4), "blocks.1.norm_out.bias": torch.zeros(4),
+               "blocks.1.wo.weight": torch.randn(4, 4), "blocks.10.wo.weight": torch.randn(4, 4)},
+              tmp_path / "in.safetensors")
+    result = convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out.safetensors", "fp16",
+                                keep=("blocks.1.norm_out", "*.1.wo"))
+    actions = {t.name: t.action for t in result.tensors}
+    assert actions == {"blocks.1.norm_out.weight": "kept", "blocks.1.norm_out.bias": "kept",
+                       "blocks.1.wo.weight": "kept", "blocks.10.wo.weight": "cast"}  # not a prefix of "10"

@@ -191,3 +191,10 @@ def test_keep_that_matches_nothing_is_refused(dummy):
         cast_model(dummy, "fp16", KeepPolicy.from_strings(["LayerNrom"]))
     with pytest.raises(InputError, match="--keep 'blocks.9' matches no module"):
         cast_model(dummy, "fp16", KeepPolicy.from_strings(["blocks.9"]))
+
+
+def test_keep_takes_tensor_names_and_exact_names_with_brackets():
+    """convert's tensor names (``0.weight``) name their module; an exact name wins over glob syntax."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.ModuleDict({"a[0]": nn.Linear(2, 2)}))
+    assert KeepPolicy.from_strings(["0.weight"]).kept_roots(model) == ["0"]
+    assert KeepPolicy(name_patterns=("1.a[0]",)).kept_roots(model) == ["1.a[0]"]

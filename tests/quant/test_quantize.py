@@ -461,3 +461,11 @@ def test_saturated_count_by_hand():
     values = torch.tensor([[464.0, 465.0, -470.0]])
     data = torch.zeros(1, 3, dtype=torch.float8_e4m3fn)
     assert saturated_count(values, QuantizedTensor(e4m3, (1, 3), data, torch.ones(1, 1, 1))) == 2
+
+
+def test_a_fixed_block_format_says_its_block_not_an_option_it_does_not_take():
+    layer = torch.nn.Sequential(torch.nn.Linear(40, 8))
+    result = quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 8), *layer), "nvfp4")
+    reason = {o.name: o.reason for o in result.skipped}["1"]
+    assert "blocks of exactly 16" in reason and ":channel" not in reason
+    assert "use :channel" in get_format("int4:g32").group_problem(40)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..checkpoint import convert_support, stored_nbytes
+from ..checkpoint import convert_support, stored_nbytes, stored_numel
 from ..models import ModelKind, OutputKind
 from ..models import model_kind as kind_of
 from ..progress import ProgressCallback, stage
@@ -262,7 +262,7 @@ def compare_models(reference: nn.Module, variants: Mapping[str, nn.Module | Vari
     context = _Context(name, ref_out, is_logits_output(raw, output_kind), *_mask_and_ids(inputs))
     context.next_token = _wants_next_token(next_token, model_kind or kind_of(reference), context)
     context.timer = reference if timing else None
-    context.numel = sum(s.numel for s in inspect_model(reference).by_dtype)
+    context.numel = stored_numel(reference)
     listed = as_variants(variants) if isinstance(variants, Mapping | list | tuple) else variants
     bar = stage(progress, "compare", "variants", len(listed) if isinstance(listed, list) else None)
     rows = []

@@ -260,9 +260,9 @@ def repaired_keep_list(model: nn.Module, inputs, fmt: NumberFormat,
     for _ in range(MAX_REPAIR_ROUNDS):
         culprit = _first_non_finite(cast_model(model, fmt, KeepPolicy(name_patterns=tuple(keep))), inputs)
         if culprit is None:
-            return _outermost(keep), "output overflows" if output_overflows else "verified"
-        if culprit == "" or culprit in keep:
-            return _outermost(keep), "output overflows" if output_overflows else "unrepaired"
+            return _outermost(keep), "verified"
+        if culprit == "" or culprit in keep:  # the model's own arithmetic, outside every module, overflows
+            return _outermost(keep), "output overflows" if output_overflows or culprit == "" else "unrepaired"
         keep.append(culprit)
     return _outermost(keep), "unrepaired"
 

@@ -42,10 +42,17 @@ from ..formats import NumberFormat
 from ..progress import ProgressCallback, stage
 from ..report import Table, TableMixin
 from ..tree import map_tensors
-from ..variants import Variant, as_variants
+from ..variants import Variant, as_variants, is_peer_spec
 from .metrics import ErrorSums, OutputMetrics, measure, valid_positions
 from .run import is_logits_output, run_model, select_layers, select_output
-from .verdict import noise_floor_db, rounding_floor_db, row_verdict, variant_verdict
+from .verdict import (
+    judged_by_floor,
+    noise_floor_db,
+    quality_band,
+    rounding_floor_db,
+    row_verdict,
+    variant_verdict,
+)
 
 MODES = ("propagated", "isolated")
 DEFAULT_THRESHOLD_DB = 20.0  # error amplitude one tenth of the signal: clearly more than rounding noise
@@ -115,6 +122,7 @@ class VariantLayers:
     format_name: str | None = None  # the format the floor is taken in; None when there is none
     failure: str | None = None  # why the variant could not be built (then no rows and no final)
     logits: bool = field(default=False, repr=False)
+    banded: bool = False  # judged by the quality bands (weight-only scaled formats, peers), not a floor
 
 
 @dataclass
@@ -144,14 +152,15 @@ class LayerComparison(TableMixin):
             return f"{v.name}: failed: {v.failure}"
         crossing = (f"first layer below {self.threshold_db:g} dB: {v.first_crossing}" if v.first_crossing
                     else f"no layer below {self.threshold_db:g} dB")
-        floor = f"{v.noise_floor_db:.1f} dB" if v.noise_floor_db is not None else (
-            "unknown (noise_floor=False)" if v.format_name else f"unknown ({v.name!r} names no format)")
+        floor = f"rounding alone {v.noise_floor_db:.1f} dB" if v.noise_floor_db is not None else (
+            "judged by quality bands" if v.banded else "rounding alone unknown (noise_floor=False)"
+            if v.format_name else f"rounding alone unknown ({v.name!r} names no format)")
         top1 = "" if v.final.top1_agreement is None else f", top-1 agreement {v.final.top1_agreement:.3f}"
         skipped = f"; not compared (no floating output): {', '.join(v.not_compared)}" * bool(v.not_compared)
         in_place = (f"; input changed in place, added error unknown: {', '.join(v.input_changed_in_place)}"
                     * bool(v.input_changed_in_place))
-        return (f"{v.name}: {crossing}; output SQNR {v.final.sqnr_db:.1f} dB{top1}, rounding alone "
-                f"{floor} -> {v.verdict}{skipped}{in_place}")
+        return (f"{v.name}: {crossing}; output SQNR {v.final.sqnr_db:.1f} dB{top1}, {floor} -> "
+                f"{v.verdict}{skipped}{in_place}")
 
 
 def compare_layers(reference: nn.Module, variants: Mapping[str, nn.Module | Variant] | Sequence[Variant],
@@ -218,16 +227,20 @@ def _variant_layers(reference: nn.Module, variant: Variant, names: list[str], in
                          "side by side: pass a copy, e.g. cast_model(model, 'fp32')")
     lockstep = _LockStep(reference, model, names, mode, fmt, output_name, output_kind)
     final, logits, reference_output = lockstep.run(inputs)
+    banded = fmt is None if is_peer_spec(variant.spec) else fmt is not None and not judged_by_floor(fmt)
     floor = None
-    if fmt is not None and noise_floor:
+    if fmt is not None and noise_floor and not banded:  # a band needs no floor: no extra forward
         floor = rounding_floor_db(reference, fmt, inputs, output_name=output_name,
                                   reference_output=reference_output)
     del reference_output
-    rows = [replace(r, verdict=row_verdict(r.metrics, r.floor_db, floor)) for r in lockstep.rows]
+    rows = [replace(r, verdict=row_verdict(r.metrics, None if banded else r.floor_db, floor))
+            for r in lockstep.rows]
     crossing = next((r.name for r in rows if r.crosses(threshold_db)), None)
-    verdict = variant_verdict(final, floor, top1_threshold, fmt=fmt)
+    verdict = (quality_band(final) if final.top1_agreement is None or final.top1_agreement >= top1_threshold
+               else "broken") if banded else variant_verdict(final, floor, top1_threshold, fmt=fmt)
     return VariantLayers(variant.name, rows, final, crossing, floor, verdict, lockstep.not_compared,
-                         lockstep.changed_in_place, fmt.name if fmt is not None else None, logits=logits)
+                         lockstep.changed_in_place, fmt.name if fmt is not None else None, logits=logits,
+                         banded=banded)
 
 
 # ---- lock-step execution -------------------------------------------------------------------------

@@ -167,7 +167,7 @@ class QualityBand:
 QUALITY_BANDS: tuple[QualityBand, ...] = (
     QualityBand("near-lossless", 30.0, 0.999, 0.01, 0.98),
     QualityBand("close", 20.0, 0.99, 0.05, 0.95),
-    QualityBand("degraded", 10.0, 0.90, 0.5, 0.80),
+    QualityBand("degraded", 10.0, 0.90, 0.5, 0.90),
 )
 """Best first; anything below the last is ``broken``. Chosen from what people accept and what was
 measured here: 30 dB SQNR is an error amplitude of 3% (int8 per-row on all-MiniLM-L6-v2: 30.5 dB, worst
@@ -175,7 +175,8 @@ sentence cosine 0.9993; fp8_e4m3 25.0 dB / 0.9978); 20 dB is 10%; int4 g128 / g3
 nvfp4 on MiniLM (embeddings quantized too) sit at 10.0–13.2 dB with worst cosines 0.92–0.97, which
 retrieval users call degraded; below 10 dB (error a third of the signal) an encoder's neighbours
 reorder. KL and top-1 follow llama.cpp's KL-divergence scoreboard: Q8_0 ~0.001 nats, Q4_K_M ~0.03,
-Q3 ~0.1, Q2 above 0.5."""
+Q3 ~0.1, Q2 above 0.5; below 0.9 top-1 agreement a variant is broken whatever its band (the
+``top1_threshold`` of :func:`variant_verdict`)."""
 
 
 def quality_band(metrics: OutputMetrics, embedding_cosine_min: float | None = None) -> str:

@@ -13,7 +13,6 @@ Checkpoint stage: the top of it; it plans (:mod:`~dtypelab.checkpoint.plan`), st
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 import os
@@ -24,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckpointError, DamageError, InputError
-from ..formats import Granularity, NumberFormat, all_formats, get_format
-from ..naming import name_matches
+from ..formats import NumberFormat, all_formats, get_format
+from ..naming import name_matches, tensor_matches
 from ..progress import ProgressCallback, stage
 from ..quant import Action, TensorDamage, dtype_name
 from ..quant.damage import NEGLIGIBLE_FLUSH
@@ -59,13 +58,15 @@ class ConversionResult(TableMixin):
         verified: whether the output was re-read and checked bit for bit.
         dense_layers: for quantized formats, the Linear layers left dense, each with its reason (they
             are the ``ignore`` list of the written ``quantization_config``).
-        other_dense: for quantized formats, the other 2-D tensors left dense: no ``nn.Linear`` of the
-            model built from config.json holds them (embeddings, Conv1D, fused MoE experts).
+        other_dense: for quantized formats, the other 2-D tensors left dense: no ``nn.Linear`` or
+            ``Conv1D`` of the model built from config.json holds them (embeddings, fused MoE experts).
         limits: what ``strict`` let through (None without ``strict``).
         refused: True when ``strict`` refused the output: nothing was written (``destination`` stays
             absent, ``bytes_written`` is 0) and the counts are what the conversion would have done.
         reason: the refusal's message (None unless refused).
         refused_tensors: the tensors past the limits, in output order.
+        cautions: what a reader of the output must know (e.g. quantized GPT-2 Conv1D layers, which
+            transformers + compressed-tensors cannot load).
     """
 
     source: Path
@@ -86,6 +87,7 @@ class ConversionResult(TableMixin):
     refused: bool = False
     reason: str | None = None
     refused_tensors: list[str] = field(default_factory=list)
+    cautions: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> TensorDamage:
@@ -135,11 +137,12 @@ class ConversionResult(TableMixin):
             notes.append("quantized: overflowed = clipped beyond what the scheme maps by rounding (an :mse "
                          "clip, fp8 saturation); flushed_to_zero = small values on the zero code (expected "
                          "on a coarse grid; --strict refuses only clipping)")
+        notes += [f"caution: {caution}" for caution in self.cautions]
         notes += [f"dense: {name} ({reason})" for name, reason in self.dense_layers.items()]
         if self.other_dense:
             shown = ", ".join(self.other_dense[:4]) + (", ..." if len(self.other_dense) > 4 else "")
-            notes.append(f"dense, no nn.Linear of the model holds them: {len(self.other_dense)} 2-D "
-                         f"tensor(s) ({shown})")
+            notes.append(f"dense, no Linear or Conv1D of the model holds them (embeddings, ...): "
+                         f"{len(self.other_dense)} 2-D tensor(s) ({shown})")
         return Table(f"Conversion to {self.format}: most damaged tensors", columns, rows, notes)
 
     def to_json(self) -> str:
@@ -273,7 +276,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     return ConversionResult(src.path, dst, fmt.name, [s.file for s in plan.shards], plan.index_name,
                             damage, _relative(src, extra), _relative(src, skipped), config_updated,
                             sum(i.entry.nbytes for i in plan.items), written, verify, dense_layers,
-                            other_dense, limits)
+                            other_dense, limits, cautions=_cautions(quant))
 
 
 def _damage_limits(strict: bool, max_flushed: int | float | str | None,
@@ -372,6 +375,19 @@ def _loss(damage: TensorDamage, fmt: NumberFormat, cast_to: NumberFormat | None)
     return f"tensor {damage.name!r}: {' and '.join(parts)} in {target}"
 
 
+CONV1D_CAUTION = ("{count} Conv1D layer(s) (GPT-2) stored quantized as their (out, in) transpose: "
+                  "dtypelab.load reads them, and vLLM's GPT-2 computes with Linear layers of that shape; "
+                  "transformers + compressed-tensors 0.20 cannot load them (it quantizes nn.Linear only and "
+                  "would leave these weights random): --keep them, or load with dtypelab")
+
+
+def _cautions(quant: Quantization | None) -> list[str]:
+    """What the output's readers must know that no error says."""
+    if quant is None or not quant.transposed:
+        return []
+    return [CONV1D_CAUTION.format(count=len(quant.transposed))]
+
+
 def _relative(src: CheckpointSource, paths: list[Path]) -> list[str]:
     return [str(p.relative_to(src.folder)) for p in paths]
 
@@ -450,7 +466,7 @@ def _extra_files(src: CheckpointSource) -> tuple[list[Path], list[Path]]:
         return [], []
     weights = {src.folder / s.path.name for s in src.shards} | {src.folder / str(src.index_name)}
     others = [p for p in sorted(src.folder.rglob("*")) if p.is_file() and p not in weights]
-    skipped = [p for p in others if any(fnmatch.fnmatch(p.name, w) for w in OTHER_WEIGHTS)]
+    skipped = [p for p in others if any(name_matches(p.name, w) for w in OTHER_WEIGHTS)]
     return [p for p in others if p not in skipped], skipped
 
 
@@ -509,14 +525,11 @@ def _dense_reason(module: str, entry: TensorEntry | None, fmt: NumberFormat, hea
     if module in heads:
         return ("output head: kept dense, as serving stacks (vLLM) load lm_head unquantized (--head "
                 "quantizes it)")
-    if any(name_matches(name, p) for p in keep):
+    if any(tensor_matches(name, p) for p in keep):
         return "kept (--keep)"
     if tied:
         return "weight stored once for several tensors (tied)"
     if entry.dtype not in CAST_DTYPES or len(entry.shape) != 2 or not entry.numel:
         return f"weight is {dtype_name(entry.torch_dtype)} {list(entry.shape)}, not a non-empty 2-D float"
     inputs = entry.shape[0] if module in conv1d else entry.shape[1]  # Conv1D stores (in, out)
-    if fmt.granularity == Granularity.GROUP and inputs % fmt.group_size:
-        return (f"group size {fmt.group_size} does not divide its {inputs} inputs: use a group "
-                "size that does, or :channel")
-    return ""
+    return fmt.group_problem(inputs) or ""

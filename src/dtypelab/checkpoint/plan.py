@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..formats import NumberFormat
-from ..naming import name_matches
+from ..naming import tensor_matches
 from ..quant import Action
 from .layouts import StoredPart, stored_parts
 from .safetensors_file import (
@@ -210,14 +210,15 @@ def _plan_tensors(source: CheckpointSource, cast_to: NumberFormat | None, keep: 
         items = []
         for entries in groups.values():
             names = tuple(e.name for e in entries)
-            hits = {p for p in keep for n in names if name_matches(n, p)}
+            hits = {p for p in keep for n in names if tensor_matches(n, p)}
             matched |= hits
             items.append(_plan_item(names, entries[0], shard, target, bool(hits), quant))
         per_shard.append(items)
     for pattern in keep:
         if pattern not in matched:
-            raise InputError(f"keep pattern {pattern!r} matches no tensor: check the names with "
-                             "`dtypelab inspect`")
+            raise InputError(f"keep pattern {pattern!r} matches no tensor or module of the checkpoint: "
+                             "check the names with `dtypelab inspect` (a class name such as LayerNorm needs "
+                             "the model: give module names or globs, e.g. '*norm*')")
     return per_shard
 
 

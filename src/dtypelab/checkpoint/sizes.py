@@ -41,6 +41,25 @@ def stored_nbytes(model: nn.Module) -> int:
     return total + sum(_layer_nbytes(module) for module in quantized.values())
 
 
+def stored_numel(model: nn.Module) -> int:
+    """Elements of the tensors a checkpoint of ``model`` holds (tied once, computed buffers not), the
+    denominator of bits per element; a quantized layer counts its float weight's elements."""
+    seen: set[tuple] = set()
+    total = 0
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        if isinstance(module, QuantizedWeightModule) and leaf in _CODE_BUFFERS:
+            if leaf == "qweight":
+                total += module.weight_shape[0] * module.weight_shape[1]
+            continue
+        key = storage_key(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel()
+    return total
+
+
 def _layer_nbytes(module: QuantizedWeightModule) -> int:
     """A quantized layer's stored parts: its compressed-tensors layout, else its in-memory parts."""
     if isinstance(module, QuantizedLinear):

@@ -189,6 +189,17 @@ class NumberFormat:
         """Bits of one zero point: uint8 per block for asymmetric formats."""
         return 0 if self.symmetric else 8
 
+    def group_problem(self, row_length: int) -> str | None:
+        """Why a row of ``row_length`` inputs cannot be stored in blocks of this format (None when it
+        can): the one message ``quantize_model`` and ``convert`` give, with the advice that applies."""
+        if self.granularity != Granularity.GROUP or row_length % self.group_size == 0:
+            return None
+        if self.fixed_layout:
+            return (f"{self.name} stores blocks of exactly {self.group_size}, which do not divide the row "
+                    f"length {row_length}: the layer stays dense (no option changes {self.name}'s block)")
+        return (f"group size {self.group_size} does not divide the row length {row_length}: choose a group "
+                "size that divides it or use :channel")
+
     def effective_bits(self, row_length: int | None = None) -> float:
         """Storage bits per element including scales and zero points.
 

@@ -59,13 +59,16 @@ class KeepPolicy:
         return cls(types, tuple(i for i in items if i not in types))
 
     def matches(self, name: str, module: nn.Module) -> bool:
-        """Whether the module at qualified ``name`` is kept: its class (or a base) or its name matches."""
+        """Whether the module at qualified ``name`` is kept: its class (or a base) or its name matches, or
+        a pattern names one of its own tensors (``lm_head.weight``, as ``convert --keep`` takes them)."""
         for kind in self.module_types:
-            if isinstance(kind, str) and any(c.__name__ == kind for c in type(module).__mro__):
+            if isinstance(kind, str) and kind in (name, *(c.__name__ for c in type(module).__mro__)):
                 return True
             if isinstance(kind, type) and isinstance(module, kind):
                 return True
-        return any_matches(name, self.name_patterns)
+        tensors = [f"{name}.{n}" if name else n for n, _ in module.named_parameters(recurse=False)]
+        tensors += [f"{name}.{n}" if name else n for n, _ in module.named_buffers(recurse=False)]
+        return any(any_matches(n, self.name_patterns) for n in (name, *tensors))
 
     def kept_roots(self, model: nn.Module) -> list[str]:
         """Qualified names of the outermost kept modules (their children are kept with them).

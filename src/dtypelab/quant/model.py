@@ -65,10 +65,9 @@ class QuantizeResult:
         return [layer for layer in self.layers if not layer.quantized]
 
 
-KEPT_REASON = "kept as it is (matched a keep / exclude pattern)"
-HEAD_REASON = "the output head stays dense, as vLLM serves it (head=True / --head quantizes it)"
-EMBEDDING_REASON = ("embeddings stay dense, as vLLM serves them (embeddings=True / --embeddings "
-                    "quantizes them)")
+KEPT_REASON = "kept as it is: matched a keep / exclude pattern"
+HEAD_REASON = "the output head stays dense, as vLLM serves it; --head quantizes it"
+EMBEDDING_REASON = "embeddings stay dense, as vLLM serves them; --embeddings quantizes them"
 TIED_REASON = "weight tied to another module; quantizing one copy would store it twice"
 
 

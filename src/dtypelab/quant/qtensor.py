@@ -160,9 +160,9 @@ def _check_quantizable(rows: torch.Tensor, fmt: NumberFormat) -> None:
         raise InputError(f"{fmt.name} is a plain dtype, not a quantized format: cast instead")
     if rows.numel() and not torch.isfinite(torch.stack(torch.aminmax(rows))).all():  # NaN propagates
         raise InputError("tensor has NaN or inf values, which no scale can represent: fix or exclude it")
-    if fmt.granularity == Granularity.GROUP and rows.shape[1] % fmt.group_size:
-        raise InputError(f"group size {fmt.group_size} does not divide the row length {rows.shape[1]}: "
-                         "choose a group size that divides it or use :channel")
+    problem = fmt.group_problem(rows.shape[1])
+    if problem:
+        raise InputError(problem)
 
 
 def _blocks(rows: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
