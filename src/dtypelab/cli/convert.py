@@ -42,7 +42,8 @@ class ProgressLine:
 @click.argument("src")
 @click.option("--to", "fmt", required=True,
               help="Target: bf16, fp16, fp32, fp8_e4m3:cast (plain casts), or int8, int4:g128, fp8_e4m3 "
-                   "(Linear weights quantized, compressed-tensors layout, needs a model folder).")
+                   "(Linear and GPT-2 Conv1D weights quantized, compressed-tensors layout, needs a model "
+                   "folder).")
 @click.option("--dense", metavar="DTYPE",
               help="With a quantized --to: cast the tensors left dense (embeddings, norms) to bf16 / fp16.")
 @click.option("--head", is_flag=True,
