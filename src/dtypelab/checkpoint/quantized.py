@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..quant import QuantizedLinear, is_conv1d
-from ..tree import set_submodule
+from ..tree import set_submodule, storage_key
 from .layouts import QUANT_METHOD, format_from_scheme, from_parts, stored_suffixes
 
 
@@ -122,9 +122,9 @@ def _load_dense(model: nn.Module, tensors: dict[str, torch.Tensor], replaced: li
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     state, loaded = model.state_dict(), set(tensors)
-    stored = {state[k].data_ptr() for k in loaded if k in state}
+    stored = {storage_key(state[k]) for k in loaded if k in state}  # tied weights share one key
     codes = {f"{name}.{buffer}" for name in replaced for buffer in ("qweight", "scale", "zero_point",
                                                                     "tensor_scale")}  # set from parts
-    missing = [k for k in result.missing_keys if k not in codes and state[k].data_ptr() not in stored]
+    missing = [k for k in result.missing_keys if k not in codes and storage_key(state[k]) not in stored]
     if missing:
         raise InputError(f"{folder}: no stored value for {missing[:3]}: the checkpoint is incomplete")
