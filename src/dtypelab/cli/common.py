@@ -11,7 +11,7 @@ import click
 import torch
 
 from ..errors import DtypelabError, InputError
-from ..models import builtin_names, device_errors
+from ..models import DEFAULT_CTX, TEXT_SETS, builtin_names, device_errors
 from ..report import TableMixin
 
 # One table: exception family -> how it is reported. Anything else is a bug and keeps its traceback.
@@ -57,12 +57,19 @@ def pickle_option(f: Callable) -> Callable:
 
 
 def input_options(f: Callable) -> Callable:
-    """--text / --text-file / --input / --input-file: one source; none = the model's default input."""
+    """--text / --text-file / --input / --input-file / --text-set: one source; none = the model's default
+    input. --ctx / --stride shape a text set's windows (default None: 512 / ctx, refused without one)."""
     for option in reversed([
         click.option("--text", "texts", multiple=True, help="A text to tokenise (repeatable: one batch)."),
         click.option("--text-file", type=click.Path(), help="Texts to tokenise, one per line."),
         click.option("--input", "input_ids", help="Token ids as JSON, e.g. '[[1, 0, 1]]'."),
         click.option("--input-file", type=click.Path(), help="Input tensors from .safetensors or .npy."),
+        click.option("--text-set", type=click.Choice(list(TEXT_SETS)),
+                     help="Real English prose (Python's pydoc_data documentation, PSF licence), cut into "
+                          "--ctx token windows: the held-out evaluation part or the calibration part."),
+        click.option("--ctx", type=int, help=f"With --text-set: tokens per window [default: {DEFAULT_CTX}]."),
+        click.option("--stride", type=int,
+                     help="With --text-set: tokens between window starts [default: --ctx, no overlap]."),
     ]):
         f = option(f)
     return f

@@ -59,14 +59,16 @@ from .common import (
                    "beside it and the ratio's per-round spread; 'slower' only beyond that noise. Off by "
                    "default (it about doubles the run time); --no-time is accepted and does nothing.")
 def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str | None,
-                input_ids: str | None, input_file: str | None, output_name: str | None,
+                input_ids: str | None, input_file: str | None,
+                text_set: str | None, ctx: int | None, stride: int | None, output_name: str | None,
                 keep: tuple[str, ...], allow_pickle: bool, device: str, by_layer: bool, mode: str,
                 depth: int | None, select: tuple[str, ...], threshold_db: float, plot_path: str | None,
                 as_json: bool, embeddings: bool, head: bool, timing: bool) -> None:
     specs, target = parse_variant_specs(formats), resolve_device(device)
     loaded = load(model, "fp32", allow_pickle=allow_pickle)
     inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
-                                    tensor_file=input_file), target)
+                                    tensor_file=input_file, text_set=text_set, ctx=ctx, stride=stride),
+                       target)
     policy = KeepPolicy.from_strings(keep)
     if not by_layer:
         if plot_path or depth is not None or select or mode != "propagated":

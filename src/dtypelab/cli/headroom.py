@@ -35,12 +35,14 @@ from .common import (
 @device_option
 @json_option
 def headroom_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str | None,
-                 input_ids: str | None, input_file: str | None, depth: int | None, select: tuple[str, ...],
-                 weights: bool, allow_pickle: bool, device: str, as_json: bool) -> None:
+                 input_ids: str | None, input_file: str | None, text_set: str | None, ctx: int | None,
+                 stride: int | None, depth: int | None, select: tuple[str, ...], weights: bool,
+                 allow_pickle: bool, device: str, as_json: bool) -> None:
     specs, target = parse_variant_specs(formats), resolve_device(device)
     loaded = load(model, "fp32", allow_pickle=allow_pickle)
     inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
-                                    tensor_file=input_file), target)
+                                    tensor_file=input_file, text_set=text_set, ctx=ctx, stride=stride),
+                       target)
     reference = loaded.model.to(target)
     report = predict_headroom(reference, inputs, [s.format or s.spec for s in specs], depth=depth,
                               patterns=select)

@@ -33,12 +33,14 @@ from .loading import (
     validate_safetensors,
     validate_token_ids,
 )
+from .texts import DEFAULT_CTX, TEXT_SETS, calibration_text, evaluation_text, text_set, token_windows
 
 __all__ = [
-    "BUILTIN_MODELS", "TINY_LM_CONTEXT", "BuiltinModel", "DummyModel", "LoadedModel", "ModelKind",
-    "OutputKind", "bare_checkpoint_path", "build_model", "builtin_names", "byte_tokenizer", "default_input",
-    "default_texts", "device_errors", "folder_weights", "inspect", "load", "load_folder",
-    "load_state_dict_file", "load_tensor_file", "looks_like_path", "minilm_path", "model_inputs",
-    "model_kind", "output_kind", "parse_token_ids", "resolve_factory", "tiny_gpt2", "tiny_llama",
-    "to_device", "tokenize", "validate_safetensors", "validate_token_ids",
+    "BUILTIN_MODELS", "DEFAULT_CTX", "TEXT_SETS", "TINY_LM_CONTEXT", "BuiltinModel", "DummyModel",
+    "LoadedModel", "ModelKind", "OutputKind", "bare_checkpoint_path", "build_model", "builtin_names",
+    "byte_tokenizer", "calibration_text", "default_input", "default_texts", "device_errors",
+    "evaluation_text", "folder_weights", "inspect", "load", "load_folder", "load_state_dict_file",
+    "load_tensor_file", "looks_like_path", "minilm_path", "model_inputs", "model_kind", "output_kind",
+    "parse_token_ids", "resolve_factory", "text_set", "tiny_gpt2", "tiny_llama", "to_device",
+    "token_windows", "tokenize", "validate_safetensors", "validate_token_ids",
 ]

@@ -59,6 +59,9 @@ class BuiltinModel:
         tokenizer: builds the model's tokenizer (None: the model takes token ids only).
         folder: returns a Hugging Face model folder; :func:`load` then loads it like a user's folder,
             so the chosen dtype is applied while reading the checkpoint.
+        text_set: the text set (``evaluation`` / ``calibration``, see :mod:`dtypelab.models.texts`)
+            used when the user gives no input, cut into ``--ctx`` windows; None: the default ids or
+            the bundled sentences.
     """
 
     name: str
@@ -68,6 +71,7 @@ class BuiltinModel:
     description: str
     tokenizer: Callable[[], object] | None = None
     folder: Callable[[], str] | None = None
+    text_set: str | None = None
 
 
 def minilm_path() -> str:

@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from .builtins import BUILTIN_MODELS
 from .loading import LoadedModel, device_errors, validate_token_ids
+from .texts import DEFAULT_CTX, TEXT_SETS, text_set, token_windows
 
 
 def parse_token_ids(text: str) -> torch.Tensor:
@@ -159,7 +161,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def model_inputs(loaded: LoadedModel, *, texts: Sequence[str] = (), text_file: str | Path | None = None,
-                 input_ids: str | None = None, tensor_file: str | Path | None = None
+                 input_ids: str | None = None, tensor_file: str | Path | None = None,
+                 text_set: str | None = None, ctx: int | None = None, stride: int | None = None
                  ) -> torch.Tensor | dict[str, torch.Tensor]:
     """The inputs for one forward pass of ``loaded``, from whichever single source the user gave.
 
@@ -168,23 +171,36 @@ def model_inputs(loaded: LoadedModel, *, texts: Sequence[str] = (), text_file: s
         text_file: a file of sentences, one per line.
         input_ids: token ids as JSON, e.g. ``"[[1, 0, 1]]"``.
         tensor_file: a ``.safetensors`` / ``.npy`` file of input tensors.
+        text_set: ``"evaluation"`` or ``"calibration"``: that part of the standard library's
+            documentation prose (:mod:`dtypelab.models.texts`), cut into windows of ``ctx`` tokens.
+        ctx: tokens per window (default 512); at most the model's ``max_length``.
+        stride: tokens between window starts (default ``ctx``: non-overlapping).
 
-    With no source: the model's default ids (``dummy``) or the bundled sentences (models with a
-    tokenizer). Token ids given as one flat sequence become a batch of one, ``(1, seq)``.
+    With no source: the built-in's default text set (when it has one), the model's default ids
+    (``dummy``) or the bundled sentences (models with a tokenizer). Token ids given as one flat sequence
+    become a batch of one, ``(1, seq)``. ``ctx`` and ``stride`` apply to text sets only: given without
+    one (a ``text_set`` or a built-in whose default is one) they are refused rather than ignored.
 
     Returns:
         A tensor for plain modules, keyword arguments for Hugging Face models, on the model's device.
     """
-    return to_device(_inputs_from(loaded, texts, text_file, input_ids, tensor_file), loaded.device)
+    raw = _inputs_from(loaded, texts, text_file, input_ids, tensor_file, text_set, ctx, stride)
+    return to_device(raw, loaded.device)
 
 
 def _inputs_from(loaded: LoadedModel, texts: Sequence[str], text_file: str | Path | None,
-                 input_ids: str | None, tensor_file: str | Path | None
-                 ) -> torch.Tensor | dict[str, torch.Tensor]:
+                 input_ids: str | None, tensor_file: str | Path | None, chosen_set: str | None,
+                 ctx: int | None, stride: int | None) -> torch.Tensor | dict[str, torch.Tensor]:
     given = [name for name, value in [("--text", texts), ("--text-file", text_file), ("--input", input_ids),
-                                      ("--input-file", tensor_file)] if value]
+                                      ("--input-file", tensor_file), ("--text-set", chosen_set)] if value]
     if len(given) > 1:
         raise InputError(f"several inputs given ({', '.join(given)}): choose one")
+    entry = BUILTIN_MODELS.get(loaded.spec)
+    chosen_set = chosen_set or (entry.text_set if entry is not None and not given else None)
+    if chosen_set is None and (ctx is not None or stride is not None):
+        raise InputError(f"--ctx and --stride need --text-set: add --text-set {' or '.join(TEXT_SETS)}")
+    if chosen_set is not None:
+        return _text_set_inputs(loaded, chosen_set, DEFAULT_CTX if ctx is None else ctx, stride)
     if texts or text_file:
         return _text_inputs(loaded, texts or read_text_file(text_file))
     if input_ids is not None or tensor_file is not None:
@@ -195,6 +211,16 @@ def _inputs_from(loaded: LoadedModel, texts: Sequence[str], text_file: str | Pat
     if loaded.tokenizer is not None:
         return _text_inputs(loaded, default_texts())
     raise InputError(f"model {loaded.spec!r} has no default input: give token ids with --input '[[1, 2, 3]]'")
+
+
+def _text_set_inputs(loaded: LoadedModel, name: str, ctx: int, stride: int | None) -> dict[str, torch.Tensor]:
+    text = text_set(name)  # an unknown name is refused before the tokenizer is asked for
+    if loaded.tokenizer is None:
+        raise InputError(f"model {loaded.spec!r} has no tokenizer, so it cannot read --text-set {name}: give "
+                         "token ids with --input '[[1, 0, 1]]' or a tensor file with --input-file")
+    windows = token_windows(loaded.tokenizer, text, ctx, stride, max_length=loaded.max_length)
+    validate_token_ids(loaded.model, windows["input_ids"])
+    return windows
 
 
 def _text_inputs(loaded: LoadedModel, texts: Sequence[str]) -> dict[str, torch.Tensor]:
