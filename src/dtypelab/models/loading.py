@@ -3,14 +3,21 @@
 Models stage, above :mod:`dtypelab.checkpoint` (safetensors validation, compressed-tensors folders) and
 :mod:`dtypelab.quant` (loading a built-in straight into a dtype is :func:`~dtypelab.quant.cast_model`).
 ``package.module:factory`` imports and runs user code, so it is only accepted in that explicit form;
-pickles only with ``allow_pickle``, through ``torch.load(weights_only=True)``.
+pickles only with ``allow_pickle``, through ``torch.load(weights_only=True)``. A ``.gguf`` file is read by
+transformers' GGUF path (dequantized, a causal LM); a built-in whose weights are a GGUF (``smollm2``) is
+dequantized once into an ordinary folder in the cache (:func:`cache_dir`), which later loads read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
+import importlib.util
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,8 +136,10 @@ def load(spec: str, dtype: str | torch.dtype = "auto", device: str | torch.devic
     """Load a model by built-in name, Hugging Face folder or ``package.module:factory``.
 
     Args:
-        spec: ``dummy``, ``minilm``, ``tiny-llama``, ``tiny-gpt2``; a folder with ``config.json`` and
-            safetensors weights (one file, or shards with ``model.safetensors.index.json``); or
+        spec: ``dummy``, ``minilm``, ``smollm2``, ``tiny-llama``, ``tiny-gpt2``; a folder with
+            ``config.json`` and safetensors weights (one file, or shards with
+            ``model.safetensors.index.json``); a ``.gguf`` file, or a folder holding one and no
+            config.json (dequantized by transformers, see :func:`load_gguf`); or
             ``package.module:factory`` (imports and runs your code).
         dtype: ``"auto"`` keeps the checkpoint's dtype; a format name (``"fp16"``, ``"bf16"`` …)
             loads a Hugging Face checkpoint tensor by tensor straight into that dtype, so no float32
@@ -177,7 +186,9 @@ def device_errors(device: str | torch.device, what: str) -> Iterator[None]:
 def _load_builtin(spec: str, dtype: str | torch.dtype) -> LoadedModel:
     entry = BUILTIN_MODELS[spec]
     if entry.folder is not None:
-        loaded = load_folder(Path(entry.folder()), dtype)
+        source = Path(entry.folder())
+        folder = cached_gguf_folder(source) if source.suffix == ".gguf" else source
+        loaded = load_folder(folder, dtype)
         loaded.spec, loaded.output_kind = spec, entry.output_kind  # the registry's word, as for the others
         return loaded
     model = _in_dtype(build_model(spec), dtype)
@@ -204,10 +215,13 @@ def looks_like_path(spec: str) -> bool:
     """A spec meant as a file or folder (not a built-in name or ``package.module:factory``)."""
     if "/" in spec or "\\" in spec or spec.startswith((".", "~")):
         return True
-    return Path(spec).suffix in (".safetensors", ".json", *PICKLE_SUFFIXES)
+    return Path(spec).suffix in (".safetensors", ".json", ".gguf", *PICKLE_SUFFIXES)
 
 
 def _load_path(path: Path, dtype: str | torch.dtype, allow_pickle: bool) -> LoadedModel:
+    gguf = gguf_in(path)
+    if gguf is not None:
+        return load_gguf(gguf, dtype)
     if path.is_dir():
         return load_folder(path, dtype, allow_pickle=allow_pickle)
     if path.suffix == ".safetensors" or (path.suffix in PICKLE_SUFFIXES and allow_pickle):
@@ -217,7 +231,7 @@ def _load_path(path: Path, dtype: str | torch.dtype, allow_pickle: bool) -> Load
     if path.suffix in PICKLE_SUFFIXES:
         raise pickle_refused(path)
     raise ModelSpecError(f"{path} is not a model: give a Hugging Face model folder (config.json + "
-                         "safetensors), a .safetensors file, or a built-in name")
+                         "safetensors), a .safetensors or .gguf file, or a built-in name")
 
 
 def pickle_refused(path: Path) -> ModelSpecError:
@@ -353,6 +367,142 @@ def _folder_tokenizer(path: Path) -> object | None:
         reason = first_line(exc)
         raise ModelSpecError(f"cannot read the tokenizer in {path} ({reason}): fix or remove its "
                              "tokenizer files (without them, give token ids with --input)") from exc
+
+
+# --- GGUF: transformers dequantizes; a built-in's GGUF is dequantized once into the cache ---------------
+
+GGUF_INSTALL = "pip install gguf accelerate"
+
+CACHE_COMPLETE = ".dtypelab-complete"
+"""The marker a cache folder gets last, after every file is written: a folder without it is never read."""
+
+
+def gguf_in(path: Path) -> Path | None:
+    """The ``.gguf`` file ``path`` names: the file itself, or the one ``.gguf`` of a folder that has no
+    ``config.json`` and no safetensors weights (a folder with those is an ordinary model folder); None
+    otherwise. Several ``.gguf`` files in such a folder raise :class:`ModelSpecError` (which one?)."""
+    if path.is_file():
+        return path if path.suffix == ".gguf" else None
+    if not path.is_dir() or (path / "config.json").is_file() or folder_weights(path)[0]:
+        return None
+    files = sorted(p for p in path.glob("*.gguf") if p.is_file())
+    if len(files) > 1:
+        raise ModelSpecError(f"{path} holds {len(files)} .gguf files ({', '.join(p.name for p in files)}): "
+                             "name the one to load")
+    return files[0] if files else None
+
+
+def load_gguf(path: Path, dtype: str | torch.dtype = "auto") -> LoadedModel:
+    """Load a ``.gguf`` file through transformers' GGUF path: every tensor dequantized (to float32 for
+    ``"auto"``, else straight into ``dtype``'s compute dtype), the tokenizer the file carries.
+
+    A GGUF holds a causal LM (transformers' GGUF support maps each architecture to its
+    ``…ForCausalLM``), so the model runs like any causal LM folder: logits, no key/value cache.
+
+    Raises:
+        ModelSpecError: the ``gguf`` / ``accelerate`` packages are missing (the install command), or
+            transformers cannot read the file (its reason, e.g. an architecture it does not know).
+        CheckpointError: the file lacks a weight the architecture needs.
+    """
+    model, tokenizer = _read_gguf(path, torch.float32 if dtype == "auto" else compute_dtype(dtype))
+    model.config.use_cache = False  # compare needs logits only; no key/value cache in the output
+    return LoadedModel(str(path), model.eval(), model_kind(model), OutputKind.LOGITS, tokenizer)
+
+
+def _require_gguf_packages(path: Path) -> None:
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModelSpecError(f"loading the GGUF file {path} needs the {' and '.join(missing)} "
+                             f"package{'s' if len(missing) > 1 else ''}: {GGUF_INSTALL}")
+
+
+def _read_gguf(path: Path, torch_dtype: torch.dtype) -> tuple[nn.Module, object]:
+    """transformers' ``from_pretrained(folder, gguf_file=name)`` for the model and its tokenizer."""
+    _require_gguf_packages(path)
+    import transformers
+
+    folder, name = path.parent, path.name
+    try:
+        with _no_progress_bars():
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=name, dtype=torch_dtype, output_loading_info=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except DtypelabError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
+        raise ModelSpecError(f"transformers cannot load the GGUF file {path} ({first_line(exc)}): check it "
+                             "is a causal LM whose architecture your transformers version reads from GGUF"
+                             ) from exc
+    _refuse_incomplete(path, info)
+    return model, tokenizer
+
+
+def cache_dir() -> Path:
+    """Where dtypelab keeps what it derives once (a built-in GGUF dequantized to a folder, ~0.5 GB for
+    smollm2): ``$DTYPELAB_CACHE``, else ``$XDG_CACHE_HOME/dtypelab``, else ``~/.cache/dtypelab``."""
+    if os.environ.get("DTYPELAB_CACHE"):
+        return Path(os.environ["DTYPELAB_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "dtypelab"
+
+
+def cached_gguf_folder(gguf: Path) -> Path:
+    """An ordinary Hugging Face folder (config.json, tokenizer, model.safetensors in float32) holding what
+    transformers dequantizes from ``gguf``; written on the first call (~20 s for smollm2), read after.
+
+    The folder is named after the file, its size and modification time, so a changed file gets a new one.
+    It is written into a temporary sibling, its marker file last, then renamed into place: a killed or
+    concurrent first load leaves at most a temporary folder, never a half folder under the final name,
+    and a folder without the marker is rebuilt, never read.
+    """
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    root = cache_dir()
+    final = root / f"{gguf.stem}-{key}"
+    if (final / CACHE_COMPLETE).is_file():
+        return final
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    except OSError as exc:
+        raise ModelSpecError(f"cannot write the dtypelab cache {root} ({first_line(exc)}): set "
+                             "DTYPELAB_CACHE to a writable folder") from exc
+    try:
+        _write_gguf_folder(gguf, temporary)
+        if final.exists() and not (final / CACHE_COMPLETE).is_file():
+            shutil.rmtree(final, ignore_errors=True)  # a folder without the marker is never trusted
+        try:
+            os.rename(temporary, final)
+        except OSError:
+            if not (final / CACHE_COMPLETE).is_file():  # not a concurrent load that finished first
+                raise
+    except OSError as exc:
+        raise ModelSpecError(f"cannot write the dtypelab cache {final} ({first_line(exc)}): set "
+                             "DTYPELAB_CACHE to a writable folder with ~1 GB free") from exc
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return final
+
+
+def _write_gguf_folder(gguf: Path, folder: Path) -> None:
+    """Dequantize ``gguf`` to float32 and save it as an ordinary folder, the marker last.
+
+    ``save_pretrained`` refuses a model transformers marked as quantized with gguf ("not serializable"),
+    although its weights are plain float32 tensors once dequantized: dropping the quantization config and
+    the quantizer makes it an ordinary model, which saves config.json (without ``quantization_config``)
+    and ``model.safetensors`` (tied weights once, as transformers writes them).
+    """
+    model, tokenizer = _read_gguf(gguf, torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    with _no_progress_bars():
+        model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if "quantization_config" in json.loads((folder / "config.json").read_text()):
+        raise ModelSpecError(f"transformers kept the GGUF quantization config of {gguf} in {folder}: "
+                             "this transformers version cannot be used to cache it")
+    (folder / CACHE_COMPLETE).write_text(json.dumps({"source": str(gguf)}) + "\n")
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
