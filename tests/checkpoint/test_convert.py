@@ -666,3 +666,9 @@ def test_keep_takes_module_names_and_globs_as_compare_does(tmp_path):
     actions = {t.name: t.action for t in result.tensors}
     assert actions == {"blocks.1.norm_out.weight": "kept", "blocks.1.norm_out.bias": "kept",
                        "blocks.1.wo.weight": "kept", "blocks.10.wo.weight": "cast"}  # not a prefix of "10"
+
+
+def test_a_gguf_source_is_one_clear_line_not_a_header_error(tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(InputError, match="is a GGUF file: convert reads safetensors"):
+        convert_checkpoint(tmp_path / "m.gguf", tmp_path / "out", "bf16")

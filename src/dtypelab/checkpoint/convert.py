@@ -249,6 +249,10 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
         >>> convert_checkpoint("llama-folder", "llama-w4", "int4:g128", dense="bf16")  # doctest: +SKIP
     """
     limits = _damage_limits(strict, max_flushed, max_overflowed)
+    if Path(source).suffix == ".gguf":
+        raise InputError(f"{source} is a GGUF file: convert reads safetensors checkpoints; load it once "
+                         "(dtypelab.load, or the built-in smollm2, which caches an ordinary folder) and "
+                         "convert that folder")
     fmt, src, dst = get_format(to), open_checkpoint(source), Path(destination)
     dst_is_file = _check_destination(src, dst)
     cast_to, quant, dense_layers, other_dense = _conversion(src, fmt, dense, tuple(keep), head, embeddings)
