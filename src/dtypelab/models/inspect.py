@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointInspection, GgufInspection, inspect_checkpoint, inspect_gguf, stored_nbytes
-from ..errors import ModelSpecError
 from ..quant import ModelInspection, inspect_model, inspect_tensors
-from .loading import PICKLE_SUFFIXES, folder_weights, load, load_state_dict_file, pickle_refused
+from .loading import PICKLE_SUFFIXES, folder_weights, gguf_in, load, load_state_dict_file, pickle_refused
 
 
 def bare_checkpoint_path(spec: str) -> Path | None:
@@ -38,16 +37,7 @@ def gguf_file_path(spec: str) -> Path | None:
     Raises:
         ModelSpecError: a folder without config.json or safetensors holding several ``.gguf`` files.
     """
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return path
-    if not path.is_dir() or (path / "config.json").is_file() or folder_weights(path)[0]:
-        return None
-    files = sorted(p for p in path.glob("*.gguf") if p.is_file())
-    if len(files) > 1:
-        raise ModelSpecError(f"{path} holds {len(files)} .gguf files ({', '.join(p.name for p in files)}): "
-                             "name the one to inspect")
-    return files[0] if files else None
+    return gguf_in(Path(spec).expanduser())
 
 
 def inspect(spec: str, dtype: str | torch.dtype = "auto", *,

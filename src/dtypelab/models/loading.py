@@ -388,7 +388,7 @@ def gguf_in(path: Path) -> Path | None:
     files = sorted(p for p in path.glob("*.gguf") if p.is_file())
     if len(files) > 1:
         raise ModelSpecError(f"{path} holds {len(files)} .gguf files ({', '.join(p.name for p in files)}): "
-                             "name the one to load")
+                             "name the one you mean")
     return files[0] if files else None
 
 
