@@ -28,13 +28,13 @@ def test_conv1d_weights_are_stored_as_their_transpose_and_load_back(gpt2_folder,
     assert result.cautions and "transformers + compressed-tensors 0.20 cannot load them" in result.cautions[0]
     assert "caution: 8 Conv1D layer(s)" in result.to_text()
     header = {e.name: e for e in read_header(tmp_path / "out" / "model.safetensors").tensors}
-    c_fc = model.transformer.h[0].mlp.c_fc  # Conv1D weight (in 64, out 256)
-    assert tuple(c_fc.weight.shape) == (64, 256)
+    c_fc = model.transformer.h[0].mlp.c_fc  # Conv1D weight (in 256, out 1024)
+    assert tuple(c_fc.weight.shape) == (256, 1024)
     if "weight_shape" in {n.rsplit(".", 1)[1] for n in header}:  # pack-quantized: the (out, in) it holds
         shape = load_file(tmp_path / "out" / "model.safetensors")["transformer.h.0.mlp.c_fc.weight_shape"]
-        assert shape.tolist() == [256, 64]
+        assert shape.tolist() == [1024, 256]
     else:
-        assert tuple(header["transformer.h.0.mlp.c_fc.weight"].shape) == (256, 64)
+        assert tuple(header["transformer.h.0.mlp.c_fc.weight"].shape) == (1024, 256)
     ids = torch.randint(0, 259, (2, 11))
     ours = dtypelab.quantize_model(model, spec).model
     loaded = dtypelab.load(str(tmp_path / "out")).model

@@ -177,12 +177,24 @@ def test_dtypelab_reads_parts_the_package_compressed(preset):
 
 @pytest.fixture(scope="module")
 def llama_folder(tmp_path_factory):
-    from dtypelab.models import tiny_llama
-
     folder = tmp_path_factory.mktemp("tiny") / "llama"
-    model = tiny_llama()
+    model = narrow_llama()
     model.save_pretrained(folder)
     return folder, model
+
+
+def narrow_llama() -> torch.nn.Module:
+    """The 2-layer Llama these tests' hand-computed sizes describe: hidden 64, FFN 192, GQA 4/2 heads
+    (rows of 64 and 192, so group sizes 32 / 64 / 96 / 128 each divide some and not others)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=False, use_cache=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config).eval()
 
 
 INPUT_IDS = torch.tensor([[1, 5, 9, 30, 2, 77, 12]])

@@ -184,10 +184,11 @@ def test_builtin_descriptions_name_the_true_layer_count(name):
 
 
 def test_tiny_llama_has_the_weights_its_docstring_counts():
-    vocab, hidden, kv, mlp = 259, 64, 2 * 16, 192  # 2 key/value heads of 64 / 4 = 16 dims
+    vocab, hidden, kv, mlp = 259, 256, 2 * 64, 512  # 2 key/value heads of 256 / 4 = 64 dims
     layer = hidden * hidden * 2 + hidden * kv * 2 + 3 * hidden * mlp + 2 * hidden  # q o, k v, mlp, norms
     expected = 2 * vocab * hidden + 2 * layer + hidden  # untied embedding and head, final norm
-    assert sum(p.numel() for p in tiny_llama().parameters()) == expected == 131_776
+    assert sum(p.numel() for p in tiny_llama().parameters()) == expected == 1_313_536
+    assert all(width % 128 == 0 for width in (hidden, kv, mlp))  # every default group size divides
 
 
 def test_loaded_model_reports_its_device(tiny_llama):

@@ -168,9 +168,9 @@ def test_inspect_says_what_a_checkpoint_of_the_model_holds_beside_its_memory():
     from dtypelab.models import inspect as inspect_spec
 
     info = inspect_spec("tiny-llama", "bf16")
-    # rotary inv_freq / original_inv_freq (head dim 16: 8 frequencies each, kept float32 as transformers
+    # rotary inv_freq / original_inv_freq (head dim 64: 32 frequencies each, kept float32 as transformers
     # keeps them) are computed buffers: in memory, not on disk
-    assert info.footprint_bytes - info.stored_bytes == 2 * 8 * 4
+    assert info.footprint_bytes - info.stored_bytes == 2 * 32 * 4
     summary = [(s.dtype, s.numel) for s in info.by_dtype]
-    assert summary == [("bfloat16", info.stored_bytes // 2), ("float32", 16)]
+    assert summary == [("bfloat16", info.stored_bytes // 2), ("float32", 64)]
     assert f"in a checkpoint: {info.stored_bytes:,} bytes" in info.to_text()

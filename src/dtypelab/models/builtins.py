@@ -144,13 +144,16 @@ TINY_LM_INIT_STD = 0.3
 
 
 def tiny_llama() -> nn.Module:
-    """A 2-layer Llama (hidden 64, GQA 4/2 heads, untied head; 131,776 weights, 527,104 bytes in float32).
+    """A 2-layer Llama (hidden 256, FFN 512, GQA 4/2 heads, untied head; 1,313,536 weights, 5,254,144
+    bytes in float32), random weights.
 
-    Small enough that fp16/bf16 forwards on CPU over the 64 default sentences take well under a second.
+    Its widths are multiples of 128, so every default group size of the registry (int4 g128, nf4 64,
+    mxfp4 32, nvfp4 16) divides them and every format runs on it; small enough that a forward over the
+    64 default sentences takes a fraction of a second on CPU.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=259, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=TINY_LM_CONTEXT, initializer_range=TINY_LM_INIT_STD,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
@@ -159,10 +162,11 @@ def tiny_llama() -> nn.Module:
 
 
 def tiny_gpt2() -> nn.Module:
-    """A 2-layer GPT-2 (hidden 64, 4 heads, head tied to the embedding)."""
+    """A 2-layer GPT-2 (hidden 256, MLP 1024, 4 heads, head tied to the embedding), random weights; its
+    widths are multiples of 128, so every default group size divides them."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=259, n_embd=64, n_layer=2, n_head=4, n_positions=TINY_LM_CONTEXT,
+    config = GPT2Config(vocab_size=259, n_embd=256, n_layer=2, n_head=4, n_positions=TINY_LM_CONTEXT,
                         initializer_range=TINY_LM_INIT_STD, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                         use_cache=False)
     return _seeded(lambda: GPT2LMHeadModel(config))
