@@ -188,3 +188,10 @@ def test_bad_real_inputs_are_one_line_exit_2_nothing_written(capsys, bad_root, a
     assert code == 2 and out == ""
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert sorted((p, p.stat().st_size, p.stat().st_mtime_ns) for p in bad_root.rglob("*")) == before
+
+
+def test_embeddings_and_head_without_a_quantized_format_are_refused_not_ignored(capsys):
+    code, _, err = run(capsys, "compare", "dummy", "--to", "fp16,bf16", "--head", "--input", "[[1,0,1]]")
+    assert code == 2 and "--to lists no quantized format" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run(capsys, "compare", "tiny-llama", "--to", "int8", "--head", "--text", "A short one.")
+    assert code == 0 and "lm_head" not in next(line for line in out.splitlines() if "layers quantized" in line)

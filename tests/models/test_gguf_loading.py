@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from importlib import metadata
@@ -285,3 +287,12 @@ def test_smollm2_first_load_caches_an_identical_float32_folder(cache, monkeypatc
     # dequantization gone wrong (q/k unpermuted, scales off) gives thousands: uniform over the vocabulary is
     # 49,152. 5 < PPL < 100 passes every sane model and fails a broken one.
     assert 5 < math.exp(loss) < 100, math.exp(loss)
+
+
+def test_loading_a_gguf_draws_no_progress_bar(tiny):
+    """transformers' GGUF dequantization bar never reaches the terminal (a subprocess, so the real stderr)."""
+    path, _ = tiny
+    script = f"import dtypelab; dtypelab.load({str(path)!r})"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "de-quantizing" not in done.stderr and done.stderr == ""

@@ -120,7 +120,8 @@ class ConversionResult(TableMixin):
                  f"; {self.bytes_read:,} bytes read, {self.bytes_written:,} written in "
                  f"{len(self.shards)} file(s)" + (f" + {self.index_file}" if self.index_file else ""),
                  f"copied {len(self.copied_files)} other file(s); config.json updated: "
-                 f"{self.config_updated}; verified bit for bit: {self.verified}"]
+                 f"{self.config_updated}; verified bit for bit: "
+                 f"{self.verified if self.verified else 'not asked (--verify)'}"]
         if self.skipped_files:
             notes.append(f"not copied (other weights, source precision): {', '.join(self.skipped_files)}")
         negligible = [t for t in self.tensors if t.negligible_flushes]

@@ -65,6 +65,9 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
                 depth: int | None, select: tuple[str, ...], threshold_db: float, plot_path: str | None,
                 as_json: bool, embeddings: bool, head: bool, timing: bool) -> None:
     specs, target = parse_variant_specs(formats), resolve_device(device)
+    if (embeddings or head) and not any(s.format is not None and s.format.is_quantized for s in specs):
+        raise InputError("--embeddings and --head choose what a quantized format stores; --to lists no "
+                         "quantized format (casts convert every tensor): add one, e.g. int8, or drop them")
     loaded = load(model, "fp32", allow_pickle=allow_pickle)
     inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
                                     tensor_file=input_file, text_set=text_set, ctx=ctx, stride=stride),

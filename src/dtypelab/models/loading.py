@@ -11,6 +11,7 @@ dequantized once into an ordinary folder in the cache (:func:`cache_dir`), which
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -423,7 +424,7 @@ def _read_gguf(path: Path, torch_dtype: torch.dtype) -> tuple[nn.Module, object]
 
     folder, name = path.parent, path.name
     try:
-        with _no_progress_bars():
+        with _no_progress_bars(), _no_gguf_progress_bar():
             model, info = transformers.AutoModelForCausalLM.from_pretrained(
                 folder, gguf_file=name, dtype=torch_dtype, output_loading_info=True)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -435,6 +436,24 @@ def _read_gguf(path: Path, torch_dtype: torch.dtype) -> tuple[nn.Module, object]
                              ) from exc
     _refuse_incomplete(path, info)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _no_gguf_progress_bar() -> Iterator[None]:
+    """transformers' GGUF dequantization draws its own tqdm bar ("Converting and de-quantizing GGUF
+    tensors"), which its logging settings do not reach: hand its module a disabled tqdm for the call, so
+    nothing dtypelab did not mean to say reaches the terminal."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def cache_dir() -> Path:
