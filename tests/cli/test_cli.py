@@ -194,4 +194,5 @@ def test_embeddings_and_head_without_a_quantized_format_are_refused_not_ignored(
     code, _, err = run(capsys, "compare", "dummy", "--to", "fp16,bf16", "--head", "--input", "[[1,0,1]]")
     assert code == 2 and "--to lists no quantized format" in err and len(err.strip().splitlines()) == 1
     code, out, err = run(capsys, "compare", "tiny-llama", "--to", "int8", "--head", "--text", "A short one.")
-    assert code == 0 and "lm_head" not in next(line for line in out.splitlines() if "layers quantized" in line)
+    summary = next(line for line in out.splitlines() if "layers quantized" in line)
+    assert code == 0 and "lm_head" not in summary  # --head: the head is quantized, so not listed dense
