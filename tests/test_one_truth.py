@@ -42,7 +42,7 @@ def check(reference, folder, spec, inputs, tmp_path):
     ours = build_variants(reference, spec)[dtypelab.get_format(spec).name]
     assert ours.ok, ours.failure
     loaded_variant = Variant("converted", "converted", ours.format, converted)
-    result = compare_models(reference, [ours, loaded_variant], inputs)
+    result = compare_models(reference, [ours, loaded_variant], inputs, keep_outputs=True)
     measured, loaded = result.variants
     assert measured.stored_bytes == written_bytes(out) - unloaded_bytes(reference, folder)
     assert measured.stored_bytes == stored_nbytes(converted) == loaded.stored_bytes

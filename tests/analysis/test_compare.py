@@ -149,7 +149,7 @@ class Encoder(nn.Module):
 def test_padding_is_masked_out_of_every_metric():
     inputs = {"input_ids": torch.tensor([[1, 2, 3], [4, 5, 0]]),
               "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
-    result = compare_models(Encoder(), {"noisy-padding": Encoder(noise=5.0)}, inputs)
+    result = compare_models(Encoder(), {"noisy-padding": Encoder(noise=5.0)}, inputs, keep_outputs=True)
     metrics = result.variants[0].metrics
     assert metrics.mean_abs_diff == 0 and metrics.max_abs_diff == 0 and metrics.sqnr_db == math.inf
     # identical pooled embeddings: cosine 1 up to float64 rounding of the norms
@@ -190,6 +190,8 @@ def test_ln_ppl_ratio_matches_cross_entropy_perplexities():
           for x in (ref, cand)]
     m = next_token_metrics(ref, cand, ids, mask)
     assert m.positions == 5 + 3 and m.ln_ppl_ratio == pytest.approx(ce[1] - ce[0], rel=1e-12)
+    assert (m.reference_perplexity, m.candidate_perplexity) == pytest.approx([math.exp(c) for c in ce],
+                                                                             rel=1e-12)
 
 
 def test_padding_does_not_change_the_next_token_report():
@@ -242,6 +244,47 @@ def test_tiny_llama_report(tiny_llama, short_texts):
     text = result.to_text()
     assert "Next-token report" in text and "ln(PPL/PPL_ref) ± se" in text
     assert "<b>Next-token report" in result._repr_html_()
+
+
+
+def test_a_long_input_is_measured_a_batch_at_a_time_with_the_same_numbers(tiny_llama, short_texts,
+                                                                           monkeypatch):
+    from dtypelab.models import model_inputs
+
+    inputs = model_inputs(tiny_llama, texts=short_texts)
+    variants = {f: cast_model(tiny_llama.model, f) for f in ("fp16", "bf16")}
+    whole = compare_models(tiny_llama.model, variants, inputs)
+    row_bytes = whole.output_shape[1] * whole.output_shape[2] * 4  # one row's float32 logits
+    monkeypatch.setattr(compare_module, "OUTPUT_BATCH_BYTES", 2 * row_bytes)  # two rows per forward
+    forwards = []
+    handle = variants["bf16"].register_forward_hook(lambda *_: forwards.append(1))
+    batched = compare_models(tiny_llama.model, variants, inputs)
+    handle.remove()
+    rows = inputs["input_ids"].shape[0]
+    assert batched.batches == math.ceil(rows / 2) > 1 and len(forwards) == batched.batches
+    assert (batched.positions, batched.padding_positions) == (whole.positions, whole.padding_positions)
+    assert batched.output_shape == whole.output_shape and f"in {batched.batches} batches" in batched.to_text()
+    for one, split in zip(whole.variants, batched.variants, strict=True):
+        assert split.output is None  # nothing but the reference's output is held by default
+        assert_metrics_close(split.metrics, one.metrics)
+        # a forward of 2 rows rounds like one of all rows only up to float32 kernel blocking: 1e-5 relative
+        assert split.metrics.kl_divergence == pytest.approx(one.metrics.kl_divergence, rel=1e-5)
+        assert split.metrics.top1_agreement == one.metrics.top1_agreement
+        for field in ("positions", "kl_mean", "kl_max", "same_top_p", "ln_ppl_ratio"):
+            assert getattr(split.next_token, field) == pytest.approx(getattr(one.next_token, field),
+                                                                     rel=1e-5), field
+
+
+def test_keep_outputs_joins_the_batches_back(tiny_llama, short_texts, monkeypatch):
+    from dtypelab.models import model_inputs
+
+    inputs = model_inputs(tiny_llama, texts=short_texts)
+    monkeypatch.setattr(compare_module, "OUTPUT_BATCH_BYTES", 1)  # one row per forward
+    result = compare_models(tiny_llama.model, {"fp32": tiny_llama.model}, inputs, keep_outputs=True)
+    assert result.batches == inputs["input_ids"].shape[0]
+    assert torch.equal(result.reference_output, result.variants[0].output)
+    assert tuple(result.reference_output.shape) == result.output_shape
+    assert result.variants[0].metrics.sqnr_db == math.inf
 
 
 # ---- ErrorSums / measure: the same metrics in bounded memory ----

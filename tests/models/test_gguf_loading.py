@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -227,6 +229,25 @@ def test_a_killed_first_load_leaves_nothing_a_later_load_trusts(tiny, cache):
     (folder / "model.safetensors").write_bytes(b"half")
     assert cached_gguf_folder(path) == folder and (folder / loading_module.CACHE_COMPLETE).is_file()
     assert load(str(folder)).kind == ModelKind.CAUSAL_LM
+
+
+def test_a_sigkilled_first_load_leaves_a_temporary_the_next_first_load_removes(tiny, cache):
+    path, _ = tiny
+    name = cached_gguf_folder(path).name
+    shutil.rmtree(cache / name)  # back to a first load, now that the folder's name is known
+    # A SIGKILL runs no cleanup: plant what stays behind. The dead owner's folder, one without an owner
+    # file (killed before writing it), and a live concurrent load's folder (this process owns it).
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale, live = [cache / f".{name}.dead", cache / f".{name}.ownerless"], cache / f".{name}.live"
+    for folder, owner in [(stale[0], dead), (stale[1], None), (live, str(os.getpid()))]:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+        if owner:
+            (folder / loading_module.CACHE_OWNER).write_text(owner + "\n")
+    folder = cached_gguf_folder(path)
+    assert not any(f.exists() for f in stale) and live.is_dir()  # a live load's folder is left alone
+    assert (folder / loading_module.CACHE_COMPLETE).is_file()
 
 
 def test_a_builtin_gguf_goes_through_the_cache(tiny, cache, monkeypatch):

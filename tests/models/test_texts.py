@@ -120,14 +120,19 @@ def test_model_inputs_from_a_text_set(tiny_llama):
     assert overlapping["input_ids"].shape == ((n_cal - 256) // 128 + 1, 256)
     assert torch.equal(overlapping["input_ids"][1, :128], overlapping["input_ids"][0, 128:])
     assert model_inputs(tiny_llama, text_set="evaluation")["input_ids"].shape[1] == 512  # default ctx
+    first = model_inputs(tiny_llama, text_set="evaluation", ctx=128, windows=3)["input_ids"]
+    assert torch.equal(first, batch["input_ids"][:3])  # the first windows, not a sample
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"ctx": 64}, "--ctx and --stride need --text-set"),
-    ({"texts": ["hi there"], "stride": 8}, "--ctx and --stride need --text-set"),
+    ({"ctx": 64}, "--ctx, --stride and --windows need --text-set"),
+    ({"texts": ["hi there"], "stride": 8}, "--ctx, --stride and --windows need --text-set"),
     ({"text_set": "evaluation", "texts": ["hi"]}, r"several inputs given \(--text, --text-set\)"),
     ({"text_set": "evaluation", "ctx": 513}, r"longer than the model accepts \(512 tokens\)"),
     ({"text_set": "held-out"}, "unknown text set 'held-out'"),
+    ({"windows": 2}, "--ctx, --stride and --windows need --text-set"),
+    ({"text_set": "evaluation", "windows": 0}, "--windows 0 selects nothing"),
+    ({"text_set": "evaluation", "windows": 10**6}, r"--windows 1000000: the text holds only \d+ windows"),
 ])
 def test_model_inputs_errors(tiny_llama, kwargs, message):
     with pytest.raises(InputError, match=message) as info:
@@ -169,5 +174,5 @@ def test_compare_on_the_evaluation_text(capsys):
 def test_ctx_without_a_text_set_is_refused(capsys, argv):
     code, out, err = run_cli(capsys, *argv)
     assert code == 2 and out == ""
-    assert err.strip() == ("error: --ctx and --stride need --text-set: "
+    assert err.strip() == ("error: --ctx, --stride and --windows need --text-set: "
                            "add --text-set evaluation or calibration")

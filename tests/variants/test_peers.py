@@ -130,7 +130,7 @@ def test_build_variants_mixes_formats_peers_and_failures():
     assert any(n.startswith("emulated:") for n in notes) and any(n.startswith("peers (quanto") for n in notes)
 
 
-def _raise_import_error(model: nn.Module) -> None:
+def _raise_import_error(model: nn.Module, skip: set[str]) -> None:
     raise ImportError("No module named 'optimum'")
 
 
@@ -143,7 +143,7 @@ def test_missing_package_says_how_to_install(monkeypatch):
 
 
 def test_failure_inside_an_installed_peer_keeps_its_reason(monkeypatch):
-    def boom(model: nn.Module) -> None:
+    def boom(model: nn.Module, skip: set[str]) -> None:
         raise RuntimeError("no kernel for this CPU\nsecond line")
 
     monkeypatch.setitem(PEERS, "torchao:int8wo", Peer("torchao:int8wo", "torchao", "", boom))
@@ -179,9 +179,29 @@ def test_quantized_subclasses_count_as_float32_in_the_reference_size():
 def test_missing_piece_inside_an_installed_peer_is_a_version_reason(monkeypatch):
     pytest.importorskip("torchao")
 
-    def missing_config(model: nn.Module) -> None:
+    def missing_config(model: nn.Module, skip: set[str]) -> None:
         raise ImportError("cannot import name 'NoSuchConfig' from 'torchao.quantization'")
 
     monkeypatch.setitem(PEERS, "torchao:int8wo", Peer("torchao:int8wo", "torchao", "", missing_config))
     with pytest.raises(PeerError, match=r"unavailable with this torchao / torch version / device: cannot"):
         run_peer(_mlp(), "torchao:int8wo")
+
+
+@pytest.mark.parametrize("spec", ["quanto:qint8", "torchao:int8wo"])
+def test_a_peer_leaves_the_head_and_kept_modules_dense_and_lists_every_layer(tiny_llama, spec):
+    """Held to our formats' scope: lm_head dense unless --head, --keep honoured, every outcome listed."""
+    pytest.importorskip(spec.split(":")[0].replace("quanto", "optimum.quanto"))
+    from dtypelab.quant import HEAD_REASON, KEPT_REASON, KeepPolicy
+
+    model = tiny_llama.model
+    keep = KeepPolicy.from_strings(["model.layers.0.mlp"]).kept_roots(model)
+    run = run_peer(model, spec, keep)
+    outcomes = {layer.name: layer for layer in run.layers}
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert sorted(outcomes) == sorted(linears)
+    assert outcomes["lm_head"].reason == HEAD_REASON and not outcomes["lm_head"].quantized
+    kept = [n for n in linears if n.startswith("model.layers.0.mlp.")]
+    assert kept and all(outcomes[n].reason == KEPT_REASON for n in kept)
+    assert all(outcomes[n].quantized for n in linears if n not in kept and n != "lm_head")
+    with_head = run_peer(model, spec, head=True)
+    assert next(layer for layer in with_head.layers if layer.name == "lm_head").quantized

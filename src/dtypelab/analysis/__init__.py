@@ -3,12 +3,13 @@
 Analysis stage, above :mod:`dtypelab.variants`: everything that measures a reference against its variants.
 """
 
-from .compare import ComparisonResult, VariantResult, compare_models
+from .compare import OUTPUT_BATCH_BYTES, ComparisonResult, VariantResult, compare_models
 from .headroom import HeadroomReport, LayerHeadroom, RangeCounts, keep_list, predict_headroom
 from .layers import DEFAULT_THRESHOLD_DB, MODES, LayerComparison, LayerRow, VariantLayers, compare_layers
 from .metrics import (
     ErrorSums,
     NextTokenMetrics,
+    NextTokenSums,
     OutputMetrics,
     cosine_similarity,
     kl_divergence,
@@ -25,6 +26,7 @@ from .metrics import (
     valid_positions,
 )
 from .run import (
+    batch_rows,
     input_dtype,
     is_logits_output,
     named_output,
@@ -32,13 +34,15 @@ from .run import (
     run_model,
     select_layers,
     select_output,
+    split_rows,
 )
 from .timing import forward_latency_ms, paired_latency_ms
 from .verdict import NOISE_MARGIN_DB, noise_floor_db, rounding_floor_db, variant_verdict
 from .weights import WeightReport, WeightStats, weight_stats
 
 __all__ = [
-    "DEFAULT_THRESHOLD_DB", "MODES", "NOISE_MARGIN_DB", "ComparisonResult", "ErrorSums", "HeadroomReport",
+    "DEFAULT_THRESHOLD_DB", "MODES", "OUTPUT_BATCH_BYTES", "NextTokenSums", "batch_rows",
+    "split_rows", "NOISE_MARGIN_DB", "ComparisonResult", "ErrorSums", "HeadroomReport",
     "LayerComparison", "LayerHeadroom", "LayerRow", "NextTokenMetrics", "OutputMetrics", "RangeCounts",
     "VariantLayers", "VariantResult", "WeightReport", "WeightStats", "compare_layers", "compare_models",
     "cosine_similarity", "forward_latency_ms", "input_dtype", "is_logits_output", "keep_list",

@@ -22,14 +22,15 @@ from ..quant import LayerOutcome, inspect_model
 from ..report import Table, TableMixin, format_cell
 from ..variants import Variant, as_variants, is_peer_spec
 from .metrics import (
+    ErrorSums,
     NextTokenMetrics,
+    NextTokenSums,
     OutputMetrics,
-    next_token_metrics,
     output_metrics,
     pooled_cosines,
     valid_positions,
 )
-from .run import is_logits_output, named_output, run_model, select_output
+from .run import batch_rows, is_logits_output, named_output, run_model, select_output, split_rows
 from .timing import SLOWER_MARGIN, forward_latency_ms, is_clearly_slower, take_turns
 
 
@@ -87,8 +88,11 @@ class VariantResult:
 class ComparisonResult(TableMixin):
     """Reference output plus one :class:`VariantResult` per variant, in the order given.
 
-    ``output_name`` is the output field compared; ``positions`` how many token positions (or rows)
-    entered the metrics and ``padding_positions`` how many padding positions were left out.
+    ``output_name`` is the output field compared, ``output_shape`` its shape; ``positions`` how many
+    token positions (or rows) entered the metrics and ``padding_positions`` how many padding positions
+    were left out; ``batches``: how many forwards of the input each model took (a long text's logits
+    are measured a batch of windows at a time, :data:`OUTPUT_BATCH_BYTES`). ``reference_output`` (and
+    each variant's ``output``) is kept only when asked for (``keep_outputs``).
     ``reference_latency_ms``: when timed, the median of every reference forward timed in turns with the
     variants (each row's ratio divides by the reference's runs beside that variant, its own
     ``reference_latency_ms``); ``reference_runs``: how many runs that was.
@@ -103,6 +107,8 @@ class ComparisonResult(TableMixin):
     padding_positions: int = 0
     reference_latency_ms: float | None = None
     reference_runs: int = 0
+    output_shape: tuple[int, ...] = ()
+    batches: int = 1
 
     @property
     def has_embeddings(self) -> bool:
@@ -117,8 +123,9 @@ class ComparisonResult(TableMixin):
                    "rel_error", "sqnr_db", "cosine"] + (["kl_div", "top1_agree"] if self.logits else [])
         columns += ["emb_cos_mean", "emb_cos_min"] if self.has_embeddings else []
         columns += ["ms", "fp32 ms", "x fp32 ms", "x per round"] if self.timed else []
-        notes = [f"compared: {self.output_name} {list(self.reference_output.shape)}, {self.positions:,} "
-                 f"positions ({self.padding_positions:,} padding positions left out)"]
+        batched = f", in {self.batches} batches of inputs" if self.batches > 1 else ""
+        notes = [f"compared: {self.output_name} {list(self.output_shape)}, {self.positions:,} "
+                 f"positions ({self.padding_positions:,} padding positions left out){batched}"]
         notes += [note for v in self.variants for note in _layer_notes(v)]
         notes += [f"{v.name}: convert cannot write it: {v.convert}" for v in self.variants if v.convert]
         if self.timed:
@@ -178,10 +185,12 @@ class ComparisonResult(TableMixin):
         rows = [_next_token_row(v) for v in self.variants if v.next_token is not None]
         if not rows:
             return [self.to_table()]
-        columns = ["variant", "KL mean ± se", "KL median", "KL p99", "KL max", "same top p ± se",
-                   "mean Δp", "RMS Δp", "ln(PPL/PPL_ref) ± se"]
-        notes = [f"{self.variants[0].next_token.positions:,} next-token positions; KL(reference ‖ variant) "
-                 "in nats; Δp: change in the probability of the reference's top token"]
+        columns = ["variant", "PPL", "ln(PPL/PPL_ref) ± se", "KL mean ± se", "KL median", "KL p99", "KL max",
+                   "same top p ± se", "mean Δp", "RMS Δp", "bits/elem"]
+        first = next(v.next_token for v in self.variants if v.next_token is not None)
+        notes = [f"{first.positions:,} next-token positions; reference (float32) perplexity "
+                 f"{format_cell(first.reference_perplexity)}; KL(reference ‖ variant) in nats; Δp: change in "
+                 "the probability of the reference's top token"]
         return [self.to_table(), Table("Next-token report (llama.cpp --kl-divergence)", columns, rows, notes)]
 
 
@@ -220,16 +229,17 @@ def _pm(mean: float, stderr: float) -> str:
 
 def _next_token_row(variant: VariantResult) -> list:
     n = variant.next_token
-    return [variant.name, _pm(n.kl_mean, n.kl_stderr), n.kl_median, n.kl_p99, n.kl_max,
+    return [variant.name, n.candidate_perplexity, _pm(n.ln_ppl_ratio, n.ln_ppl_ratio_stderr),
+            _pm(n.kl_mean, n.kl_stderr), n.kl_median, n.kl_p99, n.kl_max,
             f"{100 * n.same_top_p:.2f}% ± {100 * n.same_top_p_stderr:.2f}%", n.delta_p_mean, n.delta_p_rms,
-            _pm(n.ln_ppl_ratio, n.ln_ppl_ratio_stderr)]
+            variant.bits_per_element]
 
 
 def compare_models(reference: nn.Module, variants: Mapping[str, nn.Module | Variant] | Iterable[Variant],
                    inputs: torch.Tensor | Mapping[str, torch.Tensor], *, output_name: str | None = None,
                    output_kind: str = OutputKind.AUTO, next_token: bool | None = None,
                    timing: bool = False, model_kind: ModelKind | None = None,
-                   progress: ProgressCallback | None = None) -> ComparisonResult:
+                   progress: ProgressCallback | None = None, keep_outputs: bool = False) -> ComparisonResult:
     """Run the same inputs through ``reference`` and every variant and measure how far each moved.
 
     Args:
@@ -252,14 +262,15 @@ def compare_models(reference: nn.Module, variants: Mapping[str, nn.Module | Vari
             :class:`~dtypelab.models.LoadedModel`'s ``kind``); otherwise it is decided once, here.
         progress: a :data:`~dtypelab.progress.ProgressCallback`, told each variant measured
             (stage ``compare``); returning False cancels.
+        keep_outputs: keep the reference's and every variant's whole compared output on the result
+            (``reference_output``, ``output``); off by default, since a long text's logits are
+            gigabytes per model and the metrics never need them after measuring.
 
     Returns:
         A :class:`ComparisonResult` whose rows hold each variant's stored bytes and :class:`OutputMetrics`,
         plus pooled-embedding cosines for hidden-state outputs and :class:`NextTokenMetrics` for LMs.
     """
-    raw = run_model(reference, inputs)
-    name, ref_out = named_output(raw, output_name)
-    context = _Context(name, ref_out, is_logits_output(raw, output_kind), *_mask_and_ids(inputs))
+    context = _reference_context(reference, inputs, output_name, output_kind, keep_outputs)
     context.next_token = _wants_next_token(next_token, model_kind or kind_of(reference), context)
     context.timer = reference if timing else None
     context.numel = stored_numel(reference)
@@ -269,12 +280,51 @@ def compare_models(reference: nn.Module, variants: Mapping[str, nn.Module | Vari
     for variant in listed:
         rows.append(_variant_result(variant, inputs, context))
         bar.advance(detail=variant.name)
-    compared = valid_positions(ref_out, context.mask)
-    positions = compared.shape[0] * compared.shape[1] if compared.dim() >= 3 else compared.shape[0]
-    padding = ref_out.shape[0] * ref_out.shape[1] - positions if compared is not ref_out else 0
     ref_ms, runs = _reference_latency(reference, inputs, context) if timing else (None, 0)
-    return ComparisonResult(stored_nbytes(reference), rows, context.logits, ref_out, name,
-                            positions, padding, ref_ms, runs)
+    kept = torch.cat(context.references) if keep_outputs else None
+    return ComparisonResult(stored_nbytes(reference), rows, context.logits, kept, context.name,
+                            context.positions, context.padding, ref_ms, runs, context.shape,
+                            len(context.batches))
+
+
+OUTPUT_BATCH_BYTES = 256 << 20  # compared output per forward: a long text runs a batch of windows at a time
+
+
+def _reference_context(reference: nn.Module, inputs, output_name: str | None, output_kind: str,
+                       keep_outputs: bool) -> _Context:
+    """Run the reference and keep what every variant is measured against: its selected output, batch by
+    batch. Inputs whose output would pass :data:`OUTPUT_BATCH_BYTES` (30 windows of 512 tokens of a
+    49,152-token vocabulary are 3 GB of logits) are split along the batch into runs that stay under it,
+    judged from one row's output; every variant then runs the same batches, so no variant's whole
+    output is ever held, only the reference's."""
+    batches = _batches(reference, inputs, output_name)
+    references, raw = [], None
+    for batch in batches:
+        raw = run_model(reference, batch)
+        name, out = named_output(raw, output_name)
+        references.append(out)
+    shape = (sum(r.shape[0] for r in references), *references[0].shape[1:]) if len(references) > 1 \
+        else tuple(references[0].shape)
+    context = _Context(name, references, is_logits_output(raw, output_kind), batches, keep_outputs, shape)
+    for batch, ref in zip(batches, references, strict=True):
+        mask = _mask_and_ids(batch)[0]
+        compared = valid_positions(ref, mask)
+        positions = compared.shape[0] * compared.shape[1] if compared.dim() >= 3 else compared.shape[0]
+        context.positions += positions
+        context.padding += ref.shape[0] * ref.shape[1] - positions if compared is not ref else 0
+    return context
+
+
+def _batches(reference: nn.Module, inputs, output_name: str | None) -> list:
+    """The inputs as one batch, or split along dimension 0 when the output of all of them would pass
+    :data:`OUTPUT_BATCH_BYTES` (one row's output, from a forward of the first row, tells)."""
+    rows = batch_rows(inputs)
+    if rows is None or rows < 2:
+        return [inputs]
+    _, probe = named_output(run_model(reference, split_rows(inputs, 1)[0]), output_name)
+    if probe.dim() == 0 or probe.shape[0] != 1 or probe.nbytes * rows <= OUTPUT_BATCH_BYTES:
+        return [inputs]
+    return split_rows(inputs, max(1, OUTPUT_BATCH_BYTES // max(probe.nbytes, 1)))
 
 
 def _reference_latency(reference: nn.Module, inputs, context: _Context) -> tuple[float, int]:
@@ -288,17 +338,24 @@ def _reference_latency(reference: nn.Module, inputs, context: _Context) -> tuple
 
 @dataclass
 class _Context:
-    """What every variant is measured against."""
+    """What every variant is measured against: the reference's output per batch of inputs."""
 
     name: str
-    reference: torch.Tensor
+    references: list[torch.Tensor]
     logits: bool
-    mask: torch.Tensor | None
-    input_ids: torch.Tensor | None
+    batches: list
+    keep_outputs: bool = False
+    shape: tuple[int, ...] = ()
+    positions: int = 0
+    padding: int = 0
     next_token: bool = False
     timer: nn.Module | None = None  # the reference, when latencies are measured
     numel: int = 0  # the reference's elements, for bits per element
     reference_ms: list[float] = field(default_factory=list)  # every reference run timed, for the footer
+
+    @property
+    def input_ids(self) -> torch.Tensor | None:
+        return _mask_and_ids(self.batches[0])[1]
 
 
 def _mask_and_ids(inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> tuple:
@@ -310,8 +367,9 @@ def _mask_and_ids(inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> tuple:
 def _wants_next_token(requested: bool | None, kind: ModelKind, context: _Context) -> bool:
     if requested is not None:
         return requested
-    return (context.logits and context.input_ids is not None and context.reference.dim() == 3
-            and context.reference.shape[1] > 1 and kind == ModelKind.CAUSAL_LM)
+    first = context.references[0]
+    return (context.logits and context.input_ids is not None and first.dim() == 3
+            and first.shape[1] > 1 and kind == ModelKind.CAUSAL_LM)
 
 
 def _variant_result(variant: Variant, inputs, context: _Context) -> VariantResult:
@@ -319,26 +377,48 @@ def _variant_result(variant: Variant, inputs, context: _Context) -> VariantResul
     if not variant.ok:
         return VariantResult(name, "", 0, None, None, failure=variant.failure)
     try:
-        out = select_output(run_model(model, inputs), context.name)
+        measured = _measure(model, context)
     except (RuntimeError, NotImplementedError, TypeError) as exc:  # e.g. a peer's kernel missing here
         reason = f"forward failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
         return VariantResult(name, "", 0, None, None, failure=reason)
     info = inspect_model(model)
     dtypes = "+".join(s.dtype for s in info.by_dtype)
     stored = stored_nbytes(model)
-    ref, mask = context.reference, context.mask
-    metrics = output_metrics(valid_positions(ref, mask), valid_positions(out, mask), context.logits)
-    extra: dict = {}
-    if context.name == "last_hidden_state" and not context.logits:
-        cosines = pooled_cosines(ref, out, mask)
-        extra = {"embedding_cosine_mean": cosines.mean().item(), "embedding_cosine_min": cosines.min().item()}
-    if context.next_token:
-        extra["next_token"] = next_token_metrics(ref, out, context.input_ids, mask)
     emulated = variant.format is not None and variant.format.is_quantized
     writable = convert_support(variant.format) if variant.format is not None else None
-    return VariantResult(name, dtypes, stored, metrics, out, **extra, emulated=emulated,
+    return VariantResult(name, dtypes, stored, **measured, emulated=emulated,
                          layers=variant.layers, convert=writable,
                          **_size_and_speed(model, inputs, stored, context))
+
+
+def _measure(model: nn.Module, context: _Context) -> dict:
+    """The variant run on each batch of the reference's inputs and measured against it: one batch with
+    the whole-tensor metrics (the seed notebook's float32 mean, to the last digit), several through
+    :class:`~dtypelab.analysis.metrics.ErrorSums` and :class:`NextTokenSums`, which give the same
+    numbers while holding one batch's output at a time."""
+    sums, next_token, cosines, outputs, metrics = ErrorSums(), NextTokenSums(), [], [], None
+    hidden = context.name == "last_hidden_state" and not context.logits
+    single = len(context.batches) == 1
+    for batch, ref in zip(context.batches, context.references, strict=True):
+        out = select_output(run_model(model, batch), context.name)
+        mask, ids = _mask_and_ids(batch)
+        if single:
+            metrics = output_metrics(valid_positions(ref, mask), valid_positions(out, mask), context.logits)
+        else:
+            sums.add(valid_positions(ref, mask), valid_positions(out, mask), context.logits)
+        if hidden:
+            cosines.append(pooled_cosines(ref, out, mask))
+        if context.next_token:
+            next_token.add(ref, out, ids, mask)
+        if context.keep_outputs:
+            outputs.append(out)
+    result = {"metrics": metrics or sums.metrics(), "output": torch.cat(outputs) if outputs else None}
+    if cosines:
+        joined = torch.cat(cosines)
+        result |= {"embedding_cosine_mean": joined.mean().item(), "embedding_cosine_min": joined.min().item()}
+    if context.next_token:
+        result["next_token"] = next_token.metrics()
+    return result
 
 
 def _size_and_speed(model: nn.Module, inputs, stored_bytes: int, context: _Context) -> dict:

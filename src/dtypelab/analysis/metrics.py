@@ -153,8 +153,10 @@ class NextTokenMetrics:
     ``same_top_p`` is the share of positions where both pick the same most likely token. ``delta_p``
     is p_candidate − p_reference of the reference's most likely token. ``ln_ppl_ratio`` is
     ln(PPL(candidate)/PPL(reference)) on the input text: the mean change of the actual next token's
-    negative log-likelihood. ``*_stderr`` are standard errors of the means; the median and p99
-    interpolate between positions (``torch.quantile``).
+    negative log-likelihood. ``reference_perplexity`` / ``candidate_perplexity``: exp of the mean
+    negative log-likelihood of the actual next tokens under each model (as transformers' loss gives).
+    ``*_stderr`` are standard errors of the means; the median and p99 interpolate between positions
+    (``torch.quantile``).
     """
 
     positions: int
@@ -169,6 +171,8 @@ class NextTokenMetrics:
     delta_p_rms: float
     ln_ppl_ratio: float
     ln_ppl_ratio_stderr: float
+    reference_perplexity: float
+    candidate_perplexity: float
 
 
 NEXT_TOKEN_CHUNK = 256  # positions per float64 block: bounds memory at 256 x vocab x 8 bytes per copy
@@ -179,24 +183,47 @@ def next_token_metrics(reference: torch.Tensor, candidate: torch.Tensor, input_i
     """Compare two causal LMs' logits ``(batch, seq, vocab)`` on the text ``input_ids`` ``(batch, seq)``.
 
     Position t's logits predict token t+1; a position counts when both t and t+1 are real tokens.
-    Computed in float64, a block of positions at a time.
+    Computed in float64, a block of positions at a time (:class:`NextTokenSums` over one batch).
     """
-    if reference.shape != candidate.shape or reference.shape[:2] != input_ids.shape:
-        raise InputError(f"logits {tuple(candidate.shape)} do not match token ids {tuple(input_ids.shape)}: "
-                         "compare the logits output of a causal LM")
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    valid = (mask[:, 1:].bool() & mask[:, :-1].bool()).to(reference.device)  # (batch, seq-1)
-    targets = input_ids[:, 1:].to(reference.device)[valid]  # (positions,)
-    ref, cand = reference[:, :-1][valid], candidate[:, :-1][valid]  # (positions, vocab)
-    if not len(targets):
-        raise InputError("the input has no next token to predict: give texts of at least two tokens")
-    blocks = [slice(i, i + NEXT_TOKEN_CHUNK) for i in range(0, len(targets), NEXT_TOKEN_CHUNK)]
-    parts = [_next_token_block(ref[b], cand[b], targets[b]) for b in blocks]
-    kl, same, delta_p, delta_nll = (torch.cat(column) for column in zip(*parts, strict=True))
-    median, p99 = kl.quantile(0.5).item(), kl.quantile(0.99).item()
-    return NextTokenMetrics(len(targets), *_mean_stderr(kl), median, p99, kl.max().item(),
-                            *_mean_stderr(same), delta_p.mean().item(), delta_p.pow(2).mean().sqrt().item(),
-                            *_mean_stderr(delta_nll))
+    sums = NextTokenSums()
+    sums.add(reference, candidate, input_ids, attention_mask)
+    return sums.metrics()
+
+
+class NextTokenSums:
+    """:class:`NextTokenMetrics` fed a batch of windows at a time: the per-position values (KL, same top
+    token, Δp, Δ negative log-likelihood; 4 float64 each) are kept, the logits never are, so a text of
+    any length is measured holding one batch's logits. Feeding batches gives the same numbers as one
+    call on the whole text (every value is per position; quantiles are taken once, at the end)."""
+
+    def __init__(self) -> None:
+        self._parts: list[tuple[torch.Tensor, ...]] = []
+
+    def add(self, reference: torch.Tensor, candidate: torch.Tensor, input_ids: torch.Tensor,
+            attention_mask: torch.Tensor | None = None) -> None:
+        """Accumulate one batch: logits ``(batch, seq, vocab)`` and its ``input_ids`` ``(batch, seq)``."""
+        if reference.shape != candidate.shape or reference.shape[:2] != input_ids.shape:
+            raise InputError(f"logits {tuple(candidate.shape)} do not match token ids "
+                             f"{tuple(input_ids.shape)}: compare the logits output of a causal LM")
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        valid = (mask[:, 1:].bool() & mask[:, :-1].bool()).to(reference.device)  # (batch, seq-1)
+        targets = input_ids[:, 1:].to(reference.device)[valid]  # (positions,)
+        ref, cand = reference[:, :-1][valid], candidate[:, :-1][valid]  # (positions, vocab)
+        for start in range(0, len(targets), NEXT_TOKEN_CHUNK):
+            block = slice(start, start + NEXT_TOKEN_CHUNK)
+            self._parts.append(tuple(v.cpu() for v in _next_token_block(ref[block], cand[block],
+                                                                          targets[block])))
+
+    def metrics(self) -> NextTokenMetrics:
+        if not self._parts:
+            raise InputError("the input has no next token to predict: give texts of at least two tokens")
+        columns = zip(*self._parts, strict=True)
+        kl, same, delta_p, ref_nll, cand_nll = (torch.cat(column) for column in columns)
+        median, p99 = kl.quantile(0.5).item(), kl.quantile(0.99).item()
+        return NextTokenMetrics(len(kl), *_mean_stderr(kl), median, p99, kl.max().item(),
+                                *_mean_stderr(same), delta_p.mean().item(),
+                                delta_p.pow(2).mean().sqrt().item(), *_mean_stderr(cand_nll - ref_nll),
+                                math.exp(ref_nll.mean().item()), math.exp(cand_nll.mean().item()))
 
 
 def _next_token_block(reference: torch.Tensor, candidate: torch.Tensor, targets: torch.Tensor) -> tuple:
@@ -207,8 +234,8 @@ def _next_token_block(reference: torch.Tensor, candidate: torch.Tensor, targets:
     same = (cand_logp.argmax(-1, keepdim=True) == top).double().squeeze(-1)
     delta_p = (cand_logp.gather(-1, top).exp() - ref_logp.gather(-1, top).exp()).squeeze(-1)
     target = targets.unsqueeze(-1)
-    delta_nll = (ref_logp.gather(-1, target) - cand_logp.gather(-1, target)).squeeze(-1)
-    return kl, same, delta_p, delta_nll
+    ref_nll, cand_nll = (-logp.gather(-1, target).squeeze(-1) for logp in (ref_logp, cand_logp))
+    return kl, same, delta_p, ref_nll, cand_nll
 
 
 def _mean_stderr(values: torch.Tensor) -> tuple[float, float]:
@@ -225,7 +252,9 @@ class ErrorSums:
     """Running sums from which every :class:`OutputMetrics` field (but KL / top-1) follows.
 
     Feeding a tensor pair in chunks gives the same numbers as the whole-tensor metrics in
-    this module while holding only ``_CHUNK_ELEMENTS`` float64 values per operand.
+    this module while holding only ``_CHUNK_ELEMENTS`` float64 values per operand. Pairs added with
+    ``logits=True`` also sum KL and top-1 agreement per position (last dimension = classes), so the
+    metrics of a long text fed a batch at a time are those of the whole text.
     """
 
     def __init__(self) -> None:
@@ -234,9 +263,12 @@ class ErrorSums:
         self.sum_abs_diff = self.sum_sq_diff = self.sum_sq_ref = self.sum_sq_cand = self.sum_dot = 0.0
         self.max_abs_diff = -math.inf
         self.reference_absmax = 0.0
+        self.logit_rows = 0
+        self.sum_kl = self.sum_top1 = 0.0
 
-    def add(self, reference: torch.Tensor, candidate: torch.Tensor) -> None:
-        """Accumulate one (reference, candidate) pair of equal shape, chunk by chunk."""
+    def add(self, reference: torch.Tensor, candidate: torch.Tensor, logits: bool = False) -> None:
+        """Accumulate one (reference, candidate) pair of equal shape, chunk by chunk (``logits``: also
+        KL and top-1 over its rows)."""
         if reference.shape != candidate.shape:
             raise InputError(f"layer output shapes differ: reference {tuple(reference.shape)}, candidate "
                              f"{tuple(candidate.shape)}: compare variants of the same architecture")
@@ -244,6 +276,20 @@ class ErrorSums:
         for start in range(0, ref.numel(), _CHUNK_ELEMENTS):
             self._add_chunk(ref[start:start + _CHUNK_ELEMENTS].double(),
                             cand[start:start + _CHUNK_ELEMENTS].double())
+        if logits:
+            self._add_logits(reference.detach(), candidate.detach())
+
+    def _add_logits(self, reference: torch.Tensor, candidate: torch.Tensor) -> None:
+        """KL and top-1 summed over rows, ``_CHUNK_ELEMENTS // classes`` rows at a time, with compare's
+        own functions (both are means over rows, so sums of row-count-weighted means)."""
+        classes = reference.shape[-1]
+        ref, cand = reference.reshape(-1, classes), candidate.reshape(-1, classes)
+        rows = max(1, _CHUNK_ELEMENTS // classes)
+        for start in range(0, ref.shape[0], rows):
+            r, c = ref[start:start + rows], cand[start:start + rows]
+            self.sum_kl += kl_divergence(r, c) * r.shape[0]
+            self.sum_top1 += top1_agreement(r, c) * r.shape[0]
+        self.logit_rows += ref.shape[0]
 
     def _add_chunk(self, ref: torch.Tensor, cand: torch.Tensor) -> None:
         diff = (cand - ref).abs()
@@ -258,8 +304,12 @@ class ErrorSums:
         self.max_abs_diff = _max_keeping_nan(self.max_abs_diff, diff.max().item())
         self.reference_absmax = _max_keeping_nan(self.reference_absmax, ref.abs().max().item())
 
-    def metrics(self, **extra: float | None) -> OutputMetrics:
-        """The accumulated :class:`OutputMetrics` (``extra`` adds kl_divergence / top1_agreement)."""
+    def metrics(self) -> OutputMetrics:
+        """The accumulated :class:`OutputMetrics` (KL / top-1 when pairs were added as logits)."""
+        extra = {}
+        if self.logit_rows:
+            extra = {"kl_divergence": self.sum_kl / self.logit_rows,
+                     "top1_agreement": self.sum_top1 / self.logit_rows}
         noise, signal = self.sum_sq_diff, self.sum_sq_ref
         rel = _ratio(math.sqrt(noise), math.sqrt(signal))
         denom = math.sqrt(signal) * math.sqrt(self.sum_sq_cand)
@@ -276,19 +326,8 @@ def _max_keeping_nan(running: float, chunk: float) -> float:
 
 
 def measure(reference: torch.Tensor, candidate: torch.Tensor, logits: bool = False) -> OutputMetrics:
-    """:func:`output_metrics` in bounded memory: KL and top-1 are taken over chunks
-    of positions with compare's own functions and averaged by position count (both are means)."""
+    """:func:`output_metrics` in bounded memory (:class:`ErrorSums` over one pair): KL and top-1 are
+    taken over chunks of positions with compare's own functions and averaged by position count."""
     sums = ErrorSums()
-    sums.add(reference, candidate)
-    if not logits:
-        return sums.metrics()
-    classes = reference.shape[-1]
-    ref, cand = reference.reshape(-1, classes), candidate.reshape(-1, classes)
-    rows = max(1, _CHUNK_ELEMENTS // classes)
-    kl = top1 = 0.0
-    for start in range(0, ref.shape[0], rows):
-        r, c = ref[start:start + rows], cand[start:start + rows]
-        kl += kl_divergence(r, c) * r.shape[0]
-        top1 += top1_agreement(r, c) * r.shape[0]
-    count = max(ref.shape[0], 1)
-    return sums.metrics(kl_divergence=kl / count, top1_agreement=top1 / count)
+    sums.add(reference, candidate, logits)
+    return sums.metrics()

@@ -32,6 +32,26 @@ def run_model(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor
     return model(**kwargs) if isinstance(inputs, Mapping) else model(inputs, **kwargs)
 
 
+def batch_rows(inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> int | None:
+    """How many rows (sentences, windows) the inputs hold along dimension 0, or None when they cannot be
+    split there: a 0-d tensor, or keyword tensors that disagree on their first dimension."""
+    tensors = [inputs] if isinstance(inputs, torch.Tensor) else \
+        [v for v in inputs.values() if isinstance(v, torch.Tensor)]
+    sizes = {t.shape[0] if t.dim() else None for t in tensors}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def split_rows(inputs: torch.Tensor | Mapping[str, torch.Tensor], rows: int
+               ) -> list[torch.Tensor | dict[str, object]]:
+    """The inputs in consecutive runs of ``rows`` rows (the last may be shorter); a keyword argument
+    that is not a tensor goes to every run whole. Views, not copies."""
+    if isinstance(inputs, torch.Tensor):
+        return list(inputs.split(rows))
+    total = batch_rows(inputs)
+    return [{k: v[start:start + rows] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            for start in range(0, total, rows)]
+
+
 def select_output(output: object, name: str | None = None) -> torch.Tensor:
     """The tensor to compare from a model's output: the tensor itself, or a named field of an
     output object / dict (default: ``logits``, else ``last_hidden_state``, else the first tensor)."""

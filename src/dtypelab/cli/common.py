@@ -58,7 +58,8 @@ def pickle_option(f: Callable) -> Callable:
 
 def input_options(f: Callable) -> Callable:
     """--text / --text-file / --input / --input-file / --text-set: one source; none = the model's default
-    input. --ctx / --stride shape a text set's windows (default None: 512 / ctx, refused without one)."""
+    input. --ctx / --stride / --windows shape a text set's windows (default None: 512 / ctx / all,
+    refused without one)."""
     for option in reversed([
         click.option("--text", "texts", multiple=True, help="A text to tokenise (repeatable: one batch)."),
         click.option("--text-file", type=click.Path(), help="Texts to tokenise, one per line."),
@@ -70,6 +71,9 @@ def input_options(f: Callable) -> Callable:
         click.option("--ctx", type=int, help=f"With --text-set: tokens per window [default: {DEFAULT_CTX}]."),
         click.option("--stride", type=int,
                      help="With --text-set: tokens between window starts [default: --ctx, no overlap]."),
+        click.option("--windows", type=int,
+                     help="With --text-set: measure only the first N windows (quicker, noisier) "
+                          "[default: all]."),
     ]):
         f = option(f)
     return f

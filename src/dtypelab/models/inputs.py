@@ -162,8 +162,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def model_inputs(loaded: LoadedModel, *, texts: Sequence[str] = (), text_file: str | Path | None = None,
                  input_ids: str | None = None, tensor_file: str | Path | None = None,
-                 text_set: str | None = None, ctx: int | None = None, stride: int | None = None
-                 ) -> torch.Tensor | dict[str, torch.Tensor]:
+                 text_set: str | None = None, ctx: int | None = None, stride: int | None = None,
+                 windows: int | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
     """The inputs for one forward pass of ``loaded``, from whichever single source the user gave.
 
     Args:
@@ -175,32 +175,37 @@ def model_inputs(loaded: LoadedModel, *, texts: Sequence[str] = (), text_file: s
             documentation prose (:mod:`dtypelab.models.texts`), cut into windows of ``ctx`` tokens.
         ctx: tokens per window (default 512); at most the model's ``max_length``.
         stride: tokens between window starts (default ``ctx``: non-overlapping).
+        windows: keep only the first this many windows (default: every full window of the text), as
+            llama.cpp's ``--chunks``: a quicker, noisier measurement.
 
     With no source: the built-in's default text set (when it has one), the model's default ids
     (``dummy``) or the bundled sentences (models with a tokenizer). Token ids given as one flat sequence
-    become a batch of one, ``(1, seq)``. ``ctx`` and ``stride`` apply to text sets only: given without
-    one (a ``text_set`` or a built-in whose default is one) they are refused rather than ignored.
+    become a batch of one, ``(1, seq)``. ``ctx``, ``stride`` and ``windows`` apply to text sets only:
+    given without one (a ``text_set`` or a built-in whose default is one) they are refused rather than
+    ignored.
 
     Returns:
         A tensor for plain modules, keyword arguments for Hugging Face models, on the model's device.
     """
-    raw = _inputs_from(loaded, texts, text_file, input_ids, tensor_file, text_set, ctx, stride)
+    raw = _inputs_from(loaded, texts, text_file, input_ids, tensor_file, text_set, ctx, stride, windows)
     return to_device(raw, loaded.device)
 
 
 def _inputs_from(loaded: LoadedModel, texts: Sequence[str], text_file: str | Path | None,
                  input_ids: str | None, tensor_file: str | Path | None, chosen_set: str | None,
-                 ctx: int | None, stride: int | None) -> torch.Tensor | dict[str, torch.Tensor]:
+                 ctx: int | None, stride: int | None, windows: int | None
+                 ) -> torch.Tensor | dict[str, torch.Tensor]:
     given = [name for name, value in [("--text", texts), ("--text-file", text_file), ("--input", input_ids),
                                       ("--input-file", tensor_file), ("--text-set", chosen_set)] if value]
     if len(given) > 1:
         raise InputError(f"several inputs given ({', '.join(given)}): choose one")
     entry = BUILTIN_MODELS.get(loaded.spec)
     chosen_set = chosen_set or (entry.text_set if entry is not None and not given else None)
-    if chosen_set is None and (ctx is not None or stride is not None):
-        raise InputError(f"--ctx and --stride need --text-set: add --text-set {' or '.join(TEXT_SETS)}")
+    if chosen_set is None and (ctx is not None or stride is not None or windows is not None):
+        raise InputError("--ctx, --stride and --windows need --text-set: add --text-set "
+                         f"{' or '.join(TEXT_SETS)}")
     if chosen_set is not None:
-        return _text_set_inputs(loaded, chosen_set, DEFAULT_CTX if ctx is None else ctx, stride)
+        return _text_set_inputs(loaded, chosen_set, DEFAULT_CTX if ctx is None else ctx, stride, windows)
     if texts or text_file:
         return _text_inputs(loaded, texts or read_text_file(text_file))
     if input_ids is not None or tensor_file is not None:
@@ -213,14 +218,15 @@ def _inputs_from(loaded: LoadedModel, texts: Sequence[str], text_file: str | Pat
     raise InputError(f"model {loaded.spec!r} has no default input: give token ids with --input '[[1, 2, 3]]'")
 
 
-def _text_set_inputs(loaded: LoadedModel, name: str, ctx: int, stride: int | None) -> dict[str, torch.Tensor]:
+def _text_set_inputs(loaded: LoadedModel, name: str, ctx: int, stride: int | None,
+                     windows: int | None) -> dict[str, torch.Tensor]:
     text = text_set(name)  # an unknown name is refused before the tokenizer is asked for
     if loaded.tokenizer is None:
         raise InputError(f"model {loaded.spec!r} has no tokenizer, so it cannot read --text-set {name}: give "
                          "token ids with --input '[[1, 0, 1]]' or a tensor file with --input-file")
-    windows = token_windows(loaded.tokenizer, text, ctx, stride, max_length=loaded.max_length)
-    validate_token_ids(loaded.model, windows["input_ids"])
-    return windows
+    cut = token_windows(loaded.tokenizer, text, ctx, stride, max_length=loaded.max_length, windows=windows)
+    validate_token_ids(loaded.model, cut["input_ids"])
+    return cut
 
 
 def _text_inputs(loaded: LoadedModel, texts: Sequence[str]) -> dict[str, torch.Tensor]:

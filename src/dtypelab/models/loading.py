@@ -16,9 +16,11 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -472,7 +474,8 @@ def cached_gguf_folder(gguf: Path) -> Path:
     The folder is named after the file, its size and modification time, so a changed file gets a new one.
     It is written into a temporary sibling, its marker file last, then renamed into place: a killed or
     concurrent first load leaves at most a temporary folder, never a half folder under the final name,
-    and a folder without the marker is rebuilt, never read.
+    and a folder without the marker is rebuilt, never read. A temporary folder left by a killed load
+    (its owner process gone) is removed by the next first load.
     """
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
@@ -482,7 +485,9 @@ def cached_gguf_folder(gguf: Path) -> Path:
         return final
     try:
         root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(root, final.name)
         temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+        (temporary / CACHE_OWNER).write_text(f"{os.getpid()}\n")
     except OSError as exc:
         raise ModelSpecError(f"cannot write the dtypelab cache {root} ({first_line(exc)}): set "
                              "DTYPELAB_CACHE to a writable folder") from exc
@@ -501,6 +506,33 @@ def cached_gguf_folder(gguf: Path) -> Path:
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return final
+
+
+CACHE_OWNER = ".dtypelab-owner"  # the pid writing a temporary cache folder
+STALE_AFTER_S = 24 * 3600  # a temporary folder untouched this long is stale whoever owns it (pid reuse)
+
+
+def _remove_stale_temporaries(root: Path, name: str) -> None:
+    """Remove the temporary folders of loads that died (SIGKILL, power loss) before renaming theirs into
+    place: owner process gone, or untouched for a day. A live concurrent load's folder is left alone."""
+    for folder in root.glob(f".{name}.*"):
+        try:
+            pid = int((folder / CACHE_OWNER).read_text().strip())
+            age_s = time.time() - folder.stat().st_mtime
+        except (OSError, ValueError):
+            pid, age_s = None, math.inf  # no owner recorded: a writer that died before it wrote one
+        if pid is None or not _process_alive(pid) or age_s > STALE_AFTER_S:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _write_gguf_folder(gguf: Path, folder: Path) -> None:

@@ -105,7 +105,7 @@ def text_set(name: str) -> str:
 
 
 def token_windows(tokenizer: object, text: str, ctx: int = DEFAULT_CTX, stride: int | None = None, *,
-                  max_length: int | None = None) -> dict[str, torch.Tensor]:
+                  max_length: int | None = None, windows: int | None = None) -> dict[str, torch.Tensor]:
     """Cut ``text`` into windows of ``ctx`` tokens, as llama.cpp's perplexity does.
 
     The whole text is tokenised once, without special tokens (no BOS per window: every window is plain
@@ -122,6 +122,8 @@ def token_windows(tokenizer: object, text: str, ctx: int = DEFAULT_CTX, stride: 
         ctx: tokens per window (at least 2: one prediction).
         stride: tokens between window starts (default ``ctx``: non-overlapping windows).
         max_length: the model's longest input in tokens; a larger ``ctx`` is refused.
+        windows: keep only the first this many windows (default: all); more than the text holds is
+            refused, so a figure never silently rests on fewer windows than asked for.
 
     Returns:
         ``input_ids`` and ``attention_mask``, both ``(windows, ctx)`` int64.
@@ -131,6 +133,8 @@ def token_windows(tokenizer: object, text: str, ctx: int = DEFAULT_CTX, stride: 
         raise InputError(f"--ctx {ctx} is too short: a window needs at least 2 tokens (one to predict from)")
     if stride < 1:
         raise InputError(f"--stride {stride} must be at least 1 token")
+    if windows is not None and windows < 1:
+        raise InputError(f"--windows {windows} selects nothing: give at least 1, or leave it out for all")
     if max_length is not None and ctx > max_length:
         raise InputError(f"--ctx {ctx} is longer than the model accepts ({max_length} tokens): "
                          f"use --ctx {max_length} or less")
@@ -139,5 +143,9 @@ def token_windows(tokenizer: object, text: str, ctx: int = DEFAULT_CTX, stride: 
         raise InputError(f"the text is {len(ids)} tokens, shorter than one window of --ctx {ctx}: "
                          "use a smaller --ctx or a longer text")
     tokens = torch.tensor(ids, dtype=torch.long)
-    windows = tokens.unfold(0, ctx, stride).contiguous()  # (windows, ctx): starts 0, stride, 2*stride ...
-    return {"input_ids": windows, "attention_mask": torch.ones_like(windows)}
+    cut = tokens.unfold(0, ctx, stride)  # (windows, ctx): starts 0, stride, 2*stride ...
+    if windows is not None and windows > len(cut):
+        raise InputError(f"--windows {windows}: the text holds only {len(cut)} windows of --ctx {ctx} "
+                         f"(stride {stride}): use --windows {len(cut)} or less, or a smaller --ctx")
+    cut = cut[:windows].contiguous()
+    return {"input_ids": cut, "attention_mask": torch.ones_like(cut)}

@@ -26,12 +26,13 @@ from .footprint import (
     param_dtype_lines,
     print_param_dtype,
 )
-from .model import LayerOutcome, QuantizeResult, quantize_model
+from .model import HEAD_REASON, KEPT_REASON, LayerOutcome, QuantizeResult, head_names, quantize_model
 from .nn import QuantizedEmbedding, QuantizedLinear, QuantizedWeightModule, is_conv1d
 from .packing import pack_nibbles, unpack_nibbles
 from .qtensor import QuantizedTensor, quantize_tensor, round_trip, saturated_count
 
 __all__ = [
+    "HEAD_REASON", "KEPT_REASON", "head_names",
     "Action", "DamageCounts", "DtypeSummary", "KeepPolicy", "LayerOutcome", "ModelInspection",
     "QuantizeResult", "QuantizedEmbedding", "QuantizedLinear", "QuantizedTensor", "QuantizedWeightModule",
     "TensorDamage", "is_conv1d",

@@ -95,7 +95,7 @@ def quantize_model(model: nn.Module, spec: str | NumberFormat, include: list[str
         raise InputError(f"{fmt.name} is a plain dtype: use cast for it, quantize takes e.g. int8, int4:g128")
     start = time.perf_counter()
     scope = _Scope(include or [], exclude or [], embeddings, head, tied_module_names(model),
-                   _head_names(model))
+                   head_names(model))
     reasons = {name: _skip_reason(name, module, scope)
                for name, module in model.named_modules() if _layer_kind(module)}
     new = _copy_sharing_weights(model, [name for name, reason in reasons.items() if not reason])
@@ -167,7 +167,7 @@ def _layer_kind(module: nn.Module) -> str:
     return "Conv1D" if is_conv1d(module) else ""
 
 
-def _head_names(model: nn.Module) -> set[str]:
+def head_names(model: nn.Module) -> set[str]:
     """Names of the module(s) ``model.get_output_embeddings()`` returns (transformers' output head)."""
     getter = getattr(model, "get_output_embeddings", None)
     try:

@@ -100,7 +100,8 @@ def build_variant(reference: nn.Module, spec: VariantSpec, keep: KeepPolicy | No
     layers: list[LayerOutcome] = []
     try:
         if spec.format is None:
-            model = run_peer(reference, spec.spec).model
+            run = run_peer(reference, spec.spec, keep.kept_roots(reference) if keep else (), head)
+            model, layers = run.model, run.layers
         elif spec.format.is_quantized:
             result = _quantize(reference, spec.format, keep, embeddings, head)
             model, layers = result.model, result.layers

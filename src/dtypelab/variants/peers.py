@@ -1,8 +1,11 @@
 """Other libraries' quantization of the same model, for the same table (optional extras).
 
 A peer is data: a spec name (``quanto:qint8``), the package it needs and a function that quantizes a
-copy of the model in place. ``run_peer`` turns any failure (not installed, unsupported on this device
-or version) into a :class:`PeerError` carrying the reason, so callers show a row instead of crashing.
+copy of the model in place, leaving a given set of layers alone. ``run_peer`` turns any failure (not
+installed, unsupported on this device or version) into a :class:`PeerError` carrying the reason, so
+callers show a row instead of crashing. A peer is held to dtypelab's own scope: the output head stays
+dense unless asked for (as vLLM serves it, and as dtypelab's formats leave it), kept modules stay as
+they are, and every Linear layer's outcome is listed, so rows compare like with like.
 
 Variants stage: a peer's package is imported only when its variant is built (lazily, by name), so a
 command that asks for no peer never imports optimum-quanto or torchao.
@@ -14,13 +17,15 @@ import copy
 import importlib
 import importlib.util
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..errors import DtypelabError
+from ..naming import inside_any
+from ..quant import HEAD_REASON, KEPT_REASON, LayerOutcome, head_names
 from ..tree import is_tensor_subclass
 
 
@@ -28,19 +33,21 @@ class PeerError(DtypelabError):
     """A peer library could not quantize the model; the message says why."""
 
 
-def _quanto(weights: str) -> Callable[[nn.Module], None]:
-    def apply(model: nn.Module) -> None:
+def _quanto(weights: str) -> Callable[[nn.Module, set[str]], None]:
+    def apply(model: nn.Module, skip: set[str]) -> None:
         quanto = importlib.import_module("optimum.quanto")
-        quanto.quantize(model, weights=getattr(quanto, weights))
+        quanto.quantize(model, weights=getattr(quanto, weights), exclude=sorted(skip) or None)
         quanto.freeze(model)
     return apply
 
 
-def _torchao(config: str, **kwargs) -> Callable[[nn.Module], None]:
-    def apply(model: nn.Module) -> None:
+def _torchao(config: str, **kwargs) -> Callable[[nn.Module, set[str]], None]:
+    def apply(model: nn.Module, skip: set[str]) -> None:
         quantization = importlib.import_module("torchao.quantization")
         options = {k: v(quantization) if callable(v) else v for k, v in kwargs.items()}
-        quantization.quantize_(model, getattr(quantization, config)(**options))
+        def wanted(module: nn.Module, fqn: str) -> bool:
+            return isinstance(module, nn.Linear) and fqn not in skip
+        quantization.quantize_(model, getattr(quantization, config)(**options), filter_fn=wanted)
     return apply
 
 
@@ -50,12 +57,13 @@ def _per_group_32(quantization):
 
 @dataclass(frozen=True)
 class Peer:
-    """One peer quantization: ``name`` as written after ``--to``, the package, what it does."""
+    """One peer quantization: ``name`` as written after ``--to``, the package, what it does, and
+    ``apply(model, skip)``, which quantizes ``model`` in place leaving the Linear layers named in ``skip``."""
 
     name: str
     package: str
     description: str
-    apply: Callable[[nn.Module], None]
+    apply: Callable[[nn.Module, set[str]], None]
 
 
 PEERS: dict[str, Peer] = {p.name: p for p in (
@@ -88,14 +96,20 @@ def _import_reason(peer: Peer, exc: ImportError) -> str:
 
 @dataclass
 class PeerRun:
-    """A peer's quantized copy of the model and ``seconds``, the wall time quantizing took."""
+    """A peer's quantized copy of the model, ``seconds`` (the wall time quantizing took) and every
+    Linear layer's outcome: quantized, or left dense with the reason."""
 
     model: nn.Module
     seconds: float
+    layers: list[LayerOutcome] = field(default_factory=list)
 
 
-def run_peer(model: nn.Module, spec: str) -> PeerRun:
+def run_peer(model: nn.Module, spec: str, keep: Sequence[str] = (), head: bool = False) -> PeerRun:
     """Quantize a copy of ``model`` with a peer library; ``model`` is not modified.
+
+    Args:
+        keep: names of modules left as they are, with everything inside them (a keep policy's roots).
+        head: also quantize the output head (dense by default, as dtypelab's own formats leave it).
 
     Raises:
         PeerError: unknown peer spec, package not installed, or the peer failed (the reason is kept).
@@ -103,20 +117,49 @@ def run_peer(model: nn.Module, spec: str) -> PeerRun:
     peer = PEERS.get(spec.strip().lower())
     if peer is None:
         raise PeerError(f"unknown peer {spec!r}: use one of {', '.join(PEERS)}")
+    reasons = _dense_reasons(model, keep, head)
     new = copy.deepcopy(model)
     start = time.perf_counter()
-    _apply(peer, new)
+    _apply(peer, new, set(reasons))
     seconds = time.perf_counter() - start
     if not any(is_tensor_subclass(p) for p in new.parameters()):
         raise PeerError(f"{peer.name} quantized nothing: no weight of this model was converted "
                         "(layer shapes it does not support?)")
-    return PeerRun(new, seconds)
+    return PeerRun(new, seconds, _outcomes(new, reasons, peer.name))
 
 
-def _apply(peer: Peer, model: nn.Module) -> None:
+def _dense_reasons(model: nn.Module, keep: Sequence[str], head: bool) -> dict[str, str]:
+    """Linear layers the peer must leave alone, each with the reason dtypelab's formats give."""
+    heads = set() if head else head_names(model)
+    reasons = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if inside_any(name, keep):
+            reasons[name] = KEPT_REASON
+        elif name in heads:
+            reasons[name] = HEAD_REASON
+    return reasons
+
+
+def _outcomes(model: nn.Module, reasons: dict[str, str], peer: str) -> list[LayerOutcome]:
+    """Each Linear-shaped layer of the peer's model: quantized when its weight is the peer's tensor
+    subclass or the peer swapped the module (quanto's QLinear), else dense with its reason."""
+    outcomes = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, nn.Linear) or not isinstance(weight, torch.Tensor):
+            continue
+        quantized = is_tensor_subclass(weight) or type(module) is not nn.Linear
+        reason = "" if quantized else reasons.get(name, f"{peer} left it dense (shape or type it skips)")
+        outcomes.append(LayerOutcome(name, "Linear", quantized, reason))
+    return outcomes
+
+
+def _apply(peer: Peer, model: nn.Module, skip: set[str]) -> None:
     """Run the peer in place; any failure becomes a :class:`PeerError` with its first line."""
     try:
-        peer.apply(model)
+        peer.apply(model, skip)
     except ImportError as exc:
         raise PeerError(_import_reason(peer, exc)) from exc
     except Exception as exc:  # a third-party failure of any kind becomes the row's reason
