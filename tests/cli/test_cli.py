@@ -62,7 +62,8 @@ def test_cast_with_keep(capsys):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["compare", "dummy", "--to", "fp17"], "unknown dtype or format 'fp17': use one of fp32, fp16, bf16"),
+    (["compare", "dummy", "--to", "fp17"],
+     "unknown dtype or format 'fp17' (did you mean 'fp16'?): use one of fp32, fp16"),
     (["compare", "dummy", "--input", "[[1,0,"], "malformed --input"),
     (["compare", "dummy", "--input", "[[1,0],[1]]"], "equal-length lists"),
     (["compare", "dummy", "--input", "[[1,5]]"], "outside the vocabulary"),

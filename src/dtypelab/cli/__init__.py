@@ -2,19 +2,26 @@
 
 CLI layer, the top of the house: one file per command, shared options in :mod:`.common`, and one
 exception -> message table (``common.ERROR_MESSAGES``): every :class:`~dtypelab.errors.DtypelabError`
-becomes one line on stderr and its exit code (2, or 3 for refused damage); ``--debug`` shows the
-traceback instead, and the third-party import noise that :mod:`dtypelab.quiet` drops.
+becomes one line on stderr and its exit code (``dtypelab.errors.EXIT_CODES``: 2 bad input, 3 refused
+damage, 4 a failed variant, 5 a side output not written, 130 interrupted); ``--debug`` shows the
+traceback instead, and the third-party import noise that :mod:`dtypelab.quiet` drops. Ctrl-C and SIGTERM
+end in the same one line (``interrupted: nothing written to DST``) and exit code 130, after the cleanup
+that the interrupted call does on its way out.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import click
 
 from ..quiet import drop_known_noise
 from .cast import cast_cmd
-from .common import ERROR_MESSAGES
+from .common import ERROR_MESSAGES, interrupted_message, reset_outputs, version
 from .compare import compare_cmd
 from .convert import convert_cmd
 from .demo import demo_cmd
@@ -22,31 +29,72 @@ from .formats import formats_cmd
 from .headroom import headroom_cmd
 from .inspect import inspect_cmd
 
+COMMANDS = [inspect_cmd, cast_cmd, compare_cmd, headroom_cmd, convert_cmd, formats_cmd, demo_cmd]
+"""Every command, in the order ``dtypelab --help`` lists them; a new command is one more entry."""
+
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point."""
+    """Console entry point: runs the command, then exits with its documented code."""
     argv = sys.argv[1:] if argv is None else argv
-    drop_known_noise(enabled="--debug" not in argv)
+    debug = "--debug" in argv
+    drop_known_noise(enabled=not debug)
+    reset_outputs()
     try:
-        cli.main(args=argv, prog_name="dtypelab", standalone_mode=False)
+        with _sigterm_interrupts(), cli.make_context("dtypelab", list(argv)) as ctx:
+            cli.invoke(ctx)
+    except click.exceptions.Exit as exc:  # --help, --version
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        if debug:
+            raise
+        click.echo(interrupted_message(), err=True)
+        sys.exit(130)
     except tuple(ERROR_MESSAGES) as exc:
-        if "--debug" in argv:
+        if debug:
             raise
         message, code = next(fmt(exc) for kind, fmt in ERROR_MESSAGES.items() if isinstance(exc, kind))
         click.echo(message, err=True)
         sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt while a command runs, so a ``kill`` gets the cleanup and the one
+    line Ctrl-C gets (the previous handler comes back afterwards; only the main thread can set one)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+class _Listed(click.Group):
+    """A group that lists its commands in :data:`COMMANDS` order (what to do first, first)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
+@click.group(cls=_Listed, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="Exit codes: 0 ok, 2 bad input, 3 --strict refused, 4 a variant failed, 5 a side output "
+                    "(--plot, --report) not written, 130 interrupted.")
+@click.version_option(version(), "--version", prog_name="dtypelab", message="%(prog)s %(version)s")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def cli(debug: bool) -> None:
-    """What happens to my model in precision X? Inspect, cast and compare."""
+    """What happens to my model in precision X? Inspect, cast, compare, diagnose and convert."""
 
 
-for command in (inspect_cmd, cast_cmd, compare_cmd, headroom_cmd, demo_cmd, formats_cmd, convert_cmd):
+for command in COMMANDS:
     cli.add_command(command)
 
 __all__ = ["cli", "main"]

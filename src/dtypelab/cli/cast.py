@@ -9,7 +9,8 @@ from ..quant import KeepPolicy, cast_model, inspect_model
 from .common import MODEL_HELP, emit, json_option, keep_option, pickle_option
 
 
-@click.command("cast", help="Cast MODEL to another dtype and show what it then holds, dtype by dtype. "
+@click.command("cast", short_help="A model cast to another dtype, and what it then holds.",
+               help="Cast MODEL to another dtype and show what it then holds, dtype by dtype. "
                + MODEL_HELP)
 @click.argument("model")
 @click.option("--to", "fmt", required=True, help="Target dtype: fp32, fp16, bf16 (or aliases).")

@@ -5,29 +5,192 @@ CLI layer: imports only the public names of the library (``dtypelab`` and its su
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib.metadata
+import importlib.util
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 import click
 import torch
+from click.core import ParameterSource
 
-from ..errors import DtypelabError, InputError
+from ..errors import DtypelabError, InputError, SideOutputError, VariantFailed
 from ..models import DEFAULT_CTX, TEXT_SETS, builtin_names, device_errors
-from ..report import TableMixin
+from ..report import PLOT_SUFFIXES, TableMixin
 
 # One table: exception family -> how it is reported. Anything else is a bug and keeps its traceback.
 ERROR_MESSAGES: dict[type[BaseException], Callable[[BaseException], tuple[str, int]]] = {
     DtypelabError: lambda e: (f"error: {e}", getattr(e, "exit_code", 2)),
     FileNotFoundError: lambda e: (f"error: no such file: {e.filename}", 2),
     PermissionError: lambda e: (f"error: permission denied: {e.filename}", 2),
-    KeyboardInterrupt: lambda e: ("interrupted", 130),
 }
 
 MODEL_HELP = ("MODEL: a built-in (" + ", ".join(builtin_names()) + "), a Hugging Face model folder, "
               "or package.module:factory.")
 
 
-def emit(result: TableMixin, as_json: bool) -> None:
-    click.echo(result.to_json() if as_json else result.to_text())
+SideOutput = tuple[str, "str | os.PathLike", Callable[[], object]]
+"""A side output: (option, path, the call that writes it)."""
+
+
+def emit(result: TableMixin, as_json: bool, side_outputs: Sequence[SideOutput] = (), *,
+         show: bool = True) -> None:
+    """Print ``result`` (unless ``show`` is False: ``--quiet``), then write each side output; the
+    result is never lost to a side output that fails.
+
+    Raises:
+        SideOutputError: a side output could not be written (exit 5; each one named).
+        VariantFailed: some of the result's variants failed, each a row with its reason (exit 4).
+    """
+    if show:
+        click.echo(result.to_json() if as_json else result.to_text())
+    problems = []
+    for option, path, write in side_outputs:
+        try:
+            with side_output(option, path):
+                write()
+        except SideOutputError as exc:
+            problems.append(str(exc))
+    failed = failed_variants(result)
+    failures = [f"{len(failed)} of {len(result.variants)} variant(s) failed: {', '.join(failed)} (each row "
+                "says why)"] if failed else []
+    if problems:
+        raise SideOutputError("; ".join(problems + failures))
+    if failures:
+        raise VariantFailed(failures[0])
+
+
+def failed_variants(result: object) -> list[str]:
+    """The names of a result's variants that failed (their ``failure`` is set); [] for other results."""
+    return [v.name for v in getattr(result, "variants", []) if getattr(v, "failure", None)]
+
+
+def version() -> str:
+    """dtypelab's installed version (``--version``, and every JSON document's ``dtypelab_version``)."""
+    try:
+        return importlib.metadata.version("dtypelab")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a bare source tree
+        return "unknown"
+
+
+# --- Outputs: checked before any work, named when interrupted, never lost ------------------------------
+
+_OUTPUTS: dict[str, bool] = {}
+"""This run's outputs (as the user wrote them) -> whether each is written: what the one line after an
+interruption names."""
+
+
+def reset_outputs() -> None:
+    _OUTPUTS.clear()
+
+
+def will_write(path: str | os.PathLike) -> None:
+    _OUTPUTS[str(path)] = False
+
+
+def wrote(path: str | os.PathLike) -> None:
+    _OUTPUTS[str(path)] = True
+
+
+def interrupted_message() -> str:
+    """``interrupted: nothing written to DST``, what was written before the interruption came, or just
+    ``interrupted`` for a command that writes nothing."""
+    pending = [p for p, done in _OUTPUTS.items() if not done]
+    done = [p for p, done in _OUTPUTS.items() if done]
+    words = [f"{', '.join(done)} written"] if done else []
+    words += [f"nothing written to {', '.join(pending)}"] if pending else []
+    return "interrupted" + (": " + "; ".join(words) if words else "")
+
+
+def check_output(path: str | os.PathLike, option: str, *, suffixes: Sequence[str] = (),
+                 sources: Sequence[str] = (), make_parents: bool = False) -> Path:
+    """Refuse (exit 2, before any model loads) an output that could only fail after the work is done.
+
+    Args:
+        path: the file or folder to write.
+        option: how the user named it (``--plot``), for the message.
+        suffixes: the extensions accepted (lower case, with the dot); empty: any.
+        sources: local paths the run reads; an output inside one (or one of them) is refused, so a source
+            is never modified.
+        make_parents: the writer creates missing parent folders (``convert -o``): then the nearest
+            existing ancestor must be a writable folder; otherwise the parent itself must be one.
+
+    Returns:
+        ``path`` as a :class:`Path`; it is registered as an output of this run.
+    """
+    target = Path(path).expanduser()
+    if suffixes and target.suffix.lower() not in suffixes:
+        raise InputError(f"{option} {path}: cannot write a {target.suffix or 'suffix-less'} file: use a name "
+                         f"ending in {' or '.join(suffixes)}")
+    folder = target.parent
+    while make_parents and not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"{option} {path}: no folder {folder} to write it in: create it or choose another "
+                         "path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {path}: folder {folder} is not writable (read-only or not yours): "
+                         "choose another path")
+    if target.is_dir() and not make_parents:
+        raise InputError(f"{option} {path}: is a folder: give a file name")
+    for source in sources:
+        _refuse_inside(target, Path(source).expanduser(), option, path)
+    will_write(path)
+    return target
+
+
+def _refuse_inside(target: Path, source: Path, option: str, path: str | os.PathLike) -> None:
+    if not source.exists():
+        return
+    resolved, root = target.resolve(), source.resolve()
+    if resolved == root or (root.is_dir() and root in resolved.parents):
+        raise InputError(f"{option} {path}: is inside the source {source}, which is never modified: choose "
+                         "a path outside it")
+
+
+def check_plot(path: str | None, sources: Sequence[str] = ()) -> Path | None:
+    """``--plot``: a .png / .svg in a writable folder, and matplotlib there to draw it, checked up front."""
+    if path is None:
+        return None
+    target = check_output(path, "--plot", suffixes=PLOT_SUFFIXES, sources=sources)
+    if importlib.util.find_spec("matplotlib") is None:
+        raise InputError("--plot needs matplotlib, which is not installed: pip install 'dtypelab[plot]'")
+    return target
+
+
+@contextmanager
+def side_output(option: str, path: str | os.PathLike) -> Iterator[None]:
+    """Write a side output after the main result: a failure becomes :class:`SideOutputError` (exit 5)
+    naming it, never a traceback that hides a finished result."""
+    try:
+        yield
+    except (OSError, DtypelabError) as exc:
+        reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+        raise SideOutputError(f"the result is complete, but {option} {path} could not be written: "
+                              f"{reason}") from exc
+    wrote(path)
+
+
+def set_options(*names: str) -> dict[str, bool]:
+    """For each parameter name of the running command, whether the user gave it (not its default)."""
+    ctx = click.get_current_context()
+    return {name: ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT) for name in names}
+
+
+def refuse_without(mode_on: bool, mode: str, options: dict[str, str]) -> None:
+    """Refuse options that act only in ``mode`` (``--layers``) when it is off, rather than ignore them.
+
+    Args:
+        options: each such parameter's name -> its flag (``{"threshold_db": "--threshold"}``).
+    """
+    given = set_options(*options)
+    used = [flag for name, flag in options.items() if given[name]]
+    if used and not mode_on:
+        plural = len(used) > 1
+        raise InputError(f"{' and '.join(used)} need{'' if plural else 's'} {mode}: add {mode} or drop "
+                         f"{'them' if plural else 'it'}")
 
 
 def json_option(f: Callable) -> Callable:

@@ -13,18 +13,21 @@ from ..report import plot_layers
 from ..variants import iter_variants, parse_variant_specs
 from .common import (
     MODEL_HELP,
+    check_plot,
     device_option,
     emit,
     input_options,
     json_option,
     keep_option,
     pickle_option,
+    refuse_without,
     resolve_device,
     select_options,
 )
 
 
-@click.command("compare", help="Run MODEL in float32 and in each --to format on the same input and measure "
+@click.command("compare", short_help="Measure each --to format against float32: error, size, speed.",
+               help="Run MODEL in float32 and in each --to format on the same input and measure "
                "the difference (padding masked out), size, bits per element and (--time) latency. --to takes "
                "dtypes (fp16, bf16), quantized formats (int8, int4:g128:mse, mxfp4, nvfp4, int8:a8 ...; see "
                "`dtypelab formats`) and, when installed, peers (quanto:qint8, quanto:qint4, quanto:qfloat8, "
@@ -66,6 +69,9 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
                 depth: int | None, select: tuple[str, ...], threshold_db: float, plot_path: str | None,
                 as_json: bool, embeddings: bool, head: bool, timing: bool) -> None:
     specs, target = parse_variant_specs(formats), resolve_device(device)
+    refuse_without(by_layer, "--layers", {"mode": "--mode", "depth": "--depth", "select": "--select",
+                                          "threshold_db": "--threshold", "plot_path": "--plot"})
+    check_plot(plot_path, sources=[model])
     if (embeddings or head) and not any(s.format is not None and s.format.is_quantized for s in specs):
         raise InputError("--embeddings and --head choose what a quantized format stores; --to lists no "
                          "quantized format (casts convert every tensor): add one, e.g. int8, or drop them")
@@ -76,8 +82,6 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
                        target)
     policy = KeepPolicy.from_strings(keep)
     if not by_layer:
-        if plot_path or depth is not None or select or mode != "propagated":
-            raise InputError("--mode, --depth, --select and --plot need --layers: add --layers")
         emit(compare_loaded(loaded, formats, inputs, target, output_name, policy, embeddings=embeddings,
                             head=head, timing=timing), as_json)
         return
@@ -86,9 +90,8 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
     result = compare_layers(reference, variants, inputs, mode=mode, depth=depth, patterns=select,
                             threshold_db=threshold_db, output_name=output_name,
                             output_kind=loaded.output_kind)
-    if plot_path:
-        plot_layers(result, plot_path)
-    emit(result, as_json)
+    plot = [("--plot", plot_path, lambda: plot_layers(result, plot_path))] if plot_path else []
+    emit(result, as_json, plot)
 
 
 def compare_loaded(loaded: LoadedModel, formats: str, inputs, target: torch.device,

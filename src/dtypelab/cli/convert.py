@@ -9,9 +9,9 @@ from pathlib import Path
 import click
 
 from ..checkpoint import convert_checkpoint
-from ..errors import DamageError, InputError
+from ..errors import DamageError
 from ..progress import ProgressEvent
-from .common import emit, json_option
+from .common import check_output, emit, json_option, wrote
 
 
 class ProgressLine:
@@ -38,7 +38,7 @@ class ProgressLine:
             click.echo("", err=True)
 
 
-@click.command("convert")
+@click.command("convert", short_help="A checkpoint in another format, streamed; complete or absent.")
 @click.argument("src")
 @click.option("--to", "fmt", required=True,
               help="Target: bf16, fp16, fp32, fp8_e4m3:cast (plain casts), or int8, int4:g128, fp8_e4m3 "
@@ -82,9 +82,9 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
                 max_flushed: str | None, max_overflowed: str | None, report_path: Path | None, quiet: bool,
                 as_json: bool, head: bool, embeddings: bool) -> None:
     """Convert a safetensors file or model folder SRC to another format, tensor by tensor."""
-    if report_path is not None and not report_path.parent.is_dir():
-        raise InputError(f"--report {report_path}: no folder {report_path.parent} to write it in: create it "
-                         "or choose another path")
+    check_output(output, "-o", make_parents=True, sources=[src])
+    if report_path is not None:
+        check_output(report_path, "--report", suffixes=(".json",), sources=[src, output])
     progress = ProgressLine() if not quiet and not as_json and sys.stderr.isatty() else None
     try:
         result = convert_checkpoint(src, output, fmt, keep=keep, max_shard_size=max_shard_size,
@@ -94,12 +94,15 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
     except DamageError as exc:  # refused by --strict: the report of what it would have done still asked for
         refused = getattr(exc, "result", None)
         if report_path is not None and refused is not None:
-            report_path.write_text(refused.to_json() + "\n", encoding="utf-8")
+            try:
+                report_path.write_text(refused.to_json() + "\n", encoding="utf-8")
+            except OSError as err:  # the refusal is still the run's answer (exit 3); this is said too
+                click.echo(f"error: --report {report_path} could not be written: {err.strerror}", err=True)
         raise
     finally:
         if progress is not None:
             progress.close()
-    if report_path is not None:
-        report_path.write_text(result.to_json() + "\n", encoding="utf-8")
-    if not quiet:
-        emit(result, as_json)
+    wrote(output)
+    report = [("--report", report_path, lambda: report_path.write_text(result.to_json() + "\n",
+                                                                       encoding="utf-8"))]
+    emit(result, as_json, report if report_path is not None else [], show=not quiet)

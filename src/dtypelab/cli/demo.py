@@ -15,7 +15,7 @@ from ..quant import cast_model, param_dtype_lines
 from .compare import compare_loaded
 
 
-@click.command("demo")
+@click.command("demo", short_help="Replay the seed notebook, then minilm in four formats, offline.")
 @click.option("--seed-only", is_flag=True, help="Only the seed notebook replay (skip minilm).")
 def demo_cmd(seed_only: bool) -> None:
     """Replay the seed notebook with the library, then compare the built-in minilm in fp16, bf16, int8 and

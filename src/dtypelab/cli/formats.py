@@ -8,7 +8,7 @@ from ..formats import format_table, split_list
 from .common import emit, json_option
 
 
-@click.command("formats")
+@click.command("formats", short_help="The number formats and their figures (bits, range, precision).")
 @click.argument("specs", required=False)
 @json_option
 def formats_cmd(specs: str | None, as_json: bool) -> None:

@@ -22,7 +22,8 @@ from .common import (
 )
 
 
-@click.command("headroom", help="Predict from one float32 run which layers of MODEL overflow or underflow in "
+@click.command("headroom", short_help="Which layers overflow or underflow per format; what to keep.",
+               help="Predict from one float32 run which layers of MODEL overflow or underflow in "
                "each format, and which modules to keep in float32 (pass them to --keep). " + MODEL_HELP)
 @click.argument("model")
 @click.option("--to", "formats", default="fp16,bf16", show_default=True,

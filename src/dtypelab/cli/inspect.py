@@ -8,7 +8,8 @@ from ..models import inspect
 from .common import MODEL_HELP, emit, json_option, pickle_option
 
 
-@click.command("inspect", help="List every parameter and buffer of MODEL with dtype, shape and bytes; a bare "
+@click.command("inspect", short_help="What a model or checkpoint holds: dtypes, shapes, bytes.",
+               help="List every parameter and buffer of MODEL with dtype, shape and bytes; a bare "
                ".safetensors file or weights folder is read from its headers. " + MODEL_HELP)
 @click.argument("model")
 @click.option("--dtype", default="auto", show_default=True, help="Load in this dtype (auto: as stored).")

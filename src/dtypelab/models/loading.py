@@ -18,7 +18,9 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +31,15 @@ import torch
 from torch import nn
 
 from ..checkpoint import build_quantized_model, model_class, quantization_scheme
-from ..errors import CheckpointError, DtypelabError, InputError, ModelSpecError, NotRunnableError, first_line
+from ..errors import (
+    CheckpointError,
+    DtypelabError,
+    InputError,
+    ModelSpecError,
+    NotRunnableError,
+    did_you_mean,
+    first_line,
+)
 from ..progress import ProgressCallback, stage
 from ..quant import cast_model, compute_dtype
 from .builtins import BUILTIN_MODELS, builtin_names, default_input
@@ -41,13 +51,19 @@ def resolve_factory(spec: str) -> Callable[[], nn.Module]:
     if spec in BUILTIN_MODELS:
         return BUILTIN_MODELS[spec].factory
     if ":" not in spec:
-        raise ModelSpecError(f"unknown model {spec!r}: use a built-in ({', '.join(builtin_names())}) "
-                             "or 'package.module:factory' to run your own code")
+        raise ModelSpecError(f"unknown model {spec!r}{did_you_mean(spec, builtin_names())}: use a built-in "
+                             f"({', '.join(builtin_names())}), a Hugging Face model folder or repo id, or "
+                             "'package.module:factory' to run your own code")
     return _import_factory(spec)
 
 
 def _import_factory(spec: str) -> Callable[[], nn.Module]:
+    """Import the factory, looking in the current folder too (as ``python -m`` does, so the README's
+    ``mymodels:build`` works from the console script): appended to ``sys.path``, so it never shadows
+    an installed package."""
     module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
@@ -207,11 +223,44 @@ def _load_other(spec: str, dtype: str | torch.dtype, allow_pickle: bool) -> Load
     path = Path(spec).expanduser()
     if path.exists():
         return _load_path(path, dtype, allow_pickle)
+    cached = hf_cached_snapshot(spec)
+    if cached is not None:
+        return _load_path(cached, dtype, allow_pickle)
     if looks_like_path(spec):
         raise ModelSpecError(f"no such file or folder {spec!r}: give a Hugging Face model folder "
                              f"(config.json + safetensors) or a built-in name ({', '.join(builtin_names())})")
     model = _in_dtype(build_model(spec), dtype)
     return LoadedModel(spec, model, model_kind(model))
+
+
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+"""A Hugging Face repo id (``owner/name``): looked up in the local Hugging Face cache."""
+
+
+def hf_cached_snapshot(spec: str) -> Path | None:
+    """The local snapshot folder of a Hugging Face repo id (``me/tiny``) in the Hugging Face cache
+    (``HF_HUB_CACHE`` / ``HF_HOME``), never downloaded: nothing downloads at run time, whatever
+    ``HF_HUB_OFFLINE`` says. None when ``spec`` is no repo id or ``huggingface_hub`` is absent.
+
+    Raises:
+        ModelSpecError: a repo id that is not in the cache, with the ``hf download`` command that puts
+            it there.
+    """
+    if not REPO_ID.fullmatch(spec) or Path(spec).expanduser().exists():
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:
+        return None
+    try:
+        return Path(snapshot_download(spec, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError) as exc:
+        offline = " (HF_HUB_OFFLINE is set: download it where the network is allowed)" if os.environ.get(
+            "HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") else ""
+        raise ModelSpecError(f"{spec!r} is neither a file nor a folder here, nor a Hugging Face repo in the "
+                             f"local cache: download it once with `hf download {spec}`"
+                             f"{offline}, or give the model folder") from exc
 
 
 def looks_like_path(spec: str) -> bool:

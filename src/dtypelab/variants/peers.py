@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import DtypelabError
+from ..errors import DtypelabError, UnknownFormatError, did_you_mean
 from ..naming import inside_any
 from ..quant import HEAD_REASON, KEPT_REASON, LayerOutcome, head_names
 from ..tree import is_tensor_subclass
@@ -83,6 +83,18 @@ PEERS: dict[str, Peer] = {p.name: p for p in (
 def is_peer_spec(spec: str) -> bool:
     """True for ``quanto:...`` / ``torchao:...`` items of a ``--to`` list."""
     return spec.strip().lower().split(":")[0] in ("quanto", "torchao")
+
+
+def check_peer_spec(spec: str) -> None:
+    """Refuse an unknown peer before anything runs (a typo is a word, not a per-model result).
+
+    Raises:
+        UnknownFormatError: ``spec`` names no peer; the message suggests the closest.
+    """
+    name = spec.strip().lower()
+    if name not in PEERS:
+        raise UnknownFormatError(f"unknown peer {spec!r}{did_you_mean(name, PEERS)}: use one of "
+                                 f"{', '.join(PEERS)}")
 
 
 def _import_reason(peer: Peer, exc: ImportError) -> str:
