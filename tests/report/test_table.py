@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+import dtypelab
 from dtypelab.report import Table, TableMixin, format_cell, to_jsonable
 
 
@@ -46,8 +47,10 @@ class _Result(TableMixin):
 def test_json_is_strict_and_drops_hidden_fields():
     result = _Result(math.nan, {1: math.inf, "k": [1.5, None]}, (2, -math.inf), torch.ones(3))
     text = result.to_json()
-    assert json.loads(text) == {"value": "nan", "nested": {"1": "inf", "k": [1.5, None]},
-                                "points": [2, "-inf"]}
+    assert json.loads(text) == {"schema": "dtypelab/result/0", "dtypelab_version": dtypelab.__version__,
+                                "value": None, "value_status": "nan",
+                                "nested": {"1": None, "1_status": "inf", "k": [1.5, None]},
+                                "points": [2, None], "points_status": [None, "-inf"]}
     json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))  # no NaN / Infinity tokens
     assert to_jsonable(torch.float16) == "torch.float16"  # anything else becomes its string
 

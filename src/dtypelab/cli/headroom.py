@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from ..analysis import predict_headroom, weight_stats
 from ..models import load, model_inputs, to_device
-from ..report import to_jsonable
+from ..report import composite_document
 from ..variants import parse_variant_specs
 from .common import (
     MODEL_HELP,
@@ -50,7 +48,7 @@ def headroom_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: st
                               patterns=select)
     stats = weight_stats(reference, [s.format for s in specs if s.format]) if weights else None
     if as_json and stats is not None:  # one JSON document holding both
-        click.echo(json.dumps({"headroom": to_jsonable(report), "weights": to_jsonable(stats)}, indent=2))
+        click.echo(composite_document("headroom-weights", {"headroom": report, "weights": stats}))
         return
     for result in (report, stats):
         if result is not None:

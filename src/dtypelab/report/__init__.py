@@ -5,6 +5,19 @@ The lowest stage after the base modules: every result dataclass of every stage m
 """
 
 from .plot import PLOT_SUFFIXES, LayerChart, plot_layers
-from .table import Table, TableMixin, format_cell, to_jsonable
+from .schema import json_schema, load_schema
+from .table import (
+    COMPOSITE_KINDS,
+    JSON_KINDS,
+    Table,
+    TableMixin,
+    composite_document,
+    format_cell,
+    json_document,
+    schema_id,
+    to_jsonable,
+)
 
-__all__ = ["PLOT_SUFFIXES", "LayerChart", "Table", "TableMixin", "format_cell", "plot_layers", "to_jsonable"]
+__all__ = ["COMPOSITE_KINDS", "JSON_KINDS", "PLOT_SUFFIXES", "LayerChart", "Table", "TableMixin",
+           "composite_document", "format_cell", "json_document", "json_schema", "load_schema", "plot_layers",
+           "schema_id", "to_jsonable"]
