@@ -1,11 +1,22 @@
 """Outputs that are complete or absent: written in a temporary folder, renamed into place when done.
 
 A run that fails removes its temporary folder; a run that is killed cannot, so every temporary folder
-carries its process id and the next run for the same destination removes those whose process is gone.
+holds a liveness marker, a lock file (:data:`LOCK_NAME`) its run keeps locked (``flock``) while it
+writes: the kernel drops the lock when the process dies, however it dies. Any later conversion into the
+same parent folder removes the staging folders whose lock nobody holds, and never touches a live run's
+(another writer's, a worker's, one in another container whose process ids this one cannot see). A folder
+without a lock file (the old destination set aside during the rename, or a folder from an older
+dtypelab) falls back to its process id.
+
+``--force`` replaces only what dtypelab could have written: a ``.safetensors`` file, or a folder holding
+nothing but a checkpoint's own files (:data:`CHECKPOINT_FILES`); any other file is named and the
+replacement refused, unless ``force`` is :data:`FORCE_ANYTHING` (``--force --force``).
 """
 
 from __future__ import annotations
 
+import fcntl
+import fnmatch
 import os
 import re
 import secrets
@@ -13,6 +24,18 @@ import shutil
 from pathlib import Path
 
 from ..errors import CheckpointError
+
+LOCK_NAME = ".dtypelab-staging.lock"
+"""The liveness marker inside a staging folder: locked by its run for as long as the run lives."""
+
+CHECKPOINT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.json", "*.gguf", "tokenizer.model",
+                    "*.tiktoken", "merges.txt", "vocab.txt", "spiece.model", "*.jinja", "README.md",
+                    "LICENSE*", ".gitattributes")
+"""What a Hugging Face checkpoint folder holds (and what convert writes or copies): ``--force`` may
+replace a folder of only these; anything else in it is the user's and is named."""
+
+FORCE_ANYTHING = 2
+"""``force`` at this level (``--force --force``) replaces a destination whatever it holds."""
 
 
 class StagedOutput:
@@ -22,17 +45,17 @@ class StagedOutput:
         self.dst, self.force = dst, force
         self.tmp = dst.parent / f".{dst.name}.dtypelab-tmp-{os.getpid()}-{secrets.token_hex(4)}"
         self.committed = False
+        self._lock: int | None = None
 
     def __enter__(self) -> StagedOutput:
         self.dst.parent.mkdir(parents=True, exist_ok=True)
         remove_leftovers(self.dst)
         if self.dst.exists() and not self.force:
             raise CheckpointError(f"{self.dst}: already exists: choose another output or pass --force")
-        if self.dst.exists() and not _replaceable(self.dst):
-            raise CheckpointError(f"{self.dst}: --force replaces only a checkpoint (a .safetensors file, or "
-                                  "a folder with config.json or .safetensors files), and this is neither: "
-                                  "choose another output")
+        if self.dst.exists() and self.force < FORCE_ANYTHING:
+            _check_replaceable(self.dst)
         self.tmp.mkdir()
+        self._lock = hold_lock(self.tmp / LOCK_NAME)
         return self
 
     def commit(self, dst_is_file: bool, durable: bool = False) -> None:
@@ -41,6 +64,7 @@ class StagedOutput:
         the old destination or the complete new one: a rename can reach the disk before the data."""
         staged = self.tmp / self.dst.name if dst_is_file else self.tmp
         old = self.dst.parent / f".{self.dst.name}.dtypelab-old-{os.getpid()}-{secrets.token_hex(4)}"
+        (self.tmp / LOCK_NAME).unlink()  # not part of the output; the pid in the name covers the rename
         if durable:
             _sync_tree(self.tmp)
         if self.dst.exists() or self.dst.is_symlink():
@@ -55,6 +79,9 @@ class StagedOutput:
     def __exit__(self, exc_type, exc, traceback) -> None:
         if not self.committed:
             _remove(self.tmp)
+        if self._lock is not None:
+            os.close(self._lock)  # releases the lock
+            self._lock = None
         if isinstance(exc, CheckpointError) and str(self.tmp) in str(exc):  # name what the user gave
             message = str(exc).replace(str(self.tmp / self.dst.name), str(self.dst))  # a file output
             exc.args = (message.replace(str(self.tmp), str(self.dst)),)
@@ -75,12 +102,49 @@ def _sync(path: Path) -> None:
         os.close(fd)
 
 
-def _replaceable(path: Path) -> bool:
-    """Whether ``--force`` may delete ``path``: a checkpoint file, an empty folder or a model folder."""
-    if not path.is_dir() or path.is_symlink():
-        return path.suffix == ".safetensors"
-    return all(False for _ in path.iterdir()) or any(
-        p.suffix == ".safetensors" or p.name == "config.json" for p in path.iterdir())
+def _check_replaceable(path: Path) -> None:
+    """Refuse to let ``--force`` delete anything dtypelab could not have written, naming it."""
+    if path.is_symlink() or not path.is_dir():
+        if path.suffix == ".safetensors":
+            return
+        raise CheckpointError(f"{path}: --force replaces only a checkpoint (a .safetensors file, or a folder "
+                              "of a checkpoint's files), and this is another file: choose another output, "
+                              "or pass --force twice to replace it")
+    others = [p.relative_to(path).as_posix() for p in sorted(path.rglob("*"))
+              if not p.is_dir() and not _checkpoint_file(p.name)]
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise CheckpointError(f"{path}: --force replaces only a checkpoint's own files, and this folder also "
+                              f"holds {shown}: move them, choose another output, or pass --force twice to "
+                              "replace it all")
+
+
+def _checkpoint_file(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in CHECKPOINT_FILES)
+
+
+def hold_lock(path: Path) -> int:
+    """Create ``path`` and lock it (``flock``, exclusive) for as long as the returned descriptor is open
+    (the process's life at most): the liveness marker of a staging folder."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def lock_is_held(path: Path) -> bool:
+    """Whether a live process holds the lock file ``path`` (False when nobody does or it is gone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock taken here
+    return False
 
 
 def _remove(path: Path) -> None:
@@ -91,25 +155,30 @@ def _remove(path: Path) -> None:
 
 
 def remove_leftovers(dst: str | os.PathLike) -> list[Path]:
-    """Remove temporary folders that conversions into ``dst`` left when they were killed.
+    """Remove the staging folders that killed conversions left beside ``dst`` (in its parent folder,
+    whatever destination they were for).
 
-    A leftover carries the process id of its run; only those whose process is gone are removed.
+    A staging folder whose lock file (:data:`LOCK_NAME`) no process holds is stale; one without a lock
+    file is stale when the process id in its name is gone. A live run's folder is never touched.
 
     Returns:
         The paths removed.
     """
-    dst = Path(dst)
+    parent = Path(dst).parent
     removed = []
-    for leftover in dst.parent.glob(f".{_glob_escape(dst.name)}.dtypelab-*-*-*"):
-        match = re.fullmatch(r"\.dtypelab-(?:tmp|old)-(\d+)-[0-9a-f]+", leftover.name[len(dst.name) + 1:])
-        if match and not _process_alive(int(match.group(1))):
+    for leftover in sorted(parent.glob(".*.dtypelab-*-*-*")) if parent.is_dir() else []:
+        match = re.search(r"\.dtypelab-(?:tmp|old)-(\d+)-[0-9a-f]+$", leftover.name)
+        if match and _stale(leftover, int(match.group(1))):
             _remove(leftover)
             removed.append(leftover)
     return removed
 
 
-def _glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
+def _stale(folder: Path, pid: int) -> bool:
+    lock = folder / LOCK_NAME
+    if folder.is_dir() and not folder.is_symlink() and lock.exists():
+        return not lock_is_held(lock)
+    return not _process_alive(pid)
 
 
 def _process_alive(pid: int) -> bool:
