@@ -74,6 +74,7 @@ class VariantResult:
     latency_rounds: int | None = None
     layers: list[LayerOutcome] = field(default_factory=list)
     convert: str | None = None
+    calibration: dict | None = None  # :gptq / :awq: the calibration's settings and headline figures
 
     @property
     def slower(self) -> bool:
@@ -128,6 +129,7 @@ class ComparisonResult(TableMixin):
                  f"positions ({self.padding_positions:,} padding positions left out){batched}"]
         notes += [note for v in self.variants for note in _layer_notes(v)]
         notes += [f"{v.name}: convert cannot write it: {v.convert}" for v in self.variants if v.convert]
+        notes += [f"{v.name}: {v.calibration['note']}" for v in self.variants if v.calibration]
         if self.timed:
             notes += self._timing_notes()
         return Table("Comparison against the reference", columns + ["status"],
@@ -387,8 +389,13 @@ def _variant_result(variant: Variant, inputs, context: _Context) -> VariantResul
     emulated = variant.format is not None and variant.format.is_quantized
     writable = convert_support(variant.format) if variant.format is not None else None
     return VariantResult(name, dtypes, stored, **measured, emulated=emulated,
-                         layers=variant.layers, convert=writable,
+                         layers=variant.layers, convert=writable, calibration=_calibration(variant),
                          **_size_and_speed(model, inputs, stored, context))
+
+
+def _calibration(variant: Variant) -> dict | None:
+    report = variant.calibration
+    return None if report is None else {**report.summary(), "note": report.note()}
 
 
 def _measure(model: nn.Module, context: _Context) -> dict:

@@ -17,8 +17,10 @@ import torch
 from click.core import ParameterSource
 
 from ..errors import DtypelabError, InputError, SideOutputError, VariantFailed
-from ..models import DEFAULT_CTX, TEXT_SETS, builtin_names, device_errors
+from ..formats import NumberFormat
+from ..models import DEFAULT_CTX, TEXT_SETS, LoadedModel, builtin_names, device_errors
 from ..report import PLOT_SUFFIXES, TableMixin
+from ..variants import DEFAULT_CALIB_TOKENS, CalibrationData, calibration_data
 
 # One table: exception family -> how it is reported. Anything else is a bug and keeps its traceback.
 ERROR_MESSAGES: dict[type[BaseException], Callable[[BaseException], tuple[str, int]]] = {
@@ -252,3 +254,26 @@ def resolve_device(name: str) -> torch.device:
     with device_errors(device, "anything"):
         torch.empty(0, device=device)
     return device
+
+
+def calibration_options(f: Callable) -> Callable:
+    """--calib-file / --calib-tokens: what ``:gptq`` / ``:awq`` formats calibrate on (refused without one)."""
+    f = click.option("--calib-tokens", type=int,
+                     help=":gptq / :awq formats: calibrate on at most this many tokens "
+                          f"[default: {DEFAULT_CALIB_TOKENS}].")(f)
+    return click.option("--calib-file", type=click.Path(dir_okay=False),
+                        help=":gptq / :awq formats: calibrate on this UTF-8 text (or .safetensors / .npy "
+                             "input tensors) instead of the bundled calibration text (never the evaluation "
+                             "text).")(f)
+
+
+def calibration_for(loaded: LoadedModel, formats: Sequence[NumberFormat | None], calib_file: str | None,
+                    calib_tokens: int | None) -> CalibrationData | None:
+    """The calibration batches when some format is ``:gptq`` / ``:awq``; the options refused otherwise."""
+    if not any(fmt is not None and fmt.calibration for fmt in formats):
+        if calib_file is not None or calib_tokens is not None:
+            raise InputError("--calib-file and --calib-tokens calibrate :gptq / :awq formats, and none is "
+                             "asked for: add one (e.g. int4:g64:gptq) or drop them")
+        return None
+    tokens = DEFAULT_CALIB_TOKENS if calib_tokens is None else calib_tokens
+    return calibration_data(loaded, calib_file, tokens)

@@ -10,9 +10,11 @@ from ..errors import InputError
 from ..models import LoadedModel, load, model_inputs, to_device
 from ..quant import KeepPolicy
 from ..report import plot_layers
-from ..variants import iter_variants, parse_variant_specs
+from ..variants import CalibrationData, iter_variants, parse_variant_specs
 from .common import (
     MODEL_HELP,
+    calibration_for,
+    calibration_options,
     check_plot,
     device_option,
     emit,
@@ -37,6 +39,7 @@ from .common import (
 @click.option("--to", "formats", default="fp16,bf16", show_default=True,
               help="Comma-separated formats (and peers) to compare against float32.")
 @input_options
+@calibration_options
 @click.option("--output", "output_name",
               help="Output field to compare (logits, last_hidden_state, pooler_output …); "
                    "default: logits, else last_hidden_state.")
@@ -67,7 +70,8 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
                 output_name: str | None,
                 keep: tuple[str, ...], allow_pickle: bool, device: str, by_layer: bool, mode: str,
                 depth: int | None, select: tuple[str, ...], threshold_db: float, plot_path: str | None,
-                as_json: bool, embeddings: bool, head: bool, timing: bool) -> None:
+                as_json: bool, embeddings: bool, head: bool, timing: bool, calib_file: str | None = None,
+                calib_tokens: int | None = None) -> None:
     specs, target = parse_variant_specs(formats), resolve_device(device)
     refuse_without(by_layer, "--layers", {"mode": "--mode", "depth": "--depth", "select": "--select",
                                           "threshold_db": "--threshold", "plot_path": "--plot"})
@@ -80,13 +84,15 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
                                     tensor_file=input_file, text_set=text_set, ctx=ctx, stride=stride,
                                     windows=windows),
                        target)
+    calibration = calibration_for(loaded, [s.format for s in specs], calib_file, calib_tokens)
     policy = KeepPolicy.from_strings(keep)
     if not by_layer:
         emit(compare_loaded(loaded, formats, inputs, target, output_name, policy, embeddings=embeddings,
-                            head=head, timing=timing), as_json)
+                            head=head, timing=timing, calibration=calibration), as_json)
         return
     reference = loaded.model.to(target)
-    variants = list(iter_variants(reference, specs, policy, embeddings, target, head=head))
+    variants = list(iter_variants(reference, specs, policy, embeddings, target, head=head,
+                                  calibration=calibration))
     result = compare_layers(reference, variants, inputs, mode=mode, depth=depth, patterns=select,
                             threshold_db=threshold_db, output_name=output_name,
                             output_kind=loaded.output_kind)
@@ -96,10 +102,12 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
 
 def compare_loaded(loaded: LoadedModel, formats: str, inputs, target: torch.device,
                    output_name: str | None = None, policy: KeepPolicy | None = None, *,
-                   embeddings: bool = False, head: bool = False, timing: bool = False) -> ComparisonResult:
+                   embeddings: bool = False, head: bool = False, timing: bool = False,
+                   calibration: CalibrationData | None = None) -> ComparisonResult:
     """``compare`` without ``--layers``: variants built, measured and dropped one at a time; forwards are
     timed only when ``timing`` is True (``--time``)."""
     reference = loaded.model.to(target)
-    variants = iter_variants(reference, formats, policy, embeddings, target, head=head)
+    variants = iter_variants(reference, formats, policy, embeddings, target, head=head,
+                             calibration=calibration)
     return compare_models(reference, variants, inputs, output_name=output_name,
                           output_kind=loaded.output_kind, timing=timing, model_kind=loaded.kind)

@@ -14,6 +14,8 @@ A spec string picks a registry entry and sets its options (see ``spec.GRAMMAR``)
     int8:channel     one scale per output row
     fp8_e4m3:tensor  one scale for the whole tensor
     int4:g128:mse    scales from a clipping search minimising the mean squared error
+    int4:g64:gptq    codes from GPTQ on calibration inputs (error pushed onto columns not yet quantized)
+    int4:g64:awq     AWQ: activation-aware input scales (folded into the norm before) and clipping
     int8:sfp16       int8 with fp16 instead of fp32 scales
     int8:a8          W8A8: weights int8, activations int8 per token (dynamic, emulated)
     fp8_e4m3:cast    no scale at all: a plain saturating cast of every element (fp8 checkpoints)
@@ -100,6 +102,8 @@ class NumberFormat:
         tensor_scale: a second-level fp32 scale per tensor (NVFP4).
         activations: None, ``"int8"`` (dynamic per token) or ``"fp8"`` (dynamic per tensor, e4m3).
         fixed_layout: block-scaled standards (MX, NVFP4) whose granularity cannot be changed.
+        calibration: None (data-free), ``"gptq"`` or ``"awq"``: codes and scales chosen from calibration
+            inputs (:mod:`dtypelab.quant.calibrate`); same storage, so every layout and size is unchanged.
     """
 
     name: str
@@ -117,6 +121,7 @@ class NumberFormat:
     activations: str | None = None
     fixed_layout: bool = False
     base: str = ""
+    calibration: str | None = None
 
     @property
     def is_floating_point(self) -> bool:

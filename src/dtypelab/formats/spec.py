@@ -16,8 +16,9 @@ from ..errors import UnknownFormatError
 from .codecs import IntCodec
 from .registry import Granularity, NumberFormat, all_formats, base_format
 
-GRAMMAR = ("NAME[:tensor|:channel|:gN|:cast][:sym|:asym][:absmax|:mse][:sfp32|:sfp16|:sbf16][:a8|:afp8], "
-           "e.g. int4:g128, int4:g64:asym, int8:channel, fp8_e4m3:tensor, int4:g128:mse, int8:a8, mxfp4")
+GRAMMAR = ("NAME[:tensor|:channel|:gN|:cast][:sym|:asym][:absmax|:mse][:sfp32|:sfp16|:sbf16][:a8|:afp8]"
+           "[:gptq|:awq], e.g. int4:g128, int4:g64:asym, int8:channel, fp8_e4m3:tensor, int4:g128:mse, "
+           "int8:a8, mxfp4, int4:g64:gptq")
 
 
 def get_format(spec: str | torch.dtype | NumberFormat) -> NumberFormat:
@@ -40,9 +41,12 @@ def get_format(spec: str | torch.dtype | NumberFormat) -> NumberFormat:
     for option in options:
         fmt = _apply_option(fmt, option, str(spec), set_by)
     if fmt.codec is not None and fmt.granularity == Granularity.NONE and \
-            (fmt.scale_format or fmt.activations or fmt.scale_search != "absmax"):
+            (fmt.scale_format or fmt.activations or fmt.scale_search != "absmax" or fmt.calibration):
         raise UnknownFormatError(f"format spec {spec!r}: :cast stores no scale, so it takes no scale, "
-                                 "search or activation option; drop them")
+                                 "search, calibration or activation option; drop them")
+    problem = _calibration_problem(fmt)
+    if problem:
+        raise UnknownFormatError(f"format spec {spec!r}: {problem}")
     return dataclasses.replace(fmt, name=canonical_name(fmt)) if options else fmt
 
 
@@ -81,6 +85,7 @@ def _option_changes(option: str) -> dict | None:
              "absmax": {"scale_search": "absmax"}, "mse": {"scale_search": "mse"},
              "a8": {"activations": "int8"}, "aint8": {"activations": "int8"},
              "afp8": {"activations": "fp8"},
+             "gptq": {"calibration": "gptq"}, "awq": {"calibration": "awq"},
              **{f"s{name}": {"scale_format": name} for name in ("fp32", "fp16", "bf16")}}
     if option in fixed:
         return fixed[option]
@@ -107,6 +112,20 @@ def _option_problem(fmt: NumberFormat, changes: dict) -> str | None:
     return None
 
 
+def _calibration_problem(fmt: NumberFormat) -> str | None:
+    """Why ``:gptq`` / ``:awq`` do not combine with the rest of the spec (None when they do): they choose
+    codes of weights with group or channel scales, from the layer's float inputs."""
+    if fmt.calibration is None:
+        return None
+    if fmt.granularity not in (Granularity.GROUP, Granularity.CHANNEL):
+        return f":{fmt.calibration} needs group or channel scales; use e.g. {fmt.base}:g64:{fmt.calibration}"
+    if fmt.activations:
+        return f":{fmt.calibration} calibrates weights only; drop the activation option"
+    if fmt.calibration == "awq" and fmt.scale_search == "mse":
+        return ":awq runs its own clipping search on the layer's output error; drop :mse"
+    return None
+
+
 def canonical_name(fmt: NumberFormat) -> str:
     """The shortest spec that gives back ``fmt``: base name, layout, then non-default options."""
     parts = [fmt.base]
@@ -118,6 +137,7 @@ def canonical_name(fmt: NumberFormat) -> str:
     default_scale = base_format(fmt.base).scale_format
     parts += [f"s{fmt.scale_format}"] if fmt.scale_format not in (None, default_scale) else []
     parts += {"int8": ["a8"], "fp8": ["afp8"]}.get(fmt.activations, [])
+    parts += [fmt.calibration] if fmt.calibration else []
     return ":".join(parts)
 
 

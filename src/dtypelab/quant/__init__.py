@@ -6,6 +6,8 @@ for scaled formats, :func:`round_trip` (the one rounding every analysis uses), t
 """
 
 from .activations import quantize_activations
+from .awq import clip_quantize, search_scales
+from .calibrate import CalibrationReport, LayerCalibration, calibrate_layers
 from .cast import KeepPolicy, cast_model, compute_dtype
 from .damage import (
     Action,
@@ -26,12 +28,16 @@ from .footprint import (
     param_dtype_lines,
     print_param_dtype,
 )
+from .gptq import GptqResult, gptq_quantize
+from .hessian import InputStats, output_sqnr_db
 from .model import HEAD_REASON, KEPT_REASON, LayerOutcome, QuantizeResult, head_names, quantize_model
 from .nn import QuantizedEmbedding, QuantizedLinear, QuantizedWeightModule, is_conv1d
 from .packing import pack_nibbles, unpack_nibbles
 from .qtensor import QuantizedTensor, quantize_tensor, round_trip, saturated_count
 
 __all__ = [
+    "CalibrationReport", "GptqResult", "InputStats", "LayerCalibration", "calibrate_layers", "clip_quantize",
+    "gptq_quantize", "output_sqnr_db", "search_scales",
     "HEAD_REASON", "KEPT_REASON", "head_names",
     "Action", "DamageCounts", "DtypeSummary", "KeepPolicy", "LayerOutcome", "ModelInspection",
     "QuantizeResult", "QuantizedEmbedding", "QuantizedLinear", "QuantizedTensor", "QuantizedWeightModule",

@@ -15,7 +15,9 @@ buffers stay as they are. Every candidate that stays dense is listed with its re
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -23,7 +25,9 @@ from torch import nn
 from ..errors import InputError
 from ..formats import NumberFormat, get_format
 from ..naming import any_matches
+from ..progress import ProgressCallback
 from ..tree import set_submodule, tied_module_names
+from .calibrate import Batch, CalibrationReport, calibrate_layers
 from .nn import QuantizedEmbedding, QuantizedLinear, is_conv1d
 
 
@@ -55,6 +59,7 @@ class QuantizeResult:
     fmt: NumberFormat
     layers: list[LayerOutcome] = field(default_factory=list)
     seconds: float = 0.0
+    calibration: CalibrationReport | None = None  # what :gptq / :awq calibration did (None otherwise)
 
     @property
     def quantized(self) -> list[LayerOutcome]:
@@ -73,7 +78,8 @@ TIED_REASON = "weight tied to another module; quantizing one copy would store it
 
 def quantize_model(model: nn.Module, spec: str | NumberFormat, include: list[str] | None = None,
                    exclude: list[str] | None = None, embeddings: bool = False,
-                   head: bool = False) -> QuantizeResult:
+                   head: bool = False, calibration: Sequence[Batch] | None = None,
+                   progress: ProgressCallback | None = None) -> QuantizeResult:
     """Copy ``model`` and store its Linear and Conv1D weights in ``spec`` (see the module docstring).
 
     Args:
@@ -83,6 +89,9 @@ def quantize_model(model: nn.Module, spec: str | NumberFormat, include: list[str
         exclude: globs on module names to leave as they are.
         embeddings: also quantize ``nn.Embedding`` tables (per row / per group along the dim).
         head: also quantize the output head (``model.get_output_embeddings()``), unless it is tied.
+        calibration: for ``:gptq`` / ``:awq`` formats, batches of the model's inputs (keyword dicts or
+            tensors) to calibrate on, block by block (:mod:`dtypelab.quant.calibrate`); ``progress``
+            hears of each block.
     Returns:
         QuantizeResult with the new model and one LayerOutcome per candidate layer (every Linear,
         Conv1D and Embedding), the dense ones with their reason (head, embedding, tied weight, group
@@ -98,12 +107,39 @@ def quantize_model(model: nn.Module, spec: str | NumberFormat, include: list[str
                    head_names(model))
     reasons = {name: _skip_reason(name, module, scope)
                for name, module in model.named_modules() if _layer_kind(module)}
-    new = _copy_sharing_weights(model, [name for name, reason in reasons.items() if not reason])
-    layers = [_quantize_one(new, name, fmt, reason) for name, reason in reasons.items()]
-    result = QuantizeResult(new, fmt, layers, time.perf_counter() - start)
+    if fmt.calibration:
+        new, layers, report = _calibrated(model, fmt, reasons, calibration, progress)
+    else:
+        report = None
+        new = _copy_sharing_weights(model, [name for name, reason in reasons.items() if not reason])
+        layers = [_quantize_one(new, name, fmt, reason) for name, reason in reasons.items()]
+    result = QuantizeResult(new, fmt, layers, time.perf_counter() - start, report)
     if not result.quantized:
         raise InputError(f"nothing to quantize with {fmt.name}: {_nothing_reason(layers)}")
     return result
+
+
+def _calibrated(model: nn.Module, fmt: NumberFormat, reasons: dict[str, str],
+                calibration: Sequence[Batch] | None, progress: ProgressCallback | None):
+    """(copy, outcomes, report) of a ``:gptq`` / ``:awq`` quantization. The copy is whole (AWQ folds
+    scales into norms); embedding tables have no inputs and are rounded to nearest."""
+    if not calibration:
+        raise InputError(f"{fmt.name} chooses its codes from calibration inputs: pass calibration= (batches "
+                         "of model inputs); the CLI reads the bundled calibration text or --calib-file")
+    new = copy.deepcopy(model)
+    chosen = [n for n, r in reasons.items() if not r and _layer_kind(new.get_submodule(n)) != "Embedding"]
+    dense, report = calibrate_layers(new, fmt, chosen, calibration, progress)
+    layers = []
+    for name, reason in reasons.items():
+        if name in dense or reason or name not in chosen:  # embeddings: round to nearest
+            plain = fmt if name in dense or reason else dataclasses.replace(fmt, calibration=None)
+            layers.append(_quantize_one(new, name, plain, dense.get(name) or reason))
+            continue
+        before = model.get_submodule(name).weight
+        layers.append(LayerOutcome(name, _layer_kind(model.get_submodule(name)), True, "",
+                                   before.numel() * before.element_size(),
+                                   new.get_submodule(name).qtensor.nbytes))
+    return new, layers, report
 
 
 def _nothing_reason(layers: list[LayerOutcome]) -> str:

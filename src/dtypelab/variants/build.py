@@ -19,7 +19,8 @@ from torch import nn
 from ..errors import InputError, UnknownFormatError
 from ..formats import NumberFormat, get_format, split_list
 from ..progress import ProgressCallback, stage
-from ..quant import KeepPolicy, LayerOutcome, QuantizeResult, cast_model, quantize_model
+from ..quant import CalibrationReport, KeepPolicy, LayerOutcome, QuantizeResult, cast_model, quantize_model
+from .calibration import CalibrationData
 from .peers import PeerError, is_peer_spec, run_peer
 
 
@@ -56,6 +57,7 @@ class Variant:
     model: nn.Module | None = None
     failure: str | None = None
     layers: list[LayerOutcome] = field(default_factory=list)
+    calibration: CalibrationReport | None = None  # what :gptq / :awq calibration did
 
     @property
     def ok(self) -> bool:
@@ -91,47 +93,53 @@ def parse_variant_specs(specs: str | Sequence[str]) -> list[VariantSpec]:
 
 def build_variant(reference: nn.Module, spec: VariantSpec, keep: KeepPolicy | None = None,
                   embeddings: bool = False, device: torch.device | str | None = None,
-                  head: bool = False) -> Variant:
+                  head: bool = False, calibration: CalibrationData | None = None) -> Variant:
     """Build one variant of ``reference`` (which is not modified); a format that finds nothing to
     quantize or a peer that fails becomes a failed :class:`Variant` with its reason.
 
     ``embeddings`` / ``head``: also quantize the embedding tables / the output head (both stay dense by
-    default, as in ``quantize_model`` and ``convert``)."""
+    default, as in ``quantize_model`` and ``convert``). ``calibration``: the batches ``:gptq`` / ``:awq``
+    formats calibrate on (:func:`~dtypelab.variants.calibration.calibration_data`); without it such a
+    format is a failed variant saying so."""
     layers: list[LayerOutcome] = []
+    report = None
     try:
         if spec.format is None:
             run = run_peer(reference, spec.spec, keep.kept_roots(reference) if keep else (), head)
             model, layers = run.model, run.layers
         elif spec.format.is_quantized:
-            result = _quantize(reference, spec.format, keep, embeddings, head)
-            model, layers = result.model, result.layers
+            result = _quantize(reference, spec.format, keep, embeddings, head, calibration)
+            model, layers, report = result.model, result.layers, result.calibration
         else:
             model = cast_model(reference, spec.format, keep)
     except (InputError, PeerError) as err:
         return Variant(spec.name, spec.spec, spec.format, None, str(err))
     model = model.to(device) if device is not None else model
-    return Variant(spec.name, spec.spec, spec.format, model, layers=layers)
+    return Variant(spec.name, spec.spec, spec.format, model, layers=layers, calibration=report)
 
 
 def iter_variants(reference: nn.Module, specs: str | Sequence[str] | Sequence[VariantSpec],
                   keep: KeepPolicy | None = None, embeddings: bool = False,
                   device: torch.device | str | None = None,
-                  progress: ProgressCallback | None = None, head: bool = False) -> Iterator[Variant]:
+                  progress: ProgressCallback | None = None, head: bool = False,
+                  calibration: CalibrationData | None = None) -> Iterator[Variant]:
     """Build the variants one at a time, in order (every spec is validated before the first is built)."""
     parsed = specs if specs and isinstance(specs[0], VariantSpec) else parse_variant_specs(specs)
     bar = stage(progress, "variants", "variants", len(parsed))
     for spec in parsed:
-        variant = build_variant(reference, spec, keep, embeddings, device, head)
+        variant = build_variant(reference, spec, keep, embeddings, device, head, calibration)
         bar.advance(detail=spec.name)
         yield variant
 
 
 def build_variants(reference: nn.Module, specs: str | Sequence[str], keep: KeepPolicy | None = None,
                    embeddings: bool = False, device: torch.device | str | None = None,
-                   progress: ProgressCallback | None = None, head: bool = False) -> dict[str, Variant]:
+                   progress: ProgressCallback | None = None, head: bool = False,
+                   calibration: CalibrationData | None = None) -> dict[str, Variant]:
     """One :class:`Variant` per item of a ``--to`` list: our formats and peers (``quanto:qint8``,
     ``torchao:int8wo``), by display name; see :func:`iter_variants`."""
-    return {v.name: v for v in iter_variants(reference, specs, keep, embeddings, device, progress, head)}
+    return {v.name: v for v in iter_variants(reference, specs, keep, embeddings, device, progress, head,
+                                             calibration)}
 
 
 def as_variants(variants: Mapping[str, nn.Module | Variant] | Iterable[Variant]) -> list[Variant]:
@@ -142,8 +150,10 @@ def as_variants(variants: Mapping[str, nn.Module | Variant] | Iterable[Variant])
 
 
 def apply_format(model: nn.Module, fmt: str | NumberFormat, keep: KeepPolicy | None = None,
-                 embeddings: bool = False, head: bool = False) -> nn.Module:
-    """A copy of ``model`` in ``fmt``: cast for plain dtypes, :func:`quantize_model` for the rest.
+                 embeddings: bool = False, head: bool = False,
+                 calibration: CalibrationData | None = None) -> nn.Module:
+    """A copy of ``model`` in ``fmt``: cast for plain dtypes, :func:`quantize_model` for the rest
+    (``calibration``: the batches a ``:gptq`` / ``:awq`` format calibrates on).
 
     Args:
         keep: modules to leave alone (cast: kept in float32; quantize: excluded with their children).
@@ -155,15 +165,20 @@ def apply_format(model: nn.Module, fmt: str | NumberFormat, keep: KeepPolicy | N
     fmt = get_format(fmt)
     if not fmt.is_quantized:
         return cast_model(model, fmt, keep)
-    return _quantize(model, fmt, keep, embeddings, head).model
+    return _quantize(model, fmt, keep, embeddings, head, calibration).model
 
 
 def _quantize(model: nn.Module, fmt: NumberFormat, keep: KeepPolicy | None, embeddings: bool,
-              head: bool) -> QuantizeResult:
+              head: bool, calibration: CalibrationData | None = None) -> QuantizeResult:
     """``quantize_model`` with a keep policy: kept modules are excluded with their children."""
     roots = keep.kept_roots(model) if keep else []
     exclude = [p for root in roots for p in ((root, f"{root}.*") if root else ("*",))]
-    return quantize_model(model, fmt, exclude=exclude, embeddings=embeddings, head=head)
+    batches = calibration.batches if calibration is not None else None
+    result = quantize_model(model, fmt, exclude=exclude, embeddings=embeddings, head=head,
+                            calibration=batches)
+    if result.calibration is not None:
+        result.calibration.source, result.calibration.ctx = calibration.source, calibration.ctx
+    return result
 
 
 def _format_named(name: str) -> NumberFormat | None:
