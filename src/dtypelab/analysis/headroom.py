@@ -24,7 +24,7 @@ from ..errors import DtypelabError, InputError
 from ..formats import NumberFormat, get_format
 from ..naming import is_inside
 from ..progress import Progress, ProgressCallback, stage
-from ..quant import DamageCounts, KeepPolicy, cast_model, count_damage, round_trip
+from ..quant import DamageCounts, KeepPolicy, cast_model, count_damage, overflow_threshold, round_trip
 from ..report import Table, TableMixin
 from ..tree import iter_tensors
 from ..variants import is_peer_spec
@@ -41,8 +41,7 @@ class RangeCounts(DamageCounts):
 
     def add_values(self, tensor: torch.Tensor, fmt: NumberFormat) -> None:
         """Round ``tensor`` to ``fmt`` (:func:`~dtypelab.quant.round_trip`) and count what happened."""
-        values = tensor.detach().float()
-        self.add(count_damage(values, round_trip(values, fmt), fmt, sums=False))
+        self.add(count_formats(tensor, [fmt])[0])
 
     def headroom_bits(self, fmt: NumberFormat) -> float:
         """log2(max_finite / absmax): binades to spare before overflow (negative: overflows)."""
@@ -59,6 +58,52 @@ class RangeCounts(DamageCounts):
         if self.nonzero and self.subnormal / self.nonzero >= UNDERFLOW_SHARE:
             return "subnormal"
         return "ok"
+
+
+def count_formats(tensor: torch.Tensor, fmts: Sequence[NumberFormat]) -> list[DamageCounts]:
+    """What rounding ``tensor`` to each format does, exactly as :func:`~dtypelab.quant.count_damage`
+    counts it.
+
+    Why not simply ``count_damage`` per format: it makes some twenty passes over the values per format,
+    and a forward's every activation is counted. Most tensors cannot overflow — finite, every magnitude
+    below the format's overflow threshold — and for those the overflow and non-finite masks are all
+    false, so the range (one pass, shared by the formats) and, per format, the flushes, subnormals and
+    relative error (the same operations ``count_damage`` makes, so the same floats; none at all for the
+    flushes and subnormals when every non-zero magnitude is at least the smallest normal) give the
+    identical counts in a third of the passes. Any other tensor is counted by ``count_damage`` itself.
+    """
+    values = tensor.detach().float().reshape(-1)
+    if not values.numel():
+        return [count_damage(values, values, fmt, sums=False) for fmt in fmts]
+    magnitudes = values.abs()
+    low, high = (float(v) for v in torch.aminmax(magnitudes))  # NaN / inf propagate to both
+    nonzero = int(torch.count_nonzero(magnitudes)) if low == 0 else values.numel()
+    if low == 0 and nonzero:
+        low = float(magnitudes.masked_fill(magnitudes == 0, math.inf).min())
+    return [_in_range_counts(values, magnitudes, fmt, nonzero, high, low if nonzero else math.inf)
+            if _cannot_overflow(fmt, high) else count_damage(values, round_trip(values, fmt), fmt, sums=False)
+            for fmt in fmts]
+
+
+def _cannot_overflow(fmt: NumberFormat, absmax: float) -> bool:
+    """Finite values all below the overflow threshold of a plain float format (round to nearest)."""
+    floating = not fmt.is_quantized and fmt.torch_dtype is not None and fmt.torch_dtype.is_floating_point
+    return floating and math.isfinite(absmax) and absmax < overflow_threshold(fmt)
+
+
+def _in_range_counts(values: torch.Tensor, magnitudes: torch.Tensor, fmt: NumberFormat, nonzero: int,
+                     absmax: float, smallest_nonzero: float) -> DamageCounts:
+    """``count_damage``'s counts for finite values that cannot overflow ``fmt``."""
+    stored = round_trip(values, fmt)
+    flushed = subnormal = 0
+    if smallest_nonzero < fmt.smallest_normal:  # else nothing can flush or turn subnormal
+        stored_nonzero = int(torch.count_nonzero(stored))
+        flushed = nonzero - stored_nonzero
+        below_normal = int(torch.lt(stored.abs(), fmt.smallest_normal).sum())
+        subnormal = below_normal - (values.numel() - stored_nonzero)
+    error = torch.sub(stored, values).abs_()  # as count_damage: |s - x| / |x|, 0/0 -> 0
+    max_rel = float(error.div_(magnitudes).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).max())
+    return DamageCounts(values.numel(), nonzero, 0, absmax, 0, flushed, subnormal, max_rel)
 
 
 @dataclass
@@ -205,8 +250,8 @@ def _counting_hook(name: str, fmts: list[NumberFormat], counts: dict, skipped: l
         if tensor is None or not tensor.is_floating_point():
             skipped.append(name)
             return
-        for fmt in fmts:
-            counts.setdefault((name, fmt.name), RangeCounts()).add_values(tensor, fmt)
+        for fmt, counted in zip(fmts, count_formats(tensor, fmts), strict=True):
+            counts.setdefault((name, fmt.name), RangeCounts()).add(counted)
         bar.advance(detail=name)
     return hook
 
@@ -283,15 +328,19 @@ def _first_non_finite(model: nn.Module, inputs) -> str | None:
     names = {id(m): n for n, m in model.named_modules()}
     handles, received = [], {}
 
+    computes_on: dict[int, list[bool]] = {}  # per module, a stack: whether its (cast) inputs are finite
+
     def before_cast(module, args, kwargs):  # first pre-hook: the inputs as the module was handed them
         received[id(module)] = _finite(args) and _finite(kwargs)
 
     def after_cast(module, args, kwargs):  # last pre-hook: what it computes on
-        if received.get(id(module)) and not (_finite(args) and _finite(kwargs)):
+        finite = _finite(args) and _finite(kwargs)
+        if received.get(id(module)) and not finite:
             raise _FoundNonFinite(names[id(module)])
+        computes_on.setdefault(id(module), []).append(finite)
 
     def after_forward(module, args, kwargs, output):
-        if _finite(args) and _finite(kwargs) and not _finite(output):
+        if computes_on[id(module)].pop() and not _finite(output):
             raise _FoundNonFinite(names[id(module)])
 
     for module in model.modules():
@@ -310,4 +359,14 @@ def _first_non_finite(model: nn.Module, inputs) -> str | None:
 
 def _finite(value: object) -> bool:
     """Whether every floating tensor inside ``value`` (tensors, tuples, lists, dicts, outputs) is finite."""
-    return all(bool(t.isfinite().all()) for t in iter_tensors(value) if t.is_floating_point())
+    return all(_tensor_finite(t) for t in iter_tensors(value) if t.is_floating_point())
+
+
+def _tensor_finite(tensor: torch.Tensor) -> bool:
+    """``tensor.isfinite().all()``, from the minimum and maximum (NaN and inf propagate to them): one
+    pass without a mask, ~5x faster, and fp16 / bf16 ``isfinite`` is the slowest kernel of a
+    verification run on a CPU."""
+    if not tensor.numel():
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
