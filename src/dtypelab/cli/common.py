@@ -21,6 +21,7 @@ from ..formats import NumberFormat
 from ..models import DEFAULT_CTX, TEXT_SETS, LoadedModel, builtin_names, device_errors
 from ..report import PLOT_SUFFIXES, TableMixin
 from ..variants import DEFAULT_CALIB_TOKENS, CalibrationData, calibration_data
+from .progress import clear_status_line
 
 # One table: exception family -> how it is reported. Anything else is a bug and keeps its traceback.
 ERROR_MESSAGES: dict[type[BaseException], Callable[[BaseException], tuple[str, int]]] = {
@@ -46,6 +47,7 @@ def emit(result: TableMixin, as_json: bool, side_outputs: Sequence[SideOutput] =
         SideOutputError: a side output could not be written (exit 5; each one named).
         VariantFailed: some of the result's variants failed, each a row with its reason (exit 4).
     """
+    clear_status_line()
     if show:
         click.echo(result.to_json() if as_json else result.to_text())
     problems = []

@@ -18,6 +18,7 @@ from .common import (
     resolve_device,
     select_options,
 )
+from .progress import clear_status_line, quiet_option, status_line
 
 
 @click.command("headroom", short_help="Which layers overflow or underflow per format; what to keep.",
@@ -33,21 +34,24 @@ from .common import (
 @pickle_option
 @device_option
 @json_option
+@quiet_option
 def headroom_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str | None,
                  input_ids: str | None, input_file: str | None, text_set: str | None, ctx: int | None,
                  stride: int | None, windows: int | None, depth: int | None, select: tuple[str, ...],
-                 weights: bool, allow_pickle: bool, device: str, as_json: bool) -> None:
+                 weights: bool, allow_pickle: bool, device: str, as_json: bool, quiet: bool = False) -> None:
     specs, target = parse_variant_specs(formats), resolve_device(device)
-    loaded = load(model, "fp32", allow_pickle=allow_pickle)
+    line = status_line(quiet)
+    loaded = load(model, "fp32", allow_pickle=allow_pickle, progress=line)
     inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
                                     tensor_file=input_file, text_set=text_set, ctx=ctx, stride=stride,
                                     windows=windows),
                        target)
     reference = loaded.model.to(target)
     report = predict_headroom(reference, inputs, [s.format or s.spec for s in specs], depth=depth,
-                              patterns=select)
+                              patterns=select, progress=line)
     stats = weight_stats(reference, [s.format for s in specs if s.format]) if weights else None
     if as_json and stats is not None:  # one JSON document holding both
+        clear_status_line()
         click.echo(composite_document("headroom-weights", {"headroom": report, "weights": stats}))
         return
     for result in (report, stats):

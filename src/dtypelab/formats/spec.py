@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from ..errors import UnknownFormatError
+from ..errors import UnknownFormatError, did_you_mean
 from .codecs import IntCodec
 from .registry import Granularity, NumberFormat, all_formats, base_format
 
@@ -36,7 +36,7 @@ def get_format(spec: str | torch.dtype | NumberFormat) -> NumberFormat:
         return spec
     head, *options = str(spec).strip().lower().split(":")
     if base_format(head) is None:
-        raise UnknownFormatError(f"unknown dtype or format {str(spec)!r}: {_known_help()}")
+        raise UnknownFormatError(f"unknown dtype or format {str(spec)!r}{_suggestion(head)}: {_known_help()}")
     fmt, set_by = base_format(head), {}
     for option in options:
         fmt = _apply_option(fmt, option, str(spec), set_by)
@@ -48,6 +48,10 @@ def get_format(spec: str | torch.dtype | NumberFormat) -> NumberFormat:
     if problem:
         raise UnknownFormatError(f"format spec {spec!r}: {problem}")
     return dataclasses.replace(fmt, name=canonical_name(fmt)) if options else fmt
+
+
+def _suggestion(head: str) -> str:
+    return did_you_mean(head, [f.name for f in all_formats()])
 
 
 def _known_help() -> str:

@@ -21,7 +21,7 @@ from ..formats import NumberFormat, get_format, split_list
 from ..progress import ProgressCallback, stage
 from ..quant import CalibrationReport, KeepPolicy, LayerOutcome, QuantizeResult, cast_model, quantize_model
 from .calibration import CalibrationData
-from .peers import PeerError, is_peer_spec, run_peer
+from .peers import PeerError, check_peer_spec, is_peer_spec, run_peer
 
 
 @dataclass(frozen=True)
@@ -81,11 +81,13 @@ def parse_variant_specs(specs: str | Sequence[str]) -> list[VariantSpec]:
     """Parse a comma-separated ``--to`` list (or its items) into specs, validating every format.
 
     Raises:
-        UnknownFormatError: an unknown format, a malformed option, or an empty item.
+        UnknownFormatError: an unknown format or peer, a malformed option, or an empty item.
     """
     items = split_list(specs) if isinstance(specs, str) else list(specs)
     parsed = []
     for item in items:
+        if is_peer_spec(item):
+            check_peer_spec(item)
         fmt = None if is_peer_spec(item) else get_format(item)
         parsed.append(VariantSpec(fmt.name if fmt else item, item, fmt))
     return parsed
