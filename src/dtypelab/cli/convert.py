@@ -9,9 +9,11 @@ from pathlib import Path
 import click
 
 from ..checkpoint import convert_checkpoint
-from ..errors import DamageError
+from ..errors import DamageError, InputError
+from ..formats import get_format
 from ..progress import ProgressEvent
-from .common import check_output, emit, json_option, wrote
+from ..variants import DEFAULT_CALIB_TOKENS, convert_calibrated
+from .common import calibration_options, check_output, emit, json_option, wrote
 
 
 class ProgressLine:
@@ -76,21 +78,30 @@ class ProgressLine:
               help="Write every tensor's damage counts to this JSON file (also when --strict refuses: "
                    "then with \"refused\": true).")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
+@calibration_options
 @json_option
 def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[str, ...],
                 max_shard_size: str | None, force: bool, verify: bool, fsync: bool, strict: bool,
                 max_flushed: str | None, max_overflowed: str | None, report_path: Path | None, quiet: bool,
-                as_json: bool, head: bool, embeddings: bool) -> None:
+                as_json: bool, head: bool, embeddings: bool, calib_file: str | None = None,
+                calib_tokens: int | None = None) -> None:
     """Convert a safetensors file or model folder SRC to another format, tensor by tensor."""
     check_output(output, "-o", make_parents=True, sources=[src])
     if report_path is not None:
         check_output(report_path, "--report", suffixes=(".json",), sources=[src, output])
     progress = ProgressLine() if not quiet and not as_json and sys.stderr.isatty() else None
+    calibrated = _calibrated(fmt, calib_file, calib_tokens, {
+        "--dense": dense, "--max-shard-size": max_shard_size, "--verify": verify,
+        "--strict": strict, "--embeddings": embeddings, "--fsync": fsync, "--report": report_path})
     try:
-        result = convert_checkpoint(src, output, fmt, keep=keep, max_shard_size=max_shard_size,
-                                    force=force, verify=verify, strict=strict, progress=progress,
-                                    dense=dense, fsync=fsync, max_flushed=max_flushed,
-                                    max_overflowed=max_overflowed, head=head, embeddings=embeddings)
+        if calibrated:
+            result = convert_calibrated(src, output, fmt, calib_file=calib_file, keep=keep, head=head,
+                                        force=force, calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS)
+        else:
+            result = convert_checkpoint(src, output, fmt, keep=keep, max_shard_size=max_shard_size,
+                                        force=force, verify=verify, strict=strict, progress=progress,
+                                        dense=dense, fsync=fsync, max_flushed=max_flushed,
+                                        max_overflowed=max_overflowed, head=head, embeddings=embeddings)
     except DamageError as exc:  # refused by --strict: the report of what it would have done still asked for
         refused = getattr(exc, "result", None)
         if report_path is not None and refused is not None:
@@ -106,3 +117,17 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
     report = [("--report", report_path, lambda: report_path.write_text(result.to_json() + "\n",
                                                                        encoding="utf-8"))]
     emit(result, as_json, report if report_path is not None else [], show=not quiet)
+
+
+def _calibrated(fmt: str | None, calib_file: str | None, calib_tokens: int | None, refused: dict) -> bool:
+    """Whether ``--to`` is a ``:gptq`` / ``:awq`` format (written by ``convert_calibrated``); the options
+    that path does not take, and the calibration options without it, are refused in one line."""
+    calibrated = fmt is not None and get_format(fmt).calibration is not None
+    if not calibrated and (calib_file is not None or calib_tokens is not None):
+        raise InputError("--calib-file and --calib-tokens calibrate :gptq / :awq formats: give one with --to "
+                         "(e.g. int4:g64:gptq) or drop them")
+    given = [option for option, value in refused.items() if value]
+    if calibrated and given:
+        raise InputError(f"{', '.join(given)}: not with a calibrated --to {fmt} (the model is loaded and "
+                         "written whole, codes as calibration chose them): drop them")
+    return calibrated

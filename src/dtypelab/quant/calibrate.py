@@ -65,7 +65,9 @@ class LayerCalibration:
 
 @dataclass
 class CalibrationReport(TableMixin):
-    """What a calibrated quantization did: method, tokens, blocks, threads, time, every layer."""
+    """What a calibrated quantization did: method, tokens, blocks, threads, time, every layer; for AWQ
+    the norm tensors it changed (``folded``: tensor name -> new values) and each folded layer's input
+    scales (``scales``: its codes hold W·s)."""
 
     method: str
     tokens: int
@@ -75,6 +77,7 @@ class CalibrationReport(TableMixin):
     seconds: float = 0.0
     layers: list[LayerCalibration] = field(default_factory=list)
     folded: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    scales: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # AWQ: layer -> s (in,)
     source: str = ""  # where the batches came from (set by whoever cut them: the bundled text, a file)
     ctx: int = 0  # tokens per window (0: a tensor file's own shape)
 
@@ -324,6 +327,8 @@ def _awq_group(model: nn.Module, block: nn.Module | None, group: list[str], laye
             name, "awq", output_sqnr_db(weight, effective, hessian), _rtn_sqnr(weight, hessian, fmt),
             alpha=alpha, folded_into=norm if alpha > 0 else "",
             note="" if norm else "input not from a norm that absorbs a scale: clipping only"))
+        if alpha > 0:
+            report.scales[name] = scales
         _replace(model, name, layers[name], qt)
 
 

@@ -13,11 +13,12 @@ from .build import (
     iter_variants,
     parse_variant_specs,
 )
+from .calibrated_convert import convert_calibrated
 from .calibration import DEFAULT_CALIB_TOKENS, CalibrationData, calibration_data
 from .peers import PEERS, Peer, PeerError, PeerRun, is_peer_spec, run_peer
 
 __all__ = [
-    "DEFAULT_CALIB_TOKENS", "CalibrationData", "calibration_data",
+    "DEFAULT_CALIB_TOKENS", "CalibrationData", "calibration_data", "convert_calibrated",
     "PEERS", "Peer", "PeerError", "PeerRun", "Variant", "VariantSpec", "apply_format", "as_variants",
     "build_variant", "build_variants", "is_peer_spec", "iter_variants", "parse_variant_specs", "run_peer",
 ]
