@@ -250,7 +250,7 @@ def test_cli_layers_text_and_plot(capsys, tmp_path):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["compare", "dummy", "--plot", "x.png"], "need --layers"),
+    (["compare", "dummy", "--plot", "x.png"], "--plot needs --layers"),
     (["compare", "dummy", "--layers", "--depth", "0"], "--depth 0 selects nothing"),
     (["compare", "dummy", "--layers", "--select", "nope*"], "no module matches"),
     (["compare", "dummy", "--layers", "--plot", "x.pdf"], ".png or .svg"),

@@ -59,3 +59,12 @@ def test_mixin_renders_every_table():
     result = _Result(0.25, {}, ())
     assert str(result) == result.to_text() == "R\nvalue\n-----\n 0.25"
     assert result._repr_html_().startswith("<b>R</b><table>")
+
+
+def test_a_long_reason_becomes_a_numbered_note_below_the_table():
+    reason = "failed: nothing to quantize with int4:g129: " + "group size 129 does not divide 256; " * 5
+    table = Table("T", ["variant", "status"], [["bf16", "ok"], ["int4:g129", reason]], ["compared: x"])
+    lines = table.to_text().splitlines()
+    assert lines[4:] == ["int4:g129  failed [1]", "compared: x", f"[1] {reason}"]
+    assert max(len(line) for line in lines[:4]) < 30  # the table stays narrow
+    assert reason in table.to_html()  # HTML and JSON keep the cell whole

@@ -28,13 +28,18 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
     def to_text(self) -> str:
-        cells = [self.columns] + [[format_cell(v) for v in row] for row in self.rows]
+        """Aligned columns; a text cell longer than :data:`LONG_CELL` (a failure's reason) is cut to its
+        first words and a number, and printed in full as that numbered note below the table, so one long
+        reason does not make every row hundreds of columns wide."""
+        long_notes: list[str] = []
+        body = [[_short_cell(format_cell(v), long_notes) for v in row] for row in self.rows]
+        cells = [self.columns] + body
         widths = [max(len(r[i]) for r in cells) for i in range(len(self.columns))]
         lines = [self.title, "  ".join(c.ljust(w) for c, w in zip(cells[0], widths, strict=True)).rstrip(),
                  "  ".join("-" * w for w in widths)]
         lines += ["  ".join(c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(r, widths, strict=True))
                   .rstrip() for r in cells[1:]]
-        return "\n".join(lines + self.notes)
+        return "\n".join(lines + self.notes + long_notes)
 
     def to_html(self) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
@@ -43,6 +48,19 @@ class Table:
         notes = "".join(f"<br>{html.escape(n)}" for n in self.notes)
         return (f"<b>{html.escape(self.title)}</b><table><thead><tr>{head}</tr></thead>"
                 f"<tbody>{body}</tbody></table><small>{notes}</small>")
+
+
+LONG_CELL = 72
+"""Characters a text cell may take in a terminal table before it becomes a numbered note."""
+
+
+def _short_cell(text: str, notes: list[str]) -> str:
+    """``failed: nothing to quantize …`` -> ``failed [1]``, with ``[1] failed: nothing …`` in ``notes``."""
+    if len(text) <= LONG_CELL:
+        return text
+    notes.append(f"[{len(notes) + 1}] {text}")
+    head = min((text.split(sep, 1)[0] for sep in (": ", "; ")), key=len)
+    return f"{head} [{len(notes)}]" if len(head) <= LONG_CELL // 3 else f"[{len(notes)}]"
 
 
 def format_cell(value: Any) -> str:
