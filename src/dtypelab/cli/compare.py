@@ -8,6 +8,7 @@ import torch
 from ..analysis import DEFAULT_THRESHOLD_DB, MODES, ComparisonResult, compare_layers, compare_models
 from ..errors import InputError
 from ..models import LoadedModel, load, model_inputs, to_device
+from ..progress import ProgressCallback
 from ..quant import KeepPolicy
 from ..report import plot_layers
 from ..variants import CalibrationData, iter_variants, parse_variant_specs
@@ -26,6 +27,7 @@ from .common import (
     resolve_device,
     select_options,
 )
+from .progress import quiet_option, status_line
 
 
 @click.command("compare", short_help="Measure each --to format against float32: error, size, speed.",
@@ -64,6 +66,7 @@ from .common import (
               help="Also time forwards: each variant in turns with float32, its ratio to float32 timed "
                    "beside it and the ratio's per-round spread; 'slower' only beyond that noise. Off by "
                    "default (it about doubles the run time); --no-time is accepted and does nothing.")
+@quiet_option
 def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str | None,
                 input_ids: str | None, input_file: str | None,
                 text_set: str | None, ctx: int | None, stride: int | None, windows: int | None,
@@ -71,7 +74,7 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
                 keep: tuple[str, ...], allow_pickle: bool, device: str, by_layer: bool, mode: str,
                 depth: int | None, select: tuple[str, ...], threshold_db: float, plot_path: str | None,
                 as_json: bool, embeddings: bool, head: bool, timing: bool, calib_file: str | None = None,
-                calib_tokens: int | None = None) -> None:
+                calib_tokens: int | None = None, quiet: bool = False) -> None:
     specs, target = parse_variant_specs(formats), resolve_device(device)
     refuse_without(by_layer, "--layers", {"mode": "--mode", "depth": "--depth", "select": "--select",
                                           "threshold_db": "--threshold", "plot_path": "--plot"})
@@ -79,7 +82,8 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
     if (embeddings or head) and not any(s.format is not None and s.format.is_quantized for s in specs):
         raise InputError("--embeddings and --head choose what a quantized format stores; --to lists no "
                          "quantized format (casts convert every tensor): add one, e.g. int8, or drop them")
-    loaded = load(model, "fp32", allow_pickle=allow_pickle)
+    line = status_line(quiet)
+    loaded = load(model, "fp32", allow_pickle=allow_pickle, progress=line)
     inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
                                     tensor_file=input_file, text_set=text_set, ctx=ctx, stride=stride,
                                     windows=windows),
@@ -88,14 +92,14 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
     policy = KeepPolicy.from_strings(keep)
     if not by_layer:
         emit(compare_loaded(loaded, formats, inputs, target, output_name, policy, embeddings=embeddings,
-                            head=head, timing=timing, calibration=calibration), as_json)
+                            head=head, timing=timing, calibration=calibration, progress=line), as_json)
         return
     reference = loaded.model.to(target)
     variants = list(iter_variants(reference, specs, policy, embeddings, target, head=head,
-                                  calibration=calibration))
+                                  calibration=calibration, progress=line))
     result = compare_layers(reference, variants, inputs, mode=mode, depth=depth, patterns=select,
                             threshold_db=threshold_db, output_name=output_name,
-                            output_kind=loaded.output_kind)
+                            output_kind=loaded.output_kind, progress=line)
     plot = [("--plot", plot_path, lambda: plot_layers(result, plot_path))] if plot_path else []
     emit(result, as_json, plot)
 
@@ -103,11 +107,13 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
 def compare_loaded(loaded: LoadedModel, formats: str, inputs, target: torch.device,
                    output_name: str | None = None, policy: KeepPolicy | None = None, *,
                    embeddings: bool = False, head: bool = False, timing: bool = False,
-                   calibration: CalibrationData | None = None) -> ComparisonResult:
+                   calibration: CalibrationData | None = None,
+                   progress: ProgressCallback | None = None) -> ComparisonResult:
     """``compare`` without ``--layers``: variants built, measured and dropped one at a time; forwards are
     timed only when ``timing`` is True (``--time``)."""
     reference = loaded.model.to(target)
     variants = iter_variants(reference, formats, policy, embeddings, target, head=head,
-                             calibration=calibration)
+                             calibration=calibration, progress=progress)
     return compare_models(reference, variants, inputs, output_name=output_name,
-                          output_kind=loaded.output_kind, timing=timing, model_kind=loaded.kind)
+                          output_kind=loaded.output_kind, timing=timing, model_kind=loaded.kind,
+                          progress=progress)
