@@ -28,6 +28,7 @@ from .demo import demo_cmd
 from .formats import formats_cmd
 from .headroom import headroom_cmd
 from .inspect import inspect_cmd
+from .progress import clear_status_line
 
 COMMANDS = [inspect_cmd, cast_cmd, compare_cmd, headroom_cmd, convert_cmd, formats_cmd, demo_cmd]
 """Every command, in the order ``dtypelab --help`` lists them; a new command is one more entry."""
@@ -48,11 +49,13 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, click.exceptions.Abort):
+        clear_status_line()
         if debug:
             raise
         click.echo(interrupted_message(), err=True)
         sys.exit(130)
     except tuple(ERROR_MESSAGES) as exc:
+        clear_status_line()
         if debug:
             raise
         message, code = next(fmt(exc) for kind, fmt in ERROR_MESSAGES.items() if isinstance(exc, kind))
