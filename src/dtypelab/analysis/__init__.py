@@ -25,6 +25,19 @@ from .metrics import (
     top1_agreement,
     valid_positions,
 )
+from .planner import (
+    Budget,
+    Choice,
+    PlanResult,
+    PlanRow,
+    PlanSweep,
+    measure_plan,
+    parse_budget,
+    parse_budgets,
+    plan_model,
+    solve,
+    uniform_plans,
+)
 from .run import (
     batch_rows,
     input_dtype,
@@ -36,13 +49,27 @@ from .run import (
     select_output,
     split_rows,
 )
+from .sensitivity import (
+    FUSED_LAYERS,
+    SENSITIVITY_METHODS,
+    GroupScore,
+    LayerGroup,
+    SensitivityResult,
+    layer_groups,
+    sensitivity,
+    spearman_rho,
+)
 from .timing import forward_latency_ms, paired_latency_ms
 from .verdict import NOISE_MARGIN_DB, noise_floor_db, rounding_floor_db, variant_verdict
 from .weights import WeightReport, WeightStats, weight_stats
 
 __all__ = [
     "DEFAULT_THRESHOLD_DB", "MODES", "OUTPUT_BATCH_BYTES", "NextTokenSums", "batch_rows",
-    "split_rows", "NOISE_MARGIN_DB", "ComparisonResult", "ErrorSums", "HeadroomReport",
+    "split_rows", "FUSED_LAYERS", "GroupScore", "LayerGroup", "SensitivityResult", "layer_groups",
+    "sensitivity", "spearman_rho", "SENSITIVITY_METHODS", "Budget", "Choice", "PlanResult", "PlanRow",
+    "parse_budget",
+    "parse_budgets", "plan_model", "solve", "measure_plan", "PlanSweep", "uniform_plans",
+    "NOISE_MARGIN_DB", "ComparisonResult", "ErrorSums", "HeadroomReport",
     "LayerComparison", "LayerHeadroom", "LayerRow", "NextTokenMetrics", "OutputMetrics", "RangeCounts",
     "VariantLayers", "VariantResult", "WeightReport", "WeightStats", "compare_layers", "compare_models",
     "cosine_similarity", "forward_latency_ms", "input_dtype", "is_logits_output", "keep_list",

@@ -34,7 +34,7 @@ from .safetensors_file import (
     open_checkpoint,
     read_header,
 )
-from .sizes import stored_nbytes, stored_numel
+from .sizes import stored_nbytes, stored_numel, weight_stored_nbytes
 from .staging import StagedOutput, remove_leftovers
 from .streaming import ChunkCaster, ChunkQuantizer, one_thread
 
@@ -47,5 +47,5 @@ __all__ = [
     "inspect_checkpoint", "inspect_gguf",
     "layout_for", "linear_layers", "load_quantized_weights", "model_class", "one_thread", "open_checkpoint",
     "parse_size", "quantization_config", "quantization_scheme", "read_gguf_header", "read_header", "register",
-    "remove_leftovers", "stored_nbytes", "stored_numel", "stored_parts", "to_parts",
+    "remove_leftovers", "stored_nbytes", "stored_numel", "stored_parts", "to_parts", "weight_stored_nbytes",
 ]

@@ -13,7 +13,6 @@ Checkpoint stage: the top of it; it plans (:mod:`~dtypelab.checkpoint.plan`), st
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -26,7 +25,7 @@ from ..errors import CheckpointError, DamageError, InputError
 from ..formats import NumberFormat, all_formats, get_format
 from ..naming import name_matches, tensor_matches
 from ..progress import ProgressCallback, stage
-from ..quant import Action, TensorDamage, dtype_name
+from ..quant import PLAN_DENSE_REASON, Action, MixedPlan, TensorDamage, dtype_name, model_fingerprint
 from ..quant.damage import NEGLIGIBLE_FLUSH
 from ..report import Table, TableMixin, to_jsonable
 from .architecture import linear_layers
@@ -146,15 +145,14 @@ class ConversionResult(TableMixin):
                          f"{len(self.other_dense)} 2-D tensor(s) ({shown})")
         return Table(f"Conversion to {self.format}: most damaged tensors", columns, rows, notes)
 
-    def to_json(self) -> str:
+    def json_body(self) -> dict:
         """The full report (every tensor, with its ``lost_values``, ``sqnr_db``, ``rms`` and its flushes
         split into ``negligible_flushes`` / ``significant_flushes``) that ``--report FILE`` writes, also
         when ``--strict`` refused the output (``"refused": true``, ``"reason"``)."""
         total = {**_damage_json(self.total), "rms": None, "max_flushed_rel_rms": None,
                  "negligible_flushes": sum(t.negligible_flushes for t in self.tensors),
                  "significant_flushes": sum(t.significant_flushes for t in self.tensors)}
-        report = {**to_jsonable(self), "tensors": [_damage_json(t) for t in self.tensors], "total": total}
-        return json.dumps(report, indent=2)
+        return {**to_jsonable(self), "tensors": [_damage_json(t) for t in self.tensors], "total": total}
 
 
 def _damage_json(damage: TensorDamage) -> dict:
@@ -203,7 +201,8 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
                        dense: str | NumberFormat | None = None, fsync: bool = False,
                        max_flushed: int | float | str | None = None,
                        max_overflowed: int | str | None = None, head: bool = False,
-                       embeddings: bool = False) -> ConversionResult:
+                       embeddings: bool = False, plan: MixedPlan | str | os.PathLike | None = None
+                       ) -> ConversionResult:
     """Convert a safetensors file or folder to another format, tensor by tensor.
 
     Plain formats (fp32, fp16, bf16, ``fp8_e4m3:cast``): floating tensors (fp16/bf16/fp32/fp64) are
@@ -239,6 +238,10 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
             Default 0.
         max_overflowed: with ``strict``, the overflowed (quantized: clipped) values each tensor may
             have, a count. Default 0: any overflow is real damage.
+        plan: a mixed-precision plan (:class:`~dtypelab.quant.MixedPlan` or its JSON file, written by
+            ``dtypelab plan -o``): each layer it names is stored in its own format, one config group per
+            scheme; ``to`` is then None. A plan made for other weights (fingerprint or layer names)
+            is refused before anything is written.
 
     Returns:
         A :class:`ConversionResult` with the damage per tensor.
@@ -254,34 +257,113 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
         raise InputError(f"{source} is a GGUF file: convert reads safetensors checkpoints; load it once "
                          "(dtypelab.load, or the built-in smollm2, which caches an ordinary folder) and "
                          "convert that folder")
-    fmt, src, dst = get_format(to), open_checkpoint(source), Path(destination)
+    src, dst = open_checkpoint(source), Path(destination)
+    plan = MixedPlan.load(plan) if isinstance(plan, str | os.PathLike) else plan
+    fmt = _target_format(to, plan)
     dst_is_file = _check_destination(src, dst)
-    cast_to, quant, dense_layers, other_dense = _conversion(src, fmt, dense, tuple(keep), head, embeddings)
-    plan = plan_output(src, dst, dst_is_file, cast_to, tuple(keep), parse_size(max_shard_size), quant)
+    if plan is not None:
+        cast_to, quant, dense_layers, other_dense = _planned_conversion(src, plan, dense, tuple(keep))
+    else:
+        cast_to, quant, dense_layers, other_dense = _conversion(src, fmt, dense, tuple(keep), head,
+                                                                embeddings)
+    output = plan_output(src, dst, dst_is_file, cast_to, tuple(keep), parse_size(max_shard_size), quant)
     with StagedOutput(dst, force) as staging, one_thread():
         extra, skipped = _extra_files(src)
-        _check_free_space(staging.tmp, plan, extra)
+        _check_free_space(staging.tmp, output, extra)
         caster, quantizer = ChunkCaster(cast_to or get_format("fp32")), quant and ChunkQuantizer(fmt)
-        bar = stage(progress, "convert", "bytes", sum(i.entry.nbytes for i in plan.items))
+        bar = stage(progress, "convert", "bytes", sum(i.entry.nbytes for i in output.items))
         refuses = limits.refuses if limits is not None else None
-        damage = write_shards(plan, staging.tmp, caster, refuses, bar, quantizer)
+        damage = write_shards(output, staging.tmp, caster, refuses, bar, quantizer)
         refused = [t for t in damage if refuses is not None and refuses(t)]
         if refused:  # raised inside the staging, which removes the partial output
             raise _refusal(refused, fmt, cast_to, quant is not None, ConversionResult(
-                src.path, dst, fmt.name, [s.file for s in plan.shards], plan.index_name, damage, [],
-                _relative(src, skipped), False, sum(i.entry.nbytes for i in plan.items), 0, False,
+                src.path, dst, fmt.name, [s.file for s in output.shards], output.index_name, damage, [],
+                _relative(src, skipped), False, sum(i.entry.nbytes for i in output.items), 0, False,
                 dense_layers, other_dense, limits))
-        write_index(plan, staging.tmp)
-        qconfig = quantization_config(fmt, list(dense_layers)) if quant else None
-        config_updated = copy_extra(src, extra, staging.tmp, cast_to, plan, qconfig)
+        write_index(output, staging.tmp)
+        qconfig = quantization_config(quant.by_module, list(dense_layers)) if quant else None
+        config_updated = copy_extra(src, extra, staging.tmp, cast_to, output, qconfig)
         if verify:
-            verify_output(plan, staging.tmp, caster, quantizer)
+            verify_output(output, staging.tmp, caster, quantizer)
         staging.commit(dst_is_file, durable=fsync)
-    written = sum(len(s.layout()[0]) + sum(i.out_nbytes for i in s.items) for s in plan.shards)
-    return ConversionResult(src.path, dst, fmt.name, [s.file for s in plan.shards], plan.index_name,
+    written = sum(len(s.layout()[0]) + sum(i.out_nbytes for i in s.items) for s in output.shards)
+    name = fmt.name if plan is None else "plan: " + "+".join(sorted({f.name for f in quant.formats.values()}))
+    return ConversionResult(src.path, dst, name, [s.file for s in output.shards], output.index_name,
                             damage, _relative(src, extra), _relative(src, skipped), config_updated,
-                            sum(i.entry.nbytes for i in plan.items), written, verify, dense_layers,
+                            sum(i.entry.nbytes for i in output.items), written, verify, dense_layers,
                             other_dense, limits, cautions=_cautions(quant))
+
+
+def _target_format(to: str | NumberFormat | None, plan: MixedPlan | None) -> NumberFormat:
+    """The one format, or for a plan the format its report is named by (its first scheme)."""
+    if plan is None:
+        if to is None:
+            raise InputError("give a format to convert to (--to int4:g128) or a plan (--plan plan.json)")
+        return get_format(to)
+    if to is not None:
+        raise InputError("--to and --plan both say which format each layer takes: give one of them")
+    formats = sorted(set(plan.formats.values()))
+    if not formats:
+        raise InputError("the plan quantizes no layer (every layer dense): nothing to convert")
+    return get_format(formats[0])
+
+
+def _planned_conversion(src: CheckpointSource, plan: MixedPlan, dense: str | NumberFormat | None,
+                        keep: tuple[str, ...]) -> tuple[NumberFormat | None, Quantization, dict[str, str],
+                                                        list[str]]:
+    """What a plan quantizes in this checkpoint, checked against it before anything is written: every
+    layer it names is a Linear of the folder's model with a weight of that name, each format has a
+    layout and fits the layer, and the planned weights are the ones the plan was made for."""
+    _refuse_quantized_source(src)
+    if keep:
+        raise InputError("--keep and --plan: the plan already says which layers stay dense (make it with "
+                         "`dtypelab plan --keep`): drop --keep")
+    if _config_path(src) is None:
+        raise InputError(f"{src.path}: a plan is written in the compressed-tensors layout, which needs the "
+                         "model folder with its config.json")
+    linears, _, conv1d = linear_layers(src.folder)
+    entries = {e.name: e for shard in src.shards for e in shard.tensors}
+    formats = {}
+    for module, spec in plan.formats.items():
+        fmt, entry = get_format(spec), entries.get(f"{module}.weight")
+        if module not in linears or entry is None:
+            raise InputError(f"the plan names layer {module!r}, which is no Linear layer of {src.path}: the "
+                             f"plan was made for another model ({plan.model or 'unnamed'}); make one with "
+                             "`dtypelab plan` for this folder")
+        check_supported(fmt)
+        inputs = entry.shape[0] if module in conv1d else entry.shape[1]
+        problem = fmt.group_problem(inputs)
+        if problem:
+            raise InputError(f"the plan puts {module} in {fmt.name}, which cannot hold it: {problem}")
+        formats[f"{module}.weight"] = fmt
+    _check_fingerprint(src, plan, entries)
+    layers = {tensor: tensor.removesuffix(".weight") for tensor in formats}
+    dense_layers = {m: PLAN_DENSE_REASON for m in linears if f"{m}.weight" not in formats}
+    transposed = frozenset(f"{m}.weight" for m in conv1d) & set(layers)
+    quant = Quantization(next(iter(formats.values())), layers, transposed, formats)
+    cast_to = _plain_format(dense) if dense is not None else None
+    return cast_to, quant, dense_layers, _other_matrices(src, layers, dense_layers)
+
+
+def _check_fingerprint(src: CheckpointSource, plan: MixedPlan, entries: dict) -> None:
+    """The plan's fingerprint against the folder's own planned weights (read once, float32)."""
+    if not plan.model_hash:
+        return
+    from safetensors import safe_open
+
+    by_file = {e.name: shard.path for shard in src.shards for e in shard.tensors}
+    weights = {}
+    for module in plan.layers:
+        name = f"{module}.weight"
+        if name not in entries:
+            raise InputError(f"the plan names layer {module!r}, which {src.path} does not store: make the "
+                             "plan for this folder with `dtypelab plan`")
+        with safe_open(str(by_file[name]), framework="pt") as handle:
+            weights[module] = handle.get_tensor(name)
+    found = model_fingerprint(weights)
+    if found != plan.model_hash:
+        raise InputError(f"the plan was made for other weights (fingerprint {plan.model_hash}, {src.path} "
+                         f"has {found}): make a plan for this model with `dtypelab plan`")
 
 
 def _damage_limits(strict: bool, max_flushed: int | float | str | None,

@@ -164,15 +164,33 @@ def weight_args(fmt: NumberFormat) -> dict:
     return args
 
 
-def quantization_config(fmt: NumberFormat, ignore: list[str]) -> dict:
-    """The ``quantization_config`` of config.json: one scheme for every Linear but ``ignore``."""
-    scheme = {"targets": ["Linear"], "weights": weight_args(fmt),
-              "input_activations": dict(_ACTIVATIONS[fmt.activations]) if fmt.activations else None,
-              "output_activations": None,
-              "format": compression_format(fmt)}
-    return {"quant_method": QUANT_METHOD, "format": compression_format(fmt),
-            "quantization_status": "compressed", "config_groups": {"group_0": scheme},
-            "ignore": sorted(ignore), "kv_cache_scheme": None}
+def quantization_config(fmt: NumberFormat | dict[str, NumberFormat], ignore: list[str]) -> dict:
+    """The ``quantization_config`` of config.json: one scheme for every Linear but ``ignore``; or, for a
+    mixed-precision plan (layer -> format), one config group per scheme with ``targets`` listing its
+    layers by name, and the top-level format ``mixed-precision`` when the groups' formats differ."""
+    if not isinstance(fmt, dict):
+        return _config({"group_0": _scheme(fmt, ["Linear"])}, compression_format(fmt), ignore)
+    by_scheme: dict[str, tuple[NumberFormat, list[str]]] = {}
+    for layer, layer_fmt in sorted(fmt.items()):
+        by_scheme.setdefault(layer_fmt.name, (layer_fmt, []))[1].append(layer)
+    groups = {f"group_{i}": _scheme(group_fmt, layers)
+              for i, (group_fmt, layers) in enumerate(by_scheme.values())}
+    formats = {compression_format(group_fmt) for group_fmt, _ in by_scheme.values()}
+    return _config(groups, formats.pop() if len(formats) == 1 else MIXED_FORMAT, ignore)
+
+
+MIXED_FORMAT = "mixed-precision"  # compressed-tensors' name for config groups of different formats
+
+
+def _scheme(fmt: NumberFormat, targets: list[str]) -> dict:
+    return {"targets": targets, "weights": weight_args(fmt),
+            "input_activations": dict(_ACTIVATIONS[fmt.activations]) if fmt.activations else None,
+            "output_activations": None, "format": compression_format(fmt)}
+
+
+def _config(groups: dict, top_format: str, ignore: list[str]) -> dict:
+    return {"quant_method": QUANT_METHOD, "format": top_format, "quantization_status": "compressed",
+            "config_groups": groups, "ignore": sorted(ignore), "kv_cache_scheme": None}
 
 
 def format_from_scheme(scheme: dict, scale_dtype: torch.dtype) -> NumberFormat:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
@@ -57,6 +57,7 @@ class PlannedTensor:
     parts: tuple[StoredPart, ...] = ()
     module: str = ""
     transposed: bool = False
+    fmt: NumberFormat | None = None  # a quantized item's format
 
     @property
     def quantized_shape(self) -> tuple[int, int]:
@@ -141,11 +142,23 @@ def parse_size(text: str | int | None) -> int | None:
 @dataclass(frozen=True)
 class Quantization:
     """Which weights a conversion quantizes: ``layers`` maps a tensor name to its Linear module;
-    ``transposed`` names the weights stored (in, out) (GPT-2's Conv1D)."""
+    ``transposed`` names the weights stored (in, out) (GPT-2's Conv1D); ``formats`` gives a tensor its
+    own format (a mixed-precision plan), else ``fmt`` holds for all."""
 
     fmt: NumberFormat
     layers: dict[str, str]
     transposed: frozenset[str] = frozenset()
+    formats: dict[str, NumberFormat] = field(default_factory=dict)
+
+    def fmt_of(self, tensor: str) -> NumberFormat:
+        return self.formats.get(tensor, self.fmt)
+
+    @property
+    def by_module(self) -> NumberFormat | dict[str, NumberFormat]:
+        """The format, or module -> format for a plan (what ``quantization_config`` takes)."""
+        if not self.formats:
+            return self.fmt
+        return {module: self.fmt_of(tensor) for tensor, module in self.layers.items()}
 
 
 def _plan_item(names: tuple[str, ...], entry: TensorEntry, shard: SafetensorsHeader, target: str | None,
@@ -153,9 +166,10 @@ def _plan_item(names: tuple[str, ...], entry: TensorEntry, shard: SafetensorsHea
     if quant is not None and not kept and names[0] in quant.layers:
         transposed = names[0] in quant.transposed
         shape = tuple(reversed(entry.shape)) if transposed else entry.shape
-        parts = tuple(stored_parts(quant.fmt, shape))
+        fmt = quant.fmt_of(names[0])
+        parts = tuple(stored_parts(fmt, shape))
         return PlannedTensor(names, entry, shard, Action.QUANTIZED, DTYPE_CODES[parts[0].dtype], parts,
-                             quant.layers[names[0]], transposed)
+                             quant.layers[names[0]], transposed, fmt)
     action = _action(entry.dtype, target, kept)
     return PlannedTensor(names, entry, shard, action, target if action == Action.CAST else entry.dtype)
 

@@ -7,6 +7,7 @@ compressed-tensors ``quantization_config``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -18,9 +19,12 @@ from ..tree import set_submodule, storage_key
 from .layouts import QUANT_METHOD, format_from_scheme, from_parts, stored_suffixes
 
 
-def load_quantized_weights(model: nn.Module, scheme: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
+def load_quantized_weights(model: nn.Module, scheme: dict | list[dict], tensors: dict[str, torch.Tensor]
+                           ) -> list[str]:
     """Replace every Linear of ``model`` stored quantized in ``tensors`` with dtypelab's
     :class:`~dtypelab.quant.QuantizedLinear`, built from the stored codes (nothing re-quantized).
+    ``scheme``: the one scheme, or the config groups of a mixed-precision checkpoint (each layer takes
+    the group whose ``targets`` name it, else the one that targets the ``Linear`` class).
 
     ``tensors`` (a checkpoint's state dict) loses the parts it used; what remains is dense.
 
@@ -34,10 +38,26 @@ def load_quantized_weights(model: nn.Module, scheme: dict, tensors: dict[str, to
         linear = _linear(model, name)
         parts = {suffix: tensors.pop(f"{name}.{suffix}") for suffix in stored_suffixes()
                  if f"{name}.{suffix}" in tensors}
-        fmt = format_from_scheme(scheme, parts["weight_scale"].dtype)
+        fmt = format_from_scheme(scheme_for(scheme, name), parts["weight_scale"].dtype)
         qt = from_parts(fmt, parts, _out_in(linear))
         set_submodule(model, name, QuantizedLinear.from_qtensor(qt, linear.bias, linear.weight.dtype))
     return names
+
+
+def scheme_for(schemes: dict | list[dict], name: str) -> dict:
+    """The scheme of layer ``name``: the group listing it in ``targets`` (a name, or ``re:`` + a regular
+    expression, as compressed-tensors matches them), else the group targeting the ``Linear`` class."""
+    groups = [schemes] if isinstance(schemes, dict) else schemes
+    for group in groups:
+        for target in group.get("targets") or []:
+            if target == name or (isinstance(target, str) and target.startswith("re:")
+                                  and re.fullmatch(target[3:], name)):
+                return group
+    fallback = [g for g in groups if "Linear" in (g.get("targets") or [])]
+    if len(fallback) != 1:
+        raise InputError(f"quantization_config names no scheme for {name!r} (its config groups target "
+                         f"{[g.get('targets') for g in groups]}): check config.json matches the weights")
+    return fallback[0]
 
 
 def _linear(model: nn.Module, name: str) -> nn.Module:
@@ -58,21 +78,22 @@ def _out_in(layer: nn.Module) -> tuple[int, int]:
     return (cols, rows) if is_conv1d(layer) else (rows, cols)
 
 
-def quantization_scheme(config: object) -> dict | None:
-    """The one weight scheme of a compressed-tensors ``quantization_config`` (None when the config
-    has none, or another quantization method).
+def quantization_scheme(config: object) -> dict | list[dict] | None:
+    """The weight scheme of a compressed-tensors ``quantization_config``: the one scheme, or the list of
+    config groups of a mixed-precision checkpoint (None when the config has none, or another method).
 
     Raises:
-        InputError: several config groups (per-layer schemes), which dtypelab does not load yet.
+        InputError: no config group, or one that is not a JSON object.
     """
     qconfig = getattr(config, "quantization_config", None)
     if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
         return None
-    groups = list((qconfig.get("config_groups") or {}).values())
-    if len(groups) != 1 or not isinstance(groups[0], dict):
-        raise InputError(f"quantization_config has {len(groups)} config groups; dtypelab loads "
-                         "checkpoints with exactly one (one scheme for all quantized layers)")
-    return groups[0]
+    groups = qconfig.get("config_groups")
+    groups = list(groups.values()) if isinstance(groups, dict) else []
+    if not groups or not all(isinstance(g, dict) for g in groups):
+        raise InputError("quantization_config has no usable config group (each must be a JSON object with "
+                         "targets and weights): check config.json")
+    return groups[0] if len(groups) == 1 else groups
 
 
 def build_quantized_model(folder: Path, config: object, scheme: dict, model_cls: type,

@@ -60,6 +60,15 @@ def stored_numel(model: nn.Module) -> int:
     return total
 
 
+def weight_stored_nbytes(module: nn.Module) -> int:
+    """Bytes a checkpoint holds for one layer's weight: a quantized layer's stored parts (codes, scales,
+    zero points, as :func:`stored_nbytes` counts them), else the dense weight as it is held. The size of
+    one choice of a mixed-precision plan."""
+    if isinstance(module, QuantizedWeightModule):
+        return _layer_nbytes(module)
+    return storage_nbytes(module.weight)
+
+
 def _layer_nbytes(module: QuantizedWeightModule) -> int:
     """A quantized layer's stored parts: its compressed-tensors layout, else its in-memory parts."""
     if isinstance(module, QuantizedLinear):

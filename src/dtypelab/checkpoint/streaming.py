@@ -178,10 +178,12 @@ class ChunkQuantizer:
     def __init__(self, fmt: NumberFormat, chunk_elements: int = CHUNK_ELEMENTS):
         self.fmt, self.chunk_elements, self.raw = fmt, chunk_elements, bytearray()
 
-    def row_chunks(self, rows: int, cols: int) -> list[tuple[int, int]]:
+    def row_chunks(self, rows: int, cols: int, fmt: NumberFormat | None = None) -> list[tuple[int, int]]:
         """``(first row, row count)`` per chunk: one chunk for a format with a per-tensor scale (a
-        ``:tensor`` granularity, or NVFP4's global scale, which depends on the whole tensor's absmax)."""
-        if self.fmt.granularity == Granularity.TENSOR or self.fmt.tensor_scale:
+        ``:tensor`` granularity, or NVFP4's global scale, which depends on the whole tensor's absmax).
+        ``fmt``: this tensor's own format (a mixed-precision plan), else the quantizer's."""
+        fmt = fmt or self.fmt
+        if fmt.granularity == Granularity.TENSOR or fmt.tensor_scale:
             return [(0, rows)]
         step = max(self.ROWS_MULTIPLE, self.chunk_elements // max(cols, 1) // self.ROWS_MULTIPLE
                    * self.ROWS_MULTIPLE)
@@ -193,15 +195,17 @@ class ChunkQuantizer:
             self.raw = bytearray(nbytes)
         return memoryview(self.raw)[:nbytes]
 
-    def quantize(self, source_dtype: torch.dtype, rows: int,
-                 cols: int) -> tuple[QuantizedTensor, TensorDamage]:
+    def quantize(self, source_dtype: torch.dtype, rows: int, cols: int,
+                 fmt: NumberFormat | None = None) -> tuple[QuantizedTensor, TensorDamage]:
         """Quantize the ``rows`` x ``cols`` values held at the start of the buffer."""
         source = torch.frombuffer(self.raw, dtype=source_dtype, count=rows * cols).reshape(rows, cols)
-        return self.quantize_rows(source)
+        return self.quantize_rows(source, fmt)
 
-    def quantize_rows(self, source: torch.Tensor) -> tuple[QuantizedTensor, TensorDamage]:
-        """Quantize the (rows, cols) tensor ``source`` and count what it lost."""
-        qt = quantize_tensor(source, self.fmt)
+    def quantize_rows(self, source: torch.Tensor,
+                      fmt: NumberFormat | None = None) -> tuple[QuantizedTensor, TensorDamage]:
+        """Quantize the (rows, cols) tensor ``source`` (in ``fmt``, default the quantizer's) and count
+        what it lost."""
+        qt = quantize_tensor(source, fmt or self.fmt)
         return qt, quantization_damage(source, qt)
 
     def transposed(self, source_dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:

@@ -127,7 +127,8 @@ def part_offsets(placed: list[Placed], data_start: int) -> dict[int, list[int]]:
 
 def _quantized_damage(item: PlannedTensor, quantizer: ChunkQuantizer) -> TensorDamage:
     entry = item.entry
-    return TensorDamage(entry.name, dtype_name(entry.torch_dtype), quantizer.fmt.name, Action.QUANTIZED,
+    return TensorDamage(entry.name, dtype_name(entry.torch_dtype), (item.fmt or quantizer.fmt).name,
+                        Action.QUANTIZED,
                         entry.numel, aliases=item.names[1:])
 
 
@@ -141,13 +142,13 @@ def quantized_chunks(item: PlannedTensor, src_fd: int, quantizer: ChunkQuantizer
         view = quantizer.buffer(entry.nbytes)
         read_exact(src_fd, view, start, item.shard.path, entry.name)
         whole = quantizer.transposed(entry.torch_dtype, cols, rows)  # (out, in)
-    for first, count in quantizer.row_chunks(rows, cols):
+    for first, count in quantizer.row_chunks(rows, cols, item.fmt):
         if not item.transposed:
             view = quantizer.buffer(count * row_bytes)
             read_exact(src_fd, view, start + first * row_bytes, item.shard.path, entry.name)
         try:
-            qt, damage = (quantizer.quantize_rows(whole[first:first + count]) if item.transposed
-                          else quantizer.quantize(entry.torch_dtype, count, cols))
+            qt, damage = (quantizer.quantize_rows(whole[first:first + count], item.fmt) if item.transposed
+                          else quantizer.quantize(entry.torch_dtype, count, cols, item.fmt))
         except InputError as exc:
             raise InputError(f"tensor {entry.name!r}: {exc}; or keep the layer dense with "
                              f"--keep {entry.name!r}") from None

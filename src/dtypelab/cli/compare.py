@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
 import click
 import torch
 
@@ -9,9 +13,9 @@ from ..analysis import DEFAULT_THRESHOLD_DB, MODES, ComparisonResult, compare_la
 from ..errors import InputError
 from ..models import LoadedModel, load, model_inputs, to_device
 from ..progress import ProgressCallback
-from ..quant import KeepPolicy
+from ..quant import KeepPolicy, MixedPlan
 from ..report import plot_layers
-from ..variants import CalibrationData, iter_variants, parse_variant_specs
+from ..variants import CalibrationData, iter_variants, parse_variant_specs, plan_variant
 from .common import (
     MODEL_HELP,
     calibration_for,
@@ -62,6 +66,9 @@ from .progress import quiet_option, status_line
                    "them, and as convert writes them).")
 @click.option("--head", is_flag=True,
               help="Quantized formats: quantize the output head too (dense by default, as vLLM serves it).")
+@click.option("--plan", "plan_files", multiple=True, type=click.Path(dir_okay=False),
+              help="Also compare the model quantized as a plan says (a file from `dtypelab plan -o`; "
+                   "repeatable): the row `convert --plan` would write.")
 @click.option("--time/--no-time", "timing", default=False, show_default=True,
               help="Also time forwards: each variant in turns with float32, its ratio to float32 timed "
                    "beside it and the ratio's per-round spread; 'slower' only beyond that noise. Off by "
@@ -74,8 +81,10 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
                 keep: tuple[str, ...], allow_pickle: bool, device: str, by_layer: bool, mode: str,
                 depth: int | None, select: tuple[str, ...], threshold_db: float, plot_path: str | None,
                 as_json: bool, embeddings: bool, head: bool, timing: bool, calib_file: str | None = None,
-                calib_tokens: int | None = None, quiet: bool = False) -> None:
+                calib_tokens: int | None = None, plan_files: tuple[str, ...] = (),
+                quiet: bool = False) -> None:
     specs, target = parse_variant_specs(formats), resolve_device(device)
+    plans = [(Path(f).stem, MixedPlan.load(f)) for f in plan_files]  # a bad plan file: before any load
     refuse_without(by_layer, "--layers", {"mode": "--mode", "depth": "--depth", "select": "--select",
                                           "threshold_db": "--threshold", "plot_path": "--plot"})
     check_plot(plot_path, sources=[model])
@@ -92,11 +101,13 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
     policy = KeepPolicy.from_strings(keep)
     if not by_layer:
         emit(compare_loaded(loaded, formats, inputs, target, output_name, policy, embeddings=embeddings,
-                            head=head, timing=timing, calibration=calibration, progress=line), as_json)
+                            head=head, timing=timing, calibration=calibration, plans=plans, progress=line),
+             as_json)
         return
     reference = loaded.model.to(target)
     variants = list(iter_variants(reference, specs, policy, embeddings, target, head=head,
                                   calibration=calibration, progress=line))
+    variants += [plan_variant(reference, plan, f"plan:{name}", target) for name, plan in plans]
     result = compare_layers(reference, variants, inputs, mode=mode, depth=depth, patterns=select,
                             threshold_db=threshold_db, output_name=output_name,
                             output_kind=loaded.output_kind, progress=line)
@@ -108,12 +119,14 @@ def compare_loaded(loaded: LoadedModel, formats: str, inputs, target: torch.devi
                    output_name: str | None = None, policy: KeepPolicy | None = None, *,
                    embeddings: bool = False, head: bool = False, timing: bool = False,
                    calibration: CalibrationData | None = None,
+                   plans: Sequence[tuple[str, MixedPlan]] = (),
                    progress: ProgressCallback | None = None) -> ComparisonResult:
     """``compare`` without ``--layers``: variants built, measured and dropped one at a time; forwards are
-    timed only when ``timing`` is True (``--time``)."""
+    timed only when ``timing`` is True (``--time``); each (name, plan) of ``plans`` is one more row."""
     reference = loaded.model.to(target)
-    variants = iter_variants(reference, formats, policy, embeddings, target, head=head,
-                             calibration=calibration, progress=progress)
+    planned = (plan_variant(reference, plan, f"plan:{name}", target) for name, plan in plans)
+    variants = itertools.chain(iter_variants(reference, formats, policy, embeddings, target, head=head,
+                                             calibration=calibration, progress=progress), planned)
     return compare_models(reference, variants, inputs, output_name=output_name,
                           output_kind=loaded.output_kind, timing=timing, model_kind=loaded.kind,
                           progress=progress)

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import click
 
-from ..checkpoint import convert_checkpoint
+from ..checkpoint import convert_checkpoint, remove_leftovers
 from ..errors import DamageError, InputError
 from ..formats import get_format
 from ..progress import ProgressEvent
+from ..quant import MixedPlan
 from ..variants import DEFAULT_CALIB_TOKENS, convert_calibrated
 from .common import calibration_options, check_output, emit, json_option, wrote
 
@@ -42,10 +43,13 @@ class ProgressLine:
 
 @click.command("convert", short_help="A checkpoint in another format, streamed; complete or absent.")
 @click.argument("src")
-@click.option("--to", "fmt", required=True,
+@click.option("--to", "fmt",
               help="Target: bf16, fp16, fp32, fp8_e4m3:cast (plain casts), or int8, int4:g128, fp8_e4m3 "
                    "(Linear and GPT-2 Conv1D weights quantized, compressed-tensors layout, needs a model "
-                   "folder).")
+                   "folder). Required unless --plan is given.")
+@click.option("--plan", "plan_file", type=click.Path(dir_okay=False),
+              help="A mixed-precision plan (`dtypelab plan -o`): each layer in its planned format, one "
+                   "compressed-tensors config group per scheme, instead of --to.")
 @click.option("--dense", metavar="DTYPE",
               help="With a quantized --to: cast the tensors left dense (embeddings, norms) to bf16 / fp16.")
 @click.option("--head", is_flag=True,
@@ -60,8 +64,10 @@ class ProgressLine:
               help="Tensors left exactly as they are: a name or a glob (*norm*). Repeatable.")
 @click.option("--max-shard-size", help="Reshard into files of at most this size (5GB, 500MiB); "
                                        "default keeps the source's files.")
-@click.option("--force", is_flag=True, help="Replace an existing destination (a checkpoint file or model "
-                                            "folder only).")
+@click.option("--force", count=True,
+              help="Replace an existing destination that holds only a checkpoint (a .safetensors file, or a "
+                   "folder of a checkpoint's files); any other file in it is named and refused. Twice "
+                   "(--force --force): replace it whatever it holds.")
 @click.option("--verify", is_flag=True, help="Re-read the output and check it bit for bit.")
 @click.option("--fsync", is_flag=True, help="Flush the output to disk before renaming it into place "
                                             "(complete or absent after a power loss too).")
@@ -81,17 +87,24 @@ class ProgressLine:
 @calibration_options
 @json_option
 def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[str, ...],
-                max_shard_size: str | None, force: bool, verify: bool, fsync: bool, strict: bool,
+                max_shard_size: str | None, force: int, verify: bool, fsync: bool, strict: bool,
                 max_flushed: str | None, max_overflowed: str | None, report_path: Path | None, quiet: bool,
-                as_json: bool, head: bool, embeddings: bool, calib_file: str | None = None,
-                calib_tokens: int | None = None) -> None:
+                as_json: bool, head: bool, embeddings: bool, plan_file: str | None = None,
+                calib_file: str | None = None, calib_tokens: int | None = None) -> None:
     """Convert a safetensors file or model folder SRC to another format, tensor by tensor."""
+    if (fmt is None) == (plan_file is None):
+        raise InputError("give the format with --to (e.g. --to int4:g128) or a plan with --plan plan.json, "
+                         "one of them")
+    plan = MixedPlan.load(plan_file) if plan_file else None
     check_output(output, "-o", make_parents=True, sources=[src])
     if report_path is not None:
         check_output(report_path, "--report", suffixes=(".json",), sources=[src, output])
+    for leftover in remove_leftovers(output):  # never silently: the user may wonder where it went
+        if not quiet:
+            click.echo(f"removed {leftover}: the staging folder of a conversion that was killed", err=True)
     progress = ProgressLine() if not quiet and not as_json and sys.stderr.isatty() else None
     calibrated = _calibrated(fmt, calib_file, calib_tokens, {
-        "--dense": dense, "--max-shard-size": max_shard_size, "--verify": verify,
+        "--plan": plan_file, "--dense": dense, "--max-shard-size": max_shard_size, "--verify": verify,
         "--strict": strict, "--embeddings": embeddings, "--fsync": fsync, "--report": report_path})
     try:
         if calibrated:
@@ -101,7 +114,8 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
             result = convert_checkpoint(src, output, fmt, keep=keep, max_shard_size=max_shard_size,
                                         force=force, verify=verify, strict=strict, progress=progress,
                                         dense=dense, fsync=fsync, max_flushed=max_flushed,
-                                        max_overflowed=max_overflowed, head=head, embeddings=embeddings)
+                                        max_overflowed=max_overflowed, head=head, embeddings=embeddings,
+                                        plan=plan)
     except DamageError as exc:  # refused by --strict: the report of what it would have done still asked for
         refused = getattr(exc, "result", None)
         if report_path is not None and refused is not None:

@@ -30,7 +30,17 @@ from .footprint import (
 )
 from .gptq import GptqResult, gptq_quantize
 from .hessian import InputStats, output_sqnr_db
-from .model import HEAD_REASON, KEPT_REASON, LayerOutcome, QuantizeResult, head_names, quantize_model
+from .mixed import DENSE, PLAN_SCHEMA, LayerChoice, MixedPlan, layer_weights, model_fingerprint
+from .model import (
+    HEAD_REASON,
+    KEPT_REASON,
+    PLAN_DENSE_REASON,
+    LayerOutcome,
+    QuantizeResult,
+    head_names,
+    linear_candidates,
+    quantize_model,
+)
 from .nn import QuantizedEmbedding, QuantizedLinear, QuantizedWeightModule, is_conv1d
 from .packing import pack_nibbles, unpack_nibbles
 from .qtensor import QuantizedTensor, quantize_tensor, round_trip, saturated_count
@@ -38,7 +48,8 @@ from .qtensor import QuantizedTensor, quantize_tensor, round_trip, saturated_cou
 __all__ = [
     "CalibrationReport", "GptqResult", "InputStats", "LayerCalibration", "calibrate_layers", "clip_quantize",
     "gptq_quantize", "output_sqnr_db", "search_scales",
-    "HEAD_REASON", "KEPT_REASON", "head_names",
+    "HEAD_REASON", "KEPT_REASON", "head_names", "DENSE", "PLAN_SCHEMA", "LayerChoice", "MixedPlan",
+    "layer_weights", "model_fingerprint", "PLAN_DENSE_REASON", "linear_candidates",
     "Action", "DamageCounts", "DtypeSummary", "KeepPolicy", "LayerOutcome", "ModelInspection",
     "QuantizeResult", "QuantizedEmbedding", "QuantizedLinear", "QuantizedTensor", "QuantizedWeightModule",
     "TensorDamage", "is_conv1d",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -28,6 +28,7 @@ from ..naming import any_matches
 from ..progress import ProgressCallback
 from ..tree import set_submodule, tied_module_names
 from .calibrate import Batch, CalibrationReport, calibrate_layers
+from .mixed import DENSE, MixedPlan
 from .nn import QuantizedEmbedding, QuantizedLinear, is_conv1d
 
 
@@ -56,7 +57,7 @@ class QuantizeResult:
     """The quantized model, its format, every candidate layer's outcome, and the time taken."""
 
     model: nn.Module
-    fmt: NumberFormat
+    fmt: NumberFormat | None  # None for a mixed-precision plan (each layer's own format)
     layers: list[LayerOutcome] = field(default_factory=list)
     seconds: float = 0.0
     calibration: CalibrationReport | None = None  # what :gptq / :awq calibration did (None otherwise)
@@ -76,15 +77,18 @@ EMBEDDING_REASON = "embeddings stay dense, as vLLM serves them; --embeddings qua
 TIED_REASON = "weight tied to another module; quantizing one copy would store it twice"
 
 
-def quantize_model(model: nn.Module, spec: str | NumberFormat, include: list[str] | None = None,
-                   exclude: list[str] | None = None, embeddings: bool = False,
-                   head: bool = False, calibration: Sequence[Batch] | None = None,
+def quantize_model(model: nn.Module, spec: str | NumberFormat | Mapping[str, str | NumberFormat] | MixedPlan,
+                   include: list[str] | None = None, exclude: list[str] | None = None,
+                   embeddings: bool = False, head: bool = False, calibration: Sequence[Batch] | None = None,
                    progress: ProgressCallback | None = None) -> QuantizeResult:
     """Copy ``model`` and store its Linear and Conv1D weights in ``spec`` (see the module docstring).
 
     Args:
         model: any torch module; it is not modified.
-        spec: a quantized format spec, e.g. ``"int4:g128"``, ``"int8:a8"``, ``"mxfp4"``.
+        spec: a quantized format spec, e.g. ``"int4:g128"``, ``"int8:a8"``, ``"mxfp4"``; or a
+            mixed-precision plan (a :class:`~dtypelab.quant.mixed.MixedPlan`, or layer name -> format):
+            exactly the layers it names are quantized, each in its own format (the plan's dense
+            choices and every layer it does not name stay as they are).
         include: globs on module names (:func:`dtypelab.naming.name_matches`) to consider (default: all).
         exclude: globs on module names to leave as they are.
         embeddings: also quantize ``nn.Embedding`` tables (per row / per group along the dim).
@@ -99,24 +103,68 @@ def quantize_model(model: nn.Module, spec: str | NumberFormat, include: list[str
     Raises:
         UnknownFormatError: bad spec. InputError: a plain-dtype spec, or nothing got quantized.
     """
+    fmt, per_layer = _formats(spec)
+    start = time.perf_counter()
+    if per_layer is not None:
+        include, head = [*per_layer], head or bool(head_names(model) & set(per_layer))
+        _check_planned_layers(model, per_layer)
+    scope = _Scope(include or [], exclude or [], embeddings, head, tied_module_names(model),
+                   head_names(model), per_layer is not None)
+    reasons = {name: _skip_reason(name, module, scope)
+               for name, module in model.named_modules() if _layer_kind(module)}
+    if fmt is not None and fmt.calibration:
+        new, layers, report = _calibrated(model, fmt, reasons, calibration, progress)
+    else:
+        _refuse_calibrated_plan(per_layer)
+        report = None
+        new = _copy_sharing_weights(model, [name for name, reason in reasons.items() if not reason])
+        layers = [_quantize_one(new, name, per_layer.get(name, fmt) if per_layer else fmt, reason)
+                  for name, reason in reasons.items()]
+    result = QuantizeResult(new, fmt, layers, time.perf_counter() - start, report)
+    if not result.quantized:
+        what = fmt.name if fmt else "the plan"
+        raise InputError(f"nothing to quantize with {what}: {_nothing_reason(layers)}")
+    return result
+
+
+PLAN_DENSE_REASON = "the plan leaves it dense"
+
+
+def linear_candidates(model: nn.Module, exclude: list[str] | None = None,
+                      head: bool = False) -> dict[str, str]:
+    """Every Linear / Conv1D layer of ``model`` -> why it stays dense whatever the format ("" when a
+    format may take it): the same scope ``quantize_model`` applies (head, tied weights, ``exclude``
+    globs), so a sensitivity ranking or a plan chooses among exactly the layers a format would store.
+    Whether a format's group size fits a layer is the format's own question (``group_problem``)."""
+    scope = _Scope([], exclude or [], False, head, tied_module_names(model), head_names(model))
+    return {name: _skip_reason(name, module, scope) for name, module in model.named_modules()
+            if _layer_kind(module) in ("Linear", "Conv1D")}
+
+
+def _formats(spec) -> tuple[NumberFormat | None, dict[str, NumberFormat] | None]:
+    """(the one format, None) for a spec; (None, layer -> format) for a plan or mapping."""
+    if isinstance(spec, MixedPlan | Mapping):
+        mapping = spec.formats if isinstance(spec, MixedPlan) else \
+            {name: f for name, f in spec.items() if f != DENSE}
+        per_layer = {name: get_format(f) for name, f in mapping.items()}
+        for name, fmt in per_layer.items():
+            if not fmt.is_quantized:
+                raise InputError(f"the plan puts {name} in {fmt.name}, a plain dtype: a plan quantizes "
+                                 f"layers (int8, int4:g64 …) or leaves them {DENSE!r}")
+        return None, per_layer
     fmt = get_format(spec)
     if not fmt.is_quantized:
         raise InputError(f"{fmt.name} is a plain dtype: use cast for it, quantize takes e.g. int8, int4:g128")
-    start = time.perf_counter()
-    scope = _Scope(include or [], exclude or [], embeddings, head, tied_module_names(model),
-                   head_names(model))
-    reasons = {name: _skip_reason(name, module, scope)
-               for name, module in model.named_modules() if _layer_kind(module)}
-    if fmt.calibration:
-        new, layers, report = _calibrated(model, fmt, reasons, calibration, progress)
-    else:
-        report = None
-        new = _copy_sharing_weights(model, [name for name, reason in reasons.items() if not reason])
-        layers = [_quantize_one(new, name, fmt, reason) for name, reason in reasons.items()]
-    result = QuantizeResult(new, fmt, layers, time.perf_counter() - start, report)
-    if not result.quantized:
-        raise InputError(f"nothing to quantize with {fmt.name}: {_nothing_reason(layers)}")
-    return result
+    return fmt, None
+
+
+def _check_planned_layers(model: nn.Module, per_layer: dict[str, NumberFormat]) -> None:
+    """Every layer a plan names exists and is a Linear / Conv1D (a plan for another model is refused)."""
+    modules = dict(model.named_modules())
+    for name in per_layer:
+        if name not in modules or _layer_kind(modules[name]) not in ("Linear", "Conv1D"):
+            raise InputError(f"the plan names layer {name!r}, which is no Linear layer of this model: make "
+                             "the plan for this model with `dtypelab plan`")
 
 
 def _calibrated(model: nn.Module, fmt: NumberFormat, reasons: dict[str, str],
@@ -140,6 +188,14 @@ def _calibrated(model: nn.Module, fmt: NumberFormat, reasons: dict[str, str],
                                    before.numel() * before.element_size(),
                                    new.get_submodule(name).qtensor.nbytes))
     return new, layers, report
+
+
+def _refuse_calibrated_plan(per_layer: dict[str, NumberFormat] | None) -> None:
+    """A plan naming a ``:gptq`` / ``:awq`` format: not supported yet, refused rather than rounded."""
+    calibrated = sorted({f.name for f in (per_layer or {}).values() if f.calibration})
+    if calibrated:
+        raise InputError(f"a plan with calibrated formats ({', '.join(calibrated)}) is not supported yet: "
+                         "plan with data-free formats, or quantize the whole model with one of them")
 
 
 def _nothing_reason(layers: list[LayerOutcome]) -> str:
@@ -191,6 +247,7 @@ class _Scope:
     head: bool
     tied: set[str]
     heads: set[str]
+    planned: bool = False  # include lists a plan's layers: the others stay dense as the plan says
 
 
 def _layer_kind(module: nn.Module) -> str:
@@ -217,7 +274,7 @@ def _skip_reason(name: str, module: nn.Module, scope: _Scope) -> str:
     """Why a candidate layer stays as it is, or "" when it is to be quantized."""
     if not name:
         return "the model itself is the layer; wrap it (nn.Sequential(layer)) to quantize it"
-    if scope.include and not any_matches(name, scope.include):
+    if scope.include and not scope.planned and not any_matches(name, scope.include):
         return "not matched by include"
     if scope.exclude and any_matches(name, scope.exclude):
         return KEPT_REASON
@@ -225,6 +282,8 @@ def _skip_reason(name: str, module: nn.Module, scope: _Scope) -> str:
         return HEAD_REASON
     if isinstance(module, nn.Embedding) and not scope.embeddings:
         return EMBEDDING_REASON
+    if scope.planned and name not in scope.include:
+        return PLAN_DENSE_REASON
     if name in scope.tied:
         return TIED_REASON
     if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):

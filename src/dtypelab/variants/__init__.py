@@ -16,8 +16,10 @@ from .build import (
 from .calibrated_convert import convert_calibrated
 from .calibration import DEFAULT_CALIB_TOKENS, CalibrationData, calibration_data
 from .peers import PEERS, Peer, PeerError, PeerRun, is_peer_spec, run_peer
+from .planned import plan_variant
 
 __all__ = [
+    "plan_variant",
     "DEFAULT_CALIB_TOKENS", "CalibrationData", "calibration_data", "convert_calibrated",
     "PEERS", "Peer", "PeerError", "PeerRun", "Variant", "VariantSpec", "apply_format", "as_variants",
     "build_variant", "build_variants", "is_peer_spec", "iter_variants", "parse_variant_specs", "run_peer",

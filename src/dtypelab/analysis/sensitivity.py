@@ -1,0 +1,463 @@
+"""Which layers can take a format: the damage of putting *only that layer group* in it, ranked.
+
+Analysis stage. Two ways to measure, in the same units so they can be checked against each other:
+
+* ``exact``: the truth. One forward per (group, format) with only that group quantized, measured
+  against the reference: mean KL of the output distributions for logits outputs (nats, over every
+  real position), relative noise power Σ(Δout)² / Σ out² for hidden-state outputs.
+* ``fisher`` (default): a second-order prediction from one forward and one backward pass. At the
+  reference, KL and output MSE have zero gradient, so their leading term is quadratic in a layer's
+  output change δ: KL ≈ ½ δᵀ F δ with F the Fisher information of the model's own predictions, and
+  ‖Δout‖² ≈ δᵀ JᵀJ δ. Their diagonals are estimated by one backward pass: of Σ log p(y) with y
+  *sampled from the model* (E[g gᵀ] = F), or of Σ r·out with r ~ N(0, 1) (E[g gᵀ] = JᵀJ). δ is
+  the layer's own output change on its reference input (the quantized layer run on the input the
+  reference layer saw), so each format costs one pass of the quantized layers, not of the model.
+  ModelOpt's ``auto_quantize`` scores layers the same way (Σ grad² · Δout²) with the task loss's
+  gradient; the sampled-label Fisher is what makes the score a prediction of KL, in nats.
+
+Layers that must share a format are one group: q/k/v and gate/up, which vLLM fuses into one matrix
+(:data:`FUSED_LAYERS`); a group's damage is the sum of its layers' (the prediction is additive) and
+its bytes are what ``convert`` stores for its weights.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..checkpoint import stored_nbytes, weight_stored_nbytes
+from ..errors import InputError
+from ..formats import NumberFormat, get_format
+from ..progress import ProgressCallback, stage
+from ..quant import DENSE, QuantizedLinear, linear_candidates
+from ..report import Table, TableMixin, format_cell
+from ..tree import set_submodule
+from .metrics import kl_divergence, valid_positions
+from .run import is_logits_output, named_output, run_model, select_output, split_rows
+
+FUSED_LAYERS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),  # Llama, Mistral, Qwen2 …: vLLM's QKVParallelLinear
+    "gate_up": ("gate_proj", "up_proj"),  # vLLM's MergedColumnParallelLinear
+    "query_key_value": ("query", "key", "value"),  # BERT
+    "w1_w3": ("w1", "w3"),  # Mixtral's experts
+}
+"""Leaf names a serving stack fuses into one matrix, so they carry one scheme: label -> members."""
+
+SENSITIVITY_METHODS = ("fisher", "exact")
+KL_NATS, RELATIVE_NOISE = "kl_nats", "relative_noise_power"
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """Layers that take one format together, in execution (registration) order.
+
+    ``weight_numel``: elements of their weights; ``block``: the first integer in the name (the
+    transformer block, for first/last-layer rules), -1 when there is none."""
+
+    name: str
+    layers: tuple[str, ...]
+    weight_numel: int
+    block: int
+
+
+@dataclass(frozen=True)
+class GroupScore:
+    """One (group, choice): the bytes its weights are stored in and the damage, predicted and/or
+    measured (None when not computed); ``problem`` says why the format cannot hold the group (a group
+    size that does not divide, a layout convert lacks) — then there are no numbers."""
+
+    group: str
+    fmt: str
+    stored_bytes: int
+    predicted: float | None = None
+    exact: float | None = None
+    problem: str = ""
+    layer_predicted: tuple[float, ...] = ()  # per layer of the group, in its order (fisher only)
+
+
+@dataclass
+class SensitivityResult(TableMixin):
+    """Every candidate layer group's damage and bytes in every format, and what it cost.
+
+    ``metric``: ``kl_nats`` (mean KL per position) or ``relative_noise_power`` (Σ noise² / Σ signal²,
+    = 10^(−SQNR/10)). ``dense_bytes``: each group's bytes left as it is. ``fixed_bytes``: every other
+    tensor of the checkpoint (embeddings, norms, biases, the head), which no choice changes.
+    ``forward_equivalents``: wall time of each method over one reference forward on the same inputs
+    (measured, this run). ``spearman``: per format, the rank correlation of the fisher prediction with
+    the exact damage (both computed). ``dense``: layers no format may take, with the reason.
+    """
+
+    metric: str
+    formats: list[str]
+    groups: list[LayerGroup]
+    scores: list[GroupScore]
+    dense_bytes: dict[str, int]
+    fixed_bytes: int
+    positions: int
+    methods: list[str]
+    forward_equivalents: dict[str, float] = field(default_factory=dict)
+    spearman: dict[str, float] = field(default_factory=dict)
+    dense: dict[str, str] = field(default_factory=dict)
+    layer_bytes: dict[tuple[str, str], int] = field(default_factory=dict, repr=False)  # (layer, fmt|dense)
+
+    def score(self, group: str, fmt: str) -> GroupScore:
+        return self._index[(group, fmt)]
+
+    @property
+    def _index(self) -> dict[tuple[str, str], GroupScore]:
+        return {(s.group, s.fmt): s for s in self.scores}
+
+    def damage(self, score: GroupScore) -> float | None:
+        """The damage a plan is chosen on: exact when measured, else predicted."""
+        return score.exact if score.exact is not None else score.predicted
+
+    def to_table(self) -> Table:
+        first = self.formats[0]
+        ranked = sorted(self.groups, key=lambda g: -_sort_key(self.damage(self.score(g.name, first))))
+        columns = ["rank", "group", "layers", "weights"]
+        for fmt in self.formats:
+            columns += [f"{fmt} bytes"] + [f"{fmt} {m}" for m in self.methods]
+        rows = []
+        for rank, group in enumerate(ranked, 1):
+            row = [rank, group.name, len(group.layers), group.weight_numel]
+            for fmt in self.formats:
+                s = self.score(group.name, fmt)
+                row += [None if s.problem else s.stored_bytes] + [
+                    s.problem or (s.predicted if m == "fisher" else s.exact) for m in self.methods]
+            rows.append(row)
+        unit = "mean KL per position, nats" if self.metric == KL_NATS else \
+            "relative output noise power Σ(Δout)²/Σ out² (= 10^(-SQNR/10))"
+        notes = [f"damage of quantizing only that group, {unit}, over {self.positions:,} positions; "
+                 f"ranked by {first}",
+                 f"fixed (dense) bytes of the rest of the checkpoint: {self.fixed_bytes:,}"]
+        notes += [f"cost of {m}: {format_cell(v)} reference forwards (wall time, this run)"
+                  for m, v in self.forward_equivalents.items()]
+        notes += [f"Spearman rank correlation fisher vs exact, {f}: {format_cell(v)}"
+                  for f, v in self.spearman.items()]
+        notes += [f"{name}: dense ({reason})" for name, reason in self.dense.items()]
+        return Table("Sensitivity: damage of each layer group alone", columns, rows, notes)
+
+
+def _sort_key(value: float | None) -> float:
+    return -math.inf if value is None or math.isnan(value) else value
+
+
+def sensitivity(reference: nn.Module, formats: str | Sequence[str | NumberFormat],
+                inputs: torch.Tensor | Mapping[str, torch.Tensor], *, method: str = "fisher",
+                exact: bool = False, output_name: str | None = None, output_kind: str = "auto",
+                exclude: Sequence[str] = (), head: bool = False, batch_rows: int = 1, seed: int = 0,
+                progress: ProgressCallback | None = None) -> SensitivityResult:
+    """Rank every quantizable layer group of ``reference`` by the damage each format does to it alone.
+
+    Args:
+        reference: the float model (not modified).
+        formats: quantized formats to score (``"int4:g64,int8"`` or a list).
+        inputs: what the damage is measured on (the calibration text for a plan); split into runs of
+            ``batch_rows`` rows (windows) so memory stays one run's activations and gradients.
+        method: ``"fisher"`` (the prediction) or ``"exact"`` (only the truth).
+        exact: also measure the truth beside the prediction, and their Spearman correlation.
+        exclude: globs of layers to leave out (kept dense); ``head``: let the output head be ranked.
+        seed: the seed of the sampled labels / random probes (the prediction is reproducible).
+
+    Returns:
+        A :class:`SensitivityResult`.
+    """
+    if method not in SENSITIVITY_METHODS:
+        raise InputError(f"unknown sensitivity method {method!r}: choose "
+                         f"{' or '.join(SENSITIVITY_METHODS)}")
+    fmts = _parse_formats(formats)
+    methods = ["fisher", "exact"] if method == "fisher" and exact else [method]
+    candidates = linear_candidates(reference, list(exclude), head)
+    names = [name for name, reason in candidates.items() if not reason]
+    if not names:
+        raise InputError("no layer to rank: every Linear layer is excluded, tied or the head "
+                         "(--head ranks the head)")
+    groups = layer_groups(reference, names)
+    batches = split_rows(inputs, batch_rows) if _rows(inputs) > batch_rows else [inputs]
+    context = _Context(reference, batches, output_name, output_kind, groups, fmts, seed, progress)
+    predicted = context.fisher() if "fisher" in methods else {}
+    measured = context.exact() if "exact" in methods else {}
+    scores = context.scores(predicted, measured)
+    spearman = {}
+    for fmt in fmts if predicted and measured else []:
+        keys = [(g.name, fmt.name) for g in groups if (g.name, fmt.name) in measured]
+        spearman[fmt.name] = spearman_rho([predicted[k][0] for k in keys], [measured[k] for k in keys])
+    return SensitivityResult(context.metric, [f.name for f in fmts], groups, scores, context.dense_bytes(),
+                             context.fixed_bytes(), context.positions, methods, context.cost, spearman,
+                             {name: reason for name, reason in candidates.items() if reason},
+                             context.layer_bytes())
+
+
+def _parse_formats(formats: str | Sequence[str | NumberFormat]) -> list[NumberFormat]:
+    items = [f.strip() for f in formats.split(",") if f.strip()] if isinstance(formats, str) \
+        else list(formats)
+    fmts = [get_format(f) for f in items]
+    for fmt in fmts:
+        if not fmt.is_quantized:
+            raise InputError(f"{fmt.name} is a plain dtype: sensitivity ranks quantized formats (int8, "
+                             "int4:g64, fp8_e4m3 …); a plan leaves layers dense on its own")
+    if not fmts:
+        raise InputError("no format given: pass --to, e.g. --to int4:g64,int8")
+    return fmts
+
+
+def _rows(inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> int:
+    first = inputs if isinstance(inputs, torch.Tensor) else next(v for v in inputs.values()
+                                                                 if isinstance(v, torch.Tensor))
+    return first.shape[0] if first.dim() else 1
+
+
+def layer_groups(model: nn.Module, names: Sequence[str]) -> list[LayerGroup]:
+    """``names`` grouped by :data:`FUSED_LAYERS` (members under one parent), others alone, in order."""
+    member_of = {leaf: label for label, leaves in FUSED_LAYERS.items() for leaf in leaves}
+    grouped: dict[str, list[str]] = {}
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        label = member_of.get(leaf)
+        siblings = [n for n in names if n.rpartition(".")[0] == parent and member_of.get(n.rpartition(".")[2])
+                    == label] if label else []
+        key = f"{parent}.{label}" if label and len(siblings) > 1 else name
+        grouped.setdefault(key, []).append(name)
+    return [LayerGroup(key, tuple(layers), sum(model.get_submodule(n).weight.numel() for n in layers),
+                       _block(key)) for key, layers in grouped.items()]
+
+
+def _block(name: str) -> int:
+    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+    return int(match.group(1)) if match else -1
+
+
+def spearman_rho(predicted: Sequence[float], truth: Sequence[float]) -> float:
+    """Spearman's rank correlation (Pearson's r of the ranks, ties given their average rank); NaN for
+    fewer than two values or a constant side."""
+    if len(predicted) != len(truth):
+        raise InputError("spearman_rho needs two sequences of the same length")
+    if len(predicted) < 2:
+        return math.nan
+    a, b = _ranks(predicted), _ranks(truth)
+    a, b = a - a.mean(), b - b.mean()
+    denom = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum()) / denom if denom else math.nan
+
+
+def _ranks(values: Sequence[float]) -> torch.Tensor:
+    x = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    order = torch.argsort(x, stable=True)
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(len(x), dtype=torch.float64)
+    for value in torch.unique(x):  # ties: their average rank
+        tied = x == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+class _Context:
+    """The reference, its inputs in runs, the quantized twin of every (layer, format), and the cost."""
+
+    def __init__(self, reference: nn.Module, batches: list, output_name: str | None, output_kind: str,
+                 groups: list[LayerGroup], fmts: list[NumberFormat], seed: int,
+                 progress: ProgressCallback | None):
+        self.reference, self.batches, self.output_name = reference, batches, output_name
+        self.groups, self.fmts, self.seed, self.progress = groups, fmts, seed, progress
+        self.layers = [name for g in groups for name in g.layers]
+        raw = run_model(reference, batches[0])  # warm-up, and what the output is
+        start = time.perf_counter()
+        run_model(reference, batches[0])
+        self.forward_s = time.perf_counter() - start  # one reference forward on one run of inputs
+        self.output_name = named_output(raw, output_name)[0]
+        self.logits = is_logits_output(raw, output_kind)
+        self.metric = KL_NATS if self.logits else RELATIVE_NOISE
+        self.problems = {(g.name, f.name): self._problem(g, f) for g in groups for f in fmts}
+        self.twins = {(name, f.name): QuantizedLinear(reference.get_submodule(name), f)
+                      for g in groups for f in fmts if not self.problems[(g.name, f.name)]
+                      for name in g.layers}
+        self.positions, self.cost = 0, {}
+
+    def _problem(self, group: LayerGroup, fmt: NumberFormat) -> str:
+        for name in group.layers:
+            module = self.reference.get_submodule(name)
+            inputs = module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.weight.shape[1]
+            problem = fmt.group_problem(inputs)
+            if problem:
+                return f"{name}: {problem}"
+        return ""
+
+    def dense_bytes(self) -> dict[str, int]:
+        return {g.name: sum(weight_stored_nbytes(self.reference.get_submodule(n)) for n in g.layers)
+                for g in self.groups}
+
+    def layer_bytes(self) -> dict[tuple[str, str], int]:
+        """(layer, format or "dense") -> the bytes its weight is stored in."""
+        sizes = {(name, DENSE): weight_stored_nbytes(self.reference.get_submodule(name))
+                 for name in self.layers}
+        return sizes | {key: weight_stored_nbytes(twin) for key, twin in self.twins.items()}
+
+    def fixed_bytes(self) -> int:
+        return stored_nbytes(self.reference) - sum(self.dense_bytes().values())
+
+    def scores(self, predicted: dict, measured: dict) -> list[GroupScore]:
+        sizes, out = self.layer_bytes(), []
+        for g in self.groups:
+            for f in self.fmts:
+                key = (g.name, f.name)
+                if self.problems[key]:
+                    out.append(GroupScore(g.name, f.name, 0, problem=self.problems[key]))
+                    continue
+                nbytes = sum(sizes[(n, f.name)] for n in g.layers)
+                total, per_layer = predicted.get(key, (None, ()))
+                out.append(GroupScore(g.name, f.name, nbytes, total, measured.get(key), "", per_layer))
+        return out
+
+    # ---- the prediction: one forward + one backward per run ----------------------------------------
+
+    def fisher(self) -> dict[tuple[str, str], tuple[float, tuple[float, ...]]]:
+        start = time.perf_counter()
+        sums = {key: 0.0 for key in self.twins}
+        bar = stage(self.progress, "sensitivity", "runs", len(self.batches))
+        generator = torch.Generator().manual_seed(self.seed)
+        denominator = 0.0
+        for batch in self.batches:
+            denominator += self._fisher_run(batch, sums, generator)
+            bar.advance(detail="fisher")
+        self.cost["fisher"] = (time.perf_counter() - start) / max(self.forward_s * len(self.batches), 1e-9)
+        scale = 0.5 / max(denominator, 1) if self.logits else 1.0 / denominator if denominator else math.nan
+        result = {}
+        for g in self.groups:
+            for f in self.fmts:
+                if not self.problems[(g.name, f.name)]:
+                    per_layer = tuple(sums[(n, f.name)] * scale for n in g.layers)
+                    result[(g.name, f.name)] = (sum(per_layer), per_layer)
+        return result
+
+    def _fisher_run(self, batch, sums: dict, generator: torch.Generator) -> float:
+        """Accumulate Σ g² δ² per (layer, format) over one run; return the run's denominator (positions
+        for KL, Σ out² for noise power)."""
+        captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        grads: dict[str, torch.Tensor] = {}
+        with _capturing(self.reference, self.layers, captured, grads), torch.enable_grad():
+            out = select_output(self.reference(**_kwargs(batch)) if isinstance(batch, Mapping)
+                                else self.reference(batch), self.output_name)
+            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            loss, denominator = self._probe(out, mask, generator)
+            loss.backward()
+        self.positions += int(valid_positions(out.detach(), mask).reshape(-1, out.shape[-1]).shape[0]) \
+            if out.dim() >= 2 else 1
+        with torch.no_grad():
+            for name in self.layers:
+                x, y = captured[name]
+                g2 = grads[name].double().pow(2) if name in grads else None
+                for f in self.fmts:
+                    key = (name, f.name)
+                    if key in self.twins and g2 is not None:
+                        delta = self.twins[key](x).double() - y.double()
+                        sums[key] += float((g2 * delta.pow(2)).sum())
+        return denominator
+
+    def _probe(self, out: torch.Tensor, mask: torch.Tensor | None,
+               generator: torch.Generator) -> tuple[torch.Tensor, float]:
+        """The scalar whose gradient estimates the metric's curvature: Σ log p(y), y ~ the model's own
+        softmax (logits), or Σ r·out with r ~ N(0, 1) (hidden states); padding positions get no weight."""
+        weights = torch.ones(out.shape[:-1], dtype=out.dtype) if mask is None or out.dim() < 3 or \
+            tuple(out.shape[:2]) != tuple(mask.shape) else mask.to(out.dtype)
+        if self.logits:
+            logp = torch.log_softmax(out.float(), dim=-1)
+            flat = logp.detach().exp().reshape(-1, out.shape[-1])
+            labels = torch.multinomial(flat, 1, generator=generator).reshape(out.shape[:-1])
+            picked = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+            return (picked * weights).sum(), float(weights.sum())
+        probe = torch.randn(out.shape, generator=generator, dtype=out.dtype) * weights.unsqueeze(-1)
+        signal = float((out.detach().double().pow(2) * weights.unsqueeze(-1).double()).sum())
+        return (probe * out).sum(), signal
+
+    # ---- the truth: one forward per (group, format) ------------------------------------------------
+
+    def exact(self) -> dict[tuple[str, str], float]:
+        start = time.perf_counter()
+        keys = [(g, f) for g in self.groups for f in self.fmts if not self.problems[(g.name, f.name)]]
+        totals = {(g.name, f.name): 0.0 for g, f in keys}
+        bar = stage(self.progress, "sensitivity", "forwards", len(keys) * len(self.batches))
+        denominator, forwards = 0.0, 0
+        for batch in self.batches:
+            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            ref = valid_positions(select_output(run_model(self.reference, batch), self.output_name), mask)
+            positions = ref.reshape(-1, ref.shape[-1]).shape[0]
+            self.positions = self.positions if "fisher" in self.cost else self.positions + positions
+            denominator += ref.reshape(-1, ref.shape[-1]).shape[0] if self.logits else \
+                float(ref.double().pow(2).sum())
+            for group, fmt in keys:
+                with _swapped(self.reference, {n: self.twins[(n, fmt.name)] for n in group.layers}):
+                    out = select_output(run_model(self.reference, batch), self.output_name)
+                cand = valid_positions(out, mask)
+                forwards += 1
+                totals[(group.name, fmt.name)] += self._exact_sum(ref, cand)
+                bar.advance(detail=f"{group.name} {fmt.name}")
+        self.cost["exact"] = (time.perf_counter() - start) / max(self.forward_s * len(self.batches), 1e-9)
+        return {key: value / denominator if denominator else math.nan for key, value in totals.items()}
+
+    def _exact_sum(self, ref: torch.Tensor, cand: torch.Tensor) -> float:
+        if self.logits:
+            rows = ref.reshape(-1, ref.shape[-1]).shape[0]
+            return kl_divergence(ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1])) * rows
+        return float((cand.double() - ref.double()).pow(2).sum())
+
+
+def _kwargs(batch: Mapping) -> dict:
+    kwargs = dict(batch)
+    kwargs.setdefault("use_cache", False)
+    return kwargs
+
+
+class _capturing:
+    """Forward hooks on ``layers``: keep each one's input and output (detached) and the gradient that
+    reaches its output. Parameters are frozen meanwhile (no weight gradients are ever allocated)."""
+
+    def __init__(self, model: nn.Module, layers: list[str], captured: dict, grads: dict):
+        self.model, self.layers, self.captured, self.grads = model, layers, captured, grads
+        self.handles, self.frozen = [], []
+
+    def __enter__(self) -> _capturing:
+        self.frozen = [p for p in self.model.parameters() if p.requires_grad]
+        for p in self.frozen:
+            p.requires_grad_(False)
+        for name in self.layers:
+            self.handles.append(self.model.get_submodule(name).register_forward_hook(self._hook(name)))
+        return self
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            if not output.requires_grad:  # the first layers: nothing before them needs a gradient
+                output = output.detach().requires_grad_()
+            self.captured[name] = (args[0].detach(), output.detach())
+            output.register_hook(lambda grad: self.grads.__setitem__(name, grad.detach()))
+            return output
+        return hook
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for p in self.frozen:
+            p.requires_grad_(True)
+
+
+class _swapped:
+    """``layers`` replaced by their quantized twins for the duration, then put back."""
+
+    def __init__(self, model: nn.Module, twins: dict[str, nn.Module]):
+        self.model, self.twins, self.originals = model, twins, {}
+
+    def __enter__(self) -> _swapped:
+        for name, twin in self.twins.items():
+            self.originals[name] = self.model.get_submodule(name)
+            set_submodule(self.model, name, twin)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, original in self.originals.items():
+            set_submodule(self.model, name, original)

@@ -1,0 +1,97 @@
+"""``dtypelab plan``: a format per layer group that fits a byte budget with the least predicted damage."""
+
+from __future__ import annotations
+
+import click
+
+from ..analysis import PlanSweep, measure_plan, parse_budgets, plan_model, uniform_plans
+from ..errors import InputError
+from ..formats import get_format
+from ..models import model_inputs, to_device
+from ..quant import DENSE, layer_weights, model_fingerprint
+from .common import MODEL_HELP, check_output, emit, json_option, resolve_device
+from .sensitivity import rank, ranking_options
+
+
+@click.command("plan", short_help="Choose a format per layer to fit a byte budget with the least damage.",
+               help="Rank MODEL's layer groups (as `sensitivity` does, on the calibration text), then choose "
+               "a format or dense for each so the plan fits --budget with the least predicted damage, "
+               "counting every byte convert writes (elements, scales, zero points). --budget: bits per "
+               "weight over the planned layers (4.5bpw), checkpoint bytes (80MB, 80MiB), a fraction of the "
+               "float32 checkpoint (0.3x), or a sweep START:STOP:STEP (4.25:8:0.25bpw). --verify measures "
+               "the planned model on the held-out evaluation text.\n\n"
+               "Examples:\n\n  dtypelab plan smollm2 --budget 5bpw --formats int4:g64,int8 -o plan.json\n\n"
+               "  dtypelab convert FOLDER -o OUT --plan plan.json\n\n"
+               "  dtypelab plan smollm2 --budget 4.5:8:0.5bpw --formats int4:g64,int8 --verify\n\n"
+               + MODEL_HELP)
+@click.argument("model")
+@click.option("--budget", required=True, help="4.5bpw, 80MB, 0.3x, or a sweep 4.25:8:0.25bpw.")
+@click.option("--formats", default="int4:g128,int8", show_default=True,
+              help="Candidate formats (convert must write them); dense is always a candidate.")
+@click.option("--keep", "keep_dense", multiple=True, help="Layers or groups (globs) the plan keeps dense.")
+@click.option("--min-format", "min_formats", multiple=True, metavar="PATTERN=FORMAT",
+              help="Layers matching PATTERN take at least FORMAT (as many bytes or more), e.g. "
+                   "'*down_proj=int8'; FORMAT may be dense.")
+@click.option("--edges", metavar="N=FORMAT",
+              help="The first and last N blocks take at least FORMAT, e.g. 1=int8.")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False),
+              help="Write the plan as JSON (one budget only), for compare / convert --plan.")
+@click.option("--verify", is_flag=True,
+              help="Measure each plan (and, for a sweep, each uniform format) on the held-out text.")
+@ranking_options
+@json_option
+def plan_cmd(model: str, budget: str, formats: str, keep_dense: tuple[str, ...], min_formats: tuple[str, ...],
+             edges: str | None, output: str | None, verify: bool, as_json: bool, **options) -> None:
+    budgets = parse_budgets(budget)
+    if output and len(budgets) > 1:
+        raise InputError("-o writes one plan: give one --budget, not a sweep")
+    target = check_output(output, "-o", suffixes=(".json",)) if output else None
+    floors, edge = _pairs(min_formats, "--min-format"), _edges(edges)
+    for fmt in [*floors.values(), *([edge[1]] if edge else [])]:
+        if fmt != DENSE:
+            get_format(fmt)  # a typo is refused before the model loads
+    loaded, ranking = rank(model, formats, **options)
+    reference = loaded.model
+    fingerprint = model_fingerprint(layer_weights(reference, [n for g in ranking.groups for n in g.layers]))
+    plans = [plan_model(ranking, b, keep=keep_dense, min_formats=floors, edges=edge, model=model,
+                        model_hash=fingerprint) for b in budgets]
+    if verify:
+        held_out = _held_out(loaded, options["device"])
+        text = "the held-out evaluation text" if loaded.tokenizer is not None else "the default input"
+        for result in plans:
+            result.measured = measure_plan(reference, result.plan, held_out, text=text,
+                                           output_kind=loaded.output_kind, model_kind=loaded.kind)
+    if len(plans) == 1:
+        emit(plans[0], as_json, [("-o", output, lambda: plans[0].plan.save(target))] if target else ())
+        return
+    uniform = []
+    if verify:
+        for fmt, plan in uniform_plans(ranking, model, fingerprint).items():
+            uniform.append((fmt, plan, measure_plan(reference, plan, held_out, text=text,
+                                                    output_kind=loaded.output_kind, model_kind=loaded.kind)))
+    emit(PlanSweep(plans, uniform, ranking.fixed_bytes), as_json)
+
+
+def _held_out(loaded, device: str):
+    """The evaluation text (every window) for a model with a tokenizer, else its default input."""
+    text_set = "evaluation" if loaded.tokenizer is not None else None
+    return to_device(model_inputs(loaded, text_set=text_set), resolve_device(device))
+
+
+def _pairs(items: tuple[str, ...], option: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        pattern, sep, fmt = item.rpartition("=")
+        if not sep or not pattern or not fmt:
+            raise InputError(f"{option} {item!r}: write PATTERN=FORMAT, e.g. '*down_proj=int8'")
+        pairs[pattern] = fmt
+    return pairs
+
+
+def _edges(text: str | None) -> tuple[int, str] | None:
+    if text is None:
+        return None
+    count, sep, fmt = text.partition("=")
+    if not sep or not count.isdigit() or not fmt:
+        raise InputError(f"--edges {text!r}: write N=FORMAT, e.g. 1=int8 (the first and last block)")
+    return int(count), fmt

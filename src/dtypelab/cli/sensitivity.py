@@ -1,0 +1,84 @@
+"""``dtypelab sensitivity``: which layer groups a format hurts most, each quantized alone, ranked."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import click
+import torch
+
+from ..analysis import SENSITIVITY_METHODS, SensitivityResult, sensitivity
+from ..models import LoadedModel, load, model_inputs, to_device
+from .common import (
+    MODEL_HELP,
+    device_option,
+    emit,
+    input_options,
+    json_option,
+    pickle_option,
+    resolve_device,
+)
+
+CALIBRATION_WINDOWS = 8
+"""Windows of the calibration text the ranking reads by default (8 × 512 tokens): enough positions
+for a stable ranking at a few forwards' cost; ``--windows`` changes it."""
+
+
+def ranking_options(f: Callable) -> Callable:
+    """What sensitivity and plan share: the input (the calibration text by default), the method, scope."""
+    for option in reversed([
+        click.option("--exact", is_flag=True,
+                     help="Also measure the truth: one forward per layer group and format with only that "
+                          "group quantized (slow), and the prediction's Spearman rank correlation with it."),
+        click.option("--method", type=click.Choice(SENSITIVITY_METHODS), default="fisher", show_default=True,
+                     help="fisher: predicted from one forward + one backward pass; exact: only the truth."),
+        click.option("--exclude", multiple=True,
+                     help="Layers (globs) left out of the ranking, dense (repeatable)."),
+        click.option("--head", is_flag=True, help="Rank the output head too (dense by default)."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the sampled labels / random probes of the fisher prediction."),
+    ]):
+        f = option(f)
+    return input_options(pickle_option(device_option(f)))
+
+
+def ranking_inputs(loaded: LoadedModel, target: torch.device, texts: tuple[str, ...], text_file: str | None,
+                   input_ids: str | None, input_file: str | None, text_set: str | None, ctx: int | None,
+                   stride: int | None, windows: int | None):
+    """The inputs a ranking is computed on: what the user gave, else (a model with a tokenizer) the
+    first :data:`CALIBRATION_WINDOWS` windows of the calibration text — never the held-out evaluation
+    text a plan is verified on."""
+    given = texts or text_file or input_ids or input_file or text_set
+    if not given and loaded.tokenizer is not None:
+        text_set, windows = "calibration", CALIBRATION_WINDOWS if windows is None else windows
+    return to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
+                                  tensor_file=input_file, text_set=text_set, ctx=ctx, stride=stride,
+                                  windows=windows), target)
+
+
+def rank(model: str, formats: str, allow_pickle: bool, device: str, method: str, exact: bool,
+         exclude: tuple[str, ...], head: bool, seed: int, **inputs) -> tuple[LoadedModel, SensitivityResult]:
+    """Load ``model`` in float32 and rank its layer groups in ``formats`` (shared by plan)."""
+    target = resolve_device(device)
+    loaded = load(model, "fp32", allow_pickle=allow_pickle)
+    batch = ranking_inputs(loaded, target, **inputs)
+    reference = loaded.model.to(target)
+    return loaded, sensitivity(reference, formats, batch, method=method, exact=exact,
+                               output_kind=loaded.output_kind, exclude=exclude, head=head, seed=seed)
+
+
+@click.command("sensitivity", short_help="Rank layer groups by the damage a format does to each alone.",
+               help="Rank every quantizable layer group of MODEL (q/k/v and gate/up together, as vLLM fuses "
+               "them) by the damage each --to format does when only that group is quantized: mean KL of "
+               "the outputs for LMs (nats), relative output noise power for encoders; with the bytes each "
+               "choice stores. Default input: the first 8 windows of the calibration text.\n\n"
+               "Examples:\n\n  dtypelab sensitivity smollm2 --to int4:g64,int8\n\n"
+               "  dtypelab sensitivity minilm --to int4:g128,fp8_e4m3 --exact --windows 2\n\n" + MODEL_HELP)
+@click.argument("model")
+@click.option("--to", "formats", default="int4:g128,int8", show_default=True,
+              help="Comma-separated quantized formats to rank.")
+@ranking_options
+@json_option
+def sensitivity_cmd(model: str, formats: str, as_json: bool, **options) -> None:
+    _, result = rank(model, formats, **options)
+    emit(result, as_json)

@@ -1,0 +1,36 @@
+"""A mixed-precision plan as a variant: the reference with each planned layer in its own format.
+
+Variants stage: the plan (:class:`~dtypelab.quant.MixedPlan`) is checked against the reference (layer
+names and fingerprint) and applied with ``quantize_model``, so ``compare --plan`` measures the same
+model ``convert --plan`` writes and ``dtypelab.load`` reads back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..quant import MixedPlan, quantize_model
+from .build import Variant
+
+
+def plan_variant(reference: nn.Module, plan: MixedPlan | str | Path, name: str | None = None,
+                 device: torch.device | str | None = None) -> Variant:
+    """The reference quantized as ``plan`` says, as a :class:`Variant` named ``name`` (default
+    ``plan:<budget>``); a plan that does not fit the model becomes a failed variant with the reason.
+
+    Raises:
+        InputError: the plan file cannot be read (before any variant is built).
+    """
+    plan = MixedPlan.load(plan) if isinstance(plan, str | Path) else plan
+    name = name or f"plan:{plan.budget or 'file'}"
+    try:
+        plan.check_model(reference)
+        result = quantize_model(reference, plan)
+    except InputError as err:
+        return Variant.failed(name, str(err))
+    model = result.model.to(device) if device is not None else result.model
+    return Variant(name, name, None, model, layers=result.layers)
