@@ -109,6 +109,7 @@ COMMANDS = {
     "headroom": ["headroom", "dummy", "--to", "fp16,bf16"],
     "headroom-weights": ["headroom", "dummy", "--to", "fp16,int8", "--weights"],
     "convert": ["convert", "{weights}", "--to", "fp16", "-o", "{tmp}/out.safetensors"],
+    "clean": ["clean", "{tmp}"],
     "sensitivity": ["sensitivity", "tiny-llama", "--to", "int8", "--windows", "1", "--ctx", "64"],
     "plan": ["plan", "tiny-llama", "--budget", "5bpw", "--formats", "int4:g64,int8", "--windows", "1",
              "--ctx", "64"],

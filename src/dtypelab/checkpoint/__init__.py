@@ -35,16 +35,17 @@ from .safetensors_file import (
     read_header,
 )
 from .sizes import stored_nbytes, stored_numel, weight_stored_nbytes
-from .staging import StagedOutput, remove_leftovers
+from .staging import Leftover, LeftoverReport, StagedOutput, clean_leftovers, find_leftovers, remove_leftovers
 from .streaming import ChunkCaster, ChunkQuantizer, one_thread
 
 __all__ = [
     "INDEX_SUFFIX", "LAYOUTS", "MAX_HEADER_BYTES", "CheckpointInspection", "CheckpointSource", "ChunkCaster",
     "ChunkQuantizer", "ConversionResult", "GgufHeader", "GgufInspection",
-    "Layout", "SafetensorsHeader", "ShardInfo", "StagedOutput",
+    "Layout", "Leftover", "LeftoverReport", "SafetensorsHeader", "ShardInfo", "StagedOutput",
     "StoredPart", "TensorEntry", "TensorRow", "build_quantized_model", "check_supported",
-    "compression_format", "convert_checkpoint", "convert_support", "format_from_scheme", "from_parts",
-    "inspect_checkpoint", "inspect_gguf",
+    "clean_leftovers", "compression_format", "convert_checkpoint", "convert_support", "format_from_scheme",
+    "from_parts",
+    "find_leftovers", "inspect_checkpoint", "inspect_gguf",
     "layout_for", "linear_layers", "load_quantized_weights", "model_class", "one_thread", "open_checkpoint",
     "parse_size", "quantization_config", "quantization_scheme", "read_gguf_header", "read_header", "register",
     "remove_leftovers", "stored_nbytes", "stored_numel", "stored_parts", "to_parts", "weight_stored_nbytes",

@@ -21,9 +21,11 @@ import os
 import re
 import secrets
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError
+from ..report import Table, TableMixin
 
 LOCK_NAME = ".dtypelab-staging.lock"
 """The liveness marker inside a staging folder: locked by its run for as long as the run lives."""
@@ -154,6 +156,60 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+@dataclass(frozen=True)
+class Leftover:
+    """A staging folder (or an old destination set aside during a rename) beside a conversion's output.
+
+    ``stale``: its run is gone (nobody holds its lock; without a lock, its process id is gone), so it
+    can be removed; a live one belongs to a conversion still running. ``nbytes``: what it holds."""
+
+    path: Path
+    stale: bool
+    nbytes: int
+
+
+def find_leftovers(folder: str | os.PathLike) -> list[Leftover]:
+    """Every staging folder dtypelab left in ``folder`` (``.NAME.dtypelab-tmp-PID-HEX`` or ``-old-``),
+    live or stale, sorted by name."""
+    folder = Path(folder)
+    found = []
+    for path in sorted(folder.glob(".*.dtypelab-*-*-*")) if folder.is_dir() else []:
+        match = re.search(r"\.dtypelab-(?:tmp|old)-(\d+)-[0-9a-f]+$", path.name)
+        if match:
+            found.append(Leftover(path, _stale(path, int(match.group(1))), _nbytes(path)))
+    return found
+
+
+@dataclass
+class LeftoverReport(TableMixin):
+    """What :func:`clean_leftovers` found in ``folder``: every leftover, and whether the stale ones were
+    removed (``removed`` False: only listed, ``dtypelab clean --dry-run``)."""
+
+    folder: Path
+    leftovers: list[Leftover]
+    removed: bool
+
+    def to_table(self) -> Table:
+        done = "removed" if self.removed else "stale (would be removed)"
+        rows = [[lo.path.name, done if lo.stale else "live: a conversion is running", lo.nbytes]
+                for lo in self.leftovers]
+        freed = sum(lo.nbytes for lo in self.leftovers if lo.stale)
+        notes = [f"{self.folder}: {len(rows)} leftover(s); {freed:,} bytes "
+                 f"{'freed' if self.removed else 'would be freed'}; live ones are never touched"]
+        return Table("Staging folders of conversions", ["folder", "state", "bytes"], rows, notes)
+
+
+def clean_leftovers(folder: str | os.PathLike, dry_run: bool = False) -> LeftoverReport:
+    """List the staging folders conversions left in ``folder`` and remove the stale ones (all of them
+    unless ``dry_run``); a live conversion's folder is listed, never touched."""
+    leftovers = find_leftovers(folder)
+    if not dry_run:
+        for leftover in leftovers:
+            if leftover.stale:
+                _remove(leftover.path)
+    return LeftoverReport(Path(folder), leftovers, not dry_run)
+
+
 def remove_leftovers(dst: str | os.PathLike) -> list[Path]:
     """Remove the staging folders that killed conversions left beside ``dst`` (in its parent folder,
     whatever destination they were for).
@@ -164,14 +220,18 @@ def remove_leftovers(dst: str | os.PathLike) -> list[Path]:
     Returns:
         The paths removed.
     """
-    parent = Path(dst).parent
     removed = []
-    for leftover in sorted(parent.glob(".*.dtypelab-*-*-*")) if parent.is_dir() else []:
-        match = re.search(r"\.dtypelab-(?:tmp|old)-(\d+)-[0-9a-f]+$", leftover.name)
-        if match and _stale(leftover, int(match.group(1))):
-            _remove(leftover)
-            removed.append(leftover)
+    for leftover in find_leftovers(Path(dst).parent):
+        if leftover.stale:
+            _remove(leftover.path)
+            removed.append(leftover.path)
     return removed
+
+
+def _nbytes(path: Path) -> int:
+    if path.is_symlink() or not path.is_dir():
+        return path.lstat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*") if not p.is_dir())
 
 
 def _stale(folder: Path, pid: int) -> bool:

@@ -21,6 +21,7 @@ import click
 
 from ..quiet import drop_known_noise
 from .cast import cast_cmd
+from .clean import clean_cmd
 from .common import ERROR_MESSAGES, interrupted_message, reset_outputs, version
 from .compare import compare_cmd
 from .convert import convert_cmd
@@ -33,7 +34,7 @@ from .progress import clear_status_line
 from .sensitivity import sensitivity_cmd
 
 COMMANDS = [inspect_cmd, cast_cmd, compare_cmd, headroom_cmd, sensitivity_cmd, plan_cmd, convert_cmd,
-            formats_cmd, demo_cmd]
+            clean_cmd, formats_cmd, demo_cmd]
 """Every command, in the order ``dtypelab --help`` lists them; a new command is one more entry."""
 
 

@@ -94,6 +94,7 @@ JSON_KINDS: dict[str, tuple[str, int]] = {
     "SensitivityResult": ("sensitivity", 1),
     "PlanResult": ("plan", 1),
     "PlanSweep": ("plan-sweep", 1),
+    "LeftoverReport": ("leftovers", 1),
 }
 """Every result that renders as JSON: its class name -> (kind, schema version). A document of it says
 ``"schema": "dtypelab/<kind>/<version>"``; its JSON Schema is derived from the dataclass
