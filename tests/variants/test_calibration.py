@@ -64,3 +64,12 @@ def test_a_calibrated_variant_records_its_settings(tiny_llama):
     variant = build_variant(tiny_llama.model, spec, calibration=data)
     assert variant.ok and variant.calibration.summary()["tokens"] == 256
     assert variant.calibration.source == "calibration text" and variant.calibration.ctx == 64
+
+
+def test_encoder_windows_carry_the_special_tokens_its_inputs_do(minilm):
+    """An encoder's inputs are tokenised [CLS] text [SEP]; calibrating without them would leave those
+    positions' activations (outliers in BERT) out of every Hessian. Causal LMs' windows carry none."""
+    data = calibration_data(minilm, calib_tokens=1024)
+    ids = data.batches[0]["input_ids"]
+    wrapped = minilm.tokenizer("a")["input_ids"]
+    assert ids.shape == (2, 512) and (ids[:, 0] == wrapped[0]).all() and (ids[:, -1] == wrapped[-1]).all()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..models import LoadedModel, calibration_text, model_inputs, token_windows, validate_token_ids
+from ..models import LoadedModel, ModelKind, calibration_text, model_inputs, token_windows, validate_token_ids
 from ..quant.calibrate import batch_tokens
 
 DEFAULT_CALIB_TOKENS = 8192  # 16 windows of 512: 5x the widest input of smollm2 (1536), ~1 min on 2 cores
@@ -77,15 +77,36 @@ def _text_inputs(loaded: LoadedModel, path: Path | None, tokens: int, ctx: int) 
         raise InputError(f"model {loaded.spec!r} has no tokenizer, so it cannot read {what}: give token ids "
                          "as a .safetensors or .npy --calib-file")
     text = _read_text(path) if path is not None else calibration_text()
-    cut = token_windows(loaded.tokenizer, text, ctx, max_length=loaded.max_length)
+    prefix, suffix = _special_tokens(loaded)
+    cut = token_windows(loaded.tokenizer, text, ctx - len(prefix) - len(suffix), max_length=loaded.max_length)
     wanted = max(1, tokens // ctx)
     if len(cut["input_ids"]) < wanted:
         held = len(cut["input_ids"]) * ctx
         raise InputError(f"{what} holds {held} tokens in windows of {ctx}, fewer than --calib-tokens "
                          f"{tokens}: use --calib-tokens {held} or less, or a longer --calib-file")
     ids = cut["input_ids"][:wanted].contiguous()
+    if prefix or suffix:  # an encoder reads [CLS] text [SEP]: its activations there are part of its work
+        rows = len(ids)
+        ids = torch.cat([torch.tensor([prefix] * rows, dtype=torch.long).reshape(rows, -1), ids,
+                         torch.tensor([suffix] * rows, dtype=torch.long).reshape(rows, -1)], dim=1)
     validate_token_ids(loaded.model, ids)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _special_tokens(loaded: LoadedModel) -> tuple[list[int], list[int]]:
+    """(prefix, suffix): the special tokens the tokenizer wraps a text in, for models that are not causal
+    LMs (an encoder is always fed ``[CLS] ... [SEP]``, as its inputs are tokenised), found by tokenising a
+    probe with and without them; none for causal LMs, whose text windows carry none (nor do the
+    evaluation windows)."""
+    if loaded.kind == ModelKind.CAUSAL_LM:
+        return [], []
+    tokenizer = loaded.tokenizer
+    wrapped = list(tokenizer("a", verbose=False)["input_ids"])
+    plain = list(tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"])
+    for start in range(len(wrapped) - len(plain) + 1):
+        if wrapped[start:start + len(plain)] == plain:
+            return wrapped[:start], wrapped[start + len(plain):]
+    return [], []
 
 
 def _read_text(path: Path) -> str:
