@@ -241,3 +241,15 @@ def test_the_readme_documents_every_exit_code():
     readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
     for code, meaning in EXIT_CODES.items():
         assert f"| {code} | {meaning} |" in readme
+
+
+@pytest.mark.parametrize(("array", "message"), [
+    (lambda np: np.random.rand(2, 3, 4).astype("float32"), "floating inputs of shape [2, 3, 4] cannot feed"),
+    (lambda np: np.random.rand(2, 3).astype("float32"), "read as inputs_embeds (batch, sequence, 256)"),
+    (lambda np: np.ones((1, 2, 3), dtype="int64"), "token ids must be a (batch, sequence) matrix"),
+])
+def test_an_input_file_that_cannot_feed_the_model_is_one_line(capsys, tmp_path, array, message):
+    np = pytest.importorskip("numpy")
+    np.save(tmp_path / "x.npy", array(np))
+    err = one_line_exit_2(capsys, "compare", "tiny-llama", "--to", "bf16", "--input-file", tmp_path / "x.npy")
+    assert message in err

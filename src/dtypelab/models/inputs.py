@@ -246,8 +246,23 @@ def _id_inputs(loaded: LoadedModel, raw: torch.Tensor | dict[str, torch.Tensor]
     if isinstance(raw, dict) or loaded.kind == "module":
         return raw
     if raw.is_floating_point():
+        _check_embeddings(loaded, raw)
         return {"inputs_embeds": raw}
+    if raw.dim() != 2:
+        raise InputError(f"token ids must be a (batch, sequence) matrix, not shape {list(raw.shape)}: "
+                         "save them as a 2-D integer array")
     return {"input_ids": raw, "attention_mask": torch.ones_like(raw)}
+
+
+def _check_embeddings(loaded: LoadedModel, raw: torch.Tensor) -> None:
+    """Floats for a Hugging Face model are ``inputs_embeds``: (batch, sequence, hidden), refused here
+    in one line rather than by the forward's shape error."""
+    table = loaded.model.get_input_embeddings() if hasattr(loaded.model, "get_input_embeddings") else None
+    hidden = getattr(table, "embedding_dim", None)
+    if raw.dim() != 3 or (hidden is not None and raw.shape[-1] != hidden):
+        raise InputError(f"floating inputs of shape {list(raw.shape)} cannot feed {loaded.spec!r}: floats "
+                         f"are read as inputs_embeds (batch, sequence, {hidden or 'hidden'}); token ids must "
+                         "be integers (numpy int64)")
 
 
 def to_device(inputs: torch.Tensor | dict[str, torch.Tensor], device: torch.device | str
