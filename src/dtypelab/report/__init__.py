@@ -14,10 +14,11 @@ from .table import (
     composite_document,
     format_cell,
     json_document,
+    package_version,
     schema_id,
     to_jsonable,
 )
 
 __all__ = ["COMPOSITE_KINDS", "JSON_KINDS", "PLOT_SUFFIXES", "LayerChart", "Table", "TableMixin",
-           "composite_document", "format_cell", "json_document", "json_schema", "load_schema", "plot_layers",
-           "schema_id", "to_jsonable"]
+           "composite_document", "format_cell", "json_document", "json_schema", "load_schema",
+           "package_version", "plot_layers", "schema_id", "to_jsonable"]
