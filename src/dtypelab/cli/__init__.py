@@ -20,9 +20,10 @@ from contextlib import contextmanager
 import click
 
 from ..quiet import drop_known_noise
+from ..report import package_version
 from .cast import cast_cmd
 from .clean import clean_cmd
-from .common import ERROR_MESSAGES, interrupted_message, reset_outputs, version
+from .common import ERROR_MESSAGES, interrupted_message, reset_outputs
 from .compare import compare_cmd
 from .convert import convert_cmd
 from .demo import demo_cmd
@@ -95,7 +96,7 @@ class _Listed(click.Group):
 @click.group(cls=_Listed, context_settings={"help_option_names": ["-h", "--help"]},
              epilog="Exit codes: 0 ok, 2 bad input, 3 --strict refused, 4 a variant failed, 5 a side output "
                     "(--plot, --report) not written, 130 interrupted.")
-@click.version_option(version(), "--version", prog_name="dtypelab", message="%(prog)s %(version)s")
+@click.version_option(package_version(), "--version", prog_name="dtypelab", message="%(prog)s %(version)s")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def cli(debug: bool) -> None:
     """What happens to my model in precision X? Inspect, cast, compare, diagnose and convert."""

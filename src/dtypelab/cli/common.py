@@ -5,7 +5,6 @@ CLI layer: imports only the public names of the library (``dtypelab`` and its su
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -69,14 +68,6 @@ def emit(result: TableMixin, as_json: bool, side_outputs: Sequence[SideOutput] =
 def failed_variants(result: object) -> list[str]:
     """The names of a result's variants that failed (their ``failure`` is set); [] for other results."""
     return [v.name for v in getattr(result, "variants", []) if getattr(v, "failure", None)]
-
-
-def version() -> str:
-    """dtypelab's installed version (``--version``, and every JSON document's ``dtypelab_version``)."""
-    try:
-        return importlib.metadata.version("dtypelab")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a bare source tree
-        return "unknown"
 
 
 # --- Outputs: checked before any work, named when interrupted, never lost ------------------------------
