@@ -319,3 +319,16 @@ def test_plan_cli_writes_a_plan_compare_and_convert_read(capsys, tmp_path):
 def test_plan_and_sensitivity_bad_input_is_one_line_exit_2(capsys, argv, message):
     code, out, err = run_cli(capsys, *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_sweep_with_verify_draws_plans_beside_uniform_formats(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    chart = tmp_path / "pareto.svg"
+    code, out, err = run_cli(capsys, "plan", "tiny-llama", "--budget", "5:7:1bpw", "--formats",
+                             "int4:g64,int8", "--windows", "1", "--ctx", "64", "--verify", "--plot",
+                             str(chart))
+    assert code == 0, err
+    assert "Plans across budgets" in out and "uniform int4:g64" in out and "budget 7bpw" in out
+    assert chart.read_text().lstrip().startswith("<?xml")
+    code, _, err = run_cli(capsys, "plan", "tiny-llama", "--budget", "5bpw", "--plot", str(chart))
+    assert code == 2 and "--plot draws a sweep" in err

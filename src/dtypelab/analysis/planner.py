@@ -26,7 +26,7 @@ from ..formats import get_format
 from ..models import ModelKind
 from ..naming import any_matches
 from ..quant import DENSE, LayerChoice, MixedPlan
-from ..report import Table, TableMixin, format_cell
+from ..report import ParetoPoint, Table, TableMixin, format_cell
 from ..variants import plan_variant
 from .compare import compare_models
 from .sensitivity import LayerGroup, SensitivityResult
@@ -366,6 +366,14 @@ class PlanSweep(TableMixin):
     plans: list[PlanResult]
     uniform: list[tuple[str, MixedPlan, dict]]
     fixed_bytes: int
+
+    def pareto_points(self) -> list[ParetoPoint]:
+        """The chart's points: each plan's checkpoint bytes against its measured damage (predicted when
+        not verified), the uniform formats beside them."""
+        points = [ParetoPoint(p.budget.text, p.checkpoint_bytes, p.measured.get("damage", p.predicted_damage),
+                              p.measured.get("stderr")) for p in self.plans]
+        return points + [ParetoPoint(fmt, plan.stored_bytes + self.fixed_bytes, m["damage"], m.get("stderr"),
+                                     "uniform") for fmt, plan, m in self.uniform]
 
     def to_table(self) -> Table:
         measured = any(p.measured for p in self.plans)

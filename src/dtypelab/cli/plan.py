@@ -9,7 +9,8 @@ from ..errors import InputError
 from ..formats import get_format
 from ..models import model_inputs, to_device
 from ..quant import DENSE, layer_weights, model_fingerprint
-from .common import MODEL_HELP, check_output, emit, json_option, resolve_device
+from ..report import plot_pareto
+from .common import MODEL_HELP, check_output, check_plot, emit, json_option, resolve_device
 from .sensitivity import rank, ranking_options
 
 
@@ -36,15 +37,21 @@ from .sensitivity import rank, ranking_options
               help="The first and last N blocks take at least FORMAT, e.g. 1=int8.")
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False),
               help="Write the plan as JSON (one budget only), for compare / convert --plan.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="With a sweep: write bytes against damage (measured with --verify) to this .png / .svg.")
 @click.option("--verify", is_flag=True,
               help="Measure each plan (and, for a sweep, each uniform format) on the held-out text.")
 @ranking_options
 @json_option
 def plan_cmd(model: str, budget: str, formats: str, keep_dense: tuple[str, ...], min_formats: tuple[str, ...],
-             edges: str | None, output: str | None, verify: bool, as_json: bool, **options) -> None:
+             edges: str | None, output: str | None, plot_path: str | None, verify: bool, as_json: bool,
+             **options) -> None:
     budgets = parse_budgets(budget)
     if output and len(budgets) > 1:
         raise InputError("-o writes one plan: give one --budget, not a sweep")
+    if plot_path and len(budgets) == 1:
+        raise InputError("--plot draws a sweep: give --budget START:STOP:STEP (e.g. 4.5:8:0.5bpw)")
+    check_plot(plot_path)
     target = check_output(output, "-o", suffixes=(".json",)) if output else None
     floors, edge = _pairs(min_formats, "--min-format"), _edges(edges)
     for fmt in [*floors.values(), *([edge[1]] if edge else [])]:
@@ -69,7 +76,10 @@ def plan_cmd(model: str, budget: str, formats: str, keep_dense: tuple[str, ...],
         for fmt, plan in uniform_plans(ranking, model, fingerprint).items():
             uniform.append((fmt, plan, measure_plan(reference, plan, held_out, text=text,
                                                     output_kind=loaded.output_kind, model_kind=loaded.kind)))
-    emit(PlanSweep(plans, uniform, ranking.fixed_bytes), as_json)
+    sweep = PlanSweep(plans, uniform, ranking.fixed_bytes)
+    label = "KL (nats)" if ranking.metric == "kl_nats" else "relative noise power"
+    emit(sweep, as_json, [("--plot", plot_path, lambda: plot_pareto(sweep.pareto_points(), plot_path, label))]
+         if plot_path else [])
 
 
 def _held_out(loaded, device: str):

@@ -4,7 +4,7 @@ The lowest stage after the base modules: every result dataclass of every stage m
 :class:`TableMixin`, so this package imports nothing above :mod:`dtypelab.errors`.
 """
 
-from .plot import PLOT_SUFFIXES, LayerChart, plot_layers
+from .plot import PLOT_SUFFIXES, LayerChart, ParetoPoint, plot_layers, plot_pareto
 from .schema import json_schema, load_schema
 from .table import (
     COMPOSITE_KINDS,
@@ -21,4 +21,5 @@ from .table import (
 
 __all__ = ["COMPOSITE_KINDS", "JSON_KINDS", "PLOT_SUFFIXES", "LayerChart", "Table", "TableMixin",
            "composite_document", "format_cell", "json_document", "json_schema", "load_schema",
+           "ParetoPoint", "plot_pareto",
            "package_version", "plot_layers", "schema_id", "to_jsonable"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -37,11 +38,20 @@ def plot_layers(result: LayerChart, path: str | Path) -> Path:
     Returns:
         The path written.
     """
+    path = _checked(path)
+    plt = _pyplot()
+    return _save(plt, _draw(plt, result), path)
+
+
+def _checked(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() not in PLOT_SUFFIXES:
         raise InputError(f"cannot plot to {path.name!r}: use a file name ending in .png or .svg")
-    plt = _pyplot()
-    figure = _draw(plt, result)
+    return path
+
+
+def _save(plt, figure, path: Path) -> Path:
+    """Write ``figure`` whole or not at all (a partial sibling renamed into place)."""
     partial = path.with_name(path.name + ".partial")
     try:
         with plt.rc_context({"svg.fonttype": "none"}):  # SVG text stays text: searchable, selectable
@@ -51,6 +61,44 @@ def plot_layers(result: LayerChart, path: str | Path) -> Path:
         plt.close(figure)
         partial.unlink(missing_ok=True)
     return path
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    """One point of a bytes-against-damage chart: ``plan`` points join into the curve, ``uniform`` ones
+    stand beside it. ``stderr`` draws an error bar (None: none)."""
+
+    label: str
+    stored_bytes: int
+    damage: float
+    stderr: float | None = None
+    kind: str = "plan"
+
+
+def plot_pareto(points: Sequence[ParetoPoint], path: str | Path, damage_label: str = "KL (nats)") -> Path:
+    """Write the Pareto chart of a plan sweep: checkpoint megabytes along x, measured damage along y (log
+    scale), the plans as a line with error bars and the uniform formats as labelled squares.
+
+    Returns:
+        The path written.
+    """
+    path = _checked(path)
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    plans = sorted((p for p in points if p.kind == "plan"), key=lambda p: p.stored_bytes)
+    axes.errorbar([p.stored_bytes / 1e6 for p in plans], [p.damage for p in plans],
+                  yerr=[p.stderr or 0.0 for p in plans], marker="o", color="#0072B2", label="plan", capsize=3)
+    for p in (p for p in points if p.kind != "plan"):
+        axes.errorbar([p.stored_bytes / 1e6], [p.damage], yerr=[p.stderr or 0.0], marker="s", color="#D55E00",
+                      capsize=3, linestyle="none")
+        axes.annotate(p.label, (p.stored_bytes / 1e6, p.damage), textcoords="offset points", xytext=(5, 5))
+    if all(p.damage > 0 for p in points):
+        axes.set_yscale("log")
+    axes.set_xlabel("checkpoint MB (tensor bytes, 10^6)")
+    axes.set_ylabel(damage_label)
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    return _save(plt, figure, path)
 
 
 def _pyplot():
