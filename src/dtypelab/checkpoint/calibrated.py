@@ -19,8 +19,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..errors import InputError
 from ..formats import NumberFormat
@@ -67,6 +65,8 @@ def write_calibrated(source: str | os.PathLike, destination: str | os.PathLike, 
     tensors, damage, read = _output_tensors(src, quantized, replaced, scales or {})
     with StagedOutput(dst, force) as staging:
         extra, skipped = _extra_files(src)
+        from safetensors.torch import save_file  # imported when used: `dtypelab --help` stays light
+
         save_file(tensors, str(staging.tmp / OUTPUT_FILE), metadata={"format": "pt"})
         qconfig = quantization_config(fmt, sorted(dense_layers))
         copied = _copy_extra(src.folder, extra, staging.tmp, qconfig, settings)
@@ -84,6 +84,8 @@ def _output_tensors(src, quantized: Mapping[str, QuantizedTensor], replaced: Map
     damage: list[TensorDamage] = []
     read = 0
     layers = {f"{layer}.weight": layer for layer in quantized}
+    from safetensors import safe_open  # imported when used: `dtypelab --help` stays light
+
     for shard in src.shards:
         with safe_open(str(shard.path), framework="pt") as handle:
             for entry in shard.tensors:
