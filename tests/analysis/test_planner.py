@@ -325,8 +325,8 @@ def test_a_sweep_with_verify_draws_plans_beside_uniform_formats(capsys, tmp_path
     pytest.importorskip("matplotlib")
     chart = tmp_path / "pareto.svg"
     code, out, err = run_cli(capsys, "plan", "tiny-llama", "--budget", "5:7:1bpw", "--formats",
-                             "int4:g64,int8", "--windows", "1", "--ctx", "64", "--verify", "--plot",
-                             str(chart))
+                             "int4:g64,int8", "--windows", "1", "--ctx", "64", "--verify", "--verify-windows",
+                             "4", "--plot", str(chart))
     assert code == 0, err
     assert "Plans across budgets" in out and "uniform int4:g64" in out and "budget 7bpw" in out
     assert chart.read_text().lstrip().startswith("<?xml")

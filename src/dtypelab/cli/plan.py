@@ -41,17 +41,21 @@ from .sensitivity import rank, ranking_options
               help="With a sweep: write bytes against damage (measured with --verify) to this .png / .svg.")
 @click.option("--verify", is_flag=True,
               help="Measure each plan (and, for a sweep, each uniform format) on the held-out text.")
+@click.option("--verify-windows", type=int,
+              help="With --verify: only the first N windows of the held-out text [default: all].")
 @ranking_options
 @json_option
 def plan_cmd(model: str, budget: str, formats: str, keep_dense: tuple[str, ...], min_formats: tuple[str, ...],
-             edges: str | None, output: str | None, plot_path: str | None, verify: bool, as_json: bool,
-             **options) -> None:
+             edges: str | None, output: str | None, plot_path: str | None, verify: bool,
+             verify_windows: int | None, as_json: bool, **options) -> None:
     budgets = parse_budgets(budget)
     if output and len(budgets) > 1:
         raise InputError("-o writes one plan: give one --budget, not a sweep")
     if plot_path and len(budgets) == 1:
         raise InputError("--plot draws a sweep: give --budget START:STOP:STEP (e.g. 4.5:8:0.5bpw)")
     check_plot(plot_path)
+    if verify_windows is not None and not verify:
+        raise InputError("--verify-windows needs --verify: add --verify or drop it")
     target = check_output(output, "-o", suffixes=(".json",)) if output else None
     floors, edge = _pairs(min_formats, "--min-format"), _edges(edges)
     for fmt in [*floors.values(), *([edge[1]] if edge else [])]:
@@ -63,7 +67,7 @@ def plan_cmd(model: str, budget: str, formats: str, keep_dense: tuple[str, ...],
     plans = [plan_model(ranking, b, keep=keep_dense, min_formats=floors, edges=edge, model=model,
                         model_hash=fingerprint) for b in budgets]
     if verify:
-        held_out = _held_out(loaded, options["device"])
+        held_out = _held_out(loaded, options["device"], options["ctx"], verify_windows)
         text = "the held-out evaluation text" if loaded.tokenizer is not None else "the default input"
         for result in plans:
             result.measured = measure_plan(reference, result.plan, held_out, text=text,
@@ -82,10 +86,13 @@ def plan_cmd(model: str, budget: str, formats: str, keep_dense: tuple[str, ...],
          if plot_path else [])
 
 
-def _held_out(loaded, device: str):
-    """The evaluation text (every window) for a model with a tokenizer, else its default input."""
-    text_set = "evaluation" if loaded.tokenizer is not None else None
-    return to_device(model_inputs(loaded, text_set=text_set), resolve_device(device))
+def _held_out(loaded, device: str, ctx: int | None, windows: int | None):
+    """The evaluation text (windows of the ranking's --ctx; all of them unless --verify-windows) for a
+    model with a tokenizer, else its default input."""
+    if loaded.tokenizer is None:
+        return to_device(model_inputs(loaded), resolve_device(device))
+    return to_device(model_inputs(loaded, text_set="evaluation", ctx=ctx, windows=windows),
+                     resolve_device(device))
 
 
 def _pairs(items: tuple[str, ...], option: str) -> dict[str, str]:
