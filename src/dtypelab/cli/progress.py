@@ -31,12 +31,15 @@ class StatusLine:
         self.start = time.monotonic()
         self.shown = -REDRAW_SECONDS
         self.open_line = False
+        self.stage = ""
 
     def __call__(self, event: ProgressEvent) -> None:
+        """Draw ``event`` unless the line was redrawn under ``REDRAW_SECONDS`` ago — a new stage and a
+        stage's last event are always drawn, so every stage shows even on a fast run."""
         now = time.monotonic()
-        if now - self.shown < REDRAW_SECONDS and not event.finished:
+        if now - self.shown < REDRAW_SECONDS and not event.finished and event.stage == self.stage:
             return
-        self.shown = now
+        self.shown, self.stage = now, event.stage
         self._draw(describe(event, now - self.start))
 
     def _draw(self, text: str) -> None:
