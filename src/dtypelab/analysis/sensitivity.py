@@ -39,6 +39,7 @@ from ..quant import DENSE, QuantizedLinear, linear_candidates
 from ..report import Table, TableMixin, format_cell
 from ..tree import set_submodule
 from .metrics import kl_divergence, valid_positions
+from .run import batch_rows as rows_of
 from .run import is_logits_output, named_output, run_model, select_output, split_rows
 
 FUSED_LAYERS: dict[str, tuple[str, ...]] = {
@@ -106,12 +107,11 @@ class SensitivityResult(TableMixin):
     dense: dict[str, str] = field(default_factory=dict)
     layer_bytes: dict[tuple[str, str], int] = field(default_factory=dict, repr=False)  # (layer, fmt|dense)
 
+    def __post_init__(self) -> None:
+        self._index = {(s.group, s.fmt): s for s in self.scores}
+
     def score(self, group: str, fmt: str) -> GroupScore:
         return self._index[(group, fmt)]
-
-    @property
-    def _index(self) -> dict[tuple[str, str], GroupScore]:
-        return {(s.group, s.fmt): s for s in self.scores}
 
     def damage(self, score: GroupScore) -> float | None:
         """The damage a plan is chosen on: exact when measured, else predicted."""
@@ -179,7 +179,7 @@ def sensitivity(reference: nn.Module, formats: str | Sequence[str | NumberFormat
         raise InputError("no layer to rank: every Linear layer is excluded, tied or the head "
                          "(--head ranks the head)")
     groups = layer_groups(reference, names)
-    batches = split_rows(inputs, batch_rows) if _rows(inputs) > batch_rows else [inputs]
+    batches = split_rows(inputs, batch_rows) if (rows_of(inputs) or 1) > batch_rows else [inputs]
     context = _Context(reference, batches, output_name, output_kind, groups, fmts, seed, progress)
     predicted = context.fisher() if "fisher" in methods else {}
     measured = context.exact() if "exact" in methods else {}
@@ -205,12 +205,6 @@ def _parse_formats(formats: str | Sequence[str | NumberFormat]) -> list[NumberFo
     if not fmts:
         raise InputError("no format given: pass --to, e.g. --to int4:g64,int8")
     return fmts
-
-
-def _rows(inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> int:
-    first = inputs if isinstance(inputs, torch.Tensor) else next(v for v in inputs.values()
-                                                                 if isinstance(v, torch.Tensor))
-    return first.shape[0] if first.dim() else 1
 
 
 def layer_groups(model: nn.Module, names: Sequence[str]) -> list[LayerGroup]:
@@ -383,7 +377,7 @@ class _Context:
         keys = [(g, f) for g in self.groups for f in self.fmts if not self.problems[(g.name, f.name)]]
         totals = {(g.name, f.name): 0.0 for g, f in keys}
         bar = stage(self.progress, "sensitivity", "forwards", len(keys) * len(self.batches))
-        denominator, forwards = 0.0, 0
+        denominator = 0.0
         for batch in self.batches:
             mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
             ref = valid_positions(select_output(run_model(self.reference, batch), self.output_name), mask)
@@ -395,7 +389,6 @@ class _Context:
                 with _swapped(self.reference, {n: self.twins[(n, fmt.name)] for n in group.layers}):
                     out = select_output(run_model(self.reference, batch), self.output_name)
                 cand = valid_positions(out, mask)
-                forwards += 1
                 totals[(group.name, fmt.name)] += self._exact_sum(ref, cand)
                 bar.advance(detail=f"{group.name} {fmt.name}")
         self.cost["exact"] = (time.perf_counter() - start) / max(self.forward_s * len(self.batches), 1e-9)
