@@ -66,6 +66,19 @@ def test_a_calibrated_variant_records_its_settings(tiny_llama):
     assert variant.calibration.source == "calibration text" and variant.calibration.ctx == 64
 
 
+def test_a_calibrated_build_reports_each_block(tiny_llama):
+    """Calibration is the part of a build that takes minutes: its progress reaches the caller per block
+    (tiny-llama's decoder layers, then the layers outside every block), in order, ending at the total."""
+    spec = parse_variant_specs("int4:g64:gptq")[0]
+    data = calibration_data(tiny_llama, calib_tokens=128, ctx=64)
+    events = []
+    build_variant(tiny_llama.model, spec, calibration=data, progress=events.append)
+    blocks = [e for e in events if e.stage == "calibration"]
+    layers = len(tiny_llama.model.model.layers)
+    assert [e.done for e in blocks] == list(range(layers + 2)) and blocks[-1].total == layers + 1
+    assert [e.detail for e in blocks[1:-1]] == [f"model.layers.{i}" for i in range(layers)]
+
+
 def test_encoder_windows_carry_the_special_tokens_its_inputs_do(minilm):
     """An encoder's inputs are tokenised [CLS] text [SEP]; calibrating without them would leave those
     positions' activations (outliers in BERT) out of every Hessian. Causal LMs' windows carry none."""

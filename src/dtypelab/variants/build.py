@@ -95,14 +95,16 @@ def parse_variant_specs(specs: str | Sequence[str]) -> list[VariantSpec]:
 
 def build_variant(reference: nn.Module, spec: VariantSpec, keep: KeepPolicy | None = None,
                   embeddings: bool = False, device: torch.device | str | None = None,
-                  head: bool = False, calibration: CalibrationData | None = None) -> Variant:
+                  head: bool = False, calibration: CalibrationData | None = None,
+                  progress: ProgressCallback | None = None) -> Variant:
     """Build one variant of ``reference`` (which is not modified); a format that finds nothing to
     quantize or a peer that fails becomes a failed :class:`Variant` with its reason.
 
     ``embeddings`` / ``head``: also quantize the embedding tables / the output head (both stay dense by
     default, as in ``quantize_model`` and ``convert``). ``calibration``: the batches ``:gptq`` / ``:awq``
     formats calibrate on (:func:`~dtypelab.variants.calibration.calibration_data`); without it such a
-    format is a failed variant saying so."""
+    format is a failed variant saying so. ``progress`` hears calibration's blocks (a ``"calibration"``
+    stage), the one part of a build that takes minutes."""
     layers: list[LayerOutcome] = []
     report = None
     try:
@@ -110,7 +112,7 @@ def build_variant(reference: nn.Module, spec: VariantSpec, keep: KeepPolicy | No
             run = run_peer(reference, spec.spec, keep.kept_roots(reference) if keep else (), head)
             model, layers = run.model, run.layers
         elif spec.format.is_quantized:
-            result = _quantize(reference, spec.format, keep, embeddings, head, calibration)
+            result = _quantize(reference, spec.format, keep, embeddings, head, calibration, progress)
             model, layers, report = result.model, result.layers, result.calibration
         else:
             model = cast_model(reference, spec.format, keep)
@@ -129,7 +131,7 @@ def iter_variants(reference: nn.Module, specs: str | Sequence[str] | Sequence[Va
     parsed = specs if specs and isinstance(specs[0], VariantSpec) else parse_variant_specs(specs)
     bar = stage(progress, "variants", "variants", len(parsed))
     for spec in parsed:
-        variant = build_variant(reference, spec, keep, embeddings, device, head, calibration)
+        variant = build_variant(reference, spec, keep, embeddings, device, head, calibration, progress)
         bar.advance(detail=spec.name)
         yield variant
 
@@ -171,13 +173,14 @@ def apply_format(model: nn.Module, fmt: str | NumberFormat, keep: KeepPolicy | N
 
 
 def _quantize(model: nn.Module, fmt: NumberFormat, keep: KeepPolicy | None, embeddings: bool,
-              head: bool, calibration: CalibrationData | None = None) -> QuantizeResult:
+              head: bool, calibration: CalibrationData | None = None,
+              progress: ProgressCallback | None = None) -> QuantizeResult:
     """``quantize_model`` with a keep policy: kept modules are excluded with their children."""
     roots = keep.kept_roots(model) if keep else []
     exclude = [p for root in roots for p in ((root, f"{root}.*") if root else ("*",))]
     batches = calibration.batches if calibration is not None else None
     result = quantize_model(model, fmt, exclude=exclude, embeddings=embeddings, head=head,
-                            calibration=batches)
+                            calibration=batches, progress=progress)
     if result.calibration is not None:
         result.calibration.source, result.calibration.ctx = calibration.source, calibration.ctx
     return result
