@@ -4,6 +4,7 @@ exact one-forward-per-group truth, and the bytes of each choice against what a q
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -89,6 +90,61 @@ def test_a_format_a_group_cannot_take_is_a_reason_not_a_number(tiny_llama):
     result = sensitivity(tiny_llama.model, "int4:g96", inputs)  # 96 divides neither 256 nor 512
     assert all(s.problem and s.predicted is None for s in result.scores)
     assert "does not divide" in result.scores[0].problem
+
+
+@pytest.fixture(scope="module")
+def calibrated_ranking():
+    """int4:g64 beside its GPTQ and AWQ versions, calibrated on other windows than the ranking reads."""
+    loaded = dtypelab.load("tiny-llama")
+    inputs = model_inputs(loaded, text_set="calibration", ctx=128, windows=2)
+    calib = model_inputs(loaded, text_set="calibration", ctx=64, windows=4)
+    batches = [{k: v[i:i + 2] for k, v in calib.items()} for i in (0, 2)]
+    return loaded, batches, sensitivity(loaded.model, "int4:g64,int4:g64:gptq,int4:g64:awq", inputs,
+                                        exact=True, calibration=batches)
+
+
+def test_a_calibrated_format_needs_calibration_inputs(tiny_llama):
+    inputs = model_inputs(tiny_llama, texts=["The quick brown fox."])
+    with pytest.raises(InputError, match="int4:g64:gptq choose codes from calibration inputs"):
+        sensitivity(tiny_llama.model, "int4:g64:gptq", inputs)
+
+
+def test_calibrated_twins_are_the_codes_a_whole_model_calibration_writes(calibrated_ranking):
+    """A GPTQ layer is scored with the very codes quantize_model chooses for the whole model in that
+    format, at the same bytes as round to nearest (the layout is the same)."""
+    loaded, batches, result = calibrated_ranking
+    whole = quantize_model(loaded.model, "int4:g64:gptq", calibration=batches).model
+    group = result.groups[0]
+    for name in group.layers:
+        got = result.layer_bytes[(name, "int4:g64:gptq")]
+        assert got == result.layer_bytes[(name, "int4:g64")] == weight_stored_nbytes(whole.get_submodule(name))
+    assert all(s.problem == "" for s in result.scores)
+
+
+def test_calibration_lowers_the_damage(calibrated_ranking):
+    """Summed over groups, each calibrated format's exact damage is below round to nearest's."""
+    _, _, result = calibrated_ranking
+    total = {fmt: sum(s.exact for s in result.scores if s.fmt == fmt) for fmt in result.formats}
+    assert total["int4:g64:gptq"] < total["int4:g64"] and total["int4:g64:awq"] < total["int4:g64"]
+
+
+def test_an_awq_group_alone_is_scored_as_the_folded_model_computes(calibrated_ranking):
+    """The AWQ twin runs Q(W·s) on x/s; the truth is the reference with the norm folded (g/s) and the
+    group's layers replaced: their exact KL must agree to float32 reassociation (1e-3 relative: the
+    division by s happens before instead of inside the norm)."""
+    loaded, batches, result = calibrated_ranking
+    whole = quantize_model(loaded.model, "int4:g64:awq", calibration=batches)
+    group = next(g for g in result.groups if g.name == "model.layers.0.self_attn.qkv")
+    norm = "model.layers.0.input_layernorm"
+    assert {c.folded_into for c in whole.calibration.layers if c.name in group.layers} == {norm}
+    folded = copy.deepcopy(loaded.model)
+    folded.get_submodule(norm).weight.data = whole.model.get_submodule(norm).weight.data.clone()
+    for name in group.layers:
+        parent, _, leaf = name.rpartition(".")
+        setattr(folded.get_submodule(parent), leaf, whole.model.get_submodule(name))
+    inputs = model_inputs(loaded, text_set="calibration", ctx=128, windows=2)
+    truth = dtypelab.compare_models(loaded.model, {"g": folded}, inputs).variants[0].metrics.kl_divergence
+    assert result.score(group.name, "int4:g64:awq").exact == pytest.approx(truth, rel=1e-3)
 
 
 class _Encoder(nn.Module):

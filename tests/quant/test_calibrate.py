@@ -128,3 +128,53 @@ def test_conv1d_layers_calibrate_as_their_transpose():
     held = model_inputs(gpt2, text_set="evaluation", ctx=64, windows=2)
     assert _kl(gpt2.model, result.model, held) < _kl(gpt2.model, quantize_model(gpt2.model, "int4:g64").model,
                                                       held)
+
+
+# ---- calibrated formats in a mixed-precision plan ------------------------------------------------------
+
+def _planned(model: nn.Module, calibrated: str, other: str, pick) -> dict[str, str]:
+    """Every decoder Linear in ``calibrated`` where ``pick(name)``, else in ``other``."""
+    return {name: calibrated if pick(name) else other for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name.startswith("model.layers.")}
+
+
+def test_a_plan_mixing_gptq_and_int8_calibrates_only_its_gptq_layers(tiny_llama, batches, gptq):
+    """The plan's int8 layers are rounded to nearest (equal to plain int8's codes); its GPTQ layers are
+    calibrated with the int8 layers already in place, so each still beats round to nearest on its own
+    calibration inputs, and the source model is untouched."""
+    mapping = _planned(tiny_llama.model, "int4:g64:gptq", "int8", lambda n: ".mlp." in n)
+    result = quantize_model(tiny_llama.model, mapping, calibration=batches)
+    plain = quantize_model(tiny_llama.model, "int8")
+    calibrated = {layer.name for layer in result.calibration.layers}
+    assert calibrated == {n for n, f in mapping.items() if f.endswith("gptq")} and len(calibrated) == 6
+    for name, fmt in mapping.items():
+        module = result.model.get_submodule(name)
+        assert module.fmt.name == fmt, name
+        if fmt == "int8":
+            rounded = plain.model.get_submodule(name).qtensor.dequantize()
+            assert torch.equal(module.qtensor.dequantize(), rounded), name
+    for layer in result.calibration.layers:
+        assert layer.sqnr_db >= layer.rtn_sqnr_db, layer.name
+    assert result.calibration.method == "gptq"
+
+
+def test_a_plan_without_calibration_inputs_is_refused(tiny_llama):
+    mapping = _planned(tiny_llama.model, "int4:g64:awq", "int8", lambda n: "layers.0." in n)
+    with pytest.raises(InputError, match="int4:g64:awq choose codes from calibration inputs"):
+        quantize_model(tiny_llama.model, mapping)
+
+
+def test_awq_folds_only_where_every_reader_of_the_norm_shares_its_format(tiny_llama, batches):
+    """q/k/v read one norm's output: with all three in int4:g64:awq the scale is folded into the norm;
+    with k and v in int8 (rounded before calibration, reading the same norm) a fold would change their
+    inputs, so q is clipped only, and says so; the model's output stays that of its layers."""
+    whole = quantize_model(tiny_llama.model, _planned(tiny_llama.model, "int4:g64:awq", "int8",
+                                                      lambda n: "self_attn" in n), calibration=batches)
+    split = quantize_model(tiny_llama.model, _planned(tiny_llama.model, "int4:g64:awq", "int8",
+                                                      lambda n: "q_proj" in n), calibration=batches)
+    whole_q = {c.name: c for c in whole.calibration.layers}["model.layers.0.self_attn.q_proj"]
+    split_q = {c.name: c for c in split.calibration.layers}["model.layers.0.self_attn.q_proj"]
+    assert whole_q.folded_into == "model.layers.0.input_layernorm" and whole_q.alpha > 0
+    assert split_q.folded_into == "" and split_q.alpha == 0 and "another format" in split_q.note
+    norm = "model.layers.0.input_layernorm.weight"
+    assert torch.equal(split.model.state_dict()[norm], tiny_llama.model.state_dict()[norm])

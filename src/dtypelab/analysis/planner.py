@@ -27,7 +27,7 @@ from ..models import ModelKind
 from ..naming import any_matches
 from ..quant import DENSE, LayerChoice, MixedPlan
 from ..report import ParetoPoint, Table, TableMixin, format_cell
-from ..variants import plan_variant
+from ..variants import CalibrationData, plan_variant
 from .compare import compare_models
 from .sensitivity import LayerGroup, SensitivityResult
 
@@ -323,12 +323,15 @@ def _layer_bytes(result: SensitivityResult, row: PlanRow, name: str) -> int:
 
 
 def measure_plan(reference: nn.Module, plan: MixedPlan, inputs, *, text: str = "the given inputs",
-                 output_kind: str = "auto", model_kind: ModelKind | None = None) -> dict:
+                 output_kind: str = "auto", model_kind: ModelKind | None = None,
+                 calibration: CalibrationData | None = None) -> dict:
     """The planned model measured against the reference on ``inputs`` (the held-out text for
     ``--verify``), in the sensitivity's units: the next-token KL mean ± its standard error for causal
     LMs, mean KL for other logits, relative noise power 10^(-SQNR/10) for hidden states. Also the
-    checkpoint bytes the variant holds, which must equal the plan's."""
-    comparison = compare_models(reference, [plan_variant(reference, plan)], inputs, output_kind=output_kind,
+    checkpoint bytes the variant holds, which must equal the plan's. ``calibration``: what a plan's
+    ``:gptq`` / ``:awq`` layers calibrate on (the batches ``convert --plan`` would use)."""
+    variant = plan_variant(reference, plan, calibration=calibration)
+    comparison = compare_models(reference, [variant], inputs, output_kind=output_kind,
                                 model_kind=model_kind)
     row = comparison.variants[0]
     if row.failure:

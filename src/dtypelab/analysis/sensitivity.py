@@ -18,6 +18,11 @@ Analysis stage. Two ways to measure, in the same units so they can be checked ag
 Layers that must share a format are one group: q/k/v and gate/up, which vLLM fuses into one matrix
 (:data:`FUSED_LAYERS`); a group's damage is the sum of its layers' (the prediction is additive) and
 its bytes are what ``convert`` stores for its weights.
+
+A calibrated format (``int4:g64:gptq``, ``:awq``) is scored with the codes a whole-model calibration in
+that format chooses for each layer (one calibration run per such format, on the ``calibration``
+batches); an AWQ layer whose scales would be folded into a norm is scored as ``Q(W·s)`` applied to
+``x / s``, which is what the folded model computes.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import math
 import re
 import time
 from collections.abc import Mapping, Sequence
+from copy import deepcopy
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +41,7 @@ from ..checkpoint import stored_nbytes, weight_stored_nbytes
 from ..errors import InputError
 from ..formats import NumberFormat, get_format
 from ..progress import ProgressCallback, stage
-from ..quant import DENSE, QuantizedLinear, linear_candidates
+from ..quant import DENSE, QuantizedLinear, calibrate_layers, linear_candidates
 from ..report import Table, TableMixin, format_cell
 from ..tree import set_submodule
 from .metrics import kl_divergence, valid_positions
@@ -152,6 +158,7 @@ def sensitivity(reference: nn.Module, formats: str | Sequence[str | NumberFormat
                 inputs: torch.Tensor | Mapping[str, torch.Tensor], *, method: str = "fisher",
                 exact: bool = False, output_name: str | None = None, output_kind: str = "auto",
                 exclude: Sequence[str] = (), head: bool = False, batch_rows: int = 1, seed: int = 0,
+                calibration: Sequence | None = None,
                 progress: ProgressCallback | None = None) -> SensitivityResult:
     """Rank every quantizable layer group of ``reference`` by the damage each format does to it alone.
 
@@ -164,6 +171,8 @@ def sensitivity(reference: nn.Module, formats: str | Sequence[str | NumberFormat
         exact: also measure the truth beside the prediction, and their Spearman correlation.
         exclude: globs of layers to leave out (kept dense); ``head``: let the output head be ranked.
         seed: the seed of the sampled labels / random probes (the prediction is reproducible).
+        calibration: the batches ``:gptq`` / ``:awq`` formats calibrate on (required for them; use the
+            ones ``convert`` will calibrate on, so the scored codes are the written ones).
 
     Returns:
         A :class:`SensitivityResult`.
@@ -172,6 +181,11 @@ def sensitivity(reference: nn.Module, formats: str | Sequence[str | NumberFormat
         raise InputError(f"unknown sensitivity method {method!r}: choose "
                          f"{' or '.join(SENSITIVITY_METHODS)}")
     fmts = _parse_formats(formats)
+    calibrated = [f.name for f in fmts if f.calibration]
+    if calibrated and not calibration:
+        raise InputError(f"{', '.join(calibrated)} choose codes from calibration inputs: pass calibration= "
+                         "(batches of model inputs); the CLI reads the bundled calibration text or "
+                         "--calib-file")
     methods = ["fisher", "exact"] if method == "fisher" and exact else [method]
     candidates = linear_candidates(reference, list(exclude), head)
     names = [name for name, reason in candidates.items() if not reason]
@@ -180,7 +194,8 @@ def sensitivity(reference: nn.Module, formats: str | Sequence[str | NumberFormat
                          "(--head ranks the head)")
     groups = layer_groups(reference, names)
     batches = split_rows(inputs, batch_rows) if (rows_of(inputs) or 1) > batch_rows else [inputs]
-    context = _Context(reference, batches, output_name, output_kind, groups, fmts, seed, progress)
+    context = _Context(reference, batches, output_name, output_kind, groups, fmts, seed, progress,
+                       calibration)
     predicted = context.fisher() if "fisher" in methods else {}
     measured = context.exact() if "exact" in methods else {}
     scores = context.scores(predicted, measured)
@@ -257,7 +272,7 @@ class _Context:
 
     def __init__(self, reference: nn.Module, batches: list, output_name: str | None, output_kind: str,
                  groups: list[LayerGroup], fmts: list[NumberFormat], seed: int,
-                 progress: ProgressCallback | None):
+                 progress: ProgressCallback | None, calibration: Sequence | None = None):
         self.reference, self.batches, self.output_name = reference, batches, output_name
         self.groups, self.fmts, self.seed, self.progress = groups, fmts, seed, progress
         self.layers = [name for g in groups for name in g.layers]
@@ -269,10 +284,31 @@ class _Context:
         self.logits = is_logits_output(raw, output_kind)
         self.metric = KL_NATS if self.logits else RELATIVE_NOISE
         self.problems = {(g.name, f.name): self._problem(g, f) for g in groups for f in fmts}
-        self.twins = {(name, f.name): QuantizedLinear(reference.get_submodule(name), f)
-                      for g in groups for f in fmts if not self.problems[(g.name, f.name)]
-                      for name in g.layers}
+        self.twins: dict[tuple[str, str], nn.Module] = {}
+        for f in fmts:
+            fitting = [g for g in groups if not self.problems[(g.name, f.name)]]
+            if f.calibration:
+                self._calibrated_twins(f, fitting, calibration)
+            else:
+                self.twins |= {(n, f.name): QuantizedLinear(reference.get_submodule(n), f)
+                               for g in fitting for n in g.layers}
         self.positions, self.cost = 0, {}
+
+    def _calibrated_twins(self, fmt: NumberFormat, groups: list[LayerGroup], calibration: Sequence) -> None:
+        """Twins in ``fmt`` from one calibration of every layer of ``groups`` (on a copy); a layer the
+        calibration leaves dense makes its group's problem."""
+        copy = deepcopy(self.reference)
+        names = [n for g in groups for n in g.layers]
+        dense, report = calibrate_layers(copy, fmt, names, calibration, self.progress)
+        for group in groups:
+            reason = next((f"{n}: {dense[n]}" for n in group.layers if n in dense), "")
+            if reason:
+                self.problems[(group.name, fmt.name)] = reason
+                continue
+            for name in group.layers:
+                twin = copy.get_submodule(name)
+                scales = report.scales.get(name)
+                self.twins[(name, fmt.name)] = twin if scales is None else InputScaled(twin, scales)
 
     def _problem(self, group: LayerGroup, fmt: NumberFormat) -> str:
         for name in group.layers:
@@ -291,7 +327,8 @@ class _Context:
         """(layer, format or "dense") -> the bytes its weight is stored in."""
         sizes = {(name, DENSE): weight_stored_nbytes(self.reference.get_submodule(name))
                  for name in self.layers}
-        return sizes | {key: weight_stored_nbytes(twin) for key, twin in self.twins.items()}
+        return sizes | {key: weight_stored_nbytes(getattr(twin, "inner", twin))
+                        for key, twin in self.twins.items()}
 
     def fixed_bytes(self) -> int:
         return stored_nbytes(self.reference) - sum(self.dense_bytes().values())
@@ -399,6 +436,19 @@ class _Context:
             rows = ref.reshape(-1, ref.shape[-1]).shape[0]
             return kl_divergence(ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1])) * rows
         return float((cand.double() - ref.double()).pow(2).sum())
+
+
+class InputScaled(nn.Module):
+    """An AWQ layer outside its folded model: its codes hold ``W·s``, the folded norm before it emits
+    ``x / s``; this applies the ``1/s`` itself, so the layer alone computes what the folded model does."""
+
+    def __init__(self, inner: nn.Module, scales: torch.Tensor) -> None:
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("inverse", 1.0 / scales, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x * self.inverse.to(x.dtype))
 
 
 def _kwargs(batch: Mapping) -> dict:

@@ -120,9 +120,16 @@ class CalibrationReport(TableMixin):
         return {**self.summary(), "layers": [dataclasses.asdict(layer) for layer in self.layers]}
 
 
-def calibrate_layers(model: nn.Module, fmt: NumberFormat, names: Sequence[str], batches: Sequence[Batch],
+def calibrate_layers(model: nn.Module, fmt: NumberFormat | Mapping[str, NumberFormat], names: Sequence[str],
+                     batches: Sequence[Batch],
                      progress: ProgressCallback | None = None) -> tuple[dict[str, str], CalibrationReport]:
     """Quantize the Linear / Conv1D layers ``names`` of ``model`` in place by ``fmt.calibration``.
+
+    ``fmt`` is one format for every layer, or (a mixed-precision plan) a format per layer name, each a
+    ``:gptq`` or ``:awq`` one: GPTQ layers are calibrated one by one, AWQ layers reading one input
+    together when they share a format (layers of other formats on that input keep the norm unscaled, so
+    such a group is clipped only, and says so). Layers not in ``names`` are left as they are: a plan's
+    data-free layers, quantized beforehand, run quantized in the blocks that calibrate the next ones.
 
     Returns:
         (reasons, report): ``reasons`` maps each layer that stayed dense to why (a group size that does
@@ -134,8 +141,10 @@ def calibrate_layers(model: nn.Module, fmt: NumberFormat, names: Sequence[str], 
     if not batches:
         raise InputError(f"{fmt.name} needs calibration inputs: give at least one batch")
     start = time.perf_counter()
+    formats = dict(fmt) if isinstance(fmt, Mapping) else dict.fromkeys(names, fmt)
     blocks = find_blocks(model, names)
-    report = CalibrationReport(fmt.calibration, batch_tokens(batches), len(batches), len(blocks),
+    method = "+".join(sorted({formats[n].calibration for n in names})) or "none"
+    report = CalibrationReport(method, batch_tokens(batches), len(batches), len(blocks),
                                torch.get_num_threads())
     reasons: dict[str, str] = {}
     bar = stage(progress, "calibration", "blocks", len(blocks) + 1)
@@ -145,12 +154,12 @@ def calibrate_layers(model: nn.Module, fmt: NumberFormat, names: Sequence[str], 
         for prefix, block in blocks:
             members = [n for n in names if n.startswith(prefix + ".")]
             inside.update(members)
-            _calibrate_block(model, block, prefix, members, inputs, fmt, reasons, report)
+            _calibrate_block(model, block, prefix, members, inputs, formats, reasons, report)
             inputs = [_next_inputs(block, args, kwargs) for args, kwargs in inputs]
             bar.advance(detail=prefix)
     rest = [n for n in names if n not in inside]
     if rest:
-        _calibrate_rest(model, rest, batches, fmt, reasons, report)
+        _calibrate_rest(model, rest, batches, formats, reasons, report)
     bar.advance(detail="rest")
     report.seconds = time.perf_counter() - start
     return reasons, report
@@ -219,29 +228,39 @@ def _first(output: object) -> torch.Tensor:
 
 @torch.no_grad()
 def _calibrate_block(model: nn.Module, block: nn.Module, prefix: str, members: list[str],
-                     inputs: list[tuple[tuple, dict]], fmt: NumberFormat, reasons: dict[str, str],
-                     report: CalibrationReport) -> None:
+                     inputs: list[tuple[tuple, dict]], formats: Mapping[str, NumberFormat],
+                     reasons: dict[str, str], report: CalibrationReport) -> None:
     """Statistics of ``members`` over every input, then each layer (or AWQ group) quantized."""
     layers = {name: model.get_submodule(name) for name in members}
     stats, groups = _hooked_run(block, prefix, layers, lambda run: [run(a, k) for a, k in inputs])
-    if fmt.calibration == "awq":
-        for group in groups:
-            _awq_group(model, block, group, layers, stats, inputs[0], fmt, reasons, report)
-    else:
-        for name in members:
-            _gptq_layer(model, name, layers[name], stats[name], fmt, reasons, report)
+    for group in groups:
+        for fmt, same in _by_format(group, formats):
+            if fmt.calibration == "awq":
+                _awq_group(model, block, same, layers, stats, inputs[0], fmt, reasons, report)
+                continue
+            for name in same:
+                _gptq_layer(model, name, layers[name], stats[name], fmt, reasons, report)
 
 
-def _calibrate_rest(model: nn.Module, names: list[str], batches: Sequence[Batch], fmt: NumberFormat,
-                    reasons: dict[str, str], report: CalibrationReport) -> None:
+def _by_format(group: list[str], formats: Mapping[str, NumberFormat]) -> list[tuple[NumberFormat, list[str]]]:
+    """The layers of one shared-input group split by format, in order of first appearance."""
+    split: dict[str, tuple[NumberFormat, list[str]]] = {}
+    for name in group:
+        split.setdefault(formats[name].name, (formats[name], []))[1].append(name)
+    return list(split.values())
+
+
+def _calibrate_rest(model: nn.Module, names: list[str], batches: Sequence[Batch],
+                    formats: Mapping[str, NumberFormat], reasons: dict[str, str],
+                    report: CalibrationReport) -> None:
     """Layers outside every block, on one hooked pass of the whole model (AWQ: clipping only)."""
     layers = {name: model.get_submodule(name) for name in names}
     stats, _ = _hooked_run(model, "", layers, lambda run: [_forward(model, b) for b in batches])
     for name in names:
-        if fmt.calibration == "awq":
-            _awq_group(model, None, [name], layers, stats, None, fmt, reasons, report)
+        if formats[name].calibration == "awq":
+            _awq_group(model, None, [name], layers, stats, None, formats[name], reasons, report)
         else:
-            _gptq_layer(model, name, layers[name], stats[name], fmt, reasons, report)
+            _gptq_layer(model, name, layers[name], stats[name], formats[name], reasons, report)
 
 
 def _hooked_run(root: nn.Module, prefix: str, layers: dict[str, nn.Module],
@@ -326,7 +345,8 @@ def _awq_group(model: nn.Module, block: nn.Module | None, group: list[str], laye
         report.layers.append(LayerCalibration(
             name, "awq", output_sqnr_db(weight, effective, hessian), _rtn_sqnr(weight, hessian, fmt),
             alpha=alpha, folded_into=norm if alpha > 0 else "",
-            note="" if norm else "input not from a norm that absorbs a scale: clipping only"))
+            note="" if norm else "input not from a norm that absorbs a scale (or read by layers in "
+                                 "another format too): clipping only"))
         if alpha > 0:
             report.scales[name] = scales
         _replace(model, name, layers[name], qt)

@@ -114,8 +114,9 @@ def quantize_model(model: nn.Module, spec: str | NumberFormat | Mapping[str, str
                for name, module in model.named_modules() if _layer_kind(module)}
     if fmt is not None and fmt.calibration:
         new, layers, report = _calibrated(model, fmt, reasons, calibration, progress)
+    elif per_layer is not None and any(f.calibration for f in per_layer.values()):
+        new, layers, report = _calibrated_plan(model, per_layer, reasons, calibration, progress)
     else:
-        _refuse_calibrated_plan(per_layer)
         report = None
         new = _copy_sharing_weights(model, [name for name, reason in reasons.items() if not reason])
         layers = [_quantize_one(new, name, per_layer.get(name, fmt) if per_layer else fmt, reason)
@@ -190,12 +191,29 @@ def _calibrated(model: nn.Module, fmt: NumberFormat, reasons: dict[str, str],
     return new, layers, report
 
 
-def _refuse_calibrated_plan(per_layer: dict[str, NumberFormat] | None) -> None:
-    """A plan naming a ``:gptq`` / ``:awq`` format: not supported yet, refused rather than rounded."""
-    calibrated = sorted({f.name for f in (per_layer or {}).values() if f.calibration})
-    if calibrated:
-        raise InputError(f"a plan with calibrated formats ({', '.join(calibrated)}) is not supported yet: "
-                         "plan with data-free formats, or quantize the whole model with one of them")
+def _calibrated_plan(model: nn.Module, per_layer: dict[str, NumberFormat], reasons: dict[str, str],
+                     calibration: Sequence[Batch] | None, progress: ProgressCallback | None):
+    """(copy, outcomes, report) of a plan naming ``:gptq`` / ``:awq`` formats: its data-free layers are
+    rounded to nearest first, so the blocks that calibrate the others run as the planned model will;
+    then the calibrated layers, block by block, each in its own format."""
+    calibrated = {n: f for n, f in per_layer.items() if f.calibration and not reasons.get(n)}
+    if not calibration:
+        names = ", ".join(sorted({f.name for f in calibrated.values()}))
+        raise InputError(f"the plan's {names} choose codes from calibration inputs: pass calibration= "
+                         "(batches of model inputs); the CLI reads the bundled calibration text or "
+                         "--calib-file")
+    new = copy.deepcopy(model)
+    outcomes = {name: _quantize_one(new, name, per_layer.get(name), reason)
+                for name, reason in reasons.items() if name not in calibrated}
+    dense, report = calibrate_layers(new, calibrated, list(calibrated), calibration, progress)
+    for name in calibrated:
+        before = model.get_submodule(name).weight
+        outcomes[name] = LayerOutcome(name, _layer_kind(model.get_submodule(name)), False, dense[name],
+                                      before.numel() * before.element_size(),
+                                      before.numel() * before.element_size()) if name in dense else \
+            LayerOutcome(name, _layer_kind(model.get_submodule(name)), True, "",
+                         before.numel() * before.element_size(), new.get_submodule(name).qtensor.nbytes)
+    return new, [outcomes[name] for name in reasons], report
 
 
 def _nothing_reason(layers: list[LayerOutcome]) -> str:
