@@ -97,3 +97,54 @@ def test_bad_requests_are_one_line(sharded_llama_folder, tmp_path, capsys):
                            "--calib-tokens", "512")
     assert code == 2 and "calibrate :gptq / :awq formats" in err
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+# ---- a mixed-precision plan naming calibrated formats ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gptq_plan(source, tmp_path_factory):
+    """The MLPs in int4:g64:gptq, attention in int8 (rounded to nearest), the rest dense; as a file."""
+    from dtypelab.quant import LayerChoice, MixedPlan, layer_weights, model_fingerprint
+
+    names = [n for n, m in source.model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    layers = {n: LayerChoice("int4:g64:gptq" if ".mlp." in n else "int8", 0) for n in names}
+    plan = MixedPlan(layers, "tiny-llama", model_fingerprint(layer_weights(source.model, names)), "test")
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    plan.save(path)
+    return plan, path
+
+
+def test_a_calibrated_plan_converts_to_the_model_in_memory(gptq_plan, source, sharded_llama_folder, tmp_path,
+                                                           capsys):
+    """`convert --plan` with a :gptq layer: the folder holds one config group per scheme, loads back in
+    dtypelab and in transformers to the logits of quantize_model(plan) on the same calibration batches."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    plan, path = gptq_plan
+    out = tmp_path / "planned"
+    code, printed, err = run_cli(capsys, "convert", sharded_llama_folder, "-o", out, "--plan", path,
+                                 "--calib-tokens", TOKENS, "--json")
+    assert code == 0, err
+    data = calibration_data(source, calib_tokens=TOKENS)
+    expected_model = quantize_model(source.model, plan, calibration=data.batches).model
+    held = model_inputs(source, text_set="evaluation", ctx=64, windows=2)
+    expected = _logits(expected_model, held)
+    assert torch.equal(_logits(load(str(out)).model, held), expected)
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(out), held), expected)
+    config = json.loads((out / "config.json").read_text())
+    groups = config["quantization_config"]["config_groups"].values()
+    targets = {g["weights"]["num_bits"]: set(g["targets"]) for g in groups}
+    assert targets == {4: {n for n, f in plan.formats.items() if f.endswith("gptq")},
+                       8: {n for n, f in plan.formats.items() if f == "int8"}}
+    assert config["dtypelab_calibration"]["plan"] == "test" and config["dtypelab_calibration"]["method"] == "gptq"
+    assert json.loads(printed)["format"] == "plan: int4:g64:gptq+int8"
+
+
+def test_a_calibrated_plan_refuses_what_it_decides_itself(gptq_plan, sharded_llama_folder, tmp_path):
+    plan, _ = gptq_plan
+    with pytest.raises(InputError, match="the plan already says"):
+        convert_calibrated(sharded_llama_folder, tmp_path / "o", plan=plan, keep=["lm_head"])
+    with pytest.raises(InputError, match="one of them"):
+        convert_calibrated(sharded_llama_folder, tmp_path / "o", "int4:g64:gptq", plan=plan)
+    assert not (tmp_path / "o").exists()

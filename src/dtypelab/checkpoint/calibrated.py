@@ -38,20 +38,24 @@ CALIBRATED_CAUTION = ("{method}: each quantized tensor's counts compare its code
                       f"{CALIBRATION_KEY}")
 
 
-def write_calibrated(source: str | os.PathLike, destination: str | os.PathLike, fmt: NumberFormat,
+def write_calibrated(source: str | os.PathLike, destination: str | os.PathLike,
+                     fmt: NumberFormat | Mapping[str, NumberFormat],
                      quantized: Mapping[str, QuantizedTensor], replaced: Mapping[str, torch.Tensor],
                      dense_layers: Mapping[str, str], settings: dict, *, force: bool = False,
                      scales: Mapping[str, torch.Tensor] | None = None) -> ConversionResult:
     """Write ``source`` (a model folder) to ``destination`` with the layers ``quantized`` (module name ->
     its tensor, (out, in)) stored in their layout and the tensors ``replaced`` (tensor name -> values)
     instead of the source's. ``scales``: AWQ's per-input scales of the layers whose codes hold W·s (the
-    damage of such a layer is counted against W·s, what its codes round).
+    damage of such a layer is counted against W·s, what its codes round). ``fmt``: the one format, or
+    for a mixed-precision plan each quantized layer's (one config group per scheme).
 
     Raises:
         InputError: a single-file source, a layer whose ``.weight`` the checkpoint lacks, a format with no
             compressed-tensors layout.
     """
-    check_supported(fmt)
+    per_layer = dict(fmt) if isinstance(fmt, Mapping) else None
+    for each in set((per_layer or {}).values()) if per_layer else [fmt]:
+        check_supported(each)
     src, dst = open_checkpoint(source), Path(destination)
     if src.folder is None:
         raise InputError(f"{source}: a calibrated convert needs the model folder (config.json, tokenizer), "
@@ -68,13 +72,18 @@ def write_calibrated(source: str | os.PathLike, destination: str | os.PathLike, 
         from safetensors.torch import save_file  # imported when used: `dtypelab --help` stays light
 
         save_file(tensors, str(staging.tmp / OUTPUT_FILE), metadata={"format": "pt"})
-        qconfig = quantization_config(fmt, sorted(dense_layers))
+        qconfig = quantization_config(per_layer if per_layer else fmt, sorted(dense_layers))
         copied = _copy_extra(src.folder, extra, staging.tmp, qconfig, settings)
         staging.commit(False)
     written = (dst / OUTPUT_FILE).stat().st_size
-    return ConversionResult(src.path, dst, fmt.name, [OUTPUT_FILE], None, damage, copied,
+    formats = sorted({f.name for f in per_layer.values()}) if per_layer else [fmt.name]
+    methods = sorted({f.calibration for f in (per_layer or {}).values() if f.calibration}) if per_layer \
+        else [fmt.calibration]
+    name = "plan: " + "+".join(formats) if per_layer else fmt.name
+    return ConversionResult(src.path, dst, name, [OUTPUT_FILE], None, damage, copied,
                             [str(p.relative_to(src.folder)) for p in skipped], True, read, written, False,
-                            dict(dense_layers), cautions=[CALIBRATED_CAUTION.format(method=fmt.calibration)])
+                            dict(dense_layers),
+                            cautions=[CALIBRATED_CAUTION.format(method="+".join(methods))])
 
 
 def _output_tensors(src, quantized: Mapping[str, QuantizedTensor], replaced: Mapping[str, torch.Tensor],
