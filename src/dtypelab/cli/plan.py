@@ -20,7 +20,9 @@ from .sensitivity import rank, ranking_options
                "counting every byte convert writes (elements, scales, zero points). --budget: bits per "
                "weight over the planned layers (4.5bpw), checkpoint bytes (80MB, 80MiB), a fraction of the "
                "float32 checkpoint (0.3x), or a sweep START:STOP:STEP (4.25:8:0.25bpw). --verify measures "
-               "the planned model on the held-out evaluation text.\n\n"
+               "the planned model on the held-out evaluation text. A :gptq / :awq candidate is scored "
+               "with the codes its calibration chooses (--calib-file / --calib-tokens, as compare and "
+               "convert take them: give `convert --plan` the same ones).\n\n"
                "Examples:\n\n  dtypelab plan smollm2 --budget 5bpw --formats int4:g64,int8 -o plan.json\n\n"
                "  dtypelab convert FOLDER -o OUT --plan plan.json\n\n"
                "  dtypelab plan smollm2 --budget 4.5:8:0.5bpw --formats int4:g64,int8 --verify\n\n"
@@ -61,17 +63,20 @@ def plan_cmd(model: str, budget: str, formats: str, keep_dense: tuple[str, ...],
     for fmt in [*floors.values(), *([edge[1]] if edge else [])]:
         if fmt != DENSE:
             get_format(fmt)  # a typo is refused before the model loads
-    loaded, ranking = rank(model, formats, **options)
+    loaded, ranking, calibration = rank(model, formats, **options)
     reference = loaded.model
     fingerprint = model_fingerprint(layer_weights(reference, [n for g in ranking.groups for n in g.layers]))
     plans = [plan_model(ranking, b, keep=keep_dense, min_formats=floors, edges=edge, model=model,
                         model_hash=fingerprint) for b in budgets]
+    for result in plans if calibration is not None else []:  # what compare / convert --plan calibrate on
+        result.plan.extra["calibration"] = calibration.settings()
     if verify:
         held_out = _held_out(loaded, options["device"], options["ctx"], verify_windows)
         text = "the held-out evaluation text" if loaded.tokenizer is not None else "the default input"
         for result in plans:
             result.measured = measure_plan(reference, result.plan, held_out, text=text,
-                                           output_kind=loaded.output_kind, model_kind=loaded.kind)
+                                           output_kind=loaded.output_kind, model_kind=loaded.kind,
+                                           calibration=calibration)
     if len(plans) == 1:
         emit(plans[0], as_json, [("-o", output, lambda: plans[0].plan.save(target))] if target else ())
         return
@@ -79,7 +84,8 @@ def plan_cmd(model: str, budget: str, formats: str, keep_dense: tuple[str, ...],
     if verify:
         for fmt, plan in uniform_plans(ranking, model, fingerprint).items():
             uniform.append((fmt, plan, measure_plan(reference, plan, held_out, text=text,
-                                                    output_kind=loaded.output_kind, model_kind=loaded.kind)))
+                                                    output_kind=loaded.output_kind, model_kind=loaded.kind,
+                                                    calibration=calibration)))
     sweep = PlanSweep(plans, uniform, ranking.fixed_bytes)
     label = "KL (nats)" if ranking.metric == "kl_nats" else "relative noise power"
     emit(sweep, as_json, [("--plot", plot_path, lambda: plot_pareto(sweep.pareto_points(), plot_path, label))]
