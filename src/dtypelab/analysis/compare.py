@@ -85,6 +85,16 @@ class VariantResult:
         return is_clearly_slower(self.latency_ratio, self.latency_ratio_low)
 
 
+COMPACT_COLUMNS = ["variant", "bytes", "x fp32", "bits/elem", "sqnr_db", "cosine", "kl_div", "top1_agree",
+                   "emb_cos_min", "x fp32 ms", "status"]
+"""What a terminal shows of the comparison by default (those the result has): size, the headline error
+measures, speed when timed, status — within 100 columns; the rest with ``--columns all`` or ``--json``."""
+
+COMPACT_NEXT_TOKEN_COLUMNS = ["variant", "PPL", "ln(PPL/PPL_ref) ± se", "KL mean ± se", "KL p99",
+                              "same top p ± se"]
+"""The next-token report's default columns on a terminal (llama.cpp's headline figures)."""
+
+
 @dataclass
 class ComparisonResult(TableMixin):
     """Reference output plus one :class:`VariantResult` per variant, in the order given.
@@ -133,7 +143,7 @@ class ComparisonResult(TableMixin):
         if self.timed:
             notes += self._timing_notes()
         return Table("Comparison against the reference", columns + ["status"],
-                     [self._row(v) for v in self.variants], notes)
+                     [self._row(v) for v in self.variants], notes, default_columns=COMPACT_COLUMNS)
 
     def _row(self, variant: VariantResult) -> list:
         ref_bytes = self.reference_stored_bytes
@@ -193,7 +203,8 @@ class ComparisonResult(TableMixin):
         notes = [f"{first.positions:,} next-token positions; reference (float32) perplexity "
                  f"{format_cell(first.reference_perplexity)}; KL(reference ‖ variant) in nats; Δp: change in "
                  "the probability of the reference's top token"]
-        return [self.to_table(), Table("Next-token report (llama.cpp --kl-divergence)", columns, rows, notes)]
+        return [self.to_table(), Table("Next-token report (llama.cpp --kl-divergence)", columns, rows, notes,
+                                       default_columns=COMPACT_NEXT_TOKEN_COLUMNS)]
 
 
 def _layer_notes(variant: VariantResult) -> list[str]:

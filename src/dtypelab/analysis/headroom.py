@@ -172,7 +172,9 @@ class HeadroomReport(TableMixin):
         if self.not_measured:
             notes.append(f"not measured (no floating output): {', '.join(self.not_measured)}")
         notes += [f"not predicted for {name}: {reason}" for name, reason in self.not_predicted.items()]
-        return Table("Overflow headroom predicted from the float32 run", columns, rows, notes)
+        return Table("Overflow headroom predicted from the float32 run", columns, rows, notes,
+                     default_columns=["layer", "format", "headroom_bits", "overflow", "flush_to_zero",
+                                      "verdict"])
 
 
 def _keep_note(fmt_name: str, keep: list[str], status: str) -> str:

@@ -125,6 +125,12 @@ class VariantLayers:
     banded: bool = False  # judged by the quality bands (weight-only scaled formats, peers), not a floor
 
 
+COMPACT_COLUMNS = ["variant", "layer", "sqnr_db", "floor_db", "verdict"]
+"""What a terminal shows of a layer-wise comparison by default (plus ``status`` when a row is not ok):
+each layer's SQNR against the rounding floor and its verdict, within 100 columns for names of ~45
+characters; the rest with ``--columns all`` or ``--json``."""
+
+
 @dataclass
 class LayerComparison(TableMixin):
     """The result of :func:`compare_layers`: one :class:`VariantLayers` per variant."""
@@ -144,8 +150,11 @@ class LayerComparison(TableMixin):
                 for v in self.variants for r in v.rows]
         rows += [[v.name, None, None, None, None, None, None, None, None, None, None, None, "failed",
                   f"failed: {v.failure}"] for v in self.variants if v.failure]
+        # the status column only when a layer's output is not finite (the first crossing has its note)
+        unusual = any(r.metrics.status != "ok" for v in self.variants for r in v.rows)
         return Table(f"Layer-wise comparison ({self.mode}; threshold {self.threshold_db:g} dB SQNR)",
-                     columns, rows, [self._note(v) for v in self.variants])
+                     columns, rows, [self._note(v) for v in self.variants],
+                     default_columns=COMPACT_COLUMNS + ["status"] * unusual)
 
     def _note(self, v: VariantLayers) -> str:
         if v.failure:

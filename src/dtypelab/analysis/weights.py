@@ -53,7 +53,8 @@ class WeightReport(TableMixin):
                  *[w.sqnr_db[f] for f in self.formats]] for w in self.rows]
         notes = ["kurtosis is nan for a constant tensor (std 0, e.g. a freshly initialised norm weight)"
                  ] if any(math.isnan(w.kurtosis) for w in self.rows) else []
-        return Table("Weight statistics and weight-only rounding error", columns, rows, notes)
+        return Table("Weight statistics and weight-only rounding error", columns, rows, notes,
+                     default_columns=["parameter", "absmax", "kurtosis", *columns[6:9]])  # 3 formats
 
 
 def weight_stats(model: nn.Module, formats: Sequence[str | NumberFormat]) -> WeightReport:

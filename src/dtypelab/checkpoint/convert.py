@@ -143,7 +143,10 @@ class ConversionResult(TableMixin):
             shown = ", ".join(self.other_dense[:4]) + (", ..." if len(self.other_dense) > 4 else "")
             notes.append(f"dense, no Linear or Conv1D of the model holds them (embeddings, ...): "
                          f"{len(self.other_dense)} 2-D tensor(s) ({shown})")
-        return Table(f"Conversion to {self.format}: most damaged tensors", columns, rows, notes)
+        compact = ["tensor", "to", "overflowed", "flushed_to_zero",
+                   "sqnr_db" if quantized else "max_rel_error"]
+        return Table(f"Conversion to {self.format}: most damaged tensors", columns, rows, notes,
+                     default_columns=compact)
 
     def json_body(self) -> dict:
         """The full report (every tensor, with its ``lost_values``, ``sqnr_db``, ``rms`` and its flushes

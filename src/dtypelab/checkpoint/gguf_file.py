@@ -275,7 +275,8 @@ class GgufInspection(TableMixin):
                  "shape: outermost first, as in PyTorch (GGUF stores and gguf_dump prints dims innermost "
                  "first: the JSON's dims); bits/weight: stored bits per element, block scales included"]
         return Table(f"{self.path}: {len(self.tensors)} tensors (GGUF header)",
-                     ["name", "type", "shape", "numel", "bytes", "bits/weight"], rows, notes)
+                     ["name", "type", "shape", "numel", "bytes", "bits/weight"], rows, notes,
+                     default_columns=["name", "type", "shape", "bytes", "bits/weight"])
 
     def to_tables(self) -> list[Table]:
         types = Table("Totals per GGML type", ["type", "tensors", "numel", "bytes", "bits/weight"],

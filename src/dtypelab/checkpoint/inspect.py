@@ -78,7 +78,7 @@ class CheckpointInspection(TableMixin):
                      f"{len(self.shards)} file(s) (tied tensors counted once)")
         notes += [f"shared: {', '.join(group)}" for group in self.shared]
         return Table(f"{self.path}: largest tensors", ["name", "dtype", "shape", "numel", "bytes", "file"],
-                     rows, notes)
+                     rows, notes, default_columns=["name", "dtype", "shape", "bytes", "file"])
 
 
 def inspect_checkpoint(path: str | os.PathLike, largest_count: int = 10) -> CheckpointInspection:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +20,15 @@ from click.core import ParameterSource
 from ..errors import DtypelabError, InputError, SideOutputError, VariantFailed
 from ..formats import NumberFormat
 from ..models import DEFAULT_CTX, TEXT_SETS, LoadedModel, builtin_names, device_errors
-from ..report import PLOT_SUFFIXES, TableMixin
+from ..report import (
+    ALL_COLUMNS,
+    PLOT_SUFFIXES,
+    TEXT_WIDTH,
+    Table,
+    TableMixin,
+    is_all_columns,
+    tables_text,
+)
 from ..variants import DEFAULT_CALIB_TOKENS, CalibrationData, calibration_data
 from .progress import clear_status_line
 
@@ -37,18 +47,26 @@ SideOutput = tuple[str, "str | os.PathLike", Callable[[], object]]
 """A side output: (option, path, the call that writes it)."""
 
 
-def emit(result: TableMixin, as_json: bool, side_outputs: Sequence[SideOutput] = (), *,
-         show: bool = True) -> None:
-    """Print ``result`` (unless ``show`` is False: ``--quiet``), then write each side output; the
-    result is never lost to a side output that fails.
+def emit(result: TableMixin | TableGroup, as_json: bool, side_outputs: Sequence[SideOutput] = (), *,
+         show: bool = True, columns: Sequence[str] | None = None) -> None:
+    """Print ``result`` (unless ``show`` is False: ``--quiet``) with the chosen ``columns`` (None: each
+    table's compact default, see :func:`parse_columns`), then write each side output; the result is never
+    lost to a side output that fails, nor to a mistyped column (the default columns are printed first).
 
     Raises:
+        InputError: a ``--columns`` name is no column of the result (exit 2, after the result).
         SideOutputError: a side output could not be written (exit 5; each one named).
         VariantFailed: some of the result's variants failed, each a row with its reason (exit 4).
     """
     clear_status_line()
+    column_problem = None
     if show:
-        click.echo(result.to_json() if as_json else result.to_text())
+        try:
+            text = result.to_json() if as_json else render_text(result, columns)
+        except InputError as exc:  # an unknown column: the defaults shown, then the one line
+            column_problem = InputError(f"--columns: {exc}")
+            text = render_text(result, None)
+        click.echo(text, color=colour_wanted() or None)
     problems = []
     for option, path, write in side_outputs:
         try:
@@ -59,10 +77,94 @@ def emit(result: TableMixin, as_json: bool, side_outputs: Sequence[SideOutput] =
     failed = failed_variants(result)
     failures = [f"{len(failed)} of {len(result.variants)} variant(s) failed: {', '.join(failed)} (each row "
                 "says why)"] if failed else []
+    if column_problem is not None:
+        raise column_problem
     if problems:
         raise SideOutputError("; ".join(problems + failures))
     if failures:
         raise VariantFailed(failures[0])
+
+
+# --- Terminal tables: chosen columns, a width to fit, colour only on a terminal ---------------------------
+
+TABLE_STYLES: dict[str, dict[str, object]] = {
+    "header": {"bold": True},
+    "failed": {"fg": "red"},
+    "warning": {"fg": "yellow"},
+}
+"""How each role of a table cell looks on a terminal (:data:`dtypelab.report.Styler` roles)."""
+
+
+class TableGroup:
+    """Several results printed as one (``headroom --weights``): their tables in order, so ``--columns``
+    is checked against all of them at once (text only: their JSON is one composite document)."""
+
+    def __init__(self, parts: Sequence[TableMixin]) -> None:
+        self.parts = list(parts)
+
+    def to_tables(self) -> list[Table]:
+        return [table for part in self.parts for table in part.to_tables()]
+
+    def to_text(self, columns: Sequence[str] | None = ALL_COLUMNS, **style) -> str:
+        return tables_text(self.to_tables(), columns, **style)
+
+
+def columns_option(f: Callable) -> Callable:
+    return click.option("--columns", "columns", metavar="NAME,…|all", callback=_parse_columns_option,
+                        help="Table columns to show, by header name (comma-separated; the first column "
+                             "always), or all [default: a compact set for a 100-column terminal; a note "
+                             "names the rest, and --json holds every field].")(f)
+
+
+def _parse_columns_option(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple | None:
+    return parse_columns(value)
+
+
+def parse_columns(text: str | None) -> tuple[str, ...] | None:
+    """``--columns a,b`` -> ``("a", "b")``; ``all`` -> :data:`ALL_COLUMNS`; None: the defaults.
+
+    Raises:
+        InputError: an empty name, or ``all`` beside other names.
+    """
+    if text is None:
+        return None
+    names = tuple(name.strip() for name in text.split(","))
+    if any(not name for name in names):
+        raise InputError(f"--columns {text!r}: an empty column name: write names between commas, e.g. "
+                         "--columns variant,sqnr_db")
+    if "all" in (n.lower() for n in names) and len(names) > 1:
+        raise InputError(f"--columns {text!r}: all already shows every column: give all alone or only names")
+    return ALL_COLUMNS if len(names) == 1 and names[0].lower() == "all" else names
+
+
+def refuse_columns_with_json(columns: Sequence[str] | None, as_json: bool) -> None:
+    """``--columns`` chooses what a terminal table shows; JSON holds every field, so both is a mistake."""
+    if columns is not None and as_json:
+        raise InputError("--columns chooses table columns and --json holds every field: drop one of them")
+
+
+def render_text(result: TableMixin, columns: Sequence[str] | None) -> str:
+    """The result's tables with ``columns``, fitted to the terminal (or :data:`TEXT_WIDTH` characters
+    when stdout is no terminal; ``--columns all`` is every column as wide as it is), coloured only when
+    :func:`colour_wanted`."""
+    width = shutil.get_terminal_size((TEXT_WIDTH, 24)).columns if stdout_is_terminal() else TEXT_WIDTH
+    if is_all_columns(columns):
+        width = None
+    style = _style if colour_wanted() else None
+    return result.to_text(columns, width=width, style=style)
+
+
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def colour_wanted() -> bool:
+    """Colour only on a terminal, and never when ``NO_COLOR`` is set to anything (no-color.org)."""
+    return stdout_is_terminal() and not os.environ.get("NO_COLOR")
+
+
+def _style(text: str, role: str) -> str:
+    return click.style(text, **TABLE_STYLES[role])
 
 
 def failed_variants(result: object) -> list[str]:

@@ -11,6 +11,7 @@ import torch
 
 from ..analysis import DEFAULT_THRESHOLD_DB, MODES, ComparisonResult, compare_layers, compare_models
 from ..errors import InputError
+from ..formats import get_format
 from ..models import LoadedModel, load, model_inputs, to_device
 from ..progress import ProgressCallback
 from ..quant import KeepPolicy, MixedPlan
@@ -21,12 +22,14 @@ from .common import (
     calibration_for,
     calibration_options,
     check_plot,
+    columns_option,
     device_option,
     emit,
     input_options,
     json_option,
     keep_option,
     pickle_option,
+    refuse_columns_with_json,
     refuse_without,
     resolve_device,
     select_options,
@@ -73,6 +76,7 @@ from .progress import quiet_option, status_line
               help="Also time forwards: each variant in turns with float32, its ratio to float32 timed "
                    "beside it and the ratio's per-round spread; 'slower' only beyond that noise. Off by "
                    "default (it about doubles the run time); --no-time is accepted and does nothing.")
+@columns_option
 @quiet_option
 def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str | None,
                 input_ids: str | None, input_file: str | None,
@@ -82,8 +86,9 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
                 depth: int | None, select: tuple[str, ...], threshold_db: float, plot_path: str | None,
                 as_json: bool, embeddings: bool, head: bool, timing: bool, calib_file: str | None = None,
                 calib_tokens: int | None = None, plan_files: tuple[str, ...] = (),
-                quiet: bool = False) -> None:
+                quiet: bool = False, columns: tuple[str, ...] | None = None) -> None:
     specs, target = parse_variant_specs(formats), resolve_device(device)
+    refuse_columns_with_json(columns, as_json)
     plans = [(Path(f).stem, MixedPlan.load(f)) for f in plan_files]  # a bad plan file: before any load
     refuse_without(by_layer, "--layers", {"mode": "--mode", "depth": "--depth", "select": "--select",
                                           "threshold_db": "--threshold", "plot_path": "--plot"})
@@ -97,22 +102,23 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
                                     tensor_file=input_file, text_set=text_set, ctx=ctx, stride=stride,
                                     windows=windows),
                        target)
-    calibration = calibration_for(loaded, [s.format for s in specs], calib_file, calib_tokens)
+    planned = [get_format(f) for _, plan in plans for f in set(plan.formats.values())]
+    calibration = calibration_for(loaded, [s.format for s in specs] + planned, calib_file, calib_tokens)
     policy = KeepPolicy.from_strings(keep)
     if not by_layer:
         emit(compare_loaded(loaded, formats, inputs, target, output_name, policy, embeddings=embeddings,
                             head=head, timing=timing, calibration=calibration, plans=plans, progress=line),
-             as_json)
+             as_json, columns=columns)
         return
     reference = loaded.model.to(target)
     variants = list(iter_variants(reference, specs, policy, embeddings, target, head=head,
                                   calibration=calibration, progress=line))
-    variants += [plan_variant(reference, plan, f"plan:{name}", target) for name, plan in plans]
+    variants += [plan_variant(reference, plan, f"plan:{name}", target, calibration) for name, plan in plans]
     result = compare_layers(reference, variants, inputs, mode=mode, depth=depth, patterns=select,
                             threshold_db=threshold_db, output_name=output_name,
                             output_kind=loaded.output_kind, progress=line)
     plot = [("--plot", plot_path, lambda: plot_layers(result, plot_path))] if plot_path else []
-    emit(result, as_json, plot)
+    emit(result, as_json, plot, columns=columns)
 
 
 def compare_loaded(loaded: LoadedModel, formats: str, inputs, target: torch.device,
@@ -124,7 +130,7 @@ def compare_loaded(loaded: LoadedModel, formats: str, inputs, target: torch.devi
     """``compare`` without ``--layers``: variants built, measured and dropped one at a time; forwards are
     timed only when ``timing`` is True (``--time``); each (name, plan) of ``plans`` is one more row."""
     reference = loaded.model.to(target)
-    planned = (plan_variant(reference, plan, f"plan:{name}", target) for name, plan in plans)
+    planned = (plan_variant(reference, plan, f"plan:{name}", target, calibration) for name, plan in plans)
     variants = itertools.chain(iter_variants(reference, formats, policy, embeddings, target, head=head,
                                              calibration=calibration, progress=progress), planned)
     return compare_models(reference, variants, inputs, output_name=output_name,

@@ -14,7 +14,15 @@ from ..formats import get_format
 from ..progress import ProgressEvent
 from ..quant import MixedPlan
 from ..variants import DEFAULT_CALIB_TOKENS, convert_calibrated
-from .common import calibration_options, check_output, emit, json_option, wrote
+from .common import (
+    calibration_options,
+    check_output,
+    columns_option,
+    emit,
+    json_option,
+    refuse_columns_with_json,
+    wrote,
+)
 
 
 class ProgressLine:
@@ -86,12 +94,15 @@ class ProgressLine:
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 @calibration_options
 @json_option
+@columns_option
 def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[str, ...],
                 max_shard_size: str | None, force: int, verify: bool, fsync: bool, strict: bool,
                 max_flushed: str | None, max_overflowed: str | None, report_path: Path | None, quiet: bool,
                 as_json: bool, head: bool, embeddings: bool, plan_file: str | None = None,
-                calib_file: str | None = None, calib_tokens: int | None = None) -> None:
+                calib_file: str | None = None, calib_tokens: int | None = None,
+                columns: tuple[str, ...] | None = None) -> None:
     """Convert a safetensors file or model folder SRC to another format, tensor by tensor."""
+    refuse_columns_with_json(columns, as_json)
     if (fmt is None) == (plan_file is None):
         raise InputError("give the format with --to (e.g. --to int4:g128) or a plan with --plan plan.json, "
                          "one of them")
@@ -103,13 +114,14 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
         if not quiet:
             click.echo(f"removed {leftover}: the staging folder of a conversion that was killed", err=True)
     progress = ProgressLine() if not quiet and not as_json and sys.stderr.isatty() else None
-    calibrated = _calibrated(fmt, calib_file, calib_tokens, {
-        "--plan": plan_file, "--dense": dense, "--max-shard-size": max_shard_size, "--verify": verify,
+    calibrated = _calibrated(fmt, plan, calib_file, calib_tokens, {
+        "--dense": dense, "--max-shard-size": max_shard_size, "--verify": verify,
         "--strict": strict, "--embeddings": embeddings, "--fsync": fsync, "--report": report_path})
     try:
         if calibrated:
-            result = convert_calibrated(src, output, fmt, calib_file=calib_file, keep=keep, head=head,
-                                        force=force, calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS)
+            result = convert_calibrated(src, output, fmt, plan=plan, calib_file=calib_file, keep=keep,
+                                        head=head, force=force, progress=progress,
+                                        calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS)
         else:
             result = convert_checkpoint(src, output, fmt, keep=keep, max_shard_size=max_shard_size,
                                         force=force, verify=verify, strict=strict, progress=progress,
@@ -130,18 +142,22 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
     wrote(output)
     report = [("--report", report_path, lambda: report_path.write_text(result.to_json() + "\n",
                                                                        encoding="utf-8"))]
-    emit(result, as_json, report if report_path is not None else [], show=not quiet)
+    emit(result, as_json, report if report_path is not None else [], show=not quiet, columns=columns)
 
 
-def _calibrated(fmt: str | None, calib_file: str | None, calib_tokens: int | None, refused: dict) -> bool:
-    """Whether ``--to`` is a ``:gptq`` / ``:awq`` format (written by ``convert_calibrated``); the options
-    that path does not take, and the calibration options without it, are refused in one line."""
-    calibrated = fmt is not None and get_format(fmt).calibration is not None
+def _calibrated(fmt: str | None, plan: MixedPlan | None, calib_file: str | None, calib_tokens: int | None,
+                refused: dict) -> bool:
+    """Whether ``--to`` is a ``:gptq`` / ``:awq`` format or ``--plan`` names one (written by
+    ``convert_calibrated``); the options that path does not take, and the calibration options without
+    it, are refused in one line."""
+    named = [fmt] if fmt is not None else sorted(set(plan.formats.values())) if plan is not None else []
+    calibrated = any(get_format(f).calibration is not None for f in named)
+    what = f"--to {fmt}" if fmt is not None else "--plan with calibrated formats"
     if not calibrated and (calib_file is not None or calib_tokens is not None):
         raise InputError("--calib-file and --calib-tokens calibrate :gptq / :awq formats: give one with --to "
-                         "(e.g. int4:g64:gptq) or drop them")
+                         "(e.g. int4:g64:gptq) or a plan naming one, or drop them")
     given = [option for option, value in refused.items() if value]
     if calibrated and given:
-        raise InputError(f"{', '.join(given)}: not with a calibrated --to {fmt} (the model is loaded and "
+        raise InputError(f"{', '.join(given)}: not with a calibrated {what} (the model is loaded and "
                          "written whole, codes as calibration chose them): drop them")
     return calibrated

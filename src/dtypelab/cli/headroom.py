@@ -10,11 +10,14 @@ from ..report import composite_document
 from ..variants import parse_variant_specs
 from .common import (
     MODEL_HELP,
+    TableGroup,
+    columns_option,
     device_option,
     emit,
     input_options,
     json_option,
     pickle_option,
+    refuse_columns_with_json,
     resolve_device,
     select_options,
 )
@@ -34,12 +37,15 @@ from .progress import clear_status_line, quiet_option, status_line
 @pickle_option
 @device_option
 @json_option
+@columns_option
 @quiet_option
 def headroom_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str | None,
                  input_ids: str | None, input_file: str | None, text_set: str | None, ctx: int | None,
                  stride: int | None, windows: int | None, depth: int | None, select: tuple[str, ...],
-                 weights: bool, allow_pickle: bool, device: str, as_json: bool, quiet: bool = False) -> None:
+                 weights: bool, allow_pickle: bool, device: str, as_json: bool, quiet: bool = False,
+                 columns: tuple[str, ...] | None = None) -> None:
     specs, target = parse_variant_specs(formats), resolve_device(device)
+    refuse_columns_with_json(columns, as_json)
     line = status_line(quiet)
     loaded = load(model, "fp32", allow_pickle=allow_pickle, progress=line)
     inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
@@ -54,6 +60,4 @@ def headroom_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: st
         clear_status_line()
         click.echo(composite_document("headroom-weights", {"headroom": report, "weights": stats}))
         return
-    for result in (report, stats):
-        if result is not None:
-            emit(result, as_json)
+    emit(report if stats is None else TableGroup([report, stats]), as_json, columns=columns)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..models import inspect
-from .common import MODEL_HELP, emit, json_option, pickle_option
+from .common import MODEL_HELP, columns_option, emit, json_option, pickle_option, refuse_columns_with_json
 
 
 @click.command("inspect", short_help="What a model or checkpoint holds: dtypes, shapes, bytes.",
@@ -15,5 +15,8 @@ from .common import MODEL_HELP, emit, json_option, pickle_option
 @click.option("--dtype", default="auto", show_default=True, help="Load in this dtype (auto: as stored).")
 @pickle_option
 @json_option
-def inspect_cmd(model: str, dtype: str, allow_pickle: bool, as_json: bool) -> None:
-    emit(inspect(model, dtype, allow_pickle=allow_pickle), as_json)
+@columns_option
+def inspect_cmd(model: str, dtype: str, allow_pickle: bool, as_json: bool,
+                columns: tuple[str, ...] | None = None) -> None:
+    refuse_columns_with_json(columns, as_json)
+    emit(inspect(model, dtype, allow_pickle=allow_pickle), as_json, columns=columns)

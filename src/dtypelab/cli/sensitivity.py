@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import click
 import torch
 
 from ..analysis import SENSITIVITY_METHODS, SensitivityResult, sensitivity
+from ..formats import get_format, split_list
 from ..models import LoadedModel, load, model_inputs, to_device
+from ..variants import CalibrationData
 from .common import (
     MODEL_HELP,
+    calibration_for,
+    calibration_options,
+    columns_option,
     device_option,
     emit,
     input_options,
     json_option,
     pickle_option,
+    refuse_columns_with_json,
     resolve_device,
 )
 
@@ -39,7 +46,7 @@ def ranking_options(f: Callable) -> Callable:
                      help="Seed of the sampled labels / random probes of the fisher prediction."),
     ]):
         f = option(f)
-    return input_options(pickle_option(device_option(f)))
+    return calibration_options(input_options(pickle_option(device_option(f))))
 
 
 def ranking_inputs(loaded: LoadedModel, target: torch.device, texts: tuple[str, ...], text_file: str | None,
@@ -57,14 +64,23 @@ def ranking_inputs(loaded: LoadedModel, target: torch.device, texts: tuple[str, 
 
 
 def rank(model: str, formats: str, allow_pickle: bool, device: str, method: str, exact: bool,
-         exclude: tuple[str, ...], head: bool, seed: int, **inputs) -> tuple[LoadedModel, SensitivityResult]:
-    """Load ``model`` in float32 and rank its layer groups in ``formats`` (shared by plan)."""
+         exclude: tuple[str, ...], head: bool, seed: int, calib_file: str | None = None,
+         calib_tokens: int | None = None, **inputs) -> tuple[LoadedModel, SensitivityResult,
+                                                            CalibrationData | None]:
+    """Load ``model`` in float32 and rank its layer groups in ``formats`` (shared by plan); also the
+    calibration its ``:gptq`` / ``:awq`` formats were scored with (what a plan's model calibrates on)."""
     target = resolve_device(device)
+    fmts = [get_format(f) for f in split_list(formats)]  # a typo is refused before the model loads
     loaded = load(model, "fp32", allow_pickle=allow_pickle)
+    calibration = calibration_for(loaded, fmts, calib_file, calib_tokens)
     batch = ranking_inputs(loaded, target, **inputs)
     reference = loaded.model.to(target)
+    if calibration is not None:
+        calibration = dataclasses.replace(calibration, batches=[to_device(b, target) for b in
+                                                                calibration.batches])
     return loaded, sensitivity(reference, formats, batch, method=method, exact=exact,
-                               output_kind=loaded.output_kind, exclude=exclude, head=head, seed=seed)
+                               output_kind=loaded.output_kind, exclude=exclude, head=head, seed=seed,
+                               calibration=calibration.batches if calibration else None), calibration
 
 
 @click.command("sensitivity", short_help="Rank layer groups by the damage a format does to each alone.",
@@ -79,6 +95,9 @@ def rank(model: str, formats: str, allow_pickle: bool, device: str, method: str,
               help="Comma-separated quantized formats to rank.")
 @ranking_options
 @json_option
-def sensitivity_cmd(model: str, formats: str, as_json: bool, **options) -> None:
-    _, result = rank(model, formats, **options)
-    emit(result, as_json)
+@columns_option
+def sensitivity_cmd(model: str, formats: str, as_json: bool, columns: tuple[str, ...] | None,
+                    **options) -> None:
+    refuse_columns_with_json(columns, as_json)
+    _, result, _ = rank(model, formats, **options)
+    emit(result, as_json, columns=columns)

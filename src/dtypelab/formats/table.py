@@ -62,7 +62,7 @@ class FormatsReport(TableMixin):
                  "add scale_bits / row length more)",
                  "quantized formats: max_finite .. eps are element values in units of the block scale",
                  f"spec grammar: {GRAMMAR}"]
-        return Table("Number formats", columns, rows, notes)
+        return Table("Number formats", columns, rows, notes, default_columns=columns[:8] + ["eps"])
 
 
 def format_table(specs: list[str] | None = None) -> FormatsReport:

@@ -95,8 +95,10 @@ class ModelInspection(TableMixin):
         if self.stored_bytes is not None:
             notes.append(f"in a checkpoint: {self.stored_bytes:,} bytes (what compare reports and convert "
                          "writes: no computed buffers, quantized layers in their stored layout)")
+        shared = any(t.shares_with for t in self.tensors)  # the column only when something is shared
         return Table("Tensors", ["name", "kind", "dtype", "shape", "numel", "bytes", "shares storage with"],
-                     rows, notes)
+                     rows, notes, default_columns=["name", "dtype", "shape", "bytes"]
+                     + ["shares storage with"] * shared)
 
 
 def _float32_nbytes(info: TensorInfo) -> int:
