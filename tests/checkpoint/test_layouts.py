@@ -25,7 +25,8 @@ MX_SPECS = ["mxfp4", "mxfp8", "mxfp4:mse"]
 NV_SPECS = ["nvfp4", "nvfp4:mse"]
 SPECS = ["int8", "int4:g128", "fp8_e4m3", "int4:g32:asym", "int8:asym", "int8:tensor", "int8:tensor:asym",
          "int4:channel:asym", "int4:channel", "fp8_e4m3:tensor", "fp8_e4m3:g64", "int8:a8",
-         "int4:g64:a8:asym", "fp8_e4m3:afp8", "int4:g128:sbf16", "int4:g128:mse"]
+         "int4:g64:a8:asym", "fp8_e4m3:afp8", "int4:g128:sbf16", "int4:g128:mse", "int3:g64", "int3:g32:asym",
+         "int2:g64", "int3:channel:asym"]
 # 70 rows: not a multiple of 32 (chunks) nor of 8 (zero points packed along rows); 256 columns
 # divide every group size above. The odd-width case runs on per-row formats only.
 SHAPES = [(70, 256), (64, 128)]
@@ -56,7 +57,8 @@ def test_parts_are_planned_from_the_shape_and_round_trip(spec, shape):
     assert torch.equal(back.dequantize(), qt.dequantize())
 
 
-@pytest.mark.parametrize("spec", ["int4:channel", "int4:channel:asym", "int8:asym", "fp8_e4m3"])
+@pytest.mark.parametrize("spec", ["int4:channel", "int4:channel:asym", "int8:asym", "fp8_e4m3",
+                                  "int3:channel", "int3:channel:asym", "int2:channel"])
 def test_odd_row_length_packs_and_unpacks(spec):
     fmt = get_format(spec)
     qt = quantize_tensor(weight((9, 37)), fmt)  # 37 codes: the last int32 word is partly padding
@@ -88,6 +90,25 @@ def test_int4_packing_by_hand():
     expected = [sum((q + 8) << (4 * i) for i, q in enumerate(range(-8, 0))),
                 sum((q + 8) << (4 * i) for i, q in enumerate(range(0, 8)))]
     assert words.tolist() == [[torch.tensor(w, dtype=torch.int64).to(torch.int32).item() for w in expected]]
+
+
+def test_three_bit_packing_by_hand_and_as_the_package_packs():
+    """Codes 0..7 as q + 4 at bits 3i of a row's little-endian stream: element 10 straddles words 0 and 1
+    (bits 30-32). By hand for one row, and word for word what compressed-tensors' pack_to_int32 writes."""
+    from dtypelab.quant import pack_bits, unpack_bits
+
+    unsigned = torch.tensor([[7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 1]], dtype=torch.uint8)
+    words = pack_bits(unsigned, 3)
+    assert words.shape == (1, 2)  # 12 codes x 3 bits = 36 bits
+    # word 0: 7 at bits 0-2, low 2 bits of 5 (0b01) at bits 30-31; word 1: 5's high bit, then 1 at bits 1-3
+    assert words[0, 0].item() == 7 + (1 << 30) and words[0, 1].item() == 1 + (1 << 1)
+    assert torch.equal(unpack_bits(words, 3, 12), unsigned)
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    codes = torch.randint(-4, 4, (5, 77), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    for bits, signed in ((3, codes), (2, codes.clamp(-2, 1))):
+        theirs = helpers.pack_to_int32(signed, bits)
+        ours = pack_bits((signed.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8), bits)
+        assert torch.equal(ours, theirs), bits
 
 
 def test_int8_asymmetric_zero_point_by_hand():
@@ -200,7 +221,8 @@ def narrow_llama() -> torch.nn.Module:
 INPUT_IDS = torch.tensor([[1, 5, 9, 30, 2, 77, 12]])
 
 
-@pytest.mark.parametrize("spec", ["int8", "int4:g32", "fp8_e4m3", "int4:g64:asym", "mxfp4", "mxfp8"])
+@pytest.mark.parametrize("spec", ["int8", "int4:g32", "fp8_e4m3", "int4:g64:asym", "mxfp4", "mxfp8",
+                                  "int3:g32", "int3:g64:asym"])
 def test_convert_writes_what_quantize_model_computes(tmp_path, llama_folder, spec):
     folder, model = llama_folder
     result = convert_checkpoint(folder, tmp_path / "out", spec, verify=True)
@@ -226,7 +248,7 @@ ASYM_XFAIL = pytest.mark.xfail(strict=True, reason=(
 
 
 @pytest.mark.parametrize("spec", ["int4:g32", "int8", "fp8_e4m3", "int8:tensor:asym", "fp8_e4m3:afp8",
-                                  pytest.param("int4:g32:asym", marks=ASYM_XFAIL)])
+                                  "int3:g32", "int2:g32", pytest.param("int4:g32:asym", marks=ASYM_XFAIL)])
 def test_transformers_with_compressed_tensors_loads_the_output(tmp_path, llama_folder, spec):
     pytest.importorskip("compressed_tensors")
     import transformers
@@ -362,7 +384,7 @@ def test_already_quantized_source_and_bad_dense_are_refused(tmp_path, llama_fold
     with pytest.raises(InputError, match="no compressed-tensors layout"):
         convert_checkpoint(folder, tmp_path / "o", "nf4")
     with pytest.raises(UnknownFormatError):
-        convert_checkpoint(folder, tmp_path / "o", "int3")
+        convert_checkpoint(folder, tmp_path / "o", "int5")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
 
 

@@ -266,7 +266,8 @@ def test_format_table_rows_carry_registry_figures():
     rows = {row.name: row for row in format_table().formats}
     assert list(rows) == [f.name for f in all_formats()]
     assert rows["bf16"].max_finite == torch.finfo(torch.bfloat16).max
-    assert (rows["int4"].effective_bits, rows["int4"].scale, rows["int4"].block) == (4.125, "fp16", "128")
+    assert (rows["int4"].effective_bits, rows["int4"].scale, rows["int4"].block) == (4.125, "fp16", 128)
+    assert (rows["int8"].granularity, rows["int8"].block) == ("channel", None)  # a number or null, never text
     nvfp4 = rows["nvfp4"]
     assert (nvfp4.element, nvfp4.scale, nvfp4.max_finite) == ("e2m1", "e4m3+fp32", 6.0)
     assert (rows["fp8_e5m2"].inf, rows["fp8_e4m3"].inf, rows["mxfp4"].nan) == (True, False, False)

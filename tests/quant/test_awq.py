@@ -15,7 +15,7 @@ from dtypelab.formats import get_format
 from dtypelab.quant import InputStats, clip_quantize, quantize_tensor, round_trip, search_scales
 from dtypelab.quant.awq import channel_scales, rounded, scaled_hessian
 
-SPECS = ["int4:g32", "int4:g32:asym", "int8:channel", "fp8_e4m3", "nvfp4", "nf4:g32"]
+SPECS = ["int4:g32", "int4:g32:asym", "int8:channel", "fp8_e4m3", "nvfp4", "nf4:g32", "int3:g32"]
 
 
 def _layer(rows: int = 48, cols: int = 128, tokens: int = 512, seed: int = 0):

@@ -17,7 +17,7 @@ from dtypelab.quant.gptq import inverse_cholesky_upper
 from dtypelab.quant.qtensor import _choose_scales, _decoded_scale, _tensor_scale
 
 SPECS = ["int4:g32:gptq", "int4:g32:asym:gptq", "int8:channel:gptq", "fp8_e4m3:gptq", "mxfp4:gptq",
-         "nvfp4:gptq", "nf4:g32:gptq", "int4:g32:mse:gptq"]
+         "nvfp4:gptq", "nf4:g32:gptq", "int4:g32:mse:gptq", "int3:g32:gptq", "int2:g32:asym:gptq"]
 
 
 def _layer(rows: int = 48, cols: int = 128, tokens: int = 512, seed: int = 0):

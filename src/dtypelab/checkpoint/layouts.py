@@ -71,13 +71,17 @@ from ..formats import (
     TableCodec,
     get_format,
 )
-from ..quant import QuantizedTensor, pack_nibbles, unpack_nibbles
+from ..quant import QuantizedTensor, pack_bits, pack_nibbles, unpack_bits, unpack_nibbles
 from .safetensors_file import DTYPE_CODES
 
 QUANT_METHOD = "compressed-tensors"
 
 
-SUPPORTED = "int8, int4 (any :gN / :channel / :tensor, :asym, :a8 / :afp8), fp8_e4m3, mxfp4, mxfp8 and nvfp4"
+SUPPORTED = ("int8, int4, int3, int2 (any :gN / :channel / :tensor, :asym, :a8 / :afp8), fp8_e4m3, mxfp4, "
+             "mxfp8 and nvfp4")
+
+
+PACKED_INT_BITS = (2, 3, 4, 8)  # integer widths written as pack-quantized (vLLM's kernels: 4 and 8)
 
 
 MX_BLOCK = 32  # elements per e8m0 scale in the OCP MX formats and in the package's MX layouts
@@ -204,7 +208,8 @@ def format_from_scheme(scheme: dict, scale_dtype: torch.dtype) -> NumberFormat:
         return _nvfp4_format(weights, activations, scale_dtype)
     if scale_dtype == MX_SCALE_DTYPE and weights.get("type") == "float":
         return _mx_format(weights, activations)
-    base = {("int", 8): "int8", ("int", 4): "int4", ("float", 8): "fp8_e4m3"}.get(
+    base = {("int", 8): "int8", ("int", 4): "int4", ("int", 3): "int3", ("int", 2): "int2",
+            ("float", 8): "fp8_e4m3"}.get(
         (weights.get("type"), weights.get("num_bits")))
     layout = {"channel": "channel", "tensor": "tensor", "group": f"g{weights.get('group_size')}"}.get(
         weights.get("strategy"))
@@ -240,7 +245,8 @@ def _layout_problem(fmt: NumberFormat) -> str | None:
         return None if not fmt.activations else (
             f"{name} has no compressed-tensors layout: the package's MX schemes quantize activations in MX "
             "blocks (its MXFP4 / MXFP8 presets), dtypelab's :a8 / :afp8 per token / tensor: drop the option")
-    if not (isinstance(codec, IntCodec) and codec.bits in (4, 8) or codec == E4M3 and not fmt.fixed_layout):
+    packable = isinstance(codec, IntCodec) and codec.bits in PACKED_INT_BITS
+    if not (packable or codec == E4M3 and not fmt.fixed_layout):
         return f"{name} has no compressed-tensors layout: use {SUPPORTED}"
     if fmt.scale_format not in FLOAT_SCALES:
         return f"{name}: compressed-tensors stores fp32 / fp16 / bf16 scales: drop the scale option"
@@ -358,7 +364,7 @@ class PackQuantized(Layout):
 
     def to_parts(self, qt: QuantizedTensor, shape: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
         fmt, scale = qt.fmt, _stored_scale(qt)
-        parts = {"weight_packed": _pack_words(_unsigned_codes(qt)), "weight_scale": scale,
+        parts = {"weight_packed": _packed_words(qt), "weight_scale": scale,
                  "weight_shape": torch.tensor(shape or qt.shape, dtype=torch.int64)}
         if not fmt.symmetric:
             zp = qt.zero_point.reshape(scale.shape)
@@ -370,15 +376,24 @@ class PackQuantized(Layout):
                    shape: tuple[int, int]) -> QuantizedTensor:
         rows, cols = shape
         scale, zp = _scale_view(fmt, parts, rows), parts.get("weight_zero_point")
-        data = _unpack_words(parts["weight_packed"], fmt.bits, cols)  # unsigned: asymmetric codes as they are
-        if fmt.symmetric:
-            data = _flip_sign_bits(data, fmt.bits)
-            data = data.view(torch.int8) if fmt.bits == 8 else data
-        elif fmt.granularity == Granularity.TENSOR:
+        data = _stored_codes(fmt, parts["weight_packed"], cols)
+        if not fmt.symmetric and fmt.granularity == Granularity.TENSOR:
             zp = _unshift(zp, fmt.bits).reshape(scale.shape)
-        else:
+        elif not fmt.symmetric:
             zp = _unpack_codes(zp.t().contiguous(), fmt.bits, rows).t().reshape(scale.shape)
         return QuantizedTensor(fmt, shape, data, scale, zp)
+
+
+def _stored_codes(fmt: NumberFormat, words: torch.Tensor, cols: int) -> torch.Tensor:
+    """Packed words -> codes as dtypelab holds them: symmetric two's complement (int8, nibbles or words,
+    their sign bits flipped back), asymmetric unsigned as stored."""
+    if fmt.bits not in BYTE_ALIGNED_BITS:  # 2, 3 bits: held as the file's words
+        return words.clone() if not fmt.symmetric else words ^ _sign_mask_words(fmt.bits, cols, words.device)
+    data = _unpack_words(words, fmt.bits, cols)
+    if not fmt.symmetric:
+        return data
+    data = _flip_sign_bits(data, fmt.bits)
+    return data.view(torch.int8) if fmt.bits == 8 else data
 
 
 @register
@@ -541,6 +556,26 @@ def _flip_sign_bits(data: torch.Tensor, bits: int) -> torch.Tensor:
     return data.view(torch.uint8) ^ _sign_mask(bits)
 
 
+BYTE_ALIGNED_BITS = (4, 8)
+"""Code widths dtypelab stores as bytes (nibbles, bytes) that become words by reinterpretation; other
+widths (2, 3) are held as the file's densely packed int32 words already."""
+
+
+def _packed_words(qt: QuantizedTensor) -> torch.Tensor:
+    """``weight_packed``: each row's ``q + 2^(bits-1)`` codes packed into int32 words."""
+    if qt.fmt.bits in BYTE_ALIGNED_BITS:
+        return _pack_words(_unsigned_codes(qt))
+    if not qt.fmt.symmetric:
+        return qt.data.clone()
+    return qt.data ^ _sign_mask_words(qt.fmt.bits, qt.shape[1], qt.data.device)
+
+
+def _sign_mask_words(bits: int, cols: int, device: torch.device) -> torch.Tensor:
+    """(1, words) int32 with the top bit of every code of a row set: XOR maps two's complement codes onto
+    ``q + 2^(bits-1)`` and back, word by word."""
+    return pack_bits(torch.full((1, cols), 1 << (bits - 1), dtype=torch.uint8, device=device), bits)
+
+
 def _unsigned_codes(qt: QuantizedTensor) -> torch.Tensor:
     """Stored bytes (packed nibbles for 4 bits) holding ``q + 2^(bits-1)``."""
     if qt.fmt.symmetric:
@@ -568,6 +603,8 @@ def _require_little_endian() -> None:
 
 def _pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """(rows, count) unsigned codes, one per byte (zero points) -> (rows, words) int32."""
+    if bits not in BYTE_ALIGNED_BITS:
+        return pack_bits(codes, bits)
     return _pack_words(pack_nibbles(codes) if bits == 4 else codes)
 
 
@@ -580,6 +617,8 @@ def _unpack_words(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 def _unpack_codes(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """(rows, words) int32 -> (rows, count) uint8 unsigned codes, one per byte (zero points)."""
+    if bits not in BYTE_ALIGNED_BITS:
+        return unpack_bits(words, bits, count)
     stored = _unpack_words(words, bits, count)
     return unpack_nibbles(stored, count) if bits == 4 else stored
 

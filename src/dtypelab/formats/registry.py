@@ -63,6 +63,12 @@ INT8 = IntCodec(8, restricted=False)
 INT4 = IntCodec(4, restricted=False)
 
 
+INT3 = IntCodec(3, restricted=False)
+
+
+INT2 = IntCodec(2, restricted=False)
+
+
 UINT8 = IntCodec(8, signed=False)
 
 
@@ -245,6 +251,11 @@ _REGISTRY: tuple[NumberFormat, ...] = (
        ("qint8", "torch.int8"), INT8, granularity=Granularity.CHANNEL, scale_format="fp32"),
     _q("int4", 4, None, "4-bit integer packed two per byte, -8..7, signed scale unless :asym",
        ("qint4",), INT4, granularity=Granularity.GROUP, group_size=128, scale_format="fp16"),
+    _q("int3", 3, None, "3-bit integer, -4..3, one code per byte in memory, packed densely (10 2/3 per "
+       "int32 word) on disk; signed scale unless :asym", (), INT3, granularity=Granularity.GROUP,
+       group_size=128, scale_format="fp16"),
+    _q("int2", 2, None, "2-bit integer, -2..1, packed 16 per int32 word on disk; signed scale unless :asym",
+       (), INT2, granularity=Granularity.GROUP, group_size=128, scale_format="fp16"),
     _q("nf4", 4, None, "NormalFloat4 (QLoRA): normal quantiles, absmax per block of 64",
        (), NF4, granularity=Granularity.GROUP, group_size=64, scale_format="fp16"),
     _q("mxfp8", 8, torch.float8_e4m3fn, "OCP MX: e4m3 elements, e8m0 scale per 32",

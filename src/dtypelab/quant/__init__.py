@@ -42,7 +42,7 @@ from .model import (
     quantize_model,
 )
 from .nn import QuantizedEmbedding, QuantizedLinear, QuantizedWeightModule, is_conv1d
-from .packing import pack_nibbles, unpack_nibbles
+from .packing import pack_bits, pack_nibbles, unpack_bits, unpack_nibbles
 from .qtensor import QuantizedTensor, quantize_tensor, round_trip, saturated_count
 
 __all__ = [
@@ -54,7 +54,8 @@ __all__ = [
     "QuantizeResult", "QuantizedEmbedding", "QuantizedLinear", "QuantizedTensor", "QuantizedWeightModule",
     "TensorDamage", "is_conv1d",
     "TensorInfo", "cast_model", "compute_dtype", "count_damage", "dtype_name", "inspect_model",
-    "inspect_tensors", "overflow_threshold", "pack_nibbles", "param_dtype_lines", "print_param_dtype",
+    "inspect_tensors", "overflow_threshold", "pack_bits", "pack_nibbles", "param_dtype_lines",
+    "print_param_dtype",
     "quantization_damage", "quantize_activations", "quantize_model", "quantize_tensor", "round_trip",
-    "saturated_count", "sqnr_from_powers", "unpack_nibbles",
+    "saturated_count", "sqnr_from_powers", "unpack_bits", "unpack_nibbles",
 ]

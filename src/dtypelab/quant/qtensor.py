@@ -3,7 +3,8 @@
 Layout: a (rows, cols) tensor is cut into blocks along cols — one block per row (``channel``),
 ``cols / g`` blocks per row (``gN``) or one block for everything (``tensor``). Each block gets a scale
 (and a zero point when asymmetric); elements are ``codec.encode(x / scale)``, clamped to the codec's
-range first (saturation), so the stored value is always finite. 4-bit codes are packed two per byte.
+range first (saturation), so the stored value is always finite. 4-bit codes are packed two per byte,
+2- and 3-bit codes densely into int32 words (the compressed-tensors order).
 Scale rules: absmax / max_finite rounded to the scale format (RNE). Symmetric integers use all 2^b
 codes: the block's largest-magnitude value x_ext maps onto the most negative code (scale = x_ext / -8
 for int4, as llama.cpp's Q4_0 does), so the scale is signed and the extreme's side gets the extra code
@@ -31,7 +32,7 @@ import torch
 
 from ..errors import InputError
 from ..formats import E4M3, E5M2, SCALE_DTYPES, Granularity, IntCodec, NumberFormat, rounding_threshold
-from .packing import pack_nibbles, unpack_nibbles
+from .packing import pack_bits, pack_nibbles, unpack_bits, unpack_nibbles
 
 NATIVE_FLOAT8 = {E4M3: torch.float8_e4m3fn, E5M2: torch.float8_e5m2}
 CHUNK_ELEMENTS = 1 << 20  # rows quantized together: ~4 MB of float32 per temporary
@@ -72,6 +73,8 @@ class QuantizedTensor:
         data = self.data if rows is None else self.data[rows]
         if self.fmt.bits == 4:
             return unpack_nibbles(data, self.shape[1])
+        if self.fmt.bits < 8:  # 2, 3 bits: int32 words, packed densely
+            return unpack_bits(data, self.fmt.bits, self.shape[1])
         return data.view(torch.uint8) if data.dtype.is_floating_point else data
 
     def dequantize(self, dtype: torch.dtype = torch.float32,
@@ -314,9 +317,12 @@ def _scaled(blocks: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None) 
 
 
 def _store_codes(codes: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
-    """Codes in their storage dtype: packed nibbles, int8/uint8, or viewed as the float8 dtype."""
+    """Codes in their storage dtype: packed nibbles, int32 words (2, 3 bits), int8/uint8, or viewed as the
+    float8 dtype."""
     if fmt.bits == 4:
         return pack_nibbles(codes.to(torch.uint8) if codes.dtype == torch.uint8 else codes)
+    if fmt.bits < 8:  # 2, 3 bits: the low bits of each code, densely in int32 words (as on disk)
+        return pack_bits((codes.to(torch.int16) & ((1 << fmt.bits) - 1)).to(torch.uint8), fmt.bits)
     if codes.dtype == torch.int16:  # integers: signed int8, or uint8 for asymmetric
         return codes.to(torch.int8 if fmt.symmetric else torch.uint8)
     return codes.view(fmt.torch_dtype) if fmt.torch_dtype is not None else codes
