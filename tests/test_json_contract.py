@@ -126,6 +126,53 @@ def test_every_command_json_validates_against_its_schema(capsys, request, tmp_pa
     validate(out)
 
 
+NOT_FIELDS = {
+    "variant": "the key column: each variant's name",
+    "layer": "the key column: each layer's name (beside its variant's)",
+    "parameter": "the key column: each weight's name",
+    "x fp32": "derived: stored_bytes over the reference's",
+    "x per round": "derived: latency_ratio_low-latency_ratio_high",
+    "status": "derived: the metrics' status (NaN / inf counts) or the failure",
+    "headroom_bits": "derived: log2 of the format's max over absmax",
+    "verdict": "headroom's is derived from its counts (layers' is a field)",
+    "key": "gguf metadata: a dict's keys, rendered as rows",
+    "type": "gguf metadata: value_types' values",
+    "value": "gguf metadata: the dict's values",
+}
+"""Table headers that are not a field of the JSON document, and why; every other header is one."""
+
+HEADER_COMMANDS = ["formats", "inspect-model", "inspect-checkpoint", "inspect-gguf", "compare",
+                   "compare-timed", "compare-layers", "headroom", "headroom-weights", "convert"]
+
+
+def json_names(value, prefix: str = "") -> set[str]:
+    """Every key of a JSON document, alone and with its parent's (``weights.absmax``), at any depth."""
+    if isinstance(value, list):
+        return {n for item in value for n in json_names(item, prefix)}
+    if not isinstance(value, dict):
+        return set()
+    names = set()
+    for key, item in value.items():
+        names |= {key, f"{prefix}.{key}" if prefix else key} | json_names(item, key)
+    return names
+
+
+@pytest.mark.parametrize("name", HEADER_COMMANDS)
+def test_table_headers_are_the_json_field_names(capsys, request, tmp_path, monkeypatch, name):
+    shown = []
+    monkeypatch.setattr("dtypelab.cli.common.render_text", lambda result, columns: shown.append(result) or "")
+    argv = COMMANDS.get(name, ["compare", "dummy", "--to", "bf16", "--time"])
+    paths = {"tmp": tmp_path, "weights": request.getfixturevalue("weights") if "{weights}" in argv else "",
+             "gguf": request.getfixturevalue("gguf_file") if name == "inspect-gguf" else ""}
+    code, _, err = run_cli(capsys, *[arg.format(**paths) for arg in argv])
+    assert code in (0, 4), err
+    parts = getattr(shown[0], "parts", [shown[0]])  # headroom --weights: both results
+    names = set().union(*(json_names(json.loads(part.to_json())) for part in parts))
+    headers = {c for part in parts for table in part.to_tables() for c in table.columns}
+    assert headers - names - set(NOT_FIELDS) == set()
+    assert len(headers) > 3  # the tables were seen
+
+
 def test_the_convert_report_file_validates_too(capsys, tmp_path, weights):
     code, _, err = run_cli(capsys, "convert", weights, "--to", "fp16", "-o", tmp_path / "o.safetensors",
                            "--report", tmp_path / "r.json")

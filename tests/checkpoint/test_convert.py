@@ -570,10 +570,10 @@ def test_inspect_counts_from_headers(tmp_path):
         key = str(t.dtype).removeprefix("torch.")
         by_dtype[key] = by_dtype.get(key, 0) + t.numel() * t.element_size()
     assert info.bytes_by_dtype == by_dtype
-    assert info.total_bytes == sum(by_dtype.values())
+    assert info.stored_bytes == sum(by_dtype.values())
     assert info.largest[0].name == "embed.weight" and info.largest[0].nbytes == 64 * 32 * 4
     assert info.metadata == {"format": "pt"}
-    assert "total:" in info.to_text() and json.loads(info.to_json())["total_bytes"] == info.total_bytes
+    assert "total:" in info.to_text() and json.loads(info.to_json())["stored_bytes"] == info.stored_bytes
 
 
 def test_inspect_reads_headers_only(tmp_path):
@@ -588,7 +588,7 @@ def test_inspect_reads_headers_only(tmp_path):
     info = inspect_checkpoint(path)
     peak_bytes = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert info.total_bytes == 2**36
+    assert info.stored_bytes == 2**36
     assert peak_bytes < 2**20  # the header and its parse, not a single tensor's 8 GiB
 
 

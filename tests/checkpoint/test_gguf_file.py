@@ -147,7 +147,7 @@ def test_inspection_rows_totals_and_renderings(sample):
     assert [(t.ggml_type, t.tensors, t.numel, t.nbytes) for t in result.by_type] == [
         ("Q4_K", 1, 512, 288), ("Q8_0", 1, 192, 204), ("Q4_1", 1, 64, 40), ("F16", 1, 16, 32),
         ("F32", 1, 4, 16)]
-    assert result.total_bytes == 580 and result.total_numel == 788
+    assert result.stored_bytes == 580 and result.total_numel == 788
     assert result.bits_per_weight == pytest.approx(8 * 580 / 788)
     assert result.summary == {"architecture": "llama", "name": "Tiny Sample é", "embedding_length": 64,
                               "block_count": 1, "vocabulary": 10}
@@ -159,7 +159,7 @@ def test_inspection_rows_totals_and_renderings(sample):
     assert "[10 × str] ['<s>', 'a', 'bé', 'c d', '', 'x', 'y', 'z', …]" in text
     assert "<table>" in result._repr_html_()
     parsed = json.loads(result.to_json())
-    assert parsed["total_bytes"] == 580 and parsed["tensors"][2]["dims"] == [256, 2]
+    assert parsed["stored_bytes"] == 580 and parsed["tensors"][2]["dims"] == [256, 2]
     assert parsed["metadata"]["ids"] == {"element_type": "i64", "count": 12, "head": list(range(-3, 5))}
     assert parsed["value_types"]["f32"] == "f32" and parsed["value_types"]["flags"] == "arr"
 
@@ -260,7 +260,7 @@ def test_shipped_smollm2_gguf_matches_the_gguf_package():
     path = _shipped_smollm2()
     _compare_with_gguf_reader(path)
     result = inspect_gguf(path)
-    assert len(result.tensors) == 272 and result.total_bytes == 96_576_768
+    assert len(result.tensors) == 272 and result.stored_bytes == 96_576_768
     assert [(t.ggml_type, t.tensors, t.nbytes) for t in result.by_type] == [
         ("Q4_1", 210, 66_355_200), ("Q8_0", 1, 30_081_024), ("F32", 61, 140_544)]
     assert result.summary["architecture"] == "llama" and result.summary["vocabulary"] == 49_152
@@ -272,7 +272,7 @@ def test_inspect_routes_a_gguf_file_and_a_folder_holding_one(sample, tmp_path, c
     assert isinstance(inspect(str(sample)), GgufInspection)
     assert inspect(str(tmp_path)).path == sample  # the folder holds exactly one .gguf
     code, out, err = run_cli(capsys, "inspect", sample, "--json")
-    assert code == 0 and json.loads(out)["total_bytes"] == 580
+    assert code == 0 and json.loads(out)["stored_bytes"] == 580
     code, out, _ = run_cli(capsys, "inspect", tmp_path)
     assert code == 0 and "Totals per GGML type" in out and "Q4_K" in out
     (tmp_path / "other.gguf").write_bytes(sample.read_bytes())

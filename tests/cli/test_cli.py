@@ -45,7 +45,7 @@ def test_compare_with_time_shows_latency_and_its_explanation(capsys):
     code, out, _ = run(capsys, "compare", "dummy", "--to", "bf16,int8", "--time", "--columns", "all")
     assert code == 0
     header = next(line for line in out.splitlines() if line.startswith("variant"))
-    assert "fp32 ms" in header and "x fp32 ms" in header and "x per round" in header
+    assert "reference_latency_ms" in header and "latency_ratio" in header and "x per round" in header
     assert "reference forward:" in out and "slower only when" in out
     int8 = next(line for line in out.splitlines() if line.startswith("int8 "))
     assert "emulated (dequantize + float matmul)" in int8 and "slower" not in int8
@@ -93,9 +93,9 @@ def test_compare_minilm_prints_the_full_table_offline(capsys):
     code, out, err = run(capsys, "compare", "minilm", "--to", "fp16,bf16", "--no-time", "--columns", "all")
     assert code == 0 and err == ""
     header = next(line for line in out.splitlines() if line.startswith("variant"))
-    assert header.split() == ["variant", "dtype", "bytes", "x", "fp32", "bits/elem", "mean_abs_diff",
-                              "max_abs_diff", "rel_error", "sqnr_db", "cosine", "emb_cos_mean", "emb_cos_min",
-                              "status"]
+    assert header.split() == ["variant", "dtype", "stored_bytes", "x", "fp32", "bits_per_element",
+                              "mean_abs_diff", "max_abs_diff", "relative_error", "sqnr_db",
+                              "cosine_similarity", "embedding_cosine_mean", "embedding_cosine_min", "status"]
     rows = [line.split() for line in out.splitlines() if line.startswith(("fp16 ", "bf16 "))]
     assert [r[0] for r in rows] == ["fp16", "bf16"] and all(r[-1] == "ok" for r in rows)
     assert "compared: last_hidden_state [64," in out and "padding positions left out" in out

@@ -38,25 +38,26 @@ def test_default_tables_fit_a_100_column_terminal(capsys, argv):
 def test_convert_prints_a_table_that_fits(capsys, tmp_path, sharded_llama_folder):
     code, out, _ = run_cli(capsys, "convert", sharded_llama_folder, "--to", "int8", "-o", tmp_path / "w8")
     assert code == 0 and max(len(line) for line in out.splitlines()) <= TEXT_WIDTH
-    assert out.splitlines()[1].split() == ["tensor", "to", "overflowed", "flushed_to_zero", "sqnr_db"]
+    assert out.splitlines()[1].split() == ["name", "output_dtype", "overflowed", "flushed_to_zero", "sqnr_db"]
 
 
 def test_columns_chooses_by_header_name(capsys):
-    code, out, _ = run_cli(capsys, "compare", "dummy", "--to", "fp16,bf16", "--columns", "SQNR_DB,bytes")
+    code, out, _ = run_cli(capsys, "compare", "dummy", "--to", "fp16,bf16",
+                           "--columns", "SQNR_DB,stored_bytes")
     assert code == 0
     lines = out.splitlines()
-    assert lines[1].split() == ["variant", "bytes", "sqnr_db"]  # the key column first, then table order
+    assert lines[1].split() == ["variant", "stored_bytes", "sqnr_db"]  # the key column, then table order
     assert [line.split()[0] for line in lines[3:5]] == ["fp16", "bf16"]
     assert "not shown" not in out  # the user chose: no note about the rest
     _, every, _ = run_cli(capsys, "compare", "dummy", "--to", "fp16", "--columns", "all")
-    assert {"dtype", "mean_abs_diff", "max_abs_diff", "rel_error"} <= set(every.splitlines()[1].split())
+    assert {"dtype", "mean_abs_diff", "max_abs_diff", "relative_error"} <= set(every.splitlines()[1].split())
 
 
 def test_columns_of_headroom_and_weights_are_checked_together(capsys):
-    code, out, _ = run_cli(capsys, "headroom", "dummy", "--weights", "--columns", "overflow,kurtosis")
+    code, out, _ = run_cli(capsys, "headroom", "dummy", "--weights", "--columns", "overflowed,kurtosis")
     assert code == 0
     headers = [line.split() for line in out.splitlines() if line.startswith(("layer ", "parameter "))]
-    assert headers == [["layer", "overflow"], ["parameter", "kurtosis"]]
+    assert headers == [["layer", "overflowed"], ["parameter", "kurtosis"]]
 
 
 def test_an_unknown_column_is_exit_2_with_a_did_you_mean_after_the_result(capsys):

@@ -28,7 +28,8 @@ def test_convert_writes_report_and_prints_worst_tensors(capsys, tmp_path, src):
                          "--report", tmp_path / "report.json", "--verify")
     assert code == 0 and err == ""  # not a terminal: no progress line
     assert out.splitlines()[0] == "Conversion to fp16: most damaged tensors"
-    assert out.splitlines()[1].split() == ["tensor", "to", "overflowed", "flushed_to_zero", "max_rel_error"]
+    assert out.splitlines()[1].split() == ["name", "output_dtype", "overflowed", "flushed_to_zero",
+                                           "max_rel_error"]
     assert out.splitlines()[3].split()[:4] == ["big", "float16", "1", "0"]  # the compact default columns
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["total"]["overflowed"] == 1 and report["verified"] is True

@@ -153,7 +153,7 @@ def test_bare_safetensors_inspection_goes_to_the_header_reader(tmp_path, tiny_ll
     tiny_llama.model.save_pretrained(tmp_path)
     result = inspect(str(tmp_path / "model.safetensors"))
     assert "model.layers.0.self_attn.q_proj.weight" in result.to_text()
-    assert result.total_bytes == sum(t.numel() * 4 for t in tiny_llama.model.state_dict().values())
+    assert result.stored_bytes == sum(t.numel() * 4 for t in tiny_llama.model.state_dict().values())
 
 
 def _resave_with(folder, change):

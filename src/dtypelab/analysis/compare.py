@@ -85,14 +85,17 @@ class VariantResult:
         return is_clearly_slower(self.latency_ratio, self.latency_ratio_low)
 
 
-COMPACT_COLUMNS = ["variant", "bytes", "x fp32", "bits/elem", "sqnr_db", "cosine", "kl_div", "top1_agree",
-                   "emb_cos_min", "x fp32 ms", "status"]
+COMPACT_COLUMNS = ["variant", "stored_bytes", "sqnr_db", "kl_divergence", "top1_agreement",
+                   "embedding_cosine_min", "latency_ratio", "status"]
 """What a terminal shows of the comparison by default (those the result has): size, the headline error
-measures, speed when timed, status — within 100 columns; the rest with ``--columns all`` or ``--json``."""
+measures (KL and top-1 for logits, the worst sentence's embedding cosine for hidden states, the output
+cosine when neither applies), speed when timed, status — within 100 columns; the rest with ``--columns
+all`` or ``--json``. Headers are the JSON's field names; ``x fp32`` (stored_bytes over the reference's),
+``x per round`` (latency_ratio_low-latency_ratio_high) and ``status`` are derived from fields."""
 
-COMPACT_NEXT_TOKEN_COLUMNS = ["variant", "PPL", "ln(PPL/PPL_ref) ± se", "KL mean ± se", "KL p99",
-                              "same top p ± se"]
-"""The next-token report's default columns on a terminal (llama.cpp's headline figures)."""
+COMPACT_NEXT_TOKEN_COLUMNS = ["variant", "candidate_perplexity", "ln_ppl_ratio", "kl_mean", "same_top_p"]
+"""The next-token report's default columns on a terminal (llama.cpp's headline figures); its headers are
+``next_token``'s field names, a cell with ``±`` adds the field's ``_stderr``."""
 
 
 @dataclass
@@ -130,10 +133,14 @@ class ComparisonResult(TableMixin):
         return self.reference_latency_ms is not None
 
     def to_table(self) -> Table:
-        columns = ["variant", "dtype", "bytes", "x fp32", "bits/elem", "mean_abs_diff", "max_abs_diff",
-                   "rel_error", "sqnr_db", "cosine"] + (["kl_div", "top1_agree"] if self.logits else [])
-        columns += ["emb_cos_mean", "emb_cos_min"] if self.has_embeddings else []
-        columns += ["ms", "fp32 ms", "x fp32 ms", "x per round"] if self.timed else []
+        columns = ["variant", "dtype", "stored_bytes", "x fp32", "bits_per_element", "mean_abs_diff",
+                   "max_abs_diff", "relative_error", "sqnr_db", "cosine_similarity"]
+        columns += ["kl_divergence", "top1_agreement"] if self.logits else []
+        columns += ["embedding_cosine_mean", "embedding_cosine_min"] if self.has_embeddings else []
+        timing = ["latency_ms", "reference_latency_ms", "latency_ratio", "x per round"]
+        columns += timing if self.timed else []
+        compact = (COMPACT_COLUMNS + ([] if self.logits or self.has_embeddings else ["cosine_similarity"])
+                   + ([] if self.timed else ["bits_per_element"]))  # timed: latency_ratio takes its place
         batched = f", in {self.batches} batches of inputs" if self.batches > 1 else ""
         notes = [f"compared: {self.output_name} {list(self.output_shape)}, {self.positions:,} "
                  f"positions ({self.padding_positions:,} padding positions left out){batched}"]
@@ -143,7 +150,7 @@ class ComparisonResult(TableMixin):
         if self.timed:
             notes += self._timing_notes()
         return Table("Comparison against the reference", columns + ["status"],
-                     [self._row(v) for v in self.variants], notes, default_columns=COMPACT_COLUMNS)
+                     [self._row(v) for v in self.variants], notes, default_columns=compact)
 
     def _row(self, variant: VariantResult) -> list:
         ref_bytes = self.reference_stored_bytes
@@ -173,11 +180,11 @@ class ComparisonResult(TableMixin):
         margin = f"x{1 + SLOWER_MARGIN:.2f}"
         notes = [f"reference forward: {format_cell(self.reference_latency_ms)} ms, the median of all its "
                  f"{self.reference_runs} timed runs; each variant is timed in turns with it after warm-up: "
-                 "ms is the variant's median, fp32 ms the reference's median in those same rounds, "
-                 "x fp32 ms = ms / fp32 ms",
+                 "latency_ms is the variant's median, reference_latency_ms the reference's median in those "
+                 "same rounds, latency_ratio = latency_ms / reference_latency_ms",
                  "x per round: lower-upper quartile of the variant's time over the reference run beside "
                  "it, round by round (order flipped every round); a row says slower only when that lower "
-                 f"quartile and x fp32 ms both exceed {margin} (slower in three rounds of four, and in "
+                 f"quartile and latency_ratio both exceed {margin} (slower in three rounds of four, and in "
                  "the median): anything less is within this machine's noise"]
         beside = [v.reference_latency_ms for v in self.variants if v.reference_latency_ms]
         if beside and max(beside) > 1.5 * min(beside):
@@ -197,12 +204,13 @@ class ComparisonResult(TableMixin):
         rows = [_next_token_row(v) for v in self.variants if v.next_token is not None]
         if not rows:
             return [self.to_table()]
-        columns = ["variant", "PPL", "ln(PPL/PPL_ref) ± se", "KL mean ± se", "KL median", "KL p99", "KL max",
-                   "same top p ± se", "mean Δp", "RMS Δp", "bits/elem"]
+        columns = ["variant", "candidate_perplexity", "ln_ppl_ratio", "kl_mean", "kl_median", "kl_p99",
+                   "kl_max", "same_top_p", "delta_p_mean", "delta_p_rms", "bits_per_element"]
         first = next(v.next_token for v in self.variants if v.next_token is not None)
         notes = [f"{first.positions:,} next-token positions; reference (float32) perplexity "
-                 f"{format_cell(first.reference_perplexity)}; KL(reference ‖ variant) in nats; Δp: change in "
-                 "the probability of the reference's top token"]
+                 f"{format_cell(first.reference_perplexity)}; KL(reference ‖ variant) in nats; ± its "
+                 "standard error; ln_ppl_ratio = ln(PPL/PPL_ref); delta_p: change in the probability of the "
+                 "reference's top token"]
         return [self.to_table(), Table("Next-token report (llama.cpp --kl-divergence)", columns, rows, notes,
                                        default_columns=COMPACT_NEXT_TOKEN_COLUMNS)]
 

@@ -161,8 +161,10 @@ class HeadroomReport(TableMixin):
         return KeepPolicy(name_patterns=tuple(self.keep[name]))
 
     def to_table(self) -> Table:
-        columns = ["layer", "type", "format", "act_absmax", "headroom_bits", "overflow", "flush_to_zero",
-                   "subnormal", "weight_absmax", "weight_overflow", "verdict"]
+        # the JSON's field names: the row's activations' own, its weights' with their prefix; headroom_bits
+        # and verdict are derived from them
+        columns = ["layer", "module_type", "format", "absmax", "headroom_bits", "overflowed",
+                   "flushed_to_zero", "subnormal", "weights.absmax", "weights.overflowed", "verdict"]
         rows = [[r.name or "(model)", r.module_type, r.format, r.activations.absmax,
                  r.activations.headroom_bits(self.formats[r.format]), r.activations.overflowed,
                  r.activations.flushed_to_zero, r.activations.subnormal,
@@ -173,7 +175,7 @@ class HeadroomReport(TableMixin):
             notes.append(f"not measured (no floating output): {', '.join(self.not_measured)}")
         notes += [f"not predicted for {name}: {reason}" for name, reason in self.not_predicted.items()]
         return Table("Overflow headroom predicted from the float32 run", columns, rows, notes,
-                     default_columns=["layer", "format", "headroom_bits", "overflow", "flush_to_zero",
+                     default_columns=["layer", "format", "headroom_bits", "overflowed", "flushed_to_zero",
                                       "verdict"])
 
 

@@ -141,8 +141,9 @@ class LayerComparison(TableMixin):
     variants: list[VariantLayers] = field(default_factory=list)
 
     def to_table(self) -> Table:
-        columns = ["variant", "layer", "type", "shape", "ref_absmax", "mean_abs_diff", "max_abs_diff",
-                   "rel_error", "added_rel_error", "sqnr_db", "floor_db", "cosine", "verdict", "status"]
+        columns = ["variant", "layer", "module_type", "shape", "reference_absmax", "mean_abs_diff",  # JSON's
+                   "max_abs_diff", "relative_error", "added_relative_error", "sqnr_db", "floor_db",
+                   "cosine_similarity", "verdict", "status"]
         rows = [[v.name, r.name, r.module_type, list(r.shape), r.reference_absmax, r.metrics.mean_abs_diff,
                  r.metrics.max_abs_diff, r.metrics.relative_error, r.added_relative_error, r.metrics.sqnr_db,
                  r.floor_db, r.metrics.cosine_similarity, r.verdict,

@@ -48,7 +48,7 @@ class WeightReport(TableMixin):
 
     def to_table(self) -> Table:
         columns = ["parameter", "shape", "absmax", "std", "kurtosis", "outlier_share",
-                   *[f"sqnr_db {f}" for f in self.formats]]
+                   *[f"sqnr_db.{f}" for f in self.formats]]  # the JSON's names (sqnr_db: format -> dB)
         rows = [[w.name, list(w.shape), w.absmax, w.std, w.kurtosis, w.outlier_share,
                  *[w.sqnr_db[f] for f in self.formats]] for w in self.rows]
         notes = ["kurtosis is nan for a constant tensor (std 0, e.g. a freshly initialised norm weight)"

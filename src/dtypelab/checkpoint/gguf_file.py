@@ -238,7 +238,7 @@ class GgufInspection(TableMixin):
         alignment: data alignment in bytes.
         tensors: one row per tensor, in file order.
         by_type: totals per GGML type, largest first.
-        total_bytes: stored tensor bytes (padding excluded); ``total_numel``: elements of all tensors.
+        stored_bytes: stored tensor bytes (padding excluded); ``total_numel``: elements of all tensors.
         summary: the few keys that say what the model is (architecture, name, sizes), unprefixed.
         metadata: every key/value pair; arrays as :class:`GgufArray` (length and first elements).
         value_types: key -> GGUF value type name (``"u32"``, ``"str"``, ``"arr"`` …).
@@ -251,7 +251,7 @@ class GgufInspection(TableMixin):
     alignment: int
     tensors: list[GgufTensorRow]
     by_type: list[GgmlTypeTotal]
-    total_bytes: int
+    stored_bytes: int
     total_numel: int
     summary: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -264,7 +264,7 @@ class GgufInspection(TableMixin):
     @property
     def bits_per_weight(self) -> float:
         """Stored bits per element over all tensors."""
-        return 8 * self.total_bytes / self.total_numel if self.total_numel else 0.0
+        return 8 * self.stored_bytes / self.total_numel if self.total_numel else 0.0
 
     def to_table(self) -> Table:
         rows = [[t.name, t.ggml_type, list(t.shape), t.numel, t.nbytes, t.bits_per_weight]
@@ -275,13 +275,13 @@ class GgufInspection(TableMixin):
                  "shape: outermost first, as in PyTorch (GGUF stores and gguf_dump prints dims innermost "
                  "first: the JSON's dims); bits/weight: stored bits per element, block scales included"]
         return Table(f"{self.path}: {len(self.tensors)} tensors (GGUF header)",
-                     ["name", "type", "shape", "numel", "bytes", "bits/weight"], rows, notes,
-                     default_columns=["name", "type", "shape", "bytes", "bits/weight"])
+                     ["name", "ggml_type", "shape", "numel", "nbytes", "bits_per_weight"], rows, notes,
+                     default_columns=["name", "ggml_type", "shape", "nbytes", "bits_per_weight"])
 
     def to_tables(self) -> list[Table]:
-        types = Table("Totals per GGML type", ["type", "tensors", "numel", "bytes", "bits/weight"],
+        types = Table("Totals per GGML type", ["ggml_type", "tensors", "numel", "nbytes", "bits_per_weight"],
                       [[t.ggml_type, t.tensors, t.numel, t.nbytes, t.bits_per_weight] for t in self.by_type],
-                      [f"total: {self.total_bytes:,} bytes in {len(self.tensors)} tensors, "
+                      [f"total: {self.stored_bytes:,} bytes in {len(self.tensors)} tensors, "
                        f"{self.total_numel:,} elements, {self.bits_per_weight:.4g} bits per weight"])
         metadata = Table(f"Metadata: {len(self.metadata)} keys", ["key", "type", "value"],
                          [[key, self.value_types.get(key, ""), _show(value)]

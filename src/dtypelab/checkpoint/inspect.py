@@ -51,7 +51,8 @@ class CheckpointInspection(TableMixin):
         shards: one row per file.
         tensors: one row per tensor name, in shard then data order.
         by_dtype: tensors, elements and bytes per dtype, tied tensors counted once.
-        total_bytes: stored tensor bytes, tied tensors counted once.
+        stored_bytes: stored tensor bytes, tied tensors counted once (what a model's inspection calls
+            its ``stored_bytes`` too: one key for one meaning).
         largest: the largest tensors, largest first.
         shared: groups of names stored as one tensor (tied weights).
         metadata: safetensors string metadata, merged over shards.
@@ -61,7 +62,7 @@ class CheckpointInspection(TableMixin):
     shards: list[ShardInfo]
     tensors: list[TensorRow]
     by_dtype: list[DtypeSummary]
-    total_bytes: int
+    stored_bytes: int
     largest: list[TensorRow]
     shared: list[tuple[str, ...]]
     metadata: dict[str, str] = field(default_factory=dict)
@@ -74,11 +75,12 @@ class CheckpointInspection(TableMixin):
         rows = [[t.name, t.dtype, list(t.shape), t.numel, t.nbytes, t.shard] for t in self.largest]
         notes = [f"{s.dtype}: {s.tensors} tensors, {s.numel:,} elements, {s.nbytes:,} bytes"
                  for s in self.by_dtype]
-        notes.append(f"total: {self.total_bytes:,} bytes in {len(self.tensors)} tensors, "
+        notes.append(f"total: {self.stored_bytes:,} bytes in {len(self.tensors)} tensors, "
                      f"{len(self.shards)} file(s) (tied tensors counted once)")
         notes += [f"shared: {', '.join(group)}" for group in self.shared]
-        return Table(f"{self.path}: largest tensors", ["name", "dtype", "shape", "numel", "bytes", "file"],
-                     rows, notes, default_columns=["name", "dtype", "shape", "bytes", "file"])
+        columns = ["name", "dtype", "shape", "numel", "nbytes", "shard"]  # the JSON's field names
+        return Table(f"{self.path}: largest tensors", columns, rows, notes,
+                     default_columns=["name", "dtype", "shape", "nbytes", "shard"])
 
 
 def inspect_checkpoint(path: str | os.PathLike, largest_count: int = 10) -> CheckpointInspection:

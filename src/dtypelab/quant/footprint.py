@@ -96,9 +96,9 @@ class ModelInspection(TableMixin):
             notes.append(f"in a checkpoint: {self.stored_bytes:,} bytes (what compare reports and convert "
                          "writes: no computed buffers, quantized layers in their stored layout)")
         shared = any(t.shares_with for t in self.tensors)  # the column only when something is shared
-        return Table("Tensors", ["name", "kind", "dtype", "shape", "numel", "bytes", "shares storage with"],
-                     rows, notes, default_columns=["name", "dtype", "shape", "bytes"]
-                     + ["shares storage with"] * shared)
+        columns = ["name", "kind", "dtype", "shape", "numel", "nbytes", "shares_with"]  # the JSON's names
+        return Table("Tensors", columns, rows, notes,
+                     default_columns=["name", "dtype", "shape", "nbytes"] + ["shares_with"] * shared)
 
 
 def _float32_nbytes(info: TensorInfo) -> int:

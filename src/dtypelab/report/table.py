@@ -221,10 +221,10 @@ JSON_KINDS: dict[str, tuple[str, int]] = {
     "HeadroomReport": ("headroom", 1),
     "WeightReport": ("weights", 1),
     "ModelInspection": ("model-inspection", 1),
-    "CheckpointInspection": ("checkpoint-inspection", 1),
-    "GgufInspection": ("gguf-inspection", 1),
+    "CheckpointInspection": ("checkpoint-inspection", 2),  # 2: total_bytes -> stored_bytes
+    "GgufInspection": ("gguf-inspection", 2),  # 2: total_bytes -> stored_bytes
     "ConversionResult": ("conversion", 1),
-    "FormatsReport": ("formats", 1),
+    "FormatsReport": ("formats", 2),  # 2: block a number (or null), granularity
     "CalibrationReport": ("calibration", 1),
     "SensitivityResult": ("sensitivity", 1),
     "PlanResult": ("plan", 1),
