@@ -23,6 +23,7 @@ from .layouts import (
     stored_parts,
     to_parts,
 )
+from .pickled import PICKLE_SUFFIXES, pickle_weights, read_state_dict
 from .plan import parse_size
 from .quantized import build_quantized_model, load_quantized_weights, quantization_scheme
 from .safetensors_file import (
@@ -39,6 +40,7 @@ from .staging import Leftover, LeftoverReport, StagedOutput, clean_leftovers, fi
 from .streaming import ChunkCaster, ChunkQuantizer, one_thread
 
 __all__ = [
+    "PICKLE_SUFFIXES", "pickle_weights", "read_state_dict",
     "INDEX_SUFFIX", "LAYOUTS", "MAX_HEADER_BYTES", "CheckpointInspection", "CheckpointSource", "ChunkCaster",
     "ChunkQuantizer", "ConversionResult", "GgufHeader", "GgufInspection",
     "Layout", "Leftover", "LeftoverReport", "SafetensorsHeader", "ShardInfo", "StagedOutput",

@@ -13,6 +13,7 @@ Checkpoint stage: the top of it; it plans (:mod:`~dtypelab.checkpoint.plan`), st
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -30,6 +31,7 @@ from ..quant.damage import NEGLIGIBLE_FLUSH
 from ..report import Table, TableMixin, to_jsonable
 from .architecture import linear_layers
 from .layouts import check_supported, quantization_config
+from .pickled import pickle_refusal, pickle_weights, pickles_as_safetensors
 from .plan import CAST_DTYPES, OutputPlan, Quantization, parse_size, plan_output
 from .safetensors_file import DTYPE_CODES, CheckpointSource, TensorEntry, open_checkpoint
 from .staging import StagedOutput
@@ -106,8 +108,8 @@ class ConversionResult(TableMixin):
 
     def to_table(self) -> Table:
         quantized = any(t.action == Action.QUANTIZED for t in self.tensors)
-        columns = ["tensor", "from", "to", "numel", "overflowed", "flushed_to_zero", "subnormal",
-                   "max_rel_error", *(["sqnr_db"] if quantized else [])]
+        columns = ["name", "source_dtype", "output_dtype", "numel", "overflowed", "flushed_to_zero",
+                   "subnormal", "max_rel_error", *(["sqnr_db"] if quantized else [])]  # the JSON's names
         rows = [[t.name, t.source_dtype, t.output_dtype, t.numel, t.overflowed, t.flushed_to_zero,
                  t.subnormal, t.max_rel_error, *([t.sqnr_db] if quantized else [])]
                 for t in [*self.worst(), self.total]]
@@ -143,7 +145,7 @@ class ConversionResult(TableMixin):
             shown = ", ".join(self.other_dense[:4]) + (", ..." if len(self.other_dense) > 4 else "")
             notes.append(f"dense, no Linear or Conv1D of the model holds them (embeddings, ...): "
                          f"{len(self.other_dense)} 2-D tensor(s) ({shown})")
-        compact = ["tensor", "to", "overflowed", "flushed_to_zero",
+        compact = ["name", "output_dtype", "overflowed", "flushed_to_zero",
                    "sqnr_db" if quantized else "max_rel_error"]
         return Table(f"Conversion to {self.format}: most damaged tensors", columns, rows, notes,
                      default_columns=compact)
@@ -204,8 +206,8 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
                        dense: str | NumberFormat | None = None, fsync: bool = False,
                        max_flushed: int | float | str | None = None,
                        max_overflowed: int | str | None = None, head: bool = False,
-                       embeddings: bool = False, plan: MixedPlan | str | os.PathLike | None = None
-                       ) -> ConversionResult:
+                       embeddings: bool = False, plan: MixedPlan | str | os.PathLike | None = None,
+                       allow_pickle: bool = False) -> ConversionResult:
     """Convert a safetensors file or folder to another format, tensor by tensor.
 
     Plain formats (fp32, fp16, bf16, ``fp8_e4m3:cast``): floating tensors (fp16/bf16/fp32/fp64) are
@@ -216,7 +218,8 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     config.json; other tensors are copied, or cast to ``dense``.
 
     Args:
-        source: a ``.safetensors`` file or model folder; opened read-only.
+        source: a ``.safetensors`` file or model folder; opened read-only. With ``allow_pickle``, also a
+            ``.bin`` / ``.pt`` file or a folder of pickle weights (``pytorch_model.bin``).
         destination: a folder, or a ``.safetensors`` file name when ``source`` is a file.
         to: target format name (``"bf16"``, ``"int4:g128"``) or :class:`NumberFormat`.
         keep: tensor names or globs (``"*norm*"``) left as they are.
@@ -245,6 +248,10 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
             ``dtypelab plan -o``): each layer it names is stored in its own format, one config group per
             scheme; ``to`` is then None. A plan made for other weights (fingerprint or layer names)
             is refused before anything is written.
+        allow_pickle: read pickle weights, through ``torch.load(weights_only=True)``: they are written
+            as safetensors in a staging folder beside the destination (removed afterwards, and found as
+            a leftover if the run is killed), then converted as that checkpoint. Without it a pickle
+            source is refused in one line naming the option.
 
     Returns:
         A :class:`ConversionResult` with the damage per tensor.
@@ -255,6 +262,15 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     Example:
         >>> convert_checkpoint("llama-folder", "llama-w4", "int4:g128", dense="bf16")  # doctest: +SKIP
     """
+    pickles = pickle_weights(source)
+    if pickles:
+        if not allow_pickle:
+            raise pickle_refusal(pickles[0], "convert")
+        options = {"keep": keep, "max_shard_size": max_shard_size, "force": force, "verify": verify,
+                   "strict": strict, "progress": progress, "dense": dense, "fsync": fsync,
+                   "max_flushed": max_flushed, "max_overflowed": max_overflowed, "head": head,
+                   "embeddings": embeddings, "plan": plan}
+        return _convert_pickles(Path(source), pickles, Path(destination), to, options)
     limits = _damage_limits(strict, max_flushed, max_overflowed)
     if Path(source).suffix == ".gguf":
         raise InputError(f"{source} is a GGUF file: convert reads safetensors checkpoints; load it once "
@@ -295,6 +311,19 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
                             damage, _relative(src, extra), _relative(src, skipped), config_updated,
                             sum(i.entry.nbytes for i in output.items), written, verify, dense_layers,
                             other_dense, limits, cautions=_cautions(quant))
+
+
+def _convert_pickles(source: Path, pickles: list[Path], destination: Path, to: str | NumberFormat | None,
+                     options: dict) -> ConversionResult:
+    """Pickle weights written as safetensors in a staging folder beside ``destination`` (never
+    committed: removed when the conversion of that copy ends, however it ends), then converted; the
+    result names the pickle source."""
+    with StagedOutput(destination.parent / f"{destination.name}.from-pickle", False) as staging:
+        folder = staging.tmp / "weights"  # beside the staging lock, which is no file of the checkpoint
+        folder.mkdir()
+        copy = pickles_as_safetensors(source, pickles, folder)
+        result = convert_checkpoint(copy, destination, to, **options)
+    return dataclasses.replace(result, source=source)
 
 
 def _target_format(to: str | NumberFormat | None, plan: MixedPlan | None) -> NumberFormat:

@@ -20,9 +20,11 @@ from .common import (
     columns_option,
     emit,
     json_option,
+    pickle_option,
     refuse_columns_with_json,
     wrote,
 )
+from .progress import status_line
 
 
 class ProgressLine:
@@ -93,6 +95,7 @@ class ProgressLine:
                    "then with \"refused\": true).")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 @calibration_options
+@pickle_option
 @json_option
 @columns_option
 def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[str, ...],
@@ -100,8 +103,9 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
                 max_flushed: str | None, max_overflowed: str | None, report_path: Path | None, quiet: bool,
                 as_json: bool, head: bool, embeddings: bool, plan_file: str | None = None,
                 calib_file: str | None = None, calib_tokens: int | None = None,
-                columns: tuple[str, ...] | None = None) -> None:
-    """Convert a safetensors file or model folder SRC to another format, tensor by tensor."""
+                columns: tuple[str, ...] | None = None, allow_pickle: bool = False) -> None:
+    """Convert a safetensors file or model folder SRC to another format, tensor by tensor (.bin / .pt
+    pickle weights with --allow-pickle: written as safetensors)."""
     refuse_columns_with_json(columns, as_json)
     if (fmt is None) == (plan_file is None):
         raise InputError("give the format with --to (e.g. --to int4:g128) or a plan with --plan plan.json, "
@@ -113,10 +117,12 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
     for leftover in remove_leftovers(output):  # never silently: the user may wonder where it went
         if not quiet:
             click.echo(f"removed {leftover}: the staging folder of a conversion that was killed", err=True)
-    progress = ProgressLine() if not quiet and not as_json and sys.stderr.isatty() else None
     calibrated = _calibrated(fmt, plan, calib_file, calib_tokens, {
         "--dense": dense, "--max-shard-size": max_shard_size, "--verify": verify,
         "--strict": strict, "--embeddings": embeddings, "--fsync": fsync, "--report": report_path})
+    progress = ProgressLine() if not quiet and not as_json and sys.stderr.isatty() else None
+    if calibrated and progress is not None:  # minutes of calibration blocks, not bytes: the stage line
+        progress = status_line(quiet)
     try:
         if calibrated:
             result = convert_calibrated(src, output, fmt, plan=plan, calib_file=calib_file, keep=keep,
@@ -127,7 +133,7 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
                                         force=force, verify=verify, strict=strict, progress=progress,
                                         dense=dense, fsync=fsync, max_flushed=max_flushed,
                                         max_overflowed=max_overflowed, head=head, embeddings=embeddings,
-                                        plan=plan)
+                                        plan=plan, allow_pickle=allow_pickle)
     except DamageError as exc:  # refused by --strict: the report of what it would have done still asked for
         refused = getattr(exc, "result", None)
         if report_path is not None and refused is not None:

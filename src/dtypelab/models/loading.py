@@ -30,7 +30,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import build_quantized_model, model_class, quantization_scheme
+from ..checkpoint import (
+    PICKLE_SUFFIXES,
+    build_quantized_model,
+    model_class,
+    quantization_scheme,
+    read_state_dict,
+)
 from ..errors import (
     CheckpointError,
     DtypelabError,
@@ -108,7 +114,6 @@ def _input_embedding(model: nn.Module) -> nn.Embedding | None:
     return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
 
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
@@ -606,20 +611,7 @@ def _write_gguf_folder(gguf: Path, folder: Path) -> None:
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """Read a pickled state dict (``.bin``/``.pt``) with ``torch.load(weights_only=True)``, memory-mapped.
-
-    Only call this when the user asked for pickles: weights_only refuses code, but the format is
-    still one a user should opt into.
-    """
-    import pickle
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        reason = first_line(exc)
-        raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True) ({reason}): "
-                              "save a plain state_dict or convert it to safetensors") from exc
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} is not a state dict of tensors: save model.state_dict(), "
-                              "or convert it to safetensors")
-    return state
+    """Read a pickled state dict (``.bin``/``.pt``) with ``torch.load(weights_only=True)``, memory-mapped:
+    the checkpoint stage's one reader (:func:`dtypelab.checkpoint.read_state_dict`), which ``convert
+    --allow-pickle`` uses too. Only call this when the user asked for pickles."""
+    return read_state_dict(path)
