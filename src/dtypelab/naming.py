@@ -8,6 +8,7 @@ Windows).
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from collections.abc import Iterable, Sequence
 
@@ -47,3 +48,27 @@ def is_inside(name: str, outer: str) -> bool:
 def inside_any(name: str, roots: Sequence[str]) -> bool:
     """``name`` is one of ``roots`` or inside one of them (see :func:`is_inside`)."""
     return any(is_inside(name, root) for root in roots)
+
+
+def closest_names(pattern: str, names: Iterable[str], count: int = 3) -> list[str]:
+    """The names (or, for a glob, the name parts as ``*part*`` globs) closest to a pattern that matched
+    nothing, best first, for a "did you mean": ``input_layernrom`` -> ``model.layers.0.input_layernorm``,
+    ``*nrom*`` -> ``*norm*``. Empty when nothing is close (difflib's ratio below 0.6)."""
+    names = list(dict.fromkeys(names))
+    core = pattern.strip("*?") if is_glob(pattern) else pattern
+    if not core:
+        return []
+    close = [] if is_glob(pattern) else difflib.get_close_matches(core, names, n=count, cutoff=0.6)
+    if close:
+        return close
+    parts = list(dict.fromkeys(part for name in names for part in name.split(".")))
+    close = difflib.get_close_matches(core.strip("."), parts, n=count, cutoff=0.6)
+    if is_glob(pattern):
+        return [f"*{part}*" for part in close]
+    return [next(n for n in names if part in n.split(".")) for part in close]  # a part: its first name
+
+
+def did_you_mean_names(pattern: str, names: Iterable[str]) -> str:
+    """`` (did you mean 'a', 'b'?)`` with :func:`closest_names`, else ``""``."""
+    close = closest_names(pattern, names)
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""

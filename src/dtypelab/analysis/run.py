@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..naming import any_matches
+from ..naming import any_matches, did_you_mean_names
 
 
 @torch.no_grad()  # not inference_mode: quanto's int4 tensors fail under it ("version_counter")
@@ -112,7 +112,11 @@ def select_layers(model: nn.Module, depth: int | None = None, patterns: Sequence
     if depth is not None:
         names = [n for n in names if n.count(".") < depth]
     if patterns:
-        names = [n for n in names if any_matches(n, patterns)]
+        every, names = names, [n for n in names if any_matches(n, patterns)]
+        for pattern in [] if names else patterns:  # the closest names of what the user typed
+            raise InputError(f"no module matches --select {pattern!r}{did_you_mean_names(pattern, every)}: "
+                             "list the names with 'dtypelab inspect MODEL' and pick a pattern such as "
+                             "'layers.*'")
     if not names:
         raise InputError(f"no module matches depth={depth} / patterns={list(patterns)}: list the names with "
                          "'dtypelab inspect MODEL' and pick a pattern such as 'layers.*'")

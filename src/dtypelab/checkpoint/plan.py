@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..formats import NumberFormat
-from ..naming import tensor_matches
+from ..naming import did_you_mean_names, tensor_matches
 from ..quant import Action
 from .layouts import StoredPart, stored_parts
 from .safetensors_file import (
@@ -230,8 +230,11 @@ def _plan_tensors(source: CheckpointSource, cast_to: NumberFormat | None, keep: 
         per_shard.append(items)
     for pattern in keep:
         if pattern not in matched:
-            raise InputError(f"keep pattern {pattern!r} matches no tensor or module of the checkpoint: "
-                             "check the names with `dtypelab inspect` (a class name such as LayerNorm needs "
+            names = [e.name for shard in source.shards for e in shard.tensors]
+            names += [n.rsplit(".", 1)[0] for n in names if "." in n]  # the modules holding them
+            raise InputError(f"keep pattern {pattern!r} matches no tensor or module of the checkpoint"
+                             f"{did_you_mean_names(pattern, names)}: check the names with `dtypelab inspect` "
+                             "(a class name such as LayerNorm needs "
                              "the model: give module names or globs, e.g. '*norm*')")
     return per_shard
 

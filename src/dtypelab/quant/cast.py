@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import InputError, UnknownFormatError
 from ..formats import NumberFormat, get_format
-from ..naming import any_matches, inside_any, is_glob
+from ..naming import any_matches, did_you_mean_names, inside_any, is_glob
 from ..tree import map_floating, modules_sharing_with, own_tensors
 
 
@@ -89,8 +89,10 @@ class KeepPolicy:
             single = KeepPolicy((item,), ()) if item in self.module_types else KeepPolicy((), (item,))
             if not any(single.matches(name, module) for name, module in modules):
                 label = item.__name__ if isinstance(item, type) else item
+                known = [name for name, _ in modules if name] + [type(m).__name__ for _, m in modules]
                 raise InputError(f"--keep {label!r} matches no module of the model (neither a class nor a "
-                                 "name): check the names with `dtypelab inspect`")
+                                 f"name){did_you_mean_names(label, known)}: check the names with "
+                                 "`dtypelab inspect`")
 
 
 def cast_model(model: nn.Module, fmt: str | torch.dtype | NumberFormat,
