@@ -301,6 +301,7 @@ def compare_models(reference: nn.Module, variants: Mapping[str, nn.Module | Vari
     for variant in listed:
         rows.append(_variant_result(variant, inputs, context))
         bar.advance(detail=variant.name)
+        del variant  # not held while the next one is built: peak is the reference plus one variant
     ref_ms, runs = _reference_latency(reference, inputs, context) if timing else (None, 0)
     kept = torch.cat(context.references) if keep_outputs else None
     return ComparisonResult(stored_nbytes(reference), rows, context.logits, kept, context.name,

@@ -186,7 +186,9 @@ def compare_layers(reference: nn.Module, variants: Mapping[str, nn.Module | Vari
     Args:
         reference: the model taken as truth (usually float32); not modified (hooks are removed).
         variants: :class:`~dtypelab.variants.Variant` values (a failed one is a row with its reason), or
-            display name -> model of the same architecture (e.g. from :func:`dtypelab.cast_model`).
+            display name -> model of the same architecture (e.g. from :func:`dtypelab.cast_model`); an
+            iterator (:func:`~dtypelab.variants.iter_variants`) is consumed one variant at a time, each
+            dropped before the next is built.
         inputs: a tensor (first positional argument) or a mapping of keyword arguments.
         mode: ``"propagated"`` or ``"isolated"`` (see the module docstring).
         depth, patterns: which modules to hook (:func:`select_layers`).
@@ -211,15 +213,16 @@ def compare_layers(reference: nn.Module, variants: Mapping[str, nn.Module | Vari
         raise InputError("threshold nan dB: give a number of dB SQNR, e.g. 20")
     names = select_layers(reference, depth, patterns)
     result = LayerComparison(mode, threshold_db, False)
-    listed = as_variants(variants)
-    bar = stage(progress, "layers", "variants", len(listed))
-    for variant in listed:
+    listed = as_variants(variants) if isinstance(variants, Mapping | list | tuple) else variants
+    bar = stage(progress, "layers", "variants", len(listed) if isinstance(listed, list) else None)
+    for variant in listed:  # a generator's variants are built, measured and dropped one at a time
         result.variants.append(_variant_layers(reference, variant, names, inputs, mode, threshold_db,
                                                (formats or {}).get(variant.name) or variant.format,
                                                output_name, output_kind, top1_threshold, noise_floor))
         if result.variants[-1].final is not None:
             result.logits = result.variants[-1].logits
         bar.advance(detail=variant.name)
+        del variant  # not held while the next one is built: peak is the reference plus one variant
     return result
 
 

@@ -111,9 +111,11 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
              as_json, columns=columns)
         return
     reference = loaded.model.to(target)
-    variants = list(iter_variants(reference, specs, policy, embeddings, target, head=head,
-                                  calibration=calibration, progress=line))
-    variants += [plan_variant(reference, plan, f"plan:{name}", target, calibration) for name, plan in plans]
+    planned_variants = (plan_variant(reference, plan, f"plan:{name}", target, calibration)
+                        for name, plan in plans)
+    variants = itertools.chain(iter_variants(reference, specs, policy, embeddings, target, head=head,
+                                             calibration=calibration, progress=line), planned_variants)
+    # a generator: each variant built, measured and dropped before the next (reference + one variant)
     result = compare_layers(reference, variants, inputs, mode=mode, depth=depth, patterns=select,
                             threshold_db=threshold_db, output_name=output_name,
                             output_kind=loaded.output_kind, progress=line)

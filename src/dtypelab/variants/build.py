@@ -134,6 +134,7 @@ def iter_variants(reference: nn.Module, specs: str | Sequence[str] | Sequence[Va
         variant = build_variant(reference, spec, keep, embeddings, device, head, calibration, progress)
         bar.advance(detail=spec.name)
         yield variant
+        del variant  # the caller measures it; this generator does not hold it while building the next
 
 
 def build_variants(reference: nn.Module, specs: str | Sequence[str], keep: KeepPolicy | None = None,
