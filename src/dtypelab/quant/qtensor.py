@@ -37,6 +37,7 @@ from .packing import pack_bits, pack_nibbles, unpack_bits, unpack_nibbles
 NATIVE_FLOAT8 = {E4M3: torch.float8_e4m3fn, E5M2: torch.float8_e5m2}
 CHUNK_ELEMENTS = 1 << 20  # rows quantized together: ~4 MB of float32 per temporary
 MSE_CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 .. 0.5: clip candidates for :mse
+MSE_CHUNK_ELEMENTS = 1 << 18  # candidates x elements per stacked :mse temporary: 1 MiB of float32 (L2-sized)
 NVFP4_ZERO_SCALE = 0.125  # the package's stored block scale where e4m3(g * absmax / 6) is 0 (e4m3's "eps")
 
 
@@ -200,6 +201,84 @@ def _choose_scales(blocks: torch.Tensor, fmt: NumberFormat, tensor_scale: torch.
     stats = _block_stats(blocks, fmt)
     if fmt.scale_search != "mse":
         return _scales_for_clip(stats, fmt, tensor_scale, 1.0)
+    if fmt.granularity == Granularity.TENSOR:  # one block: stacking would hold 21 copies of the tensor
+        return _search_one_by_one(blocks, stats, fmt, tensor_scale)
+    return _search_stacked(blocks, stats, fmt, tensor_scale)
+
+
+def _search_stacked(blocks: torch.Tensor, stats: tuple, fmt: NumberFormat, tensor_scale: torch.Tensor | None):
+    """The ``:mse`` search with every ratio of :data:`MSE_CLIP_RATIOS` at once: the candidates' scales
+    stacked on a new leading dimension, (ratios, rows, blocks, 1), their errors a few rows at a time.
+
+    Memory: the stacked error temporary holds at most ``MSE_CHUNK_ELEMENTS`` float32 values (1 MiB,
+    reused from chunk to chunk; the codec's own temporaries for nf4 / fp4 elements are of that size
+    too), or one row's candidates when a row alone is larger (21 x the row's length); scales, steps and
+    errors add 21 values per block. Small enough to stay in cache, and one pass of Python per chunk
+    instead of one per ratio and operation: 1.3-2x faster than the loop on minilm's weights, but still
+    ~21 element passes per element (``docs/benchmarks.md``, "The :mse search").
+
+    Result: bit for bit the one-ratio-at-a-time search (:func:`_search_one_by_one`): each candidate's
+    scales and squared errors are the same float32 operations element by element, and the first
+    smallest error along the ratios (:func:`_first_smallest`) is the ratio that loop kept (it replaced
+    only on a strictly smaller error). tests/quant/test_mse.py checks it against that loop, kept there.
+    """
+    ratios = torch.tensor(MSE_CLIP_RATIOS, dtype=torch.float32, device=blocks.device).reshape(-1, 1, 1, 1)
+    scale, zp = _scales_for_clip(stats, fmt, tensor_scale, ratios)
+    decoded = _decoded_scale(scale, tensor_scale)
+    divisor = torch.where(decoded != 0, decoded, torch.ones_like(decoded))  # as _scaled: a zero step is 1
+    zp = None if zp is None else zp.float()
+    step = max(1, MSE_CHUNK_ELEMENTS // max(len(MSE_CLIP_RATIOS) * blocks[0].numel(), 1))
+    buffer = blocks.new_empty((len(MSE_CLIP_RATIOS), min(step, blocks.shape[0]), *blocks.shape[1:]))
+    errors = torch.empty_like(decoded)  # (ratios, rows, blocks, 1)
+    for start in range(0, blocks.shape[0], step):
+        rows = slice(start, start + step)
+        steps = (decoded[:, rows], divisor[:, rows], None if zp is None else zp[:, rows])
+        errors[:, rows] = _candidate_errors(blocks[rows], *steps, fmt, buffer)
+    return _scales_for_clip(stats, fmt, tensor_scale, ratios.reshape(-1)[_first_smallest(errors)])
+
+
+def _first_smallest(errors: torch.Tensor) -> torch.Tensor:
+    """Index along dim 0 of each block's smallest error, the earliest among equals: the one-by-one loop's
+    rule (a later ratio replaces only on a strictly smaller error, so a NaN error never wins either).
+    A loop of ``where`` over the 21 ratios: torch's argmin along a leading dim is ~50x slower here."""
+    best_error, best = errors[0], torch.zeros_like(errors[0], dtype=torch.long)
+    for index in range(1, errors.shape[0]):
+        better = errors[index] < best_error
+        best_error = torch.where(better, errors[index], best_error)
+        best = best.masked_fill_(better, index)
+    return best
+
+
+def _candidate_errors(blocks: torch.Tensor, decoded: torch.Tensor, divisor: torch.Tensor,
+                      zp: torch.Tensor | None, fmt: NumberFormat, buffer: torch.Tensor) -> torch.Tensor:
+    """Squared error per block of every candidate: (ratios, rows, blocks, 1) float32, the same float32
+    operations as :func:`_block_error` (integers: divided, rounded, clamped in float; native float8:
+    clamped and cast, whose decode is exact) but written into ``buffer`` (reused) instead of fresh
+    temporaries. ``decoded``: the float32 steps, (ratios, rows, blocks, 1); ``divisor``: the same with
+    0 replaced by 1; ``zp``: the zero points as float32, or None."""
+    codec = fmt.element_codec
+    if not isinstance(codec, IntCodec) and codec not in NATIVE_FLOAT8:  # the codec allocates anyway
+        values = codec.decode(_encode_blocks(blocks, fmt, decoded, zp))
+    else:
+        shape = (decoded.shape[0], *blocks.shape)
+        values = buffer if buffer.shape == shape else buffer.new_empty(shape)  # the last chunk is short
+        torch.div(blocks, divisor, out=values)
+        if zp is not None:
+            values.add_(zp)
+        if isinstance(codec, IntCodec):
+            values.round_().clamp_(codec.min_value, codec.max_finite)
+        else:  # _encode_blocks' clamp and native cast, decoded by the native cast back (both exact)
+            values.copy_(values.clamp_(-codec.max_finite, codec.max_finite).to(NATIVE_FLOAT8[codec]))
+    if zp is not None:
+        values.sub_(zp)
+    values.mul_(decoded).sub_(blocks)
+    return values.mul_(values).sum(dim=-1, keepdim=True)  # x * x: what ** 2 computes, bit for bit
+
+
+def _search_one_by_one(blocks: torch.Tensor, stats: tuple, fmt: NumberFormat,
+                       tensor_scale: torch.Tensor | None):
+    """The ``:mse`` search one ratio at a time, keeping per block the candidate whose error is strictly
+    smaller: for one per-tensor block, where stacking the candidates would cost 21 copies of it."""
     best = None
     for ratio in MSE_CLIP_RATIOS:
         scale, zp = _scales_for_clip(stats, fmt, tensor_scale, ratio)
@@ -216,15 +295,17 @@ def _keep_better(best: tuple, new: tuple) -> tuple:
 
 
 def _block_error(blocks, fmt, scale, zp, tensor_scale) -> torch.Tensor:
-    """Sum of squared quantization error per block for one candidate scale."""
+    """Sum of squared quantization error per block for a candidate scale (or, with the candidates stacked
+    on a leading dimension of ``scale``, for each): (candidates…, rows|1, blocks|1, 1) float32. Every
+    step works in place on one fresh temporary, the same float32 operations as out of place."""
     decoded, codec = _decoded_scale(scale, tensor_scale), fmt.element_codec
     if isinstance(codec, IntCodec):  # codec.encode's round and clamp, kept in float: no int16 round trip
-        values = torch.round(_scaled(blocks, decoded, zp)).clamp_(codec.min_value, codec.max_finite)
+        values = _scaled(blocks, decoded, zp).round_().clamp_(codec.min_value, codec.max_finite)
     else:
         values = codec.decode(_encode_blocks(blocks, fmt, decoded, zp))
     if zp is not None:
-        values = values - zp.float()
-    return _block_reduce((values * decoded - blocks) ** 2, fmt, torch.sum)
+        values.sub_(zp.float())
+    return _block_reduce(values.mul_(decoded).sub_(blocks).square_(), fmt, torch.sum)
 
 
 def _block_stats(blocks: torch.Tensor, fmt: NumberFormat) -> tuple[torch.Tensor, ...]:
@@ -313,7 +394,7 @@ def _encode_blocks(blocks, fmt, scale, zp) -> torch.Tensor:
 def _scaled(blocks: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None) -> torch.Tensor:
     """``blocks / scale (+ zero point)``: element values before rounding (a zero scale counts as 1)."""
     scaled = blocks / torch.where(scale != 0, scale, torch.ones_like(scale))
-    return scaled + zp.float() if zp is not None else scaled
+    return scaled.add_(zp.float()) if zp is not None else scaled
 
 
 def _store_codes(codes: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
