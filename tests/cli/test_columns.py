@@ -23,6 +23,7 @@ TEXT = ("--text", "The cat sat on the mat.", "--text", "Why do leaves change col
     ("compare", "tiny-llama", "--to", "fp16,int8", "--layers", *TEXT),
     ("headroom", "tiny-llama", "--to", "fp16,bf16", "--weights", *TEXT),
     ("inspect", "tiny-llama"),
+    ("cast", "tiny-gpt2", "--to", "bf16"),  # tied: the shares_with column is shown
     ("formats",),
 ])
 def test_default_tables_fit_a_100_column_terminal(capsys, argv):

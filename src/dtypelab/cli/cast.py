@@ -6,7 +6,15 @@ import click
 
 from ..models import load
 from ..quant import KeepPolicy, cast_model, inspect_model
-from .common import MODEL_HELP, emit, json_option, keep_option, pickle_option
+from .common import (
+    MODEL_HELP,
+    columns_option,
+    emit,
+    json_option,
+    keep_option,
+    pickle_option,
+    refuse_columns_with_json,
+)
 
 
 @click.command("cast", short_help="A model cast to another dtype, and what it then holds.",
@@ -17,10 +25,13 @@ from .common import MODEL_HELP, emit, json_option, keep_option, pickle_option
 @keep_option
 @pickle_option
 @json_option
-def cast_cmd(model: str, fmt: str, keep: tuple[str, ...], allow_pickle: bool, as_json: bool) -> None:
+@columns_option
+def cast_cmd(model: str, fmt: str, keep: tuple[str, ...], allow_pickle: bool, as_json: bool,
+             columns: tuple[str, ...] | None = None) -> None:
+    refuse_columns_with_json(columns, as_json)
     policy = KeepPolicy.from_strings(keep)
     if keep:
         cast = cast_model(load(model, allow_pickle=allow_pickle).model, fmt, policy)
     else:  # straight into the target dtype: no float32 copy of a checkpoint is made
         cast = load(model, fmt, allow_pickle=allow_pickle).model
-    emit(inspect_model(cast), as_json)
+    emit(inspect_model(cast), as_json, columns=columns)
