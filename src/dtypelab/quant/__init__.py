@@ -41,7 +41,15 @@ from .model import (
     linear_candidates,
     quantize_model,
 )
-from .nn import QuantizedEmbedding, QuantizedLinear, QuantizedWeightModule, is_conv1d
+from .nn import (
+    DEQUANTIZE_ONCE_BUDGET_BYTES,
+    DequantizedOnce,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    QuantizedWeightModule,
+    dequantized_once,
+    is_conv1d,
+)
 from .packing import pack_bits, pack_nibbles, unpack_bits, unpack_nibbles
 from .qtensor import QuantizedTensor, quantize_tensor, round_trip, saturated_count
 
@@ -52,7 +60,7 @@ __all__ = [
     "layer_weights", "model_fingerprint", "PLAN_DENSE_REASON", "linear_candidates",
     "Action", "DamageCounts", "DtypeSummary", "KeepPolicy", "LayerOutcome", "ModelInspection",
     "QuantizeResult", "QuantizedEmbedding", "QuantizedLinear", "QuantizedTensor", "QuantizedWeightModule",
-    "TensorDamage", "is_conv1d",
+    "TensorDamage", "is_conv1d", "DEQUANTIZE_ONCE_BUDGET_BYTES", "DequantizedOnce", "dequantized_once",
     "TensorInfo", "cast_model", "compute_dtype", "count_damage", "dtype_name", "inspect_model",
     "inspect_tensors", "overflow_threshold", "pack_bits", "pack_nibbles", "param_dtype_lines",
     "print_param_dtype",

@@ -3,14 +3,24 @@
 Quant stage: builds on :mod:`dtypelab.quant.qtensor`. The parts are buffers, so ``state_dict``,
 ``torch.save`` and ``inspect_model`` see the true bytes; forward dequantizes the weight to the input's
 dtype and, for W8A8 specs, fake-quantizes the activations first (:mod:`dtypelab.quant.activations`).
+
+A measurement run that sends many forwards through one quantized model (compare's batches, a sweep)
+can open :func:`dequantized_once`: each layer then dequantizes its weight on its first forward and
+reuses it until the context closes, within a memory budget, with outputs bit for bit those of the
+per-call path.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from ..formats import NumberFormat
 from .activations import quantize_activations
 from .qtensor import QuantizedTensor, quantize_tensor
@@ -79,7 +89,8 @@ class QuantizedLinear(QuantizedWeightModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         x = quantize_activations(x, self.fmt.activations)
-        weight = self.qtensor.dequantize(x.dtype)
+        slot = self.__dict__.get("_dequantized_once")  # set only inside dequantized_once(...)
+        weight = self.qtensor.dequantize(x.dtype) if slot is None else slot.weight(self, x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight, bias)
 
@@ -95,3 +106,107 @@ class QuantizedEmbedding(QuantizedWeightModule):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., dim)
         rows = self.qtensor.dequantize(self.compute_dtype, rows=ids.reshape(-1))
         return rows.reshape(*ids.shape, self.embedding_dim)
+
+
+DEQUANTIZE_ONCE_BUDGET_BYTES = 1 << 30
+"""Default budget of :func:`dequantized_once`: 1 GiB of dequantized weights. A measurement run already
+holds the float32 reference (4 bytes per weight) beside the variant, and a variant's dequantized
+weights take at most as much again (same shapes, the reference's compute dtype); 1 GiB holds every
+built-in whole (smollm2's 30 Linear layers are ~0.43 GB in float32, minilm's 0.04 GB) and adds at most
+a quarter to a 1B-parameter float32 run. Larger models cache their first layers and run the rest
+per call."""
+
+
+@dataclass
+class DequantizedOnce:
+    """What :func:`dequantized_once` holds: the layers that reuse one dequantized weight (``cached``,
+    their names) and those that dequantize per call (``per_call``: beyond the budget, or none left).
+
+    ``reserved_bytes``: the budget taken by ``cached`` layers (each weight's elements times its compute
+    dtype's size), never more than ``budget_bytes``; ``held_bytes``: what is materialized now (a layer
+    caches on its first forward; 0 again once the context has closed).
+    """
+
+    budget_bytes: int
+    cached: list[str] = field(default_factory=list)
+    per_call: list[str] = field(default_factory=list)
+    reserved_bytes: int = 0
+    _slots: list[_DequantizedSlot] = field(default_factory=list, repr=False)
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(slot.held_bytes for slot in self._slots)
+
+
+@dataclass
+class _DequantizedSlot:
+    """One layer's reserved place: its weight dequantized to ``dtype`` on first use and then reused."""
+
+    dtype: torch.dtype
+    cached: torch.Tensor | None = None
+
+    @property
+    def held_bytes(self) -> int:
+        return 0 if self.cached is None else self.cached.numel() * self.cached.element_size()
+
+    def weight(self, layer: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in ``dtype``: the cached copy for the reserved dtype, per call for any other (a
+        reservation is sized for its dtype only, so the budget holds whatever the inputs are)."""
+        if dtype != self.dtype:
+            return layer.qtensor.dequantize(dtype)
+        if self.cached is None:
+            self.cached = layer.qtensor.dequantize(dtype)
+        return self.cached
+
+
+@contextmanager
+def dequantized_once(model: nn.Module, budget_bytes: int = DEQUANTIZE_ONCE_BUDGET_BYTES
+                     ) -> Iterator[DequantizedOnce]:
+    """Inside the context, each :class:`QuantizedLinear` of ``model`` dequantizes its weight once and
+    reuses it, for measurement runs that send many forwards through one variant.
+
+    Bit for bit the per-call path: the cached weight is ``qtensor.dequantize(dtype)`` of the same codes
+    in the same dtype the forward asks for (the input's), and the forward is otherwise unchanged
+    (activations of W8A8 formats are still rounded per call). Layers are taken in module order while
+    their weight (elements x the compute dtype's size) fits in what is left of ``budget_bytes``; the
+    rest keep the per-call path, so the cache never holds more than the budget (default
+    :data:`DEQUANTIZE_ONCE_BUDGET_BYTES`, whose docstring gives its reasoning). Every cached weight is
+    dropped on exit, also on an exception; a layer already inside an enclosing context keeps that one's
+    cache. Do not move, re-type or change the model inside the context: a cached weight would not
+    follow.
+
+    Raises:
+        InputError: a negative budget.
+    Example:
+        >>> with dequantized_once(variant) as held:
+        ...     outputs = [variant(**batch) for batch in batches]
+        >>> held.cached, held.held_bytes  # the layers that reused one weight; 0 bytes once closed
+    """
+    if budget_bytes < 0:
+        raise InputError(f"budget_bytes must be >= 0, not {budget_bytes}")
+    held = DequantizedOnce(budget_bytes)
+    layers = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, QuantizedLinear) and "_dequantized_once" not in m.__dict__]
+    try:
+        for name, layer in layers:
+            _reserve(held, name, layer)
+        yield held
+    finally:
+        for _, layer in layers:
+            layer.__dict__.pop("_dequantized_once", None)
+        for slot in held._slots:
+            slot.cached = None
+
+
+def _reserve(held: DequantizedOnce, name: str, layer: QuantizedLinear) -> None:
+    """Give ``layer`` a slot when its dequantized weight fits in the budget left, else leave it per call."""
+    out_features, in_features = layer.weight_shape
+    nbytes = out_features * in_features * torch.empty(0, dtype=layer.compute_dtype).element_size()
+    if held.reserved_bytes + nbytes > held.budget_bytes:
+        held.per_call.append(name)
+        return
+    slot = _DequantizedSlot(layer.compute_dtype)
+    layer.__dict__["_dequantized_once"] = slot
+    held.cached.append(name)
+    held.reserved_bytes += nbytes
+    held._slots.append(slot)
