@@ -39,8 +39,9 @@ def test_seed_notebook_executes_and_shows_the_seed_numbers(tmp_path, monkeypatch
     for printed in ["[-0.6872,  0.7132]", "[-0.6870,  0.7134]", "[-0.6875,  0.7148]"]:
         assert printed in text
     assert "token_embedding.weight is loaded in torch.bfloat16" in text
-    tables = [html for _, html in outputs if "<table>" in html]
+    tables = [html for _, html in outputs if "<table" in html]
     assert len(tables) == 2 and "kl_divergence" in tables[0] and "embedding_cosine_min" in tables[1]
+    assert all("<svg" in t for t in tables)  # the HTML report's charts, inline (issue 17)
     assert "footprint: 90,861,056 bytes = 1.000 x float32" in text
     assert "bf16 footprint: 45,434,624 bytes" in text
     worst = float(text.split("worst ")[1].split()[0])

@@ -243,7 +243,7 @@ def test_tiny_llama_report(tiny_llama, short_texts):
     assert 0 < fp16.kl_mean < bf16.kl_mean and fp16.same_top_p >= bf16.same_top_p
     text = result.to_text()
     assert "Next-token report" in text and "ln_ppl_ratio" in text and "ln(PPL/PPL_ref)" in text
-    assert "<b>Next-token report" in result._repr_html_()
+    assert "Next-token report" in result._repr_html_() and "<svg" in result._repr_html_()
 
 
 

@@ -137,7 +137,8 @@ def test_a_calibrated_plan_converts_to_the_model_in_memory(gptq_plan, source, sh
     targets = {g["weights"]["num_bits"]: set(g["targets"]) for g in groups}
     assert targets == {4: {n for n, f in plan.formats.items() if f.endswith("gptq")},
                        8: {n for n, f in plan.formats.items() if f == "int8"}}
-    assert config["dtypelab_calibration"]["plan"] == "test" and config["dtypelab_calibration"]["method"] == "gptq"
+    calibration = config["dtypelab_calibration"]
+    assert calibration["plan"] == "test" and calibration["method"] == "gptq"
     assert json.loads(printed)["format"] == "plan: int4:g64:gptq+int8"
 
 

@@ -25,7 +25,7 @@ from ..formats import NumberFormat, get_format
 from ..naming import is_inside
 from ..progress import Progress, ProgressCallback, stage
 from ..quant import DamageCounts, KeepPolicy, cast_model, count_damage, overflow_threshold, round_trip
-from ..report import Table, TableMixin
+from ..report import Table, TableMixin, to_jsonable
 from ..tree import iter_tensors
 from ..variants import is_peer_spec
 from .run import run_model, select_layers, select_output
@@ -159,6 +159,13 @@ class HeadroomReport(TableMixin):
             raise InputError(f"no keep list for {name}: predict_headroom was run for "
                              f"{', '.join(self.keep) or 'no plain format'}; add {name} to its formats")
         return KeepPolicy(name_patterns=tuple(self.keep[name]))
+
+    def json_body(self) -> dict:
+        """The fields, each row with its derived ``headroom_bits`` and ``verdict`` too (what the table and
+        the HTML report show), so a saved document renders without the formats' figures."""
+        rows = [{**to_jsonable(r), **to_jsonable({"headroom_bits": r.activations.headroom_bits(
+            self.formats[r.format]), "verdict": r.verdict()})} for r in self.rows]
+        return {**to_jsonable(self), "rows": rows}
 
     def to_table(self) -> Table:
         # the JSON's field names: the row's activations' own, its weights' with their prefix; headroom_bits

@@ -32,10 +32,11 @@ from .headroom import headroom_cmd
 from .inspect import inspect_cmd
 from .plan import plan_cmd
 from .progress import clear_status_line
+from .report import report_cmd
 from .sensitivity import sensitivity_cmd
 
 COMMANDS = [inspect_cmd, cast_cmd, compare_cmd, headroom_cmd, sensitivity_cmd, plan_cmd, convert_cmd,
-            clean_cmd, formats_cmd, demo_cmd]
+            report_cmd, clean_cmd, formats_cmd, demo_cmd]
 """Every command, in the order ``dtypelab --help`` lists them; a new command is one more entry."""
 
 

@@ -6,6 +6,7 @@ CLI layer: imports only the public names of the library (``dtypelab`` and its su
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -27,7 +28,9 @@ from ..report import (
     Table,
     TableMixin,
     is_all_columns,
+    run_facts,
     tables_text,
+    write_html,
 )
 from ..variants import DEFAULT_CALIB_TOKENS, CalibrationData, calibration_data
 from .progress import clear_status_line
@@ -372,3 +375,50 @@ def calibration_for(loaded: LoadedModel, formats: Sequence[NumberFormat | None],
         return None
     tokens = DEFAULT_CALIB_TOKENS if calib_tokens is None else calib_tokens
     return calibration_data(loaded, calib_file, tokens)
+
+
+# --- HTML reports: one self-contained file per result (dtypelab.report.html) ---------------------------
+
+HTML_SUFFIXES = (".html", ".htm")
+
+
+def html_option(f: Callable) -> Callable:
+    return click.option("--html", "html_path", type=click.Path(dir_okay=False), metavar="FILE.html",
+                        help="Also write the result as one self-contained HTML report: charts and sortable "
+                             "tables, no network, readable without JavaScript.")(f)
+
+
+def check_html(path: str | None, sources: Sequence[str] = (), option: str = "--html") -> Path | None:
+    """``--html``: an .html file in a writable folder, outside the sources, checked before any work."""
+    return None if path is None else check_output(path, option, suffixes=HTML_SUFFIXES, sources=sources)
+
+
+def html_side_output(result: TableMixin, path: str | os.PathLike | None, **facts: str) -> list[SideOutput]:
+    """The ``--html`` side output of ``result`` (none without a path): its JSON document rendered, with
+    the run's facts (the command and the options given, versions, machine, date)."""
+    if path is None:
+        return []
+    def write() -> None:
+        write_html(path, json.loads(result.to_json()), run_facts(command_line(), **facts))
+    return [("--html", path, write)]
+
+
+def command_line() -> list[str]:
+    """The running command as the user gave it, in words: ``dtypelab compare MODEL --to …`` (from the
+    parsed parameters the user set, defaults left out)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return []
+    words = ctx.command_path.split()
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        given = ctx.get_parameter_source(param.name) not in (None, ParameterSource.DEFAULT)
+        if not given or value in (None, (), False):
+            continue
+        values = [str(v) for v in value] if isinstance(value, tuple | list) else [str(value)]
+        if isinstance(param, click.Argument):
+            words += values
+            continue
+        option = max(param.opts, key=len)
+        words += [option] if value is True else [w for v in values for w in (option, v)]
+    return words

@@ -21,10 +21,13 @@ from .common import (
     MODEL_HELP,
     calibration_for,
     calibration_options,
+    check_html,
     check_plot,
     columns_option,
     device_option,
     emit,
+    html_option,
+    html_side_output,
     input_options,
     json_option,
     keep_option,
@@ -77,6 +80,7 @@ from .progress import quiet_option, status_line
                    "beside it and the ratio's per-round spread; 'slower' only beyond that noise. Off by "
                    "default (it about doubles the run time); --no-time is accepted and does nothing.")
 @columns_option
+@html_option
 @quiet_option
 def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str | None,
                 input_ids: str | None, input_file: str | None,
@@ -86,9 +90,11 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
                 depth: int | None, select: tuple[str, ...], threshold_db: float, plot_path: str | None,
                 as_json: bool, embeddings: bool, head: bool, timing: bool, calib_file: str | None = None,
                 calib_tokens: int | None = None, plan_files: tuple[str, ...] = (),
-                quiet: bool = False, columns: tuple[str, ...] | None = None) -> None:
+                quiet: bool = False, columns: tuple[str, ...] | None = None,
+                html_path: str | None = None) -> None:
     specs, target = parse_variant_specs(formats), resolve_device(device)
     refuse_columns_with_json(columns, as_json)
+    check_html(html_path, sources=[model])
     plans = [(Path(f).stem, MixedPlan.load(f)) for f in plan_files]  # a bad plan file: before any load
     refuse_without(by_layer, "--layers", {"mode": "--mode", "depth": "--depth", "select": "--select",
                                           "threshold_db": "--threshold", "plot_path": "--plot"})
@@ -106,9 +112,9 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
     calibration = calibration_for(loaded, [s.format for s in specs] + planned, calib_file, calib_tokens)
     policy = KeepPolicy.from_strings(keep)
     if not by_layer:
-        emit(compare_loaded(loaded, formats, inputs, target, output_name, policy, embeddings=embeddings,
-                            head=head, timing=timing, calibration=calibration, plans=plans, progress=line),
-             as_json, columns=columns)
+        result = compare_loaded(loaded, formats, inputs, target, output_name, policy, embeddings=embeddings,
+                                head=head, timing=timing, calibration=calibration, plans=plans, progress=line)
+        emit(result, as_json, html_side_output(result, html_path, model=model), columns=columns)
         return
     reference = loaded.model.to(target)
     planned_variants = (plan_variant(reference, plan, f"plan:{name}", target, calibration)
@@ -120,7 +126,7 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
                             threshold_db=threshold_db, output_name=output_name,
                             output_kind=loaded.output_kind, progress=line)
     plot = [("--plot", plot_path, lambda: plot_layers(result, plot_path))] if plot_path else []
-    emit(result, as_json, plot, columns=columns)
+    emit(result, as_json, plot + html_side_output(result, html_path, model=model), columns=columns)
 
 
 def compare_loaded(loaded: LoadedModel, formats: str, inputs, target: torch.device,

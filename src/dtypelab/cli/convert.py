@@ -16,9 +16,12 @@ from ..quant import MixedPlan
 from ..variants import DEFAULT_CALIB_TOKENS, convert_calibrated
 from .common import (
     calibration_options,
+    check_html,
     check_output,
     columns_option,
     emit,
+    html_option,
+    html_side_output,
     json_option,
     pickle_option,
     refuse_columns_with_json,
@@ -98,12 +101,14 @@ class ProgressLine:
 @pickle_option
 @json_option
 @columns_option
+@html_option
 def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[str, ...],
                 max_shard_size: str | None, force: int, verify: bool, fsync: bool, strict: bool,
                 max_flushed: str | None, max_overflowed: str | None, report_path: Path | None, quiet: bool,
                 as_json: bool, head: bool, embeddings: bool, plan_file: str | None = None,
                 calib_file: str | None = None, calib_tokens: int | None = None,
-                columns: tuple[str, ...] | None = None, allow_pickle: bool = False) -> None:
+                columns: tuple[str, ...] | None = None, html_path: str | None = None,
+                allow_pickle: bool = False) -> None:
     """Convert a safetensors file or model folder SRC to another format, tensor by tensor (.bin / .pt
     pickle weights with --allow-pickle: written as safetensors)."""
     refuse_columns_with_json(columns, as_json)
@@ -114,6 +119,7 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
     check_output(output, "-o", make_parents=True, sources=[src])
     if report_path is not None:
         check_output(report_path, "--report", suffixes=(".json",), sources=[src, output])
+    check_html(html_path, sources=[src, output])
     for leftover in remove_leftovers(output):  # never silently: the user may wonder where it went
         if not quiet:
             click.echo(f"removed {leftover}: the staging folder of a conversion that was killed", err=True)
@@ -148,7 +154,8 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
     wrote(output)
     report = [("--report", report_path, lambda: report_path.write_text(result.to_json() + "\n",
                                                                        encoding="utf-8"))]
-    emit(result, as_json, report if report_path is not None else [], show=not quiet, columns=columns)
+    side = (report if report_path is not None else []) + html_side_output(result, html_path, source=src)
+    emit(result, as_json, side, show=not quiet, columns=columns)
 
 
 def _calibrated(fmt: str | None, plan: MixedPlan | None, calib_file: str | None, calib_tokens: int | None,

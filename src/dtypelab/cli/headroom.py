@@ -11,9 +11,12 @@ from ..variants import parse_variant_specs
 from .common import (
     MODEL_HELP,
     TableGroup,
+    check_html,
     columns_option,
     device_option,
     emit,
+    html_option,
+    html_side_output,
     input_options,
     json_option,
     pickle_option,
@@ -38,14 +41,16 @@ from .progress import clear_status_line, quiet_option, status_line
 @device_option
 @json_option
 @columns_option
+@html_option
 @quiet_option
 def headroom_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str | None,
                  input_ids: str | None, input_file: str | None, text_set: str | None, ctx: int | None,
                  stride: int | None, windows: int | None, depth: int | None, select: tuple[str, ...],
                  weights: bool, allow_pickle: bool, device: str, as_json: bool, quiet: bool = False,
-                 columns: tuple[str, ...] | None = None) -> None:
+                 columns: tuple[str, ...] | None = None, html_path: str | None = None) -> None:
     specs, target = parse_variant_specs(formats), resolve_device(device)
     refuse_columns_with_json(columns, as_json)
+    check_html(html_path, sources=[model])
     line = status_line(quiet)
     loaded = load(model, "fp32", allow_pickle=allow_pickle, progress=line)
     inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
@@ -56,8 +61,10 @@ def headroom_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: st
     report = predict_headroom(reference, inputs, [s.format or s.spec for s in specs], depth=depth,
                               patterns=select, progress=line)
     stats = weight_stats(reference, [s.format for s in specs if s.format]) if weights else None
+    html = html_side_output(report, html_path, model=model)
     if as_json and stats is not None:  # one JSON document holding both
         clear_status_line()
         click.echo(composite_document("headroom-weights", {"headroom": report, "weights": stats}))
+        emit(report, as_json, html, show=False)
         return
-    emit(report if stats is None else TableGroup([report, stats]), as_json, columns=columns)
+    emit(report if stats is None else TableGroup([report, stats]), as_json, html, columns=columns)

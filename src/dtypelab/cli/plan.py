@@ -10,7 +10,19 @@ from ..formats import get_format
 from ..models import model_inputs, to_device
 from ..quant import DENSE, layer_weights, model_fingerprint
 from ..report import plot_pareto
-from .common import MODEL_HELP, check_output, check_plot, emit, json_option, resolve_device
+from .common import (
+    MODEL_HELP,
+    check_html,
+    check_output,
+    check_plot,
+    columns_option,
+    emit,
+    html_option,
+    html_side_output,
+    json_option,
+    refuse_columns_with_json,
+    resolve_device,
+)
 from .sensitivity import rank, ranking_options
 
 
@@ -47,9 +59,14 @@ from .sensitivity import rank, ranking_options
               help="With --verify: only the first N windows of the held-out text [default: all].")
 @ranking_options
 @json_option
+@columns_option
+@html_option
 def plan_cmd(model: str, budget: str, formats: str, keep_dense: tuple[str, ...], min_formats: tuple[str, ...],
              edges: str | None, output: str | None, plot_path: str | None, verify: bool,
-             verify_windows: int | None, as_json: bool, **options) -> None:
+             verify_windows: int | None, as_json: bool, columns: tuple[str, ...] | None = None,
+             html_path: str | None = None, **options) -> None:
+    refuse_columns_with_json(columns, as_json)
+    check_html(html_path, sources=[model])
     budgets = parse_budgets(budget)
     if output and len(budgets) > 1:
         raise InputError("-o writes one plan: give one --budget, not a sweep")
@@ -78,7 +95,8 @@ def plan_cmd(model: str, budget: str, formats: str, keep_dense: tuple[str, ...],
                                            output_kind=loaded.output_kind, model_kind=loaded.kind,
                                            calibration=calibration)
     if len(plans) == 1:
-        emit(plans[0], as_json, [("-o", output, lambda: plans[0].plan.save(target))] if target else ())
+        saved = [("-o", output, lambda: plans[0].plan.save(target))] if target else []
+        emit(plans[0], as_json, saved + html_side_output(plans[0], html_path, model=model), columns=columns)
         return
     uniform = []
     if verify:
@@ -88,8 +106,9 @@ def plan_cmd(model: str, budget: str, formats: str, keep_dense: tuple[str, ...],
                                                     calibration=calibration)))
     sweep = PlanSweep(plans, uniform, ranking.fixed_bytes)
     label = "KL (nats)" if ranking.metric == "kl_nats" else "relative noise power"
-    emit(sweep, as_json, [("--plot", plot_path, lambda: plot_pareto(sweep.pareto_points(), plot_path, label))]
-         if plot_path else [])
+    plot = [("--plot", plot_path, lambda: plot_pareto(sweep.pareto_points(), plot_path, label))] \
+        if plot_path else []
+    emit(sweep, as_json, plot + html_side_output(sweep, html_path, model=model), columns=columns)
 
 
 def _held_out(loaded, device: str, ctx: int | None, windows: int | None):

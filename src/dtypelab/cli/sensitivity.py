@@ -16,9 +16,12 @@ from .common import (
     MODEL_HELP,
     calibration_for,
     calibration_options,
+    check_html,
     columns_option,
     device_option,
     emit,
+    html_option,
+    html_side_output,
     input_options,
     json_option,
     pickle_option,
@@ -96,8 +99,10 @@ def rank(model: str, formats: str, allow_pickle: bool, device: str, method: str,
 @ranking_options
 @json_option
 @columns_option
+@html_option
 def sensitivity_cmd(model: str, formats: str, as_json: bool, columns: tuple[str, ...] | None,
-                    **options) -> None:
+                    html_path: str | None = None, **options) -> None:
     refuse_columns_with_json(columns, as_json)
+    check_html(html_path, sources=[model])
     _, result, _ = rank(model, formats, **options)
-    emit(result, as_json, columns=columns)
+    emit(result, as_json, html_side_output(result, html_path, model=model), columns=columns)

@@ -4,6 +4,7 @@ The lowest stage after the base modules: every result dataclass of every stage m
 :class:`TableMixin`, so this package imports nothing above :mod:`dtypelab.errors`.
 """
 
+from .html import HTML_VIEWS, render_document, render_fragment, run_facts, write_html
 from .plot import PLOT_SUFFIXES, LayerChart, ParetoPoint, plot_layers, plot_pareto
 from .schema import json_schema, load_schema
 from .table import (
@@ -29,4 +30,5 @@ __all__ = ["ALL_COLUMNS", "TEXT_WIDTH", "Styler", "check_columns", "is_all_colum
            "COMPOSITE_KINDS", "JSON_KINDS", "PLOT_SUFFIXES", "LayerChart", "Table", "TableMixin",
            "composite_document", "format_cell", "json_document", "json_schema", "load_schema",
            "ParetoPoint", "plot_pareto",
-           "package_version", "plot_layers", "schema_id", "to_jsonable"]
+           "package_version", "plot_layers", "schema_id", "to_jsonable",
+           "HTML_VIEWS", "render_document", "render_fragment", "run_facts", "write_html"]

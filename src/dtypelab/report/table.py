@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InputError, did_you_mean
+from .cells import format_cell
+from .html import HTML_VIEWS, render_fragment
 
 TEXT_WIDTH = 100
 """Characters a terminal table is made to fit (a 100-column terminal): the compact default columns of
@@ -198,19 +200,6 @@ def _wrap(note: str, width: int | None) -> list[str]:
                                       break_on_hyphens=False) or [""]]
 
 
-def format_cell(value: Any) -> str:
-    """Floats to 4 significant digits (more for tiny/huge values), ints with separators."""
-    if isinstance(value, bool) or value is None:
-        return "" if value is None else str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        return f"{value:.7f}" if 0.999 < abs(value) < 1 else f"{value:.4g}"  # cosines near 1
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
 def _numeric(text: str) -> bool:
     return text.replace(",", "").replace(".", "").replace("-", "").replace("e", "").replace("+", "").isdigit()
 
@@ -372,6 +361,10 @@ class TableMixin:
         return tables_text(self.to_tables(), columns, width=width, style=style)
 
     def _repr_html_(self) -> str:
+        """What Jupyter shows: the HTML report's sections (charts and tables, the renderer ``--html``
+        uses, :mod:`dtypelab.report.html`) for a kind that has a view, else the tables."""
+        if kind_of(self)[0] in HTML_VIEWS:
+            return f"<div class=\"dtypelab\">{render_fragment(json.loads(self.to_json()))}</div>"
         return "<br>".join(table.to_html() for table in self.to_tables())
 
     def json_body(self) -> dict:
