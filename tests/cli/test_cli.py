@@ -9,9 +9,11 @@ from helpers import run_cli
 run = run_cli
 
 
-def test_demo_prints_the_notebook_numbers(capsys):
-    code, out, _ = run(capsys, "demo", "--seed-only")
+def test_demo_prints_the_notebook_numbers(capsys, tmp_path):
+    code, out, _ = run(capsys, "demo", "--seed-only", "--reports", tmp_path)
     assert code == 0
+    report = tmp_path / "seed-layers.html"
+    assert out.rstrip().endswith(str(report)) and "SQNR by layer" in report.read_text()
     assert "Mean diff: 0.0009978810558095574 | Max diff: 0.0016907453536987305" in out
     for printed in ["[-0.6872,  0.7132]", "[-0.6870,  0.7134]", "[-0.6875,  0.7148]"]:
         assert printed in out

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from dtypelab.report import render_document, render_fragment, write_html
-from dtypelab.report.html import DOCUMENT_ID, log_ticks, nice_ticks
+from dtypelab.report.html import log_ticks, nice_ticks
 from helpers import run_cli
 
 LAYERS = ["--text-set", "evaluation", "--ctx", "64", "--windows", "1"]
@@ -20,7 +20,7 @@ RANK = ["--text-set", "calibration", "--ctx", "64", "--windows", "1"]
 
 
 class _Elements(html.parser.HTMLParser):
-    """Counts start tags, collects text and the embedded document; fails on a tag closed out of order."""
+    """Counts start tags and collects text; fails on a tag closed out of order."""
 
     VOID = {"meta", "br", "img", "input", "link", "hr", "line", "circle", "rect", "polyline", "path"}
 
@@ -29,12 +29,9 @@ class _Elements(html.parser.HTMLParser):
         self.counts: dict[str, int] = {}
         self.stack: list[str] = []
         self.text: list[str] = []
-        self.embedded = ""
-        self._in_embedded = False
 
     def handle_starttag(self, tag, attrs):
         self.counts[tag] = self.counts.get(tag, 0) + 1
-        self._in_embedded = tag == "script" and ("id", DOCUMENT_ID) in attrs
         if tag not in self.VOID:
             self.stack.append(tag)
 
@@ -47,13 +44,9 @@ class _Elements(html.parser.HTMLParser):
         if not self.stack or self.stack[-1] != tag:
             raise AssertionError(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
         self.stack.pop()
-        self._in_embedded = False
 
     def handle_data(self, data):
-        if self._in_embedded:
-            self.embedded += data
-        else:
-            self.text.append(data)
+        self.text.append(data)
 
 
 def parsed(text: str) -> _Elements:
@@ -95,7 +88,6 @@ def test_every_kind_renders_its_chart_and_tables(documents, plan_documents):
         elements = parsed(page)
         assert words in page, kind
         assert elements.counts.get("svg", 0) >= 1 and elements.counts.get("table", 0) >= 2, kind
-        assert json.loads(elements.embedded) == docs[kind]  # the document travels with its report
     strip_cells = render_document(docs["plan"]).count('class="cell"')
     assert strip_cells == len(docs["plan"]["rows"])
     bars = render_document(docs["headroom"])
@@ -117,10 +109,9 @@ def test_names_are_text_never_markup():
                                    "floor_db": 30.0, "verdict": "x"}]}]}
     page = render_document(doc, {"command": hostile})
     elements = parsed(page)
-    assert elements.counts["script"] == 2  # the embedded document and the sorter: nothing injected
+    assert elements.counts["script"] == 1  # the sorter: nothing injected
     assert elements.counts.get("b", 0) == 0
     assert hostile in "".join(elements.text)  # shown as the text it is
-    assert json.loads(elements.embedded) == doc  # "</script>" inside the JSON is escaped as \u003c
 
 
 def test_a_30_layer_report_stays_small(documents):
@@ -128,7 +119,7 @@ def test_a_30_layer_report_stays_small(documents):
     rows = doc["variants"][0]["rows"]
     doc["variants"][0]["rows"] = (rows * (30 * 12 // len(rows) + 1))[:30 * 12]  # 30 blocks x 12 modules
     size = len(render_document(doc).encode())
-    assert size < 1_000_000, size  # measured ~0.25 MB for two variants of 360 modules
+    assert size < 500_000, size  # measured 0.27 MB: one variant of 360 modules, one of 31
 
 
 def test_write_is_whole_or_absent(tmp_path, documents, monkeypatch):

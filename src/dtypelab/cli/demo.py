@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
 import click
 import torch
 
-from ..analysis import compare_models, run_model, select_output
+from ..analysis import compare_layers, compare_models, run_model, select_output
 from ..checkpoint import convert_checkpoint
 from ..errors import ModelSpecError
 from ..models import ModelKind, OutputKind, build_model, default_input, load, minilm_path, model_inputs
 from ..quant import cast_model, param_dtype_lines
+from ..report import run_facts, write_html
+from ..variants import build_variants
 from .compare import compare_loaded
 
 
 @click.command("demo", short_help="Replay the seed notebook, then minilm and smollm2, offline.")
 @click.option("--seed-only", is_flag=True, help="Only the seed notebook replay (skip minilm, smollm2).")
-def demo_cmd(seed_only: bool) -> None:
+@click.option("--reports", "reports_dir", type=click.Path(file_okay=False),
+              help="Folder for the demo's HTML reports [default: a new temporary folder, kept].")
+def demo_cmd(seed_only: bool, reports_dir: str | None = None) -> None:
     """Replay the seed notebook with the library, then compare the built-in minilm in fp16, bf16, int8 and
     int4, convert its checkpoint to int4 (compressed-tensors) in a temporary folder, and compare smollm2
-    on the held-out text."""
+    on the held-out text; the seed model's and minilm's per-layer comparisons are written as HTML reports,
+    whose paths end the output."""
     model, inputs = build_model("dummy"), default_input("dummy")
     variants = {"fp16": cast_model(model, "fp16"), "bf16": cast_model(model, "bf16")}
     for name, m in [("fp32", model), *variants.items()]:
@@ -33,6 +39,10 @@ def demo_cmd(seed_only: bool) -> None:
     bf16 = result.variants[1].metrics
     click.echo(f"Mean diff: {bf16.mean_abs_diff} | Max diff: {bf16.max_abs_diff}\n")
     click.echo(result.to_text())
+    report_dir = Path(reports_dir or tempfile.mkdtemp(prefix="dtypelab-demo-reports-"))
+    report_dir.mkdir(parents=True, exist_ok=True)
+    reports = [_report(report_dir / "seed-layers.html", compare_layers(model, variants, inputs,
+                                                                       output_kind=OutputKind.LOGITS))]
     if not seed_only:
         loaded = load("minilm", "fp32")
         click.echo("\n== minilm (all-MiniLM-L6-v2) on dtypelab's 64 bundled sentences")
@@ -42,7 +52,18 @@ def demo_cmd(seed_only: bool) -> None:
             click.echo("\n== minilm's checkpoint converted to int4:g128 (compressed-tensors, streamed)")
             click.echo(convert_checkpoint(minilm_path(), Path(folder) / "minilm-int4", "int4:g128",
                                           verify=True).to_text())
+        minilm_layers = compare_layers(loaded.model, build_variants(loaded.model, "bf16,int8,int4:g128"),
+                                       model_inputs(loaded), output_kind=loaded.output_kind)
+        reports.append(_report(report_dir / "minilm-layers.html", minilm_layers))
         _smollm2()
+    click.echo("\n== HTML reports (open in any browser, offline)")
+    click.echo("\n".join(str(path) for path in reports))
+
+
+def _report(path: Path, result) -> Path:
+    """``result`` written as its HTML report at ``path`` (what ``--html`` writes)."""
+    write_html(path, json.loads(result.to_json()), run_facts(["dtypelab", "demo"]))
+    return path
 
 
 SMOLLM2_DEMO_WINDOWS = 4  # of the held-out text's 29: the demo stays ~1 min; the full text is the default

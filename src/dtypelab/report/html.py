@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import html
-import json
 import math
 import os
 import platform
@@ -38,7 +37,6 @@ DASHES = ("", "6 3", "2 2", "8 3 2 3", "1 3", "10 4")
 
 CHART_WIDTH, CHART_HEIGHT, MARGIN = 760, 300, (60, 12, 28, 96)  # px; margin: left, right, top, bottom
 MAX_TABLE_ROWS = 2000  # beyond this a table shows its first rows and says how many it left out
-DOCUMENT_ID = "dtypelab-result"  # the <script type="application/json"> holding the rendered document
 
 
 @dataclass
@@ -96,18 +94,17 @@ Section = str  # an HTML fragment
 
 
 def render_document(doc: dict, facts: dict[str, str] | None = None) -> str:
-    """The whole page for one result document: facts, sections, the document itself embedded (escaped)
-    as JSON for later tools, a small sorter script, and print-friendly CSS."""
+    """The whole page for one result document: facts, sections, a small sorter script, print-friendly CSS.
+    The document itself is not embedded: it would double a ``--layers`` report's size, and the
+    ``--json`` output is the machine-readable form (``dtypelab report`` renders it)."""
     kind = _kind(doc)
     title = f"dtypelab {kind} report"
     body = facts_table(doc, facts or {}) + render_fragment(doc)
-    embedded = json.dumps(doc, allow_nan=False).replace("<", "\\u003c")
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
         f"<h1>{html.escape(title)}</h1>{body}"
-        f'<script type="application/json" id="{DOCUMENT_ID}">{embedded}</script>'
         f"<script>{SORTER}</script></body></html>\n"
     )
 
