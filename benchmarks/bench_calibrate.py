@@ -11,6 +11,10 @@ against float32 on the held-out evaluation text.
     python -m benchmarks bench_calibrate                   # smollm2, all 29 windows
     BENCH_MODEL=minilm python -m benchmarks bench_calibrate
     BENCH_WINDOWS=8 python -m benchmarks bench_calibrate   # quicker, noisier
+    BENCH_BITS=3 python -m benchmarks bench_calibrate      # the 3-bit-class budget (int3)
+
+gptqmodel gets a row with the reason it does not run here (its releases need newer torch and
+transformers than the venv's, see ``GPTQMODEL_REASON``).
 """
 
 from __future__ import annotations
@@ -38,13 +42,17 @@ CALIB_TOKENS = int(os.environ.get("BENCH_CALIB_TOKENS", "8192"))
 LLMC_PATH = os.environ.get("LLMC_PATH", "/tmp/llmc-pkgs")
 GROUP = {"smollm2": 64, "minilm": 128}
 THREADS = 2  # pinned: codes are bit-identical for the same text, settings and thread count
+BITS = int(os.environ.get("BENCH_BITS", "4"))
+GPTQMODEL_REASON = ("not run: gptqmodel 7.7.0 (the current release) requires torch >= 2.14.1; this venv "
+                    "holds the torch 2.13.0 CPU wheel the project pins")
 
 
 def specs(model: str) -> tuple[list[str], list[str]]:
     """(our formats, peers) compared on ``model``."""
     g = GROUP.get(model, 128)
-    ours = [f"int4:g{g}", f"int4:g{g}:mse", f"int4:g{g}:gptq", f"int4:g{g}:awq"]
-    return ours, ["quanto:qint4", "torchao:intx4"]
+    ours = [f"int{BITS}:g{g}", f"int{BITS}:g{g}:mse", f"int{BITS}:g{g}:gptq", f"int{BITS}:g{g}:awq"]
+    peers = ["quanto:qint4", "torchao:intx4"] if BITS == 4 else []  # quanto has no 3-bit type
+    return ours, peers
 
 
 def run() -> Table:
@@ -62,6 +70,7 @@ def run() -> Table:
         costs[spec] = _child(["--ours", spec, str(ids_file), str(work / f"{spec}.pt")])
         built[spec] = torch.load(work / f"{spec}.pt", weights_only=False)
     costs["llmcompressor:gptq"] = _llmcompressor(loaded, ids_file, work)
+    costs["gptqmodel:gptq"] = {"failure": GPTQMODEL_REASON}
     if costs["llmcompressor:gptq"].get("folder"):
         built["llmcompressor:gptq"] = dtypelab.load(costs["llmcompressor:gptq"]["folder"], "fp32").model
     start = time.perf_counter()
@@ -92,8 +101,8 @@ def _llmcompressor(loaded, ids_file: Path, work: Path) -> dict:
     source = cached_gguf_folder(Path(smollm2_gguf()))
     env = {**os.environ, "PYTHONPATH": LLMC_PATH + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run([sys.executable, "-m", "benchmarks.llmc_gptq", str(source), str(ids_file),
-                           str(work / "llmc"), str(GROUP[MODEL]), str(THREADS)], capture_output=True,
-                          text=True, env=env)
+                           str(work / "llmc"), str(GROUP[MODEL]), str(THREADS), str(BITS)],
+                          capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
@@ -124,7 +133,7 @@ def _table(result, costs: dict, data, peer_seconds: float) -> Table:
     notes = [f"{MODEL}; calibration: {data.tokens} tokens of the bundled calibration text in windows of "
              f"{data.ctx}; held-out evaluation text, {result.positions:,} positions; {THREADS} threads; "
              f"peers built in {peer_seconds:.1f} s together"]
-    return Table(f"Calibrated int4 on {MODEL} (issue 14)", columns, rows, notes)
+    return Table(f"Calibrated int{BITS} on {MODEL} (issue 14)", columns, rows, notes)
 
 
 def _ours(spec: str, ids_file: str, out: str) -> None:

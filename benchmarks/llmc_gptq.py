@@ -1,7 +1,7 @@
 """llm-compressor's GPTQ on a model folder, for ``bench_calibrate`` (run in its own process, with
 llm-compressor's packages first on PYTHONPATH; imports no dtypelab).
 
-    python -m benchmarks.llmc_gptq FOLDER IDS.safetensors OUT GROUP THREADS   # prints one JSON line
+    python -m benchmarks.llmc_gptq FOLDER IDS.safetensors OUT GROUP THREADS [BITS]   # prints one JSON line
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 
-def main(folder: str, ids_file: str, out: str, group: str, threads: str) -> None:
+def main(folder: str, ids_file: str, out: str, group: str, threads: str, bits: str = "4") -> None:
     from llmcompressor import oneshot
     from llmcompressor.modifiers.gptq import GPTQModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -24,7 +24,7 @@ def main(folder: str, ids_file: str, out: str, group: str, threads: str) -> None
     torch.set_num_threads(int(threads))
     ids = load_file(ids_file)["input_ids"]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    scheme = {"weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+    scheme = {"weights": {"num_bits": int(bits), "type": "int", "symmetric": True, "strategy": "group",
                           "group_size": int(group)}, "targets": ["Linear"]}
     recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], block_size=128,
                           dampening_frac=0.01)
@@ -42,4 +42,4 @@ def main(folder: str, ids_file: str, out: str, group: str, threads: str) -> None
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:6])
+    main(*sys.argv[1:7])
