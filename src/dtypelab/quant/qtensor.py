@@ -345,10 +345,11 @@ def _nvfp4_block_scale(ideal: torch.Tensor, global_scale: torch.Tensor) -> torch
 
 def _signed_extreme(blocks: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
     """The value of largest magnitude in each block, with its sign: (rows|1, blocks|1, 1); where both signs
-    reach it (max == -min), the first in the block, as ``argmax`` of the magnitudes picks. From one
-    ``aminmax`` pass, ~7x faster than that argmax, which runs only when such a tie exists."""
+    reach it (max == -min), the first in the block, as ``argmax`` of the magnitudes picks. From ``amin``
+    and ``amax`` (~10x faster here than that argmax, which runs only when such a tie exists, and than
+    ``aminmax`` along a dim)."""
     values = blocks.reshape(1, 1, -1) if fmt.granularity == Granularity.TENSOR else blocks
-    low, high = torch.aminmax(values, dim=-1, keepdim=True)
+    low, high = values.amin(dim=-1, keepdim=True), values.amax(dim=-1, keepdim=True)
     extreme = torch.where(-low > high, low, high)
     tied = (-low == high) & (high != 0)
     if bool(tied.any()):
