@@ -106,7 +106,7 @@ def test_chunks_of_a_few_rows_change_nothing(spec, monkeypatch):
     """Chunks of 3 candidate-rows (the last one short) search exactly as one chunk of everything."""
     fmt = get_format(spec)
     w = weights(50, 256, 3)
-    monkeypatch.setattr(qtensor, "MSE_CHUNK_ELEMENTS", 3 * 256 * len(qtensor.MSE_CLIP_RATIOS))
+    monkeypatch.setattr(qtensor, "_mse_chunk_elements", lambda: 3 * 256 * len(qtensor.MSE_CLIP_RATIOS))
     assert_same_storage(quantize_tensor(w, fmt), reference_quantize(w, fmt))
 
 
@@ -132,7 +132,7 @@ def test_gptq_s_one_group_call_is_the_same_search():
 
 
 def test_the_candidate_memory_stays_within_the_bound(monkeypatch):
-    """Every stacked temporary holds at most MSE_CHUNK_ELEMENTS values (or one row's candidates)."""
+    """Every stacked temporary holds at most the chunk's values (MSE_CHUNK_ELEMENTS a thread)."""
     fmt = get_format("int4:g32:mse")
     w = weights(64, 256, 5)
     seen = []
@@ -144,9 +144,14 @@ def test_the_candidate_memory_stays_within_the_bound(monkeypatch):
 
     monkeypatch.setattr(qtensor, "_candidate_errors", spy)
     monkeypatch.setattr(qtensor, "MSE_CHUNK_ELEMENTS", 10 * 256 * len(qtensor.MSE_CLIP_RATIOS))
+    monkeypatch.setattr(qtensor.torch, "get_num_threads", lambda: 1)
     quantize_tensor(w, fmt)
     assert len(seen) == 7  # 64 rows in chunks of 10
     assert max(seen) <= qtensor.MSE_CHUNK_ELEMENTS
+    seen.clear()
+    monkeypatch.setattr(qtensor.torch, "get_num_threads", lambda: 2)  # twice the rows per chunk
+    quantize_tensor(w, fmt)
+    assert len(seen) == 4 and max(seen) <= 2 * qtensor.MSE_CHUNK_ELEMENTS
 
 
 def test_the_signed_extreme_is_the_first_largest_magnitude():

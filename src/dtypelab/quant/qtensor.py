@@ -37,7 +37,7 @@ from .packing import pack_bits, pack_nibbles, unpack_bits, unpack_nibbles
 NATIVE_FLOAT8 = {E4M3: torch.float8_e4m3fn, E5M2: torch.float8_e5m2}
 CHUNK_ELEMENTS = 1 << 20  # rows quantized together: ~4 MB of float32 per temporary
 MSE_CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 .. 0.5: clip candidates for :mse
-MSE_CHUNK_ELEMENTS = 1 << 18  # candidates x elements per stacked :mse temporary: 1 MiB of float32 (L2-sized)
+MSE_CHUNK_ELEMENTS = 1 << 18  # candidates x elements per stacked :mse temporary and intra-op thread: 1 MiB
 NVFP4_ZERO_SCALE = 0.125  # the package's stored block scale where e4m3(g * absmax / 6) is 0 (e4m3's "eps")
 
 
@@ -210,12 +210,13 @@ def _search_stacked(blocks: torch.Tensor, stats: tuple, fmt: NumberFormat, tenso
     """The ``:mse`` search with every ratio of :data:`MSE_CLIP_RATIOS` at once: the candidates' scales
     stacked on a new leading dimension, (ratios, rows, blocks, 1), their errors a few rows at a time.
 
-    Memory: the stacked error temporary holds at most ``MSE_CHUNK_ELEMENTS`` float32 values (1 MiB,
-    reused from chunk to chunk; the codec's own temporaries for nf4 / fp4 elements are of that size
-    too), or one row's candidates when a row alone is larger (21 x the row's length); scales, steps and
-    errors add 21 values per block. Small enough to stay in cache, and one pass of Python per chunk
-    instead of one per ratio and operation: 1.3-2x faster than the loop on minilm's weights, but still
-    ~21 element passes per element (``docs/benchmarks.md``, "The :mse search").
+    Memory: the stacked error temporary holds at most ``MSE_CHUNK_ELEMENTS`` float32 values per
+    intra-op thread (:func:`_mse_chunk_elements`: 1 MiB a thread, reused from chunk to chunk; the
+    codec's own temporaries for nf4 / fp4 elements are of that size too), or one row's candidates when a
+    row alone is larger (21 x the row's length); scales, steps and errors add 21 values per block. Each
+    thread's share stays in its core's cache, and Python runs once per chunk instead of once per ratio
+    and operation. It is no faster than the loop at one thread (every candidate still costs 7 float32
+    passes over the weights; ``docs/benchmarks.md``, "The :mse search"), but holds its memory bound.
 
     Result: bit for bit the one-ratio-at-a-time search (:func:`_search_one_by_one`): each candidate's
     scales and squared errors are the same float32 operations element by element, and the first
@@ -227,7 +228,7 @@ def _search_stacked(blocks: torch.Tensor, stats: tuple, fmt: NumberFormat, tenso
     decoded = _decoded_scale(scale, tensor_scale)
     divisor = torch.where(decoded != 0, decoded, torch.ones_like(decoded))  # as _scaled: a zero step is 1
     zp = None if zp is None else zp.float()
-    step = max(1, MSE_CHUNK_ELEMENTS // max(len(MSE_CLIP_RATIOS) * blocks[0].numel(), 1))
+    step = max(1, _mse_chunk_elements() // max(len(MSE_CLIP_RATIOS) * blocks[0].numel(), 1))
     buffer = blocks.new_empty((len(MSE_CLIP_RATIOS), min(step, blocks.shape[0]), *blocks.shape[1:]))
     errors = torch.empty_like(decoded)  # (ratios, rows, blocks, 1)
     for start in range(0, blocks.shape[0], step):
@@ -235,6 +236,12 @@ def _search_stacked(blocks: torch.Tensor, stats: tuple, fmt: NumberFormat, tenso
         steps = (decoded[:, rows], divisor[:, rows], None if zp is None else zp[:, rows])
         errors[:, rows] = _candidate_errors(blocks[rows], *steps, fmt, buffer)
     return _scales_for_clip(stats, fmt, tensor_scale, ratios.reshape(-1)[_first_smallest(errors)])
+
+
+def _mse_chunk_elements() -> int:
+    """Candidate x element values per stacked chunk: ``MSE_CHUNK_ELEMENTS`` for each intra-op thread,
+    so each thread's share of an operation stays cache-sized while threads synchronise once per chunk."""
+    return MSE_CHUNK_ELEMENTS * max(1, torch.get_num_threads())
 
 
 def _first_smallest(errors: torch.Tensor) -> torch.Tensor:
