@@ -7,6 +7,7 @@ config.json), in constant memory; :mod:`dtypelab.models` builds on it to load fo
 from .architecture import linear_layers, model_class
 from .convert import ConversionResult, convert_checkpoint
 from .gguf_file import GgufHeader, GgufInspection, inspect_gguf, read_gguf_header
+from .guard import check_model_folder, read_json_file, refuse_remote_code
 from .inspect import CheckpointInspection, ShardInfo, TensorRow, inspect_checkpoint
 from .layouts import (
     LAYOUTS,
@@ -34,6 +35,7 @@ from .safetensors_file import (
     TensorEntry,
     open_checkpoint,
     read_header,
+    read_index,
 )
 from .sizes import stored_nbytes, stored_numel, weight_stored_nbytes
 from .staging import Leftover, LeftoverReport, StagedOutput, clean_leftovers, find_leftovers, remove_leftovers
@@ -49,6 +51,7 @@ __all__ = [
     "from_parts",
     "find_leftovers", "inspect_checkpoint", "inspect_gguf",
     "layout_for", "linear_layers", "load_quantized_weights", "model_class", "one_thread", "open_checkpoint",
-    "parse_size", "quantization_config", "quantization_scheme", "read_gguf_header", "read_header", "register",
+    "parse_size", "quantization_config", "quantization_scheme", "read_gguf_header", "read_header",
+    "read_index", "register", "check_model_folder", "read_json_file", "refuse_remote_code",
     "remove_leftovers", "stored_nbytes", "stored_numel", "stored_parts", "to_parts", "weight_stored_nbytes",
 ]

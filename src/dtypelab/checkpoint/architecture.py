@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import ModelSpecError, first_line
 from ..quant import is_conv1d
+from .guard import check_model_folder
 
 
 def linear_layers(folder: Path) -> tuple[list[str], set[str], set[str]]:
@@ -40,8 +41,9 @@ def _meta_model(folder: Path) -> nn.Module:
     except ImportError:
         raise ModelSpecError("quantized outputs need transformers to read config.json: "
                              "pip install 'dtypelab[hf]'") from None
+    check_model_folder(folder)  # no auto_map, sane sizes: before transformers reads anything
     try:
-        config = transformers.AutoConfig.from_pretrained(folder)
+        config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
         cls = model_class(config)
         build = getattr(cls, "_from_config", None) or cls.from_config  # AutoModel: no architectures
         with torch.device("meta"):

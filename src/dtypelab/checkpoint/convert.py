@@ -30,6 +30,7 @@ from ..quant import PLAN_DENSE_REASON, Action, MixedPlan, TensorDamage, dtype_na
 from ..quant.damage import NEGLIGIBLE_FLUSH
 from ..report import Table, TableMixin, to_jsonable
 from .architecture import linear_layers
+from .guard import refuse_links_outside
 from .layouts import check_supported, quantization_config
 from .pickled import pickle_refusal, pickle_weights, pickles_as_safetensors
 from .plan import CAST_DTYPES, OutputPlan, Quantization, parse_size, plan_output
@@ -586,7 +587,9 @@ def _extra_files(src: CheckpointSource) -> tuple[list[Path], list[Path]]:
     weights = {src.folder / s.path.name for s in src.shards} | {src.folder / str(src.index_name)}
     others = [p for p in sorted(src.folder.rglob("*")) if p.is_file() and p not in weights]
     skipped = [p for p in others if any(name_matches(p.name, w) for w in OTHER_WEIGHTS)]
-    return [p for p in others if p not in skipped], skipped
+    copied = [p for p in others if p not in skipped]
+    refuse_links_outside(src.folder, copied)
+    return copied, skipped
 
 
 def _check_free_space(folder: Path, plan: OutputPlan, extra: list[Path]) -> None:

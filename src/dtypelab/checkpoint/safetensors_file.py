@@ -26,10 +26,14 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .guard import open_regular, read_json_file
 
 INDEX_SUFFIX = ".safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000
 """Largest header accepted, in bytes (the limit the reference Rust implementation enforces)."""
+MAX_TENSORS = 250_000
+"""Most tensors one file may hold, counted in the raw header before it is parsed (real checkpoints hold a
+few thousand per shard; 1.6 M zero-size entries took minutes and gigabytes to validate)."""
 
 _DTYPE_NAMES: dict[str, str] = {
     "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
@@ -113,9 +117,12 @@ class SafetensorsHeader:
 def read_header(path: str | os.PathLike, max_header_bytes: int = MAX_HEADER_BYTES) -> SafetensorsHeader:
     """Read and validate a safetensors header without touching the tensor data.
 
-    Checks: the file is long enough, the header length fits the file and ``max_header_bytes``, the
-    header is a JSON object of well-formed entries with known dtypes, sizes match shapes, and data
-    ranges stay inside the file and do not overlap (identical ranges are tied tensors, allowed).
+    Checks: a regular file, long enough, the header length fits the file and ``max_header_bytes``, at
+    most :data:`MAX_TENSORS` entries, the header is a JSON object of well-formed entries with known dtypes
+    and valid UTF-8 names, sizes match shapes, and the data ranges tile the data section exactly: no gap,
+    no overlap, no trailing byte, as ``safetensors.safe_open`` requires ("not fully covered"), so a header
+    length off by a few bytes into its own padding is refused, never read shifted. Identical ranges are
+    tied tensors, allowed (safe_open refuses them).
 
     Args:
         path: a ``.safetensors`` file.
@@ -132,19 +139,16 @@ def read_header(path: str | os.PathLike, max_header_bytes: int = MAX_HEADER_BYTE
         file_bytes = os.fstat(handle.fileno()).st_size
         header_bytes = _read_length(path, handle, file_bytes, max_header_bytes)
         parsed = _parse_json(path, handle.read(header_bytes))
-    metadata = _parse_metadata(path, parsed.pop("__metadata__", {}))
+    metadata = _parse_metadata(path, parsed.pop("__metadata__", None) or {})
     data_bytes = file_bytes - 8 - header_bytes
     entries = [_parse_entry(path, name, spec, data_bytes) for name, spec in parsed.items()]
     entries.sort(key=lambda e: (e.begin, e.end, e.name))
-    _check_overlaps(path, entries)
+    _check_tiling(path, entries, data_bytes)
     return SafetensorsHeader(path, header_bytes, file_bytes, tuple(entries), metadata)
 
 
 def _open_read(path: Path):
-    try:
-        return open(path, "rb")  # noqa: SIM115 - returned to a with-statement
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot open for reading ({exc.strerror}): check the path") from exc
+    return open_regular(path)  # a FIFO named *.safetensors is refused, never waited on
 
 
 def _read_length(path: Path, handle, file_bytes: int, max_header_bytes: int) -> int:
@@ -170,8 +174,15 @@ def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
 
 
 def _parse_json(path: Path, raw: bytes) -> dict:
+    count = raw.count(b'"data_offsets"')
+    if count > MAX_TENSORS:
+        raise CheckpointError(f"{path}: header lists {count} tensors, more than the {MAX_TENSORS} limit "
+                              "per file: damaged or hostile; do not load it")
     try:
         parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except RecursionError:
+        raise CheckpointError(f"{path}: header JSON is nested too deep to be a safetensors header: "
+                              "damaged or hostile; do not load it") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{path}: header is not valid JSON ({exc}): the file is damaged or "
                               "not safetensors; re-download or re-save it") from None
@@ -184,12 +195,25 @@ def _parse_metadata(path: Path, metadata: object) -> dict[str, str]:
     if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise CheckpointError(f"{path}: __metadata__ must map strings to strings: the header is damaged")
+    if not all(_is_utf8(k) and _is_utf8(v) for k, v in metadata.items()):
+        raise CheckpointError(f"{path}: __metadata__ holds text that is not valid UTF-8 (a lone surrogate "
+                              "escape): the header is damaged or hostile")
     return metadata
 
 
+def _is_utf8(text: str) -> bool:
+    """False for a JSON escape such as ``\\ud800`` that decodes to a lone surrogate: no UTF-8 for it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_tensor_name(path: Path, name: str) -> None:
-    """Refuse empty names and names with control characters (they garble terminals and logs)."""
-    if not name or any(unicodedata.category(char) == "Cc" for char in name):
+    """Refuse empty names, names with control characters (they garble terminals and logs) and lone
+    surrogates (no UTF-8 exists for them: printing or writing the name would fail)."""
+    if not name or not _is_utf8(name) or any(unicodedata.category(char) in ("Cc", "Cs") for char in name):
         raise CheckpointError(f"{path}: tensor {name!r}: empty name or control characters in it: "
                               "the header is damaged or hostile; do not load it")
 
@@ -200,7 +224,7 @@ def _parse_entry(path: Path, name: str, spec: object, data_bytes: int) -> Tensor
     if not isinstance(spec, dict) or set(spec) - {"dtype", "shape", "data_offsets"}:
         raise CheckpointError(f"{where}: entry must hold exactly dtype, shape and data_offsets")
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         known = ", ".join(DTYPES)
         raise CheckpointError(f"{where}: unknown dtype {dtype!r}: expected one of {known}")
     if not _is_int_list(shape) or not _is_int_list(offsets) or len(offsets) != 2:
@@ -221,21 +245,28 @@ def _is_int_list(value: object) -> bool:
         isinstance(item, int) and not isinstance(item, bool) and item >= 0 for item in value)
 
 
-def _check_overlaps(path: Path, entries: list[TensorEntry]) -> None:
-    """Entries sorted by range: each must start after the previous ends, or be the very same range."""
+def _check_tiling(path: Path, entries: list[TensorEntry], data_bytes: int) -> None:
+    """Entries sorted by range must tile the data section: each starts where the previous ended (or is
+    the very same range: tied tensors), and the last ends at the file's end."""
     previous: TensorEntry | None = None
+    covered = 0
     for entry in entries:
-        if not entry.nbytes:
-            continue
-        if previous is not None and (entry.begin, entry.end) == (previous.begin, previous.end):
+        tied = previous is not None and (entry.begin, entry.end) == (previous.begin, previous.end)
+        if tied and entry.nbytes:
             if entry.dtype != previous.dtype:
                 raise CheckpointError(f"{path}: tensor {entry.name!r} shares its bytes with "
                                       f"{previous.name!r} but has another dtype: the header is damaged")
             continue
-        if previous is not None and entry.begin < previous.end:
+        if entry.begin < covered:
             raise CheckpointError(f"{path}: tensor {entry.name!r} overlaps {previous.name!r} (bytes "
-                                  f"{entry.begin} < {previous.end}): the header is damaged or hostile")
-        previous = entry
+                                  f"{entry.begin} < {covered}): the header is damaged or hostile")
+        if entry.begin > covered:
+            raise CheckpointError(f"{path}: tensor {entry.name!r} starts at data byte {entry.begin}, leaving "
+                                  f"a gap after byte {covered}: the header is damaged, or its length is off")
+        covered, previous = entry.end, entry if entry.nbytes else previous
+    if covered != data_bytes:
+        raise CheckpointError(f"{path}: the tensors cover {covered} of the {data_bytes} data bytes (not "
+                              "fully covered): the header length is off or bytes were added; re-download it")
 
 
 def encode_header(entries: list[tuple[str, str, tuple[int, ...], int, int]],
@@ -367,7 +398,7 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
 
 
 def _open_indexed(folder: Path, index: Path) -> CheckpointSource:
-    weight_map, metadata = _read_index(index)
+    weight_map, metadata = read_index(index)
     files = list(dict.fromkeys(weight_map.values()))
     for name, file in weight_map.items():
         if not (folder / file).is_file():
@@ -384,11 +415,11 @@ def _open_indexed(folder: Path, index: Path) -> CheckpointSource:
     return CheckpointSource(folder, folder, shards, index.name, metadata)
 
 
-def _read_index(index: Path) -> tuple[dict[str, str], dict]:
-    try:
-        parsed = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{index}: unreadable index ({exc}): re-download it") from None
+def read_index(index: Path) -> tuple[dict[str, str], dict]:
+    """A shard index's ``weight_map`` (tensor -> shard file name) and ``metadata``, checked: a regular,
+    bounded JSON file (:func:`~dtypelab.checkpoint.guard.read_json_file`) whose every shard is a plain
+    ``.safetensors`` name inside the folder (no ``..``, no absolute path, no separator)."""
+    parsed = read_json_file(index)
     weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
     metadata = parsed.get("metadata", {}) if isinstance(parsed, dict) else None
     if not isinstance(weight_map, dict) or not isinstance(metadata, dict):

@@ -33,9 +33,13 @@ from torch import nn
 from ..checkpoint import (
     PICKLE_SUFFIXES,
     build_quantized_model,
+    check_model_folder,
     model_class,
     quantization_scheme,
+    read_index,
+    read_json_file,
     read_state_dict,
+    refuse_remote_code,
 )
 from ..errors import (
     CheckpointError,
@@ -312,6 +316,7 @@ def load_folder(path: Path, dtype: str | torch.dtype = "auto", *, allow_pickle: 
                                  "(or its shards and model.safetensors.index.json)")
         if not allow_pickle:
             raise pickle_refused(pickles[0])
+    check_model_folder(path)  # the folder's own code never runs; absurd sizes refused before a build
     validate_safetensors(path, safetensors_files)
     return _from_pretrained(path, dtype, use_safetensors=bool(safetensors_files))
 
@@ -343,14 +348,11 @@ def validate_safetensors(folder: Path, files: list[Path]) -> None:
 
 
 def _index_shards(folder: Path) -> set[str]:
+    """The shard names the index lists, each a plain file name inside the folder (as convert requires)."""
     index = folder / "model.safetensors.index.json"
-    if not index.is_file():
+    if not index.exists():
         return set()
-    try:
-        return set(json.loads(index.read_text())["weight_map"].values())
-    except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
-        raise CheckpointError(f"corrupt shard index {index} ({exc}): re-save the model with "
-                              "save_pretrained") from exc
+    return set(read_index(index)[0].values())
 
 
 def _from_pretrained(path: Path, dtype: str | torch.dtype, use_safetensors: bool) -> LoadedModel:
@@ -368,7 +370,7 @@ def _read_pretrained(path: Path, torch_dtype: str | torch.dtype, use_safetensors
     import transformers
 
     try:
-        config = transformers.AutoConfig.from_pretrained(path)
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
         scheme = quantization_scheme(config)
         if scheme is not None:  # compressed-tensors: dtypelab's own quantized modules, no extra package
             return build_quantized_model(path, config, scheme, model_class(config),
@@ -376,7 +378,7 @@ def _read_pretrained(path: Path, torch_dtype: str | torch.dtype, use_safetensors
         with _no_progress_bars():
             model, info = model_class(config).from_pretrained(
                 path, dtype=torch_dtype, use_safetensors=use_safetensors, output_loading_info=True,
-                ignore_mismatched_sizes=True)
+                ignore_mismatched_sizes=True, trust_remote_code=False)
     except DtypelabError:
         raise  # already one clear line (the compressed loader checks completeness itself)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
@@ -419,8 +421,8 @@ def _folder_tokenizer(path: Path) -> object | None:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as exc:  # JSONDecodeError is a ValueError
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - tokenizers' own errors (a nesting limit ...) are bare Exceptions
         reason = first_line(exc)
         raise ModelSpecError(f"cannot read the tokenizer in {path} ({reason}): fix or remove its "
                              "tokenizer files (without them, give token ids with --input)") from exc
@@ -479,11 +481,15 @@ def _read_gguf(path: Path, torch_dtype: torch.dtype) -> tuple[nn.Module, object]
     import transformers
 
     folder, name = path.parent, path.name
+    for file in ("config.json", "tokenizer_config.json"):  # transformers reads them beside the GGUF too
+        if (folder / file).exists():
+            refuse_remote_code(folder / file, read_json_file(folder / file))
     try:
         with _no_progress_bars(), _no_gguf_progress_bar():
             model, info = transformers.AutoModelForCausalLM.from_pretrained(
-                folder, gguf_file=name, dtype=torch_dtype, output_loading_info=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+                folder, gguf_file=name, dtype=torch_dtype, output_loading_info=True, trust_remote_code=False)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name,
+                                                               trust_remote_code=False)
     except DtypelabError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
