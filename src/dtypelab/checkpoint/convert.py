@@ -354,7 +354,7 @@ def _planned_conversion(src: CheckpointSource, plan: MixedPlan, dense: str | Num
     if _config_path(src) is None:
         raise InputError(f"{src.path}: a plan is written in the compressed-tensors layout, which needs the "
                          "model folder with its config.json")
-    linears, _, conv1d = linear_layers(src.folder)
+    linears, _, conv1d = linear_layers(src.folder, src)
     entries = {e.name: e for shard in src.shards for e in shard.tensors}
     formats = {}
     for module, spec in plan.formats.items():
@@ -611,7 +611,7 @@ def _plan_quantization(src: CheckpointSource, fmt: NumberFormat, keep: tuple[str
         raise InputError(f"{src.path}: {fmt.name} is written in the compressed-tensors layout, which needs "
                          "the model folder with its config.json (to find the Linear layers and record the "
                          f"quantization_config){hint}")
-    linears, heads, conv1d = linear_layers(src.folder)
+    linears, heads, conv1d = linear_layers(src.folder, src)
     heads = set() if head else heads
     entries = {e.name: e for shard in src.shards for e in shard.tensors}
     tied = {name for shard in src.shards for group in shard.shared_groups() for name in group}
