@@ -48,6 +48,7 @@ from .nn import (
     QuantizedLinear,
     QuantizedWeightModule,
     dequantized_once,
+    int8_matmul,
     is_conv1d,
 )
 from .packing import pack_bits, pack_nibbles, unpack_bits, unpack_nibbles
@@ -61,6 +62,7 @@ __all__ = [
     "Action", "DamageCounts", "DtypeSummary", "KeepPolicy", "LayerOutcome", "ModelInspection",
     "QuantizeResult", "QuantizedEmbedding", "QuantizedLinear", "QuantizedTensor", "QuantizedWeightModule",
     "TensorDamage", "is_conv1d", "DEQUANTIZE_ONCE_BUDGET_BYTES", "DequantizedOnce", "dequantized_once",
+    "int8_matmul",
     "TensorInfo", "cast_model", "compute_dtype", "count_damage", "dtype_name", "inspect_model",
     "inspect_tensors", "overflow_threshold", "pack_bits", "pack_nibbles", "param_dtype_lines",
     "print_param_dtype",

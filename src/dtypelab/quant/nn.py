@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from ..formats import NumberFormat
+from ..formats import Granularity, IntCodec, NumberFormat
 from .activations import quantize_activations
 from .qtensor import QuantizedTensor, quantize_tensor
 
@@ -88,6 +88,8 @@ class QuantizedLinear(QuantizedWeightModule):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        if self.__dict__.get("_int8_matmul") and _int_mm_fits(x, self.weight_shape):  # inside int8_matmul
+            return _int8_linear(x, self.qtensor, self.bias)
         x = quantize_activations(x, self.fmt.activations)
         slot = self.__dict__.get("_dequantized_once")  # set only inside dequantized_once(...)
         weight = self.qtensor.dequantize(x.dtype) if slot is None else slot.weight(self, x.dtype)
@@ -210,3 +212,62 @@ def _reserve(held: DequantizedOnce, name: str, layer: QuantizedLinear) -> None:
     held.cached.append(name)
     held.reserved_bytes += nbytes
     held._slots.append(slot)
+
+
+@contextmanager
+def int8_matmul(model: nn.Module) -> Iterator[list[str]]:
+    """Inside the context, ``model``'s W8A8 integer layers (``int8:a8``: int8 per-channel symmetric
+    weights, int8 per-token activations) multiply through ``torch._int_mm``: the activations' int8 codes
+    times the weight's int8 codes, accumulated exactly in int32, then scaled (float32) by each token's
+    and each output channel's scale, plus the bias.
+
+    A deployment's compute, not a measurement's: the same codes as the emulated path (activations
+    rounded per token as :func:`~dtypelab.quant.activations.quantize_activations` does, weights as
+    stored), but summed exactly where the emulation sums float products, so a layer's outputs differ
+    from it by float32 rounding only (at most ~(in_features + 8) x 2^-24 of sum |x| |w| per output;
+    tests/quant/test_int8_matmul.py). Through a whole model such a difference can move an activation
+    across a rounding boundary of the next layer's int8 grid, so outputs then differ by a step of that
+    grid here and there, with the same error against float32 (minilm: same SQNR to 0.01 dB, forward
+    0.68x float32's at one thread; ``docs/benchmarks.md``). Other layers, and inputs the kernel does
+    not take (CUDA needs more than 16 rows and widths in multiples of 8), keep the emulated path.
+    Yields the names of the layers switched; on exit every layer is emulated again.
+    """
+    layers = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, QuantizedLinear) and _takes_int8_matmul(m.fmt)]
+    try:
+        for _, layer in layers:
+            layer.__dict__["_int8_matmul"] = True
+        yield [name for name, _ in layers]
+    finally:
+        for _, layer in layers:
+            layer.__dict__.pop("_int8_matmul", None)
+
+
+def _takes_int8_matmul(fmt: NumberFormat) -> bool:
+    """int8 per-channel symmetric weights (codes -128..127, one float scale per output) with int8
+    per-token activations: what ``_int_mm`` plus two scales computes exactly."""
+    codec = fmt.codec
+    return (fmt.activations == "int8" and isinstance(codec, IntCodec) and codec.int_bits == 8
+            and fmt.symmetric and fmt.granularity == Granularity.CHANNEL and not fmt.tensor_scale)
+
+
+def _int_mm_fits(x: torch.Tensor, weight_shape: tuple[int, int]) -> bool:
+    """torch._int_mm's shape rules: any shape on CPU; on CUDA more than 16 rows, widths divisible by 8."""
+    if x.device.type == "cpu":
+        return True
+    rows = x.numel() // max(x.shape[-1], 1)
+    return x.device.type == "cuda" and rows > 16 and all(n % 8 == 0 for n in weight_shape)
+
+
+def _int8_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(..., in) -> (..., out): per-token int8 codes of ``x`` (quantize_activations' rule) @ the weight's
+    int8 codes, in int32, times token scale x channel scale (float32), plus bias, in ``x``'s dtype."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    scale = rows.abs().amax(dim=-1, keepdim=True) / 127.0  # (tokens, 1), as quantize_activations
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(rows / scale).clamp_(-127, 127).to(torch.int8)
+    acc = torch._int_mm(codes, qt.data.t())  # (tokens, out) int32: exact (|sum| < 127 * 128 * in)
+    out = acc.float() * scale * qt.scale.float().reshape(1, -1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], qt.shape[0])
