@@ -88,6 +88,7 @@ def test_every_kind_renders_its_chart_and_tables(documents, plan_documents):
         elements = parsed(page)
         assert words in page, kind
         assert elements.counts.get("svg", 0) >= 1 and elements.counts.get("table", 0) >= 2, kind
+    assert "(log scale)" in render_document(docs["sensitivity"])  # damages span decades: a log axis
     strip_cells = render_document(docs["plan"]).count('class="cell"')
     assert strip_cells == len(docs["plan"]["rows"])
     bars = render_document(docs["headroom"])

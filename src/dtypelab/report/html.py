@@ -58,6 +58,7 @@ class LineChart:
     y_label: str
     references: list[tuple[float, str]] = field(default_factory=list)  # (y, label): a threshold, a floor
     marks: list[tuple[int, int, str]] = field(default_factory=list)  # (series index, x index, label)
+    log_y: bool = False  # a log y axis when every value is positive (damages spanning decades)
 
 
 @dataclass
@@ -202,9 +203,17 @@ def line_chart(chart: LineChart) -> str:
     values = [v for s in chart.series for v in s.values if _finite(v)] + [y for y, _ in chart.references]
     if not values or not chart.x_labels:
         return _empty(chart.title)
-    low, high = _padded(min(values), max(values))
-    x_of, y_of = _axis(len(chart.x_labels)), _scale(low, high)
-    parts = _frame(chart.title, chart.y_label, low, high, y_of)
+    x_of = _axis(len(chart.x_labels))
+    if chart.log_y and min(values) > 0:
+        low, high = _padded(math.log10(min(values)), math.log10(max(values)))
+        linear = _scale(low, high)
+        y_of = lambda v: linear(math.log10(v)) if v > 0 else linear(low)  # noqa: E731
+        ticks = [10.0**e for e in range(math.ceil(low), math.floor(high) + 1)]
+        parts = _frame(chart.title, chart.y_label + " (log scale)", 10**low, 10**high, y_of, ticks)
+    else:
+        low, high = _padded(min(values), max(values))
+        y_of = _scale(low, high)
+        parts = _frame(chart.title, chart.y_label, low, high, y_of)
     for y, label in chart.references:
         parts.append(
             f'<line class="ref" x1="{MARGIN[0]}" x2="{CHART_WIDTH - MARGIN[1]}" '
@@ -348,15 +357,17 @@ def points(chart: Points) -> str:
     return _svg(chart.title, parts) + _legend([name for name, _ in chart.sets])
 
 
-def _frame(title: str, y_label: str, low: float, high: float, y_of) -> list[str]:
-    """Title, the y axis label (rotated, left of the ticks) and grid lines at round values."""
+def _frame(title: str, y_label: str, low: float, high: float, y_of,
+           ticks: list[float] | None = None) -> list[str]:
+    """Title, the y axis label (rotated, left of the ticks) and grid lines at round values (``ticks``,
+    else :func:`nice_ticks` of the range)."""
     middle = (MARGIN[2] + CHART_HEIGHT - MARGIN[3]) / 2
     parts = [
         f'<text class="title" x="4" y="16">{html.escape(title)}</text>',
         f'<text class="axis" transform="translate(12,{middle:.0f}) rotate(-90)" text-anchor="middle">'
         f"{html.escape(y_label)}</text>",
     ]
-    for y in nice_ticks(low, high):
+    for y in nice_ticks(low, high) if ticks is None else ticks:
         parts.append(
             f'<line class="grid" x1="{MARGIN[0]}" x2="{CHART_WIDTH - MARGIN[1]}" '
             f'y1="{y_of(y):.1f}" y2="{y_of(y):.1f}"/><text class="tick" x="{MARGIN[0] - 4}" '
@@ -665,6 +676,7 @@ def sensitivity_view(doc: dict) -> list[Section]:
                 groups,
                 series,
                 doc.get("metric", ""),
+                log_y=True,
             )
         )
         if groups
