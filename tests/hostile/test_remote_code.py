@@ -21,8 +21,8 @@ def plant_code(folder: Path, marker: Path, file: str) -> None:
     for name in ("configuration_evil.py", "modeling_evil.py", "tokenization_evil.py"):
         (folder / name).write_text(EVIL.format(marker=str(marker)))
     if file == "tokenizer_config.json":
-        (folder / file).write_text(json.dumps({"tokenizer_class": "EvilTokenizer",
-                                               "auto_map": {"AutoTokenizer": ["tokenization_evil.Evil", None]}}))
+        auto_map = {"AutoTokenizer": ["tokenization_evil.Evil", None]}
+        (folder / file).write_text(json.dumps({"tokenizer_class": "EvilTokenizer", "auto_map": auto_map}))
     else:
         edit_json(folder / file, auto_map={"AutoConfig": "configuration_evil.EvilConfig",
                                            "AutoModelForCausalLM": "modeling_evil.EvilModel"})

@@ -107,7 +107,7 @@ def check_config_values(path: Path, config: dict) -> None:
                                  f"{MAX_CONFIG_DIMENSION}; fix config.json")
     width, heads = _first(config, "hidden_size", "n_embd", "d_model"), _first(config, "num_attention_heads",
                                                                               "n_head")
-    if width and heads and "head_dim" not in config and width % heads:
+    if width and heads and width % heads:
         raise ModelSpecError(f"{path}: hidden size {width} does not divide into {heads} attention heads: "
                              "fix config.json")
     _check_architectures(path, config.get("architectures"))

@@ -8,6 +8,11 @@ same parent folder removes the staging folders whose lock nobody holds, and neve
 without a lock file (the old destination set aside during the rename, or a folder from an older
 dtypelab) falls back to its process id.
 
+Two writers onto one destination: the final rename never replaces a destination that appeared (or was
+replaced) after this run started, unless ``--force``: it is a no-replace rename (Linux ``renameat2``
+``RENAME_NOREPLACE``; elsewhere a check just before ``rename``), so the second run fails in one line and
+the first run's output stays whole.
+
 ``--force`` replaces only what dtypelab could have written: a ``.safetensors`` file, or a folder holding
 nothing but a checkpoint's own files (:data:`CHECKPOINT_FILES`); any other file is named and the
 replacement refused, unless ``force`` is :data:`FORCE_ANYTHING` (``--force --force``).
@@ -15,6 +20,8 @@ replacement refused, unless ``force`` is :data:`FORCE_ANYTHING` (``--force --for
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
 import fnmatch
 import os
@@ -56,6 +63,7 @@ class StagedOutput:
             raise CheckpointError(f"{self.dst}: already exists: choose another output or pass --force")
         if self.dst.exists() and self.force < FORCE_ANYTHING:
             _check_replaceable(self.dst)
+        self._found = _identity(self.dst)  # what the destination was when this run started
         self.tmp.mkdir()
         self._lock = hold_lock(self.tmp / LOCK_NAME)
         return self
@@ -70,13 +78,26 @@ class StagedOutput:
         if durable:
             _sync_tree(self.tmp)
         if self.dst.exists() or self.dst.is_symlink():
+            self._refuse_newcomer()
             os.rename(self.dst, old)
-        os.rename(staged, self.dst)
+        try:
+            _rename_no_replace(staged, self.dst)
+        except FileExistsError:  # appeared between the check and the rename
+            raise self._appeared() from None
         if durable:
             _sync(self.dst.parent)
         self.committed = True
         _remove(old)
         _remove(self.tmp)
+
+    def _refuse_newcomer(self) -> None:
+        """Without ``force``, a destination that is not the one found at the start is another writer's."""
+        if not self.force and _identity(self.dst) != self._found:
+            raise self._appeared()
+
+    def _appeared(self) -> CheckpointError:
+        return CheckpointError(f"{self.dst}: appeared while this conversion ran (another writer?) and was "
+                               "kept; nothing of this run was written: choose another output or pass --force")
 
     def __exit__(self, exc_type, exc, traceback) -> None:
         if not self.committed:
@@ -87,6 +108,35 @@ class StagedOutput:
         if isinstance(exc, CheckpointError) and str(self.tmp) in str(exc):  # name what the user gave
             message = str(exc).replace(str(self.tmp / self.dst.name), str(self.dst))  # a file output
             exc.args = (message.replace(str(self.tmp), str(self.dst)),)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path`` itself (a symlink is not followed), None when nothing is there."""
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _rename_no_replace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``, raising FileExistsError rather than replacing anything at ``dst`` (even
+    an empty folder, which a plain ``rename`` replaces silently). Atomic where the kernel and file system
+    offer ``renameat2(RENAME_NOREPLACE)``; elsewhere a check immediately before ``rename``."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.ENOSYS, errno.EINVAL):  # EINVAL: this file system lacks the flag
+            raise OSError(code, os.strerror(code), str(dst))  # EEXIST makes a FileExistsError
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
 
 
 def _sync_tree(folder: Path) -> None:
