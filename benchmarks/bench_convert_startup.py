@@ -55,6 +55,7 @@ def run() -> Table:
              f"(min {min(ratios):.2f}, max {max(ratios):.2f})",
              f"header rule minus torch's import per round: median {statistics.median(above):.2f} s "
              f"(min {min(above):.2f}, max {max(above):.2f})",
-             f"{ROUNDS} rounds, methods taking turns; load average {load_before:.1f} before, {load_after:.1f} after"]
+             f"{ROUNDS} rounds, methods taking turns; load average {load_before:.1f} before, "
+             f"{load_after:.1f} after"]
     return Table("Quantized conversion's fixed cost (tiny-llama to int4:g32, fresh process)",
                  ["method", "median s", "min s", "max s"], rows, notes)
