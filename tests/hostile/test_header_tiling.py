@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from dtypelab.checkpoint import read_header
 from dtypelab.errors import CheckpointError
@@ -52,11 +53,19 @@ def refused_by_safetensors(path: Path) -> bool:
 
 
 def refused_by_dtypelab(path: Path) -> bool:
+    return dtypelab_refusal(path) is not None
+
+
+def dtypelab_refusal(path: Path) -> str | None:
     try:
         read_header(path)
-    except CheckpointError:
-        return True
-    return False
+    except CheckpointError as exc:
+        return str(exc)
+    return None
+
+
+DOCUMENTED = ("control characters",)
+"""Where dtypelab refuses what safe_open accepts, on purpose (README, "Hostile input")."""
 
 
 @pytest.mark.parametrize("name", MUTANTS)
@@ -103,3 +112,25 @@ def test_inspect_and_convert_exit_2_in_one_line_and_write_nothing(capsys, tmp_pa
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_differential_over_every_single_bit_flip_of_a_real_header(tmp_path):
+    """Every bit of the length field and of the header of a real save_file output, flipped one at a
+    time: dtypelab refuses exactly the mutants safe_open refuses, but for the documented
+    differences (a control character in a tensor name)."""
+    save_file({"model.embed.weight": torch.randn(4, 3), "model.norm.weight": torch.ones(3).half(),
+               "ids": torch.arange(3)}, tmp_path / "real.safetensors", metadata={"format": "pt"})
+    original = (tmp_path / "real.safetensors").read_bytes()
+    header_end = 8 + int.from_bytes(original[:8], "little")
+    bits = range(header_end * 8)
+    disagreements = []
+    for bit in bits:
+        mutant = bytearray(original)
+        mutant[bit // 8] ^= 1 << (bit % 8)
+        path = tmp_path / "m.safetensors"
+        path.write_bytes(bytes(mutant))
+        refusal = dtypelab_refusal(path)
+        documented = refusal is not None and any(reason in refusal for reason in DOCUMENTED)
+        if (refusal is not None) != refused_by_safetensors(path) and not documented:
+            disagreements.append((bit, bytes(mutant[max(8, bit // 8 - 10):bit // 8 + 10])))
+    assert disagreements == []

@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import InputError
 from ..quant import QuantizedLinear, is_conv1d
 from ..tree import set_submodule, storage_key
-from .layouts import QUANT_METHOD, format_from_scheme, from_parts, stored_suffixes
+from .layouts import QUANT_METHOD, format_from_scheme, from_parts, stored_parts, stored_suffixes
 
 
 def load_quantized_weights(model: nn.Module, scheme: dict | list[dict], tensors: dict[str, torch.Tensor]
@@ -39,9 +39,29 @@ def load_quantized_weights(model: nn.Module, scheme: dict | list[dict], tensors:
         parts = {suffix: tensors.pop(f"{name}.{suffix}") for suffix in stored_suffixes()
                  if f"{name}.{suffix}" in tensors}
         fmt = format_from_scheme(scheme_for(scheme, name), parts["weight_scale"].dtype)
+        check_parts(name, fmt, parts, _out_in(linear))
         qt = from_parts(fmt, parts, _out_in(linear))
         set_submodule(model, name, QuantizedLinear.from_qtensor(qt, linear.bias, linear.weight.dtype))
     return names
+
+
+def check_parts(name: str, fmt: object, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> None:
+    """The stored parts must be exactly what ``fmt`` stores for a (out, in) ``shape`` weight — names,
+    dtypes, shapes, and ``weight_shape``'s values: a tampered quantization_config (``num_bits: 8`` on int4
+    codes, a group size the scales do not have, ``symmetric: false`` without zero points) is an error,
+    never codes read under the wrong scheme."""
+    expected = {part.suffix: part for part in stored_parts(fmt, shape)}
+    for suffix in sorted(set(expected) | set(parts)):
+        part, stored = expected.get(suffix), parts.get(suffix)
+        if part is None or stored is None or stored.dtype != part.dtype or tuple(stored.shape) != part.shape:
+            found = "absent" if stored is None else f"{stored.dtype} {tuple(stored.shape)}"
+            wanted = "absent" if part is None else f"{part.dtype} {part.shape}"
+            raise InputError(f"{name}.{suffix} is {found}, but the quantization_config ({fmt.name}) stores "
+                             f"{wanted} for a {shape[0]}x{shape[1]} weight: config.json does not match the "
+                             "weights")
+    if "weight_shape" in parts and tuple(parts["weight_shape"].tolist()) != tuple(shape):
+        raise InputError(f"{name}.weight_shape says {parts['weight_shape'].tolist()}, but the layer is "
+                         f"{shape[0]}x{shape[1]}: config.json does not match the weights")
 
 
 def scheme_for(schemes: dict | list[dict], name: str) -> dict:
