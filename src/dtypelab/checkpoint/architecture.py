@@ -71,9 +71,10 @@ def linear_layers(folder: Path, source: CheckpointSource | None = None) -> Layer
 
     Raises:
         ModelSpecError: an architecture outside :data:`HEADER_RULES` and transformers missing, or a
-            config it cannot build.
+            config it cannot build, or one :func:`~dtypelab.checkpoint.guard.check_model_folder` refuses
+            (remote code, wrong values, sizes the weights could not fill).
     """
-    config = _config(folder)
+    config = check_model_folder(folder, known_model_types=HEADER_RULES)  # no remote code, sane sizes
     rule = HEADER_RULES.get(config.get("model_type") if isinstance(config.get("model_type"), str) else "")
     if rule is None:
         return meta_linear_layers(folder)
@@ -139,7 +140,11 @@ def model_class(config: object) -> type:
     import transformers
 
     for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
+        cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+        if cls is None:
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            raise ModelSpecError(f"config.json's architectures names {name!r}, which is not a transformers "
+                                 "model class: fix config.json")
+        return cls
     return transformers.AutoModel

@@ -30,7 +30,7 @@ from ..quant import PLAN_DENSE_REASON, Action, MixedPlan, TensorDamage, dtype_na
 from ..quant.damage import NEGLIGIBLE_FLUSH
 from ..report import Table, TableMixin, to_jsonable
 from .architecture import linear_layers
-from .guard import check_model_folder, refuse_links_outside
+from .guard import refuse_links_outside
 from .layouts import check_supported, quantization_config
 from .pickled import pickle_refusal, pickle_weights, pickles_as_safetensors
 from .plan import CAST_DTYPES, OutputPlan, Quantization, parse_size, plan_output
@@ -354,7 +354,6 @@ def _planned_conversion(src: CheckpointSource, plan: MixedPlan, dense: str | Num
     if _config_path(src) is None:
         raise InputError(f"{src.path}: a plan is written in the compressed-tensors layout, which needs the "
                          "model folder with its config.json")
-    check_model_folder(src.folder)  # its architecture is read: no remote code, sizes the weights could fill
     linears, _, conv1d = linear_layers(src.folder, src)
     entries = {e.name: e for shard in src.shards for e in shard.tensors}
     formats = {}
@@ -612,7 +611,6 @@ def _plan_quantization(src: CheckpointSource, fmt: NumberFormat, keep: tuple[str
         raise InputError(f"{src.path}: {fmt.name} is written in the compressed-tensors layout, which needs "
                          "the model folder with its config.json (to find the Linear layers and record the "
                          f"quantization_config){hint}")
-    check_model_folder(src.folder)  # its architecture is read: no remote code, sizes the weights could fill
     linears, heads, conv1d = linear_layers(src.folder, src)
     heads = set() if head else heads
     entries = {e.name: e for shard in src.shards for e in shard.tensors}

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import stat
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -47,8 +48,11 @@ _SIZE_KEYS = ("hidden_size", "n_embd", "d_model", "num_hidden_layers", "n_layer"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-def check_model_folder(folder: Path) -> dict:
+def check_model_folder(folder: Path, known_model_types: Collection[str] = ()) -> dict:
     """Refuse a folder whose config.json or tokenizer_config.json asks for what dtypelab never does.
+
+    ``known_model_types``: model types the caller knows transformers has, looked up without importing
+    transformers (a quantized convert's fast path never imports it).
 
     Returns:
         config.json as a dict (already checked: no remote code, sizes of the right type, a model the
@@ -63,7 +67,7 @@ def check_model_folder(folder: Path) -> dict:
     config = read_json_file(config_path)
     if not isinstance(config, dict):
         raise ModelSpecError(f"{config_path}: not a JSON object: fix it or re-save the model")
-    refuse_remote_code(config_path, config)
+    refuse_remote_code(config_path, config, known_model_types)
     tokenizer_config = folder / "tokenizer_config.json"
     if tokenizer_config.exists():
         refuse_remote_code(tokenizer_config, read_json_file(tokenizer_config))
@@ -72,7 +76,7 @@ def check_model_folder(folder: Path) -> dict:
     return config
 
 
-def refuse_remote_code(path: Path, config: object) -> None:
+def refuse_remote_code(path: Path, config: object, known_model_types: Collection[str] = ()) -> None:
     """Refuse ``auto_map`` (classes in the folder's own ``.py`` files) and, in config.json, a
     ``model_type`` this transformers does not know (only the folder's code could build it)."""
     if not isinstance(config, dict):
@@ -82,7 +86,9 @@ def refuse_remote_code(path: Path, config: object) -> None:
                              f"{RUN_YOUR_CODE}")
     if path.name == "config.json" and "model_type" in config:
         model_type = config["model_type"]
-        if not isinstance(model_type, str) or not _known_model_type(model_type):
+        known = isinstance(model_type, str) and (model_type in known_model_types
+                                                 or _known_model_type(model_type))
+        if not known:
             raise ModelSpecError(f"{path}: model_type {model_type!r} is not one transformers knows, so only "
                                  f"the folder's own code could build it: {RUN_YOUR_CODE}")
 
@@ -121,20 +127,13 @@ def check_config_values(path: Path, config: dict) -> None:
 
 
 def _check_architectures(path: Path, architectures: object) -> None:
+    """A list of names; that each names a model class is checked where the class is looked up
+    (:func:`~dtypelab.checkpoint.model_class`), so a convert that never builds the model never imports
+    transformers."""
     if architectures is None:
         return
     if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
         raise ModelSpecError(f"{path}: architectures must be a list of model class names: fix config.json")
-    try:
-        import transformers
-    except ImportError:
-        return
-    for name in architectures:
-        found = getattr(transformers, name, None) if name.isidentifier() else None
-        model = isinstance(found, type) and issubclass(found, transformers.PreTrainedModel)
-        if found is not None and not model:
-            raise ModelSpecError(f"{path}: architectures names {name!r}, which is not a transformers model "
-                                 "class: fix config.json")
 
 
 def _is_dtype_name(value: object) -> bool:
