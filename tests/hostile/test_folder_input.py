@@ -87,6 +87,38 @@ def test_a_symlink_inside_the_folder_is_copied(capsys, tmp_path, tiny_folder):
     assert (tmp_path / "out" / "readme.txt").read_text() == "hello"
 
 
+@pytest.mark.parametrize("file", ["model.safetensors", "config.json"])
+@pytest.mark.parametrize("command", ["inspect", "compare"])
+def test_a_file_the_model_resolves_to_outside_the_folder_is_refused(capsys, tmp_path, tiny_folder, file,
+                                                                    command):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (tiny_folder / file).rename(outside / file)
+    (tiny_folder / file).symlink_to(outside / file)
+    line = one_line_exit_2(capsys, command, tiny_folder)
+    assert file in line and "outside the source folder" in line
+
+
+def test_a_linked_shard_is_refused_for_a_weights_folder_too(capsys, tmp_path, tiny_folder):
+    (tiny_folder / "config.json").unlink()
+    (tiny_folder / "model.safetensors").rename(tmp_path / "other.safetensors")
+    (tiny_folder / "model.safetensors").symlink_to(tmp_path / "other.safetensors")
+    assert "outside the source folder" in one_line_exit_2(capsys, "inspect", tiny_folder)
+
+
+def test_hugging_face_cache_links_into_blobs_are_followed(capsys, tmp_path, tiny_source):
+    """A cache snapshot is all links into the repository's blobs/: inside the repository, so read."""
+    repo = tmp_path / "models--me--tiny"
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for file in tiny_source.iterdir():
+        (blobs / file.name).write_bytes(file.read_bytes())
+        (snapshot / file.name).symlink_to(Path("../../blobs") / file.name)
+    code, _, err = run_cli(capsys, "inspect", snapshot)
+    assert code == 0, err
+
+
 # --- 4: one line, never a traceback ---------------------------------------------------------------------
 
 def test_deeply_nested_header_is_one_line(capsys, tmp_path):

@@ -7,7 +7,7 @@ config.json), in constant memory; :mod:`dtypelab.models` builds on it to load fo
 from .architecture import linear_layers, model_class
 from .convert import ConversionResult, convert_checkpoint
 from .gguf_file import GgufHeader, GgufInspection, inspect_gguf, read_gguf_header
-from .guard import check_model_folder, read_json_file, refuse_remote_code
+from .guard import check_model_folder, read_json_file, refuse_links_outside, refuse_remote_code
 from .inspect import CheckpointInspection, ShardInfo, TensorRow, inspect_checkpoint
 from .layouts import (
     LAYOUTS,
@@ -52,6 +52,7 @@ __all__ = [
     "find_leftovers", "inspect_checkpoint", "inspect_gguf",
     "layout_for", "linear_layers", "load_quantized_weights", "model_class", "one_thread", "open_checkpoint",
     "parse_size", "quantization_config", "quantization_scheme", "read_gguf_header", "read_header",
-    "read_index", "register", "check_model_folder", "read_json_file", "refuse_remote_code",
+    "read_index", "register", "check_model_folder", "read_json_file", "refuse_links_outside",
+    "refuse_remote_code",
     "remove_leftovers", "stored_nbytes", "stored_numel", "stored_parts", "to_parts", "weight_stored_nbytes",
 ]

@@ -178,17 +178,18 @@ def weight_bytes(folder: Path) -> int:
 
 
 def refuse_links_outside(folder: Path, paths: list[Path]) -> None:
-    """Refuse a file of ``folder`` that is a symlink resolving outside it, before it is copied as content
-    (a ``notes.txt`` pointing at ``~/.ssh/id_rsa`` would land in the output). A Hugging Face cache
-    snapshot's links into its repository's ``blobs/`` stay inside the repository and are allowed."""
+    """Refuse a file of ``folder`` that is a symlink resolving outside it, before it is read or copied as
+    content (a ``notes.txt`` pointing at ``~/.ssh/id_rsa`` would land in the output, a shard linked to
+    another model would be read as this one). A Hugging Face cache snapshot's links into its
+    repository's ``blobs/`` stay inside the repository and are allowed."""
     root = folder.resolve()
     allowed = root.parent.parent if root.parent.name == "snapshots" else root
     for path in paths:
         target = path.resolve()  # a link anywhere on the way (a linked subfolder too) is followed here
         if not target.is_relative_to(allowed):
             raise CheckpointError(f"{path}: a symlink to {target}, outside the source folder: dtypelab never "
-                                  "copies files from outside the source; replace the link with the file or "
-                                  "remove it")
+                                  "reads or copies files from outside the source; replace the link with the "
+                                  "file or remove it")
 
 
 def open_regular(path: Path):

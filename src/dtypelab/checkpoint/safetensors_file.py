@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .guard import open_regular, read_json_file
+from .guard import open_regular, read_json_file, refuse_links_outside
 
 INDEX_SUFFIX = ".safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000
@@ -389,6 +389,7 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
     if indexes:
         return _open_indexed(path, indexes[0])
     files = sorted(path.glob("*.safetensors"))
+    refuse_links_outside(path, files)
     if not files:
         raise CheckpointError(f"{path}: no .safetensors file in this folder: convert .bin weights to "
                               "safetensors first, or give the right folder")
@@ -400,6 +401,7 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
 def _open_indexed(folder: Path, index: Path) -> CheckpointSource:
     weight_map, metadata = read_index(index)
     files = list(dict.fromkeys(weight_map.values()))
+    refuse_links_outside(folder, [index, *(folder / file for file in files)])
     for name, file in weight_map.items():
         if not (folder / file).is_file():
             raise CheckpointError(f"{index}: names missing shard {file!r} (tensor {name!r}): "

@@ -39,6 +39,7 @@ from ..checkpoint import (
     read_index,
     read_json_file,
     read_state_dict,
+    refuse_links_outside,
     refuse_remote_code,
 )
 from ..errors import (
@@ -316,6 +317,7 @@ def load_folder(path: Path, dtype: str | torch.dtype = "auto", *, allow_pickle: 
                                  "(or its shards and model.safetensors.index.json)")
         if not allow_pickle:
             raise pickle_refused(pickles[0])
+    refuse_links_outside(path, [p for p in path.iterdir() if p.is_file()])  # all transformers may read
     check_model_folder(path)  # the folder's own code never runs; absurd sizes refused before a build
     validate_safetensors(path, safetensors_files)
     return _from_pretrained(path, dtype, use_safetensors=bool(safetensors_files))
