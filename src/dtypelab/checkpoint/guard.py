@@ -160,7 +160,8 @@ def check_implied_size(path: Path, config: dict, stored_bytes: int) -> None:
 
 def implied_parameters(config: dict) -> int:
     """A transformer's parameter count from its config (per layer 4·h² attention + 3·h·I MLP, plus input
-    and output embeddings): an upper estimate of ordinary decoders, enough to catch absurd sizes."""
+    and output embeddings): ordinary decoders' count but for norms and biases, enough to catch absurd
+    sizes."""
     width = _first(config, "hidden_size", "n_embd", "d_model") or 0
     layers = _first(config, "num_hidden_layers", "n_layer", "num_layers") or 0
     inner = _first(config, "intermediate_size", "n_inner", "ffn_dim") or 4 * width
