@@ -4,6 +4,7 @@ refused up front, with nothing printed or prompted, whatever stdin holds."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,21 @@ def test_stdin_from_dev_null_prints_no_prompt(tmp_path, tiny_folder):
                           capture_output=True, text=True, timeout=300)
     assert not marker.exists() and done.returncode == 2
     assert "custom code" not in done.stdout + done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_stdin_a_terminal_neither_waits_nor_prompts(tmp_path, tiny_folder):
+    """On a terminal transformers' "[y/N]" would wait for an answer: the refusal comes first."""
+    marker = tmp_path / "marker"
+    plant_code(tiny_folder, marker, "tokenizer_config.json")
+    controller, terminal = os.openpty()
+    try:
+        done = subprocess.run(dtypelab_command("inspect", str(tiny_folder)), stdin=terminal,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert not marker.exists() and done.returncode == 2
+    assert done.stdout == "" and "[y/N]" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
 def test_convert_to_a_quantized_format_refuses_it_too(capsys, tmp_path, tiny_folder):
