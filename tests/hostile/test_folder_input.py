@@ -222,6 +222,9 @@ def test_more_tensors_than_the_limit_are_refused_before_parsing(capsys, tmp_path
     path = tmp_path / "m.safetensors"
     path.write_bytes(struct.pack("<Q", len(raw)) + raw)
     assert "4 tensors, more than the 3 limit" in one_line_exit_2(capsys, "inspect", path)
+    escaped = raw.replace(b'"data_offsets"', b'"data_offset\\u0073"')  # the same JSON, not counted raw
+    path.write_bytes(struct.pack("<Q", len(escaped)) + escaped)
+    assert "4 tensors, more than the 3 limit" in one_line_exit_2(capsys, "inspect", path)
     header.pop("t3")
     raw = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw)

@@ -174,10 +174,7 @@ def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
 
 
 def _parse_json(path: Path, raw: bytes) -> dict:
-    count = raw.count(b'"data_offsets"')
-    if count > MAX_TENSORS:
-        raise CheckpointError(f"{path}: header lists {count} tensors, more than the {MAX_TENSORS} limit "
-                              "per file: damaged or hostile; do not load it")
+    _check_count(path, raw.count(b'"data_offsets"'))  # before parsing: cheap, in C
     try:
         parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except RecursionError:
@@ -188,7 +185,14 @@ def _parse_json(path: Path, raw: bytes) -> dict:
                               "not safetensors; re-download or re-save it") from None
     if not isinstance(parsed, dict):
         raise CheckpointError(f"{path}: header is JSON but not an object of tensors: not a safetensors file")
+    _check_count(path, len(parsed) - ("__metadata__" in parsed))  # a key spelt with \u escapes
     return parsed
+
+
+def _check_count(path: Path, count: int) -> None:
+    if count > MAX_TENSORS:
+        raise CheckpointError(f"{path}: header lists {count} tensors, more than the {MAX_TENSORS} limit "
+                              "per file: damaged or hostile; do not load it")
 
 
 def _parse_metadata(path: Path, metadata: object) -> dict[str, str]:
