@@ -25,7 +25,7 @@ SRC = Path(dtypelab.__file__).resolve().parent
 
 LAYERS: list[set[str]] = [
     {"errors", "enums", "naming", "quiet"},  # base: nothing of dtypelab (but each other, acyclically)
-    {"progress", "tree"},  # base, on top of errors / naming
+    {"progress", "tree", "executor"},  # base, on top of errors / naming
     {"report"},
     {"formats"},
     {"quant"},

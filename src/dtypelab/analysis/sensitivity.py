@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field
 
@@ -39,6 +39,7 @@ from torch import nn
 
 from ..checkpoint import stored_nbytes, weight_stored_nbytes
 from ..errors import InputError
+from ..executor import Executor, InProcess, TaskFailure
 from ..formats import NumberFormat, get_format
 from ..progress import ProgressCallback, stage
 from ..quant import DENSE, QuantizedLinear, calibrate_layers, linear_candidates
@@ -158,7 +159,8 @@ def sensitivity(reference: nn.Module, formats: str | Sequence[str | NumberFormat
                 inputs: torch.Tensor | Mapping[str, torch.Tensor], *, method: str = "fisher",
                 exact: bool = False, output_name: str | None = None, output_kind: str = "auto",
                 exclude: Sequence[str] = (), head: bool = False, batch_rows: int = 1, seed: int = 0,
-                calibration: Sequence | None = None,
+                calibration: Sequence | None = None, executor: Executor | None = None,
+                worker_setup: Callable[[], tuple] | None = None,
                 progress: ProgressCallback | None = None) -> SensitivityResult:
     """Rank every quantizable layer group of ``reference`` by the damage each format does to it alone.
 
@@ -173,6 +175,10 @@ def sensitivity(reference: nn.Module, formats: str | Sequence[str | NumberFormat
         seed: the seed of the sampled labels / random probes (the prediction is reproducible).
         calibration: the batches ``:gptq`` / ``:awq`` formats calibrate on (required for them; use the
             ones ``convert`` will calibrate on, so the scored codes are the written ones).
+        executor, worker_setup: run the exact sweep's (group, format) measurements as independent tasks
+            (:mod:`dtypelab.executor`: local processes, Ray); ``worker_setup()`` — picklable, run once per
+            worker — returns ``(reference, inputs, calibration)`` as this call has them. A task that fails
+            twice is that score's ``problem``, with its reason.
 
     Returns:
         A :class:`SensitivityResult`.
@@ -180,24 +186,18 @@ def sensitivity(reference: nn.Module, formats: str | Sequence[str | NumberFormat
     if method not in SENSITIVITY_METHODS:
         raise InputError(f"unknown sensitivity method {method!r}: choose "
                          f"{' or '.join(SENSITIVITY_METHODS)}")
-    fmts = _parse_formats(formats)
-    calibrated = [f.name for f in fmts if f.calibration]
-    if calibrated and not calibration:
-        raise InputError(f"{', '.join(calibrated)} choose codes from calibration inputs: pass calibration= "
-                         "(batches of model inputs); the CLI reads the bundled calibration text or "
-                         "--calib-file")
     methods = ["fisher", "exact"] if method == "fisher" and exact else [method]
-    candidates = linear_candidates(reference, list(exclude), head)
-    names = [name for name, reason in candidates.items() if not reason]
-    if not names:
-        raise InputError("no layer to rank: every Linear layer is excluded, tied or the head "
-                         "(--head ranks the head)")
-    groups = layer_groups(reference, names)
-    batches = split_rows(inputs, batch_rows) if (rows_of(inputs) or 1) > batch_rows else [inputs]
-    context = _Context(reference, batches, output_name, output_kind, groups, fmts, seed, progress,
-                       calibration)
+    parallel = executor is not None and not isinstance(executor, InProcess) and "exact" in methods
+    if parallel and worker_setup is None:
+        raise InputError("a parallel exact sweep needs worker_setup: how each worker loads the model and "
+                         "its inputs (the CLI passes one for --workers / --ray)")
+    sweep = SweepSetup(worker_setup, formats, output_name, output_kind, tuple(exclude), head, batch_rows,
+                       seed)
+    context, candidates = sweep.context(reference, inputs, calibration, progress)
+    fmts, groups = context.fmts, context.groups
     predicted = context.fisher() if "fisher" in methods else {}
-    measured = context.exact() if "exact" in methods else {}
+    measured = ({} if "exact" not in methods else
+                context.exact_parallel(executor, sweep) if parallel else context.exact())
     scores = context.scores(predicted, measured)
     spearman = {}
     for fmt in fmts if predicted and measured else []:
@@ -207,6 +207,52 @@ def sensitivity(reference: nn.Module, formats: str | Sequence[str | NumberFormat
                              context.fixed_bytes(), context.positions, methods, context.cost, spearman,
                              {name: reason for name, reason in candidates.items() if reason},
                              context.layer_bytes())
+
+
+@dataclass(frozen=True)
+class SweepSetup:
+    """What builds a sensitivity sweep's context, here and (picklable) in each worker of a parallel
+    sweep: ``load()`` gives ``(reference, inputs, calibration)``; the rest are :func:`sensitivity`'s
+    arguments."""
+
+    load: Callable[[], tuple] | None
+    formats: str | Sequence[str | NumberFormat]
+    output_name: str | None
+    output_kind: str
+    exclude: tuple[str, ...]
+    head: bool
+    batch_rows: int
+    seed: int
+
+    def __call__(self) -> _Context:
+        """A worker's state: the model loaded once, its context (inputs in runs, twins) built once."""
+        reference, inputs, calibration = self.load()
+        return self.context(reference, inputs, calibration, None)[0]
+
+    def context(self, reference: nn.Module, inputs, calibration: Sequence | None,
+                progress: ProgressCallback | None) -> tuple[_Context, dict[str, str]]:
+        """(the sweep's context, every Linear candidate -> why it stays dense or "")."""
+        fmts = _parse_formats(self.formats)
+        calibrated = [f.name for f in fmts if f.calibration]
+        if calibrated and not calibration:
+            raise InputError(f"{', '.join(calibrated)} choose codes from calibration inputs: pass "
+                             "calibration= (batches of model inputs); the CLI reads the bundled calibration "
+                             "text or --calib-file")
+        candidates = linear_candidates(reference, list(self.exclude), self.head)
+        names = [name for name, reason in candidates.items() if not reason]
+        if not names:
+            raise InputError("no layer to rank: every Linear layer is excluded, tied or the head "
+                             "(--head ranks the head)")
+        groups = layer_groups(reference, names)
+        rows = self.batch_rows
+        batches = split_rows(inputs, rows) if (rows_of(inputs) or 1) > rows else [inputs]
+        return _Context(reference, batches, self.output_name, self.output_kind, groups, fmts, self.seed,
+                        progress, calibration), candidates
+
+
+def _exact_task(context: _Context, key: tuple[str, str]) -> float:
+    """One (group, format) of a parallel exact sweep, in a worker: its damage summed over every run."""
+    return context.exact_total(*key)
 
 
 def _parse_formats(formats: str | Sequence[str | NumberFormat]) -> list[NumberFormat]:
@@ -430,6 +476,45 @@ class _Context:
                 bar.advance(detail=f"{group.name} {fmt.name}")
         self.cost["exact"] = (time.perf_counter() - start) / max(self.forward_s * len(self.batches), 1e-9)
         return {key: value / denominator if denominator else math.nan for key, value in totals.items()}
+
+    def exact_total(self, group_name: str, fmt_name: str) -> float:
+        """One (group, format)'s exact damage summed over every run, before the denominator (what a
+        worker of a parallel sweep computes: the same sums, in the same order, as :meth:`exact`)."""
+        group = next(g for g in self.groups if g.name == group_name)
+        total = 0.0
+        for batch in self.batches:
+            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            ref = valid_positions(select_output(run_model(self.reference, batch), self.output_name), mask)
+            with _swapped(self.reference, {n: self.twins[(n, fmt_name)] for n in group.layers}):
+                out = select_output(run_model(self.reference, batch), self.output_name)
+            total += self._exact_sum(ref, valid_positions(out, mask))
+        return total
+
+    def exact_parallel(self, executor: Executor, setup: SweepSetup) -> dict[tuple[str, str], float]:
+        """:meth:`exact` with the (group, format) measurements as tasks of ``executor``; the denominator
+        (positions or reference power) from this process's reference forwards. A failed task becomes
+        its score's problem."""
+        start = time.perf_counter()
+        keys = [(g.name, f.name) for g in self.groups for f in self.fmts
+                if not self.problems[(g.name, f.name)]]
+        denominator = 0.0
+        for batch in self.batches:
+            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            ref = valid_positions(select_output(run_model(self.reference, batch), self.output_name), mask)
+            rows = ref.reshape(-1, ref.shape[-1]).shape[0]
+            self.positions = self.positions if "fisher" in self.cost else self.positions + rows
+            denominator += rows if self.logits else float(ref.double().pow(2).sum())
+        bar = stage(self.progress, "sensitivity", "tasks", len(keys))
+        results = executor.run(setup, _exact_task, keys)
+        bar.update(len(keys), detail=executor.describe())
+        measured = {}
+        for key, result in zip(keys, results, strict=True):
+            if isinstance(result, TaskFailure):
+                self.problems[key] = f"failed on {executor.name}: {result.reason}"
+            else:
+                measured[key] = result / denominator if denominator else math.nan
+        self.cost["exact"] = (time.perf_counter() - start) / max(self.forward_s * len(self.batches), 1e-9)
+        return measured
 
     def _exact_sum(self, ref: torch.Tensor, cand: torch.Tensor) -> float:
         if self.logits:

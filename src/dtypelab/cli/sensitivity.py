@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import click
 import torch
 
 from ..analysis import SENSITIVITY_METHODS, SensitivityResult, sensitivity
+from ..errors import InputError
+from ..executor import executor_for
 from ..formats import get_format, split_list
 from ..models import LoadedModel, load, model_inputs, to_device
 from ..variants import CalibrationData
@@ -47,6 +50,12 @@ def ranking_options(f: Callable) -> Callable:
         click.option("--head", is_flag=True, help="Rank the output head too (dense by default)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the sampled labels / random probes of the fisher prediction."),
+        click.option("--workers", type=int,
+                     help="With --exact: run the sweep's (group, format) forwards in N local worker "
+                          "processes (each loads the model once, 1 thread each)."),
+        click.option("--ray", "ray_address", metavar="auto|ADDRESS|local",
+                     help="With --exact: run the sweep on Ray (an actor per worker; local: a cluster of "
+                          "--workers CPUs on 127.0.0.1). Needs pip install 'dtypelab[ray]'."),
     ]):
         f = option(f)
     return calibration_options(input_options(pickle_option(device_option(f))))
@@ -68,12 +77,31 @@ def ranking_inputs(loaded: LoadedModel, target: torch.device, texts: tuple[str, 
 
 def rank(model: str, formats: str, allow_pickle: bool, device: str, method: str, exact: bool,
          exclude: tuple[str, ...], head: bool, seed: int, calib_file: str | None = None,
-         calib_tokens: int | None = None, **inputs) -> tuple[LoadedModel, SensitivityResult,
-                                                            CalibrationData | None]:
+         calib_tokens: int | None = None, workers: int | None = None, ray_address: str | None = None,
+         **inputs) -> tuple[LoadedModel, SensitivityResult, CalibrationData | None]:
     """Load ``model`` in float32 and rank its layer groups in ``formats`` (shared by plan); also the
-    calibration its ``:gptq`` / ``:awq`` formats were scored with (what a plan's model calibrates on)."""
-    target = resolve_device(device)
+    calibration its ``:gptq`` / ``:awq`` formats were scored with (what a plan's model calibrates on).
+    ``workers`` / ``ray_address``: the exact sweep's executor (:mod:`dtypelab.executor`)."""
+    if (workers is not None or ray_address is not None) and not (exact or method == "exact"):
+        raise InputError("--workers and --ray run the exact sweep: add --exact (or --method exact), or "
+                         "drop them")
+    executor = executor_for(workers, ray_address)
     fmts = [get_format(f) for f in split_list(formats)]  # a typo is refused before the model loads
+    setup = functools.partial(ranking_state, model, allow_pickle, device, fmts, calib_file, calib_tokens,
+                              inputs)
+    loaded, reference, batch, calibration = load_ranking(model, allow_pickle, device, fmts, calib_file,
+                                                         calib_tokens, inputs)
+    return loaded, sensitivity(reference, formats, batch, method=method, exact=exact,
+                               output_kind=loaded.output_kind, exclude=exclude, head=head, seed=seed,
+                               calibration=calibration.batches if calibration else None,
+                               executor=executor, worker_setup=setup), calibration
+
+
+def load_ranking(model: str, allow_pickle: bool, device: str, fmts: list, calib_file: str | None,
+                 calib_tokens: int | None, inputs: dict):
+    """(loaded, reference on the device, the ranking's inputs, the calibration): what ``rank`` measures
+    on, and what each worker of a parallel sweep rebuilds the same way."""
+    target = resolve_device(device)
     loaded = load(model, "fp32", allow_pickle=allow_pickle)
     calibration = calibration_for(loaded, fmts, calib_file, calib_tokens)
     batch = ranking_inputs(loaded, target, **inputs)
@@ -81,9 +109,13 @@ def rank(model: str, formats: str, allow_pickle: bool, device: str, method: str,
     if calibration is not None:
         calibration = dataclasses.replace(calibration, batches=[to_device(b, target) for b in
                                                                 calibration.batches])
-    return loaded, sensitivity(reference, formats, batch, method=method, exact=exact,
-                               output_kind=loaded.output_kind, exclude=exclude, head=head, seed=seed,
-                               calibration=calibration.batches if calibration else None), calibration
+    return loaded, reference, batch, calibration
+
+
+def ranking_state(*args) -> tuple:
+    """A worker's ``(reference, inputs, calibration batches)``: :func:`load_ranking` in the worker."""
+    _, reference, batch, calibration = load_ranking(*args)
+    return reference, batch, calibration.batches if calibration else None
 
 
 @click.command("sensitivity", short_help="Rank layer groups by the damage a format does to each alone.",

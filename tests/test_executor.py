@@ -1,0 +1,115 @@
+"""The executor seam: results in task order, setup once per worker, a failed task retried once then a
+row with its reason, and the sensitivity sweep equal in-process, on local processes and on Ray.
+
+Truth: the in-process run (today's loop) and counters the toy tasks keep.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+
+import dtypelab
+from dtypelab.analysis import sensitivity
+from dtypelab.errors import InputError
+from dtypelab.executor import InProcess, LocalProcesses, RayExecutor, TaskFailure, executor_for
+from dtypelab.models import model_inputs
+from helpers import run_cli
+
+
+def _setup() -> dict:
+    return {"pid": os.getpid(), "seen": {}}
+
+
+def _square_or_fail(state: dict, task: int) -> tuple[int, int]:
+    """Fails the first try of task 3 and every try of task 5; else (task², the worker's pid)."""
+    tries = state["seen"][task] = state["seen"].get(task, 0) + 1
+    if task == 5 or (task == 3 and tries == 1):
+        raise ValueError(f"task {task} try {tries}")
+    return task * task, state["pid"]
+
+
+@pytest.mark.parametrize("executor", [InProcess(), LocalProcesses(2)], ids=["in-process", "processes"])
+def test_results_in_order_retried_once_then_a_failure_row(executor):
+    results = executor.run(_setup, _square_or_fail, list(range(8)))
+    assert [r[0] for r in results if not isinstance(r, TaskFailure)] == [0, 1, 4, 9, 16, 36, 49]
+    failure = results[5]
+    assert isinstance(failure, TaskFailure) and failure.task == 5 and "task 5 try 2" in failure.reason
+    pids = {r[1] for r in results if not isinstance(r, TaskFailure)}
+    assert len(pids) <= executor.workers and (os.getpid() in pids) == isinstance(executor, InProcess)
+
+
+def test_executor_for_reads_the_options():
+    assert isinstance(executor_for(), InProcess) and isinstance(executor_for(1), InProcess)
+    assert isinstance(executor_for(3), LocalProcesses) and executor_for(3).workers == 3
+    with pytest.raises(InputError, match="at least 1"):
+        executor_for(0)
+
+
+def _tiny_llama_state() -> tuple:
+    loaded = dtypelab.load("tiny-llama")
+    return loaded.model, model_inputs(loaded, text_set="calibration", ctx=64, windows=2), None
+
+
+@pytest.fixture(scope="module")
+def in_process():
+    torch.set_num_threads(1)  # what each worker pins: the same sums in the same order
+    try:
+        model, inputs, _ = _tiny_llama_state()
+        return sensitivity(model, "int4:g64,int8", inputs, method="exact")
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+
+
+def test_the_sweep_on_local_processes_equals_the_in_process_one(in_process):
+    model, inputs, _ = _tiny_llama_state()
+    parallel = sensitivity(model, "int4:g64,int8", inputs, method="exact", executor=LocalProcesses(2),
+                           worker_setup=_tiny_llama_state)
+    # one thread everywhere: bit-identical (measured); the tolerance is float32 summation order, were the
+    # kernels to block differently
+    for ours, theirs in zip(in_process.scores, parallel.scores, strict=True):
+        assert theirs.exact == pytest.approx(ours.exact, rel=1e-6) and theirs.problem == ""
+
+
+@pytest.mark.slow
+def test_the_sweep_on_a_local_ray_cluster_equals_the_in_process_one(in_process):
+    """Ray started here, on 127.0.0.1 with 2 CPUs, no dashboard, usage stats off; shut down after."""
+    ray = pytest.importorskip("ray", reason="Ray is a test extra (pip install 'dtypelab[ray]')")
+    from dtypelab.cli.sensitivity import ranking_state  # installed code: what Ray workers can import
+
+    model, inputs, _ = _tiny_llama_state()
+    options = {"texts": (), "text_file": None, "input_ids": None, "input_file": None,
+               "text_set": "calibration", "ctx": 64, "stride": None, "windows": 2}
+    setup = functools.partial(ranking_state, "tiny-llama", False, "cpu", [], None, None, options)
+    assert torch.equal(setup()[1]["input_ids"], inputs["input_ids"])  # the workers' inputs are these
+    result = sensitivity(model, "int4:g64,int8", inputs, method="exact", executor=RayExecutor("local", 2),
+                         worker_setup=setup)
+    for ours, theirs in zip(in_process.scores, result.scores, strict=True):
+        assert theirs.exact == pytest.approx(ours.exact, rel=1e-6)
+    assert not ray.is_initialized()  # the cluster this run started is gone
+
+
+def test_a_parallel_sweep_needs_a_worker_setup(tiny_llama):
+    inputs = model_inputs(tiny_llama, texts=["a b c"])
+    with pytest.raises(InputError, match="worker_setup"):
+        sensitivity(tiny_llama.model, "int8", inputs, method="exact", executor=LocalProcesses(2))
+
+
+def test_cli_refuses_workers_without_the_exact_sweep_and_ray_without_ray(capsys, monkeypatch):
+    code, _, err = run_cli(capsys, "sensitivity", "tiny-llama", "--to", "int8", "--workers", "2")
+    assert code == 2 and "--exact" in err
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("no ray")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    code, _, err = run_cli(capsys, "sensitivity", "tiny-llama", "--to", "int8", "--exact", "--ray", "auto")
+    assert code == 2 and "pip install 'dtypelab[ray]'" in err and len(err.strip().splitlines()) == 1
