@@ -102,6 +102,9 @@ def test_fsync_flushes_every_output_file_before_the_rename(capsys, tmp_path, src
                         or real_fsync(fd))
     monkeypatch.setattr(staging.os, "rename", lambda a, b: renamed.append((len(synced), str(b)))
                         or real_rename(a, b))
+    real_no_replace = staging._rename_no_replace  # the final rename (renameat2, no os.rename)
+    monkeypatch.setattr(staging, "_rename_no_replace", lambda a, b: renamed.append((len(synced), str(b)))
+                        or real_no_replace(a, b))
     code, _, _ = run_cli(capsys, "convert", src, "--to", "bf16", "-o", tmp_path / "out", "--fsync")
     assert code == 0
     before_rename = synced[:renamed[-1][0]]
