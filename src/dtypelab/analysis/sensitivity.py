@@ -42,7 +42,7 @@ from ..errors import InputError
 from ..executor import Executor, InProcess, TaskFailure
 from ..formats import NumberFormat, get_format
 from ..progress import ProgressCallback, stage
-from ..quant import DENSE, QuantizedLinear, calibrate_layers, linear_candidates
+from ..quant import DENSE, QuantizedLinear, calibrate_layers, dequantized_once, linear_candidates
 from ..report import Table, TableMixin, format_cell
 from ..tree import set_submodule
 from .metrics import kl_divergence, valid_positions
@@ -461,6 +461,15 @@ class _Context:
         totals = {(g.name, f.name): 0.0 for g, f in keys}
         bar = stage(self.progress, "sensitivity", "forwards", len(keys) * len(self.batches))
         denominator = 0.0
+        with dequantized_once(nn.ModuleList(self.twins.values())):  # each twin dequantized once, not per run
+            denominator = self._exact_runs(keys, totals, bar)
+        self.cost["exact"] = (time.perf_counter() - start) / max(self.forward_s * len(self.batches), 1e-9)
+        return {key: value / denominator if denominator else math.nan for key, value in totals.items()}
+
+    def _exact_runs(self, keys: list, totals: dict, bar) -> float:
+        """Every run of the exact sweep: the reference, then each (group, format) swapped in; returns the
+        denominator (positions for KL, reference power for noise)."""
+        denominator = 0.0
         for batch in self.batches:
             mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
             ref = valid_positions(select_output(run_model(self.reference, batch), self.output_name), mask)
@@ -474,21 +483,23 @@ class _Context:
                 cand = valid_positions(out, mask)
                 totals[(group.name, fmt.name)] += self._exact_sum(ref, cand)
                 bar.advance(detail=f"{group.name} {fmt.name}")
-        self.cost["exact"] = (time.perf_counter() - start) / max(self.forward_s * len(self.batches), 1e-9)
-        return {key: value / denominator if denominator else math.nan for key, value in totals.items()}
+        return denominator
 
     def exact_total(self, group_name: str, fmt_name: str) -> float:
         """One (group, format)'s exact damage summed over every run, before the denominator (what a
         worker of a parallel sweep computes: the same sums, in the same order, as :meth:`exact`)."""
         group = next(g for g in self.groups if g.name == group_name)
-        total = 0.0
-        for batch in self.batches:
-            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-            ref = valid_positions(select_output(run_model(self.reference, batch), self.output_name), mask)
-            with _swapped(self.reference, {n: self.twins[(n, fmt_name)] for n in group.layers}):
-                out = select_output(run_model(self.reference, batch), self.output_name)
-            total += self._exact_sum(ref, valid_positions(out, mask))
-        return total
+        twins = {n: self.twins[(n, fmt_name)] for n in group.layers}
+        with dequantized_once(nn.ModuleList(twins.values())):
+            return sum(self._exact_run(batch, twins) for batch in self.batches)
+
+    def _exact_run(self, batch, twins: dict[str, nn.Module]) -> float:
+        """One run's exact damage sum with ``twins`` swapped in."""
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        ref = valid_positions(select_output(run_model(self.reference, batch), self.output_name), mask)
+        with _swapped(self.reference, twins):
+            out = select_output(run_model(self.reference, batch), self.output_name)
+        return self._exact_sum(ref, valid_positions(out, mask))
 
     def exact_parallel(self, executor: Executor, setup: SweepSetup) -> dict[tuple[str, str], float]:
         """:meth:`exact` with the (group, format) measurements as tasks of ``executor``; the denominator
