@@ -317,3 +317,16 @@ def test_loading_a_gguf_draws_no_progress_bar(tiny):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "de-quantizing" not in done.stderr and done.stderr == ""
+
+
+def test_a_gguf_folder_asking_to_run_its_own_code_is_refused(tiny, tmp_path):
+    """transformers reads tokenizer_config.json beside a GGUF too: auto_map there is refused (issue 18)."""
+    path, _ = tiny
+    (tmp_path / path.name).write_bytes(path.read_bytes())
+    marker = tmp_path / "marker"
+    (tmp_path / "tokenization_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    (tmp_path / "tokenizer_config.json").write_text(
+        '{"tokenizer_class": "Evil", "auto_map": {"AutoTokenizer": ["tokenization_evil.Evil", null]}}')
+    with pytest.raises(ModelSpecError, match="auto_map"):
+        load(str(tmp_path))
+    assert not marker.exists()
