@@ -471,12 +471,8 @@ class _Context:
         denominator (positions for KL, reference power for noise)."""
         denominator = 0.0
         for batch in self.batches:
-            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-            ref = valid_positions(select_output(run_model(self.reference, batch), self.output_name), mask)
-            positions = ref.reshape(-1, ref.shape[-1]).shape[0]
-            self.positions = self.positions if "fisher" in self.cost else self.positions + positions
-            denominator += ref.reshape(-1, ref.shape[-1]).shape[0] if self.logits else \
-                float(ref.double().pow(2).sum())
+            ref, mask = self._reference_run(batch)
+            denominator += self._denominator(ref)
             for group, fmt in keys:
                 with _swapped(self.reference, {n: self.twins[(n, fmt.name)] for n in group.layers}):
                     out = select_output(run_model(self.reference, batch), self.output_name)
@@ -484,6 +480,18 @@ class _Context:
                 totals[(group.name, fmt.name)] += self._exact_sum(ref, cand)
                 bar.advance(detail=f"{group.name} {fmt.name}")
         return denominator
+
+    def _reference_run(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the reference's output at the run's real positions, the run's attention mask)."""
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        return valid_positions(select_output(run_model(self.reference, batch), self.output_name), mask), mask
+
+    def _denominator(self, ref: torch.Tensor) -> float:
+        """One run's share of the exact damage's denominator (positions for KL, reference power for
+        noise); counts its positions unless the prediction already did."""
+        rows = ref.reshape(-1, ref.shape[-1]).shape[0]
+        self.positions = self.positions if "fisher" in self.cost else self.positions + rows
+        return rows if self.logits else float(ref.double().pow(2).sum())
 
     def exact_total(self, group_name: str, fmt_name: str) -> float:
         """One (group, format)'s exact damage summed over every run, before the denominator (what a
@@ -495,8 +503,7 @@ class _Context:
 
     def _exact_run(self, batch, twins: dict[str, nn.Module]) -> float:
         """One run's exact damage sum with ``twins`` swapped in."""
-        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-        ref = valid_positions(select_output(run_model(self.reference, batch), self.output_name), mask)
+        ref, mask = self._reference_run(batch)
         with _swapped(self.reference, twins):
             out = select_output(run_model(self.reference, batch), self.output_name)
         return self._exact_sum(ref, valid_positions(out, mask))
@@ -508,13 +515,7 @@ class _Context:
         start = time.perf_counter()
         keys = [(g.name, f.name) for g in self.groups for f in self.fmts
                 if not self.problems[(g.name, f.name)]]
-        denominator = 0.0
-        for batch in self.batches:
-            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-            ref = valid_positions(select_output(run_model(self.reference, batch), self.output_name), mask)
-            rows = ref.reshape(-1, ref.shape[-1]).shape[0]
-            self.positions = self.positions if "fisher" in self.cost else self.positions + rows
-            denominator += rows if self.logits else float(ref.double().pow(2).sum())
+        denominator = sum(self._denominator(self._reference_run(batch)[0]) for batch in self.batches)
         bar = stage(self.progress, "sensitivity", "tasks", len(keys))
         results = executor.run(setup, _exact_task, keys)
         bar.update(len(keys), detail=executor.describe())
