@@ -7,6 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from dtypelab.models import DummyModel  # noqa: E402
+from dtypelab.quant import QuantizedTensor  # noqa: E402
 
 try:  # save_pretrained's progress bars would land in captured stderr
     from transformers.utils import logging as _hf_logging
@@ -60,3 +61,17 @@ def sharded_llama_folder(tmp_path_factory, tiny_llama):
     tiny_llama.model.save_pretrained(folder, max_shard_size="100KB")
     tiny_llama.tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def dequantize_calls(monkeypatch) -> list[int]:
+    """How many times any QuantizedTensor was dequantized, so a cache that does nothing is caught."""
+    calls = [0]
+    original = QuantizedTensor.dequantize
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(QuantizedTensor, "dequantize", counted)
+    return calls

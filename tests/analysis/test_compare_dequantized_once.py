@@ -10,23 +10,16 @@ from torch import nn
 
 from dtypelab.analysis import compare as compare_module
 from dtypelab.analysis import compare_models
-from dtypelab.quant import QuantizedTensor, quantize_model
+from dtypelab.quant import quantize_model
 
 
-def test_batched_compare_dequantizes_once_per_layer_with_identical_metrics(monkeypatch):
+def test_batched_compare_dequantizes_once_per_layer_with_identical_metrics(monkeypatch, dequantize_calls):
     torch.manual_seed(0)
     reference = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)).eval()
     variants = {spec: quantize_model(reference, spec).model for spec in ("int8", "int4:g32")}
     inputs = torch.randn(12, 64)
     monkeypatch.setattr(compare_module, "OUTPUT_BATCH_BYTES", 3 * 32 * 4)  # 3 rows a batch: 4 batches
-    calls = [0]
-    original = QuantizedTensor.dequantize
-
-    def counted(self, *args, **kwargs):
-        calls[0] += 1
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(QuantizedTensor, "dequantize", counted)
+    calls = dequantize_calls
     cached = compare_models(reference, variants, inputs, keep_outputs=True)
     assert cached.batches == 4
     assert calls[0] == 2 * 2  # two layers per variant, once each for all four batches

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dtypelab.errors import InputError
-from dtypelab.quant import QuantizedLinear, QuantizedTensor, dequantized_once, quantize_model
+from dtypelab.quant import QuantizedLinear, dequantized_once, quantize_model
 
 SPECS = ["int8", "int4:g64", "nf4", "nvfp4", "int4:g64:asym", "int8:a8"]
 SHAPES = [(256, 128), (128, 256), (64, 128)]  # (out, in) of the three layers below
@@ -27,20 +27,6 @@ def model_in(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
 def batches(dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return [torch.randn(5, 7, 128, generator=g).to(dtype) for _ in range(BATCHES)]
-
-
-@pytest.fixture
-def dequantize_calls(monkeypatch) -> list[int]:
-    """How many times any QuantizedTensor was dequantized, so a cache that does nothing is caught."""
-    calls = [0]
-    original = QuantizedTensor.dequantize
-
-    def counted(self, *args, **kwargs):
-        calls[0] += 1
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(QuantizedTensor, "dequantize", counted)
-    return calls
 
 
 def run(model: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
