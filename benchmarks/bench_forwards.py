@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
-import time
 
 import torch
 
@@ -26,7 +25,7 @@ from dtypelab.models import load, model_inputs
 from dtypelab.quant import quantize_model
 from dtypelab.report import Table
 
-from .harness import print_table
+from .harness import print_table, take_turns
 
 SPECS = ["int8", "int4:g128", "nf4", "nvfp4"]
 ROUNDS = 5
@@ -97,13 +96,7 @@ def _scenario(label, reference, variants, inputs, rows_per_batch, rounds) -> lis
                     run_model(reference, batch)
 
     methods = {"cache": lambda: compare(True), "per_call": lambda: compare(False), "floor": floor}
-    seconds: dict[str, list[float]] = {name: [] for name in methods}
-    for index in range(rounds + 1):
-        for name, method in methods.items():
-            start = time.perf_counter()
-            method()
-            if index:
-                seconds[name].append(time.perf_counter() - start)
+    seconds = take_turns(methods, rounds)
     cache_vs_call = _ratios(seconds["cache"], seconds["per_call"])
     cache_vs_floor = _ratios(seconds["cache"], seconds["floor"])
     call_vs_floor = _ratios(seconds["per_call"], seconds["floor"])

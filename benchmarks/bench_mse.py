@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -27,7 +26,7 @@ from dtypelab.quant import qtensor
 from dtypelab.quant.qtensor import quantize_tensor
 from dtypelab.report import Table
 
-from .harness import print_table
+from .harness import print_table, take_turns
 
 ROUNDS = 5
 THREADS = (1, 2)  # 2 threads on 2 shared cores also measure OpenMP waiting for a busy core
@@ -66,18 +65,6 @@ def run(rounds: int = ROUNDS, threads: tuple[int, ...] = THREADS) -> Table:
 def minilm_linear_weights() -> list[torch.Tensor]:
     model = load("minilm", "fp32").model
     return [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
-
-
-def take_turns(methods: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Seconds of each method per round, after one untimed warm-up round."""
-    seconds: dict[str, list[float]] = {name: [] for name in methods}
-    for round_index in range(rounds + 1):
-        for name, method in methods.items():
-            start = time.perf_counter()
-            method()
-            if round_index:
-                seconds[name].append(time.perf_counter() - start)
-    return seconds
 
 
 def _ours(weights: list[torch.Tensor], spec: str) -> Callable[[], object]:

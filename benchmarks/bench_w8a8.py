@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 
 import torch
 
@@ -19,7 +18,7 @@ from dtypelab.models import load, model_inputs
 from dtypelab.quant import int8_matmul, quantize_model
 from dtypelab.report import Table
 
-from .harness import print_table
+from .harness import print_table, take_turns
 
 ROUNDS = 5
 THREADS = (1, 2)  # 2 threads on the 2 shared cores also measure OpenMP waiting for a busy core
@@ -45,7 +44,7 @@ def run(rounds: int = ROUNDS, threads: tuple[int, ...] = THREADS) -> Table:
         for count in threads:
             torch.set_num_threads(count)
             load_before = os.getloadavg()
-            ms = _take_turns(forwards, rounds)
+            ms = {name: [t * 1e3 for t in times] for name, times in take_turns(forwards, rounds).items()}
             notes.append(f"{count} thread(s): load average {_load(load_before)} before, "
                          f"{_load(os.getloadavg())} after, on {os.cpu_count()} cores shared with other work")
             for name in forwards:
@@ -74,17 +73,6 @@ def _fast(model, inputs):
 def _hidden(model, inputs) -> torch.Tensor:
     with torch.no_grad():
         return run_model(model, inputs).last_hidden_state
-
-
-def _take_turns(forwards: dict, rounds: int) -> dict[str, list[float]]:
-    ms: dict[str, list[float]] = {name: [] for name in forwards}
-    for index in range(rounds + 1):
-        for name, forward in forwards.items():
-            start = time.perf_counter()
-            forward()
-            if index:
-                ms[name].append((time.perf_counter() - start) * 1e3)
-    return ms
 
 
 def _load(load: tuple[float, float, float]) -> str:
