@@ -130,8 +130,9 @@ def _table(result, costs: dict, data, peer_seconds: float) -> Table:
     for name, cost in costs.items():
         if "failure" in cost:
             rows.append([name, None, None, None, f"failed: {cost['failure']}"] + [""] * (2 if logits else 1))
+    measured_on = "the held-out evaluation text" if logits else "the bundled sentences"
     notes = [f"{MODEL}; calibration: {data.tokens} tokens of the bundled calibration text in windows of "
-             f"{data.ctx}; held-out evaluation text, {result.positions:,} positions; {THREADS} threads; "
+             f"{data.ctx}; measured on {measured_on}, {result.positions:,} positions; {THREADS} threads; "
              f"peers built in {peer_seconds:.1f} s together"]
     return Table(f"Calibrated int{BITS} on {MODEL} (issue 14)", columns, rows, notes)
 
