@@ -41,7 +41,7 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 info = inspect_checkpoint(sys.argv[1])
 seconds = time.perf_counter() - start
-print(seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024, info.total_bytes)
+print(seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024, info.stored_bytes)
 """
 
 USUAL_SCRIPT = """
