@@ -388,6 +388,19 @@ def html_option(f: Callable) -> Callable:
                              "tables, no network, readable without JavaScript.")(f)
 
 
+def result_options(f: Callable) -> Callable:
+    """``--json``, ``--columns`` and ``--html``: the ways a command that prints a result can render it."""
+    return json_option(columns_option(html_option(f)))
+
+
+def check_result_options(as_json: bool, columns: Sequence[str] | None, html_path: str | None,
+                         sources: Sequence[str] = ()) -> None:
+    """Refuse a bad combination or output of :func:`result_options` before any work (see
+    :func:`refuse_columns_with_json`, :func:`check_html`)."""
+    refuse_columns_with_json(columns, as_json)
+    check_html(html_path, sources=sources)
+
+
 def check_html(path: str | None, sources: Sequence[str] = (), option: str = "--html") -> Path | None:
     """``--html``: an .html file in a writable folder, outside the sources, checked before any work."""
     return None if path is None else check_output(path, option, suffixes=HTML_SUFFIXES, sources=sources)

@@ -21,20 +21,17 @@ from .common import (
     MODEL_HELP,
     calibration_for,
     calibration_options,
-    check_html,
     check_plot,
-    columns_option,
+    check_result_options,
     device_option,
     emit,
-    html_option,
     html_side_output,
     input_options,
-    json_option,
     keep_option,
     pickle_option,
-    refuse_columns_with_json,
     refuse_without,
     resolve_device,
+    result_options,
     select_options,
 )
 from .progress import quiet_option, status_line
@@ -66,7 +63,6 @@ from .progress import quiet_option, status_line
               show_default=True, help="With --layers: name the first layer whose SQNR (dB) falls below this.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="With --layers: write the SQNR-by-layer chart to this .png or .svg file.")
-@json_option
 @click.option("--embeddings", is_flag=True,
               help="Quantized formats: quantize the embedding tables too (dense by default, as vLLM serves "
                    "them, and as convert writes them).")
@@ -79,8 +75,7 @@ from .progress import quiet_option, status_line
               help="Also time forwards: each variant in turns with float32, its ratio to float32 timed "
                    "beside it and the ratio's per-round spread; 'slower' only beyond that noise. Off by "
                    "default (it about doubles the run time); --no-time is accepted and does nothing.")
-@columns_option
-@html_option
+@result_options
 @quiet_option
 def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str | None,
                 input_ids: str | None, input_file: str | None,
@@ -93,8 +88,7 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
                 quiet: bool = False, columns: tuple[str, ...] | None = None,
                 html_path: str | None = None) -> None:
     specs, target = parse_variant_specs(formats), resolve_device(device)
-    refuse_columns_with_json(columns, as_json)
-    check_html(html_path, sources=[model])
+    check_result_options(as_json, columns, html_path, sources=[model])
     plans = [(Path(f).stem, MixedPlan.load(f)) for f in plan_files]  # a bad plan file: before any load
     refuse_without(by_layer, "--layers", {"mode": "--mode", "depth": "--depth", "select": "--select",
                                           "threshold_db": "--threshold", "plot_path": "--plot"})

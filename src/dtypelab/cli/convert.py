@@ -18,13 +18,11 @@ from .common import (
     calibration_options,
     check_html,
     check_output,
-    columns_option,
     emit,
-    html_option,
     html_side_output,
-    json_option,
     pickle_option,
     refuse_columns_with_json,
+    result_options,
     wrote,
 )
 from .progress import status_line
@@ -99,9 +97,7 @@ class ProgressLine:
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 @calibration_options
 @pickle_option
-@json_option
-@columns_option
-@html_option
+@result_options
 def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[str, ...],
                 max_shard_size: str | None, force: int, verify: bool, fsync: bool, strict: bool,
                 max_flushed: str | None, max_overflowed: str | None, report_path: Path | None, quiet: bool,

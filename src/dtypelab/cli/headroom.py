@@ -11,17 +11,14 @@ from ..variants import parse_variant_specs
 from .common import (
     MODEL_HELP,
     TableGroup,
-    check_html,
-    columns_option,
+    check_result_options,
     device_option,
     emit,
-    html_option,
     html_side_output,
     input_options,
-    json_option,
     pickle_option,
-    refuse_columns_with_json,
     resolve_device,
+    result_options,
     select_options,
 )
 from .progress import clear_status_line, quiet_option, status_line
@@ -39,9 +36,7 @@ from .progress import clear_status_line, quiet_option, status_line
               help="Also show weight statistics and each format's weight-only error.")
 @pickle_option
 @device_option
-@json_option
-@columns_option
-@html_option
+@result_options
 @quiet_option
 def headroom_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str | None,
                  input_ids: str | None, input_file: str | None, text_set: str | None, ctx: int | None,
@@ -49,8 +44,7 @@ def headroom_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: st
                  weights: bool, allow_pickle: bool, device: str, as_json: bool, quiet: bool = False,
                  columns: tuple[str, ...] | None = None, html_path: str | None = None) -> None:
     specs, target = parse_variant_specs(formats), resolve_device(device)
-    refuse_columns_with_json(columns, as_json)
-    check_html(html_path, sources=[model])
+    check_result_options(as_json, columns, html_path, sources=[model])
     line = status_line(quiet)
     loaded = load(model, "fp32", allow_pickle=allow_pickle, progress=line)
     inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,

@@ -12,16 +12,13 @@ from ..quant import DENSE, layer_weights, model_fingerprint
 from ..report import plot_pareto
 from .common import (
     MODEL_HELP,
-    check_html,
     check_output,
     check_plot,
-    columns_option,
+    check_result_options,
     emit,
-    html_option,
     html_side_output,
-    json_option,
-    refuse_columns_with_json,
     resolve_device,
+    result_options,
 )
 from .sensitivity import rank, ranking_options
 
@@ -58,15 +55,12 @@ from .sensitivity import rank, ranking_options
 @click.option("--verify-windows", type=int,
               help="With --verify: only the first N windows of the held-out text [default: all].")
 @ranking_options
-@json_option
-@columns_option
-@html_option
+@result_options
 def plan_cmd(model: str, budget: str, formats: str, keep_dense: tuple[str, ...], min_formats: tuple[str, ...],
              edges: str | None, output: str | None, plot_path: str | None, verify: bool,
              verify_windows: int | None, as_json: bool, columns: tuple[str, ...] | None = None,
              html_path: str | None = None, **options) -> None:
-    refuse_columns_with_json(columns, as_json)
-    check_html(html_path, sources=[model])
+    check_result_options(as_json, columns, html_path, sources=[model])
     budgets = parse_budgets(budget)
     if output and len(budgets) > 1:
         raise InputError("-o writes one plan: give one --budget, not a sweep")

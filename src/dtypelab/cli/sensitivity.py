@@ -19,17 +19,14 @@ from .common import (
     MODEL_HELP,
     calibration_for,
     calibration_options,
-    check_html,
-    columns_option,
+    check_result_options,
     device_option,
     emit,
-    html_option,
     html_side_output,
     input_options,
-    json_option,
     pickle_option,
-    refuse_columns_with_json,
     resolve_device,
+    result_options,
 )
 
 CALIBRATION_WINDOWS = 8
@@ -129,12 +126,9 @@ def ranking_state(*args) -> tuple:
 @click.option("--to", "formats", default="int4:g128,int8", show_default=True,
               help="Comma-separated quantized formats to rank.")
 @ranking_options
-@json_option
-@columns_option
-@html_option
+@result_options
 def sensitivity_cmd(model: str, formats: str, as_json: bool, columns: tuple[str, ...] | None,
                     html_path: str | None = None, **options) -> None:
-    refuse_columns_with_json(columns, as_json)
-    check_html(html_path, sources=[model])
+    check_result_options(as_json, columns, html_path, sources=[model])
     _, result, _ = rank(model, formats, **options)
     emit(result, as_json, html_side_output(result, html_path, model=model), columns=columns)
