@@ -4,7 +4,6 @@ a hostile set (each one line, exit 2 through the CLI, fast)."""
 from __future__ import annotations
 
 import json
-import struct
 import time
 from importlib import metadata
 from pathlib import Path
@@ -15,56 +14,8 @@ from dtypelab.checkpoint import GgufInspection, inspect_gguf, read_gguf_header
 from dtypelab.checkpoint.gguf_file import GGML_TYPES, GGML_TYPES_BY_ID, MAX_STRING_BYTES, GgufArray
 from dtypelab.errors import CheckpointError, ModelSpecError
 from dtypelab.models import inspect
+from gguf_bytes import F16, F32, Q4_1, Q4_K, Q8_0, gguf, info, kv, string, u32, u64
 from helpers import run_cli
-
-# --- a small GGUF writer, byte by byte, so tests can build damaged files ---------------------------------
-
-F32, F16, Q4_1, Q8_0, Q4_K = 0, 1, 3, 8, 12
-_VALUE_TYPES = {"u8": (0, "<B"), "i8": (1, "<b"), "u16": (2, "<H"), "i16": (3, "<h"), "u32": (4, "<I"),
-                "i32": (5, "<i"), "f32": (6, "<f"), "bool": (7, "<?"), "u64": (10, "<Q"), "i64": (11, "<q"),
-                "f64": (12, "<d")}
-
-
-def u32(value: int) -> bytes:
-    return struct.pack("<I", value)
-
-
-def u64(value: int) -> bytes:
-    return struct.pack("<Q", value)
-
-
-def string(text: str | bytes) -> bytes:
-    raw = text.encode() if isinstance(text, str) else text
-    return u64(len(raw)) + raw
-
-
-def encode(kind: str, value) -> bytes:
-    if kind == "str":
-        return string(value)
-    return struct.pack(_VALUE_TYPES[kind][1], value)
-
-
-def kv(key: str | bytes, kind: str, value) -> bytes:
-    """One metadata pair; ``kind`` a GGUF type name, or ``"arr:ELEMENT"`` with a list value."""
-    if kind.startswith("arr:"):
-        element = kind[4:]
-        element_id = 8 if element == "str" else _VALUE_TYPES[element][0]
-        body = u32(element_id) + u64(len(value)) + b"".join(encode(element, v) for v in value)
-        return string(key) + u32(9) + body
-    return string(key) + u32(8 if kind == "str" else _VALUE_TYPES[kind][0]) + encode(kind, value)
-
-
-def info(name: str | bytes, dims: tuple[int, ...], type_id: int, offset: int) -> bytes:
-    """One tensor info; ``dims`` as GGUF stores them, innermost first."""
-    return string(name) + u32(len(dims)) + b"".join(u64(d) for d in dims) + u32(type_id) + u64(offset)
-
-
-def gguf(kvs: list[bytes], infos: list[bytes], data: bytes = b"", *, version: int = 3, alignment: int = 32,
-         magic: bytes = b"GGUF", tensor_count: int | None = None, kv_count: int | None = None) -> bytes:
-    head = (magic + u32(version) + u64(len(infos) if tensor_count is None else tensor_count)
-            + u64(len(kvs) if kv_count is None else kv_count) + b"".join(kvs) + b"".join(infos))
-    return head + bytes(-len(head) % alignment) + data
-
 
 # name, dims (innermost first), type id, bytes by hand: blocks x bytes per block
 SAMPLE_TENSORS = [

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+from hypothesis import HealthCheck, settings
 
 
 def edit_json(path: Path, **changes) -> None:
@@ -16,3 +19,17 @@ def edit_json(path: Path, **changes) -> None:
 def nested(depth: int) -> str:
     """A JSON value nested ``depth`` lists deep."""
     return "[" * depth + "]" * depth
+
+
+LONG_FUZZ = os.environ.get("HYPOTHESIS_PROFILE") == "long"
+"""``HYPOTHESIS_PROFILE=long pytest tests/hostile -k fuzz``: 50x the examples, a fresh random seed per run
+(the default run is derandomized: the same examples every time, so ``make test`` stays fast and stable)."""
+
+
+def fuzz(examples: int) -> settings:
+    """Hypothesis settings for one fuzz test: ``examples`` fixed examples by default, no deadline (the
+    machine is shared; hangs are caught by each test's own time bound), no example database written."""
+    return settings(max_examples=examples * 50 if LONG_FUZZ else examples, derandomize=not LONG_FUZZ,
+                    deadline=None, database=None, print_blob=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.function_scoped_fixture])

@@ -27,6 +27,7 @@ from typing import Any, BinaryIO
 
 from ..errors import CheckpointError
 from ..report import Table, TableMixin
+from .guard import open_regular
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -308,11 +309,7 @@ def read_gguf_header(path: str | os.PathLike) -> GgufHeader:
         CheckpointError: one line naming the file (and key or tensor) and the problem.
     """
     path = Path(path)
-    try:
-        handle = open(path, "rb")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot open for reading ({exc.strerror}): check the path") from None
-    with handle:
+    with open_regular(path) as handle:  # a FIFO named *.gguf is refused, never waited on
         reader = _Reader(path, handle, os.fstat(handle.fileno()).st_size)
         version, tensor_count, kv_count = _read_preamble(reader)
         metadata, value_types = _read_metadata(reader, kv_count)

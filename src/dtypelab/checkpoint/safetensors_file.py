@@ -139,7 +139,7 @@ def read_header(path: str | os.PathLike, max_header_bytes: int = MAX_HEADER_BYTE
         file_bytes = os.fstat(handle.fileno()).st_size
         header_bytes = _read_length(path, handle, file_bytes, max_header_bytes)
         parsed = _parse_json(path, handle.read(header_bytes))
-    metadata = _parse_metadata(path, parsed.pop("__metadata__", None) or {})
+    metadata = _parse_metadata(path, parsed.pop("__metadata__", None))
     data_bytes = file_bytes - 8 - header_bytes
     entries = [_parse_entry(path, name, spec, data_bytes) for name, spec in parsed.items()]
     entries.sort(key=lambda e: (e.begin, e.end, e.name))
@@ -196,6 +196,9 @@ def _check_count(path: Path, count: int) -> None:
 
 
 def _parse_metadata(path: Path, metadata: object) -> dict[str, str]:
+    """``null`` or absent is no metadata (as safe_open reads it); ``[]``, ``""`` or ``0`` is refused."""
+    if metadata is None:
+        return {}
     if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise CheckpointError(f"{path}: __metadata__ must map strings to strings: the header is damaged")
