@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import sys
 
 import pytest
 import torch
@@ -40,6 +42,37 @@ def test_results_in_order_retried_once_then_a_failure_row(executor):
     assert isinstance(failure, TaskFailure) and failure.task == 5 and "task 5 try 2" in failure.reason
     pids = {r[1] for r in results if not isinstance(r, TaskFailure)}
     assert len(pids) <= executor.workers and (os.getpid() in pids) == isinstance(executor, InProcess)
+
+
+def _broken_setup() -> dict:
+    raise OSError(2, "No such file or directory", "model.safetensors")
+
+
+@pytest.mark.parametrize("executor", [InProcess(), LocalProcesses(2)], ids=["in-process", "processes"])
+def test_on_done_hears_every_task_in_the_driver(executor):
+    heard = []
+    results = executor.run(_setup, _square_or_fail, list(range(6)),
+                           on_done=lambda index, result: heard.append((index, result, os.getpid())))
+    assert sorted(index for index, *_ in heard) == list(range(6))
+    assert all(results[index] == result and pid == os.getpid() for index, result, pid in heard)
+
+
+def test_a_worker_whose_setup_fails_fails_each_task_with_the_reason():
+    results = LocalProcesses(2).run(_broken_setup, _square_or_fail, [1, 2, 3])
+    assert all(isinstance(r, TaskFailure) and "worker setup failed" in r.reason
+               and "No such file" in r.reason for r in results)
+
+
+def _dies_on_task_2(state: dict, task: int) -> int:
+    if task == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return task
+
+
+def test_a_killed_worker_is_a_failure_row_and_the_results_done_before_stay():
+    results = LocalProcesses(1).run(_setup, _dies_on_task_2, [0, 1, 2, 3])
+    assert results[:2] == [0, 1]  # one worker, in order: done before it died
+    assert all(isinstance(r, TaskFailure) and "died" in r.reason for r in results[2:])
 
 
 def test_executor_for_reads_the_options():
@@ -90,6 +123,25 @@ def test_the_sweep_on_a_local_ray_cluster_equals_the_in_process_one(in_process):
     for ours, theirs in zip(in_process.scores, result.scores, strict=True):
         assert theirs.exact == pytest.approx(ours.exact, rel=1e-6)
     assert not ray.is_initialized()  # the cluster this run started is gone
+
+
+@pytest.mark.slow
+def test_ray_retries_reports_failures_and_a_dead_actor_without_losing_the_rest():
+    """A local cluster of 2 actors: task 3 retried, task 5 a failure row, the actor that ran task 2 dies
+    (its task a failure row, the other actor takes the rest); every actor on node 127.0.0.1."""
+    ray = pytest.importorskip("ray", reason="Ray is a test extra (pip install 'dtypelab[ray]')")
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import tests/
+
+    def work(state, task):
+        return _dies_on_task_2(state, task) if task == 2 else _square_or_fail(state, task)[0]
+
+    executor, heard = RayExecutor("local", 2), []
+    results = executor.run(_setup, work, list(range(8)), on_done=lambda index, _: heard.append(index))
+    assert [results[i] for i in (0, 1, 3, 4, 6, 7)] == [0, 1, 9, 16, 36, 49]
+    assert isinstance(results[5], TaskFailure) and "task 5 try 2" in results[5].reason
+    assert isinstance(results[2], TaskFailure) and "died" in results[2].reason
+    assert sorted(heard) == list(range(8)) and executor.node_addresses == {"127.0.0.1"}
+    assert not ray.is_initialized()
 
 
 def test_a_parallel_sweep_needs_a_worker_setup(tiny_llama):

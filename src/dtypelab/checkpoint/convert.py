@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckpointError, DamageError, InputError
+from ..executor import Executor
 from ..formats import NumberFormat, all_formats, get_format
 from ..naming import name_matches, tensor_matches
 from ..progress import ProgressCallback, stage
@@ -208,7 +209,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
                        max_flushed: int | float | str | None = None,
                        max_overflowed: int | str | None = None, head: bool = False,
                        embeddings: bool = False, plan: MixedPlan | str | os.PathLike | None = None,
-                       allow_pickle: bool = False) -> ConversionResult:
+                       allow_pickle: bool = False, executor: Executor | None = None) -> ConversionResult:
     """Convert a safetensors file or folder to another format, tensor by tensor.
 
     Plain formats (fp32, fp16, bf16, ``fp8_e4m3:cast``): floating tensors (fp16/bf16/fp32/fp64) are
@@ -253,6 +254,13 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
             as safetensors in a staging folder beside the destination (removed afterwards, and found as
             a leftover if the run is killed), then converted as that checkpoint. Without it a pickle
             source is refused in one line naming the option.
+        executor: write each output shard as a task of this :class:`~dtypelab.executor.Executor`
+            (``LocalProcesses(2)``, ``RayExecutor("auto")``): every worker opens the sources itself and
+            writes its shards into the one staging folder, which is renamed into place only when every
+            shard is done; the bytes are those of the in-process conversion. A shard that fails twice
+            (or whose worker dies) fails the conversion, naming the shard, and nothing is written.
+            Across nodes the staging folder (beside the destination) and the source must be on a
+            filesystem every worker shares. None (the default): this process, tensor by tensor.
 
     Returns:
         A :class:`ConversionResult` with the damage per tensor.
@@ -270,7 +278,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
         options = {"keep": keep, "max_shard_size": max_shard_size, "force": force, "verify": verify,
                    "strict": strict, "progress": progress, "dense": dense, "fsync": fsync,
                    "max_flushed": max_flushed, "max_overflowed": max_overflowed, "head": head,
-                   "embeddings": embeddings, "plan": plan}
+                   "embeddings": embeddings, "plan": plan, "executor": executor}
         return _convert_pickles(Path(source), pickles, Path(destination), to, options)
     limits = _damage_limits(strict, max_flushed, max_overflowed)
     if Path(source).suffix == ".gguf":
@@ -293,7 +301,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
         caster, quantizer = ChunkCaster(cast_to or get_format("fp32")), quant and ChunkQuantizer(fmt)
         bar = stage(progress, "convert", "bytes", sum(i.entry.nbytes for i in output.items))
         refuses = limits.refuses if limits is not None else None
-        damage = write_shards(output, staging.tmp, caster, refuses, bar, quantizer)
+        damage = write_shards(output, staging.tmp, caster, refuses, bar, quantizer, executor)
         refused = [t for t in damage if refuses is not None and refuses(t)]
         if refused:  # raised inside the staging, which removes the partial output
             raise _refusal(refused, fmt, cast_to, quant is not None, ConversionResult(

@@ -5,20 +5,27 @@ Checkpoint stage. :func:`write_shards` streams every tensor of an
 :class:`~dtypelab.checkpoint.streaming.ChunkCaster`'s reused buffers (or a ChunkQuantizer's, row chunk by
 row chunk, into the compressed-tensors parts); once a tensor is past ``--strict``'s limits it only counts
 the rest, so the refusal's report is complete; :func:`verify_output` re-reads the result.
+
+Given an :class:`~dtypelab.executor.Executor` (``--workers N``, ``--ray``), each output shard is one task:
+every worker opens the sources itself and writes its shards into the same staging folder (on a cluster,
+a filesystem the workers share), with the same code as in-process, so the bytes are the same.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError, InputError
+from ..executor import Executor, InProcess, TaskFailure
 from ..formats import NumberFormat
 from ..progress import Progress
 from ..quant import Action, TensorDamage, dtype_name
@@ -39,20 +46,92 @@ from .streaming import ChunkCaster, ChunkQuantizer
 
 def write_shards(plan: OutputPlan, folder: Path, caster: ChunkCaster,
                  refuses: Callable[[TensorDamage], bool] | None, progress: Progress | None,
-                 quantizer: ChunkQuantizer | None = None) -> list[TensorDamage]:
+                 quantizer: ChunkQuantizer | None = None,
+                 executor: Executor | None = None) -> list[TensorDamage]:
     """Write every planned shard into ``folder``; return each stored tensor's damage, in output order.
 
     Args:
         refuses: under ``--strict``, whether a tensor's damage is past the limits. From the first such
             tensor on, nothing more is written (the output will be thrown away) but every remaining
-            tensor is still read and counted, so the damage returned is the whole conversion's.
+            tensor is still read and counted, so the damage returned is the whole conversion's (on an
+            executor: from there on within that shard; the caller decides over all of it).
+        progress: told the source bytes streamed: tensor by tensor in this process, shard by shard
+            (as each finishes) on an executor.
+        executor: run each shard as a task there (None, or :class:`~dtypelab.executor.InProcess`: this
+            process's loop).
+    Raises:
+        CheckpointError: on an executor, a shard that failed twice (or whose worker died), named; a
+            shard's own dtypelab error (a tensor a format cannot hold) is raised as it is.
     """
+    if executor is not None and not isinstance(executor, InProcess):
+        return _write_shards_on(executor, plan, folder, caster, refuses, progress, quantizer)
     damage: list[TensorDamage] = []
     with ExitStack() as stack:
         writer = _ShardWriter(_open_sources(plan, stack), caster, quantizer, progress, refuses)
         for shard in plan.shards:
             damage += writer.write(shard, folder / shard.file)
     return damage
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What each worker of a parallel conversion is sent once (its setup): the plan, the staging folder
+    every worker writes into, the formats its caster and quantizer are built for, and the limits."""
+
+    plan: OutputPlan
+    folder: Path
+    cast_to: NumberFormat
+    quantize: NumberFormat | None
+    refuses: Callable[[TensorDamage], bool] | None
+    cast_chunk_elements: int
+    quantize_chunk_elements: int
+
+
+def _write_shards_on(executor: Executor, plan: OutputPlan, folder: Path, caster: ChunkCaster,
+                     refuses: Callable[[TensorDamage], bool] | None, progress: Progress | None,
+                     quantizer: ChunkQuantizer | None) -> list[TensorDamage]:
+    """:func:`write_shards` with one task per shard on ``executor``; progress advances by a shard's source
+    bytes as it finishes."""
+    job = ShardJob(plan, folder, caster.fmt, quantizer.fmt if quantizer else None, refuses,
+                   caster.chunk_elements, quantizer.chunk_elements if quantizer else 0)
+    sizes = [sum(item.entry.nbytes for item in shard.items) for shard in plan.shards]
+
+    def done(index: int, result: object) -> None:
+        if progress is not None and not isinstance(result, TaskFailure):
+            progress.advance(sizes[index], detail=plan.shards[index].file)
+
+    results = executor.run(functools.partial(_shard_worker, job), _write_shard_task,
+                           list(range(len(plan.shards))), on_done=done)
+    failed = [(plan.shards[i].file, r) for i, r in enumerate(results) if isinstance(r, TaskFailure)]
+    if failed:
+        file, failure = failed[0]
+        if failure.error is not None:
+            raise failure.error
+        others = f" (and {len(failed) - 1} more shard(s))" if len(failed) > 1 else ""
+        raise CheckpointError(f"output shard {file} failed on {executor.describe()}, after a retry: "
+                              f"{failure.reason}{others}; nothing was written")
+    return [tensor for damage in results for tensor in damage]
+
+
+def _shard_worker(job: ShardJob) -> tuple[ShardJob, _ShardWriter]:
+    """A worker's state: the job and a writer whose caster's and quantizer's buffers serve every shard."""
+    caster = ChunkCaster(job.cast_to, job.cast_chunk_elements)
+    quantizer = (ChunkQuantizer(job.quantize, job.quantize_chunk_elements) if job.quantize is not None
+                 else None)
+    return job, _ShardWriter({}, caster, quantizer, None, job.refuses)
+
+
+def _write_shard_task(state: tuple[ShardJob, _ShardWriter], index: int) -> list[TensorDamage]:
+    """One shard, written by a worker into the shared staging folder from sources it opens itself; a
+    retry first removes what the failed try left of the file."""
+    job, writer = state
+    shard = job.plan.shards[index]
+    path = job.folder / shard.file
+    path.unlink(missing_ok=True)
+    writer.counting_only = False  # every shard written on its own: what another shard refused is not here
+    with ExitStack() as stack:
+        writer.sources = _open_sources(OutputPlan([shard], None, {}), stack)
+        return writer.write(shard, path)
 
 
 _COUNTED = (Action.CAST, Action.QUANTIZED)

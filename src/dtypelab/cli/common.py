@@ -342,6 +342,20 @@ def input_options(f: Callable) -> Callable:
     return f
 
 
+def executor_options(tasks: str) -> Callable[[Callable], Callable]:
+    """``--workers N`` / ``--ray ADDRESS``: run ``tasks`` (words: "the output shards") on local worker
+    processes or on Ray (:mod:`dtypelab.executor`, :func:`~dtypelab.executor.executor_for`)."""
+    def decorate(f: Callable) -> Callable:
+        f = click.option("--ray", "ray_address", metavar="auto|ADDRESS|local",
+                         help=f"Run {tasks} on Ray, an actor per worker: auto joins the cluster `ray start "
+                              "--head` began, local starts one of --workers CPUs on 127.0.0.1 only. Needs "
+                              "pip install 'dtypelab[ray]'.")(f)
+        return click.option("--workers", type=int,
+                            help=f"Run {tasks} in N local worker processes (1 thread each); with --ray, N "
+                                 "actors.")(f)
+    return decorate
+
+
 def resolve_device(name: str) -> torch.device:
     """The ``--device`` asked for, once an empty tensor has been put there (no CUDA, no MPS in this
     build, ``cuda:99``: one line before any model loads)."""

@@ -10,6 +10,7 @@ import click
 
 from ..checkpoint import convert_checkpoint, remove_leftovers
 from ..errors import DamageError, InputError
+from ..executor import executor_for
 from ..formats import get_format
 from ..progress import ProgressEvent
 from ..quant import MixedPlan
@@ -19,6 +20,7 @@ from .common import (
     check_html,
     check_output,
     emit,
+    executor_options,
     html_side_output,
     pickle_option,
     refuse_columns_with_json,
@@ -95,6 +97,8 @@ class ProgressLine:
               help="Write every tensor's damage counts to this JSON file (also when --strict refuses: "
                    "then with \"refused\": true).")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
+@executor_options("the conversion's output shards, one task each (the same bytes as in this process; across "
+                  "nodes the source and -o's folder must be on a filesystem every worker shares)")
 @calibration_options
 @pickle_option
 @result_options
@@ -104,7 +108,8 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
                 as_json: bool, head: bool, embeddings: bool, plan_file: str | None = None,
                 calib_file: str | None = None, calib_tokens: int | None = None,
                 columns: tuple[str, ...] | None = None, html_path: str | None = None,
-                allow_pickle: bool = False) -> None:
+                allow_pickle: bool = False, workers: int | None = None,
+                ray_address: str | None = None) -> None:
     """Convert a safetensors file or model folder SRC to another format, tensor by tensor (.bin / .pt
     pickle weights with --allow-pickle: written as safetensors)."""
     refuse_columns_with_json(columns, as_json)
@@ -121,7 +126,9 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
             click.echo(f"removed {leftover}: the staging folder of a conversion that was killed", err=True)
     calibrated = _calibrated(fmt, plan, calib_file, calib_tokens, {
         "--dense": dense, "--max-shard-size": max_shard_size, "--verify": verify,
-        "--strict": strict, "--embeddings": embeddings, "--fsync": fsync, "--report": report_path})
+        "--strict": strict, "--embeddings": embeddings, "--fsync": fsync, "--report": report_path,
+        "--workers": workers, "--ray": ray_address})
+    executor = executor_for(workers, ray_address)
     progress = ProgressLine() if not quiet and not as_json and sys.stderr.isatty() else None
     if calibrated and progress is not None:  # minutes of calibration blocks, not bytes: the stage line
         progress = status_line(quiet)
@@ -135,7 +142,7 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
                                         force=force, verify=verify, strict=strict, progress=progress,
                                         dense=dense, fsync=fsync, max_flushed=max_flushed,
                                         max_overflowed=max_overflowed, head=head, embeddings=embeddings,
-                                        plan=plan, allow_pickle=allow_pickle)
+                                        plan=plan, allow_pickle=allow_pickle, executor=executor)
     except DamageError as exc:  # refused by --strict: the report of what it would have done still asked for
         refused = getattr(exc, "result", None)
         if report_path is not None and refused is not None:
