@@ -184,3 +184,50 @@ def test_non_finite_values_leave_the_rms_finite_and_saturating_formats_weigh_flu
     assert damage.rms == pytest.approx(math.sqrt((1000.0 ** 2 + 1e-8 + 1.0) / 5), rel=1e-6)
     assert damage.max_flushed == torch.tensor(1e-4).item()
     assert (damage.flushed_to_zero, damage.negligible_flushes) == (1, 1)  # 1e-4 / 447 < 2^-10
+
+
+# ------------------------------------------------------------------- the fast count and its screen
+
+ZERO_CASES = {
+    "zeros only": ([0.0, -0.0, 0.0], "zeros"),
+    "normal values and zeros": ([1.5, 0.0, -2.25e-3, -0.0, 3e38], "zeros"),
+    # 1e-44, a float32 subnormal, is stored as 0: the bits cannot tell, the relative error (-1) does
+    "a flush among zeros": ([1.0, 0.0, 1e-44], "zeros"),
+    "a subnormal among zeros": ([1.0, 0.0, 5e-39], None),  # below bf16's smallest normal 1.18e-38
+    "no zero": ([1.0, -3.0, 7e-20], "normal"),
+    "an inf": ([1.0, float("inf")], None),
+}
+
+
+@pytest.mark.parametrize("case", ZERO_CASES, ids=list(ZERO_CASES))
+@pytest.mark.parametrize("spec", ["bf16", "fp16", "fp8_e5m2"])
+def test_the_fast_count_equals_the_full_count(case, spec):
+    """Each chunk counted by the fast path (where its screen allows) equals count_damage's full count."""
+    values, _ = ZERO_CASES[case]
+    torch.manual_seed(0)
+    source = torch.cat([torch.tensor(values), torch.randn(300) * 0.02])
+    fast_out, fast = cast_with(ChunkCaster(get_format(spec)), source)
+    full_caster = ChunkCaster(get_format(spec))
+    full_caster._fast_count = lambda *args: None  # the full count only
+    full_out, full = cast_with(full_caster, source)
+    assert torch.equal(fast_out.view(torch.uint8), full_out.view(torch.uint8))
+    for field in ("overflowed", "flushed_to_zero", "subnormal", "max_rel_error", "max_flushed"):
+        assert getattr(fast, field) == getattr(full, field), field
+    assert fast.source_sq == pytest.approx(full.source_sq, rel=1e-6)  # one dot over other buffers
+
+
+@pytest.mark.parametrize("case", ZERO_CASES, ids=list(ZERO_CASES))
+def test_the_screen_proves_what_the_bf16_output_holds(case):
+    values, expected = ZERO_CASES[case]
+    caster = ChunkCaster(get_format("bf16"), chunk_elements=16)
+    source = torch.tensor(values, dtype=torch.float32)
+    caster._out_view[:len(values)].copy_(source)
+    assert caster._screen(len(values)) == expected
+
+
+def test_a_flush_the_bits_cannot_see_is_left_to_the_full_count():
+    caster = ChunkCaster(get_format("bf16"), chunk_elements=16)
+    source = torch.tensor([1.0, 0.0, 1e-44])
+    caster._out_view[:3].copy_(source)
+    back = caster._out_view[:3].float()
+    assert caster._fast_count(source, back, torch.empty(3)) is None

@@ -75,6 +75,7 @@ class ChunkCaster:
         # the smallest normal (formats without inf are screened by clamping instead)
         self._inf_bits = 0 if self.saturating else _bits_of(float("inf"), self.out_dtype, bits)
         self._normal_bits = _bits_of(fmt.smallest_normal, self.out_dtype, bits)
+        self._magnitude_bits = (1 << (8 * self.out_dtype.itemsize - 1)) - 1  # all but the sign
 
     def cast(self, source_dtype: torch.dtype, count: int) -> tuple[memoryview, TensorDamage]:
         """Cast the first ``count`` elements held in ``self.raw`` (as ``source_dtype``).
@@ -116,10 +117,9 @@ class ChunkCaster:
                mask: torch.Tensor) -> TensorDamage:
         """Exact counts from the source and its round trip ``back`` (cast and read back).
 
-        Most chunks hold neither zeros, subnormals, infs nor NaNs: the min/max of the output's
-        exponent fields proves it (all normal, none all-ones), leaving only the relative error and the
-        sum of squares to compute; other chunks, and every chunk of a saturating format (its clamped
-        values read back finite), take the full count.
+        Most chunks lose nothing outright, which :meth:`_fast_count` proves from the output's bits and
+        then only takes the relative error and the sum of squares; other chunks, and every chunk of a
+        saturating format (its clamped values read back finite), take the full count.
 
         The sum of squares (``source_sq``) is one BLAS dot in the compute dtype (float32; float64 for
         float64 sources), then float64 across chunks. Squares past float32's range (``|x| > 1.8e19``)
@@ -127,18 +127,56 @@ class ChunkCaster:
         of such a tensor's RMS. A tensor whose every value is below about 1e-19 squares to zero, and its
         flushes then count as significant (the safe side).
         """
-        count = source.numel()
-        if self.saturating or not self._all_normal(count):
-            counts = count_damage(source, back, self.fmt, scratch=(rel, mask), sums=False)
-            largest = self._largest_flushed(source, back, rel, mask) if counts.flushed_to_zero else 0.0
-            finite = torch.nan_to_num(source, nan=0.0, posinf=0.0, neginf=0.0, out=rel)
-            return replace(TensorDamage.from_counts(counts), max_flushed=largest,
-                           source_sq=float(torch.dot(finite, finite)))
-        squares = float(torch.dot(source, source))  # every value normal in the output: all finite
-        torch.sub(back, source, out=rel).div_(source)  # (count,) signed relative error; |source| > 0
-        low, high = torch.aminmax(rel)
-        return TensorDamage("", "", "", Action.CAST, count, max_rel_error=max(-float(low), float(high)),
+        if not self.saturating:
+            fast = self._fast_count(source, back, rel)
+            if fast is not None:
+                return fast
+            back.copy_(self._out_view[:source.numel()])  # the fast count worked in place on it
+        counts = count_damage(source, back, self.fmt, scratch=(rel, mask), sums=False)
+        largest = self._largest_flushed(source, back, rel, mask) if counts.flushed_to_zero else 0.0
+        finite = torch.nan_to_num(source, nan=0.0, posinf=0.0, neginf=0.0, out=rel)
+        return replace(TensorDamage.from_counts(counts), max_flushed=largest,
+                       source_sq=float(torch.dot(finite, finite)))
+
+    def _fast_count(self, source: torch.Tensor, back: torch.Tensor, rel: torch.Tensor) -> TensorDamage | None:
+        """The counts of a chunk that lost nothing outright (``back`` clobbered), or None when it may have.
+
+        The output's bits prove it (:meth:`_screen`): no inf or NaN, no subnormal, and every zero where
+        the source held a zero. The relative error is then the only damage: ``(back - x) / x`` in place
+        (a source zero's 0/0 becomes 0, and a flush, which reads -1, sends the chunk to the full count).
+        Per 2 GiB of float32 here: the screen ~0.04 s (+0.1 s with zeros), the error and the dot ~0.2 s,
+        where the full count takes ~4x as long.
+        """
+        screen = self._screen(source.numel())
+        if screen is None:
+            return None
+        squares = float(torch.dot(source, source))  # every value finite: no inf or NaN came out
+        error = back.sub_(source).div_(source)  # (count,) signed relative error, NaN at source zeros
+        if screen == _ZEROS:
+            error.nan_to_num_(nan=0.0)
+        low, high = float(torch.amin(error)), float(torch.amax(error))
+        if low <= -1.0:  # a value stored as zero that was not one: a flush
+            return None
+        return TensorDamage("", "", "", Action.CAST, source.numel(), max_rel_error=max(0.0, -low, high),
                             source_sq=squares)
+
+    def _screen(self, count: int) -> str | None:
+        """What the output's bits prove about a chunk: :data:`_NORMAL` (every value normal and finite),
+        :data:`_ZEROS` (also some zeros, but no subnormal), or None (inf, NaN or subnormal present).
+
+        The exponent fields' min and max decide the first; where some field is 0, the magnitude bits
+        less one, wrapped to the top for zeros, have a minimum below the smallest normal's exactly when
+        a subnormal is there. Integer passes over the output's 2 bytes a value (for bf16 / fp16).
+        """
+        exponents = torch.bitwise_and(self._out_bits[:count], self._inf_bits, out=self._exponents[:count])
+        low, high = torch.aminmax(exponents)
+        if int(high) >= self._inf_bits:
+            return None
+        if int(low) >= self._normal_bits:
+            return _NORMAL
+        magnitudes = torch.bitwise_and(self._out_bits[:count], self._magnitude_bits, out=exponents)
+        magnitudes.sub_(1).bitwise_and_(self._magnitude_bits)  # zero -> the largest pattern
+        return _ZEROS if int(magnitudes.min()) >= self._normal_bits - 1 else None
 
     @staticmethod
     def _largest_flushed(source: torch.Tensor, back: torch.Tensor, work: torch.Tensor,
@@ -148,13 +186,8 @@ class ChunkCaster:
         torch.ne(back, 0, out=mask)  # stored non-zero (NaN too): not flushed
         return float(torch.abs(source, out=work).masked_fill_(mask, 0.0).max())
 
-    def _all_normal(self, count: int) -> bool:
-        exponents = torch.bitwise_and(self._out_bits[:count], self._inf_bits, out=self._exponents[:count])
-        low, high = torch.aminmax(exponents)
-        return int(low) >= self._normal_bits and int(high) < self._inf_bits
-
-
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_NORMAL, _ZEROS = "normal", "zeros"
 
 
 def _bits_of(value: float, dtype: torch.dtype, bits: torch.dtype) -> int:
