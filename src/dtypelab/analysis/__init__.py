@@ -3,7 +3,15 @@
 Analysis stage, above :mod:`dtypelab.variants`: everything that measures a reference against its variants.
 """
 
-from .compare import OUTPUT_BATCH_BYTES, ComparisonResult, VariantResult, compare_models
+from .compare import (
+    OUTPUT_BATCH_BYTES,
+    CompareSetup,
+    ComparisonResult,
+    VariantResult,
+    VariantTask,
+    compare_models,
+    compare_on,
+)
 from .headroom import HeadroomReport, LayerHeadroom, RangeCounts, keep_list, predict_headroom
 from .layers import DEFAULT_THRESHOLD_DB, MODES, LayerComparison, LayerRow, VariantLayers, compare_layers
 from .metrics import (
@@ -32,6 +40,7 @@ from .planner import (
     PlanRow,
     PlanSweep,
     measure_plan,
+    measure_plans,
     parse_budget,
     parse_budgets,
     plan_model,
@@ -68,10 +77,11 @@ __all__ = [
     "split_rows", "FUSED_LAYERS", "GroupScore", "LayerGroup", "SensitivityResult", "layer_groups",
     "sensitivity", "spearman_rho", "SENSITIVITY_METHODS", "Budget", "Choice", "PlanResult", "PlanRow",
     "parse_budget",
-    "parse_budgets", "plan_model", "solve", "measure_plan", "PlanSweep", "uniform_plans",
+    "parse_budgets", "plan_model", "solve", "measure_plan", "measure_plans", "PlanSweep", "uniform_plans",
     "NOISE_MARGIN_DB", "ComparisonResult", "ErrorSums", "HeadroomReport",
     "LayerComparison", "LayerHeadroom", "LayerRow", "NextTokenMetrics", "OutputMetrics", "RangeCounts",
-    "VariantLayers", "VariantResult", "WeightReport", "WeightStats", "compare_layers", "compare_models",
+    "VariantLayers", "VariantResult", "VariantTask", "CompareSetup", "compare_on",
+    "WeightReport", "WeightStats", "compare_layers", "compare_models",
     "cosine_similarity", "forward_latency_ms", "input_dtype", "is_logits_output", "keep_list",
     "kl_divergence", "max_abs_diff", "mean_abs_diff", "mean_pooled", "measure", "named_output",
     "next_token_metrics", "noise_floor_db", "output_metrics", "own_inputs", "paired_latency_ms",

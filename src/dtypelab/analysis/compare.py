@@ -8,19 +8,21 @@ taken in float32, as the seed notebook does, so its printed numbers are reproduc
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..checkpoint import convert_support, stored_nbytes, stored_numel
+from ..errors import InputError
+from ..executor import Executor, TaskFailure
 from ..models import ModelKind, OutputKind
 from ..models import model_kind as kind_of
 from ..progress import ProgressCallback, stage
-from ..quant import LayerOutcome, dequantized_once, inspect_model
+from ..quant import KeepPolicy, LayerOutcome, MixedPlan, dequantized_once, inspect_model
 from ..report import Table, TableMixin, format_cell
-from ..variants import Variant, as_variants, is_peer_spec
+from ..variants import Variant, as_variants, is_peer_spec, iter_variants, plan_variant
 from .metrics import (
     ErrorSums,
     NextTokenMetrics,
@@ -307,6 +309,88 @@ def compare_models(reference: nn.Module, variants: Mapping[str, nn.Module | Vari
     return ComparisonResult(stored_nbytes(reference), rows, context.logits, kept, context.name,
                             context.positions, context.padding, ref_ms, runs, context.shape,
                             len(context.batches))
+
+
+@dataclass(frozen=True)
+class VariantTask:
+    """One row of a comparison on an executor, built in the worker: a ``--to`` item (``spec``), or a
+    mixed-precision ``plan`` (its row named ``name``, default ``plan:<budget>``)."""
+
+    spec: str | None = None
+    plan: MixedPlan | None = None
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.spec or self.name or f"plan:{self.plan.budget or 'file'}"
+
+
+@dataclass(frozen=True)
+class CompareSetup:
+    """How each worker of a parallel comparison gets what every row is measured against, once: ``load()``
+    (picklable, run in the worker) returns ``(reference, inputs, calibration or None)``; the reference's
+    outputs are then computed there, and the variants built as :func:`~dtypelab.variants.iter_variants`
+    and :func:`~dtypelab.variants.plan_variant` would build them in this process."""
+
+    load: Callable[[], tuple]
+    output_name: str | None = None
+    output_kind: str = OutputKind.AUTO
+    next_token: bool | None = None
+    model_kind: ModelKind | None = None
+    keep: KeepPolicy | None = None
+    embeddings: bool = False
+    head: bool = False
+    device: str | None = None
+
+    def __call__(self) -> tuple:
+        """The worker's state: (this setup, reference, inputs, calibration, context)."""
+        reference, inputs, calibration = self.load()
+        context = _reference_context(reference, inputs, self.output_name, self.output_kind, False)
+        kind = self.model_kind or kind_of(reference)
+        context.next_token = _wants_next_token(self.next_token, kind, context)
+        context.numel = stored_numel(reference)
+        return self, reference, inputs, calibration, context
+
+
+def compare_on(executor: Executor, setup: CompareSetup, tasks: Sequence[VariantTask], *,
+               progress: ProgressCallback | None = None) -> ComparisonResult:
+    """:func:`compare_models` with one task per variant on ``executor`` (:mod:`dtypelab.executor`): each
+    worker loads the reference and runs it once (``setup``), then builds, measures and drops its
+    variants. The result is the in-process one (forwards are not timed: on shared cores a latency would
+    measure the neighbours); a variant whose task failed twice, or whose worker died, is a failed row with
+    the reason.
+
+    Raises:
+        InputError: no tasks.
+    """
+    if not tasks:
+        raise InputError("nothing to compare: give at least one format or plan")
+    bar = stage(progress, "compare", "variants", len(tasks))
+    results = executor.run(setup, _variant_task, list(tasks),
+                           on_done=lambda index, _: bar.advance(detail=tasks[index].label))
+    rows, reference = [], next((r[1] for r in results if not isinstance(r, TaskFailure)), None)
+    for task, result in zip(tasks, results, strict=True):
+        rows.append(result[0] if not isinstance(result, TaskFailure) else VariantResult(
+            task.label, "", 0, None, None, failure=f"failed on {executor.name}: {result.reason}"))
+    if reference is None:
+        raise InputError(f"every variant failed on {executor.describe()}: {results[0].reason}")
+    stored, logits, name, positions, padding, shape, batches = reference
+    return ComparisonResult(stored, rows, logits, None, name, positions, padding, None, 0, shape, batches)
+
+
+def _variant_task(state: tuple, task: VariantTask) -> tuple[VariantResult, tuple]:
+    """Build one variant in the worker and measure it; with the reference's facts the result needs."""
+    setup, reference, inputs, calibration, context = state
+    if task.plan is not None:
+        variant = plan_variant(reference, task.plan, task.name, setup.device, calibration)
+    else:
+        variant = next(iter_variants(reference, [task.spec], setup.keep, setup.embeddings, setup.device,
+                                     head=setup.head, calibration=calibration))
+    row = _variant_result(variant, inputs, context)
+    del variant  # not held while the next task's is built
+    facts = (stored_nbytes(reference), context.logits, context.name, context.positions, context.padding,
+             context.shape, len(context.batches))
+    return row, facts
 
 
 OUTPUT_BATCH_BYTES = 256 << 20  # compared output per forward: a long text runs a batch of windows at a time

@@ -22,13 +22,14 @@ from torch import nn
 
 from ..checkpoint import convert_support
 from ..errors import InputError
+from ..executor import Executor
 from ..formats import get_format
 from ..models import ModelKind
 from ..naming import any_matches
 from ..quant import DENSE, LayerChoice, MixedPlan
 from ..report import ParetoPoint, Table, TableMixin, format_cell
 from ..variants import CalibrationData, plan_variant
-from .compare import compare_models
+from .compare import CompareSetup, VariantResult, VariantTask, compare_models, compare_on
 from .sensitivity import LayerGroup, SensitivityResult
 
 BUDGET_UNITS = {"bpw": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
@@ -333,7 +334,25 @@ def measure_plan(reference: nn.Module, plan: MixedPlan, inputs, *, text: str = "
     variant = plan_variant(reference, plan, calibration=calibration)
     comparison = compare_models(reference, [variant], inputs, output_kind=output_kind,
                                 model_kind=model_kind)
-    row = comparison.variants[0]
+    return _measurement(comparison.variants[0], comparison.positions, text)
+
+
+def measure_plans(plans: Sequence[MixedPlan], executor: Executor, setup: CompareSetup, *,
+                  text: str = "the given inputs") -> list[dict]:
+    """:func:`measure_plan` for every plan (a Pareto sweep's budgets, the uniform formats), one task each
+    on ``executor``: each worker loads the reference and the held-out inputs once (``setup``, whose
+    ``load`` returns them with the calibration), then measures its plans. The same numbers as one
+    :func:`measure_plan` after another with the worker's thread count.
+
+    Raises:
+        InputError: a plan that cannot be applied, or whose task failed twice (named, with the reason).
+    """
+    comparison = compare_on(executor, setup, [VariantTask(plan=plan) for plan in plans])
+    return [_measurement(row, comparison.positions, text) for row in comparison.variants]
+
+
+def _measurement(row: VariantResult, positions: int, text: str) -> dict:
+    """A measured plan's row in the sensitivity's units (see :func:`measure_plan`)."""
     if row.failure:
         raise InputError(f"the plan cannot be applied: {row.failure}")
     if row.next_token is not None:
@@ -343,7 +362,7 @@ def measure_plan(reference: nn.Module, plan: MixedPlan, inputs, *, text: str = "
     else:
         damage, stderr, what = 10 ** (-row.metrics.sqnr_db / 10), None, "relative noise power"
     return {"text": text, "damage": damage, "stderr": stderr, "what": what, "stored_bytes": row.stored_bytes,
-            "sqnr_db": row.metrics.sqnr_db, "positions": comparison.positions}
+            "sqnr_db": row.metrics.sqnr_db, "positions": positions}
 
 
 def uniform_plans(result: SensitivityResult, model: str = "", model_hash: str = "") -> dict[str, MixedPlan]:

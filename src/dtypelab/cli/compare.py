@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,8 +10,18 @@ from pathlib import Path
 import click
 import torch
 
-from ..analysis import DEFAULT_THRESHOLD_DB, MODES, ComparisonResult, compare_layers, compare_models
+from ..analysis import (
+    DEFAULT_THRESHOLD_DB,
+    MODES,
+    CompareSetup,
+    ComparisonResult,
+    VariantTask,
+    compare_layers,
+    compare_models,
+    compare_on,
+)
 from ..errors import InputError
+from ..executor import InProcess, executor_for
 from ..formats import get_format
 from ..models import LoadedModel, load, model_inputs, to_device
 from ..progress import ProgressCallback
@@ -25,6 +36,7 @@ from .common import (
     check_result_options,
     device_option,
     emit,
+    executor_options,
     html_side_output,
     input_options,
     keep_option,
@@ -75,6 +87,8 @@ from .progress import quiet_option, status_line
               help="Also time forwards: each variant in turns with float32, its ratio to float32 timed "
                    "beside it and the ratio's per-round spread; 'slower' only beyond that noise. Off by "
                    "default (it about doubles the run time); --no-time is accepted and does nothing.")
+@executor_options("one task per --to format and --plan (each worker loads MODEL and runs float32 once; "
+                  "the same numbers as in this process at 1 thread; not with --layers or --time)")
 @result_options
 @quiet_option
 def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str | None,
@@ -86,7 +100,8 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
                 as_json: bool, embeddings: bool, head: bool, timing: bool, calib_file: str | None = None,
                 calib_tokens: int | None = None, plan_files: tuple[str, ...] = (),
                 quiet: bool = False, columns: tuple[str, ...] | None = None,
-                html_path: str | None = None) -> None:
+                html_path: str | None = None, workers: int | None = None,
+                ray_address: str | None = None) -> None:
     specs, target = parse_variant_specs(formats), resolve_device(device)
     check_result_options(as_json, columns, html_path, sources=[model])
     plans = [(Path(f).stem, MixedPlan.load(f)) for f in plan_files]  # a bad plan file: before any load
@@ -96,6 +111,7 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
     if (embeddings or head) and not any(s.format is not None and s.format.is_quantized for s in specs):
         raise InputError("--embeddings and --head choose what a quantized format stores; --to lists no "
                          "quantized format (casts convert every tensor): add one, e.g. int8, or drop them")
+    executor = _executor(workers, ray_address, by_layer, timing)
     line = status_line(quiet)
     loaded = load(model, "fp32", allow_pickle=allow_pickle, progress=line)
     inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
@@ -105,6 +121,18 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
     planned = [get_format(f) for _, plan in plans for f in set(plan.formats.values())]
     calibration = calibration_for(loaded, [s.format for s in specs] + planned, calib_file, calib_tokens)
     policy = KeepPolicy.from_strings(keep)
+    if not isinstance(executor, InProcess):
+        state = functools.partial(compare_state, model, allow_pickle, device, formats, plan_files, calib_file,
+                                  calib_tokens, dict(texts=texts, text_file=text_file, input_ids=input_ids,
+                                                     input_file=input_file, text_set=text_set, ctx=ctx,
+                                                     stride=stride, windows=windows))
+        setup = CompareSetup(state, output_name, loaded.output_kind, model_kind=loaded.kind, keep=policy,
+                             embeddings=embeddings, head=head, device=str(target))
+        tasks = [VariantTask(spec.spec) for spec in specs]
+        tasks += [VariantTask(plan=plan, name=f"plan:{name}") for name, plan in plans]
+        result = compare_on(executor, setup, tasks, progress=line)
+        emit(result, as_json, html_side_output(result, html_path, model=model), columns=columns)
+        return
     if not by_layer:
         result = compare_loaded(loaded, formats, inputs, target, output_name, policy, embeddings=embeddings,
                                 head=head, timing=timing, calibration=calibration, plans=plans, progress=line)
@@ -138,3 +166,28 @@ def compare_loaded(loaded: LoadedModel, formats: str, inputs, target: torch.devi
     return compare_models(reference, variants, inputs, output_name=output_name,
                           output_kind=loaded.output_kind, timing=timing, model_kind=loaded.kind,
                           progress=progress)
+
+
+def _executor(workers: int | None, ray_address: str | None, by_layer: bool, timing: bool):
+    """The executor ``--workers`` / ``--ray`` ask for; refused with ``--layers`` (one lockstep run over
+    every module) and ``--time`` (latencies on cores the workers share would measure each other)."""
+    if workers is not None or ray_address is not None:
+        given = [o for o, on in (("--layers", by_layer), ("--time", timing)) if on]
+        if given:
+            raise InputError(f"--workers and --ray run compare's table one variant per task, not with "
+                             f"{' and '.join(given)}: drop one or the other")
+    return executor_for(workers, ray_address)
+
+
+def compare_state(model: str, allow_pickle: bool, device: str, formats: str, plan_files: tuple[str, ...],
+                  calib_file: str | None, calib_tokens: int | None, inputs: dict) -> tuple:
+    """A worker's ``(reference, inputs, calibration)``, built as ``compare`` builds them in this process."""
+    target = resolve_device(device)
+    loaded = load(model, "fp32", allow_pickle=allow_pickle)
+    batch = to_device(model_inputs(loaded, texts=inputs["texts"], text_file=inputs["text_file"],
+                                   input_ids=inputs["input_ids"], tensor_file=inputs["input_file"],
+                                   text_set=inputs["text_set"], ctx=inputs["ctx"], stride=inputs["stride"],
+                                   windows=inputs["windows"]), target)
+    planned = [get_format(f) for path in plan_files for f in set(MixedPlan.load(path).formats.values())]
+    fmts = [s.format for s in parse_variant_specs(formats)] + planned
+    return loaded.model.to(target), batch, calibration_for(loaded, fmts, calib_file, calib_tokens)

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+
 import click
 
-from ..analysis import PlanSweep, measure_plan, parse_budgets, plan_model, uniform_plans
+from ..analysis import (
+    CompareSetup,
+    PlanSweep,
+    measure_plan,
+    measure_plans,
+    parse_budgets,
+    plan_model,
+    uniform_plans,
+)
 from ..errors import InputError
+from ..executor import Executor, InProcess, executor_for
 from ..formats import get_format
 from ..models import model_inputs, to_device
 from ..quant import DENSE, layer_weights, model_fingerprint
@@ -20,7 +31,7 @@ from .common import (
     resolve_device,
     result_options,
 )
-from .sensitivity import rank, ranking_options
+from .sensitivity import load_ranking, rank, ranking_options
 
 
 @click.command("plan", short_help="Choose a format per layer to fit a byte budget with the least damage.",
@@ -74,6 +85,7 @@ def plan_cmd(model: str, budget: str, formats: str, keep_dense: tuple[str, ...],
     for fmt in [*floors.values(), *([edge[1]] if edge else [])]:
         if fmt != DENSE:
             get_format(fmt)  # a typo is refused before the model loads
+    executor, options = _executor(verify, options)
     loaded, ranking, calibration = rank(model, formats, **options)
     reference = loaded.model
     fingerprint = model_fingerprint(layer_weights(reference, [n for g in ranking.groups for n in g.layers]))
@@ -81,28 +93,71 @@ def plan_cmd(model: str, budget: str, formats: str, keep_dense: tuple[str, ...],
                         model_hash=fingerprint) for b in budgets]
     for result in plans if calibration is not None else []:  # what compare / convert --plan calibrate on
         result.plan.extra["calibration"] = calibration.settings()
+    uniform_candidates = uniform_plans(ranking, model, fingerprint) if verify and len(plans) > 1 else {}
+    measured_uniform = []
     if verify:
-        held_out = _held_out(loaded, options["device"], options["ctx"], verify_windows)
         text = "the held-out evaluation text" if loaded.tokenizer is not None else "the default input"
-        for result in plans:
-            result.measured = measure_plan(reference, result.plan, held_out, text=text,
-                                           output_kind=loaded.output_kind, model_kind=loaded.kind,
-                                           calibration=calibration)
+        candidates = [result.plan for result in plans] + list(uniform_candidates.values())
+        if isinstance(executor, InProcess):
+            held_out = _held_out(loaded, options["device"], options["ctx"], verify_windows)
+            measured = [measure_plan(reference, plan, held_out, text=text, output_kind=loaded.output_kind,
+                                     model_kind=loaded.kind, calibration=calibration) for plan in candidates]
+        else:
+            measured = _measure_on(executor, candidates, model, formats, verify_windows, loaded, text,
+                                   options)
+        for result, measurement in zip(plans, measured, strict=False):
+            result.measured = measurement
+        measured_uniform = measured[len(plans):]
     if len(plans) == 1:
         saved = [("-o", output, lambda: plans[0].plan.save(target))] if target else []
         emit(plans[0], as_json, saved + html_side_output(plans[0], html_path, model=model), columns=columns)
         return
-    uniform = []
-    if verify:
-        for fmt, plan in uniform_plans(ranking, model, fingerprint).items():
-            uniform.append((fmt, plan, measure_plan(reference, plan, held_out, text=text,
-                                                    output_kind=loaded.output_kind, model_kind=loaded.kind,
-                                                    calibration=calibration)))
+    uniform = [(fmt, plan, m) for (fmt, plan), m in zip(uniform_candidates.items(), measured_uniform,
+                                                       strict=True)]
     sweep = PlanSweep(plans, uniform, ranking.fixed_bytes)
     label = "KL (nats)" if ranking.metric == "kl_nats" else "relative noise power"
     plot = [("--plot", plot_path, lambda: plot_pareto(sweep.pareto_points(), plot_path, label))] \
         if plot_path else []
     emit(sweep, as_json, plot + html_side_output(sweep, html_path, model=model), columns=columns)
+
+
+RANKING_ONLY = ("method", "exact", "exclude", "head", "seed", "workers", "ray_address")
+"""rank()'s options that are not its inputs' (the rest are input options)."""
+
+
+def _executor(verify: bool, options: dict) -> tuple[Executor, dict]:
+    """The executor of ``--workers`` / ``--ray`` (the exact sweep's and --verify's measurements, one task
+    per plan), and rank's options: without the exact sweep, the executor is --verify's alone."""
+    workers, ray_address = options["workers"], options["ray_address"]
+    exact = options["exact"] or options["method"] == "exact"
+    if (workers is not None or ray_address is not None) and not (exact or verify):
+        raise InputError("--workers and --ray run the exact sweep (--exact) and --verify's measurements: "
+                         "add one of them, or drop --workers / --ray")
+    executor = executor_for(workers, ray_address)
+    return executor, options if exact else {**options, "workers": None, "ray_address": None}
+
+
+def _measure_on(executor: Executor, plans: list, model: str, formats: str, verify_windows: int | None,
+                loaded, text: str, options: dict) -> list[dict]:
+    """--verify's measurements as tasks: each worker loads the model, the held-out text and the
+    calibration once (:func:`plan_state`)."""
+    from ..formats import split_list
+
+    fmts = [get_format(f) for f in split_list(formats)]
+    inputs = {k: v for k, v in options.items() if k not in (*RANKING_ONLY, "allow_pickle", "device",
+                                                            "calib_file", "calib_tokens")}
+    state = functools.partial(plan_state, model, options["allow_pickle"], options["device"], fmts,
+                              options["calib_file"], options["calib_tokens"], inputs, verify_windows)
+    setup = CompareSetup(state, output_kind=loaded.output_kind, model_kind=loaded.kind)
+    return measure_plans(plans, executor, setup, text=text)
+
+
+def plan_state(model: str, allow_pickle: bool, device: str, fmts: list, calib_file: str | None,
+               calib_tokens: int | None, inputs: dict, verify_windows: int | None) -> tuple:
+    """A worker's ``(reference, held-out inputs, calibration)``: loaded as ``plan`` loads them here."""
+    loaded, reference, _, calibration = load_ranking(model, allow_pickle, device, fmts, calib_file,
+                                                     calib_tokens, inputs)
+    return reference, _held_out(loaded, device, inputs["ctx"], verify_windows), calibration
 
 
 def _held_out(loaded, device: str, ctx: int | None, windows: int | None):
