@@ -221,13 +221,59 @@ def test_the_screen_proves_what_the_bf16_output_holds(case):
     values, expected = ZERO_CASES[case]
     caster = ChunkCaster(get_format("bf16"), chunk_elements=16)
     source = torch.tensor(values, dtype=torch.float32)
-    caster._out_view[:len(values)].copy_(source)
+    caster._lanes[0].out_view[:len(values)].copy_(source)
     assert caster._screen(len(values)) == expected
 
 
 def test_a_flush_the_bits_cannot_see_is_left_to_the_full_count():
     caster = ChunkCaster(get_format("bf16"), chunk_elements=16)
     source = torch.tensor([1.0, 0.0, 1e-44])
-    caster._out_view[:3].copy_(source)
-    back = caster._out_view[:3].float()
+    caster._lanes[0].out_view[:3].copy_(source)
+    back = caster._lanes[0].out_view[:3].float()
     assert caster._fast_count(source, back, torch.empty(3)) is None
+
+
+# ------------------------------------------------------------------- stream: I/O beside the cast
+
+def stream_through(caster: ChunkCaster, source: torch.Tensor, fail_at: int | None = None):
+    """``caster.stream`` over ``source``'s bytes; the reads fail from element ``fail_at`` on."""
+    raw, size, written = source.contiguous().view(torch.uint8).numpy().tobytes(), source.element_size(), []
+
+    def read(view: memoryview, first: int) -> None:
+        if fail_at is not None and first >= fail_at:
+            raise OSError("the disk went away")
+        view[:] = raw[first * size:first * size + len(view)]
+
+    damage = caster.stream(source.numel(), source.dtype, read, lambda out: written.append(bytes(out)))
+    return torch.frombuffer(bytearray(b"".join(written)), dtype=caster.out_dtype), damage
+
+
+@pytest.mark.parametrize("spec", ["bf16", "fp16", "fp8_e4m3:cast"])
+def test_stream_equals_the_chunk_by_chunk_cast(spec):
+    torch.manual_seed(2)
+    source = torch.cat([torch.randn(5000) * 10.0 ** torch.randint(-8, 8, (5000,)), specials(torch.float16)])
+    streamed, damage = stream_through(ChunkCaster(get_format(spec), chunk_elements=512), source.float())
+    expected, counted = cast_with(ChunkCaster(get_format(spec), chunk_elements=512), source.float())
+    assert torch.equal(streamed.view(torch.uint8), expected.view(torch.uint8))
+    assert damage.numel == source.numel()
+    for field in ("overflowed", "flushed_to_zero", "subnormal", "max_rel_error", "max_flushed", "source_sq"):
+        assert getattr(damage, field) == getattr(counted, field), field  # same chunks, same merge order
+
+
+def test_a_failing_read_stops_the_stream_with_its_error_and_writes_nothing_after_it():
+    source = torch.randn(4096)
+    caster = ChunkCaster(get_format("bf16"), chunk_elements=512)
+    written = []
+    raw = source.numpy().tobytes()
+
+    def read(view: memoryview, first: int) -> None:
+        if first >= 2048:
+            raise OSError("the disk went away")
+        view[:] = raw[first * 4:first * 4 + len(view)]
+
+    with pytest.raises(OSError, match="went away"):
+        caster.stream(source.numel(), source.dtype, read, lambda out: written.append(bytes(out)))
+    # a prefix of the four chunks before element 2048, in order (a write queued behind the failed read
+    # is cancelled), and nothing after it
+    expected = source[:len(written) * 512].to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+    assert len(written) <= 4 and b"".join(written) == expected

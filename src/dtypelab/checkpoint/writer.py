@@ -278,16 +278,12 @@ def _stream_item(item: PlannedTensor, src_fd: int, dst_fd: int | None, path: Pat
         tick(entry.nbytes)
         return result
     itemsize = entry.torch_dtype.itemsize
-    for first in range(0, entry.numel, caster.chunk_elements):
-        count = min(caster.chunk_elements, entry.numel - first)
-        read_exact(src_fd, memoryview(caster.raw)[:count * itemsize], start + first * itemsize,
-                   item.shard.path, entry.name)
-        out, chunk = caster.cast(entry.torch_dtype, count)
-        if dst_fd is not None:
-            write_all(dst_fd, out, path)
-        result = result.merged(chunk)
-        tick(count * itemsize)
-    return result
+
+    def read(view: memoryview, first: int) -> None:
+        read_exact(src_fd, view, start + first * itemsize, item.shard.path, entry.name)
+
+    write = None if dst_fd is None else lambda out: write_all(dst_fd, out, path)
+    return result.merged(caster.stream(entry.numel, entry.torch_dtype, read, write, tick))
 
 
 def write_index(plan: OutputPlan, folder: Path) -> None:
