@@ -113,17 +113,19 @@ class RayExecutor(Executor):
     on 127.0.0.1 only, with ``workers`` CPUs, and shuts it down after the run.
 
     ``node_addresses``: after a run, the IP address of every node an actor ran on (``{"127.0.0.1"}`` for
-    a local cluster)."""
+    a local cluster). ``notices``: let Ray's one start-up line (its token-authentication notice) reach
+    stderr; False (``--quiet``) keeps it back too, unless starting failed."""
 
     address: str = "local"
     workers: int = 2
     threads: int = 1
+    notices: bool = True
     name = "ray"
     node_addresses: set[str] = field(default_factory=set)
 
     def run(self, setup, work, tasks, on_done=None):
         ray = _import_ray()
-        with _cluster(ray, self.address, self.workers):
+        with _cluster(ray, self.address, self.workers, self.notices):
             actor = ray.remote(num_cpus=1)(_RayWorker)
             actors = [actor.remote(setup, self.threads) for _ in range(min(self.workers, len(tasks)))]
             try:
@@ -189,13 +191,13 @@ def _dispatch(ray, actors: list, work: Callable, tasks: Sequence[Any], on_done: 
 
 
 @contextlib.contextmanager
-def _cluster(ray, address: str, workers: int) -> Iterator[None]:
+def _cluster(ray, address: str, workers: int, notices: bool = True) -> Iterator[None]:
     """Ray connected for the run: a cluster started here (``"local"``) is shut down after it, one that was
     joined (``"auto"``, an address) or already connected is left running."""
     if ray.is_initialized():
         yield
         return
-    with _quiet_start(), _loopback_only(address == "local"):
+    with _quiet_start(1 if notices else 0), _loopback_only(address == "local"):
         if address == "local":
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
                      _node_ip_address="127.0.0.1", configure_logging=False)
@@ -234,10 +236,10 @@ def _loopback_only(local: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet_start() -> Iterator[None]:
+def _quiet_start(lines_shown: int = 1) -> Iterator[None]:
     """Ray's start-up writes to the process's stderr (file descriptor 2, below Python): keep it, and
-    let through only its first line (the token-authentication notice), or everything when start-up
-    failed, so the reason is not lost."""
+    let through only its first ``lines_shown`` lines (the token-authentication notice), or everything when
+    start-up failed, so the reason is not lost."""
     import sys
     import tempfile
 
@@ -254,15 +256,16 @@ def _quiet_start() -> Iterator[None]:
             os.close(saved)
             captured.seek(0)
             lines = captured.read().decode(errors="replace").splitlines()
-            shown = lines if failed else [line for line in lines if line.strip()][:1]
+            shown = lines if failed else [line for line in lines if line.strip()][:lines_shown]
             if shown:
                 sys.stderr.write("\n".join(shown) + "\n")
                 sys.stderr.flush()
 
 
-def executor_for(workers: int | None = None, ray: str | None = None) -> Executor:
+def executor_for(workers: int | None = None, ray: str | None = None, quiet: bool = False) -> Executor:
     """The executor a command's ``--workers N`` / ``--ray ADDRESS`` ask for (in-process without them):
     Ray with ``workers`` actors (default: this machine's CPUs), else ``workers`` local processes.
+    ``quiet`` (``--quiet``): not even Ray's one start-up line.
 
     Raises:
         InputError: a worker count below 1, or ``--ray`` without Ray installed.
@@ -271,7 +274,7 @@ def executor_for(workers: int | None = None, ray: str | None = None) -> Executor
         raise InputError(f"--workers {workers}: give at least 1")
     if ray is not None:
         _import_ray()
-        return RayExecutor(ray, workers or os.cpu_count() or 1)
+        return RayExecutor(ray, workers or os.cpu_count() or 1, notices=not quiet)
     return LocalProcesses(workers) if workers and workers > 1 else InProcess()
 
 

@@ -228,4 +228,18 @@ def test_a_local_ray_cluster_writes_the_same_bytes_on_loopback_only(sharded_llam
     assert exposed == []
     # Ray's start-up notice is one line at most, per cluster started
     assert len([line for line in capfd.readouterr().err.splitlines() if line.strip()]) <= 2
-    only_the_output(tmp_path, "bf16", "int4:g128")
+    code = main_exit_code("convert", sharded_llama_folder, "--to", "bf16", "-o", tmp_path / "quiet",
+                          "--ray", "local", "--workers", "2", "--quiet")
+    assert code == 0 and capfd.readouterr().err == ""  # --quiet: not even that line
+    assert digest(tmp_path / "quiet") == digest(in_process["bf16"][0])
+    only_the_output(tmp_path, "bf16", "int4:g128", "quiet")
+
+
+def main_exit_code(*argv) -> int:
+    from dtypelab.cli import main
+
+    try:
+        main([str(arg) for arg in argv])
+    except SystemExit as exit_info:
+        return exit_info.code or 0
+    return 0

@@ -111,7 +111,7 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
     if (embeddings or head) and not any(s.format is not None and s.format.is_quantized for s in specs):
         raise InputError("--embeddings and --head choose what a quantized format stores; --to lists no "
                          "quantized format (casts convert every tensor): add one, e.g. int8, or drop them")
-    executor = _executor(workers, ray_address, by_layer, timing)
+    executor = _executor(workers, ray_address, by_layer, timing, quiet)
     line = status_line(quiet)
     loaded = load(model, "fp32", allow_pickle=allow_pickle, progress=line)
     inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
@@ -168,7 +168,7 @@ def compare_loaded(loaded: LoadedModel, formats: str, inputs, target: torch.devi
                           progress=progress)
 
 
-def _executor(workers: int | None, ray_address: str | None, by_layer: bool, timing: bool):
+def _executor(workers: int | None, ray_address: str | None, by_layer: bool, timing: bool, quiet: bool):
     """The executor ``--workers`` / ``--ray`` ask for; refused with ``--layers`` (one lockstep run over
     every module) and ``--time`` (latencies on cores the workers share would measure each other)."""
     if workers is not None or ray_address is not None:
@@ -176,7 +176,7 @@ def _executor(workers: int | None, ray_address: str | None, by_layer: bool, timi
         if given:
             raise InputError(f"--workers and --ray run compare's table one variant per task, not with "
                              f"{' and '.join(given)}: drop one or the other")
-    return executor_for(workers, ray_address)
+    return executor_for(workers, ray_address, quiet=quiet)
 
 
 def compare_state(model: str, allow_pickle: bool, device: str, formats: str, plan_files: tuple[str, ...],

@@ -128,7 +128,7 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
         "--dense": dense, "--max-shard-size": max_shard_size, "--verify": verify,
         "--strict": strict, "--embeddings": embeddings, "--fsync": fsync, "--report": report_path,
         "--workers": workers, "--ray": ray_address})
-    executor = executor_for(workers, ray_address)
+    executor = executor_for(workers, ray_address, quiet=quiet)
     progress = ProgressLine() if not quiet and not as_json and sys.stderr.isatty() else None
     if calibrated and progress is not None:  # minutes of calibration blocks, not bytes: the stage line
         progress = status_line(quiet)
