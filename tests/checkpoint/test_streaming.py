@@ -235,24 +235,24 @@ def test_a_flush_the_bits_cannot_see_is_left_to_the_full_count():
 
 # ------------------------------------------------------------------- stream: I/O beside the cast
 
-def stream_through(caster: ChunkCaster, source: torch.Tensor, fail_at: int | None = None):
-    """``caster.stream`` over ``source``'s bytes; the reads fail from element ``fail_at`` on."""
+def stream_through(caster: ChunkCaster, source: torch.Tensor):
+    """``caster.stream`` over ``source``'s bytes: its outputs joined, and the damage."""
     raw, size, written = source.contiguous().view(torch.uint8).numpy().tobytes(), source.element_size(), []
 
     def read(view: memoryview, first: int) -> None:
-        if fail_at is not None and first >= fail_at:
-            raise OSError("the disk went away")
         view[:] = raw[first * size:first * size + len(view)]
 
     damage = caster.stream(source.numel(), source.dtype, read, lambda out: written.append(bytes(out)))
     return torch.frombuffer(bytearray(b"".join(written)), dtype=caster.out_dtype), damage
 
 
+@pytest.mark.parametrize("io_thread", [False, True], ids=["in line", "io thread"])
 @pytest.mark.parametrize("spec", ["bf16", "fp16", "fp8_e4m3:cast"])
-def test_stream_equals_the_chunk_by_chunk_cast(spec):
+def test_stream_equals_the_chunk_by_chunk_cast(spec, io_thread):
     torch.manual_seed(2)
     source = torch.cat([torch.randn(5000) * 10.0 ** torch.randint(-8, 8, (5000,)), specials(torch.float16)])
-    streamed, damage = stream_through(ChunkCaster(get_format(spec), chunk_elements=512), source.float())
+    caster = ChunkCaster(get_format(spec), chunk_elements=512, io_thread=io_thread)
+    streamed, damage = stream_through(caster, source.float())
     expected, counted = cast_with(ChunkCaster(get_format(spec), chunk_elements=512), source.float())
     assert torch.equal(streamed.view(torch.uint8), expected.view(torch.uint8))
     assert damage.numel == source.numel()
@@ -260,9 +260,10 @@ def test_stream_equals_the_chunk_by_chunk_cast(spec):
         assert getattr(damage, field) == getattr(counted, field), field  # same chunks, same merge order
 
 
-def test_a_failing_read_stops_the_stream_with_its_error_and_writes_nothing_after_it():
+@pytest.mark.parametrize("io_thread", [False, True], ids=["in line", "io thread"])
+def test_a_failing_read_stops_the_stream_with_its_error_and_writes_nothing_after_it(io_thread):
     source = torch.randn(4096)
-    caster = ChunkCaster(get_format("bf16"), chunk_elements=512)
+    caster = ChunkCaster(get_format("bf16"), chunk_elements=512, io_thread=io_thread)
     written = []
     raw = source.numpy().tobytes()
 

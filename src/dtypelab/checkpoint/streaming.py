@@ -70,14 +70,14 @@ class ChunkCaster:
         chunk_elements: elements per chunk; buffers are sized for it.
     """
 
-    def __init__(self, fmt: NumberFormat, chunk_elements: int = CHUNK_ELEMENTS):
-        self.fmt, self.chunk_elements = fmt, chunk_elements
+    def __init__(self, fmt: NumberFormat, chunk_elements: int = CHUNK_ELEMENTS, io_thread: bool = False):
+        self.fmt, self.chunk_elements, self.io_thread = fmt, chunk_elements, io_thread
         self.out_dtype = fmt.torch_dtype
         self.saturating = saturates(self.out_dtype)
         bits = _BITS[self.out_dtype.itemsize]
         # two lanes of read and output buffers: :meth:`stream` reads into one and writes from the other
         # while the cast works on a third chunk; :meth:`cast` uses the first
-        self._lanes = [_Lane(chunk_elements, self.out_dtype, bits) for _ in range(2)]
+        self._lanes = [_Lane(chunk_elements, self.out_dtype, bits) for _ in range(2 if io_thread else 1)]
         self._mask = torch.empty(chunk_elements, dtype=torch.bool)
         self._scratch: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._exponents = torch.empty(chunk_elements, dtype=bits)
@@ -108,10 +108,11 @@ class ChunkCaster:
         """Cast ``numel`` values chunk by chunk: ``read(view, first)`` fills a view with the values from
         element ``first`` on, ``write(bytes)`` takes each chunk's output in order (None: count only).
 
-        One I/O thread reads the next chunk and writes the previous one while this thread casts and
-        counts (file reads and writes, like torch's ops, release the GIL), so a conversion costs about
-        the larger of its I/O and its arithmetic rather than their sum. The damage is merged in chunk
-        order: the same result as :meth:`cast` chunk after chunk.
+        With ``io_thread``, one I/O thread reads the next chunk and writes the previous one while this
+        thread casts and counts (file reads and writes, like torch's ops, release the GIL). Off by
+        default: on this project's 2 shared cores it cost more than it hid (docs/benchmarks.md,
+        "Checkpoint conversion"). Either way the damage is merged in chunk order, the same result as
+        :meth:`cast` chunk after chunk.
         """
         itemsize, step = source_dtype.itemsize, self.chunk_elements
         chunks = [(first, min(step, numel - first)) for first in range(0, numel, step)]
@@ -120,6 +121,15 @@ class ChunkCaster:
         def fill(lane: _Lane, first: int, count: int) -> None:
             read(memoryview(lane.raw)[:count * itemsize], first)
 
+        if not self.io_thread:
+            for first, count in chunks:
+                fill(self._lanes[0], first, count)
+                out, chunk = self._cast_lane(self._lanes[0], source_dtype, count)
+                if write is not None:
+                    write(out)
+                damage = damage.merged(chunk)
+                tick(count * itemsize)
+            return replace(damage, numel=numel)
         with ThreadPoolExecutor(1, thread_name_prefix="dtypelab-io") as io:
             # one thread, first in first out: chunk k's read was queued after chunk k-2's write, so once
             # it is done both of lane k % 2's buffers are free
