@@ -20,6 +20,7 @@ from dtypelab.quant import (
     round_trip,
     sqnr_from_powers,
 )
+from dtypelab.quant.damage import sum_of_squares
 
 PLAIN = ["fp16", "bf16", "fp8_e4m3:cast"]
 
@@ -70,6 +71,7 @@ def test_counts_match_an_independent_element_by_element_truth(name):
     for x, s in zip(values.tolist(), stored.tolist(), strict=True):  # the module docstring's definitions
         if math.isfinite(x) and (not math.isfinite(s) or abs(x) > overflow_threshold(fmt)):
             overflowed += 1
+        overflowed += math.isinf(x) and math.isfinite(s)  # e4m3fn has no inf: ±448 stands for it
         flushed += x != 0 and s == 0  # NaN != 0 holds and a NaN stays NaN: never counted
         subnormal += 0 < abs(s) < fmt.smallest_normal
     assert (counts.overflowed, counts.flushed_to_zero, counts.subnormal) == (overflowed, flushed, subnormal)
@@ -100,3 +102,40 @@ def test_quantized_damage_sqnr_and_cast_damage_share_one_formula():
     noise = float((qt.dequantize(torch.float32).double() - weight.double()).pow(2).sum())
     assert damage.sqnr_db == pytest.approx(sqnr_from_powers(float(weight.double().pow(2).sum()), noise),
                                            rel=1e-5)  # float32 dot products per chunk, float64 across
+
+
+def test_an_inf_a_format_without_inf_saturates_is_an_overflow():
+    """e4m3fn stores ±inf as ±448: the value is lost, so it counts as overflowed (``--strict`` refuses
+    it), in count_damage and in convert's chunk caster alike; fp16 keeps inf as inf: nothing lost."""
+    values = torch.tensor([math.inf, -math.inf, 1.0, math.nan, 0.5])
+    fmt = get_format("fp8_e4m3:cast")
+    stored = round_trip(values, fmt)
+    assert stored[:2].tolist() == [448.0, -448.0]
+    assert count_damage(values, stored, fmt).overflowed == 2
+    assert caster_damage("fp8_e4m3:cast", values).overflowed == 2
+    assert caster_damage("fp8_e4m3:cast", values).lost_values == 2
+    fp16 = get_format("fp16")
+    assert count_damage(values, round_trip(values, fp16), fp16).overflowed == 0
+    assert caster_damage("fp16", values).overflowed == 0
+
+
+def test_sqnr_of_weights_whose_squares_pass_float32s_range_is_finite_and_exact():
+    """|w| near 1e20: w² is past float32's 3.4e38, so float32 sums are inf and the SQNR was inf (or NaN).
+    By hand: int8 per tensor, signed scale -absmax/128 = -2^60 exactly, so 128s, -64s and s are stored
+    exactly and 0.25s rounds to code 0: signal (128² + 64² + 1 + 1/16)s², noise (s/4)²."""
+    s = 2.0 ** 60
+    weight = torch.tensor([[128 * s, -64 * s, s, 0.25 * s]])
+    damage = quantization_damage(weight, quantize_tensor(weight, get_format("int8:tensor")))
+    expected_db = 10 * math.log10((128**2 + 64**2 + 1 + 1 / 16) / (1 / 16))  # 55.155 dB
+    assert math.isfinite(damage.sqnr_db)
+    assert damage.sqnr_db == pytest.approx(expected_db, rel=1e-12)  # every term exact in float64
+    assert damage.signal_sq == (128**2 + 64**2 + 1 + 1 / 16) * s * s
+
+
+def test_sum_of_squares_takes_float64_only_where_float32_cannot_hold_it():
+    big = torch.full((4,), 1e20)
+    assert sum_of_squares(big) == pytest.approx(4e40, rel=1e-6)  # float32: inf
+    tiny = torch.full((4,), 1e-25)
+    assert sum_of_squares(tiny) == pytest.approx(4e-50, rel=1e-6)  # float32: 0
+    assert sum_of_squares(torch.tensor([3.0, 4.0])) == 25.0
+    assert sum_of_squares(torch.tensor([])) == 0.0

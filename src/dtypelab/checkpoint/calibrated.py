@@ -67,7 +67,7 @@ def write_calibrated(source: str | os.PathLike, destination: str | os.PathLike,
         raise InputError(f"{source}: the loaded model's {missing[0]} is not a tensor of the checkpoint: "
                          "convert a folder whose tensor names are the model's module names")
     tensors, damage, read = _output_tensors(src, quantized, replaced, scales or {})
-    with StagedOutput(dst, force) as staging:
+    with StagedOutput(dst, force, src.path) as staging:
         extra, skipped = _extra_files(src)
         from safetensors.torch import save_file  # imported when used: `dtypelab --help` stays light
 

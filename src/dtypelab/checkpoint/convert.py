@@ -295,7 +295,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
         cast_to, quant, dense_layers, other_dense = _conversion(src, fmt, dense, tuple(keep), head,
                                                                 embeddings)
     output = plan_output(src, dst, dst_is_file, cast_to, tuple(keep), parse_size(max_shard_size), quant)
-    with StagedOutput(dst, force) as staging, one_thread():
+    with StagedOutput(dst, force, src.path) as staging, one_thread():
         extra, skipped = _extra_files(src)
         _check_free_space(staging.tmp, output, extra)
         caster, quantizer = ChunkCaster(cast_to or get_format("fp32")), quant and ChunkQuantizer(fmt)

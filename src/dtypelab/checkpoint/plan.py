@@ -215,12 +215,17 @@ def plan_output(source: CheckpointSource, dst: Path, dst_is_file: bool, cast_to:
 
 def _plan_tensors(source: CheckpointSource, cast_to: NumberFormat | None, keep: tuple[str, ...],
                   quant: Quantization | None) -> list[list[PlannedTensor]]:
-    """Per source shard, the stored tensors to write; tied names grouped into one item."""
+    """Per source shard, the stored tensors to write; tied names grouped into one item.
+
+    Names tie when they hold the same bytes in the same shape; an alias of the same bytes in another
+    shape (a view: ``[6]`` over a ``[2, 3]``) is an item of its own, written in its own shape (a
+    safetensors file has no views, and ``tied_aliases`` records names only)."""
     target, matched, per_shard = DTYPE_CODES[cast_to.torch_dtype] if cast_to else None, set(), []
     for shard in source.shards:
-        groups: dict[tuple[int, int] | str, list[TensorEntry]] = {}
+        groups: dict[tuple | str, list[TensorEntry]] = {}
         for entry in shard.tensors:
-            groups.setdefault((entry.begin, entry.end) if entry.nbytes else entry.name, []).append(entry)
+            key = (entry.begin, entry.end, entry.shape) if entry.nbytes else entry.name
+            groups.setdefault(key, []).append(entry)
         items = []
         for entries in groups.values():
             names = tuple(e.name for e in entries)

@@ -13,6 +13,10 @@ replaced) after this run started, unless ``--force``: it is a no-replace rename 
 ``RENAME_NOREPLACE``; elsewhere a check just before ``rename``), so the second run fails in one line and
 the first run's output stays whole.
 
+Permissions follow the source: each output file and folder gets what the umask gives a new one, narrowed
+to the source's own permission bits (:func:`follow_source_modes`): a private 0700 folder of 0600 files
+converts to a 0700 folder of 0600 files, never to 0755 / 0644.
+
 ``--force`` replaces only what dtypelab could have written: a ``.safetensors`` file, or a folder holding
 nothing but a checkpoint's own files (:data:`CHECKPOINT_FILES`); any other file is named and the
 replacement refused, unless ``force`` is :data:`FORCE_ANYTHING` (``--force --force``).
@@ -24,10 +28,13 @@ import ctypes
 import errno
 import fcntl
 import fnmatch
+import functools
+import operator
 import os
 import re
 import secrets
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,10 +55,14 @@ FORCE_ANYTHING = 2
 
 
 class StagedOutput:
-    """A temporary folder beside the destination, renamed into place by :meth:`commit`, else removed."""
+    """A temporary folder beside the destination, renamed into place by :meth:`commit`, else removed.
 
-    def __init__(self, dst: Path, force: bool):
-        self.dst, self.force = dst, force
+    ``source``: the file or folder the output is made from; its permission bits bound the output's
+    (:func:`follow_source_modes`). None leaves the umask's.
+    """
+
+    def __init__(self, dst: Path, force: bool, source: Path | None = None):
+        self.dst, self.force, self.source = dst, force, source
         self.tmp = dst.parent / f".{dst.name}.dtypelab-tmp-{os.getpid()}-{secrets.token_hex(4)}"
         self.committed = False
         self._lock: int | None = None
@@ -64,7 +75,7 @@ class StagedOutput:
         if self.dst.exists() and self.force < FORCE_ANYTHING:
             _check_replaceable(self.dst)
         self._found = _identity(self.dst)  # what the destination was when this run started
-        self.tmp.mkdir()
+        self.tmp.mkdir(mode=_staging_mode(self.source))
         self._lock = hold_lock(self.tmp / LOCK_NAME)
         return self
 
@@ -75,6 +86,8 @@ class StagedOutput:
         staged = self.tmp / self.dst.name if dst_is_file else self.tmp
         old = self.dst.parent / f".{self.dst.name}.dtypelab-old-{os.getpid()}-{secrets.token_hex(4)}"
         (self.tmp / LOCK_NAME).unlink()  # not part of the output; the pid in the name covers the rename
+        if self.source is not None:
+            follow_source_modes(staged, self.source)
         if durable:
             _sync_tree(self.tmp)
         if self.dst.exists() or self.dst.is_symlink():
@@ -137,6 +150,60 @@ def _rename_no_replace(src: Path, dst: Path) -> None:
     if os.path.lexists(dst):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
     os.rename(src, dst)
+
+
+def follow_source_modes(output: Path, source: Path) -> None:
+    """Give every file and folder of ``output`` (a file, or a folder and what it holds) the mode the
+    umask gives a new one (0666 / 0777 less the umask) narrowed to its source's permission bits: the
+    file or folder of the same relative path in ``source`` where there is one, else the source's weights
+    (every ``*.safetensors`` file's bits in common) or, for a folder, the source folder. So an output is
+    never readable by more users than its source was, and otherwise is what any new file would be."""
+    umask = current_umask()
+    file_bits, folder_bits = 0o666 & ~umask, 0o777 & ~umask
+    weights = [_mode(p) for p in source.glob("*.safetensors")] if source.is_dir() else [_mode(source)]
+    weights_bits = functools.reduce(operator.and_, weights, 0o777)
+    if output.is_file():
+        os.chmod(output, file_bits & weights_bits)
+        return
+    root_bits = _mode(source) if source.is_dir() else folder_bits
+    for path in sorted(output.rglob("*"), key=lambda p: -len(p.parts)) + [output]:
+        if path.is_symlink():
+            continue
+        relative = path.relative_to(output)
+        counterpart = source / relative if source.is_dir() else None
+        if path.is_dir():
+            bound = _mode(counterpart) if counterpart is not None and counterpart.is_dir() else root_bits
+            os.chmod(path, folder_bits & bound)
+        else:
+            bound = _mode(counterpart) if counterpart is not None and counterpart.is_file() else weights_bits
+            os.chmod(path, file_bits & bound)
+
+
+def _staging_mode(source: Path | None) -> int:
+    """The staging folder's mode: a private source's is private from the start, not only once
+    committed (a file source's read bits give the folder's search bits: 0600 -> 0700)."""
+    if source is None:
+        return 0o777
+    bits = _mode(source)
+    return 0o700 | bits | (0 if source.is_dir() else (bits & 0o444) >> 2)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it (``/proc/self/status``; elsewhere set and restored
+    at once, which other threads could briefly see)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def _sync_tree(folder: Path) -> None:

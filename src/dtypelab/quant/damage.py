@@ -8,14 +8,16 @@ through reused buffers) and ``convert``'s quantized report.
 The definitions, for a source value ``x`` and the value ``s`` the format stores for it:
 
 * **overflowed**: ``x`` finite and ``s`` not (inf / NaN), or ``|x|`` beyond
-  :func:`overflow_threshold` in a format without inf (e4m3fn saturates: 448 for anything past 464);
+  :func:`overflow_threshold` in a format without inf (e4m3fn saturates: 448 for anything past 464), or
+  ``x`` = ±inf stored finite (e4m3fn has no inf: ±448 stands for it, the value is lost);
   for scaled formats, ``x`` beyond its block's reach (:func:`~dtypelab.quant.qtensor.saturated_count`);
 * **flushed to zero**: ``x != 0`` and ``s == 0``;
 * **subnormal**: ``0 < |s| <`` the format's smallest normal;
 * **negligible flush** (a cast tensor's, :attr:`TensorDamage.negligible_flushes`): the tensor's flushes when
   even the largest flushed ``|x|`` lies below :data:`NEGLIGIBLE_FLUSH` (2^-10) times the tensor's RMS;
 * **SQNR**: ``10·log10(Σx² / Σ(s − x)²)`` from float64 sums (:func:`sqnr_from_powers`, the formula
-  ``compare`` uses too).
+  ``compare`` uses too; :func:`sum_of_squares`: squares past float32's range, ``|x|`` > 1.8e19, are summed
+  in float64 instead of overflowing to inf).
 """
 
 from __future__ import annotations
@@ -170,7 +172,8 @@ class DamageCounts:
     :meth:`add` accumulates another set (headroom sums every call of a module).
 
     ``nonzero`` counts finite non-zero sources, ``non_finite`` sources already inf / NaN (no format can
-    help those; they are left out of the other counts), ``absmax`` the largest finite source magnitude.
+    help those; they are left out of the other counts, but for an inf that a format without inf stores
+    finite, which is an overflow), ``absmax`` the largest finite source magnitude.
     ``max_rel_error`` is the largest ``|s - x| / |x|`` over finite non-zero sources that did not overflow
     (a flushed value counts 1.0); ``signal_sq`` and ``noise_sq`` are ``Σx²`` and ``Σ(s − x)²`` over finite
     sources that did not overflow, in float64 (0 unless asked for: ``count_damage(sums=True)``).
@@ -245,11 +248,14 @@ def count_damage(source: torch.Tensor, stored: torch.Tensor, fmt: NumberFormat, 
 
 def _overflowed(source: torch.Tensor, stored: torch.Tensor, fmt: NumberFormat, work: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
-    """Where a finite source value overflowed: it was stored as inf / NaN, or it lies beyond
-    :func:`overflow_threshold` (saturated: read back finite). A new bool tensor; ``work`` and ``mask``
-    are clobbered. For IEEE formats the two tests agree; formats without inf need the second."""
+    """Where a source value overflowed: finite, it was stored as inf / NaN or lies beyond
+    :func:`overflow_threshold` (saturated: read back finite); or it was ±inf and stored finite (a format
+    without inf saturates it to its largest value: ``--strict`` must see that loss). A new bool tensor;
+    ``work`` and ``mask`` are clobbered. For IEEE formats the first two tests agree and the third never
+    holds; formats without inf need the last two."""
     torch.gt(torch.abs(source, out=work), overflow_threshold(fmt), out=mask)
-    return torch.isfinite(source) & (mask | ~torch.isfinite(stored))
+    stored_finite = torch.isfinite(stored)
+    return (torch.isfinite(source) & (mask | ~stored_finite)) | (torch.isinf(source) & stored_finite)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -268,16 +274,37 @@ def quantization_damage(source: torch.Tensor, qt: QuantizedTensor) -> TensorDama
     largest relative error and the squared sums behind the SQNR (name fields empty).
 
     Works in place on one dequantized copy (fresh temporaries cost more than the arithmetic here);
-    the squared sums accumulate in float32 per chunk (BLAS dot), then in float64 across chunks.
+    the squared sums are :func:`sum_of_squares` (float32 BLAS dot, float64 where float32's range does
+    not hold them), then float64 across chunks.
     """
     values = source.float().reshape(-1)
     error = qt.dequantize(torch.float32).reshape(-1)  # the stored values
     # zero always quantizes to exactly zero, so every zero of the output not in the input was flushed
     flushed = int(torch.count_nonzero(values)) - int(torch.count_nonzero(error))
     error.sub_(values)
-    signal_sq, noise_sq = float(torch.dot(values, values)), float(torch.dot(error, error))
+    signal_sq, noise_sq = sum_of_squares(values), sum_of_squares(error)
     tiny = torch.finfo(torch.float32).tiny  # a zero input has a zero error: 0 / tiny = 0
     rel = error.abs_().div_(values.abs().clamp_(min=tiny))
     return TensorDamage("", "", "", Action.QUANTIZED, values.numel(), saturated_count(source, qt), flushed,
                         max_rel_error=float(rel.max()) if values.numel() else 0.0,
                         signal_sq=signal_sq, noise_sq=noise_sq)
+
+
+SQUARES_FLOOR = 2.0 ** -60
+"""A float32 sum of squares below this may hold squares that underflowed (|x| < ~1e-19 squares to
+below float32's smallest subnormal): :func:`sum_of_squares` then sums in float64."""
+
+
+def sum_of_squares(values: torch.Tensor) -> float:
+    """``Σx²`` of a float32 (or float64) 1-D tensor, as a Python float (float64).
+
+    One BLAS dot in the tensor's dtype, the fast path for every ordinary tensor; where that result is
+    not finite (a square past float32's 3.4e38, ``|x|`` > 1.8e19, or an inf / NaN value) or below
+    :data:`SQUARES_FLOOR` (squares that may have underflowed), the sum is taken again in float64, whose
+    range holds any float32's square: so an SQNR of weights near 1e20 is finite and right, not inf - inf.
+    """
+    total = float(torch.dot(values, values))
+    if values.dtype != torch.float64 and not SQUARES_FLOOR <= total < math.inf and values.numel():
+        wide = values.double()
+        total = float(torch.dot(wide, wide))
+    return total
