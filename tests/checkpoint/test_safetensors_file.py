@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dtypelab.checkpoint import read_header
+from dtypelab.checkpoint import read_header, safetensors_file
 from dtypelab.checkpoint.safetensors_file import DTYPES, encode_header
 from dtypelab.errors import CheckpointError
 
@@ -109,3 +110,40 @@ def test_bad_file_is_one_clear_error(tmp_path, case):
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="cannot open"):
         read_header(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("step", [1, 5, 13, 14, 15, 40, 1 << 20])
+def test_tensors_are_counted_as_the_header_is_read_across_every_step_boundary(tmp_path, monkeypatch, step):
+    """The header is read ``READ_STEP_BYTES`` at a time and its "data_offsets" keys counted as it comes:
+    a key split across two reads counts once, so the limit holds exactly whatever the step."""
+    monkeypatch.setattr(safetensors_file, "READ_STEP_BYTES", step)
+    monkeypatch.setattr(safetensors_file, "MAX_TENSORS", 5)
+    for count, refused in ((5, False), (6, True)):
+        header = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(count)}
+        raw = json.dumps(header).encode()
+        path = tmp_path / f"m{count}.safetensors"
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+        if refused:
+            with pytest.raises(CheckpointError, match="6 tensors, more than the 5 limit"):
+                read_header(path)
+        else:
+            assert len(read_header(path).tensors) == 5
+
+
+def test_a_header_past_the_tensor_limit_is_refused_before_the_rest_is_read(tmp_path, monkeypatch):
+    """Past the limit in the first read, the rest (20 MB, not even JSON) is never read: the reader's peak
+    allocation stays near one read step, not the header's length."""
+    monkeypatch.setattr(safetensors_file, "READ_STEP_BYTES", 4096)
+    monkeypatch.setattr(safetensors_file, "MAX_TENSORS", 10)
+    entries = ",".join(f'"t{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}' for i in range(100))
+    raw = ("{" + entries).encode() + b"\xff" * 20_000_000
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match="more than the 10 limit"):
+            read_header(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000  # a few read steps and the error, against the 20 MB a full read takes
