@@ -65,7 +65,8 @@ def dtypelab_refusal(path: Path) -> str | None:
 
 
 DOCUMENTED = ("control characters",)
-"""Where dtypelab refuses what safe_open accepts, on purpose (README, "Hostile input")."""
+"""Where dtypelab refuses what safe_open accepts, on purpose (README, "What dtypelab will and will not
+read or run")."""
 
 
 @pytest.mark.parametrize("name", MUTANTS)

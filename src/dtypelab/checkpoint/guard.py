@@ -5,7 +5,8 @@ Checkpoint stage, below every reader: a folder is data, never a program. Its ``c
 they ask to run the folder's own Python code (``auto_map``, or a ``model_type`` transformers does not know,
 which only remote code could build), hold values of the wrong type or out of range, or describe a model far
 larger than the folder's weights could fill (building it alone would take minutes and gigabytes).
-The limits are module constants, listed in the README's "Hostile input" section.
+The limits are module constants, listed in the README's section "What dtypelab will and will not read
+or run".
 """
 
 from __future__ import annotations
