@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -147,3 +148,17 @@ def test_a_header_past_the_tensor_limit_is_refused_before_the_rest_is_read(tmp_p
     finally:
         tracemalloc.stop()
     assert peak < 1_000_000  # a few read steps and the error, against the 20 MB a full read takes
+
+
+def test_a_shape_of_huge_dimensions_is_refused_before_its_product_is_taken(tmp_path):
+    """100,000 dimensions of 2^64 - 1 (2 MB of JSON): their exact product has 6.4 M bits, 40 s of
+    big-integer arithmetic here (the reader took it before the size was checked); the size check now
+    stops at the second dimension, as safetensors' checked multiplication does."""
+    shape = ",".join(["18446744073709551615"] * 100_000)
+    raw = ('{"a":{"dtype":"U8","shape":[' + shape + '],"data_offsets":[0,0]}}').encode()
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="overflows 64 bits"):
+        read_header(path)
+    assert time.perf_counter() - start < 5.0  # 0.05 s here

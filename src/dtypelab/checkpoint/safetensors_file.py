@@ -196,9 +196,16 @@ def _read_counted(path: Path, handle, header_bytes: int) -> bytes:
     return b"".join(parts)
 
 
+def _minus_zero_as_float(text: str) -> int | float:
+    """JSON's ``-0`` is a float to safetensors' parser (refused where an integer belongs); Python's
+    parser makes it the integer 0. Read it as -0.0, so a shape or offset spelt ``-0`` is refused too."""
+    return -0.0 if text == "-0" else int(text)
+
+
 def _parse_json(path: Path, raw: bytes) -> dict:
+    parse_int = _minus_zero_as_float if b"-0" in raw else None  # the hook only where it can matter
     try:
-        parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+        parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates, parse_int=parse_int)
     except RecursionError:
         raise CheckpointError(f"{path}: header JSON is nested too deep to be a safetensors header: "
                               "damaged or hostile; do not load it") from None
@@ -268,6 +275,9 @@ def _parse_entry(path: Path, name: str, spec: object, data_bytes: int) -> Tensor
         raise _entry_error(path, name, f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if not _is_int_list(shape) or not _is_int_list(offsets) or len(offsets) != 2:
         raise _entry_error(path, name, "shape and data_offsets must be lists of non-negative integers")
+    if _overflows(shape, DTYPES[dtype].itemsize):  # before any product: a hostile one took 40 s
+        raise _entry_error(path, name, f"shape {shape}: its size overflows 64 bits, or a dimension is past "
+                                       "int64 (no tensor can have it): the header is damaged or hostile")
     begin, end = offsets
     expected = math.prod(shape) * DTYPES[dtype].itemsize
     if end - begin != expected:
@@ -283,8 +293,25 @@ def _entry_error(path: Path, name: str, problem: str) -> CheckpointError:
     return CheckpointError(f"{path}: tensor {name!r}: {problem}")
 
 
+_U64_MAX = 2**64 - 1
+_I64_MAX = 2**63 - 1
+
+
 def _is_int_list(value: object) -> bool:
-    return type(value) is list and all(type(item) is int and item >= 0 for item in value)
+    """A list of integers from 0 to 2^64 - 1 (safetensors' usize; JSON's bools and floats are not)."""
+    return type(value) is list and all(type(item) is int and 0 <= item <= _U64_MAX for item in value)
+
+
+def _overflows(shape: list[int], itemsize: int) -> bool:
+    """As safetensors computes a tensor's size: the product of the dimensions, step by step, then times
+    the element's bits, each within 64 bits (a later 0 does not undo an overflow); and every dimension
+    within int64, which is what a torch shape holds."""
+    numel = 1
+    for dim in shape:
+        numel *= dim
+        if numel > _U64_MAX or dim > _I64_MAX:
+            return True
+    return numel * 8 * itemsize > _U64_MAX
 
 
 def _check_tiling(path: Path, entries: list[TensorEntry], data_bytes: int) -> None:
