@@ -333,3 +333,20 @@ def test_truncation_at_every_byte_is_one_line(tmp_path):
         assert "\n" not in message and message.startswith(str(path))
         messages.add(message.split(":")[1].strip())
     assert {"truncated", "tensor 'output.weight'"} <= messages
+
+
+@pytest.mark.parametrize("last", [1, 2])
+def test_a_long_bool_array_is_checked_in_bounded_time(tmp_path, last):
+    """16,777,216 bools (the array limit): each byte must be 0 or 1, checked in C (a Python loop per
+    element took ~10 s); a 2 at the very end is found and named."""
+    count = 1 << 24
+    flags = string("flags") + u32(9) + u32(7) + u64(count) + bytes(count - 1) + bytes([last])
+    path = tmp_path / "bools.gguf"
+    path.write_bytes(gguf([flags], []))
+    start = time.perf_counter()
+    if last == 2:
+        with pytest.raises(CheckpointError, match=f"element {count - 1} of .* a bool stored as 2"):
+            read_gguf_header(path)
+    else:
+        assert read_gguf_header(path).metadata["flags"].count == count
+    assert time.perf_counter() - start < 5.0  # 0.1 s here

@@ -476,9 +476,12 @@ def _read_array(reader: _Reader, key: str) -> GgufArray:
     if element_type == _STRING:  # every string is read and checked, only the head is kept
         for i in range(len(head), count):
             reader.string(f"element {i} of {what}")
-    elif _SCALARS[element_type][0] == "bool":
-        for i in range(len(head), count):
-            _read_value(reader, element_type, f"element {i} of {what}")
+    elif _SCALARS[element_type][0] == "bool":  # checked in C: a 16 M-element array in milliseconds
+        rest = reader.take(count - len(head), what)
+        bad = len(rest) - len(rest.lstrip(b"\x00\x01"))  # the first byte that is neither 0 nor 1
+        if bad < len(rest):
+            raise reader.fail(f"element {len(head) + bad} of {what} is a bool stored as {rest[bad]} "
+                              "(GGUF allows only 0 and 1)")
     else:
         reader.skip((count - len(head)) * element_bytes, what)
     return GgufArray(_type_name(element_type), count, head)
