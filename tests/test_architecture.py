@@ -24,7 +24,7 @@ import dtypelab
 SRC = Path(dtypelab.__file__).resolve().parent
 
 LAYERS: list[set[str]] = [
-    {"errors", "enums", "naming", "quiet"},  # base: nothing of dtypelab (but each other, acyclically)
+    {"errors", "enums", "naming", "quiet", "lazy"},  # base: nothing of dtypelab (but each other, acyclically)
     {"progress", "tree", "executor"},  # base, on top of errors / naming
     {"report"},
     {"formats"},
@@ -70,7 +70,10 @@ def imports(root: Path) -> list[tuple[str, str, list[str], bool, int]]:
                        for n in ast.walk(f)}
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
-                targets = [(resolve(module, path.name == "__init__.py", node), [a.name for a in node.names])]
+                target = resolve(module, path.name == "__init__.py", node)
+                targets = [(target, [a.name for a in node.names])]
+                if target == "dtypelab" and module != "dtypelab":  # from .. import models: the stages
+                    targets = [(f"dtypelab.{a.name}", []) for a in node.names]
             elif isinstance(node, ast.Import):
                 targets = [(alias.name, []) for alias in node.names]  # import os, dtypelab.x: every name
             else:
@@ -180,6 +183,26 @@ def test_the_cli_imports_only_public_names():
             allowed = name in public if public is not None else not name.startswith("_")
             assert allowed, f"{importer}:{line} imports {target}.{name}, which is not public"
         assert target.count(".") == 1, f"{importer}:{line} imports a submodule {target}: use the stage's API"
+
+
+def stage_attributes(path: Path) -> list[tuple[str, str, int]]:
+    """``(stage, name, line)`` for every ``stage.name`` a module uses after ``from .. import stage``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    stages = {alias.asname or alias.name for node in tree.body if isinstance(node, ast.ImportFrom)
+              and node.level == 2 and node.module is None for alias in node.names}
+    return [(node.value.id, node.attr, node.lineno) for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+            and node.value.id in stages]
+
+
+def test_the_cli_uses_only_public_names_of_the_stages_it_imports():
+    used = [(path.name, *found) for path in sorted((SRC / "cli").glob("*.py"))
+            for found in stage_attributes(path)]
+    assert used, "the CLI reaches the library through its stages (from .. import models)"
+    public = {stage: set(importlib.import_module(f"dtypelab.{stage}").__all__) for _, stage, _, _ in used}
+    private = [f"cli/{file}:{line} uses {stage}.{name}" for file, stage, name, line in used
+               if name not in public[stage]]
+    assert private == []
 
 
 @pytest.mark.parametrize("package", sorted(n for n in RANK if (SRC / n / "__init__.py").is_file()))

@@ -15,63 +15,35 @@ Example:
     ...                         dtypelab.model_inputs(minilm))   # the 64 bundled sentences
 """
 
+from __future__ import annotations
+
+import importlib
+
 from .quiet import drop_known_noise
 
 drop_known_noise()  # before any submodule can import transformers or a peer
 
-from .analysis import (  # noqa: E402
-    ComparisonResult,
-    HeadroomReport,
-    LayerComparison,
-    NextTokenMetrics,
-    OutputMetrics,
-    WeightReport,
-    compare_layers,
-    compare_models,
-    next_token_metrics,
-    noise_floor_db,
-    output_metrics,
-    predict_headroom,
-    rounding_floor_db,
-    variant_verdict,
-    weight_stats,
-)
-from .checkpoint import (  # noqa: E402
-    CheckpointInspection,
-    ConversionResult,
-    convert_checkpoint,
-    inspect_checkpoint,
-    read_header,
-)
-from .errors import Cancelled, DtypelabError  # noqa: E402
-from .formats import Granularity, NumberFormat, all_formats, format_table, get_format  # noqa: E402
-from .models import (  # noqa: E402
-    DummyModel,
-    LoadedModel,
-    ModelKind,
-    OutputKind,
-    build_model,
-    default_texts,
-    inspect,
-    load,
-    model_inputs,
-    parse_token_ids,
-    tokenize,
-)
-from .progress import ProgressCallback, ProgressEvent  # noqa: E402
-from .quant import (  # noqa: E402
-    KeepPolicy,
-    ModelInspection,
-    QuantizeResult,
-    TensorDamage,
-    cast_model,
-    inspect_model,
-    param_dtype_lines,
-    print_param_dtype,
-    quantize_model,
-    round_trip,
-)
-from .variants import Variant, apply_format, build_variants, parse_variant_specs  # noqa: E402
+_EXPORTS = {  # public name -> the stage subpackage that defines it (imported on first use)
+    "ComparisonResult": "analysis", "HeadroomReport": "analysis", "LayerComparison": "analysis",
+    "NextTokenMetrics": "analysis", "OutputMetrics": "analysis", "WeightReport": "analysis",
+    "compare_layers": "analysis", "compare_models": "analysis", "next_token_metrics": "analysis",
+    "noise_floor_db": "analysis", "output_metrics": "analysis", "predict_headroom": "analysis",
+    "rounding_floor_db": "analysis", "variant_verdict": "analysis", "weight_stats": "analysis",
+    "CheckpointInspection": "checkpoint", "ConversionResult": "checkpoint",
+    "convert_checkpoint": "checkpoint", "inspect_checkpoint": "checkpoint", "read_header": "checkpoint",
+    "Cancelled": "errors", "DtypelabError": "errors",
+    "Granularity": "formats", "NumberFormat": "formats", "all_formats": "formats", "get_format": "formats",
+    "format_table": "formats",
+    "DummyModel": "models", "LoadedModel": "models", "ModelKind": "models", "OutputKind": "models",
+    "build_model": "models", "default_texts": "models", "inspect": "models", "load": "models",
+    "model_inputs": "models", "parse_token_ids": "models", "tokenize": "models",
+    "ProgressCallback": "progress", "ProgressEvent": "progress",
+    "KeepPolicy": "quant", "ModelInspection": "quant", "QuantizeResult": "quant", "TensorDamage": "quant",
+    "cast_model": "quant", "inspect_model": "quant", "param_dtype_lines": "quant", "quantize_model": "quant",
+    "round_trip": "quant", "print_param_dtype": "quant",
+    "Variant": "variants", "apply_format": "variants", "build_variants": "variants",
+    "parse_variant_specs": "variants",
+}
 
 __all__ = [
     "Cancelled", "CheckpointInspection", "ComparisonResult", "ConversionResult", "DtypelabError",
@@ -86,3 +58,18 @@ __all__ = [
     "variant_verdict", "weight_stats",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``dtypelab.load`` and the other public names, imported from their stage on first use: importing
+    ``dtypelab`` (and ``dtypelab --help``) costs no torch import until a verb needs it."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dtypelab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -29,8 +29,7 @@ def no_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was refused")
 
-    for module in ("compare", "headroom"):
-        monkeypatch.setattr(f"dtypelab.cli.{module}.load", refuse)
+    monkeypatch.setattr("dtypelab.models.load", refuse)  # the CLI calls models.load
 
 
 def one_line_exit_2(capsys, *argv) -> str:
@@ -127,18 +126,18 @@ def src(tmp_path):
 
 def test_a_report_that_fails_after_the_rename_says_the_checkpoint_is_there(capsys, monkeypatch, tmp_path,
                                                                            src):
-    import dtypelab.cli.convert as convert_cli
+    import dtypelab.checkpoint as checkpoint_stage
 
     reports = tmp_path / "reports"
     reports.mkdir()
-    real = convert_cli.convert_checkpoint
+    real = checkpoint_stage.convert_checkpoint
 
     def convert_then_lose_the_folder(*args, **kwargs):
         result = real(*args, **kwargs)
         reports.rmdir()  # someone removed it while the conversion ran
         return result
 
-    monkeypatch.setattr(convert_cli, "convert_checkpoint", convert_then_lose_the_folder)
+    monkeypatch.setattr(checkpoint_stage, "convert_checkpoint", convert_then_lose_the_folder)
     code, out, err = run_cli(capsys, "convert", src, "--to", "bf16", "-o", tmp_path / "out.safetensors",
                              "--report", reports / "r.json")
     assert code == 5 and out.startswith("Conversion to bf16")

@@ -1,4 +1,4 @@
-"""Start-up and a clean terminal: help never imports transformers or a peer; nothing stray on stderr."""
+"""Start-up and a clean terminal: help never imports torch, transformers or a peer; nothing stray on stderr."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-HEAVY = ("transformers", "torchao", "optimum", "matplotlib", "safetensors")
+HEAVY = ("torch", "transformers", "torchao", "optimum", "matplotlib", "safetensors", "numpy")
 
 PROBE = """
 import sys
@@ -25,9 +25,20 @@ def run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
 
-def test_help_and_formats_import_no_heavy_package():
-    argvs = [["--help"], ["formats"], ["formats", "--json"], *([c, "--help"] for c in
-             ("inspect", "cast", "compare", "headroom", "convert", "formats", "demo"))]
+COMMANDS = ("inspect", "cast", "compare", "headroom", "convert", "formats", "demo", "sensitivity", "plan",
+            "report", "clean")
+
+
+def test_the_command_list_is_every_command():
+    from dtypelab.cli import cli
+
+    assert set(cli.commands) == set(COMMANDS)
+
+
+def test_help_version_and_formats_import_no_heavy_package():
+    """issue 16 item 1: torch's import is ~90% of a bare start-up; none of these touch a tensor."""
+    argvs = [["--help"], ["--version"], ["formats"], ["formats", "--json"], ["formats", "int4:g64:asym,nvfp4"],
+             *([c, "--help"] for c in COMMANDS)]
     done = run_python(PROBE.format(argvs=argvs, heavy=HEAVY))
     assert done.returncode == 0 and done.stderr == "", done.stderr
     report = [line for line in done.stdout.splitlines() if line.startswith("IMPORTED")]

@@ -3,77 +3,40 @@
 Analysis stage, above :mod:`dtypelab.variants`: everything that measures a reference against its variants.
 """
 
-from .compare import (
-    OUTPUT_BATCH_BYTES,
-    CompareSetup,
-    ComparisonResult,
-    VariantResult,
-    VariantTask,
-    compare_models,
-    compare_on,
-)
-from .headroom import HeadroomReport, LayerHeadroom, RangeCounts, keep_list, predict_headroom
-from .layers import DEFAULT_THRESHOLD_DB, MODES, LayerComparison, LayerRow, VariantLayers, compare_layers
-from .metrics import (
-    ErrorSums,
-    NextTokenMetrics,
-    NextTokenSums,
-    OutputMetrics,
-    cosine_similarity,
-    kl_divergence,
-    max_abs_diff,
-    mean_abs_diff,
-    mean_pooled,
-    measure,
-    next_token_metrics,
-    output_metrics,
-    pooled_cosines,
-    relative_error,
-    sqnr_db,
-    top1_agreement,
-    valid_positions,
-)
-from .planner import (
-    Budget,
-    Choice,
-    PlanResult,
-    PlanRow,
-    PlanSweep,
-    measure_plan,
-    measure_plans,
-    parse_budget,
-    parse_budgets,
-    plan_model,
-    solve,
-    uniform_plans,
-)
-from .run import (
-    batch_rows,
-    input_dtype,
-    is_logits_output,
-    named_output,
-    own_inputs,
-    run_model,
-    select_layers,
-    select_output,
-    split_rows,
-)
-from .sensitivity import (
-    FUSED_LAYERS,
-    SENSITIVITY_METHODS,
-    GroupScore,
-    LayerGroup,
-    SensitivityResult,
-    layer_groups,
-    sensitivity,
-    spearman_rho,
-)
-from .timing import forward_latency_ms, paired_latency_ms
-from .verdict import NOISE_MARGIN_DB, noise_floor_db, rounding_floor_db, variant_verdict
-from .weights import WeightReport, WeightStats, weight_stats
+from ..lazy import lazy_exports
+
+_EXPORTS = {  # public name -> the submodule that defines it (imported on first use)
+    "OUTPUT_BATCH_BYTES": "compare", "CompareSetup": "compare", "ComparisonResult": "compare",
+    "VariantResult": "compare", "VariantTask": "compare", "compare_models": "compare",
+    "compare_on": "compare",
+    "HeadroomReport": "headroom", "LayerHeadroom": "headroom", "RangeCounts": "headroom",
+    "keep_list": "headroom", "predict_headroom": "headroom",
+    "DEFAULT_THRESHOLD_DB": "defaults", "MODES": "defaults", "COMPUTES": "defaults",
+    "LayerComparison": "layers", "LayerRow": "layers", "VariantLayers": "layers", "compare_layers": "layers",
+    "ErrorSums": "metrics", "NextTokenMetrics": "metrics", "NextTokenSums": "metrics",
+    "OutputMetrics": "metrics", "cosine_similarity": "metrics", "kl_divergence": "metrics",
+    "max_abs_diff": "metrics", "mean_abs_diff": "metrics", "mean_pooled": "metrics", "measure": "metrics",
+    "next_token_metrics": "metrics", "output_metrics": "metrics", "pooled_cosines": "metrics",
+    "relative_error": "metrics", "sqnr_db": "metrics", "top1_agreement": "metrics",
+    "valid_positions": "metrics",
+    "Budget": "planner", "Choice": "planner", "PlanResult": "planner", "PlanRow": "planner",
+    "PlanSweep": "planner", "measure_plan": "planner", "measure_plans": "planner", "parse_budget": "planner",
+    "parse_budgets": "planner", "plan_model": "planner", "solve": "planner", "uniform_plans": "planner",
+    "batch_rows": "run", "input_dtype": "run", "is_logits_output": "run", "named_output": "run",
+    "own_inputs": "run", "run_model": "run", "select_layers": "run", "select_output": "run",
+    "split_rows": "run",
+    "FUSED_LAYERS": "sensitivity_sweep", "SENSITIVITY_METHODS": "defaults",
+    "GroupScore": "sensitivity_sweep", "LayerGroup": "sensitivity_sweep",
+    "SensitivityResult": "sensitivity_sweep", "layer_groups": "sensitivity_sweep",
+    "sensitivity": "sensitivity_sweep", "spearman_rho": "sensitivity_sweep",
+    "forward_latency_ms": "timing", "paired_latency_ms": "timing",
+    "NOISE_MARGIN_DB": "verdict", "noise_floor_db": "verdict", "rounding_floor_db": "verdict",
+    "variant_verdict": "verdict",
+    "WeightReport": "weights", "WeightStats": "weights", "weight_stats": "weights",
+}
 
 __all__ = [
-    "DEFAULT_THRESHOLD_DB", "MODES", "OUTPUT_BATCH_BYTES", "NextTokenSums", "batch_rows",
+    "DEFAULT_THRESHOLD_DB", "MODES", "COMPUTES", "OUTPUT_BATCH_BYTES", "NextTokenSums", "batch_rows",
     "split_rows", "FUSED_LAYERS", "GroupScore", "LayerGroup", "SensitivityResult", "layer_groups",
     "sensitivity", "spearman_rho", "SENSITIVITY_METHODS", "Budget", "Choice", "PlanResult", "PlanRow",
     "parse_budget",
@@ -89,3 +52,5 @@ __all__ = [
     "select_layers", "select_output", "sqnr_db", "top1_agreement", "valid_positions", "variant_verdict",
     "weight_stats",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

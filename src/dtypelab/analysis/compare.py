@@ -8,7 +8,8 @@ taken in float32, as the seed notebook does, so its printed numbers are reproduc
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -20,9 +21,19 @@ from ..executor import Executor, TaskFailure
 from ..models import ModelKind, OutputKind
 from ..models import model_kind as kind_of
 from ..progress import ProgressCallback, stage
-from ..quant import KeepPolicy, LayerOutcome, MixedPlan, dequantized_once, inspect_model
+from ..quant import (
+    KeepPolicy,
+    LayerOutcome,
+    MixedPlan,
+    computing_in,
+    dequantized_once,
+    inspect_model,
+    int8_matmul,
+)
 from ..report import Table, TableMixin, format_cell
+from ..tree import map_tensors
 from ..variants import Variant, as_variants, is_peer_spec, iter_variants, plan_variant
+from .defaults import COMPUTES
 from .metrics import (
     ErrorSums,
     NextTokenMetrics,
@@ -77,6 +88,7 @@ class VariantResult:
     layers: list[LayerOutcome] = field(default_factory=list)
     convert: str | None = None
     calibration: dict | None = None  # :gptq / :awq: the calibration's settings and headline figures
+    compute: str | None = None  # how it computed when not in the reference's dtype (``--compute``)
 
     @property
     def slower(self) -> bool:
@@ -167,7 +179,7 @@ class ComparisonResult(TableMixin):
     def _status(self, variant: VariantResult) -> str:
         if variant.failure:
             return f"failed: {variant.failure}"
-        status = variant.metrics.status
+        status = variant.metrics.status + (f"; computed {variant.compute}" if variant.compute else "")
         if variant.latency_ms is None:
             return status
         if variant.emulated:
@@ -262,7 +274,8 @@ def compare_models(reference: nn.Module, variants: Mapping[str, nn.Module | Vari
                    inputs: torch.Tensor | Mapping[str, torch.Tensor], *, output_name: str | None = None,
                    output_kind: str = OutputKind.AUTO, next_token: bool | None = None,
                    timing: bool = False, model_kind: ModelKind | None = None,
-                   progress: ProgressCallback | None = None, keep_outputs: bool = False) -> ComparisonResult:
+                   progress: ProgressCallback | None = None, keep_outputs: bool = False,
+                   compute: str = "reference") -> ComparisonResult:
     """Run the same inputs through ``reference`` and every variant and measure how far each moved.
 
     Args:
@@ -288,12 +301,17 @@ def compare_models(reference: nn.Module, variants: Mapping[str, nn.Module | Vari
         keep_outputs: keep the reference's and every variant's whole compared output on the result
             (``reference_output``, ``output``); off by default, since a long text's logits are
             gigabytes per model and the metrics never need them after measuring.
+        compute: how the variants compute (:data:`COMPUTE_MODES`): ``"reference"`` (default), in the
+            reference's dtype, which isolates the format's own error; ``"bf16"``, activations and dense
+            weights in bfloat16 as a bf16 deployment runs (CPU and GPU matmuls ~3x float32's speed);
+            ``"int8"``, W8A8 layers (``int8:a8``) through ``torch._int_mm``. Each row says how it ran.
 
     Returns:
         A :class:`ComparisonResult` whose rows hold each variant's stored bytes and :class:`OutputMetrics`,
         plus pooled-embedding cosines for hidden-state outputs and :class:`NextTokenMetrics` for LMs.
     """
     context = _reference_context(reference, inputs, output_name, output_kind, keep_outputs)
+    context.compute = _checked_compute(compute)
     context.next_token = _wants_next_token(next_token, model_kind or kind_of(reference), context)
     context.timer = reference if timing else None
     context.numel = stored_numel(reference)
@@ -341,11 +359,13 @@ class CompareSetup:
     embeddings: bool = False
     head: bool = False
     device: str | None = None
+    compute: str = "reference"
 
     def __call__(self) -> tuple:
         """The worker's state: (this setup, reference, inputs, calibration, context)."""
         reference, inputs, calibration = self.load()
         context = _reference_context(reference, inputs, self.output_name, self.output_kind, False)
+        context.compute = _checked_compute(self.compute)
         kind = self.model_kind or kind_of(reference)
         context.next_token = _wants_next_token(self.next_token, kind, context)
         context.numel = stored_numel(reference)
@@ -457,6 +477,7 @@ class _Context:
     next_token: bool = False
     timer: nn.Module | None = None  # the reference, when latencies are measured
     numel: int = 0  # the reference's elements, for bits per element
+    compute: str = "reference"  # a key of COMPUTE_MODES: how the variants compute
     reference_ms: list[float] = field(default_factory=list)  # every reference run timed, for the footer
 
     @property
@@ -482,20 +503,74 @@ def _variant_result(variant: Variant, inputs, context: _Context) -> VariantResul
     name, model = variant.name, variant.model
     if not variant.ok:
         return VariantResult(name, "", 0, None, None, failure=variant.failure)
+    info = inspect_model(model)  # as stored: before a --compute copy
+    dtypes = "+".join(s.dtype for s in info.by_dtype)
+    stored = stored_nbytes(model)
     try:
-        with dequantized_once(model, **_dequantize_budget(context)):
-            measured = _measure(model, context)
+        with COMPUTE_MODES[context.compute](model) as (runner, computed):
+            with dequantized_once(model, **_dequantize_budget(context)):
+                measured = _measure(runner, context)
+            speed = _size_and_speed(runner, inputs, stored, context)
     except (RuntimeError, NotImplementedError, TypeError) as exc:  # e.g. a peer's kernel missing here
         reason = f"forward failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
         return VariantResult(name, "", 0, None, None, failure=reason)
-    info = inspect_model(model)
-    dtypes = "+".join(s.dtype for s in info.by_dtype)
-    stored = stored_nbytes(model)
-    emulated = variant.format is not None and variant.format.is_quantized
+    kernel = "_int_mm" in (computed or "")  # W8A8 layers on the integer kernel: no emulation to time
+    emulated = variant.format is not None and variant.format.is_quantized and not kernel
     writable = convert_support(variant.format) if variant.format is not None else None
     return VariantResult(name, dtypes, stored, **measured, emulated=emulated,
                          layers=variant.layers, convert=writable, calibration=_calibration(variant),
-                         **_size_and_speed(model, inputs, stored, context))
+                         compute=computed, **speed)
+
+
+@contextmanager
+def _reference_compute(model: nn.Module) -> Iterator[tuple[nn.Module, str | None]]:
+    yield model, None
+
+
+@contextmanager
+def _bf16_compute(model: nn.Module) -> Iterator[tuple[nn.Module, str | None]]:
+    with computing_in(model, torch.bfloat16):
+        yield _InputsIn(model, torch.bfloat16), "in bfloat16 (activations and dense weights; --compute bf16)"
+
+
+@contextmanager
+def _int8_compute(model: nn.Module) -> Iterator[tuple[nn.Module, str | None]]:
+    with int8_matmul(model) as switched:
+        yield model, (f"with torch._int_mm in {len(switched)} W8A8 layer(s) (int8 x int8, exact int32 sums; "
+                      "--compute int8)" if switched else "as the reference: no W8A8 (int8:a8) layer takes "
+                      "--compute int8")
+
+
+COMPUTE_MODES: dict[str, Callable[[nn.Module], object]] = {
+    "reference": _reference_compute, "bf16": _bf16_compute, "int8": _int8_compute}
+"""``--compute`` -> a context that yields (the module to run, what the row says of it)."""
+
+
+def _checked_compute(compute: str) -> str:
+    if compute not in COMPUTE_MODES:
+        raise InputError(f"unknown compute {compute!r}: use one of {', '.join(COMPUTES)}")
+    return compute
+
+
+class _InputsIn(nn.Module):
+    """Runs ``model`` with its floating inputs cast to ``dtype`` and its floating outputs read back in
+    float32, so the metrics (and the reference beside it) see the reference's dtype."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, *args, **kwargs):
+        cast = [map_tensors(a, self._in) for a in args]
+        outputs = self.model(*cast, **{k: map_tensors(v, self._in) for k, v in kwargs.items()})
+        return map_tensors(outputs, self._out, update_mappings=True)  # a ModelOutput, read back
+
+    def _in(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+    @staticmethod
+    def _out(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.float() if tensor.is_floating_point() else tensor
 
 
 def _dequantize_budget(context: _Context) -> dict:

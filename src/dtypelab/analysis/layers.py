@@ -43,6 +43,7 @@ from ..progress import ProgressCallback, stage
 from ..report import Table, TableMixin
 from ..tree import map_tensors
 from ..variants import Variant, as_variants, is_peer_spec
+from .defaults import DEFAULT_THRESHOLD_DB, MODES
 from .metrics import ErrorSums, OutputMetrics, measure, valid_positions
 from .run import is_logits_output, run_model, select_layers, select_output
 from .verdict import (
@@ -53,9 +54,6 @@ from .verdict import (
     row_verdict,
     variant_verdict,
 )
-
-MODES = ("propagated", "isolated")
-DEFAULT_THRESHOLD_DB = 20.0  # error amplitude one tenth of the signal: clearly more than rounding noise
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """A mixed-precision plan under a byte budget: the format per layer group with the least predicted damage.
 
-Analysis stage: reads a :class:`~dtypelab.analysis.sensitivity.SensitivityResult` (bytes and damage of
+Analysis stage: reads a :class:`~dtypelab.analysis.sensitivity_sweep.SensitivityResult` (bytes and damage of
 every group in every format) and writes a :class:`~dtypelab.quant.MixedPlan`. The choice is a
 multiple-choice knapsack: one choice per group, Σ bytes ≤ budget, minimise Σ damage (the damage is
 additive to second order, which ``plan --verify`` checks against a measurement). It is solved exactly
@@ -30,7 +30,7 @@ from ..quant import DENSE, LayerChoice, MixedPlan
 from ..report import ParetoPoint, Table, TableMixin, format_cell
 from ..variants import CalibrationData, plan_variant
 from .compare import CompareSetup, VariantResult, VariantTask, compare_models, compare_on
-from .sensitivity import LayerGroup, SensitivityResult
+from .sensitivity_sweep import LayerGroup, SensitivityResult
 
 BUDGET_UNITS = {"bpw": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
                 "gib": 2**30, "x": 1}

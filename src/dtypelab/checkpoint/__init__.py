@@ -4,42 +4,34 @@ Checkpoint stage, above :mod:`dtypelab.quant`: everything here works from files 
 config.json), in constant memory; :mod:`dtypelab.models` builds on it to load folders.
 """
 
-from .architecture import linear_layers, model_class
-from .convert import ConversionResult, convert_checkpoint
-from .gguf_file import GgufHeader, GgufInspection, inspect_gguf, read_gguf_header
-from .guard import check_model_folder, read_json_file, refuse_links_outside, refuse_remote_code
-from .inspect import CheckpointInspection, ShardInfo, TensorRow, inspect_checkpoint
-from .layouts import (
-    LAYOUTS,
-    Layout,
-    StoredPart,
-    check_supported,
-    compression_format,
-    convert_support,
-    format_from_scheme,
-    from_parts,
-    layout_for,
-    quantization_config,
-    register,
-    stored_parts,
-    to_parts,
-)
-from .pickled import PICKLE_SUFFIXES, pickle_weights, read_state_dict
-from .plan import parse_size
-from .quantized import build_quantized_model, load_quantized_weights, quantization_scheme
-from .safetensors_file import (
-    INDEX_SUFFIX,
-    MAX_HEADER_BYTES,
-    CheckpointSource,
-    SafetensorsHeader,
-    TensorEntry,
-    open_checkpoint,
-    read_header,
-    read_index,
-)
-from .sizes import stored_nbytes, stored_numel, weight_stored_nbytes
-from .staging import Leftover, LeftoverReport, StagedOutput, clean_leftovers, find_leftovers, remove_leftovers
-from .streaming import ChunkCaster, ChunkQuantizer, one_thread
+from ..lazy import lazy_exports
+
+_EXPORTS = {  # public name -> the submodule that defines it (imported on first use)
+    "linear_layers": "architecture", "model_class": "architecture",
+    "ConversionResult": "convert", "convert_checkpoint": "convert",
+    "GgufHeader": "gguf_file", "GgufInspection": "gguf_file", "inspect_gguf": "gguf_file",
+    "read_gguf_header": "gguf_file",
+    "check_model_folder": "guard", "read_json_file": "guard", "refuse_links_outside": "guard",
+    "refuse_remote_code": "guard",
+    "CheckpointInspection": "inspect", "ShardInfo": "inspect", "TensorRow": "inspect",
+    "inspect_checkpoint": "inspect",
+    "LAYOUTS": "layouts", "Layout": "layouts", "StoredPart": "layouts", "check_supported": "layouts",
+    "compression_format": "layouts", "convert_support": "layouts", "format_from_scheme": "layouts",
+    "from_parts": "layouts", "layout_for": "layouts", "quantization_config": "layouts", "register": "layouts",
+    "stored_parts": "layouts", "to_parts": "layouts",
+    "PICKLE_SUFFIXES": "pickled", "pickle_weights": "pickled", "read_state_dict": "pickled",
+    "parse_size": "plan",
+    "build_quantized_model": "quantized", "load_quantized_weights": "quantized",
+    "quantization_scheme": "quantized",
+    "INDEX_SUFFIX": "safetensors_file", "MAX_HEADER_BYTES": "safetensors_file",
+    "CheckpointSource": "safetensors_file", "SafetensorsHeader": "safetensors_file",
+    "TensorEntry": "safetensors_file", "open_checkpoint": "safetensors_file",
+    "read_header": "safetensors_file", "read_index": "safetensors_file",
+    "stored_nbytes": "sizes", "stored_numel": "sizes", "weight_stored_nbytes": "sizes",
+    "Leftover": "staging", "LeftoverReport": "staging", "StagedOutput": "staging",
+    "clean_leftovers": "staging", "find_leftovers": "staging", "remove_leftovers": "staging",
+    "ChunkCaster": "streaming", "ChunkQuantizer": "streaming", "one_thread": "streaming",
+}
 
 __all__ = [
     "PICKLE_SUFFIXES", "pickle_weights", "read_state_dict",
@@ -56,3 +48,5 @@ __all__ = [
     "refuse_remote_code",
     "remove_leftovers", "stored_nbytes", "stored_numel", "stored_parts", "to_parts", "weight_stored_nbytes",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..models import load
-from ..quant import KeepPolicy, cast_model, inspect_model
+from .. import models, quant
 from .common import (
     MODEL_HELP,
     columns_option,
@@ -29,9 +28,9 @@ from .common import (
 def cast_cmd(model: str, fmt: str, keep: tuple[str, ...], allow_pickle: bool, as_json: bool,
              columns: tuple[str, ...] | None = None) -> None:
     refuse_columns_with_json(columns, as_json)
-    policy = KeepPolicy.from_strings(keep)
+    policy = quant.KeepPolicy.from_strings(keep)
     if keep:
-        cast = cast_model(load(model, allow_pickle=allow_pickle).model, fmt, policy)
+        cast = quant.cast_model(models.load(model, allow_pickle=allow_pickle).model, fmt, policy)
     else:  # straight into the target dtype: no float32 copy of a checkpoint is made
-        cast = load(model, fmt, allow_pickle=allow_pickle).model
-    emit(inspect_model(cast), as_json, columns=columns)
+        cast = models.load(model, fmt, allow_pickle=allow_pickle).model
+    emit(quant.inspect_model(cast), as_json, columns=columns)

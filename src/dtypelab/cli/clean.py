@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..checkpoint import clean_leftovers
+from .. import checkpoint
 from .common import emit, json_option
 
 
@@ -16,4 +16,4 @@ def clean_cmd(folder: str, dry_run: bool, as_json: bool) -> None:
     """List the staging folders that conversions into FOLDER (default: the current one) left behind, and
     remove the stale ones: those whose run is gone (nobody holds their lock). A running conversion's
     folder is listed as live and never touched; any convert into FOLDER removes stale ones too."""
-    emit(clean_leftovers(folder, dry_run=dry_run), as_json)
+    emit(checkpoint.clean_leftovers(folder, dry_run=dry_run), as_json)

@@ -15,12 +15,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
-import torch
 from click.core import ParameterSource
 
+from .. import models, variants
 from ..errors import DtypelabError, InputError, SideOutputError, VariantFailed
 from ..formats import NumberFormat
-from ..models import DEFAULT_CTX, TEXT_SETS, LoadedModel, builtin_names, device_errors
+from ..lazy import lazy_module
 from ..report import (
     ALL_COLUMNS,
     PLOT_SUFFIXES,
@@ -32,8 +32,9 @@ from ..report import (
     tables_text,
     write_html,
 )
-from ..variants import DEFAULT_CALIB_TOKENS, CalibrationData, calibration_data
 from .progress import clear_status_line
+
+torch = lazy_module("torch")  # imported when a command runs, not for its --help
 
 # One table: exception family -> how it is reported. Anything else is a bug and keeps its traceback.
 ERROR_MESSAGES: dict[type[BaseException], Callable[[BaseException], tuple[str, int]]] = {
@@ -42,7 +43,7 @@ ERROR_MESSAGES: dict[type[BaseException], Callable[[BaseException], tuple[str, i
     PermissionError: lambda e: (f"error: permission denied: {e.filename}", 2),
 }
 
-MODEL_HELP = ("MODEL: a built-in (" + ", ".join(builtin_names()) + "), a Hugging Face model folder, "
+MODEL_HELP = ("MODEL: a built-in (" + ", ".join(models.builtin_names()) + "), a Hugging Face model folder, "
               "or package.module:factory.")
 
 
@@ -328,10 +329,11 @@ def input_options(f: Callable) -> Callable:
         click.option("--text-file", type=click.Path(), help="Texts to tokenise, one per line."),
         click.option("--input", "input_ids", help="Token ids as JSON, e.g. '[[1, 0, 1]]'."),
         click.option("--input-file", type=click.Path(), help="Input tensors from .safetensors or .npy."),
-        click.option("--text-set", type=click.Choice(list(TEXT_SETS)),
+        click.option("--text-set", type=click.Choice(list(models.TEXT_SETS)),
                      help="Real English prose (Python's pydoc_data documentation, PSF licence), cut into "
                           "--ctx token windows: the held-out evaluation part or the calibration part."),
-        click.option("--ctx", type=int, help=f"With --text-set: tokens per window [default: {DEFAULT_CTX}]."),
+        click.option("--ctx", type=int,
+                     help=f"With --text-set: tokens per window [default: {models.DEFAULT_CTX}]."),
         click.option("--stride", type=int,
                      help="With --text-set: tokens between window starts [default: --ctx, no overlap]."),
         click.option("--windows", type=int,
@@ -363,7 +365,7 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise InputError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from exc
-    with device_errors(device, "anything"):
+    with models.device_errors(device, "anything"):
         torch.empty(0, device=device)
     return device
 
@@ -372,23 +374,23 @@ def calibration_options(f: Callable) -> Callable:
     """--calib-file / --calib-tokens: what ``:gptq`` / ``:awq`` formats calibrate on (refused without one)."""
     f = click.option("--calib-tokens", type=int,
                      help=":gptq / :awq formats: calibrate on at most this many tokens "
-                          f"[default: {DEFAULT_CALIB_TOKENS}].")(f)
+                          f"[default: {variants.DEFAULT_CALIB_TOKENS}].")(f)
     return click.option("--calib-file", type=click.Path(dir_okay=False),
                         help=":gptq / :awq formats: calibrate on this UTF-8 text (or .safetensors / .npy "
                              "input tensors) instead of the bundled calibration text (never the evaluation "
                              "text).")(f)
 
 
-def calibration_for(loaded: LoadedModel, formats: Sequence[NumberFormat | None], calib_file: str | None,
-                    calib_tokens: int | None) -> CalibrationData | None:
+def calibration_for(loaded: models.LoadedModel, formats: Sequence[NumberFormat | None],
+                    calib_file: str | None, calib_tokens: int | None) -> variants.CalibrationData | None:
     """The calibration batches when some format is ``:gptq`` / ``:awq``; the options refused otherwise."""
     if not any(fmt is not None and fmt.calibration for fmt in formats):
         if calib_file is not None or calib_tokens is not None:
             raise InputError("--calib-file and --calib-tokens calibrate :gptq / :awq formats, and none is "
                              "asked for: add one (e.g. int4:g64:gptq) or drop them")
         return None
-    tokens = DEFAULT_CALIB_TOKENS if calib_tokens is None else calib_tokens
-    return calibration_data(loaded, calib_file, tokens)
+    tokens = variants.DEFAULT_CALIB_TOKENS if calib_tokens is None else calib_tokens
+    return variants.calibration_data(loaded, calib_file, tokens)
 
 
 # --- HTML reports: one self-contained file per result (dtypelab.report.html) ---------------------------

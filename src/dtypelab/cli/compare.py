@@ -8,26 +8,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import click
-import torch
 
-from ..analysis import (
-    DEFAULT_THRESHOLD_DB,
-    MODES,
-    CompareSetup,
-    ComparisonResult,
-    VariantTask,
-    compare_layers,
-    compare_models,
-    compare_on,
-)
+from .. import analysis, models, quant, variants
 from ..errors import InputError
 from ..executor import InProcess, executor_for
 from ..formats import get_format
-from ..models import LoadedModel, load, model_inputs, to_device
+from ..lazy import lazy_module
 from ..progress import ProgressCallback
-from ..quant import KeepPolicy, MixedPlan
 from ..report import plot_layers
-from ..variants import CalibrationData, iter_variants, parse_variant_specs, plan_variant
 from .common import (
     MODEL_HELP,
     calibration_for,
@@ -47,6 +35,8 @@ from .common import (
     select_options,
 )
 from .progress import quiet_option, status_line
+
+torch = lazy_module("torch")  # imported when a command runs, not for its --help
 
 
 @click.command("compare", short_help="Measure each --to format against float32: error, size, speed.",
@@ -68,10 +58,10 @@ from .progress import quiet_option, status_line
 @pickle_option
 @device_option
 @click.option("--layers", "by_layer", is_flag=True, help="Compare every module's output, in execution order.")
-@click.option("--mode", type=click.Choice(MODES), default="propagated", show_default=True,
+@click.option("--mode", type=click.Choice(analysis.MODES), default="propagated", show_default=True,
               help="With --layers: each model on its own, or each variant layer fed the reference input.")
 @select_options
-@click.option("--threshold", "threshold_db", type=float, default=DEFAULT_THRESHOLD_DB,
+@click.option("--threshold", "threshold_db", type=float, default=analysis.DEFAULT_THRESHOLD_DB,
               show_default=True, help="With --layers: name the first layer whose SQNR (dB) falls below this.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="With --layers: write the SQNR-by-layer chart to this .png or .svg file.")
@@ -87,6 +77,11 @@ from .progress import quiet_option, status_line
               help="Also time forwards: each variant in turns with float32, its ratio to float32 timed "
                    "beside it and the ratio's per-round spread; 'slower' only beyond that noise. Off by "
                    "default (it about doubles the run time); --no-time is accepted and does nothing.")
+@click.option("--compute", type=click.Choice(analysis.COMPUTES), default="reference", show_default=True,
+              help="How the variants compute: reference (in float32, the format's error alone), bf16 "
+                   "(activations and dense weights in bfloat16, as a bf16 deployment runs: its error "
+                   "included, ~3x faster matmuls), int8 (W8A8 int8:a8 layers through torch._int_mm). "
+                   "Each row says how it ran. Not with --layers.")
 @executor_options("one task per --to format and --plan (each worker loads MODEL and runs float32 once; "
                   "the same numbers as in this process at 1 thread; not with --layers or --time)")
 @result_options
@@ -101,71 +96,81 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
                 calib_tokens: int | None = None, plan_files: tuple[str, ...] = (),
                 quiet: bool = False, columns: tuple[str, ...] | None = None,
                 html_path: str | None = None, workers: int | None = None,
-                ray_address: str | None = None) -> None:
-    specs, target = parse_variant_specs(formats), resolve_device(device)
+                ray_address: str | None = None, compute: str = "reference") -> None:
+    specs, target = variants.parse_variant_specs(formats), resolve_device(device)
     check_result_options(as_json, columns, html_path, sources=[model])
-    plans = [(Path(f).stem, MixedPlan.load(f)) for f in plan_files]  # a bad plan file: before any load
+    plans = [(Path(f).stem, quant.MixedPlan.load(f)) for f in plan_files]  # a bad plan file: before any load
     refuse_without(by_layer, "--layers", {"mode": "--mode", "depth": "--depth", "select": "--select",
                                           "threshold_db": "--threshold", "plot_path": "--plot"})
+    if by_layer and compute != "reference":
+        raise InputError(f"--compute {compute} measures the output comparison; --layers compares every "
+                         "module in the reference's dtype: drop one of them")
     check_plot(plot_path, sources=[model])
     if (embeddings or head) and not any(s.format is not None and s.format.is_quantized for s in specs):
         raise InputError("--embeddings and --head choose what a quantized format stores; --to lists no "
                          "quantized format (casts convert every tensor): add one, e.g. int8, or drop them")
     executor = _executor(workers, ray_address, by_layer, timing, quiet)
     line = status_line(quiet)
-    loaded = load(model, "fp32", allow_pickle=allow_pickle, progress=line)
-    inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
-                                    tensor_file=input_file, text_set=text_set, ctx=ctx, stride=stride,
-                                    windows=windows),
-                       target)
+    loaded = models.load(model, "fp32", allow_pickle=allow_pickle, progress=line)
+    inputs = models.to_device(models.model_inputs(loaded, texts=texts, text_file=text_file,
+                                                  input_ids=input_ids, tensor_file=input_file,
+                                                  text_set=text_set, ctx=ctx, stride=stride,
+                                                  windows=windows),
+                              target)
     planned = [get_format(f) for _, plan in plans for f in set(plan.formats.values())]
     calibration = calibration_for(loaded, [s.format for s in specs] + planned, calib_file, calib_tokens)
-    policy = KeepPolicy.from_strings(keep)
+    policy = quant.KeepPolicy.from_strings(keep)
     if not isinstance(executor, InProcess):
         state = functools.partial(compare_state, model, allow_pickle, device, formats, plan_files, calib_file,
                                   calib_tokens, dict(texts=texts, text_file=text_file, input_ids=input_ids,
                                                      input_file=input_file, text_set=text_set, ctx=ctx,
                                                      stride=stride, windows=windows))
-        setup = CompareSetup(state, output_name, loaded.output_kind, model_kind=loaded.kind, keep=policy,
-                             embeddings=embeddings, head=head, device=str(target))
-        tasks = [VariantTask(spec.spec) for spec in specs]
-        tasks += [VariantTask(plan=plan, name=f"plan:{name}") for name, plan in plans]
-        result = compare_on(executor, setup, tasks, progress=line)
+        setup = analysis.CompareSetup(state, output_name, loaded.output_kind, model_kind=loaded.kind,
+                                      keep=policy, embeddings=embeddings, head=head, device=str(target),
+                                      compute=compute)
+        tasks = [analysis.VariantTask(spec.spec) for spec in specs]
+        tasks += [analysis.VariantTask(plan=plan, name=f"plan:{name}") for name, plan in plans]
+        result = analysis.compare_on(executor, setup, tasks, progress=line)
         emit(result, as_json, html_side_output(result, html_path, model=model), columns=columns)
         return
     if not by_layer:
         result = compare_loaded(loaded, formats, inputs, target, output_name, policy, embeddings=embeddings,
-                                head=head, timing=timing, calibration=calibration, plans=plans, progress=line)
+                                head=head, timing=timing, calibration=calibration, plans=plans, progress=line,
+                                compute=compute)
         emit(result, as_json, html_side_output(result, html_path, model=model), columns=columns)
         return
     reference = loaded.model.to(target)
-    planned_variants = (plan_variant(reference, plan, f"plan:{name}", target, calibration)
+    planned_variants = (variants.plan_variant(reference, plan, f"plan:{name}", target, calibration)
                         for name, plan in plans)
-    variants = itertools.chain(iter_variants(reference, specs, policy, embeddings, target, head=head,
-                                             calibration=calibration, progress=line), planned_variants)
+    built = variants.iter_variants(reference, specs, policy, embeddings, target, head=head,
+                                   calibration=calibration, progress=line)
+    candidates = itertools.chain(built, planned_variants)
     # a generator: each variant built, measured and dropped before the next (reference + one variant)
-    result = compare_layers(reference, variants, inputs, mode=mode, depth=depth, patterns=select,
+    result = analysis.compare_layers(reference, candidates, inputs, mode=mode, depth=depth, patterns=select,
                             threshold_db=threshold_db, output_name=output_name,
                             output_kind=loaded.output_kind, progress=line)
     plot = [("--plot", plot_path, lambda: plot_layers(result, plot_path))] if plot_path else []
     emit(result, as_json, plot + html_side_output(result, html_path, model=model), columns=columns)
 
 
-def compare_loaded(loaded: LoadedModel, formats: str, inputs, target: torch.device,
-                   output_name: str | None = None, policy: KeepPolicy | None = None, *,
+def compare_loaded(loaded: models.LoadedModel, formats: str, inputs, target: torch.device,
+                   output_name: str | None = None, policy: quant.KeepPolicy | None = None, *,
                    embeddings: bool = False, head: bool = False, timing: bool = False,
-                   calibration: CalibrationData | None = None,
-                   plans: Sequence[tuple[str, MixedPlan]] = (),
-                   progress: ProgressCallback | None = None) -> ComparisonResult:
+                   calibration: variants.CalibrationData | None = None,
+                   plans: Sequence[tuple[str, quant.MixedPlan]] = (),
+                   progress: ProgressCallback | None = None,
+                   compute: str = "reference") -> analysis.ComparisonResult:
     """``compare`` without ``--layers``: variants built, measured and dropped one at a time; forwards are
     timed only when ``timing`` is True (``--time``); each (name, plan) of ``plans`` is one more row."""
     reference = loaded.model.to(target)
-    planned = (plan_variant(reference, plan, f"plan:{name}", target, calibration) for name, plan in plans)
-    variants = itertools.chain(iter_variants(reference, formats, policy, embeddings, target, head=head,
-                                             calibration=calibration, progress=progress), planned)
-    return compare_models(reference, variants, inputs, output_name=output_name,
-                          output_kind=loaded.output_kind, timing=timing, model_kind=loaded.kind,
-                          progress=progress)
+    planned = (variants.plan_variant(reference, plan, f"plan:{name}", target, calibration)
+               for name, plan in plans)
+    built = variants.iter_variants(reference, formats, policy, embeddings, target, head=head,
+                                   calibration=calibration, progress=progress)
+    candidates = itertools.chain(built, planned)
+    return analysis.compare_models(reference, candidates, inputs, output_name=output_name,
+                                   output_kind=loaded.output_kind, timing=timing, model_kind=loaded.kind,
+                                   progress=progress, compute=compute)
 
 
 def _executor(workers: int | None, ray_address: str | None, by_layer: bool, timing: bool, quiet: bool):
@@ -183,11 +188,11 @@ def compare_state(model: str, allow_pickle: bool, device: str, formats: str, pla
                   calib_file: str | None, calib_tokens: int | None, inputs: dict) -> tuple:
     """A worker's ``(reference, inputs, calibration)``, built as ``compare`` builds them in this process."""
     target = resolve_device(device)
-    loaded = load(model, "fp32", allow_pickle=allow_pickle)
-    batch = to_device(model_inputs(loaded, texts=inputs["texts"], text_file=inputs["text_file"],
+    loaded = models.load(model, "fp32", allow_pickle=allow_pickle)
+    batch = models.to_device(models.model_inputs(loaded, texts=inputs["texts"], text_file=inputs["text_file"],
                                    input_ids=inputs["input_ids"], tensor_file=inputs["input_file"],
                                    text_set=inputs["text_set"], ctx=inputs["ctx"], stride=inputs["stride"],
                                    windows=inputs["windows"]), target)
-    planned = [get_format(f) for path in plan_files for f in set(MixedPlan.load(path).formats.values())]
-    fmts = [s.format for s in parse_variant_specs(formats)] + planned
+    planned = [get_format(f) for path in plan_files for f in set(quant.MixedPlan.load(path).formats.values())]
+    fmts = [s.format for s in variants.parse_variant_specs(formats)] + planned
     return loaded.model.to(target), batch, calibration_for(loaded, fmts, calib_file, calib_tokens)

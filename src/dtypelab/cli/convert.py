@@ -8,13 +8,11 @@ from pathlib import Path
 
 import click
 
-from ..checkpoint import convert_checkpoint, remove_leftovers
+from .. import checkpoint, quant, variants
 from ..errors import DamageError, InputError
 from ..executor import executor_for
 from ..formats import get_format
 from ..progress import ProgressEvent
-from ..quant import MixedPlan
-from ..variants import DEFAULT_CALIB_TOKENS, convert_calibrated
 from .common import (
     calibration_options,
     check_html,
@@ -116,12 +114,12 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
     if (fmt is None) == (plan_file is None):
         raise InputError("give the format with --to (e.g. --to int4:g128) or a plan with --plan plan.json, "
                          "one of them")
-    plan = MixedPlan.load(plan_file) if plan_file else None
+    plan = quant.MixedPlan.load(plan_file) if plan_file else None
     check_output(output, "-o", make_parents=True, sources=[src])
     if report_path is not None:
         check_output(report_path, "--report", suffixes=(".json",), sources=[src, output])
     check_html(html_path, sources=[src, output])
-    for leftover in remove_leftovers(output):  # never silently: the user may wonder where it went
+    for leftover in checkpoint.remove_leftovers(output):  # never silently: the user may wonder where it went
         if not quiet:
             click.echo(f"removed {leftover}: the staging folder of a conversion that was killed", err=True)
     calibrated = _calibrated(fmt, plan, calib_file, calib_tokens, {
@@ -134,11 +132,11 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
         progress = status_line(quiet)
     try:
         if calibrated:
-            result = convert_calibrated(src, output, fmt, plan=plan, calib_file=calib_file, keep=keep,
-                                        head=head, force=force, progress=progress,
-                                        calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS)
+            result = variants.convert_calibrated(src, output, fmt, plan=plan, calib_file=calib_file,
+                                                 keep=keep, head=head, force=force, progress=progress,
+                                        calib_tokens=calib_tokens or variants.DEFAULT_CALIB_TOKENS)
         else:
-            result = convert_checkpoint(src, output, fmt, keep=keep, max_shard_size=max_shard_size,
+            result = checkpoint.convert_checkpoint(src, output, fmt, keep=keep, max_shard_size=max_shard_size,
                                         force=force, verify=verify, strict=strict, progress=progress,
                                         dense=dense, fsync=fsync, max_flushed=max_flushed,
                                         max_overflowed=max_overflowed, head=head, embeddings=embeddings,
@@ -161,8 +159,8 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
     emit(result, as_json, side, show=not quiet, columns=columns)
 
 
-def _calibrated(fmt: str | None, plan: MixedPlan | None, calib_file: str | None, calib_tokens: int | None,
-                refused: dict) -> bool:
+def _calibrated(fmt: str | None, plan: quant.MixedPlan | None, calib_file: str | None,
+                calib_tokens: int | None, refused: dict) -> bool:
     """Whether ``--to`` is a ``:gptq`` / ``:awq`` format or ``--plan`` names one (written by
     ``convert_calibrated``); the options that path does not take, and the calibration options without
     it, are refused in one line."""

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..analysis import predict_headroom, weight_stats
-from ..models import load, model_inputs, to_device
+from .. import analysis, models, variants
 from ..report import composite_document
-from ..variants import parse_variant_specs
 from .common import (
     MODEL_HELP,
     TableGroup,
@@ -43,18 +41,19 @@ def headroom_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: st
                  stride: int | None, windows: int | None, depth: int | None, select: tuple[str, ...],
                  weights: bool, allow_pickle: bool, device: str, as_json: bool, quiet: bool = False,
                  columns: tuple[str, ...] | None = None, html_path: str | None = None) -> None:
-    specs, target = parse_variant_specs(formats), resolve_device(device)
+    specs, target = variants.parse_variant_specs(formats), resolve_device(device)
     check_result_options(as_json, columns, html_path, sources=[model])
     line = status_line(quiet)
-    loaded = load(model, "fp32", allow_pickle=allow_pickle, progress=line)
-    inputs = to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
-                                    tensor_file=input_file, text_set=text_set, ctx=ctx, stride=stride,
+    loaded = models.load(model, "fp32", allow_pickle=allow_pickle, progress=line)
+    inputs = models.to_device(models.model_inputs(loaded, texts=texts, text_file=text_file,
+                                                  input_ids=input_ids, tensor_file=input_file,
+                                                  text_set=text_set, ctx=ctx, stride=stride,
                                     windows=windows),
                        target)
     reference = loaded.model.to(target)
-    report = predict_headroom(reference, inputs, [s.format or s.spec for s in specs], depth=depth,
+    report = analysis.predict_headroom(reference, inputs, [s.format or s.spec for s in specs], depth=depth,
                               patterns=select, progress=line)
-    stats = weight_stats(reference, [s.format for s in specs if s.format]) if weights else None
+    stats = analysis.weight_stats(reference, [s.format for s in specs if s.format]) if weights else None
     html = html_side_output(report, html_path, model=model)
     if as_json and stats is not None:  # one JSON document holding both
         clear_status_line()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..models import inspect
+from .. import models
 from .common import MODEL_HELP, columns_option, emit, json_option, pickle_option, refuse_columns_with_json
 
 
@@ -19,4 +19,4 @@ from .common import MODEL_HELP, columns_option, emit, json_option, pickle_option
 def inspect_cmd(model: str, dtype: str, allow_pickle: bool, as_json: bool,
                 columns: tuple[str, ...] | None = None) -> None:
     refuse_columns_with_json(columns, as_json)
-    emit(inspect(model, dtype, allow_pickle=allow_pickle), as_json, columns=columns)
+    emit(models.inspect(model, dtype, allow_pickle=allow_pickle), as_json, columns=columns)

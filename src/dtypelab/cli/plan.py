@@ -6,20 +6,10 @@ import functools
 
 import click
 
-from ..analysis import (
-    CompareSetup,
-    PlanSweep,
-    measure_plan,
-    measure_plans,
-    parse_budgets,
-    plan_model,
-    uniform_plans,
-)
+from .. import analysis, models, quant
 from ..errors import InputError
 from ..executor import Executor, InProcess, executor_for
-from ..formats import get_format
-from ..models import model_inputs, to_device
-from ..quant import DENSE, layer_weights, model_fingerprint
+from ..formats import get_format, split_list
 from ..report import plot_pareto
 from .common import (
     MODEL_HELP,
@@ -72,7 +62,7 @@ def plan_cmd(model: str, budget: str, formats: str, keep_dense: tuple[str, ...],
              verify_windows: int | None, as_json: bool, columns: tuple[str, ...] | None = None,
              html_path: str | None = None, **options) -> None:
     check_result_options(as_json, columns, html_path, sources=[model])
-    budgets = parse_budgets(budget)
+    budgets = analysis.parse_budgets(budget)
     if output and len(budgets) > 1:
         raise InputError("-o writes one plan: give one --budget, not a sweep")
     if plot_path and len(budgets) == 1:
@@ -83,25 +73,28 @@ def plan_cmd(model: str, budget: str, formats: str, keep_dense: tuple[str, ...],
     target = check_output(output, "-o", suffixes=(".json",)) if output else None
     floors, edge = _pairs(min_formats, "--min-format"), _edges(edges)
     for fmt in [*floors.values(), *([edge[1]] if edge else [])]:
-        if fmt != DENSE:
+        if fmt != quant.DENSE:
             get_format(fmt)  # a typo is refused before the model loads
     executor, options = _executor(verify, options)
     loaded, ranking, calibration = rank(model, formats, **options)
     reference = loaded.model
-    fingerprint = model_fingerprint(layer_weights(reference, [n for g in ranking.groups for n in g.layers]))
-    plans = [plan_model(ranking, b, keep=keep_dense, min_formats=floors, edges=edge, model=model,
+    planned_layers = [n for g in ranking.groups for n in g.layers]
+    fingerprint = quant.model_fingerprint(quant.layer_weights(reference, planned_layers))
+    plans = [analysis.plan_model(ranking, b, keep=keep_dense, min_formats=floors, edges=edge, model=model,
                         model_hash=fingerprint) for b in budgets]
     for result in plans if calibration is not None else []:  # what compare / convert --plan calibrate on
         result.plan.extra["calibration"] = calibration.settings()
-    uniform_candidates = uniform_plans(ranking, model, fingerprint) if verify and len(plans) > 1 else {}
+    uniform_candidates = (analysis.uniform_plans(ranking, model, fingerprint) if verify and len(plans) > 1
+                          else {})
     measured_uniform = []
     if verify:
         text = "the held-out evaluation text" if loaded.tokenizer is not None else "the default input"
         candidates = [result.plan for result in plans] + list(uniform_candidates.values())
         if isinstance(executor, InProcess):
             held_out = _held_out(loaded, options["device"], options["ctx"], verify_windows)
-            measured = [measure_plan(reference, plan, held_out, text=text, output_kind=loaded.output_kind,
-                                     model_kind=loaded.kind, calibration=calibration) for plan in candidates]
+            measured = [analysis.measure_plan(reference, plan, held_out, text=text,
+                                              output_kind=loaded.output_kind, model_kind=loaded.kind,
+                                              calibration=calibration) for plan in candidates]
         else:
             measured = _measure_on(executor, candidates, model, formats, verify_windows, loaded, text,
                                    options)
@@ -114,7 +107,7 @@ def plan_cmd(model: str, budget: str, formats: str, keep_dense: tuple[str, ...],
         return
     uniform = [(fmt, plan, m) for (fmt, plan), m in zip(uniform_candidates.items(), measured_uniform,
                                                        strict=True)]
-    sweep = PlanSweep(plans, uniform, ranking.fixed_bytes)
+    sweep = analysis.PlanSweep(plans, uniform, ranking.fixed_bytes)
     label = "KL (nats)" if ranking.metric == "kl_nats" else "relative noise power"
     plot = [("--plot", plot_path, lambda: plot_pareto(sweep.pareto_points(), plot_path, label))] \
         if plot_path else []
@@ -141,15 +134,13 @@ def _measure_on(executor: Executor, plans: list, model: str, formats: str, verif
                 loaded, text: str, options: dict) -> list[dict]:
     """--verify's measurements as tasks: each worker loads the model, the held-out text and the
     calibration once (:func:`plan_state`)."""
-    from ..formats import split_list
-
     fmts = [get_format(f) for f in split_list(formats)]
     inputs = {k: v for k, v in options.items() if k not in (*RANKING_ONLY, "allow_pickle", "device",
                                                             "calib_file", "calib_tokens")}
     state = functools.partial(plan_state, model, options["allow_pickle"], options["device"], fmts,
                               options["calib_file"], options["calib_tokens"], inputs, verify_windows)
-    setup = CompareSetup(state, output_kind=loaded.output_kind, model_kind=loaded.kind)
-    return measure_plans(plans, executor, setup, text=text)
+    setup = analysis.CompareSetup(state, output_kind=loaded.output_kind, model_kind=loaded.kind)
+    return analysis.measure_plans(plans, executor, setup, text=text)
 
 
 def plan_state(model: str, allow_pickle: bool, device: str, fmts: list, calib_file: str | None,
@@ -164,8 +155,8 @@ def _held_out(loaded, device: str, ctx: int | None, windows: int | None):
     """The evaluation text (windows of the ranking's --ctx; all of them unless --verify-windows) for a
     model with a tokenizer, else its default input."""
     if loaded.tokenizer is None:
-        return to_device(model_inputs(loaded), resolve_device(device))
-    return to_device(model_inputs(loaded, text_set="evaluation", ctx=ctx, windows=windows),
+        return models.to_device(models.model_inputs(loaded), resolve_device(device))
+    return models.to_device(models.model_inputs(loaded, text_set="evaluation", ctx=ctx, windows=windows),
                      resolve_device(device))
 
 

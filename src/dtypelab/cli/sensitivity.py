@@ -7,14 +7,12 @@ import functools
 from collections.abc import Callable
 
 import click
-import torch
 
-from ..analysis import SENSITIVITY_METHODS, SensitivityResult, sensitivity
+from .. import analysis, models, variants
 from ..errors import InputError
 from ..executor import executor_for
 from ..formats import get_format, split_list
-from ..models import LoadedModel, load, model_inputs, to_device
-from ..variants import CalibrationData
+from ..lazy import lazy_module
 from .common import (
     MODEL_HELP,
     calibration_for,
@@ -29,6 +27,8 @@ from .common import (
     result_options,
 )
 
+torch = lazy_module("torch")  # imported when a command runs, not for its --help
+
 CALIBRATION_WINDOWS = 8
 """Windows of the calibration text the ranking reads by default (8 × 512 tokens): enough positions
 for a stable ranking at a few forwards' cost; ``--windows`` changes it."""
@@ -40,7 +40,8 @@ def ranking_options(f: Callable) -> Callable:
         click.option("--exact", is_flag=True,
                      help="Also measure the truth: one forward per layer group and format with only that "
                           "group quantized (slow), and the prediction's Spearman rank correlation with it."),
-        click.option("--method", type=click.Choice(SENSITIVITY_METHODS), default="fisher", show_default=True,
+        click.option("--method", type=click.Choice(analysis.SENSITIVITY_METHODS), default="fisher",
+                     show_default=True,
                      help="fisher: predicted from one forward + one backward pass; exact: only the truth."),
         click.option("--exclude", multiple=True,
                      help="Layers (globs) left out of the ranking, dense (repeatable)."),
@@ -58,8 +59,9 @@ def ranking_options(f: Callable) -> Callable:
     return calibration_options(input_options(pickle_option(device_option(f))))
 
 
-def ranking_inputs(loaded: LoadedModel, target: torch.device, texts: tuple[str, ...], text_file: str | None,
-                   input_ids: str | None, input_file: str | None, text_set: str | None, ctx: int | None,
+def ranking_inputs(loaded: models.LoadedModel, target: torch.device, texts: tuple[str, ...],
+                   text_file: str | None, input_ids: str | None, input_file: str | None, text_set: str | None,
+                   ctx: int | None,
                    stride: int | None, windows: int | None):
     """The inputs a ranking is computed on: what the user gave, else (a model with a tokenizer) the
     first :data:`CALIBRATION_WINDOWS` windows of the calibration text — never the held-out evaluation
@@ -67,7 +69,7 @@ def ranking_inputs(loaded: LoadedModel, target: torch.device, texts: tuple[str, 
     given = texts or text_file or input_ids or input_file or text_set
     if not given and loaded.tokenizer is not None:
         text_set, windows = "calibration", CALIBRATION_WINDOWS if windows is None else windows
-    return to_device(model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
+    return models.to_device(models.model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
                                   tensor_file=input_file, text_set=text_set, ctx=ctx, stride=stride,
                                   windows=windows), target)
 
@@ -75,7 +77,7 @@ def ranking_inputs(loaded: LoadedModel, target: torch.device, texts: tuple[str, 
 def rank(model: str, formats: str, allow_pickle: bool, device: str, method: str, exact: bool,
          exclude: tuple[str, ...], head: bool, seed: int, calib_file: str | None = None,
          calib_tokens: int | None = None, workers: int | None = None, ray_address: str | None = None,
-         **inputs) -> tuple[LoadedModel, SensitivityResult, CalibrationData | None]:
+         **inputs) -> tuple[models.LoadedModel, analysis.SensitivityResult, variants.CalibrationData | None]:
     """Load ``model`` in float32 and rank its layer groups in ``formats`` (shared by plan); also the
     calibration its ``:gptq`` / ``:awq`` formats were scored with (what a plan's model calibrates on).
     ``workers`` / ``ray_address``: the exact sweep's executor (:mod:`dtypelab.executor`)."""
@@ -88,7 +90,7 @@ def rank(model: str, formats: str, allow_pickle: bool, device: str, method: str,
                               inputs)
     loaded, reference, batch, calibration = load_ranking(model, allow_pickle, device, fmts, calib_file,
                                                          calib_tokens, inputs)
-    return loaded, sensitivity(reference, formats, batch, method=method, exact=exact,
+    return loaded, analysis.sensitivity(reference, formats, batch, method=method, exact=exact,
                                output_kind=loaded.output_kind, exclude=exclude, head=head, seed=seed,
                                calibration=calibration.batches if calibration else None,
                                executor=executor, worker_setup=setup), calibration
@@ -99,12 +101,12 @@ def load_ranking(model: str, allow_pickle: bool, device: str, fmts: list, calib_
     """(loaded, reference on the device, the ranking's inputs, the calibration): what ``rank`` measures
     on, and what each worker of a parallel sweep rebuilds the same way."""
     target = resolve_device(device)
-    loaded = load(model, "fp32", allow_pickle=allow_pickle)
+    loaded = models.load(model, "fp32", allow_pickle=allow_pickle)
     calibration = calibration_for(loaded, fmts, calib_file, calib_tokens)
     batch = ranking_inputs(loaded, target, **inputs)
     reference = loaded.model.to(target)
     if calibration is not None:
-        calibration = dataclasses.replace(calibration, batches=[to_device(b, target) for b in
+        calibration = dataclasses.replace(calibration, batches=[models.to_device(b, target) for b in
                                                                 calibration.batches])
     return loaded, reference, batch, calibration
 

@@ -4,8 +4,10 @@ Formats stage: imports :mod:`dtypelab.formats.codecs`, :mod:`dtypelab.enums` and
 spec grammar that picks an entry and sets its options is :mod:`dtypelab.formats.spec`.
 Adding a format is adding an entry to ``_REGISTRY``; nothing else branches on format names.
 Floating formats backed by a torch dtype with no element codec (fp32, fp16, bf16) take their figures
-(max finite, eps, ...) from ``torch.finfo`` so they can never drift from what torch computes with;
-every smaller format carries an element codec (:mod:`dtypelab.codecs`) and a scale scheme.
+(max finite, eps, ...) from their IEEE layout (:data:`IEEE_LAYOUTS`, exponent and mantissa bits), which
+tests/formats check against ``torch.finfo``; every smaller format carries an element codec
+(:mod:`dtypelab.codecs`) and a scale scheme. Formats name their torch dtype (``"bfloat16"``) and resolve
+it when asked: the registry, ``dtypelab formats`` and every command's help never import torch.
 
 A spec string picks a registry entry and sets its options (see ``spec.GRAMMAR``)::
 
@@ -23,13 +25,17 @@ A spec string picks a registry entry and sets its options (see ``spec.GRAMMAR``)
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..enums import StrEnum
 from .codecs import FloatCodec, IntCodec, TableCodec
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Granularity(StrEnum):
@@ -82,11 +88,63 @@ NF4 = TableCodec((-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809
                   0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0), "nf4")
 
 
-# Scale formats: bits and the torch dtype a scale tensor is stored in.
-SCALE_DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-    "e8m0": torch.float8_e8m0fnu, "e4m3": torch.float8_e4m3fn,
-}
+@functools.cache
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype called ``name`` (``"bfloat16"`` -> ``torch.bfloat16``), importing torch."""
+    import torch
+
+    return getattr(torch, name)
+
+
+class _TorchDtypes(Mapping):
+    """A name -> torch dtype table whose dtypes are resolved (and torch imported) on lookup."""
+
+    def __init__(self, names: dict[str, str]) -> None:
+        self._names = names
+
+    def __getitem__(self, key: str) -> torch.dtype:
+        return torch_dtype(self._names[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+# Scale formats: the torch dtype a scale tensor is stored in, and its bits.
+SCALE_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "e8m0": "float8_e8m0fnu",
+                     "e4m3": "float8_e4m3fn"}
+SCALE_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "e8m0": 8, "e4m3": 8}
+SCALE_DTYPES: Mapping[str, torch.dtype] = _TorchDtypes(SCALE_DTYPE_NAMES)
+
+
+@dataclass(frozen=True)
+class IeeeLayout:
+    """An IEEE 754 binary float's layout: its figures follow from the exponent and mantissa widths."""
+
+    exp_bits: int
+    man_bits: int
+
+    @property
+    def max_finite(self) -> float:
+        return math.ldexp(2.0 - math.ldexp(1.0, -self.man_bits), (1 << (self.exp_bits - 1)) - 1)
+
+    @property
+    def smallest_normal(self) -> float:
+        return math.ldexp(1.0, 2 - (1 << (self.exp_bits - 1)))
+
+    @property
+    def smallest_subnormal(self) -> float:
+        return math.ldexp(self.smallest_normal, -self.man_bits)
+
+    @property
+    def eps(self) -> float:
+        return math.ldexp(1.0, -self.man_bits)
+
+
+IEEE_LAYOUTS = {"float32": IeeeLayout(8, 23), "float16": IeeeLayout(5, 10), "bfloat16": IeeeLayout(8, 7)}
+"""The plain floating formats' layouts, by torch dtype name (checked against ``torch.finfo``)."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +154,8 @@ class NumberFormat:
     Args:
         name: canonical short name or spec (``"bf16"``, ``"int4:g128"``).
         bits: storage bits per element, scales excluded.
-        torch_dtype: the torch dtype elements are stored in, when torch has one (None: packed bytes).
+        dtype: the name of the torch dtype elements are stored in (``"bfloat16"``), when torch has one
+            (None: packed bytes); a ``torch.dtype`` given here is stored by its name.
         description: one line for tables and help.
         aliases: other accepted spellings (``"bfloat16"``, ``"torch.bfloat16"``).
         codec: element codec for formats quantized with a scale; None for plain torch casts.
@@ -114,7 +173,7 @@ class NumberFormat:
 
     name: str
     bits: int
-    torch_dtype: torch.dtype | None
+    dtype: str | None
     description: str
     aliases: tuple[str, ...] = field(default=())
     codec: Codec | None = None
@@ -129,10 +188,19 @@ class NumberFormat:
     base: str = ""
     calibration: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.dtype is not None and not isinstance(self.dtype, str):  # a torch.dtype: keep its name
+            object.__setattr__(self, "dtype", str(self.dtype).removeprefix("torch."))
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The torch dtype elements are stored in (None: packed bytes); imports torch."""
+        return None if self.dtype is None else torch_dtype(self.dtype)
+
     @property
     def is_floating_point(self) -> bool:
         """A torch floating dtype holds the elements (fp32 ... fp8, mxfp8)."""
-        return self.torch_dtype is not None and self.torch_dtype.is_floating_point
+        return self.dtype is not None and self.dtype.startswith(("float", "bfloat"))
 
     @property
     def raw_castable(self) -> bool:
@@ -154,31 +222,29 @@ class NumberFormat:
     @property
     def element(self) -> str:
         """Element encoding, e.g. ``e4m3``, ``int4``, ``nf4``; the torch dtype name for plain casts."""
-        return self.element_codec.kind if self.codec else str(self.torch_dtype).replace("torch.", "")
+        return self.element_codec.kind if self.codec else self.dtype
 
     @property
     def max_finite(self) -> float:
         """Largest finite element value (in units of the scale for quantized formats)."""
-        return self.element_codec.max_finite if self.codec else float(torch.finfo(self.torch_dtype).max)
+        return self.element_codec.max_finite if self.codec else IEEE_LAYOUTS[self.dtype].max_finite
 
     @property
     def smallest_normal(self) -> float:
         """Smallest positive normal value (in units of the scale for quantized formats)."""
-        return self.element_codec.smallest_normal if self.codec else float(torch.finfo(self.torch_dtype).tiny)
+        return self.element_codec.smallest_normal if self.codec else IEEE_LAYOUTS[self.dtype].smallest_normal
 
     @property
     def smallest_subnormal(self) -> float:
         """Smallest positive value; anything below half of it flushes to zero."""
         if self.codec:
             return self.element_codec.smallest_subnormal
-        finfo = torch.finfo(self.torch_dtype)
-        mantissa_bits = round(-math.log2(finfo.eps))
-        return float(finfo.smallest_normal) * 2.0**-mantissa_bits
+        return IEEE_LAYOUTS[self.dtype].smallest_subnormal
 
     @property
     def eps(self) -> float:
         """Gap between 1.0 and the next value: twice the worst relative rounding error."""
-        return self.codec.eps if self.codec else float(torch.finfo(self.torch_dtype).eps)
+        return self.codec.eps if self.codec else IEEE_LAYOUTS[self.dtype].eps
 
     @property
     def has_inf(self) -> bool:
@@ -193,7 +259,7 @@ class NumberFormat:
     @property
     def scale_bits(self) -> int:
         """Bits of one scale (0 when there is none)."""
-        return SCALE_DTYPES[self.scale_format].itemsize * 8 if self.scale_format else 0
+        return SCALE_BITS[self.scale_format] if self.scale_format else 0
 
     @property
     def zero_point_bits(self) -> int:
@@ -229,25 +295,25 @@ class NumberFormat:
         return float(self.bits)
 
 
-def _q(name: str, bits: int, dtype: torch.dtype | None, desc: str, aliases: tuple[str, ...],
+def _q(name: str, bits: int, dtype: str | None, desc: str, aliases: tuple[str, ...],
        codec: Codec, **options) -> NumberFormat:
     return NumberFormat(name, bits, dtype, desc, aliases, codec, base=name, **options)
 
 
 _REGISTRY: tuple[NumberFormat, ...] = (
-    NumberFormat("fp32", 32, torch.float32, "IEEE 754 single precision",
+    NumberFormat("fp32", 32, "float32", "IEEE 754 single precision",
                  ("float32", "float", "torch.float32"), base="fp32"),
-    NumberFormat("fp16", 16, torch.float16, "IEEE 754 half precision: 5-bit exponent, max 65504",
+    NumberFormat("fp16", 16, "float16", "IEEE 754 half precision: 5-bit exponent, max 65504",
                  ("float16", "half", "torch.float16"), base="fp16"),
-    NumberFormat("bf16", 16, torch.bfloat16, "bfloat16: float32's range, 8-bit mantissa",
+    NumberFormat("bf16", 16, "bfloat16", "bfloat16: float32's range, 8-bit mantissa",
                  ("bfloat16", "torch.bfloat16"), base="bf16"),
-    _q("fp8_e4m3", 8, torch.float8_e4m3fn, "OCP fp8 e4m3fn (no inf, saturates at 448), scaled",
+    _q("fp8_e4m3", 8, "float8_e4m3fn", "OCP fp8 e4m3fn (no inf, saturates at 448), scaled",
        ("float8_e4m3fn", "fp8", "e4m3", "torch.float8_e4m3fn"), E4M3,
        granularity=Granularity.CHANNEL, scale_format="fp32"),
-    _q("fp8_e5m2", 8, torch.float8_e5m2, "OCP fp8 e5m2 (IEEE-like, inf/NaN), scaled",
+    _q("fp8_e5m2", 8, "float8_e5m2", "OCP fp8 e5m2 (IEEE-like, inf/NaN), scaled",
        ("float8_e5m2", "e5m2", "torch.float8_e5m2"), E5M2,
        granularity=Granularity.CHANNEL, scale_format="fp32"),
-    _q("int8", 8, torch.int8, "8-bit integer, -128..127, signed scale (symmetric) unless :asym",
+    _q("int8", 8, "int8", "8-bit integer, -128..127, signed scale (symmetric) unless :asym",
        ("qint8", "torch.int8"), INT8, granularity=Granularity.CHANNEL, scale_format="fp32"),
     _q("int4", 4, None, "4-bit integer packed two per byte, -8..7, signed scale unless :asym",
        ("qint4",), INT4, granularity=Granularity.GROUP, group_size=128, scale_format="fp16"),
@@ -258,7 +324,7 @@ _REGISTRY: tuple[NumberFormat, ...] = (
        (), INT2, granularity=Granularity.GROUP, group_size=128, scale_format="fp16"),
     _q("nf4", 4, None, "NormalFloat4 (QLoRA): normal quantiles, absmax per block of 64",
        (), NF4, granularity=Granularity.GROUP, group_size=64, scale_format="fp16"),
-    _q("mxfp8", 8, torch.float8_e4m3fn, "OCP MX: e4m3 elements, e8m0 scale per 32",
+    _q("mxfp8", 8, "float8_e4m3fn", "OCP MX: e4m3 elements, e8m0 scale per 32",
        ("mxfp8_e4m3",), E4M3, granularity=Granularity.GROUP, group_size=32, scale_format="e8m0",
        fixed_layout=True),
     _q("mxfp4", 4, None, "OCP MX: e2m1 elements, e8m0 scale per 32",

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import UnknownFormatError, did_you_mean
 from .codecs import IntCodec
 from .registry import Granularity, NumberFormat, all_formats, base_format
+
+if TYPE_CHECKING:
+    import torch
 
 GRAMMAR = ("NAME[:tensor|:channel|:gN|:cast][:sym|:asym][:absmax|:mse][:sfp32|:sfp16|:sbf16][:a8|:afp8]"
            "[:gptq|:awq], e.g. int4:g128, int4:g64:asym, int8:channel, fp8_e4m3:tensor, int4:g128:mse, "

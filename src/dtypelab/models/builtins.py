@@ -197,11 +197,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 
-def builtin_names() -> list[str]:
-    """The built-in model names, sorted (for help texts and error messages)."""
-    return sorted(BUILTIN_MODELS)
-
-
 def default_input(spec: str) -> torch.Tensor | None:
     """The built-in's default token ids as a ``(batch, seq)`` LongTensor on the CPU; None when it has none."""
     entry = BUILTIN_MODELS.get(spec)

@@ -53,7 +53,8 @@ from ..errors import (
 )
 from ..progress import ProgressCallback, stage
 from ..quant import cast_model, compute_dtype
-from .builtins import BUILTIN_MODELS, builtin_names, default_input
+from .builtins import BUILTIN_MODELS, default_input
+from .defaults import builtin_names
 from .kinds import ModelKind, OutputKind, model_kind
 
 

@@ -29,10 +29,15 @@ WordPiece tokens, 75k SmolLM2 tokens.
 from __future__ import annotations
 
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
+from ..lazy import lazy_module
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")  # the text sets' names and DEFAULT_CTX serve --help without torch
 
 EVALUATION_EVERY = 6  # one topic in 6 (sorted by name, repeats dropped) is held out for evaluation ...
 EVALUATION_OFFSET = 3  # ... starting at the fourth: ~1/6 of the words, ~16k WordPiece tokens

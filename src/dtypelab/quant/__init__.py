@@ -5,54 +5,32 @@ for scaled formats, :func:`round_trip` (the one rounding every analysis uses), t
 (:mod:`dtypelab.quant.damage`) and :func:`inspect_model` (what a model in a format holds).
 """
 
-from .activations import quantize_activations
-from .awq import clip_quantize, search_scales
-from .calibrate import CalibrationReport, LayerCalibration, calibrate_layers
-from .cast import KeepPolicy, cast_model, compute_dtype
-from .damage import (
-    Action,
-    DamageCounts,
-    TensorDamage,
-    count_damage,
-    dtype_name,
-    overflow_threshold,
-    quantization_damage,
-    sqnr_from_powers,
-)
-from .footprint import (
-    DtypeSummary,
-    ModelInspection,
-    TensorInfo,
-    inspect_model,
-    inspect_tensors,
-    param_dtype_lines,
-    print_param_dtype,
-)
-from .gptq import GptqResult, gptq_quantize
-from .hessian import InputStats, output_sqnr_db
-from .mixed import DENSE, PLAN_SCHEMA, LayerChoice, MixedPlan, layer_weights, model_fingerprint
-from .model import (
-    HEAD_REASON,
-    KEPT_REASON,
-    PLAN_DENSE_REASON,
-    LayerOutcome,
-    QuantizeResult,
-    head_names,
-    linear_candidates,
-    quantize_model,
-)
-from .nn import (
-    DEQUANTIZE_ONCE_BUDGET_BYTES,
-    DequantizedOnce,
-    QuantizedEmbedding,
-    QuantizedLinear,
-    QuantizedWeightModule,
-    dequantized_once,
-    int8_matmul,
-    is_conv1d,
-)
-from .packing import pack_bits, pack_nibbles, unpack_bits, unpack_nibbles
-from .qtensor import QuantizedTensor, quantize_tensor, round_trip, saturated_count
+from ..lazy import lazy_exports
+
+_EXPORTS = {  # public name -> the submodule that defines it (imported on first use)
+    "quantize_activations": "activations",
+    "clip_quantize": "awq", "search_scales": "awq",
+    "CalibrationReport": "calibrate", "LayerCalibration": "calibrate", "calibrate_layers": "calibrate",
+    "KeepPolicy": "cast", "cast_model": "cast", "compute_dtype": "cast",
+    "Action": "damage", "DamageCounts": "damage", "TensorDamage": "damage", "count_damage": "damage",
+    "dtype_name": "damage", "overflow_threshold": "damage", "quantization_damage": "damage",
+    "sqnr_from_powers": "damage",
+    "DtypeSummary": "footprint", "ModelInspection": "footprint", "TensorInfo": "footprint",
+    "inspect_model": "footprint", "inspect_tensors": "footprint", "param_dtype_lines": "footprint",
+    "print_param_dtype": "footprint",
+    "GptqResult": "gptq", "gptq_quantize": "gptq",
+    "InputStats": "hessian", "output_sqnr_db": "hessian",
+    "DENSE": "mixed", "PLAN_SCHEMA": "mixed", "LayerChoice": "mixed", "MixedPlan": "mixed",
+    "layer_weights": "mixed", "model_fingerprint": "mixed",
+    "HEAD_REASON": "model", "KEPT_REASON": "model", "PLAN_DENSE_REASON": "model", "LayerOutcome": "model",
+    "QuantizeResult": "model", "head_names": "model", "linear_candidates": "model", "quantize_model": "model",
+    "DEQUANTIZE_ONCE_BUDGET_BYTES": "nn", "DequantizedOnce": "nn", "QuantizedEmbedding": "nn",
+    "QuantizedLinear": "nn", "QuantizedWeightModule": "nn", "dequantized_once": "nn", "int8_matmul": "nn",
+    "computing_in": "nn", "is_conv1d": "nn",
+    "pack_bits": "packing", "pack_nibbles": "packing", "unpack_bits": "packing", "unpack_nibbles": "packing",
+    "QuantizedTensor": "qtensor", "quantize_tensor": "qtensor", "round_trip": "qtensor",
+    "saturated_count": "qtensor",
+}
 
 __all__ = [
     "CalibrationReport", "GptqResult", "InputStats", "LayerCalibration", "calibrate_layers", "clip_quantize",
@@ -62,10 +40,12 @@ __all__ = [
     "Action", "DamageCounts", "DtypeSummary", "KeepPolicy", "LayerOutcome", "ModelInspection",
     "QuantizeResult", "QuantizedEmbedding", "QuantizedLinear", "QuantizedTensor", "QuantizedWeightModule",
     "TensorDamage", "is_conv1d", "DEQUANTIZE_ONCE_BUDGET_BYTES", "DequantizedOnce", "dequantized_once",
-    "int8_matmul",
+    "int8_matmul", "computing_in",
     "TensorInfo", "cast_model", "compute_dtype", "count_damage", "dtype_name", "inspect_model",
     "inspect_tensors", "overflow_threshold", "pack_bits", "pack_nibbles", "param_dtype_lines",
     "print_param_dtype",
     "quantization_damage", "quantize_activations", "quantize_model", "quantize_tensor", "round_trip",
     "saturated_count", "sqnr_from_powers", "unpack_bits", "unpack_nibbles",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

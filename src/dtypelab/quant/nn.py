@@ -271,3 +271,39 @@ def _int8_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype).reshape(*x.shape[:-1], qt.shape[0])
+
+
+@contextmanager
+def computing_in(model: nn.Module, dtype: torch.dtype) -> Iterator[int]:
+    """Inside the context, ``model`` computes in ``dtype`` (a deployment's ``--compute bf16``): every
+    floating parameter and buffer of its dense modules is a ``dtype`` copy, and quantized layers
+    dequantize into ``dtype`` (their codes and scales stay as stored, as a serving kernel reads them).
+    Feed it ``dtype`` inputs. On exit every original tensor is back, also on an exception; tied weights
+    stay tied. Yields how many tensors were re-typed.
+
+    Memory: the copies beside the originals (a float32 model computing in bf16: +50% of its dense bytes).
+    """
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    copies: dict[int, torch.Tensor] = {}  # id(original) -> its copy: a tied weight is copied once
+    saved_compute = [(m, m.compute_dtype) for m in model.modules() if isinstance(m, QuantizedWeightModule)]
+    try:
+        for module in model.modules():
+            if isinstance(module, QuantizedWeightModule):
+                module.compute_dtype = dtype  # QuantizedLinear casts its bias per call already
+                continue
+            for table in (module._parameters, module._buffers):
+                for name, tensor in table.items():
+                    if tensor is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+                        continue
+                    if id(tensor) not in copies:
+                        copy = tensor.detach().to(dtype)
+                        copies[id(tensor)] = nn.Parameter(copy, tensor.requires_grad) if table is \
+                            module._parameters else copy
+                    swapped.append((table, name, tensor))
+                    table[name] = copies[id(tensor)]
+        yield len(copies)
+    finally:
+        for table, name, original in reversed(swapped):
+            table[name] = original
+        for module, compute_dtype in saved_compute:
+            module.compute_dtype = compute_dtype

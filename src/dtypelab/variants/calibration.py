@@ -18,8 +18,8 @@ import torch
 from ..errors import InputError
 from ..models import LoadedModel, ModelKind, calibration_text, model_inputs, token_windows, validate_token_ids
 from ..quant.calibrate import batch_tokens
+from .defaults import DEFAULT_CALIB_TOKENS
 
-DEFAULT_CALIB_TOKENS = 8192  # 16 windows of 512: 5x the widest input of smollm2 (1536), ~1 min on 2 cores
 DEFAULT_CALIB_CTX = 512
 BATCH_WINDOWS = 4  # windows per forward: one block's activations for 4 x 512 tokens stay a few MB
 TENSOR_SUFFIXES = (".safetensors", ".npy")

@@ -45,6 +45,7 @@ from ..progress import ProgressCallback, stage
 from ..quant import DENSE, QuantizedLinear, calibrate_layers, dequantized_once, linear_candidates
 from ..report import Table, TableMixin, format_cell
 from ..tree import set_submodule
+from .defaults import SENSITIVITY_METHODS
 from .metrics import kl_divergence, valid_positions
 from .run import batch_rows as rows_of
 from .run import is_logits_output, named_output, run_model, select_output, split_rows
@@ -57,7 +58,6 @@ FUSED_LAYERS: dict[str, tuple[str, ...]] = {
 }
 """Leaf names a serving stack fuses into one matrix, so they carry one scheme: label -> members."""
 
-SENSITIVITY_METHODS = ("fisher", "exact")
 KL_NATS, RELATIVE_NOISE = "kl_nats", "relative_noise_power"
 
 
