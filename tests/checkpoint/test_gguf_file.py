@@ -338,7 +338,7 @@ def test_truncation_at_every_byte_is_one_line(tmp_path):
 @pytest.mark.parametrize("last", [1, 2])
 def test_a_long_bool_array_is_checked_in_bounded_time(tmp_path, last):
     """16,777,216 bools (the array limit): each byte must be 0 or 1, checked in C (a Python loop per
-    element took ~10 s); a 2 at the very end is found and named."""
+    element took 18 s here, at load 4.8; now 0.04 s); a 2 at the very end is found and named."""
     count = 1 << 24
     flags = string("flags") + u32(9) + u32(7) + u64(count) + bytes(count - 1) + bytes([last])
     path = tmp_path / "bools.gguf"
@@ -349,4 +349,4 @@ def test_a_long_bool_array_is_checked_in_bounded_time(tmp_path, last):
             read_gguf_header(path)
     else:
         assert read_gguf_header(path).metadata["flags"].count == count
-    assert time.perf_counter() - start < 5.0  # 0.1 s here
+    assert time.perf_counter() - start < 5.0
