@@ -10,6 +10,7 @@ once under ``.bench/convert-quantized/`` from random tensors of the right names 
 
 from __future__ import annotations
 
+import compileall
 import os
 import shutil
 import statistics
@@ -19,7 +20,7 @@ import torch
 
 from dtypelab.report import Table
 
-from .bench_convert import PY, ROOT, is_built, run_once, write_two_shards
+from .bench_convert import PY, ROOT, is_built, run_once, spread, write_two_shards
 from .harness import print_table
 
 BENCH_DIR = ROOT / ".bench" / "convert-quantized"
@@ -69,40 +70,57 @@ def make_checkpoint(layers: int) -> Path:
 def commands(src: Path, dst: Path) -> dict[str, list[str]]:
     convert = [PY, "-c", "from dtypelab.cli import main; main()", "convert", str(src), "-o", str(dst),
                "--quiet", "--to"]
+    one_thread = "import torch; torch.set_num_threads(1)\n" + IN_MEMORY_SCRIPT
     return {"cp -r (floor)": ["cp", "-r", str(src), str(dst)],
-            "in-memory script, int4:g128": [PY, "-c", IN_MEMORY_SCRIPT, str(src), str(dst), "int4:g128"],
-            "dtypelab convert, int4:g128": [*convert, "int4:g128"],
+            IN_MEMORY: [PY, "-c", IN_MEMORY_SCRIPT, str(src), str(dst), "int4:g128"],
+            IN_MEMORY_1T: [PY, "-c", one_thread, str(src), str(dst), "int4:g128"],
+            OURS: [*convert, "int4:g128"],
             "dtypelab convert, int8": [*convert, "int8"]}
 
 
+IN_MEMORY, IN_MEMORY_1T = "in-memory script, int4:g128", "in-memory script, int4:g128, 1 thread"
+OURS = "dtypelab convert, int4:g128"
+ROUNDS = 3
+
+
 def run() -> Table:
-    rows, dst, results = [], BENCH_DIR / "out", {}
+    compileall.compile_dir(ROOT / "src" / "dtypelab", quiet=1)  # as pip compiles an installed package
+    rows, dst, results, notes, load_before = [], BENCH_DIR / "out", {}, [], os.getloadavg()
     for layers in (4, 8):
         src = make_checkpoint(layers)
         size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
         methods = commands(src, dst)
         runs: dict[str, list] = {label: [] for label in methods}
-        for repeat in range(4):  # methods take turns, so load from other processes falls on all alike
+        for repeat in range(ROUNDS + 1):  # methods take turns: load from other processes falls on all
             for label, command in methods.items():
                 result = run_once(command, src, dst, cold=False)
                 if repeat:  # the first round warms up
                     runs[label].append(result)
-        baseline = statistics.median(r["s"] for r in runs["in-memory script, int4:g128"])
         for label, got in runs.items():
             wall, peak = statistics.median(r["s"] for r in got), max(r["peak_bytes"] for r in got)
             results[label, layers] = peak
+            ratios = [a["s"] / b["s"] for a, b in zip(got, runs[IN_MEMORY_1T], strict=True)]
             rows.append([label, round(size / 2**30, 2), wall, statistics.median(r["cpu_s"] for r in got),
-                         wall / baseline, peak / 2**20, peak / size])
+                         statistics.median(ratios), f"{min(ratios):.2f}-{max(ratios):.2f}", peak / 2**20,
+                         peak / size])
+        ours = [a["s"] / b["s"] for a, b in zip(runs[OURS], runs[IN_MEMORY_1T], strict=True)]
+        cpu = [a["cpu_s"] / b["cpu_s"] for a, b in zip(runs[OURS], runs[IN_MEMORY_1T], strict=True)]
+        notes.append(f"{round(size / 2**30, 2)} GiB: dtypelab int4:g128 / in-memory script at 1 thread per "
+                     f"round: wall {spread(ours)}, CPU {spread(cpu)} (goal <= 1.0x)")
         shutil.rmtree(dst, ignore_errors=True)
     growth = {label: results[label, 8] / results[label, 4] for label, n in results if n == 4}
-    notes = [f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end; peak RSS "
-             "8 layers / 4 layers: " + ", ".join(f"{label} {ratio:.2f}x" for label, ratio in growth.items())
+    notes = [f"machine: {os.cpu_count()} cores; load average {load_before[0]:.1f} before, "
+             f"{os.getloadavg()[0]:.1f} after; {ROUNDS} rounds after a warm-up round; x in-memory 1 thread: "
+             "each run over the 1-thread script's run of the same round (dtypelab converts single-threaded)",
+             *notes, "peak RSS 8 layers / 4 layers: " + ", ".join(f"{label} {ratio:.2f}x"
+                                                               for label, ratio in growth.items())
              + " (flat = 1.00x)"]
-    return Table("Quantized conversion (compressed-tensors), warm, medians of 3, methods alternating",
+    return Table(f"Quantized conversion (compressed-tensors), warm, medians of {ROUNDS}, methods alternating",
                  COLUMNS, rows, notes)
 
 
-COLUMNS = ["method", "GiB fp32", "warm_s", "warm_cpu_s", "x in-memory", "peak RSS MiB", "peak RSS x ckpt"]
+COLUMNS = ["method", "GiB fp32", "warm_s", "warm_cpu_s", "x in-memory 1 thread", "min-max", "peak RSS MiB",
+           "peak RSS x ckpt"]
 
 
 if __name__ == "__main__":
