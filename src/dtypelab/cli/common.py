@@ -381,6 +381,19 @@ def calibration_options(f: Callable) -> Callable:
                              "text).")(f)
 
 
+def model_inputs_on(loaded: models.LoadedModel, target: torch.device, *, texts: Sequence[str] = (),
+                    text_file: str | None = None, input_ids: str | None = None, input_file: str | None = None,
+                    text_set: str | None = None, ctx: int | None = None, stride: int | None = None,
+                    windows: int | None = None):
+    """The inputs the input options ask for (``--text``, ``--text-file``, ``--input-ids``, ``--input-file``,
+    ``--text-set`` with ``--ctx`` / ``--stride`` / ``--windows``), on ``target``: one definition for
+    compare (and its workers), headroom, sensitivity and plan."""
+    inputs = models.model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
+                                 tensor_file=input_file, text_set=text_set, ctx=ctx, stride=stride,
+                                 windows=windows)
+    return models.to_device(inputs, target)
+
+
 def calibration_for(loaded: models.LoadedModel, formats: Sequence[NumberFormat | None],
                     calib_file: str | None, calib_tokens: int | None) -> variants.CalibrationData | None:
     """The calibration batches when some format is ``:gptq`` / ``:awq``; the options refused otherwise."""

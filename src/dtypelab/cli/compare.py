@@ -28,6 +28,7 @@ from .common import (
     html_side_output,
     input_options,
     keep_option,
+    model_inputs_on,
     pickle_option,
     refuse_without,
     resolve_device,
@@ -112,11 +113,9 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
     executor = _executor(workers, ray_address, by_layer, timing, quiet)
     line = status_line(quiet)
     loaded = models.load(model, "fp32", allow_pickle=allow_pickle, progress=line)
-    inputs = models.to_device(models.model_inputs(loaded, texts=texts, text_file=text_file,
-                                                  input_ids=input_ids, tensor_file=input_file,
-                                                  text_set=text_set, ctx=ctx, stride=stride,
-                                                  windows=windows),
-                              target)
+    inputs = model_inputs_on(loaded, target, texts=texts, text_file=text_file, input_ids=input_ids,
+                             input_file=input_file, text_set=text_set, ctx=ctx, stride=stride,
+                             windows=windows)
     planned = [get_format(f) for _, plan in plans for f in set(plan.formats.values())]
     calibration = calibration_for(loaded, [s.format for s in specs] + planned, calib_file, calib_tokens)
     policy = quant.KeepPolicy.from_strings(keep)
@@ -147,8 +146,8 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
     candidates = itertools.chain(built, planned_variants)
     # a generator: each variant built, measured and dropped before the next (reference + one variant)
     result = analysis.compare_layers(reference, candidates, inputs, mode=mode, depth=depth, patterns=select,
-                            threshold_db=threshold_db, output_name=output_name,
-                            output_kind=loaded.output_kind, progress=line)
+                                     threshold_db=threshold_db, output_name=output_name,
+                                     output_kind=loaded.output_kind, progress=line)
     plot = [("--plot", plot_path, lambda: plot_layers(result, plot_path))] if plot_path else []
     emit(result, as_json, plot + html_side_output(result, html_path, model=model), columns=columns)
 
@@ -189,10 +188,7 @@ def compare_state(model: str, allow_pickle: bool, device: str, formats: str, pla
     """A worker's ``(reference, inputs, calibration)``, built as ``compare`` builds them in this process."""
     target = resolve_device(device)
     loaded = models.load(model, "fp32", allow_pickle=allow_pickle)
-    batch = models.to_device(models.model_inputs(loaded, texts=inputs["texts"], text_file=inputs["text_file"],
-                                   input_ids=inputs["input_ids"], tensor_file=inputs["input_file"],
-                                   text_set=inputs["text_set"], ctx=inputs["ctx"], stride=inputs["stride"],
-                                   windows=inputs["windows"]), target)
+    batch = model_inputs_on(loaded, target, **inputs)
     planned = [get_format(f) for path in plan_files for f in set(quant.MixedPlan.load(path).formats.values())]
     fmts = [s.format for s in variants.parse_variant_specs(formats)] + planned
     return loaded.model.to(target), batch, calibration_for(loaded, fmts, calib_file, calib_tokens)

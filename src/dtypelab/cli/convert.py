@@ -134,13 +134,14 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
         if calibrated:
             result = variants.convert_calibrated(src, output, fmt, plan=plan, calib_file=calib_file,
                                                  keep=keep, head=head, force=force, progress=progress,
-                                        calib_tokens=calib_tokens or variants.DEFAULT_CALIB_TOKENS)
+                                                 calib_tokens=calib_tokens or variants.DEFAULT_CALIB_TOKENS)
         else:
             result = checkpoint.convert_checkpoint(src, output, fmt, keep=keep, max_shard_size=max_shard_size,
-                                        force=force, verify=verify, strict=strict, progress=progress,
-                                        dense=dense, fsync=fsync, max_flushed=max_flushed,
-                                        max_overflowed=max_overflowed, head=head, embeddings=embeddings,
-                                        plan=plan, allow_pickle=allow_pickle, executor=executor)
+                                                   force=force, verify=verify, strict=strict,
+                                                   progress=progress, dense=dense, fsync=fsync,
+                                                   max_flushed=max_flushed, max_overflowed=max_overflowed,
+                                                   head=head, embeddings=embeddings, plan=plan,
+                                                   allow_pickle=allow_pickle, executor=executor)
     except DamageError as exc:  # refused by --strict: the report of what it would have done still asked for
         refused = getattr(exc, "result", None)
         if report_path is not None and refused is not None:

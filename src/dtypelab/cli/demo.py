@@ -33,14 +33,14 @@ def demo_cmd(seed_only: bool, reports_dir: str | None = None) -> None:
         click.echo("\n".join(quant.param_dtype_lines(m)))
         click.echo(f"logits ({name}):\n{analysis.select_output(analysis.run_model(m, inputs))}\n")
     result = analysis.compare_models(model, candidates, inputs, output_kind=models.OutputKind.LOGITS,
-                            model_kind=models.ModelKind.MODULE)
+                                     model_kind=models.ModelKind.MODULE)
     bf16 = result.variants[1].metrics
     click.echo(f"Mean diff: {bf16.mean_abs_diff} | Max diff: {bf16.max_abs_diff}\n")
     click.echo(result.to_text())
     report_dir = Path(reports_dir or tempfile.mkdtemp(prefix="dtypelab-demo-reports-"))
     report_dir.mkdir(parents=True, exist_ok=True)
-    reports = [_report(report_dir / "seed-layers.html", analysis.compare_layers(model, candidates, inputs,
-                                                                       output_kind=models.OutputKind.LOGITS))]
+    seed_layers = analysis.compare_layers(model, candidates, inputs, output_kind=models.OutputKind.LOGITS)
+    reports = [_report(report_dir / "seed-layers.html", seed_layers)]
     if not seed_only:
         loaded = models.load("minilm", "fp32")
         click.echo("\n== minilm (all-MiniLM-L6-v2) on dtypelab's 64 bundled sentences")

@@ -14,6 +14,7 @@ from .common import (
     emit,
     html_side_output,
     input_options,
+    model_inputs_on,
     pickle_option,
     resolve_device,
     result_options,
@@ -45,14 +46,12 @@ def headroom_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: st
     check_result_options(as_json, columns, html_path, sources=[model])
     line = status_line(quiet)
     loaded = models.load(model, "fp32", allow_pickle=allow_pickle, progress=line)
-    inputs = models.to_device(models.model_inputs(loaded, texts=texts, text_file=text_file,
-                                                  input_ids=input_ids, tensor_file=input_file,
-                                                  text_set=text_set, ctx=ctx, stride=stride,
-                                    windows=windows),
-                       target)
+    inputs = model_inputs_on(loaded, target, texts=texts, text_file=text_file, input_ids=input_ids,
+                             input_file=input_file, text_set=text_set, ctx=ctx, stride=stride,
+                             windows=windows)
     reference = loaded.model.to(target)
     report = analysis.predict_headroom(reference, inputs, [s.format or s.spec for s in specs], depth=depth,
-                              patterns=select, progress=line)
+                                       patterns=select, progress=line)
     stats = analysis.weight_stats(reference, [s.format for s in specs if s.format]) if weights else None
     html = html_side_output(report, html_path, model=model)
     if as_json and stats is not None:  # one JSON document holding both

@@ -81,7 +81,7 @@ def plan_cmd(model: str, budget: str, formats: str, keep_dense: tuple[str, ...],
     planned_layers = [n for g in ranking.groups for n in g.layers]
     fingerprint = quant.model_fingerprint(quant.layer_weights(reference, planned_layers))
     plans = [analysis.plan_model(ranking, b, keep=keep_dense, min_formats=floors, edges=edge, model=model,
-                        model_hash=fingerprint) for b in budgets]
+                                 model_hash=fingerprint) for b in budgets]
     for result in plans if calibration is not None else []:  # what compare / convert --plan calibrate on
         result.plan.extra["calibration"] = calibration.settings()
     uniform_candidates = (analysis.uniform_plans(ranking, model, fingerprint) if verify and len(plans) > 1
@@ -157,7 +157,7 @@ def _held_out(loaded, device: str, ctx: int | None, windows: int | None):
     if loaded.tokenizer is None:
         return models.to_device(models.model_inputs(loaded), resolve_device(device))
     return models.to_device(models.model_inputs(loaded, text_set="evaluation", ctx=ctx, windows=windows),
-                     resolve_device(device))
+                            resolve_device(device))
 
 
 def _pairs(items: tuple[str, ...], option: str) -> dict[str, str]:

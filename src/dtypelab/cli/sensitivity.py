@@ -22,6 +22,7 @@ from .common import (
     emit,
     html_side_output,
     input_options,
+    model_inputs_on,
     pickle_option,
     resolve_device,
     result_options,
@@ -69,9 +70,8 @@ def ranking_inputs(loaded: models.LoadedModel, target: torch.device, texts: tupl
     given = texts or text_file or input_ids or input_file or text_set
     if not given and loaded.tokenizer is not None:
         text_set, windows = "calibration", CALIBRATION_WINDOWS if windows is None else windows
-    return models.to_device(models.model_inputs(loaded, texts=texts, text_file=text_file, input_ids=input_ids,
-                                  tensor_file=input_file, text_set=text_set, ctx=ctx, stride=stride,
-                                  windows=windows), target)
+    return model_inputs_on(loaded, target, texts=texts, text_file=text_file, input_ids=input_ids,
+                           input_file=input_file, text_set=text_set, ctx=ctx, stride=stride, windows=windows)
 
 
 def rank(model: str, formats: str, allow_pickle: bool, device: str, method: str, exact: bool,
