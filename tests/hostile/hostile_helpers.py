@@ -28,7 +28,9 @@ LONG_FUZZ = os.environ.get("HYPOTHESIS_PROFILE") == "long"
 
 def fuzz(examples: int) -> settings:
     """Hypothesis settings for one fuzz test: ``examples`` fixed examples by default, no deadline (the
-    machine is shared; hangs are caught by each test's own time bound), no example database written."""
+    machine is shared; hangs are caught by each test's own time bound), no example database written.
+    The examples of one test share its ``tmp_path`` and overwrite one file there (a folder per example
+    from ``tmp_path_factory.mktemp`` costs time quadratic in the examples: it scans the numbered ones)."""
     return settings(max_examples=examples * 50 if LONG_FUZZ else examples, derandomize=not LONG_FUZZ,
                     deadline=None, database=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

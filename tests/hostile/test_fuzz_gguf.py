@@ -121,9 +121,9 @@ def expected_value(kind: str, value: object) -> object:
 
 @fuzz(examples=200)
 @given(case=gguf_files())
-def test_generated_files_read_exactly_as_written(tmp_path_factory, case):
+def test_generated_files_read_exactly_as_written(tmp_path, case):
     raw, pairs, tensors, alignment = case
-    path = tmp_path_factory.mktemp("g") / "m.gguf"
+    path = tmp_path / "m.gguf"
     path.write_bytes(raw)
     header = read_bounded(path)
     assert header is not None
@@ -134,10 +134,10 @@ def test_generated_files_read_exactly_as_written(tmp_path_factory, case):
 
 @fuzz(examples=60)
 @given(case=gguf_files(types=[t for t in GGML_TYPES if t.name not in PACKAGE_DIFFERS]))
-def test_generated_files_read_as_the_gguf_package_reads_them(tmp_path_factory, case):
+def test_generated_files_read_as_the_gguf_package_reads_them(tmp_path, case):
     gguf_package = pytest.importorskip("gguf")
     raw, _, tensors, _ = case
-    path = tmp_path_factory.mktemp("g") / "m.gguf"
+    path = tmp_path / "m.gguf"
     path.write_bytes(raw)
     header = read_bounded(path)
     theirs = gguf_package.GGUFReader(path)
@@ -174,8 +174,8 @@ def mutated_files(draw) -> bytes:
 
 @fuzz(examples=1000)
 @given(raw=mutated_files())
-def test_mutated_files_give_a_header_or_one_line(tmp_path_factory, raw):
-    path = tmp_path_factory.mktemp("m") / "m.gguf"
+def test_mutated_files_give_a_header_or_one_line(tmp_path, raw):
+    path = tmp_path / "m.gguf"
     path.write_bytes(raw)
     header = read_bounded(path)
     if header is not None:  # what was read is consistent with the file it came from
@@ -187,8 +187,8 @@ def test_mutated_files_give_a_header_or_one_line(tmp_path_factory, raw):
 @fuzz(examples=200)
 @given(prefix=st.sampled_from([b"", b"GGUF", b"GGUF\x03\x00\x00\x00", b"GGUF\x02\x00\x00\x00"]),
        raw=st.binary(max_size=300))
-def test_random_bytes_give_a_header_or_one_line(tmp_path_factory, prefix, raw):
-    path = tmp_path_factory.mktemp("r") / "m.gguf"
+def test_random_bytes_give_a_header_or_one_line(tmp_path, prefix, raw):
+    path = tmp_path / "m.gguf"
     path.write_bytes(prefix + raw)
     read_bounded(path)
 

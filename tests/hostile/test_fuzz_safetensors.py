@@ -227,9 +227,9 @@ def mutated_files(draw) -> bytes:
 
 @fuzz(examples=250)
 @given(case=valid_headers())
-def test_generated_valid_headers_read_as_safe_open_reads_them(tmp_path_factory, case):
+def test_generated_valid_headers_read_as_safe_open_reads_them(tmp_path, case):
     header, data = case
-    path = tmp_path_factory.mktemp("v") / "m.safetensors"
+    path = tmp_path / "m.safetensors"
     raw = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
     check_agreement(path)
@@ -237,16 +237,16 @@ def test_generated_valid_headers_read_as_safe_open_reads_them(tmp_path_factory, 
 
 @fuzz(examples=1500)
 @given(raw=mutated_files())
-def test_mutated_headers_refused_exactly_where_safe_open_refuses(tmp_path_factory, raw):
-    path = tmp_path_factory.mktemp("m") / "m.safetensors"
+def test_mutated_headers_refused_exactly_where_safe_open_refuses(tmp_path, raw):
+    path = tmp_path / "m.safetensors"
     path.write_bytes(raw)
     check_agreement(path)
 
 
 @fuzz(examples=150)
 @given(raw=st.binary(max_size=200), length=st.one_of(st.none(), st.integers(0, 2**64 - 1)))
-def test_random_bytes_are_refused_in_one_line(tmp_path_factory, raw, length):
-    path = tmp_path_factory.mktemp("r") / "m.safetensors"
+def test_random_bytes_are_refused_in_one_line(tmp_path, raw, length):
+    path = tmp_path / "m.safetensors"
     path.write_bytes((b"" if length is None else struct.pack("<Q", length)) + raw)
     check_agreement(path)
 
