@@ -156,8 +156,7 @@ def two_shard_folder(folder: Path) -> Path:
 def test_strict_is_decided_over_the_whole_conversion(tmp_path):
     source = two_shard_folder(tmp_path / "src")
     refusals = []
-    untouched = Sabotaged(lambda work, state, task: work(state, task))  # the per-shard task path
-    for name, executor in (("in", None), ("parallel", untouched)):
+    for name, executor in (("in", None), ("parallel", LocalProcesses(2))):  # the limits pickled to workers
         with pytest.raises(DamageError) as error:
             convert_checkpoint(source, tmp_path / name, "fp16", strict=True, executor=executor)
         refusals.append((str(error.value), comparable(error.value.result)))
