@@ -278,3 +278,10 @@ def test_a_failing_read_stops_the_stream_with_its_error_and_writes_nothing_after
     # is cancelled), and nothing after it
     expected = source[:len(written) * 512].to(torch.bfloat16).view(torch.int16).numpy().tobytes()
     assert len(written) <= 4 and b"".join(written) == expected
+
+
+def test_the_rms_of_huge_values_is_finite_and_right():
+    """|x| = 2^70: squares past float32's range, summed in float64 (issue 18 item 6)."""
+    source = torch.full((1000,), 2.0 ** 70)
+    _, damage = cast_with(ChunkCaster(get_format("bf16"), chunk_elements=256), source)
+    assert damage.rms == 2.0 ** 70

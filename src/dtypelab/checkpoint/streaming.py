@@ -31,7 +31,7 @@ from ..quant import (
     quantization_damage,
     quantize_tensor,
 )
-from ..quant.damage import saturates
+from ..quant.damage import saturates, sum_of_squares
 
 CHUNK_ELEMENTS = 1 << 20
 """Elements per chunk: 4 MiB of float32, small enough to stay in cache across the counting passes."""
@@ -194,11 +194,10 @@ class ChunkCaster:
         then only takes the relative error and the sum of squares; other chunks, and every chunk of a
         saturating format (its clamped values read back finite), take the full count.
 
-        The sum of squares (``source_sq``) is one BLAS dot in the compute dtype (float32; float64 for
-        float64 sources), then float64 across chunks. Squares past float32's range (``|x| > 1.8e19``)
-        make it inf, which decides the same as the exact value would: no flushed value lies within 2^-10
-        of such a tensor's RMS. A tensor whose every value is below about 1e-19 squares to zero, and its
-        flushes then count as significant (the safe side).
+        The sum of squares (``source_sq``) is :func:`~dtypelab.quant.damage.sum_of_squares`: one BLAS dot
+        in the compute dtype (float32; float64 for float64 sources), taken again in float64 where float32
+        cannot hold it (``|x| > 1.8e19``: the RMS of such a tensor is finite and right, not inf), then
+        float64 across chunks.
         """
         if not self.saturating:
             fast = self._fast_count(source, back, rel)
@@ -209,7 +208,7 @@ class ChunkCaster:
         largest = self._largest_flushed(source, back, rel, mask) if counts.flushed_to_zero else 0.0
         finite = torch.nan_to_num(source, nan=0.0, posinf=0.0, neginf=0.0, out=rel)
         return replace(TensorDamage.from_counts(counts), max_flushed=largest,
-                       source_sq=float(torch.dot(finite, finite)))
+                       source_sq=sum_of_squares(finite))
 
     def _fast_count(self, source: torch.Tensor, back: torch.Tensor, rel: torch.Tensor) -> TensorDamage | None:
         """The counts of a chunk that lost nothing outright (``back`` clobbered), or None when it may have.
@@ -223,7 +222,7 @@ class ChunkCaster:
         screen = self._screen(source.numel())
         if screen is None:
             return None
-        squares = float(torch.dot(source, source))  # every value finite: no inf or NaN came out
+        squares = sum_of_squares(source)  # every value finite: no inf or NaN came out
         error = back.sub_(source).div_(source)  # (count,) signed relative error, NaN at source zeros
         if screen == _ZEROS:
             error.nan_to_num_(nan=0.0)
