@@ -242,3 +242,30 @@ def main_exit_code(*argv) -> int:
     except SystemExit as exit_info:
         return exit_info.code or 0
     return 0
+
+
+def test_verify_runs_in_the_worker_of_each_shard_and_catches_bytes_that_differ(tmp_path, monkeypatch):
+    """The task path (an executor running in this process, so the corruption reaches it): every shard is
+    checked by the worker that wrote it, and a bit flipped on the way out fails the conversion."""
+    import dtypelab.checkpoint.writer as writer
+
+    source = two_shard_folder(tmp_path / "src")
+    checked = []
+    real_verify = writer.verify_output
+    monkeypatch.setattr(writer, "verify_output", lambda plan, *rest: (checked.append(
+        [s.file for s in plan.shards]), real_verify(plan, *rest))[1])
+    result = convert_checkpoint(source, tmp_path / "ok", "bf16", verify=True, executor=_Sequential())
+    assert checked == [["a-1.safetensors"], ["a-2.safetensors"]] and result.verified
+    real_write = writer.write_all
+
+    def corrupting_write(fd, view, path):  # flips one bit of every chunk of tensor data written
+        data = bytearray(view)
+        if len(data) > 1000:
+            data[-1] ^= 1
+        real_write(fd, memoryview(data), path)
+
+    monkeypatch.setattr(writer, "write_all", corrupting_write)
+    with pytest.raises(CheckpointError, match="verification failed") as caught:
+        convert_checkpoint(source, tmp_path / "out", "bf16", verify=True, executor=_Sequential())
+    assert ".dtypelab-tmp-" not in str(caught.value)
+    only_the_output(tmp_path, "src", "ok")

@@ -38,7 +38,7 @@ from .plan import CAST_DTYPES, OutputPlan, Quantization, parse_size, plan_output
 from .safetensors_file import DTYPE_CODES, CheckpointSource, TensorEntry, open_checkpoint
 from .staging import StagedOutput
 from .streaming import ChunkCaster, ChunkQuantizer, one_thread
-from .writer import copy_extra, read_config, verify_output, write_index, write_shards
+from .writer import copy_extra, read_config, write_index, write_shards
 
 
 @dataclass
@@ -301,7 +301,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
         caster, quantizer = ChunkCaster(cast_to or get_format("fp32")), quant and ChunkQuantizer(fmt)
         bar = stage(progress, "convert", "bytes", sum(i.entry.nbytes for i in output.items))
         refuses = limits.refuses if limits is not None else None
-        damage = write_shards(output, staging.tmp, caster, refuses, bar, quantizer, executor)
+        damage = write_shards(output, staging.tmp, caster, refuses, bar, quantizer, executor, verify)
         refused = [t for t in damage if refuses is not None and refuses(t)]
         if refused:  # raised inside the staging, which removes the partial output
             raise _refusal(refused, fmt, cast_to, quant is not None, ConversionResult(
@@ -311,8 +311,6 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
         write_index(output, staging.tmp)
         qconfig = quantization_config(quant.by_module, list(dense_layers)) if quant else None
         config_updated = copy_extra(src, extra, staging.tmp, cast_to, output, qconfig)
-        if verify:
-            verify_output(output, staging.tmp, caster, quantizer)
         staging.commit(dst_is_file, durable=fsync)
     written = sum(len(s.layout()[0]) + sum(i.out_nbytes for i in s.items) for s in output.shards)
     name = fmt.name if plan is None else "plan: " + "+".join(sorted({f.name for f in quant.formats.values()}))

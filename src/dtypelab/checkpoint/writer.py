@@ -47,7 +47,7 @@ from .streaming import ChunkCaster, ChunkQuantizer
 def write_shards(plan: OutputPlan, folder: Path, caster: ChunkCaster,
                  refuses: Callable[[TensorDamage], bool] | None, progress: Progress | None,
                  quantizer: ChunkQuantizer | None = None,
-                 executor: Executor | None = None) -> list[TensorDamage]:
+                 executor: Executor | None = None, verify: bool = False) -> list[TensorDamage]:
     """Write every planned shard into ``folder``; return each stored tensor's damage, in output order.
 
     Args:
@@ -59,17 +59,22 @@ def write_shards(plan: OutputPlan, folder: Path, caster: ChunkCaster,
             (as each finishes) on an executor.
         executor: run each shard as a task there (None, or :class:`~dtypelab.executor.InProcess`: this
             process's loop).
+        verify: re-read what was written and check it bit for bit (:func:`verify_output`): on an
+            executor, each shard by the worker that wrote it, so a cluster's verification is spread as
+            its writing is; skipped once ``refuses`` stopped the writing (the output is thrown away).
     Raises:
         CheckpointError: on an executor, a shard that failed twice (or whose worker died), named; a
             shard's own dtypelab error (a tensor a format cannot hold) is raised as it is.
     """
     if executor is not None and not isinstance(executor, InProcess):
-        return _write_shards_on(executor, plan, folder, caster, refuses, progress, quantizer)
+        return _write_shards_on(executor, plan, folder, caster, refuses, progress, quantizer, verify)
     damage: list[TensorDamage] = []
     with ExitStack() as stack:
         writer = _ShardWriter(_open_sources(plan, stack), caster, quantizer, progress, refuses)
         for shard in plan.shards:
             damage += writer.write(shard, folder / shard.file)
+    if verify and not writer.counting_only:
+        verify_output(plan, folder, caster, quantizer)
     return damage
 
 
@@ -85,15 +90,16 @@ class ShardJob:
     refuses: Callable[[TensorDamage], bool] | None
     cast_chunk_elements: int
     quantize_chunk_elements: int
+    verify: bool = False
 
 
 def _write_shards_on(executor: Executor, plan: OutputPlan, folder: Path, caster: ChunkCaster,
                      refuses: Callable[[TensorDamage], bool] | None, progress: Progress | None,
-                     quantizer: ChunkQuantizer | None) -> list[TensorDamage]:
+                     quantizer: ChunkQuantizer | None, verify: bool) -> list[TensorDamage]:
     """:func:`write_shards` with one task per shard on ``executor``; progress advances by a shard's source
     bytes as it finishes."""
     job = ShardJob(plan, folder, caster.fmt, quantizer.fmt if quantizer else None, refuses,
-                   caster.chunk_elements, quantizer.chunk_elements if quantizer else 0)
+                   caster.chunk_elements, quantizer.chunk_elements if quantizer else 0, verify)
     sizes = [sum(item.entry.nbytes for item in shard.items) for shard in plan.shards]
 
     def done(index: int, result: object) -> None:
@@ -122,16 +128,20 @@ def _shard_worker(job: ShardJob) -> tuple[ShardJob, _ShardWriter]:
 
 
 def _write_shard_task(state: tuple[ShardJob, _ShardWriter], index: int) -> list[TensorDamage]:
-    """One shard, written by a worker into the shared staging folder from sources it opens itself; a
-    retry first removes what the failed try left of the file."""
+    """One shard, written by a worker into the shared staging folder from sources it opens itself (and,
+    asked to, re-read and checked); a retry first removes what the failed try left of the file."""
     job, writer = state
     shard = job.plan.shards[index]
     path = job.folder / shard.file
     path.unlink(missing_ok=True)
     writer.counting_only = False  # every shard written on its own: what another shard refused is not here
+    alone = OutputPlan([shard], None, {})
     with ExitStack() as stack:
-        writer.sources = _open_sources(OutputPlan([shard], None, {}), stack)
-        return writer.write(shard, path)
+        writer.sources = _open_sources(alone, stack)
+        damage = writer.write(shard, path)
+    if job.verify and not writer.counting_only:
+        verify_output(alone, job.folder, writer.caster, writer.quantizer)
+    return damage
 
 
 _COUNTED = (Action.CAST, Action.QUANTIZED)
