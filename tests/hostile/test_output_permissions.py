@@ -75,3 +75,16 @@ def test_a_private_file_converts_to_a_private_file(tmp_path, umask):
     out = tmp_path / "w-fp16.safetensors"
     convert_checkpoint(source, out, "fp16")
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+def test_a_private_pickle_folder_converts_to_a_private_output(tmp_path, umask):
+    """--allow-pickle converts a safetensors copy of the pickles: the output follows the pickles, not the
+    copy (which the umask would have made 0644)."""
+    source = tmp_path / "pickled"
+    source.mkdir()
+    torch.save({"layer.weight": torch.randn(8, 8)}, source / "pytorch_model.bin")
+    make_private(source)
+    out = tmp_path / "out"
+    convert_checkpoint(source, out, "bf16", allow_pickle=True)
+    found = modes(out)
+    assert found.pop(".") == 0o700 and found and set(found.values()) == {0o600}, found

@@ -36,7 +36,7 @@ from .layouts import check_supported, quantization_config
 from .pickled import pickle_refusal, pickle_weights, pickles_as_safetensors
 from .plan import CAST_DTYPES, OutputPlan, Quantization, parse_size, plan_output
 from .safetensors_file import DTYPE_CODES, CheckpointSource, TensorEntry, open_checkpoint
-from .staging import StagedOutput
+from .staging import StagedOutput, follow_source_modes
 from .streaming import ChunkCaster, ChunkQuantizer, one_thread
 from .writer import copy_extra, read_config, write_index, write_shards
 
@@ -325,10 +325,11 @@ def _convert_pickles(source: Path, pickles: list[Path], destination: Path, to: s
     """Pickle weights written as safetensors in a staging folder beside ``destination`` (never
     committed: removed when the conversion of that copy ends, however it ends), then converted; the
     result names the pickle source."""
-    with StagedOutput(destination.parent / f"{destination.name}.from-pickle", False) as staging:
+    with StagedOutput(destination.parent / f"{destination.name}.from-pickle", False, source) as staging:
         folder = staging.tmp / "weights"  # beside the staging lock, which is no file of the checkpoint
         folder.mkdir()
         copy = pickles_as_safetensors(source, pickles, folder)
+        follow_source_modes(copy, source)  # so the output, which follows the copy, follows the pickles
         result = convert_checkpoint(copy, destination, to, **options)
     return dataclasses.replace(result, source=source)
 

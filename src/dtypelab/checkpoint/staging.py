@@ -152,15 +152,21 @@ def _rename_no_replace(src: Path, dst: Path) -> None:
     os.rename(src, dst)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+"""The files whose permission bits an output's weights follow (pickles: what --allow-pickle converts)."""
+
+
 def follow_source_modes(output: Path, source: Path) -> None:
     """Give every file and folder of ``output`` (a file, or a folder and what it holds) the mode the
     umask gives a new one (0666 / 0777 less the umask) narrowed to its source's permission bits: the
     file or folder of the same relative path in ``source`` where there is one, else the source's weights
-    (every ``*.safetensors`` file's bits in common) or, for a folder, the source folder. So an output is
+    (the bits every weights file of :data:`WEIGHT_SUFFIXES` has in common: safetensors, or the pickles a
+    ``--allow-pickle`` conversion read) or, for a folder, the source folder. So an output is
     never readable by more users than its source was, and otherwise is what any new file would be."""
     umask = current_umask()
     file_bits, folder_bits = 0o666 & ~umask, 0o777 & ~umask
-    weights = [_mode(p) for p in source.glob("*.safetensors")] if source.is_dir() else [_mode(source)]
+    weights = ([_mode(p) for p in source.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()]
+               if source.is_dir() else [_mode(source)])
     weights_bits = functools.reduce(operator.and_, weights, 0o777)
     if output.is_file():
         os.chmod(output, file_bits & weights_bits)
