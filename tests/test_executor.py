@@ -165,3 +165,14 @@ def test_cli_refuses_workers_without_the_exact_sweep_and_ray_without_ray(capsys,
     monkeypatch.setattr(builtins, "__import__", no_ray)
     code, _, err = run_cli(capsys, "sensitivity", "tiny-llama", "--to", "int8", "--exact", "--ray", "auto")
     assert code == 2 and "pip install 'dtypelab[ray]'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ray_auto_without_a_cluster_is_one_line_naming_ray_start(monkeypatch, tmp_path):
+    ray = pytest.importorskip("ray", reason="Ray is a test extra (pip install 'dtypelab[ray]')")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # no session of another run to find
+    with pytest.raises(InputError) as error:
+        RayExecutor("auto", 2).run(_setup, _square_or_fail, [1])
+    message = str(error.value)
+    assert "ray start --head" in message and "--ray local" in message and "\n" not in message
+    assert not ray.is_initialized()

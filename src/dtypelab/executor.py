@@ -197,16 +197,28 @@ def _cluster(ray, address: str, workers: int, notices: bool = True) -> Iterator[
     if ray.is_initialized():
         yield
         return
-    with _quiet_start(1 if notices else 0), _loopback_only(address == "local"):
-        if address == "local":
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
-                     _node_ip_address="127.0.0.1", configure_logging=False)
-        else:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
+    try:
+        with _quiet_start(1 if notices else 0), _loopback_only(address == "local"):
+            if address == "local":
+                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
+                         _node_ip_address="127.0.0.1", configure_logging=False)
+            else:
+                ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:  # no cluster there, a bad address
+        raise InputError(_no_cluster(address, exc)) from None
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _no_cluster(address: str, exc: Exception) -> str:
+    """The one line for a Ray cluster that could not be started or joined."""
+    if address == "local":
+        return (f"--ray local: Ray could not start a cluster on this machine ({_one_line(exc)}): run "
+                "without --ray, or with --workers N alone")
+    return (f"--ray {address}: no Ray cluster to join ({_one_line(exc)}): start one with `ray start --head` "
+            "(and `ray start --address HEAD:6379` on the other nodes), or use --ray local on this machine")
 
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
