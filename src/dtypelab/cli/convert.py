@@ -95,8 +95,8 @@ class ProgressLine:
               help="Write every tensor's damage counts to this JSON file (also when --strict refuses: "
                    "then with \"refused\": true).")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
-@executor_options("the conversion's output shards, one task each (the same bytes as in this process; across "
-                  "nodes the source and -o's folder must be on a filesystem every worker shares)")
+@executor_options("each output shard as a task (the same bytes as in this process; across nodes, the source "
+                  "and -o's folder on a filesystem every worker shares)")
 @calibration_options
 @pickle_option
 @result_options
