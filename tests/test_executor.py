@@ -99,8 +99,12 @@ def in_process():
 
 def test_the_sweep_on_local_processes_equals_the_in_process_one(in_process):
     model, inputs, _ = _tiny_llama_state()
+    events = []
     parallel = sensitivity(model, "int4:g64,int8", inputs, method="exact", executor=LocalProcesses(2),
-                           worker_setup=_tiny_llama_state)
+                           worker_setup=_tiny_llama_state, progress=lambda e: events.append(e) or True)
+    tasks = [e for e in events if e.stage == "sensitivity" and e.unit == "tasks"]
+    assert len({e.done for e in tasks}) == tasks[-1].total + 1  # 0 .. every task, one event per task done
+    assert tasks[-1].done == tasks[-1].total == len(parallel.scores)
     # one thread everywhere: bit-identical (measured); the tolerance is float32 summation order, were the
     # kernels to block differently
     for ours, theirs in zip(in_process.scores, parallel.scores, strict=True):

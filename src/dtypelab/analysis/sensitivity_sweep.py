@@ -517,8 +517,9 @@ class _Context:
                 if not self.problems[(g.name, f.name)]]
         denominator = sum(self._denominator(self._reference_run(batch)[0]) for batch in self.batches)
         bar = stage(self.progress, "sensitivity", "tasks", len(keys))
-        results = executor.run(setup, _exact_task, keys)
-        bar.update(len(keys), detail=executor.describe())
+        results = executor.run(setup, _exact_task, keys,  # progress as each task comes back, in any order
+                               on_done=lambda index, _: bar.advance(detail=f"{'/'.join(keys[index])} "
+                                                                           f"on {executor.describe()}"))
         measured = {}
         for key, result in zip(keys, results, strict=True):
             if isinstance(result, TaskFailure):
