@@ -13,3 +13,19 @@ def run_cli(capsys, *argv):
         raise SystemExit(0)
     out, err = capsys.readouterr()
     return exit_info.value.code or 0, out, err
+
+
+def corrupt_tensor_writes(monkeypatch) -> None:
+    """Make the converter's writes flip the last bit of every tensor chunk (a disk that lies), so that
+    ``--verify`` has something to catch."""
+    import dtypelab.checkpoint.writer as writer
+
+    real_write = writer.write_all
+
+    def corrupting_write(fd, view, path):
+        data = bytearray(view)
+        if len(data) > 1000:  # tensor data, not the header
+            data[-1] ^= 1
+        real_write(fd, memoryview(data), path)
+
+    monkeypatch.setattr(writer, "write_all", corrupting_write)

@@ -28,6 +28,7 @@ from dtypelab.checkpoint import (
 )
 from dtypelab.checkpoint.safetensors_file import encode_header
 from dtypelab.errors import CheckpointError, DamageError, InputError
+from helpers import corrupt_tensor_writes
 
 SRC_DIR = str(Path(__file__).resolve().parents[2] / "src")
 
@@ -401,17 +402,8 @@ def test_destination_inside_source_refused(tmp_path):
 
 
 def test_verify_catches_bytes_that_differ(tmp_path, monkeypatch):
-    import dtypelab.checkpoint.writer as writer
     save_file(tensors(), tmp_path / "in.safetensors")
-    real_write = writer.write_all
-
-    def corrupting_write(fd, view, path):  # flips one bit of every tensor chunk written
-        data = bytearray(view)
-        if len(data) > 1000:
-            data[-1] ^= 1
-        real_write(fd, memoryview(data), path)
-
-    monkeypatch.setattr(writer, "write_all", corrupting_write)
+    corrupt_tensor_writes(monkeypatch)
     with pytest.raises(CheckpointError, match="verification failed") as caught:
         convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", "bf16", verify=True)
     assert str(caught.value).startswith(str(tmp_path / "out" / "in.safetensors"))  # not the staging path

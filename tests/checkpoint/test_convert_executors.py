@@ -23,7 +23,7 @@ from dtypelab.checkpoint import convert_checkpoint
 from dtypelab.errors import CheckpointError, DamageError, InputError
 from dtypelab.executor import Executor, InProcess, LocalProcesses, RayExecutor
 from dtypelab.report import to_jsonable
-from helpers import run_cli
+from helpers import corrupt_tensor_writes, run_cli
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -256,15 +256,7 @@ def test_verify_runs_in_the_worker_of_each_shard_and_catches_bytes_that_differ(t
         [s.file for s in plan.shards]), real_verify(plan, *rest))[1])
     result = convert_checkpoint(source, tmp_path / "ok", "bf16", verify=True, executor=_Sequential())
     assert checked == [["a-1.safetensors"], ["a-2.safetensors"]] and result.verified
-    real_write = writer.write_all
-
-    def corrupting_write(fd, view, path):  # flips one bit of every chunk of tensor data written
-        data = bytearray(view)
-        if len(data) > 1000:
-            data[-1] ^= 1
-        real_write(fd, memoryview(data), path)
-
-    monkeypatch.setattr(writer, "write_all", corrupting_write)
+    corrupt_tensor_writes(monkeypatch)
     with pytest.raises(CheckpointError, match="verification failed") as caught:
         convert_checkpoint(source, tmp_path / "out", "bf16", verify=True, executor=_Sequential())
     assert ".dtypelab-tmp-" not in str(caught.value)
