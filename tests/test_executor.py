@@ -180,3 +180,26 @@ def test_ray_auto_without_a_cluster_is_one_line_naming_ray_start(monkeypatch, tm
     message = str(error.value)
     assert "ray start --head" in message and "--ray local" in message and "\n" not in message
     assert not ray.is_initialized()
+
+
+def test_worker_threads_pin_each_worker_and_need_workers():
+    executor = executor_for(2, threads=3)
+    assert isinstance(executor, LocalProcesses) and executor.threads == 3
+    threads = executor.run(_setup, _torch_threads, [0, 1])
+    assert threads == [3, 3]  # what each worker process computes with
+    with pytest.raises(InputError, match="--worker-threads 2 sets each worker's torch threads"):
+        executor_for(threads=2)
+    with pytest.raises(InputError, match="--worker-threads 0: give at least 1"):
+        executor_for(2, threads=0)
+
+
+def _torch_threads(state, task) -> int:
+    return torch.get_num_threads()
+
+
+@pytest.mark.parametrize("argv", [["sensitivity", "dummy", "--to", "int8", "--exact"],
+                                  ["compare", "dummy", "--to", "int8"]], ids=["sensitivity", "compare"])
+def test_the_cli_refuses_worker_threads_without_workers(capsys, argv):
+    code, out, err = run_cli(capsys, *argv, "--worker-threads", "2")
+    assert code == 2 and out == "" and "--worker-threads 2 sets each worker's torch threads" in err
+    assert len(err.strip().splitlines()) == 1

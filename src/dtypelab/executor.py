@@ -125,8 +125,8 @@ class RayExecutor(Executor):
 
     def run(self, setup, work, tasks, on_done=None):
         ray = _import_ray()
-        with _cluster(ray, self.address, self.workers, self.notices):
-            actor = ray.remote(num_cpus=1)(_RayWorker)
+        with _cluster(ray, self.address, self.workers * self.threads, self.notices):
+            actor = ray.remote(num_cpus=self.threads)(_RayWorker)  # the CPUs its pinned threads use
             actors = [actor.remote(setup, self.threads) for _ in range(min(self.workers, len(tasks)))]
             try:
                 return _dispatch(ray, actors, work, tasks, on_done, self.node_addresses)
@@ -274,20 +274,29 @@ def _quiet_start(lines_shown: int = 1) -> Iterator[None]:
                 sys.stderr.flush()
 
 
-def executor_for(workers: int | None = None, ray: str | None = None, quiet: bool = False) -> Executor:
+def executor_for(workers: int | None = None, ray: str | None = None, quiet: bool = False,
+                 threads: int = 1) -> Executor:
     """The executor a command's ``--workers N`` / ``--ray ADDRESS`` ask for (in-process without them):
-    Ray with ``workers`` actors (default: this machine's CPUs), else ``workers`` local processes.
-    ``quiet`` (``--quiet``): not even Ray's one start-up line.
+    Ray with ``workers`` actors (default: this machine's CPUs), else ``workers`` local processes, each
+    worker pinned to ``threads`` torch threads (``--worker-threads``; a Ray actor asks for as many CPUs,
+    so one actor per node can use the node's cores). ``quiet`` (``--quiet``): not even Ray's one start-up
+    line.
 
     Raises:
-        InputError: a worker count below 1, or ``--ray`` without Ray installed.
+        InputError: a worker or thread count below 1, ``--worker-threads`` without workers, or ``--ray``
+            without Ray installed.
     """
     if workers is not None and workers < 1:
         raise InputError(f"--workers {workers}: give at least 1")
+    if threads < 1:
+        raise InputError(f"--worker-threads {threads}: give at least 1")
+    if threads != 1 and workers is None and ray is None:
+        raise InputError(f"--worker-threads {threads} sets each worker's torch threads: add --workers N or "
+                         "--ray, or drop it (in this process torch uses its own thread count)")
     if ray is not None:
         _import_ray()
-        return RayExecutor(ray, workers or os.cpu_count() or 1, notices=not quiet)
-    return LocalProcesses(workers) if workers and workers > 1 else InProcess()
+        return RayExecutor(ray, workers or os.cpu_count() or 1, threads=threads, notices=not quiet)
+    return LocalProcesses(workers, threads) if workers and workers > 1 else InProcess()
 
 
 def _import_ray():

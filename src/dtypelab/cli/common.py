@@ -352,9 +352,12 @@ def executor_options(tasks: str) -> Callable[[Callable], Callable]:
                          help=f"Run {tasks} on Ray, an actor per worker: auto joins the cluster `ray start "
                               "--head` began, local starts one of --workers CPUs on 127.0.0.1 only. Needs "
                               "pip install 'dtypelab[ray]'.")(f)
+        f = click.option("--worker-threads", type=int, default=1, show_default=True,
+                         help="With --workers / --ray: torch threads per worker (a Ray actor asks for as "
+                              "many CPUs); results equal 1 thread's up to float32 summation order.")(f)
         return click.option("--workers", type=int,
-                            help=f"Run {tasks} in N local worker processes (1 thread each); with --ray, N "
-                                 "actors.")(f)
+                            help=f"Run {tasks} in N local worker processes (1 thread each, or "
+                                 "--worker-threads); with --ray, N actors.")(f)
     return decorate
 
 

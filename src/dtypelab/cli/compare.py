@@ -97,7 +97,8 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
                 calib_tokens: int | None = None, plan_files: tuple[str, ...] = (),
                 quiet: bool = False, columns: tuple[str, ...] | None = None,
                 html_path: str | None = None, workers: int | None = None,
-                ray_address: str | None = None, compute: str = "reference") -> None:
+                ray_address: str | None = None, compute: str = "reference",
+                worker_threads: int = 1) -> None:
     specs, target = variants.parse_variant_specs(formats), resolve_device(device)
     check_result_options(as_json, columns, html_path, sources=[model])
     plans = [(Path(f).stem, quant.MixedPlan.load(f)) for f in plan_files]  # a bad plan file: before any load
@@ -110,7 +111,7 @@ def compare_cmd(model: str, formats: str, texts: tuple[str, ...], text_file: str
     if (embeddings or head) and not any(s.format is not None and s.format.is_quantized for s in specs):
         raise InputError("--embeddings and --head choose what a quantized format stores; --to lists no "
                          "quantized format (casts convert every tensor): add one, e.g. int8, or drop them")
-    executor = _executor(workers, ray_address, by_layer, timing, quiet)
+    executor = _executor(workers, ray_address, by_layer, timing, quiet, worker_threads)
     line = status_line(quiet)
     loaded = models.load(model, "fp32", allow_pickle=allow_pickle, progress=line)
     inputs = model_inputs_on(loaded, target, texts=texts, text_file=text_file, input_ids=input_ids,
@@ -172,7 +173,8 @@ def compare_loaded(loaded: models.LoadedModel, formats: str, inputs, target: tor
                                    progress=progress, compute=compute)
 
 
-def _executor(workers: int | None, ray_address: str | None, by_layer: bool, timing: bool, quiet: bool):
+def _executor(workers: int | None, ray_address: str | None, by_layer: bool, timing: bool, quiet: bool,
+              threads: int = 1):
     """The executor ``--workers`` / ``--ray`` ask for; refused with ``--layers`` (one lockstep run over
     every module) and ``--time`` (latencies on cores the workers share would measure each other)."""
     if workers is not None or ray_address is not None:
@@ -180,7 +182,7 @@ def _executor(workers: int | None, ray_address: str | None, by_layer: bool, timi
         if given:
             raise InputError(f"--workers and --ray run compare's table one variant per task, not with "
                              f"{' and '.join(given)}: drop one or the other")
-    return executor_for(workers, ray_address, quiet=quiet)
+    return executor_for(workers, ray_address, quiet=quiet, threads=threads)
 
 
 def compare_state(model: str, allow_pickle: bool, device: str, formats: str, plan_files: tuple[str, ...],

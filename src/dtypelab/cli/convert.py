@@ -107,7 +107,7 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
                 calib_file: str | None = None, calib_tokens: int | None = None,
                 columns: tuple[str, ...] | None = None, html_path: str | None = None,
                 allow_pickle: bool = False, workers: int | None = None,
-                ray_address: str | None = None) -> None:
+                ray_address: str | None = None, worker_threads: int = 1) -> None:
     """Convert a safetensors file or model folder SRC to another format, tensor by tensor (.bin / .pt
     pickle weights with --allow-pickle: written as safetensors)."""
     refuse_columns_with_json(columns, as_json)
@@ -126,7 +126,7 @@ def convert_cmd(src: str, fmt: str, dense: str | None, output: str, keep: tuple[
         "--dense": dense, "--max-shard-size": max_shard_size, "--verify": verify,
         "--strict": strict, "--embeddings": embeddings, "--fsync": fsync, "--report": report_path,
         "--workers": workers, "--ray": ray_address})
-    executor = executor_for(workers, ray_address, quiet=quiet)
+    executor = executor_for(workers, ray_address, quiet=quiet, threads=worker_threads)
     progress = ProgressLine() if not quiet and not as_json and sys.stderr.isatty() else None
     if calibrated and progress is not None:  # minutes of calibration blocks, not bytes: the stage line
         progress = status_line(quiet)

@@ -114,7 +114,7 @@ def plan_cmd(model: str, budget: str, formats: str, keep_dense: tuple[str, ...],
     emit(sweep, as_json, plot + html_side_output(sweep, html_path, model=model), columns=columns)
 
 
-RANKING_ONLY = ("method", "exact", "exclude", "head", "seed", "workers", "ray_address")
+RANKING_ONLY = ("method", "exact", "exclude", "head", "seed", "workers", "ray_address", "worker_threads")
 """rank()'s options that are not its inputs' (the rest are input options)."""
 
 
@@ -126,8 +126,9 @@ def _executor(verify: bool, options: dict) -> tuple[Executor, dict]:
     if (workers is not None or ray_address is not None) and not (exact or verify):
         raise InputError("--workers and --ray run the exact sweep (--exact) and --verify's measurements: "
                          "add one of them, or drop --workers / --ray")
-    executor = executor_for(workers, ray_address)
-    return executor, options if exact else {**options, "workers": None, "ray_address": None}
+    executor = executor_for(workers, ray_address, threads=options["worker_threads"])
+    return executor, options if exact else {**options, "workers": None, "ray_address": None,
+                                            "worker_threads": 1}
 
 
 def _measure_on(executor: Executor, plans: list, model: str, formats: str, verify_windows: int | None,

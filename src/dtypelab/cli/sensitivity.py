@@ -20,6 +20,7 @@ from .common import (
     check_result_options,
     device_option,
     emit,
+    executor_options,
     html_side_output,
     input_options,
     model_inputs_on,
@@ -49,14 +50,10 @@ def ranking_options(f: Callable) -> Callable:
         click.option("--head", is_flag=True, help="Rank the output head too (dense by default)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the sampled labels / random probes of the fisher prediction."),
-        click.option("--workers", type=int,
-                     help="With --exact: run the sweep's (group, format) forwards in N local worker "
-                          "processes (each loads the model once, 1 thread each)."),
-        click.option("--ray", "ray_address", metavar="auto|ADDRESS|local",
-                     help="With --exact: run the sweep on Ray (an actor per worker; local: a cluster of "
-                          "--workers CPUs on 127.0.0.1). Needs pip install 'dtypelab[ray]'."),
     ]):
         f = option(f)
+    f = executor_options("the exact sweep's (group, format) forwards (with --exact; plan: also --verify's "
+                         "measurements)")(f)
     return calibration_options(input_options(pickle_option(device_option(f))))
 
 
@@ -77,6 +74,7 @@ def ranking_inputs(loaded: models.LoadedModel, target: torch.device, texts: tupl
 def rank(model: str, formats: str, allow_pickle: bool, device: str, method: str, exact: bool,
          exclude: tuple[str, ...], head: bool, seed: int, calib_file: str | None = None,
          calib_tokens: int | None = None, workers: int | None = None, ray_address: str | None = None,
+         worker_threads: int = 1,
          **inputs) -> tuple[models.LoadedModel, analysis.SensitivityResult, variants.CalibrationData | None]:
     """Load ``model`` in float32 and rank its layer groups in ``formats`` (shared by plan); also the
     calibration its ``:gptq`` / ``:awq`` formats were scored with (what a plan's model calibrates on).
@@ -84,7 +82,7 @@ def rank(model: str, formats: str, allow_pickle: bool, device: str, method: str,
     if (workers is not None or ray_address is not None) and not (exact or method == "exact"):
         raise InputError("--workers and --ray run the exact sweep: add --exact (or --method exact), or "
                          "drop them")
-    executor = executor_for(workers, ray_address)
+    executor = executor_for(workers, ray_address, threads=worker_threads)
     fmts = [get_format(f) for f in split_list(formats)]  # a typo is refused before the model loads
     setup = functools.partial(ranking_state, model, allow_pickle, device, fmts, calib_file, calib_tokens,
                               inputs)
