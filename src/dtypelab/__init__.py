@@ -17,8 +17,7 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-
+from .lazy import lazy_exports
 from .quiet import drop_known_noise
 
 drop_known_noise()  # before any submodule can import transformers or a peer
@@ -59,17 +58,4 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-
-def __getattr__(name: str):
-    """``dtypelab.load`` and the other public names, imported from their stage on first use: importing
-    ``dtypelab`` (and ``dtypelab --help``) costs no torch import until a verb needs it."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'dtypelab' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)  # PEP 562: a stage imported on first use

@@ -16,7 +16,6 @@ min/max of its exponent fields and skips the full count).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -52,16 +51,6 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-class _Lane:
-    """One set of a caster's read and output buffers (and views of the output as values and as bits)."""
-
-    def __init__(self, chunk_elements: int, out_dtype: torch.dtype, bits: torch.dtype):
-        self.raw = bytearray(chunk_elements * 8)  # room for float64 sources
-        self.out = bytearray(chunk_elements * out_dtype.itemsize)
-        self.out_view = torch.frombuffer(self.out, dtype=out_dtype)
-        self.out_bits = torch.frombuffer(self.out, dtype=bits)
-
-
 class ChunkCaster:
     """Casts raw little-endian chunks of floating tensors to one format, reusing every buffer.
 
@@ -70,28 +59,45 @@ class ChunkCaster:
         chunk_elements: elements per chunk; buffers are sized for it.
     """
 
-    def __init__(self, fmt: NumberFormat, chunk_elements: int = CHUNK_ELEMENTS, io_thread: bool = False):
-        self.fmt, self.chunk_elements, self.io_thread = fmt, chunk_elements, io_thread
+    def __init__(self, fmt: NumberFormat, chunk_elements: int = CHUNK_ELEMENTS):
+        self.fmt, self.chunk_elements = fmt, chunk_elements
         self.out_dtype = fmt.torch_dtype
         self.saturating = saturates(self.out_dtype)
-        bits = _BITS[self.out_dtype.itemsize]
-        # two lanes of read and output buffers: :meth:`stream` reads into one and writes from the other
-        # while the cast works on a third chunk; :meth:`cast` uses the first
-        self._lanes = [_Lane(chunk_elements, self.out_dtype, bits) for _ in range(2 if io_thread else 1)]
+        self.raw = bytearray(chunk_elements * 8)  # room for float64 sources
+        self.out = bytearray(chunk_elements * self.out_dtype.itemsize)
+        self._out_view = torch.frombuffer(self.out, dtype=self.out_dtype)
         self._mask = torch.empty(chunk_elements, dtype=torch.bool)
         self._scratch: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        bits = _BITS[self.out_dtype.itemsize]
+        self._out_bits = torch.frombuffer(self.out, dtype=bits)
         self._exponents = torch.empty(chunk_elements, dtype=bits)
         # the exponent field's mask is inf's bit pattern; a normal number's field is at least that of
         # the smallest normal (formats without inf are screened by clamping instead)
         self._inf_bits = 0 if self.saturating else _bits_of(float("inf"), self.out_dtype, bits)
         self._normal_bits = _bits_of(fmt.smallest_normal, self.out_dtype, bits)
         self._magnitude_bits = (1 << (8 * self.out_dtype.itemsize - 1)) - 1  # all but the sign
-        self._lane = self._lanes[0]
 
-    @property
-    def raw(self) -> bytearray:
-        """The read buffer :meth:`cast` casts from (room for ``chunk_elements`` float64 values)."""
-        return self._lanes[0].raw
+    def stream(self, numel: int, source_dtype: torch.dtype, read: Callable[[memoryview, int], None],
+               write: Callable[[memoryview], None] | None,
+               tick: Callable[[int], None] = lambda nbytes: None) -> TensorDamage:
+        """Cast ``numel`` values chunk by chunk: ``read(view, first)`` fills :attr:`raw`'s first bytes
+        with the values from element ``first`` on, ``write(bytes)`` takes each chunk's output in order
+        (None: count only); ``tick`` hears the source bytes done. The damage is merged in chunk order.
+
+        Reads and writes stay on this thread: an I/O thread beside the cast (two buffer sets) was
+        measured and cost more than it hid on these 2 shared cores (docs/benchmarks.md, "Checkpoint
+        conversion"), so it was removed.
+        """
+        itemsize, damage = source_dtype.itemsize, TensorDamage("", "", "", Action.CAST, 0)
+        for first in range(0, numel, self.chunk_elements):
+            count = min(self.chunk_elements, numel - first)
+            read(memoryview(self.raw)[:count * itemsize], first)
+            out, chunk = self.cast(source_dtype, count)
+            if write is not None:
+                write(out)
+            damage = damage.merged(chunk)
+            tick(count * itemsize)
+        return replace(damage, numel=numel)
 
     def cast(self, source_dtype: torch.dtype, count: int) -> tuple[memoryview, TensorDamage]:
         """Cast the first ``count`` elements held in ``self.raw`` (as ``source_dtype``).
@@ -100,67 +106,10 @@ class ChunkCaster:
             The output bytes (a view into the reused output buffer, valid until the next call) and
             the chunk's damage counts (name fields empty).
         """
-        return self._cast_lane(self._lanes[0], source_dtype, count)
-
-    def stream(self, numel: int, source_dtype: torch.dtype, read: Callable[[memoryview, int], None],
-               write: Callable[[memoryview], None] | None,
-               tick: Callable[[int], None] = lambda nbytes: None) -> TensorDamage:
-        """Cast ``numel`` values chunk by chunk: ``read(view, first)`` fills a view with the values from
-        element ``first`` on, ``write(bytes)`` takes each chunk's output in order (None: count only).
-
-        With ``io_thread``, one I/O thread reads the next chunk and writes the previous one while this
-        thread casts and counts (file reads and writes, like torch's ops, release the GIL). Off by
-        default: on this project's 2 shared cores it cost more than it hid (docs/benchmarks.md,
-        "Checkpoint conversion"). Either way the damage is merged in chunk order, the same result as
-        :meth:`cast` chunk after chunk.
-        """
-        itemsize, step = source_dtype.itemsize, self.chunk_elements
-        chunks = [(first, min(step, numel - first)) for first in range(0, numel, step)]
-        damage = TensorDamage("", "", "", Action.CAST, 0)
-
-        def fill(lane: _Lane, first: int, count: int) -> None:
-            read(memoryview(lane.raw)[:count * itemsize], first)
-
-        if not self.io_thread:
-            for first, count in chunks:
-                fill(self._lanes[0], first, count)
-                out, chunk = self._cast_lane(self._lanes[0], source_dtype, count)
-                if write is not None:
-                    write(out)
-                damage = damage.merged(chunk)
-                tick(count * itemsize)
-            return replace(damage, numel=numel)
-        with ThreadPoolExecutor(1, thread_name_prefix="dtypelab-io") as io:
-            # one thread, first in first out: chunk k's read was queued after chunk k-2's write, so once
-            # it is done both of lane k % 2's buffers are free
-            reads = [io.submit(fill, self._lanes[0], *chunks[0])] if chunks else []
-            writes = []
-            try:
-                for index, (_, count) in enumerate(chunks):
-                    reads[index].result()
-                    if index >= 2 and writes:
-                        writes[index - 2].result()  # done already; raises its error, if any, here
-                    if index + 1 < len(chunks):
-                        reads.append(io.submit(fill, self._lanes[(index + 1) % 2], *chunks[index + 1]))
-                    out, chunk = self._cast_lane(self._lanes[index % 2], source_dtype, count)
-                    if write is not None:
-                        writes.append(io.submit(write, out))
-                    damage = damage.merged(chunk)
-                    tick(count * itemsize)
-                for future in writes[-2:]:
-                    future.result()
-            finally:
-                for future in reads + writes:  # an error or Ctrl-C: nothing touches the files after this
-                    future.cancel() or future.exception()
-        return replace(damage, numel=numel)
-
-    def _cast_lane(self, lane: _Lane, source_dtype: torch.dtype,
-                   count: int) -> tuple[memoryview, TensorDamage]:
-        self._lane = lane
-        source = torch.frombuffer(lane.raw, dtype=source_dtype, count=count)
+        source = torch.frombuffer(self.raw, dtype=source_dtype, count=count)
         compute = torch.float64 if source_dtype == torch.float64 else torch.float32
         upcast, back, rel = (t[:count] for t in self._buffers(compute))
-        out = lane.out_view[:count]
+        out = self._out_view[:count]
         if not self.saturating:
             out.copy_(source)  # straight from the source dtype: exactly torch's own cast, NaNs included
         if source_dtype != compute:
@@ -168,7 +117,7 @@ class ChunkCaster:
             source = upcast
         self._cast_into(source, out, back)
         damage = self._count(source, back, rel, self._mask[:count])
-        return memoryview(lane.out)[:count * self.out_dtype.itemsize], damage
+        return memoryview(self.out)[:count * self.out_dtype.itemsize], damage
 
     def _buffers(self, compute: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if compute not in self._scratch:
@@ -203,7 +152,7 @@ class ChunkCaster:
             fast = self._fast_count(source, back, rel)
             if fast is not None:
                 return fast
-            back.copy_(self._lane.out_view[:source.numel()])  # the fast count worked in place on it
+            back.copy_(self._out_view[:source.numel()])  # the fast count worked in place on it
         counts = count_damage(source, back, self.fmt, scratch=(rel, mask), sums=False)
         largest = self._largest_flushed(source, back, rel, mask) if counts.flushed_to_zero else 0.0
         finite = torch.nan_to_num(source, nan=0.0, posinf=0.0, neginf=0.0, out=rel)
@@ -240,7 +189,7 @@ class ChunkCaster:
         less one, wrapped to the top for zeros, have a minimum below the smallest normal's exactly when
         a subnormal is there. Integer passes over the output's 2 bytes a value (for bf16 / fp16).
         """
-        bits = self._lane.out_bits[:count]
+        bits = self._out_bits[:count]
         exponents = torch.bitwise_and(bits, self._inf_bits, out=self._exponents[:count])
         low, high = torch.aminmax(exponents)
         if int(high) >= self._inf_bits:
