@@ -99,7 +99,7 @@ def commands(src: Path, dst: Path) -> dict[str, list[str]]:
         "cp -r (floor)": ["cp", "-r", str(src), str(dst)],
         "python -c 'import torch' (start-up)": [PY, "-c", "import torch"],
         "usual script (load_file/.to/save_file)": [PY, "-c", USUAL_SCRIPT, str(src), str(dst)],
-        "dtypelab convert": [PY, "-c", "from dtypelab.cli import main; main()", "convert", str(src),
+        "dtypelab convert": [PY, "-c", "from dtypelab.cli import entry; entry()", "convert", str(src),
                              "--to", "bf16", "-o", str(dst), "--quiet"],
     }
 

@@ -68,7 +68,7 @@ def make_checkpoint(layers: int) -> Path:
 
 
 def commands(src: Path, dst: Path) -> dict[str, list[str]]:
-    convert = [PY, "-c", "from dtypelab.cli import main; main()", "convert", str(src), "-o", str(dst),
+    convert = [PY, "-c", "from dtypelab.cli import entry; entry()", "convert", str(src), "-o", str(dst),
                "--quiet", "--to"]
     one_thread = "import torch; torch.set_num_threads(1)\n" + IN_MEMORY_SCRIPT
     return {"cp -r (floor)": ["cp", "-r", str(src), str(dst)],

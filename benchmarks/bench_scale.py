@@ -41,7 +41,7 @@ from .harness import print_table
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / ".bench" / "scale"
 PY = sys.executable
-CLI = [PY, "-c", "from dtypelab.cli import main; main()"]
+CLI = [PY, "-c", "from dtypelab.cli import entry; entry()"]
 SHARDS, SHARD_TENSORS, TENSOR_SHAPE = 4, 8, (4096, 4096)  # 8 x 64 MiB fp32 per shard: 2 GiB in all
 SWEEP = ["sensitivity", "smollm2", "--to", "int8", "--method", "exact", "--windows", "1", "--ctx", "64",
          "--exclude", "model.layers.1*", "--exclude", "model.layers.2*", "--json"]

@@ -18,6 +18,7 @@ from dtypelab.quant import (
     quantization_damage,
     quantize_tensor,
     round_trip,
+    saturated_count,
     sqnr_from_powers,
 )
 from dtypelab.quant.damage import sum_of_squares
@@ -139,3 +140,109 @@ def test_sum_of_squares_takes_float64_only_where_float32_cannot_hold_it():
     assert sum_of_squares(tiny) == pytest.approx(4e-50, rel=1e-6)  # float32: 0
     assert sum_of_squares(torch.tensor([3.0, 4.0])) == 25.0
     assert sum_of_squares(torch.tensor([])) == 0.0
+
+
+QUANTIZED = ["int8", "int8:tensor", "int4:g128", "int4:g32:asym", "int4:channel:sfp32", "int3:g64",
+             "int2:g64:asym", "nf4", "mxfp4", "mxfp8", "nvfp4", "fp8_e4m3", "fp8_e5m2:tensor",
+             "int4:g128:mse", "int4:g32:asym:mse", "fp8_e4m3:mse"]
+
+
+def weights_with_every_case(rows: int = 96, cols: int = 256) -> torch.Tensor:
+    """Gaussian weights with what the counts must see: exact zeros (a zero row too), subnormals, values
+    that flush to zero beside a block's outlier, ties of +m and -m in a block, and an outlier row."""
+    torch.manual_seed(3)
+    weight = torch.randn(rows, cols) * 0.02
+    weight[0] = 0.0  # an all-zero row: every block scale 1
+    weight[1, ::5] = 0.0  # scattered zeros
+    weight[2, :8] = torch.tensor([1e-40, -3e-42, 1e-39, 0.0, 5e-45, -1e-38, 1e-30, -1e-35])  # subnormals
+    weight[3, 7], weight[3, 40] = 0.5, -0.5  # +m and -m in one block
+    weight[4] *= 1e4  # an outlier row
+    weight[5, ::16] = 30.0  # one outlier per block of 16: the rest flush in coarse formats
+    weight[6] *= 5e7  # ~1e6: past what an fp16 scale reaches (65504 x 8), so unclipped scales saturate
+    return weight
+
+
+def truth(source: torch.Tensor, qt) -> tuple:
+    """The module docstring's definitions element by element, in float64: (flushed, max relative error
+    over non-zero values, signal, noise)."""
+    x, s = source.double().reshape(-1), qt.dequantize(torch.float32).double().reshape(-1)
+    flushed = int(((x != 0) & (s == 0)).sum())
+    nonzero = x != 0
+    max_rel = float(((s - x).abs()[nonzero] / x.abs()[nonzero]).max())
+    return flushed, max_rel, float((x * x).sum()), float(((s - x) ** 2).sum())
+
+
+@pytest.mark.parametrize("spec", QUANTIZED)
+def test_counting_on_the_way_equals_counting_the_finished_tensor(spec):
+    """quantize_counted (the stored values from the quantizer's float codes, convert's path) gives the
+    codes of quantize_tensor bit for bit and the damage quantization_damage counts from them, field for
+    field; and both agree with an element-by-element truth."""
+    from dtypelab.quant import quantize_counted
+
+    fmt, weight = get_format(spec), weights_with_every_case()
+    qt, counted = quantize_counted(weight, fmt)
+    reference = quantize_tensor(weight, fmt)
+    for part in ("data", "scale", "zero_point", "tensor_scale"):
+        mine, theirs = getattr(qt, part), getattr(reference, part)
+        assert (mine is None) == (theirs is None)
+        if mine is not None:
+            assert mine.dtype == theirs.dtype
+            assert torch.equal(mine.view(torch.uint8), theirs.view(torch.uint8))
+    assert counted == quantization_damage(weight, reference)
+    flushed, max_rel, signal, noise = truth(weight, qt)
+    assert counted.flushed_to_zero == flushed and counted.flushed_to_zero > 0
+    assert counted.max_rel_error == pytest.approx(max_rel, rel=1e-6)  # a float32 quotient, 2^-24 apart
+    assert counted.signal_sq == pytest.approx(signal, rel=1e-5)  # float32 dots per call (sum_of_squares)
+    assert counted.noise_sq == pytest.approx(noise, rel=1e-5)
+    assert counted.overflowed == saturated_count(weight, reference)
+    if spec in ("int4:g128", "int4:g128:mse", "nf4"):  # fp16 scales: row 6 saturates (the proof fails)
+        assert counted.overflowed > 0
+
+
+def test_a_workspace_reused_across_tensors_of_other_shapes_and_dtypes_changes_nothing():
+    from dtypelab.quant import Workspace, quantize_counted
+
+    workspace, fmt = Workspace(), get_format("int4:g32:asym")
+    torch.manual_seed(4)
+    tensors = [torch.randn(64, 256), torch.randn(8, 64).bfloat16(), torch.randn(128, 128).half(),
+               torch.randn(3, 32)]
+    for tensor in tensors * 2:  # big, small, big again: stale buffer contents must not leak in
+        qt, damage = quantize_counted(tensor, fmt, workspace)
+        fresh_qt, fresh = quantize_counted(tensor, fmt)
+        assert torch.equal(qt.data, fresh_qt.data) and torch.equal(qt.scale, fresh_qt.scale)
+        assert damage == fresh == quantization_damage(tensor, fresh_qt)
+
+
+def test_the_source_is_never_written():
+    from dtypelab.quant import quantize_counted
+
+    weight = weights_with_every_case()
+    before = weight.clone()
+    quantize_counted(weight, get_format("int4:g128"))
+    assert torch.equal(weight, before)
+
+
+def test_a_zero_row_and_a_flush_counted_by_hand():
+    """By hand, int8 per channel (signed scale extreme / -128): the zero row keeps scale 1 and loses
+    nothing (its 0 / 0 relative errors count 0); [4, -2, 0.01, 0] takes scale 4 / -128 = -1/32, which
+    stores 4 and -2 exactly (codes -128, 64) and 0.01 as code 0 (-0.32 rounds to 0): one flush, relative
+    error 1, noise 0.01²."""
+    from dtypelab.quant import quantize_counted
+
+    weight = torch.zeros(2, 4)
+    weight[1] = torch.tensor([4.0, -2.0, 0.01, 0.0])  # scale 4 / -128 = -1/32: 0.01 -> code 0, flushed
+    _, damage = quantize_counted(weight, get_format("int8"))
+    assert damage.flushed_to_zero == 1 and damage.max_rel_error == 1.0 and damage.overflowed == 0
+    assert damage.noise_sq == pytest.approx(0.01 ** 2, rel=1e-6)
+
+
+def test_count_nonzero_equals_torchs_count():
+    from dtypelab.quant.damage import count_nonzero
+
+    torch.manual_seed(5)
+    values = torch.randn(10_000)
+    values[torch.rand(10_000) < 0.3] = 0.0
+    values[:3] = torch.tensor([-0.0, 1e-45, -1e-40])  # -0 is zero; subnormals are not
+    for tensor in (values, values.double(), values[:0], values.half()):
+        assert count_nonzero(tensor) == int(torch.count_nonzero(tensor))
+    assert count_nonzero(values, torch.empty(20_000)) == int(torch.count_nonzero(values))

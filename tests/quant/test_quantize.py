@@ -202,6 +202,30 @@ def test_pack_unpack_nibbles_round_trips(cols):
     assert pack_nibbles(torch.tensor([[1, 2]])).item() == 0x21  # low nibble first
 
 
+@pytest.mark.parametrize("byteorder", ["little", "big"])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 1), (3, 7), (5, 64), (2, 3, 6)])
+def test_pack_nibbles_takes_the_low_four_bits_of_signed_codes_either_way(shape, byteorder, monkeypatch):
+    """The word-folding path (little-endian hosts) and the strided one give the same bytes, from int16
+    codes -8 .. 7 (two's complement nibbles) as from uint8; the caller's codes are never written."""
+    import sys
+
+    from dtypelab.quant import packing
+
+    monkeypatch.setattr(sys, "byteorder", byteorder)
+    torch.manual_seed(6)
+    codes = torch.randint(-8, 8, shape, dtype=torch.int16)
+    unsigned = (codes & 0xF).to(torch.uint8)
+    before = unsigned.clone()
+    cols = shape[-1]
+    expected = [[(row[2 * i] if 2 * i < cols else 0) | ((row[2 * i + 1] if 2 * i + 1 < cols else 0) << 4)
+                 for i in range((cols + 1) // 2)] for row in unsigned.reshape(-1, cols).tolist()]
+    for given in (codes, unsigned):
+        packed = packing.pack_nibbles(given)
+        assert packed.dtype == torch.uint8 and packed.shape == (*shape[:-1], (cols + 1) // 2)
+        assert packed.reshape(-1, (cols + 1) // 2).tolist() == expected
+    assert torch.equal(unsigned, before)
+
+
 def test_bad_tensors_are_refused_with_reason():
     with pytest.raises(InputError, match="does not divide"):
         quantize_tensor(torch.randn(4, 100), get_format("int4:g128"))
@@ -209,6 +233,21 @@ def test_bad_tensors_are_refused_with_reason():
         quantize_tensor(torch.tensor([[1.0, float("nan")]]), get_format("int8"))
     with pytest.raises(InputError, match="plain dtype"):
         quantize_tensor(torch.randn(4, 4), get_format("fp16"))
+
+
+@pytest.mark.parametrize("spec", ["int4:g128", "int4:g32:asym", "nf4", "nvfp4", "int8:tensor",
+                                  "int4:g128:mse", "fp8_e4m3"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_value_in_any_row_chunk_is_refused(spec, bad, monkeypatch):
+    """The finite check reads each chunk's block stats: a NaN or inf in the last of several row chunks,
+    in the middle of a block, is refused like one in the first."""
+    from dtypelab.quant import qtensor
+
+    monkeypatch.setattr(qtensor, "CHUNK_ELEMENTS", 256)  # 2 rows of 128 per chunk: 4 chunks
+    weight = torch.randn(8, 128)
+    weight[7, 77] = bad
+    with pytest.raises(InputError, match="NaN or inf"):
+        quantize_tensor(weight, get_format(spec))
 
 
 def _mlp() -> nn.Module:

@@ -26,9 +26,9 @@ from ..quant import (
     Action,
     QuantizedTensor,
     TensorDamage,
+    Workspace,
     count_damage,
-    quantization_damage,
-    quantize_tensor,
+    quantize_counted,
 )
 from ..quant.damage import saturates, sum_of_squares
 
@@ -232,6 +232,7 @@ class ChunkQuantizer:
 
     def __init__(self, fmt: NumberFormat, chunk_elements: int = CHUNK_ELEMENTS):
         self.fmt, self.chunk_elements, self.raw = fmt, chunk_elements, bytearray()
+        self.workspace = Workspace()  # the quantizer's temporaries, reused from chunk to chunk
 
     def row_chunks(self, rows: int, cols: int, fmt: NumberFormat | None = None) -> list[tuple[int, int]]:
         """``(first row, row count)`` per chunk: one chunk for a format with a per-tensor scale (a
@@ -260,8 +261,7 @@ class ChunkQuantizer:
                       fmt: NumberFormat | None = None) -> tuple[QuantizedTensor, TensorDamage]:
         """Quantize the (rows, cols) tensor ``source`` (in ``fmt``, default the quantizer's) and count
         what it lost."""
-        qt = quantize_tensor(source, fmt or self.fmt)
-        return qt, quantization_damage(source, qt)
+        return quantize_counted(source, fmt or self.fmt, self.workspace)
 
     def transposed(self, source_dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
         """The (cols, rows) transpose of the (rows, cols) tensor at the start of the buffer, as a

@@ -1,5 +1,5 @@
 """``python -m dtypelab.cli``: the ``dtypelab`` command without the console script."""
 
-from . import main
+from . import entry
 
-main()
+entry()

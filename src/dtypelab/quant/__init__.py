@@ -14,7 +14,7 @@ _EXPORTS = {  # public name -> the submodule that defines it (imported on first 
     "KeepPolicy": "cast", "cast_model": "cast", "compute_dtype": "cast",
     "Action": "damage", "DamageCounts": "damage", "TensorDamage": "damage", "count_damage": "damage",
     "dtype_name": "damage", "overflow_threshold": "damage", "quantization_damage": "damage",
-    "sqnr_from_powers": "damage",
+    "quantize_counted": "damage", "sqnr_from_powers": "damage",
     "DtypeSummary": "footprint", "ModelInspection": "footprint", "TensorInfo": "footprint",
     "inspect_model": "footprint", "inspect_tensors": "footprint", "param_dtype_lines": "footprint",
     "print_param_dtype": "footprint",
@@ -28,7 +28,8 @@ _EXPORTS = {  # public name -> the submodule that defines it (imported on first 
     "QuantizedLinear": "nn", "QuantizedWeightModule": "nn", "dequantized_once": "nn", "int8_matmul": "nn",
     "computing_in": "nn", "is_conv1d": "nn",
     "pack_bits": "packing", "pack_nibbles": "packing", "unpack_bits": "packing", "unpack_nibbles": "packing",
-    "QuantizedTensor": "qtensor", "quantize_tensor": "qtensor", "round_trip": "qtensor",
+    "QuantizedTensor": "qtensor", "ReadBack": "qtensor", "Workspace": "qtensor",
+    "quantize_read_back": "qtensor", "quantize_tensor": "qtensor", "round_trip": "qtensor",
     "saturated_count": "qtensor",
 }
 
@@ -44,7 +45,8 @@ __all__ = [
     "TensorInfo", "cast_model", "compute_dtype", "count_damage", "dtype_name", "inspect_model",
     "inspect_tensors", "overflow_threshold", "pack_bits", "pack_nibbles", "param_dtype_lines",
     "print_param_dtype",
-    "quantization_damage", "quantize_activations", "quantize_model", "quantize_tensor", "round_trip",
+    "quantization_damage", "quantize_activations", "quantize_counted", "quantize_model", "quantize_read_back",
+    "quantize_tensor", "round_trip", "ReadBack", "Workspace",
     "saturated_count", "sqnr_from_powers", "unpack_bits", "unpack_nibbles",
 ]
 

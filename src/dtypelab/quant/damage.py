@@ -30,7 +30,7 @@ import torch
 
 from ..enums import StrEnum
 from ..formats import NumberFormat, rounding_threshold
-from .qtensor import QuantizedTensor, saturated_count
+from .qtensor import QuantizedTensor, Workspace, quantize_read_back, saturated_count
 
 NEGLIGIBLE_FLUSH = 2.0 ** -10
 """A cast tensor's flushes to zero are negligible when its largest flushed ``|x|`` is below this fraction of
@@ -271,27 +271,59 @@ def saturates(dtype: torch.dtype) -> bool:
 
 def quantization_damage(source: torch.Tensor, qt: QuantizedTensor) -> TensorDamage:
     """What quantizing ``source`` (rows, cols) into ``qt`` did: clamped and flushed values, the
-    largest relative error and the squared sums behind the SQNR (name fields empty).
+    largest relative error and the squared sums behind the SQNR (name fields empty). For a tensor
+    still to quantize, :func:`quantize_counted` counts the same on the way, cheaper."""
+    values = source.detach().float().reshape(-1)
+    return _quantized_loss(values, qt.dequantize(torch.float32).reshape(-1), saturated_count(source, qt))
 
-    Works in place on one dequantized copy (fresh temporaries cost more than the arithmetic here);
-    the squared sums are :func:`sum_of_squares` (float32 BLAS dot, float64 where float32's range does
-    not hold them), then float64 across chunks.
+
+def quantize_counted(source: torch.Tensor, fmt: NumberFormat,
+                     workspace: Workspace | None = None) -> tuple[QuantizedTensor, TensorDamage]:
+    """:func:`~dtypelab.quant.qtensor.quantize_tensor` and :func:`quantization_damage` in one pass: the
+    stored values come from the quantizer's own float codes (:func:`quantize_read_back`), so nothing
+    is unpacked or divided twice; ``workspace`` (reused buffers) as there."""
+    workspace = workspace or Workspace()
+    qt, back = quantize_read_back(source, fmt, workspace)
+    scratch = workspace.take("loss", (back.stored.numel(),), device=back.stored.device)
+    return qt, _quantized_loss(back.source.reshape(-1), back.stored.reshape(-1), back.saturated, scratch)
+
+
+def _quantized_loss(values: torch.Tensor, stored: torch.Tensor, saturated: int,
+                    scratch: torch.Tensor | None = None) -> TensorDamage:
+    """The counts of :func:`quantization_damage` from the float32 ``values`` and what they read back as
+    (``stored``, 1-D, overwritten: it becomes the error, then the relative error; ``scratch``: a float32
+    buffer of as many elements, clobbered).
+
+    Every zero is stored exactly (no scale moves it), so an exact zero of the source makes its relative
+    error 0 / 0 = NaN: a chunk without NaN there holds no zero, which spares counting the source's
+    non-zeros (the usual weight has none). The relative error is ``|stored - x| / |x|``, the cast's rule.
     """
-    values = source.float().reshape(-1)
-    error = qt.dequantize(torch.float32).reshape(-1)  # the stored values
-    magnitudes = values.abs()
-    # zero always quantizes to exactly zero, so every zero of the output not in the input was flushed;
-    # most weights hold no zero, which the smallest magnitude proves without counting (~2x cheaper)
-    nonzero = values.numel() if not values.numel() or float(magnitudes.amin()) > 0 else int(
-        torch.count_nonzero(magnitudes))
-    flushed = nonzero - int(torch.count_nonzero(error))
-    error.sub_(values)
+    stored_nonzero = count_nonzero(stored, scratch)
+    error = stored.sub_(values)
     signal_sq, noise_sq = sum_of_squares(values), sum_of_squares(error)
-    tiny = torch.finfo(torch.float32).tiny  # a zero input has a zero error: 0 / tiny = 0
-    rel = error.abs_().div_(magnitudes.clamp_(min=tiny))
-    return TensorDamage("", "", "", Action.QUANTIZED, values.numel(), saturated_count(source, qt), flushed,
-                        max_rel_error=float(rel.max()) if values.numel() else 0.0,
+    nonzero = values.numel()
+    if values.numel():
+        relative = torch.aminmax(error.div_(values))  # signed: |a / b| is |a| / |b| in IEEE arithmetic
+        if math.isnan(float(relative.min)) or math.isnan(float(relative.max)):  # a zero in the source
+            nonzero = count_nonzero(values, scratch)
+            relative = torch.aminmax(error.nan_to_num_(nan=0.0))
+        max_rel = max(-float(relative.min), float(relative.max))
+    return TensorDamage("", "", "", Action.QUANTIZED, values.numel(), saturated, nonzero - stored_nonzero,
+                        max_rel_error=max_rel if values.numel() else 0.0,
                         signal_sq=signal_sq, noise_sq=noise_sq)
+
+
+def count_nonzero(values: torch.Tensor, scratch: torch.Tensor | None = None) -> int:
+    """How many of the float ``values`` (1-D, no NaN) are non-zero: ``sign(x) · sign(x)`` summed by one
+    BLAS dot, through ``scratch`` (as many elements, clobbered) when given. torch's ``count_nonzero``
+    branches per element: on quantized weights, 14% of them zero at random places, it took 2.2 ms per
+    million here against 0.23 ms. Every partial sum is an integer, exact below 2^24 in float32 (2^53 in
+    float64); longer tensors and other dtypes take torch's count."""
+    exact_below = {torch.float32: 1 << 24, torch.float64: 1 << 53}.get(values.dtype, 0)
+    if values.numel() >= exact_below:
+        return int(torch.count_nonzero(values))
+    signs = torch.sign(values) if scratch is None else torch.sign(values, out=scratch[:values.numel()])
+    return int(torch.dot(signs, signs))
 
 
 SQUARES_FLOOR = 2.0 ** -60

