@@ -199,3 +199,35 @@ def test_embeddings_and_head_without_a_quantized_format_are_refused_not_ignored(
     code, out, err = run(capsys, "compare", "tiny-llama", "--to", "int8", "--head", "--text", "A short one.")
     summary = next(line for line in out.splitlines() if "layers quantized" in line)
     assert code == 0 and "lm_head" not in summary  # --head: the head is quantized, so not listed dense
+
+
+@pytest.mark.parametrize("outcome", ["returns", "exits"])
+def test_the_console_script_freezes_the_collector_after_the_command_whatever_its_end(outcome, monkeypatch):
+    """``entry`` (the console script, ``python -m dtypelab.cli``) runs ``main`` and then ``gc.freeze()``,
+    so finalization does not walk torch's objects (~0.4 s); a SystemExit (every error, --help) too."""
+    import gc
+
+    import dtypelab.cli as cli
+
+    calls = []
+
+    def fake_main():
+        calls.append("main")
+        if outcome == "exits":
+            raise SystemExit(2)
+
+    monkeypatch.setattr(cli, "main", fake_main)
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    if outcome == "exits":
+        with pytest.raises(SystemExit):
+            cli.entry()
+    else:
+        cli.entry()
+    assert calls == ["main", "freeze"]
+
+
+def test_the_installed_command_is_the_freezing_entry_point():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "dtypelab"]
+    assert script.value == "dtypelab.cli:entry"

@@ -205,7 +205,7 @@ def test_a_workspace_reused_across_tensors_of_other_shapes_and_dtypes_changes_no
     workspace, fmt = Workspace(), get_format("int4:g32:asym")
     torch.manual_seed(4)
     tensors = [torch.randn(64, 256), torch.randn(8, 64).bfloat16(), torch.randn(128, 128).half(),
-               torch.randn(3, 32)]
+               torch.randn(3, 32), torch.randn(96, 64).t()]  # the last one not contiguous (a Conv1D's)
     for tensor in tensors * 2:  # big, small, big again: stale buffer contents must not leak in
         qt, damage = quantize_counted(tensor, fmt, workspace)
         fresh_qt, fresh = quantize_counted(tensor, fmt)
