@@ -246,3 +246,18 @@ def test_count_nonzero_equals_torchs_count():
     for tensor in (values, values.double(), values[:0], values.half()):
         assert count_nonzero(tensor) == int(torch.count_nonzero(tensor))
     assert count_nonzero(values, torch.empty(20_000)) == int(torch.count_nonzero(values))
+
+
+def test_a_flushed_subnormal_counts_a_relative_error_of_1_as_a_cast_does():
+    """The relative error is |stored - x| / |x| for every non-zero x, subnormals too: a subnormal weight
+    stored as 0 lost all of itself (the quantized count once divided by max(|x|, 2^-126), which made that
+    loss read 0.0085), the same rule count_damage applies to a cast."""
+    from dtypelab.quant import quantize_counted
+
+    weight = torch.tensor([[1.0, 0.5, -0.25, 1e-40]])  # e4m3 per channel: 1e-40 / (1 / 448) rounds to 0
+    qt, counted = quantize_counted(weight, get_format("fp8_e4m3"))
+    assert counted.flushed_to_zero == 1 and counted.max_rel_error == 1.0
+    assert quantization_damage(weight, qt).max_rel_error == 1.0
+    fp16 = get_format("fp16")
+    cast = count_damage(weight.reshape(-1), round_trip(weight.reshape(-1), fp16), fp16)
+    assert cast.flushed_to_zero == 1 and cast.max_rel_error == 1.0

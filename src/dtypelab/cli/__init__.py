@@ -47,9 +47,12 @@ def entry() -> None:
 
     Why: with torch imported, finalization's garbage collection walks every object torch made, ~0.4 s
     here (``python -c "import torch"`` exits 0.5 s after its import ends; after ``gc.freeze()``, 0.1 s),
-    which every command paid after its output was complete. Frozen objects are skipped; files are still
-    closed and flushed and ``atexit`` handlers still run. Only the process's own entry point freezes: a
-    program that calls :func:`main` keeps its collector as it was.
+    which every command paid after its output was complete. Frozen objects are skipped: ``atexit``
+    handlers still run and files with no reference left were closed when it went; what a reference cycle
+    still holds at exit is not finalized (its ``__del__`` does not run). dtypelab's own temporary files and
+    folders are removed by ``with`` blocks and ``finally`` clauses before the command returns, and its worker
+    pools stop through ``atexit``. Only the process's own entry point freezes: a program that calls
+    :func:`main` keeps its collector as it was.
     """
     try:
         main()
@@ -123,4 +126,4 @@ def cli(debug: bool) -> None:
 for command in COMMANDS:
     cli.add_command(command)
 
-__all__ = ["cli", "main"]
+__all__ = ["cli", "entry", "main"]

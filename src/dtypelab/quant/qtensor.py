@@ -111,7 +111,9 @@ def quantize_read_back(tensor: torch.Tensor, fmt: NumberFormat,
     no second pass over packed codes (``convert`` counts every weight it quantizes).
 
     ``workspace``: buffers reused from call to call (``convert`` keeps one for the whole checkpoint);
-    the :class:`ReadBack` tensors live in it, valid until its next use.
+    the :class:`ReadBack` tensors live in it, valid until its next use (``source`` is the input itself
+    when that is float32 already). A buffer keeps its largest size: a per-tensor or NVFP4 weight, one
+    chunk, leaves ~16 bytes per element of it held until the workspace goes.
     """
     return _quantize(tensor, fmt, workspace or Workspace(), read_back=True)
 
@@ -121,8 +123,9 @@ class ReadBack:
     """What a quantized tensor stores, beside the values it came from (both float32, (rows, cols)).
 
     Args:
-        source: the values quantized, as float32 rows.
-        stored: what :meth:`QuantizedTensor.dequantize` returns, bit for bit.
+        source: the values quantized, as float32 rows (never written).
+        stored: what :meth:`QuantizedTensor.dequantize` returns, value for value (``==``; an integer
+            code's zero may carry the other sign: ``round`` keeps ``-0.0``, decoding gives ``+0.0``).
         saturated: the values clipped, :func:`saturated_count`'s number.
     """
 
@@ -166,8 +169,7 @@ def _quantize(tensor: torch.Tensor, fmt: NumberFormat, work: Workspace,
         into = None if stored is None else stored[start:start + chunk.shape[0]]
         parts.append(_quantize_rows(chunk, fmt, tensor_scale, work, into))
         start += chunk.shape[0]
-    data, scale, zp = (None if part[0] is None else torch.cat(part) for part in zip(*(p[:3] for p in parts),
-                                                                                       strict=True))
+    data, scale, zp = (_joined(part) for part in zip(*(p[:3] for p in parts), strict=True))
     qt = QuantizedTensor(fmt, tuple(rows.shape), data, scale, zp, tensor_scale)
     return qt, None if stored is None else ReadBack(rows, stored, sum(p[3] for p in parts))
 
@@ -205,6 +207,13 @@ def _row_chunks(rows: torch.Tensor, fmt: NumberFormat) -> tuple[torch.Tensor, ..
     return rows.split(max(1, CHUNK_ELEMENTS // rows.shape[1]))
 
 
+def _joined(pieces: tuple[torch.Tensor | None, ...]) -> torch.Tensor | None:
+    """The chunks' pieces of one part along rows; one chunk's piece as it is (``torch.cat`` would copy it)."""
+    if pieces[0] is None:
+        return None
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
 def _quantize_rows(rows: torch.Tensor, fmt: NumberFormat, tensor_scale: torch.Tensor | None, work: Workspace,
                    stored: torch.Tensor | None = None) -> tuple:
     """(stored codes, scale, zero point, clipped count) of some whole rows; ``stored`` given, the values
@@ -219,17 +228,18 @@ def _quantize_rows(rows: torch.Tensor, fmt: NumberFormat, tensor_scale: torch.Te
         else stored.view(blocks.shape)
     _scaled(blocks, decoded, zp, out=scaled)
     saturated = 0 if stored is None else _count_saturated(scaled, stats, decoded, zp, fmt)
-    codes = _encode_scaled(scaled, fmt)  # ``scaled`` now holds each code's value (integers: as floats)
+    codes = _encode_scaled(scaled, fmt, values=stored is not None)  # scaled -> each code's value
     if stored is not None:
         if zp is not None:
             scaled.sub_(zp.float())
-        scaled.mul_(decoded)  # (code - zero point) * step: dequantize's operations, bit for bit
+        scaled.mul_(decoded)  # (code - zero point) * step: dequantize's operations
     return _store_codes(codes.reshape(rows.shape), fmt), scale, zp, saturated
 
 
-def _encode_scaled(scaled: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
-    """Element codes of the scaled values (:func:`_encode_blocks`' codes, bit for bit); ``scaled`` is
-    overwritten with each code's decoded value, so the stored values are one multiply away."""
+def _encode_scaled(scaled: torch.Tensor, fmt: NumberFormat, values: bool) -> torch.Tensor:
+    """Element codes of the scaled values (:func:`_encode_blocks`' codes, bit for bit), clobbering
+    ``scaled``; with ``values``, ``scaled`` ends holding each code's decoded value, so the stored values
+    are one multiply away (integer codes hold it anyway: they are rounded and clamped in place)."""
     codec = fmt.element_codec
     if isinstance(codec, IntCodec):  # codec.encode's round and clamp, in place; one byte holds any code
         return scaled.round_().clamp_(codec.min_value, codec.max_finite).to(
@@ -237,10 +247,12 @@ def _encode_scaled(scaled: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
     scaled.clamp_(-codec.max_finite, codec.max_finite)
     if codec in NATIVE_FLOAT8:
         codes = scaled.to(NATIVE_FLOAT8[codec])
-        scaled.copy_(codes)  # float8 -> float32 is exact
+        if values:
+            scaled.copy_(codes)  # float8 -> float32 is exact
         return codes.view(torch.uint8)
     codes = codec.encode(scaled)
-    scaled.copy_(codec.decode(codes).reshape(scaled.shape))
+    if values:
+        scaled.copy_(codec.decode(codes).reshape(scaled.shape))
     return codes
 
 
@@ -260,7 +272,8 @@ def _as_rows(tensor: torch.Tensor, work: Workspace | None = None) -> torch.Tenso
 
 
 def _check_quantizable(rows: torch.Tensor, fmt: NumberFormat) -> None:
-    """The format fits the rows (their values are checked per chunk, by :func:`_check_finite`)."""
+    """The format fits the rows. Their values are checked per chunk, by :func:`_check_finite`, so a
+    tensor with both a row length the group does not divide and a NaN is told about the length first."""
     if fmt.codec is None:
         raise InputError(f"{fmt.name} is a plain dtype, not a quantized format: cast instead")
     problem = fmt.group_problem(rows.shape[1])
