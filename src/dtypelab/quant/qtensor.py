@@ -138,8 +138,8 @@ class Workspace:
     """Named buffers that a quantization's row chunks reuse instead of allocating.
 
     Why: on hosts that hand freed pages back, touching fresh memory costs ~2.4 s/GiB, more than the
-    arithmetic; a 1M-element int4:g128 chunk took 9.6 ms with fresh temporaries against ~1.6 ms
-    through reused ones (``docs/benchmarks.md``, "Quantized conversion"). A buffer grows to the
+    arithmetic; quantizing a 1M-element int4:g128 chunk took 9.6 ms with fresh temporaries and takes
+    3.3 ms through reused ones (``docs/benchmarks.md``, "Quantized conversion"). A buffer grows to the
     largest request and is never shrunk.
     """
 
@@ -237,7 +237,7 @@ def _quantize_rows(rows: torch.Tensor, fmt: NumberFormat, tensor_scale: torch.Te
 
 
 def _encode_scaled(scaled: torch.Tensor, fmt: NumberFormat, values: bool) -> torch.Tensor:
-    """Element codes of the scaled values (:func:`_encode_blocks`' codes, bit for bit), clobbering
+    """Element codes of the scaled values (:func:`_encode_blocks`' codes; integers in one byte), clobbering
     ``scaled``; with ``values``, ``scaled`` ends holding each code's decoded value, so the stored values
     are one multiply away (integer codes hold it anyway: they are rounded and clamped in place)."""
     codec = fmt.element_codec
