@@ -301,15 +301,13 @@ def _quantized_loss(values: torch.Tensor, stored: torch.Tensor, saturated: int,
     stored_nonzero = count_nonzero(stored, scratch)
     error = stored.sub_(values)
     signal_sq, noise_sq = sum_of_squares(values), sum_of_squares(error)
-    nonzero = values.numel()
-    if values.numel():
-        relative = torch.aminmax(error.div_(values))  # signed: |a / b| is |a| / |b| in IEEE arithmetic
-        if math.isnan(float(relative.min)) or math.isnan(float(relative.max)):  # a zero in the source
-            nonzero = count_nonzero(values, scratch)
-            relative = torch.aminmax(error.nan_to_num_(nan=0.0))
-        max_rel = max(-float(relative.min), float(relative.max))
+    nonzero = values.numel()  # no tensor quantized is empty (quantize_tensor refuses it)
+    relative = torch.aminmax(error.div_(values))  # signed: |a / b| is |a| / |b| in IEEE arithmetic
+    if math.isnan(float(relative.min)) or math.isnan(float(relative.max)):  # a zero in the source
+        nonzero = count_nonzero(values, scratch)
+        relative = torch.aminmax(error.nan_to_num_(nan=0.0))
     return TensorDamage("", "", "", Action.QUANTIZED, values.numel(), saturated, nonzero - stored_nonzero,
-                        max_rel_error=max_rel if values.numel() else 0.0,
+                        max_rel_error=max(-float(relative.min), float(relative.max)),
                         signal_sq=signal_sq, noise_sq=noise_sq)
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..formats import IntCodec, NumberFormat
-from .qtensor import QuantizedTensor, _encode_blocks, _scaled, _store_codes
+from ..formats import NumberFormat
+from .qtensor import QuantizedTensor, _encode_blocks, _encode_reading_back, _scaled, _store_codes
 
 
 @dataclass
@@ -70,14 +70,9 @@ def dequantized_blocks(blocks: torch.Tensor, fmt: NumberFormat, decoded: torch.T
                        zero_point: torch.Tensor | None) -> torch.Tensor:
     """``blocks`` (rows, blocks, block) rounded onto their codes with float32 steps ``decoded`` (and zero
     points), and read back: the values the stored tensor will hold, computed as qtensor stores them."""
-    codec = fmt.element_codec
-    if isinstance(codec, IntCodec):  # encode's round and clamp, kept in float (as qtensor's _block_error)
-        values = torch.round(_scaled(blocks, decoded, zero_point)).clamp_(codec.min_value, codec.max_finite)
-    else:
-        values = codec.decode(_encode_blocks(blocks, fmt, decoded, zero_point)).reshape(blocks.shape)
-    if zero_point is not None:
-        values = values - zero_point.float()
-    return values * decoded
+    values = _scaled(blocks, decoded, zero_point)
+    _encode_reading_back(values, fmt, decoded, zero_point)
+    return values
 
 
 def tensor_from_values(values: torch.Tensor, fmt: NumberFormat, scale: torch.Tensor,

@@ -228,12 +228,20 @@ def _quantize_rows(rows: torch.Tensor, fmt: NumberFormat, tensor_scale: torch.Te
         else stored.view(blocks.shape)
     _scaled(blocks, decoded, zp, out=scaled)
     saturated = 0 if stored is None else _count_saturated(scaled, stats, decoded, zp, fmt)
-    codes = _encode_scaled(scaled, fmt, values=stored is not None)  # scaled -> each code's value
-    if stored is not None:
-        if zp is not None:
-            scaled.sub_(zp.float())
-        scaled.mul_(decoded)  # (code - zero point) * step: dequantize's operations
+    codes = _encode_scaled(scaled, fmt, values=False) if stored is None \
+        else _encode_reading_back(scaled, fmt, decoded, zp)
     return _store_codes(codes.reshape(rows.shape), fmt), scale, zp, saturated
+
+
+def _encode_reading_back(scaled: torch.Tensor, fmt: NumberFormat, decoded: torch.Tensor,
+                         zp: torch.Tensor | None) -> torch.Tensor:
+    """The codes of ``scaled`` (:func:`_encode_scaled`), which becomes the values they store:
+    ``(code - zero point) * step``, dequantize's operations (``decoded``: the float32 steps)."""
+    codes = _encode_scaled(scaled, fmt, values=True)
+    if zp is not None:
+        scaled.sub_(zp.float())
+    scaled.mul_(decoded)
+    return codes
 
 
 def _encode_scaled(scaled: torch.Tensor, fmt: NumberFormat, values: bool) -> torch.Tensor:
@@ -245,7 +253,7 @@ def _encode_scaled(scaled: torch.Tensor, fmt: NumberFormat, values: bool) -> tor
         return scaled.round_().clamp_(codec.min_value, codec.max_finite).to(
             torch.int8 if codec.signed else torch.uint8)
     scaled.clamp_(-codec.max_finite, codec.max_finite)
-    if codec in NATIVE_FLOAT8:
+    if codec in NATIVE_FLOAT8:  # the codes of codec.encode, bit for bit (tests/test_formats.py), faster
         codes = scaled.to(NATIVE_FLOAT8[codec])
         if values:
             scaled.copy_(codes)  # float8 -> float32 is exact
@@ -527,14 +535,7 @@ def _decoded_scale(scale: torch.Tensor, tensor_scale: torch.Tensor | None) -> to
 
 def _encode_blocks(blocks, fmt, scale, zp) -> torch.Tensor:
     """Element codes for ``blocks / scale`` (+ zero point), clamped to the codec's range first."""
-    codec = fmt.element_codec
-    scaled = _scaled(blocks, scale, zp)
-    if isinstance(codec, IntCodec):
-        return codec.encode(scaled)
-    scaled = scaled.clamp(-codec.max_finite, codec.max_finite)
-    if codec in NATIVE_FLOAT8:  # same codes as codec.encode, bit for bit (tests/test_formats.py), faster
-        return scaled.to(NATIVE_FLOAT8[codec]).view(torch.uint8)
-    return codec.encode(scaled)
+    return _encode_scaled(_scaled(blocks, scale, zp), fmt, values=False)
 
 
 def _scaled(blocks: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
@@ -550,7 +551,7 @@ def _store_codes(codes: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
     """Codes in their storage dtype: packed nibbles, int32 words (2, 3 bits), int8/uint8, or viewed as the
     float8 dtype."""
     if fmt.bits == 4:
-        return pack_nibbles(codes.to(torch.uint8) if codes.dtype == torch.uint8 else codes)
+        return pack_nibbles(codes)
     if fmt.bits < 8:  # 2, 3 bits: the low bits of each code, densely in int32 words (as on disk)
         return pack_bits((codes.to(torch.int16) & ((1 << fmt.bits) - 1)).to(torch.uint8), fmt.bits)
     if isinstance(fmt.element_codec, IntCodec):  # integers: signed int8, or uint8 for asymmetric
