@@ -63,6 +63,14 @@ def _reference_error(blocks, fmt, scale, zp, tensor_scale) -> torch.Tensor:
     return err.sum(dim=-1, keepdim=True)
 
 
+@pytest.fixture(autouse=True, params=["never", "always"])
+def search_mode(request, monkeypatch) -> str:
+    """Every test here runs with the eager search and with the compiled one (``mse_kernel``: integer
+    formats; the others search eagerly either way): one truth for both."""
+    monkeypatch.setenv("DTYPELAB_MSE_KERNEL", request.param)
+    return request.param
+
+
 def weights(rows: int, cols: int, seed: int) -> torch.Tensor:
     """Gaussian rows with heavy-tailed outliers (so clipping pays and many ratios win somewhere), an
     all-zero row, a constant row and a row of one spike (every ratio ties there: the first must win)."""
@@ -132,7 +140,9 @@ def test_gptq_s_one_group_call_is_the_same_search():
 
 
 def test_the_candidate_memory_stays_within_the_bound(monkeypatch):
-    """Every stacked temporary holds at most the chunk's values (MSE_CHUNK_ELEMENTS a thread)."""
+    """Every stacked temporary of the eager search holds at most the chunk's values (MSE_CHUNK_ELEMENTS a
+    thread); the compiled search holds one block's squared errors."""
+    monkeypatch.setenv("DTYPELAB_MSE_KERNEL", "never")
     fmt = get_format("int4:g32:mse")
     w = weights(64, 256, 5)
     seen = []

@@ -32,6 +32,7 @@ import torch
 
 from ..errors import InputError
 from ..formats import E4M3, E5M2, SCALE_DTYPES, Granularity, IntCodec, NumberFormat, rounding_threshold
+from . import mse_kernel
 from .packing import pack_bits, pack_nibbles, unpack_bits, unpack_nibbles
 
 NATIVE_FLOAT8 = {E4M3: torch.float8_e4m3fn, E5M2: torch.float8_e5m2}
@@ -351,6 +352,9 @@ def _search_stacked(blocks: torch.Tensor, stats: tuple, fmt: NumberFormat, tenso
     thread's share stays in its core's cache, and Python runs once per chunk instead of once per ratio
     and operation. It is no faster than the loop at one thread (every candidate still costs 7 float32
     passes over the weights; ``docs/benchmarks.md``, "The :mse search"), but holds its memory bound.
+    Integer formats on the CPU take the compiled search instead where numba is installed
+    (:mod:`.mse_kernel`, ~3.5x faster): it proves most blocks' choice from its own sums and leaves
+    the near ties (-1) to this eager search, over those blocks alone.
 
     Result: bit for bit the one-ratio-at-a-time search (:func:`_search_one_by_one`): each candidate's
     scales and squared errors are the same float32 operations element by element, and the first
@@ -361,7 +365,50 @@ def _search_stacked(blocks: torch.Tensor, stats: tuple, fmt: NumberFormat, tenso
     scale, zp = _scales_for_clip(stats, fmt, tensor_scale, ratios)
     decoded = _decoded_scale(scale, tensor_scale)
     divisor = torch.where(decoded != 0, decoded, torch.ones_like(decoded))  # as _scaled: a zero step is 1
-    zp = None if zp is None else zp.float()
+    zps = None if zp is None else zp.float()
+    best = _compiled_choice(blocks, decoded, divisor, zps, fmt)
+    if best is None:
+        best = _first_smallest(_stacked_errors(blocks, decoded, divisor, zps, fmt))
+    else:
+        _search_undecided(best, blocks, decoded, divisor, zps, fmt)
+    return _picked(scale, best), None if zp is None else _picked(zp, best)
+
+
+def _picked(candidates: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """Each block's chosen candidate of a stacked (ratios, rows, blocks, 1) tensor, as the search computed
+    it (bits, not recomputed: float8 scales are gathered as bytes, which ``gather`` cannot take)."""
+    float8 = candidates.is_floating_point() and candidates.element_size() == 1
+    raw = candidates.view(torch.uint8) if float8 else candidates
+    return raw.gather(0, best.unsqueeze(0)).squeeze(0).view(candidates.dtype)
+
+
+def _compiled_choice(blocks: torch.Tensor, decoded: torch.Tensor, divisor: torch.Tensor,
+                     zp: torch.Tensor | None, fmt: NumberFormat) -> torch.Tensor | None:
+    """The compiled search's choice per block (:mod:`.mse_kernel`: integer codecs on the CPU), -1 where it
+    leaves a block undecided; None where it does not run."""
+    codec = fmt.element_codec
+    if not isinstance(codec, IntCodec):
+        return None
+    return mse_kernel.first_smallest(blocks, decoded, divisor, zp, codec.min_value, codec.max_finite)
+
+
+def _search_undecided(best: torch.Tensor, blocks: torch.Tensor, decoded: torch.Tensor, divisor: torch.Tensor,
+                      zp: torch.Tensor | None, fmt: NumberFormat) -> None:
+    """Fill ``best``'s -1 entries (blocks the compiled search's bound could not decide) with the eager
+    search over those blocks alone, as (blocks, 1, n) rows: each block's errors are its own row's sums."""
+    undecided = (best.reshape(-1) < 0).nonzero().reshape(-1)
+    if undecided.numel() == 0:
+        return
+    count, n = len(MSE_CLIP_RATIOS), blocks.shape[-1]
+    picked = [t.reshape(count, -1)[:, undecided].reshape(count, -1, 1, 1) if t is not None else None
+              for t in (decoded, divisor, zp)]
+    errors = _stacked_errors(blocks.reshape(-1, 1, n)[undecided], *picked, fmt)
+    best.view(-1)[undecided] = _first_smallest(errors).reshape(-1)
+
+
+def _stacked_errors(blocks: torch.Tensor, decoded: torch.Tensor, divisor: torch.Tensor,
+                    zp: torch.Tensor | None, fmt: NumberFormat) -> torch.Tensor:
+    """Every candidate's squared error per block, (ratios, rows, blocks, 1), a few rows at a time."""
     step = max(1, _mse_chunk_elements() // max(len(MSE_CLIP_RATIOS) * blocks[0].numel(), 1))
     buffer = blocks.new_empty((len(MSE_CLIP_RATIOS), min(step, blocks.shape[0]), *blocks.shape[1:]))
     errors = torch.empty_like(decoded)  # (ratios, rows, blocks, 1)
@@ -369,7 +416,7 @@ def _search_stacked(blocks: torch.Tensor, stats: tuple, fmt: NumberFormat, tenso
         rows = slice(start, start + step)
         steps = (decoded[:, rows], divisor[:, rows], None if zp is None else zp[:, rows])
         errors[:, rows] = _candidate_errors(blocks[rows], *steps, fmt, buffer)
-    return _scales_for_clip(stats, fmt, tensor_scale, ratios.reshape(-1)[_first_smallest(errors)])
+    return errors
 
 
 def _mse_chunk_elements() -> int:

@@ -1,0 +1,137 @@
+"""The ``:mse`` search of integer formats in one compiled pass per block (numba), choosing exactly what the
+eager search chooses.
+
+Why: the eager search (``qtensor._search_stacked``) spends seven float32 passes over every weight per
+candidate clip ratio, 21 candidates, each pass a torch kernel that reads and writes its operands; that was
+3.2-3.3x optimum-quanto's qint4 on minilm. Compiled, a block's 128 weights stay in registers while each
+candidate is divided, rounded, clamped, scaled, subtracted, squared and summed: ~3.5x faster per thread
+(``docs/benchmarks.md``, "The :mse search").
+
+Why the choice is the eager one, bit for bit: the elementwise float32 operations are the eager search's,
+in its order (``x / divisor``, ``+ zero point``, round half to even, clamp, ``- zero point``, ``* step``,
+``- x``, squared: each an IEEE operation with one rounding, no fused multiply-add), so every squared error
+``s_i`` is the same float32 number. Only the sum's order differs (torch's reduction tree, here a
+vectorised one), and any order of summing n non-negative terms lands within ``gamma = (n-1) u / (1 - (n-1)
+u)`` (u = 2^-24) of their exact sum S, relatively. So torch's sum T and this sum K obey
+``K (1 - gamma) / (1 + gamma) <= T <= K (1 + gamma) / (1 - gamma)``. A block is *decided* when the
+candidate with the first smallest K has an upper bound below every other candidate's lower bound: then
+torch's T orders them the same, and the eager rule (the first smallest T) picks that candidate. Candidates
+with the same step, divisor and zero point compute the same T, so the earliest of them stands for all.
+Blocks not decided (near ties, non-finite sums: ~0.13% of minilm's) come back as -1 and the caller
+searches them eagerly. ``tests/quant/test_mse_kernel.py`` checks the squared errors bit for bit, the bound
+against torch's sums, and the choice against the reference search.
+
+Cost of having it: importing numba and loading the cached machine code takes ~0.5 s once per process (the
+first compile, ~2 s, is cached beside this file, or in numba's user cache where that is read-only). The
+eager search costs ~16 ns per weight here, so in ``auto`` mode the kernel is loaded only once a process
+has searched :data:`LOAD_AFTER_ELEMENTS` weights eagerly (a one-off minilm search never pays it; a 135M
+model's does). ``DTYPELAB_MSE_KERNEL``: ``auto`` (default), ``always``, ``never``. numba is the optional
+``fast`` extra; without it, and for tensors off the CPU, the eager search runs, with the same result.
+Quant stage: builds on :mod:`dtypelab.formats` (through its caller, :mod:`.qtensor`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+
+MODES = ("auto", "always", "never")
+MODE_VARIABLE = "DTYPELAB_MSE_KERNEL"
+LOAD_AFTER_ELEMENTS = 32 << 20  # weights searched eagerly (~0.5 s here) before auto mode loads the kernel
+MIN_BLOCKS_PER_THREAD = 256  # fewer a thread (~0.15 ms of work): one thread (a hand-off costs ~50 us)
+
+_state = {"eager_elements": 0, "module": None, "pool": None, "pool_size": 0}
+_pool_lock = threading.Lock()
+
+
+def first_smallest(blocks: torch.Tensor, decoded: torch.Tensor, divisor: torch.Tensor,
+                   zero_point: torch.Tensor | None, qmin: float, qmax: float) -> torch.Tensor | None:
+    """Per block, the index of the candidate the eager search picks, or -1 where the bound cannot decide;
+    None when the kernel is not to be used (no numba, not on the CPU, ``never``, or not yet worth
+    loading in ``auto`` mode: the caller then searches eagerly).
+
+    ``blocks``: (rows, blocks, n) float32 weights; ``decoded``, ``divisor``: the candidates' float32
+    steps (the divisor has 0 replaced by 1), (candidates, rows, blocks, 1); ``zero_point``: the same
+    shape as float32, or None (symmetric); ``qmin``, ``qmax``: the integer codec's code range.
+    Returns int64, (rows, blocks, 1).
+    """
+    module = _kernel(blocks)
+    if module is None:
+        return None
+    candidates, n = decoded.shape[0], blocks.shape[-1]
+    flat = blocks.reshape(-1, n).contiguous().numpy()
+    steps, divisors = (t.reshape(candidates, -1).numpy() for t in (decoded, divisor))
+    zero_points = np.zeros((candidates, 1), np.float32) if zero_point is None \
+        else zero_point.reshape(candidates, -1).numpy()
+    best = torch.empty(flat.shape[0], dtype=torch.int64)
+    _run(module, flat, (steps, divisors, zero_points), (float(qmin), float(qmax)), best.numpy())
+    return best.reshape(*blocks.shape[:-1], 1)
+
+
+def available() -> bool:
+    """Whether numba is installed (the ``fast`` extra), without importing it."""
+    return importlib.util.find_spec("numba") is not None
+
+
+def _kernel(blocks: torch.Tensor):
+    """The compiled module when this call should use it (see the module docstring), else None."""
+    mode = _mode()
+    if mode == "never" or blocks.device.type != "cpu" or not available():
+        return None
+    waiting = mode == "auto" and _state["module"] is None and _state["eager_elements"] < LOAD_AFTER_ELEMENTS
+    if waiting:
+        _state["eager_elements"] += blocks.numel()
+        return None
+    if _state["module"] is None:
+        from . import _mse_numba
+        _state["module"] = _mse_numba
+    return _state["module"]
+
+
+def _mode() -> str:
+    """``DTYPELAB_MSE_KERNEL``, checked: one of :data:`MODES`, and ``always`` only where numba is."""
+    mode = os.environ.get(MODE_VARIABLE, "auto")
+    if mode not in MODES:
+        raise InputError(f"{MODE_VARIABLE}={mode!r} is not a mode: the :mse search's kernel takes one of "
+                         f"{', '.join(MODES)}; set one of those or unset it")
+    if mode == "always" and not available():
+        raise InputError(f"{MODE_VARIABLE}=always asks for the compiled :mse search, but numba is not "
+                         "installed: pip install 'dtypelab[fast]', or set auto")
+    return mode
+
+
+def _run(module, blocks: np.ndarray, candidates: tuple, code_range: tuple[float, float], best: np.ndarray):
+    """The kernel over all blocks, split across torch's intra-op thread count (numba releases the GIL):
+    each block's answer depends only on its own row, so the split changes nothing. ``candidates``:
+    (steps, divisors, zero points), each (candidates, blocks), or (candidates, 1) zero points."""
+    threads = max(1, min(torch.get_num_threads(), blocks.shape[0] // MIN_BLOCKS_PER_THREAD))
+    if threads == 1:
+        module.search(blocks, *candidates, *code_range, best)
+        return
+    bounds = [blocks.shape[0] * i // threads for i in range(threads + 1)]
+    futures = [_pool(threads).submit(module.search, blocks[lo:hi], *_columns(candidates, lo, hi), *code_range,
+                                     best[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    for future in futures:
+        future.result()
+
+
+def _columns(candidates: tuple, lo: int, hi: int) -> tuple:
+    """Blocks ``lo`` .. ``hi`` of each (candidates, blocks) array; a shared (candidates, 1) one as it is."""
+    return tuple(values if values.shape[1] == 1 else values[:, lo:hi] for values in candidates)
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """One pool for the process, replaced by a larger one when more threads are asked for."""
+    with _pool_lock:
+        if _state["pool_size"] < threads:
+            if _state["pool"] is not None:
+                _state["pool"].shutdown(wait=False)
+            _state["pool"], _state["pool_size"] = ThreadPoolExecutor(threads, "dtypelab-mse"), threads
+        return _state["pool"]
