@@ -177,3 +177,23 @@ def test_the_signed_extreme_is_the_first_largest_magnitude():
     extreme = qtensor._signed_extreme(blocks, fmt)
     assert torch.equal(extreme, truth)
     assert extreme[4, 0, 0] == -1 and extreme[5, 0, 0] == 1 and extreme[6, 1, 0] == 0.5
+
+
+@pytest.mark.parametrize("blocks", [3, 500])
+def test_both_computations_of_the_first_smallest_error_agree(blocks, monkeypatch):
+    """The argmin (small) and the where-loop (large) forms of one rule: ties keep the earliest, a NaN
+    never wins, a NaN first error keeps index 0; checked on both sides of ARGMIN_BLOCKS by moving it."""
+    g = torch.Generator().manual_seed(blocks)
+    errors = torch.rand(21, blocks, 1, 1, generator=g).round(decimals=1)  # many exact ties
+    errors[3, ::7] = float("nan")
+    errors[0, ::11] = float("nan")
+    errors[:, ::13] = float("inf")
+    expected = torch.zeros(blocks, 1, 1, dtype=torch.long)
+    for b in range(blocks):  # the rule, one block at a time
+        best = errors[0, b, 0, 0]
+        for k in range(1, 21):
+            if errors[k, b, 0, 0] < best:
+                best, expected[b, 0, 0] = errors[k, b, 0, 0], k
+    for limit in (0, 1 << 30):  # every block count above, then below, the switch
+        monkeypatch.setattr(qtensor, "ARGMIN_BLOCKS", limit)
+        assert torch.equal(qtensor._first_smallest(errors), expected)
