@@ -84,9 +84,9 @@ def imports(root: Path) -> list[tuple[str, str, list[str], bool, int]]:
     return found
 
 
-LOADED_WHEN_USED = {  # (importer, module imported): why it is imported inside a function, not to dodge a circle
+LOADED_WHEN_USED = {  # (importer, module): why it is imported inside a function (not to dodge a circle)
     ("dtypelab.quant.mse_kernel", "dtypelab.quant._mse_numba"):
-        "it imports numba (the optional 'fast' extra, ~0.3 s): loaded only when the compiled :mse search runs",
+        "it imports numba (the optional fast extra, ~0.3 s): loaded only when the compiled :mse search runs",
 }
 
 

@@ -4,8 +4,8 @@ The proof and its bound are in :mod:`.mse_kernel`'s docstring.
 
 Measured and dropped: stopping a candidate's sum as soon as its partial sum proves it beaten (checks
 every 32, 64 or 128 elements): 0.059-0.076 s against 0.046-0.050 s for full sums over minilm, since the
-short loops vectorise worse than the saved elements pay. (Loops over ``range(begin, end)`` must index with unsigned integers, or numba's negative-index
-wraparound stops them vectorising: 7x slower.)
+short loops vectorise worse than the saved elements pay. (Loops over ``range(begin, end)`` must index
+with unsigned integers, or numba's negative-index wraparound stops them vectorising: 7x slower.)
 """
 
 from __future__ import annotations
