@@ -3,9 +3,9 @@ eager search chooses.
 
 Why: the eager search (``qtensor._search_stacked``) spends seven float32 passes over every weight per
 candidate clip ratio, 21 candidates, each pass a torch kernel that reads and writes its operands; that was
-3.2-3.3x optimum-quanto's qint4 on minilm. Compiled, a block's 128 weights stay in registers while each
-candidate is divided, rounded, clamped, scaled, subtracted, squared and summed: ~3.5x faster per thread
-(``docs/benchmarks.md``, "The :mse search").
+3.2-3.7x optimum-quanto's qint4 on minilm. Compiled, a block's 128 weights stay in registers while each
+candidate is divided, rounded, clamped, scaled, subtracted, squared and summed: the whole quantization
+1.7x quanto's time at 1 thread (``docs/benchmarks.md``, "The :mse search").
 
 Why the choice is the eager one, bit for bit: the elementwise float32 operations are the eager search's,
 in its order (``x / divisor``, ``+ zero point``, round half to even, clamp, ``- zero point``, ``* step``,
@@ -21,11 +21,12 @@ Blocks not decided (near ties, non-finite sums: ~0.13% of minilm's) come back as
 searches them eagerly. ``tests/quant/test_mse_kernel.py`` checks the squared errors bit for bit, the bound
 against torch's sums, and the choice against the reference search.
 
-Cost of having it: importing numba and loading the cached machine code takes ~0.5 s once per process (the
-first compile, ~2 s, is cached beside this file, or in numba's user cache where that is read-only). The
-eager search costs ~16 ns per weight here, so in ``auto`` mode the kernel is loaded only once a process
-has searched :data:`LOAD_AFTER_ELEMENTS` weights eagerly (a one-off minilm search never pays it; a 135M
-model's does). ``DTYPELAB_MSE_KERNEL``: ``auto`` (default), ``always``, ``never``. numba is the optional
+Cost of having it: importing numba and loading the cached machine code takes 0.7-0.8 s once per process
+(the first compile, ~2 s, is cached beside this file, or in numba's user cache where that is read-only).
+The eager search costs ~21 ns per weight here, so in ``auto`` mode the kernel is loaded only once a
+process has searched :data:`LOAD_AFTER_ELEMENTS` weights eagerly, about what loading costs (the
+rent-or-buy rule: never more than twice the better choice's cost; a one-off minilm search never pays it,
+a 135M model's does after its first third). ``DTYPELAB_MSE_KERNEL``: ``auto`` (default), ``always``, ``never``. numba is the optional
 ``fast`` extra; without it, and for tensors off the CPU, the eager search runs, with the same result.
 Quant stage: builds on :mod:`dtypelab.formats` (through its caller, :mod:`.qtensor`).
 """
@@ -44,7 +45,7 @@ from ..errors import InputError
 
 MODES = ("auto", "always", "never")
 MODE_VARIABLE = "DTYPELAB_MSE_KERNEL"
-LOAD_AFTER_ELEMENTS = 32 << 20  # weights searched eagerly (~0.5 s here) before auto mode loads the kernel
+LOAD_AFTER_ELEMENTS = 32 << 20  # weights searched eagerly (~0.7 s, what loading costs) before auto loads it
 MIN_BLOCKS_PER_THREAD = 4096  # fewer a thread (~3 ms of work): one thread (see _run)
 
 _state = {"eager_elements": 0, "module": None, "pool": None, "pool_size": 0}
