@@ -26,8 +26,9 @@ Cost of having it: importing numba and loading the cached machine code takes 0.7
 The eager search costs ~21 ns per weight here, so in ``auto`` mode the kernel is loaded only once a
 process has searched :data:`LOAD_AFTER_ELEMENTS` weights eagerly, about what loading costs (the
 rent-or-buy rule: never more than twice the better choice's cost; a one-off minilm search never pays it,
-a 135M model's does after its first third). ``DTYPELAB_MSE_KERNEL``: ``auto`` (default), ``always``, ``never``. numba is the optional
-``fast`` extra; without it, and for tensors off the CPU, the eager search runs, with the same result.
+a 135M model's does after its first third). ``DTYPELAB_MSE_KERNEL``: ``auto`` (default), ``always``,
+``never``. numba is the optional ``fast`` extra; without it, and for tensors off the CPU, the eager
+search runs, with the same result.
 Quant stage: builds on :mod:`dtypelab.formats` (through its caller, :mod:`.qtensor`).
 """
 
