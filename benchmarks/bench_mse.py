@@ -94,7 +94,9 @@ def _same_codes(weights: list[torch.Tensor], spec: str) -> str:
     """'yes (37/37 weights)' when the compiled and the eager searches store the same bits for every weight."""
     compiled = _with_mode("always", _ours(weights, spec))()
     eager = _with_mode("never", _ours(weights, spec))()
-    same = sum(all(torch.equal(getattr(a, part), getattr(b, part)) for part in ("data", "scale"))
+    same = sum(torch.equal(a.data, b.data) and torch.equal(a.scale, b.scale)
+               and (a.zero_point is None) == (b.zero_point is None)
+               and (a.zero_point is None or torch.equal(a.zero_point, b.zero_point))
                for a, b in zip(compiled, eager, strict=True))
     return f"{'yes' if same == len(weights) else 'NO'} ({same}/{len(weights)} weights)"
 
@@ -115,7 +117,10 @@ def _with_mode(mode: str, method: Callable[[], object]) -> Callable[[], object]:
         try:
             return method()
         finally:
-            os.environ.pop(MODE) if saved is None else os.environ.__setitem__(MODE, saved)
+            if saved is None:
+                del os.environ[MODE]
+            else:
+                os.environ[MODE] = saved
     return run_in_mode
 
 

@@ -13,8 +13,11 @@ from test_mse import assert_same_storage, reference_quantize, weights
 
 from dtypelab.errors import InputError
 from dtypelab.formats import IntCodec, get_format
-from dtypelab.quant import _mse_numba, mse_kernel, qtensor
+from dtypelab.quant import mse_kernel, qtensor
 from dtypelab.quant.qtensor import quantize_tensor
+
+numba = pytest.importorskip("numba", reason="numba (the 'fast' extra) is not installed")
+from dtypelab.quant import _mse_numba  # noqa: E402  (imports numba)
 
 INT_SPECS = ["int4:g128:mse", "int4:g32:asym:mse", "int8:mse", "int3:g64:mse", "int2:g64:asym:mse"]
 
@@ -87,8 +90,9 @@ def test_torchs_sum_stays_within_the_bounds_of_the_kernels(n):
 @pytest.mark.parametrize("spec", INT_SPECS)
 @pytest.mark.parametrize(("rows", "cols", "seed"), [(96, 256, 0), (7, 1536, 1), (64, 384, 2)])
 def test_decided_blocks_pick_the_reference_candidate(spec, rows, cols, seed, monkeypatch):
-    """Straight from the kernel (no eager fill-in): every decided block's ratio is the reference's, and
-    the undecided are few (measured 0-0.8% of these blocks of outliers, ties and zero rows)."""
+    """Straight from the kernel (no eager fill-in): every decided block's ratio is the eager stacked
+    search's (itself checked against the one-by-one reference in test_mse.py), and the undecided are few
+    (measured 0-0.8% of these blocks of outliers, ties and zero rows)."""
     monkeypatch.setenv("DTYPELAB_MSE_KERNEL", "always")
     w = weights(rows, cols, seed)
     fmt, blocks, decoded, divisor, zp = candidates(w, spec)
@@ -130,6 +134,15 @@ def test_the_thread_split_changes_nothing(threads, spec, monkeypatch):
     """Blocks split across threads (each a column slice of the candidates' steps and zero points)."""
     monkeypatch.setenv("DTYPELAB_MSE_KERNEL", "always")
     monkeypatch.setattr(mse_kernel, "MIN_BLOCKS_PER_THREAD", 16)
+    slices = []
+
+    class Counting:  # the kernel module, counting the slices it is given
+        @staticmethod
+        def search(blocks, *args):
+            slices.append(blocks.shape[0])
+            return _mse_numba.search(blocks, *args)
+
+    monkeypatch.setitem(mse_kernel._state, "module", Counting)
     w = weights(96, 1024, 9)
     saved = torch.get_num_threads()
     try:
@@ -137,6 +150,8 @@ def test_the_thread_split_changes_nothing(threads, spec, monkeypatch):
         assert_same_storage(quantize_tensor(w, get_format(spec)), reference_quantize(w, get_format(spec)))
     finally:
         torch.set_num_threads(saved)
+    blocks = 96 * 1024 // get_format(spec).group_size
+    assert sum(slices) == blocks and len(slices) == threads
 
 
 def test_auto_mode_loads_the_kernel_only_once_the_eager_search_has_paid_for_it(monkeypatch):

@@ -16,6 +16,7 @@ import numba
 import numpy as np
 
 UNIT_ROUNDOFF = 2.0 ** -24  # float32's u: one rounding moves a value by at most this, relatively
+FLOAT32_MAX = 3.4028234663852886e38  # a torch sum above this is inf, which no bound of ours covers
 SLACK = 1.01  # on gamma: room for the float64 sum's own error and the bounds' arithmetic (~1e-14)
 
 
@@ -112,10 +113,13 @@ def _extremes(x):
 @numba.njit(cache=True, nogil=True)
 def _decided(sums, steps, divisors, zero_points, first, gamma):
     """Whether every other candidate's smallest possible torch sum exceeds ``first``'s largest one (a
-    candidate of the same step, divisor and zero point computes the same sum, and comes later)."""
-    if not math.isfinite(sums[first]):
-        return False
+    candidate of the same step, divisor and zero point computes the same sum, and comes later), and that
+    largest one is a finite float32: finite squares can still add up past float32's range (weights near
+    1e19 under float32 scales), where torch's sums are inf for several candidates and the eager rule keeps
+    the first of them."""
     ceiling = upper(sums[first], gamma)
+    if not ceiling < FLOAT32_MAX:  # torch's float32 sum may have overflowed to inf (or a sum is NaN/inf)
+        return False
     for k in range(sums.shape[0]):
         if k == first:
             continue

@@ -14,10 +14,11 @@ in its order (``x / divisor``, ``+ zero point``, round half to even, clamp, ``- 
 vectorised one), and any order of summing n non-negative terms lands within ``gamma = (n-1) u / (1 - (n-1)
 u)`` (u = 2^-24) of their exact sum S, relatively. So torch's sum T and this sum K obey
 ``K (1 - gamma) / (1 + gamma) <= T <= K (1 + gamma) / (1 - gamma)``. A block is *decided* when the
-candidate with the first smallest K has an upper bound below every other candidate's lower bound: then
-torch's T orders them the same, and the eager rule (the first smallest T) picks that candidate. Candidates
+candidate with the first smallest K has an upper bound below every other candidate's lower bound and
+below float32's largest value (so its torch sum has not overflowed to inf): then torch's T orders them
+the same, and the eager rule (the first smallest T) picks that candidate. Candidates
 with the same step, divisor and zero point compute the same T, so the earliest of them stands for all.
-Blocks not decided (near ties, non-finite sums: ~0.13% of minilm's) come back as -1 and the caller
+Blocks not decided (near ties, sums past float32's range: 0.07% of minilm's) come back as -1 and the caller
 searches them eagerly. ``tests/quant/test_mse_kernel.py`` checks the squared errors bit for bit, the bound
 against torch's sums, and the choice against the reference search.
 
@@ -88,7 +89,7 @@ def _kernel(blocks: torch.Tensor):
     if mode == "never" or blocks.device.type != "cpu" or not available():
         return None
     waiting = mode == "auto" and _state["module"] is None and _state["eager_elements"] < LOAD_AFTER_ELEMENTS
-    if waiting:
+    if waiting:  # unlocked: concurrent callers may make the load point approximate, never the result
         _state["eager_elements"] += blocks.numel()
         return None
     if _state["module"] is None:
@@ -123,8 +124,10 @@ def _run(module, blocks: np.ndarray, candidates: tuple, code_range: tuple[float,
         module.search(blocks, *candidates, *code_range, best)
         return
     bounds = [blocks.shape[0] * i // threads for i in range(threads + 1)]
-    futures = [_pool(threads).submit(module.search, blocks[lo:hi], *_columns(candidates, lo, hi), *code_range,
-                                     best[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    with _pool_lock:  # no other thread replaces the pool between taking it and submitting to it
+        pool = _pool(threads)
+        futures = [pool.submit(module.search, blocks[lo:hi], *_columns(candidates, lo, hi), *code_range,
+                               best[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
     for future in futures:
         future.result()
 
@@ -135,10 +138,10 @@ def _columns(candidates: tuple, lo: int, hi: int) -> tuple:
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    """One pool for the process, replaced by a larger one when more threads are asked for."""
-    with _pool_lock:
-        if _state["pool_size"] < threads:
-            if _state["pool"] is not None:
-                _state["pool"].shutdown(wait=False)
-            _state["pool"], _state["pool_size"] = ThreadPoolExecutor(threads, "dtypelab-mse"), threads
-        return _state["pool"]
+    """One pool for the process, replaced by a larger one when more threads are asked for (the old one
+    finishes what it was given). Called under ``_pool_lock``."""
+    if _state["pool_size"] < threads:
+        if _state["pool"] is not None:
+            _state["pool"].shutdown(wait=False)
+        _state["pool"], _state["pool_size"] = ThreadPoolExecutor(threads, "dtypelab-mse"), threads
+    return _state["pool"]
