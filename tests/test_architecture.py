@@ -24,7 +24,7 @@ import dtypelab
 SRC = Path(dtypelab.__file__).resolve().parent
 
 LAYERS: list[set[str]] = [
-    {"errors", "enums", "naming", "quiet", "lazy"},  # base: nothing of dtypelab (but each other, acyclically)
+    {"errors", "enums", "naming", "quiet", "lazy", "settings"},  # base: nothing of dtypelab (but each other)
     {"progress", "tree", "executor"},  # base, on top of errors / naming
     {"report"},
     {"formats"},

@@ -37,6 +37,10 @@ class CheckpointError(DtypelabError):
     """A checkpoint file that is missing, corrupt or unsafe to read or write."""
 
 
+class SettingError(DtypelabError, ValueError):
+    """A ``DTYPELAB_*`` environment variable whose value dtypelab does not take (see ``settings``)."""
+
+
 class DamageError(DtypelabError):
     """A conversion refused under ``--strict`` because values would be lost (exit code 3)."""
 

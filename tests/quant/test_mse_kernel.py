@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_mse import assert_same_storage, reference_quantize, weights
 
-from dtypelab.errors import InputError
+from dtypelab.errors import SettingError
 from dtypelab.formats import IntCodec, get_format
 from dtypelab.quant import mse_kernel, qtensor
 from dtypelab.quant.qtensor import quantize_tensor
@@ -175,11 +175,11 @@ def test_never_and_other_devices_search_eagerly(monkeypatch):
 def test_a_bad_mode_or_a_missing_numba_is_one_clear_error(monkeypatch):
     fmt, blocks, decoded, divisor, zp = candidates(weights(8, 256, 12), "int4:g128:mse")
     monkeypatch.setenv("DTYPELAB_MSE_KERNEL", "fast")
-    with pytest.raises(InputError, match="auto, always, never"):
+    with pytest.raises(SettingError, match="auto, always, never"):
         mse_kernel.first_smallest(blocks, decoded, divisor, zp, -8, 7)
     monkeypatch.setenv("DTYPELAB_MSE_KERNEL", "always")
     monkeypatch.setattr(mse_kernel, "available", lambda: False)
-    with pytest.raises(InputError, match=r"pip install 'dtypelab\[fast\]'"):
+    with pytest.raises(SettingError, match=r"pip install 'dtypelab\[fast\]'"):
         mse_kernel.first_smallest(blocks, decoded, divisor, zp, -8, 7)
 
 

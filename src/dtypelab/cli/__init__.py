@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 import click
 
+from .. import settings
 from ..quiet import drop_known_noise
 from ..report import package_version
 from .cast import cast_cmd
@@ -121,6 +122,7 @@ class _Listed(click.Group):
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def cli(debug: bool) -> None:
     """What happens to my model in precision X? Inspect, cast, compare, diagnose and convert."""
+    settings.check_all()  # a bad DTYPELAB_* value: exit 2 before the command starts (--help still works)
 
 
 for command in COMMANDS:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import settings
 from ..checkpoint import (
     PICKLE_SUFFIXES,
     build_quantized_model,
@@ -525,8 +526,9 @@ def _no_gguf_progress_bar() -> Iterator[None]:
 def cache_dir() -> Path:
     """Where dtypelab keeps what it derives once (a built-in GGUF dequantized to a folder, ~0.5 GB for
     smollm2): ``$DTYPELAB_CACHE``, else ``$XDG_CACHE_HOME/dtypelab``, else ``~/.cache/dtypelab``."""
-    if os.environ.get("DTYPELAB_CACHE"):
-        return Path(os.environ["DTYPELAB_CACHE"]).expanduser()
+    folder = settings.value("DTYPELAB_CACHE")
+    if folder:
+        return Path(folder).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "dtypelab"
 

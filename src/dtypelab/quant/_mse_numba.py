@@ -10,8 +10,6 @@ with unsigned integers, or numba's negative-index wraparound stops them vectoris
 
 from __future__ import annotations
 
-import math
-
 import numba
 import numpy as np
 

@@ -36,17 +36,16 @@ Quant stage: builds on :mod:`dtypelab.formats` (through its caller, :mod:`.qtens
 from __future__ import annotations
 
 import importlib.util
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from ..errors import InputError
+from .. import settings
+from ..errors import SettingError
 
-MODES = ("auto", "always", "never")
-MODE_VARIABLE = "DTYPELAB_MSE_KERNEL"
+MODE_VARIABLE = "DTYPELAB_MSE_KERNEL"  # auto, always, never: see dtypelab.settings
 LOAD_AFTER_ELEMENTS = 32 << 20  # weights searched eagerly (~0.7 s, what loading costs) before auto loads it
 MIN_BLOCKS_PER_THREAD = 4096  # fewer a thread (~3 ms of work): one thread (see _run)
 
@@ -99,14 +98,11 @@ def _kernel(blocks: torch.Tensor):
 
 
 def _mode() -> str:
-    """``DTYPELAB_MSE_KERNEL``, checked: one of :data:`MODES`, and ``always`` only where numba is."""
-    mode = os.environ.get(MODE_VARIABLE, "auto")
-    if mode not in MODES:
-        raise InputError(f"{MODE_VARIABLE}={mode!r} is not a mode: the :mse search's kernel takes one of "
-                         f"{', '.join(MODES)}; set one of those or unset it")
+    """``DTYPELAB_MSE_KERNEL`` (:mod:`dtypelab.settings`), and ``always`` only where numba is installed."""
+    mode = settings.value(MODE_VARIABLE)
     if mode == "always" and not available():
-        raise InputError(f"{MODE_VARIABLE}=always asks for the compiled :mse search, but numba is not "
-                         "installed: pip install 'dtypelab[fast]', or set auto")
+        raise SettingError(f"{MODE_VARIABLE}=always asks for the compiled :mse search, but numba is not "
+                           "installed: pip install 'dtypelab[fast]', or set auto")
     return mode
 
 
