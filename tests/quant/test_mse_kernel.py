@@ -154,6 +154,21 @@ def test_the_thread_split_changes_nothing(threads, spec, monkeypatch):
     assert sum(slices) == blocks and len(slices) == threads
 
 
+def test_a_forked_child_starts_its_own_pool(monkeypatch):
+    """A fork keeps the parent's pool object but not its threads: the child must not submit to it."""
+    monkeypatch.setitem(mse_kernel._state, "pool", None)
+    monkeypatch.setitem(mse_kernel._state, "pool_size", 0)
+    with mse_kernel._pool_lock:
+        parent = mse_kernel._pool(2)
+    mse_kernel._forget_pool()  # what os.register_at_fork runs in the child
+    assert mse_kernel._state["pool"] is None and not mse_kernel._pool_lock.locked()
+    with mse_kernel._pool_lock:
+        child = mse_kernel._pool(2)
+    assert child is not parent
+    parent.shutdown()
+    child.shutdown()
+
+
 def test_auto_mode_loads_the_kernel_only_once_the_eager_search_has_paid_for_it(monkeypatch):
     monkeypatch.delenv("DTYPELAB_MSE_KERNEL", raising=False)
     monkeypatch.setitem(mse_kernel._state, "module", None)

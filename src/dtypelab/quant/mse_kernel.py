@@ -36,6 +36,7 @@ Quant stage: builds on :mod:`dtypelab.formats` (through its caller, :mod:`.qtens
 from __future__ import annotations
 
 import importlib.util
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -51,6 +52,16 @@ MIN_BLOCKS_PER_THREAD = 4096  # fewer a thread (~3 ms of work): one thread (see 
 
 _state = {"eager_elements": 0, "module": None, "pool": None, "pool_size": 0}
 _pool_lock = threading.Lock()
+
+
+def _forget_pool() -> None:
+    """In a forked child: the parent's pool threads do not exist there, so a submit would wait forever."""
+    global _pool_lock
+    _state["pool"], _state["pool_size"], _pool_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def first_smallest(blocks: torch.Tensor, decoded: torch.Tensor, divisor: torch.Tensor,
