@@ -5,12 +5,14 @@ for bit, its sums stay within the bound its proof uses, and what it decides is w
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
 import torch
 from test_mse import assert_same_storage, reference_quantize, weights
 
+import dtypelab.quant
 from dtypelab.errors import SettingError
 from dtypelab.formats import IntCodec, get_format
 from dtypelab.quant import mse_kernel, qtensor
@@ -196,6 +198,24 @@ def test_a_bad_mode_or_a_missing_numba_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(mse_kernel, "available", lambda: False)
     with pytest.raises(SettingError, match=r"pip install 'dtypelab\[fast\]'"):
         mse_kernel.first_smallest(blocks, decoded, divisor, zp, -8, 7)
+
+
+def test_a_kernel_that_cannot_load_leaves_the_eager_search(monkeypatch):
+    """numba installed but its module failing to load (a numpy it does not take, no cache folder): auto
+    searches eagerly with the same codes; always says why, in one line."""
+    fmt, blocks, decoded, divisor, zp = candidates(weights(8, 256, 15), "int4:g128:mse")
+    monkeypatch.setitem(mse_kernel._state, "module", None)
+    monkeypatch.setitem(sys.modules, "dtypelab.quant._mse_numba", None)  # makes the import fail
+    monkeypatch.delattr(dtypelab.quant, "_mse_numba")
+    monkeypatch.setenv("DTYPELAB_MSE_KERNEL", "always")
+    with pytest.raises(SettingError, match="could not be loaded"):
+        mse_kernel.first_smallest(blocks, decoded, divisor, zp, -8, 7)
+    monkeypatch.setenv("DTYPELAB_MSE_KERNEL", "auto")
+    monkeypatch.setitem(mse_kernel._state, "eager_elements", mse_kernel.LOAD_AFTER_ELEMENTS)
+    assert mse_kernel.first_smallest(blocks, decoded, divisor, zp, -8, 7) is None
+    assert mse_kernel._state["module"] is False  # remembered: no second attempt
+    w = weights(16, 256, 15)
+    assert_same_storage(quantize_tensor(w, fmt), reference_quantize(w, fmt))
 
 
 def test_only_integer_codecs_take_the_kernel(monkeypatch):

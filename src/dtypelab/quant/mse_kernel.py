@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from .. import settings
-from ..errors import SettingError
+from ..errors import SettingError, first_line
 
 MODE_VARIABLE = "DTYPELAB_MSE_KERNEL"  # auto, always, never: see dtypelab.settings
 LOAD_AFTER_ELEMENTS = 32 << 20  # weights searched eagerly (~0.7 s, what loading costs) before auto loads it
@@ -103,9 +103,22 @@ def _kernel(blocks: torch.Tensor):
         _state["eager_elements"] += blocks.numel()
         return None
     if _state["module"] is None:
+        _state["module"] = _load(mode)
+    return _state["module"] or None
+
+
+def _load(mode: str):
+    """The compiled module, or False (remembered: the eager search serves this process) where numba
+    cannot load it, e.g. a numba that does not match this numpy, or no writable cache folder for its
+    machine code (numba refuses ``cache=True`` then). ``always`` says why instead."""
+    try:
         from . import _mse_numba
-        _state["module"] = _mse_numba
-    return _state["module"]
+    except Exception as exc:  # numba's own failures are of many kinds; none may fail a quantization
+        if mode == "always":
+            raise SettingError(f"{MODE_VARIABLE}=always asks for the compiled :mse search, but it could not "
+                               f"be loaded ({type(exc).__name__}: {first_line(exc)}); set auto") from exc
+        return False
+    return _mse_numba
 
 
 def _mode() -> str:
