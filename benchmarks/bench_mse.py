@@ -37,7 +37,7 @@ ROUNDS = 5
 THREADS = (1, 2)  # 2 threads on 2 shared cores also measure OpenMP waiting for a busy core
 COMPILED = "dtypelab int4:g128:mse (compiled)"
 STACKED = "dtypelab int4:g128:mse (eager, stacked)"
-MODE = "DTYPELAB_MSE_KERNEL"
+MODE = qtensor.mse_kernel.MODE_VARIABLE  # DTYPELAB_MSE_KERNEL
 LOAD_PROBE = """
 import time, torch
 from dtypelab.formats import get_format
