@@ -5,6 +5,8 @@ for bit, its sums stay within the bound its proof uses, and what it decides is w
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import sys
 
 import numpy as np
@@ -60,16 +62,20 @@ def test_the_squared_errors_are_the_eager_searchs_bit_for_bit(spec):
     expected = eager_values(blocks, decoded, divisor, zp, codec)
     flat, n = blocks.reshape(-1, blocks.shape[-1]).numpy(), blocks.shape[-1]
     zps = torch.zeros_like(decoded) if zp is None else zp
-    out = np.empty(n, np.float32)
+    out, code_range = np.empty(n, np.float32), (np.float32(codec.min_value), np.float32(codec.max_finite))
     for k in range(decoded.shape[0]):
-        got = np.empty_like(flat)
+        got, got_symmetric = np.empty_like(flat), np.empty_like(flat)
         steps = [t[k].reshape(-1).numpy() for t in (decoded, divisor, zps)]
         for b in range(flat.shape[0]):
-            _mse_numba.squared_errors(flat[b], steps[0][b], steps[1][b], steps[2][b],
-                                      np.float32(codec.min_value), np.float32(codec.max_finite), out)
+            _mse_numba.squared_errors(flat[b], steps[0][b], steps[1][b], steps[2][b], *code_range, out)
             got[b] = out
-        assert torch.equal(torch.from_numpy(got).view(torch.int32),
-                           expected[k].reshape(flat.shape).contiguous().view(torch.int32))
+            if zp is None:  # the path the kernel takes where every zero point is 0
+                _mse_numba.squared_errors_symmetric(flat[b], steps[0][b], steps[1][b], *code_range, out)
+                got_symmetric[b] = out
+        reference = expected[k].reshape(flat.shape).contiguous().view(torch.int32)
+        assert torch.equal(torch.from_numpy(got).view(torch.int32), reference)
+        if zp is None:
+            assert torch.equal(torch.from_numpy(got_symmetric).view(torch.int32), reference)
 
 
 @pytest.mark.parametrize("n", [32, 128, 384, 4096])
@@ -99,11 +105,27 @@ def test_decided_blocks_pick_the_reference_candidate(spec, rows, cols, seed, mon
     w = weights(rows, cols, seed)
     fmt, blocks, decoded, divisor, zp = candidates(w, spec)
     codec = fmt.element_codec
-    best = mse_kernel.first_smallest(blocks, decoded, divisor, zp, codec.min_value, codec.max_finite)
+    choice = mse_kernel.first_smallest(blocks, decoded, zp, codec.min_value, codec.max_finite)
     reference = qtensor._first_smallest(qtensor._stacked_errors(blocks, decoded, divisor, zp, fmt))
-    decided = best >= 0
-    assert torch.equal(best[decided], reference[decided])
+    decided = choice.best >= 0
+    assert torch.equal(choice.best[decided], reference[decided])
     assert decided.float().mean() > 0.98
+    assert torch.equal(choice.undecided, (~decided).reshape(-1).nonzero().reshape(-1))
+
+
+@pytest.mark.parametrize("spec", ["int4:g32:mse", "int4:g32:asym:mse"])
+def test_the_undecided_blocks_come_with_the_eager_searchs_squared_errors(spec, monkeypatch):
+    """Every block left undecided (the bound patched to decide nothing): their candidates' squared errors,
+    which torch then sums, are the eager search's terms bit for bit, block by block in index order."""
+    monkeypatch.setenv("DTYPELAB_MSE_KERNEL", "always")
+    monkeypatch.setattr(mse_kernel, "_run", lambda *args: args[-1].fill(-1))
+    fmt, blocks, decoded, divisor, zp = candidates(weights(6, 256, 16), spec)
+    codec = fmt.element_codec
+    choice = mse_kernel.first_smallest(blocks, decoded, zp, codec.min_value, codec.max_finite)
+    count, n = decoded.shape[0], blocks.shape[-1]
+    expected = eager_values(blocks, decoded, divisor, zp, codec).reshape(count, -1, n)
+    assert torch.equal(choice.undecided, torch.arange(expected.shape[1]))
+    assert torch.equal(choice.squared_errors.view(torch.int32), expected.contiguous().view(torch.int32))
 
 
 def test_blocks_left_undecided_are_searched_eagerly(monkeypatch):
@@ -130,45 +152,76 @@ def test_near_ties_are_left_to_the_eager_search():
     assert best[0] == 0
 
 
+needs_team = pytest.mark.skipif(mse_kernel._find_team() is None,
+                                reason="torch runs on no GNU-compatible OpenMP runtime here (not Linux)")
+
+
+@needs_team
 @pytest.mark.parametrize("spec", ["int4:g32:mse", "int4:g32:asym:mse"])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_the_thread_split_changes_nothing(threads, spec, monkeypatch):
-    """Blocks split across threads (each a column slice of the candidates' steps and zero points)."""
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_torchs_openmp_team_answers_every_block_once_as_one_thread_does(threads, spec):
+    """The kernel run as a parallel region of torch's OpenMP team (shared symmetric zero points, per-block
+    asymmetric ones): the same answer as one thread, block for block. The job's claim counter ends at
+    (chunks + team size) x chunk: every chunk was claimed once, and each of the ``threads`` threads ran
+    the region and found nothing left (so the team really had that many)."""
+    fmt, blocks, decoded, divisor, zp = candidates(weights(160, 1024, 17), spec)
+    codec = fmt.element_codec
+    count, n = decoded.shape[0], blocks.shape[-1]
+    flat = blocks.reshape(-1, n).contiguous().numpy()
+    zps = np.zeros((count, 1), np.float32) if zp is None else zp.reshape(count, -1).numpy()
+    arrays = (decoded.reshape(count, -1).numpy(), divisor.reshape(count, -1).numpy(), zps)
+    code_range = (float(codec.min_value), float(codec.max_finite))
+    alone, together = np.empty(flat.shape[0], np.int64), np.full(flat.shape[0], -7, np.int64)
+    _mse_numba.search(flat, *arrays, *code_range, alone)
+    job, _code = mse_kernel._team_job(flat, arrays, code_range, together)
+    mse_kernel._find_team()(_mse_numba.team_search.address, job.ctypes.data, threads, 0)
+    assert np.array_equal(alone, together)
+    chunk = _mse_numba.TEAM_CHUNK_BLOCKS
+    assert job[0] == (-(-flat.shape[0] // chunk) + threads) * chunk
+
+
+@needs_team
+def test_the_quantizer_takes_torchs_team_at_several_threads_with_the_same_codes(monkeypatch):
     monkeypatch.setenv("DTYPELAB_MSE_KERNEL", "always")
-    monkeypatch.setattr(mse_kernel, "MIN_BLOCKS_PER_THREAD", 16)
-    slices = []
-
-    class Counting:  # the kernel module, counting the slices it is given
-        @staticmethod
-        def search(blocks, *args):
-            slices.append(blocks.shape[0])
-            return _mse_numba.search(blocks, *args)
-
-    monkeypatch.setitem(mse_kernel._state, "module", Counting)
-    w = weights(96, 1024, 9)
+    calls = []
+    monkeypatch.setitem(mse_kernel._state, "team", None)
+    real = mse_kernel._find_team
+    monkeypatch.setattr(mse_kernel, "_find_team", lambda: calls.append(1) or real())
+    w, fmt = weights(96, 1024, 9), get_format("int4:g32:asym:mse")
     saved = torch.get_num_threads()
     try:
-        torch.set_num_threads(threads)
-        assert_same_storage(quantize_tensor(w, get_format(spec)), reference_quantize(w, get_format(spec)))
+        torch.set_num_threads(2)
+        assert_same_storage(quantize_tensor(w, fmt), reference_quantize(w, fmt))
     finally:
         torch.set_num_threads(saved)
-    blocks = 96 * 1024 // get_format(spec).group_size
-    assert sum(slices) == blocks and len(slices) == threads
+    assert calls == [1] and mse_kernel._state["team"]
 
 
-def test_a_forked_child_starts_its_own_pool(monkeypatch):
-    """A fork keeps the parent's pool object but not its threads: the child must not submit to it."""
-    monkeypatch.setitem(mse_kernel._state, "pool", None)
-    monkeypatch.setitem(mse_kernel._state, "pool_size", 0)
-    with mse_kernel._pool_lock:
-        parent = mse_kernel._pool(2)
-    mse_kernel._forget_pool()  # what os.register_at_fork runs in the child
-    assert mse_kernel._state["pool"] is None and not mse_kernel._pool_lock.locked()
-    with mse_kernel._pool_lock:
-        child = mse_kernel._pool(2)
-    assert child is not parent
-    parent.shutdown()
-    child.shutdown()
+def test_an_array_the_team_cannot_read_stays_on_one_thread():
+    """The job holds raw addresses: a strided or non-float32 array must not reach it."""
+    blocks = np.zeros((256, 32), np.float32)
+    steps = np.ones((21, 256), np.float32)
+    zps, best = np.zeros((21, 1), np.float32), np.empty(256, np.int64)
+    assert mse_kernel._team_job(blocks, (steps, steps, zps), (-8.0, 7.0), best) is not None
+    assert mse_kernel._team_job(blocks[:, ::2], (steps, steps, zps), (-8.0, 7.0), best) is None
+    assert mse_kernel._team_job(blocks, (steps.astype(np.float64), steps, zps), (-8.0, 7.0), best) is None
+
+
+@needs_team
+def test_a_forked_child_leaves_the_parents_team(monkeypatch):
+    """GNU OpenMP's workers do not survive a fork: a child entering the parent's team would wait forever
+    (torch's own parallel operations hang there too, unless the child sets one thread). The fork hook
+    makes the child's kernel run on its own thread; the parent keeps its team."""
+    monkeypatch.setitem(mse_kernel._state, "team", None)
+    assert mse_kernel._team() is not None
+    child = multiprocessing.get_context("fork").Process(target=_exit_with_team_state)
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0 and mse_kernel._team() is not None
+
+
+def _exit_with_team_state():
+    os._exit(0 if mse_kernel._team() is None else 1)
 
 
 def test_auto_mode_loads_the_kernel_only_once_the_eager_search_has_paid_for_it(monkeypatch):
@@ -177,27 +230,27 @@ def test_auto_mode_loads_the_kernel_only_once_the_eager_search_has_paid_for_it(m
     monkeypatch.setitem(mse_kernel._state, "eager_elements", 0)
     monkeypatch.setattr(mse_kernel, "LOAD_AFTER_ELEMENTS", 3 * 64 * 256)
     fmt, blocks, decoded, divisor, zp = candidates(weights(64, 256, 10), "int4:g128:mse")
-    args = (blocks, decoded, divisor, zp, -8, 7)
+    args = (blocks, decoded, zp, -8, 7)
     assert [mse_kernel.first_smallest(*args) is None for _ in range(4)] == [True, True, True, False]
 
 
 def test_never_and_other_devices_search_eagerly(monkeypatch):
     fmt, blocks, decoded, divisor, zp = candidates(weights(8, 256, 11), "int4:g128:mse")
     monkeypatch.setenv("DTYPELAB_MSE_KERNEL", "always")
-    assert mse_kernel.first_smallest(blocks.to("meta"), decoded, divisor, zp, -8, 7) is None
+    assert mse_kernel.first_smallest(blocks.to("meta"), decoded, zp, -8, 7) is None
     monkeypatch.setenv("DTYPELAB_MSE_KERNEL", "never")
-    assert mse_kernel.first_smallest(blocks, decoded, divisor, zp, -8, 7) is None
+    assert mse_kernel.first_smallest(blocks, decoded, zp, -8, 7) is None
 
 
 def test_a_bad_mode_or_a_missing_numba_is_one_clear_error(monkeypatch):
     fmt, blocks, decoded, divisor, zp = candidates(weights(8, 256, 12), "int4:g128:mse")
     monkeypatch.setenv("DTYPELAB_MSE_KERNEL", "fast")
     with pytest.raises(SettingError, match="auto, always, never"):
-        mse_kernel.first_smallest(blocks, decoded, divisor, zp, -8, 7)
+        mse_kernel.first_smallest(blocks, decoded, zp, -8, 7)
     monkeypatch.setenv("DTYPELAB_MSE_KERNEL", "always")
     monkeypatch.setattr(mse_kernel, "available", lambda: False)
     with pytest.raises(SettingError, match=r"pip install 'dtypelab\[fast\]'"):
-        mse_kernel.first_smallest(blocks, decoded, divisor, zp, -8, 7)
+        mse_kernel.first_smallest(blocks, decoded, zp, -8, 7)
 
 
 def test_a_kernel_that_cannot_load_leaves_the_eager_search(monkeypatch):
@@ -209,10 +262,10 @@ def test_a_kernel_that_cannot_load_leaves_the_eager_search(monkeypatch):
     monkeypatch.delattr(dtypelab.quant, "_mse_numba")
     monkeypatch.setenv("DTYPELAB_MSE_KERNEL", "always")
     with pytest.raises(SettingError, match="could not be loaded"):
-        mse_kernel.first_smallest(blocks, decoded, divisor, zp, -8, 7)
+        mse_kernel.first_smallest(blocks, decoded, zp, -8, 7)
     monkeypatch.setenv("DTYPELAB_MSE_KERNEL", "auto")
     monkeypatch.setitem(mse_kernel._state, "eager_elements", mse_kernel.LOAD_AFTER_ELEMENTS)
-    assert mse_kernel.first_smallest(blocks, decoded, divisor, zp, -8, 7) is None
+    assert mse_kernel.first_smallest(blocks, decoded, zp, -8, 7) is None
     assert mse_kernel._state["module"] is False  # remembered: no second attempt
     w = weights(16, 256, 15)
     assert_same_storage(quantize_tensor(w, fmt), reference_quantize(w, fmt))

@@ -5,7 +5,7 @@ Why: the eager search (``qtensor._search_stacked``) spends seven float32 passes 
 candidate clip ratio, 21 candidates, each pass a torch kernel that reads and writes its operands; that was
 3.2-3.7x optimum-quanto's qint4 on minilm. Compiled, a block's 128 weights stay in registers while each
 candidate is divided, rounded, clamped, scaled, subtracted, squared and summed: the whole quantization
-1.7x quanto's time at 1 thread (``docs/benchmarks.md``, "The :mse search").
+1.3-1.9x quanto's time at 1 and 2 threads (``docs/benchmarks.md``, "The :mse search").
 
 Why the choice is the eager one, bit for bit: the elementwise float32 operations are the eager search's,
 in its order (``x / divisor``, ``+ zero point``, round half to even, clamp, ``- zero point``, ``* step``,
@@ -18,9 +18,11 @@ candidate with the first smallest K has an upper bound below every other candida
 below float32's largest value (so its torch sum has not overflowed to inf): then torch's T orders them
 the same, and the eager rule (the first smallest T) picks that candidate. Candidates
 with the same step, divisor and zero point compute the same T, so the earliest of them stands for all.
-Blocks not decided (near ties, sums past float32's range: 0.07% of minilm's) come back as -1 and the caller
-searches them eagerly. ``tests/quant/test_mse_kernel.py`` checks the squared errors bit for bit, the bound
-against torch's sums, and the choice against the reference search.
+Blocks not decided (near ties, sums past float32's range: 0.07% of minilm's) come back as -1 with their
+candidates' squared errors, computed by the kernel (the eager bits), which the caller sums with torch and
+decides by the eager rule. On more than one torch thread the kernel runs as a parallel region of torch's
+own OpenMP team (:func:`_run`). ``tests/quant/test_mse_kernel.py`` checks the squared errors bit for
+bit, the bound against torch's sums, and the choice against the reference search.
 
 Cost of having it: importing numba and loading the cached machine code takes 0.7-0.8 s once per process
 (the first compile, ~2 s, is cached beside this file, or in numba's user cache where that is read-only).
@@ -35,10 +37,11 @@ Quant stage: builds on :mod:`dtypelab.formats` (through its caller, :mod:`.qtens
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,44 +51,58 @@ from ..errors import SettingError, first_line
 
 MODE_VARIABLE = "DTYPELAB_MSE_KERNEL"  # auto, always, never: see dtypelab.settings
 LOAD_AFTER_ELEMENTS = 32 << 20  # weights searched eagerly (~0.7 s, what loading costs) before auto loads it
-MIN_BLOCKS_PER_THREAD = 4096  # fewer a thread (~3 ms of work): one thread (see _run)
+OPENMP_LIBRARIES = ("libgomp.so.1", "libiomp5.so", "libomp.so")  # in torch/lib, the one torch runs on
 
-_state = {"eager_elements": 0, "module": None, "pool": None, "pool_size": 0}
-_pool_lock = threading.Lock()
+_state = {"eager_elements": 0, "module": None, "team": None}
 
 
-def _forget_pool() -> None:
-    """In a forked child: the parent's pool threads do not exist there, so a submit would wait forever."""
-    global _pool_lock
-    _state["pool"], _state["pool_size"], _pool_lock = None, 0, threading.Lock()
+def _leave_team() -> None:
+    """In a forked child: the parent's OpenMP workers do not exist there (see :func:`_team`)."""
+    _state["team"] = False
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
+    os.register_at_fork(after_in_child=_leave_team)
 
 
-def first_smallest(blocks: torch.Tensor, decoded: torch.Tensor, divisor: torch.Tensor,
-                   zero_point: torch.Tensor | None, qmin: float, qmax: float) -> torch.Tensor | None:
-    """Per block, the index of the candidate the eager search picks, or -1 where the bound cannot decide;
-    None when the kernel is not to be used (no numba, not on the CPU, ``never``, or not yet worth
-    loading in ``auto`` mode: the caller then searches eagerly).
+@dataclass(frozen=True)
+class KernelChoice:
+    """What the compiled search settles for one call, and what it leaves to torch's float32 sums."""
 
-    ``blocks``: (rows, blocks, n) float32 weights; ``decoded``, ``divisor``: the candidates' float32
-    steps (the divisor has 0 replaced by 1), (candidates, rows, blocks, 1); ``zero_point``: the same
-    shape as float32, or None (symmetric); ``qmin``, ``qmax``: the integer codec's code range.
-    Returns int64, (rows, blocks, 1).
+    best: torch.Tensor  # int64 (rows, blocks, 1): each block's candidate, -1 where the bound cannot tell
+    undecided: torch.Tensor  # int64: the -1 blocks' indices among the (rows * blocks) flattened blocks
+    squared_errors: torch.Tensor  # float32 (candidates, len(undecided), n): their terms, the eager bits
+
+
+def first_smallest(blocks: torch.Tensor, decoded: torch.Tensor, zero_point: torch.Tensor | None,
+                   qmin: float, qmax: float) -> KernelChoice | None:
+    """Per block, the index of the candidate the eager search picks where the bound decides, and for the
+    blocks it cannot decide (near ties) their candidates' squared errors, which torch then sums; None
+    when the kernel is not to be used (no numba, not on the CPU, ``never``, or not yet worth loading in
+    ``auto`` mode: the caller then searches eagerly).
+
+    ``blocks``: (rows, blocks, n) float32 weights; ``decoded``: the candidates' float32 steps,
+    (candidates, rows, blocks, 1) (a zero step divides by 1, as ``qtensor._scaled``); ``zero_point``: the
+    same shape as float32, or None (symmetric); ``qmin``, ``qmax``: the integer codec's code range.
     """
     module = _kernel(blocks)
     if module is None:
         return None
     candidates, n = decoded.shape[0], blocks.shape[-1]
     flat = blocks.reshape(-1, n).contiguous().numpy()
-    steps, divisors = (t.reshape(candidates, -1).numpy() for t in (decoded, divisor))
+    steps = decoded.reshape(candidates, -1).contiguous().numpy()
+    divisors = np.where(steps != 0, steps, np.float32(1))  # numpy: ~5x less overhead than torch here
     zero_points = np.zeros((candidates, 1), np.float32) if zero_point is None \
-        else zero_point.reshape(candidates, -1).numpy()
+        else zero_point.reshape(candidates, -1).contiguous().numpy()
+    code_range = (float(qmin), float(qmax))
     best = torch.empty(flat.shape[0], dtype=torch.int64)
-    _run(module, flat, (steps, divisors, zero_points), (float(qmin), float(qmax)), best.numpy())
-    return best.reshape(*blocks.shape[:-1], 1)
+    _run(module, flat, (steps, divisors, zero_points), code_range, best.numpy())
+    undecided = torch.from_numpy(np.flatnonzero(best.numpy() < 0))
+    squares = torch.empty((candidates, undecided.numel(), n), dtype=torch.float32)
+    if undecided.numel():
+        module.undecided_squares(flat, steps, divisors, zero_points, *code_range, undecided.numpy(),
+                                 squares.numpy())
+    return KernelChoice(best.reshape(*blocks.shape[:-1], 1), undecided, squares)
 
 
 def available() -> bool:
@@ -131,37 +148,77 @@ def _mode() -> str:
 
 
 def _run(module, blocks: np.ndarray, candidates: tuple, code_range: tuple[float, float], best: np.ndarray):
-    """The kernel over all blocks, split across torch's intra-op thread count (numba releases the GIL):
-    each block's answer depends only on its own row, so the split changes nothing. ``candidates``:
-    (steps, divisors, zero points), each (candidates, blocks), or (candidates, 1) zero points.
+    """The kernel over all blocks: on torch's OpenMP team where there is one to share and torch has more
+    than one intra-op thread (:func:`_team`), else on this thread. ``candidates``: (steps, divisors,
+    zero points), each (candidates, blocks) float32, or (candidates, 1) zero points.
 
-    Split only where each thread gets :data:`MIN_BLOCKS_PER_THREAD` blocks: right after torch's own
-    operations its OpenMP workers still spin for a while on the cores, so a short split gains nothing
-    (measured on minilm's weights at 2 threads: the kernel alone 0.064 -> 0.042 s when split, inside
-    the quantizer 0.065 s either way)."""
-    threads = max(1, min(torch.get_num_threads(), blocks.shape[0] // MIN_BLOCKS_PER_THREAD))
-    if threads == 1:
+    Why torch's team and not threads of our own: right after torch's operations its OpenMP workers spin
+    on the cores for a few milliseconds, waiting for the next parallel region, and a thread of ours
+    competes with them. Threads of a Python pool gained nothing inside the quantizer (minilm's weights at
+    2 threads: 0.065 s either way); the same kernel as a parallel region of torch's own runtime runs
+    where those workers wait, 1.6-1.8x faster from 1152 blocks (one of minilm's 384 x 384 weights) up."""
+    job = _team_job(blocks, candidates, code_range, best)
+    threads = torch.get_num_threads()
+    team = _team() if threads > 1 and job is not None and blocks.shape[0] > module.TEAM_CHUNK_BLOCKS else None
+    if team is None:
         module.search(blocks, *candidates, *code_range, best)
         return
-    bounds = [blocks.shape[0] * i // threads for i in range(threads + 1)]
-    with _pool_lock:  # no other thread replaces the pool between taking it and submitting to it
-        pool = _pool(threads)
-        futures = [pool.submit(module.search, blocks[lo:hi], *_columns(candidates, lo, hi), *code_range,
-                               best[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-    for future in futures:
-        future.result()
+    record, _code_range = job  # both held until the region ends: the record has only their addresses
+    team(module.team_search.address, record.ctypes.data, threads, 0)  # ctypes releases the GIL meanwhile
 
 
-def _columns(candidates: tuple, lo: int, hi: int) -> tuple:
-    """Blocks ``lo`` .. ``hi`` of each (candidates, blocks) array; a shared (candidates, 1) one as it is."""
-    return tuple(values if values.shape[1] == 1 else values[:, lo:hi] for values in candidates)
+def _team_job(blocks: np.ndarray, candidates: tuple, code_range: tuple[float, float],
+              best: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(the int64 job record ``team_search`` reads, ``_mse_numba.JOB_FIELDS``; the float64 code range it
+    points to), or None where an array is not of the dtype and C layout read through raw addresses (then
+    :func:`_run` stays on one thread). The other arrays are held by :func:`_run`'s caller."""
+    steps, divisors, zero_points = candidates
+    expected = ((blocks, np.float32), (steps, np.float32), (divisors, np.float32),
+                (zero_points, np.float32), (best, np.int64))
+    if any(array.dtype != dtype or not array.flags.c_contiguous for array, dtype in expected):
+        return None
+    code = np.asarray(code_range, dtype=np.float64)
+    job = np.array([0, blocks.shape[0], blocks.shape[1], steps.shape[0], zero_points.shape[1],
+                    blocks.ctypes.data, steps.ctypes.data, divisors.ctypes.data, zero_points.ctypes.data,
+                    best.ctypes.data, code.ctypes.data], dtype=np.int64)
+    return job, code
 
 
-def _pool(threads: int) -> ThreadPoolExecutor:
-    """One pool for the process, replaced by a larger one when more threads are asked for (the old one
-    finishes what it was given). Called under ``_pool_lock``."""
-    if _state["pool_size"] < threads:
-        if _state["pool"] is not None:
-            _state["pool"].shutdown(wait=False)
-        _state["pool"], _state["pool_size"] = ThreadPoolExecutor(threads, "dtypelab-mse"), threads
-    return _state["pool"]
+def _team():
+    """``GOMP_parallel`` of the OpenMP runtime torch uses (a ctypes function: body, data, threads, flags),
+    or None where none is found or this is a forked child. Looked up once per process.
+
+    Found as the library of :data:`OPENMP_LIBRARIES` in torch's own ``lib`` folder that is already mapped
+    into this process (Linux wheels ship ``libgomp.so.1`` there); LLVM's and Intel's runtimes export the
+    same GNU entry point. Elsewhere (macOS, Windows, a build without OpenMP) the kernel runs on one thread.
+    A forked child never uses it: GNU OpenMP's workers do not survive a fork (torch's own operations
+    hang there too unless ``torch.set_num_threads(1)``)."""
+    if _state["team"] is None:
+        _state["team"] = _find_team() or False
+    return _state["team"] or None
+
+
+def _find_team():
+    folder = Path(torch.__file__).parent / "lib"
+    mapped = _mapped_files()
+    for name in OPENMP_LIBRARIES:
+        path = folder / name
+        if not path.exists() or str(path.resolve()) not in mapped:
+            continue
+        try:
+            function = ctypes.CDLL(str(path)).GOMP_parallel
+        except (OSError, AttributeError):
+            continue
+        function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+        function.restype = None
+        return function
+    return None
+
+
+def _mapped_files() -> set[str]:
+    """Paths of the files mapped into this process (``/proc/self/maps``; empty where there is none)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return {line.split(maxsplit=5)[5].strip() for line in maps if len(line.split(maxsplit=5)) == 6}
+    except OSError:
+        return set()

@@ -25,6 +25,7 @@ Quant stage: builds on :mod:`dtypelab.formats`.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -355,24 +356,29 @@ def _search_stacked(blocks: torch.Tensor, stats: tuple, fmt: NumberFormat, tenso
     passes over the weights; ``docs/benchmarks.md``, "The :mse search"), but holds its memory bound.
     Integer formats on the CPU take the compiled search instead where numba is installed
     (:mod:`.mse_kernel`: the whole quantization 1.6-1.8x faster): it proves most blocks' choice from
-    its own sums and leaves the near ties (-1) to this eager search, over those blocks alone.
+    its own sums and leaves the near ties to torch's sums of their squared errors (:func:`_settle_undecided`).
 
     Result: bit for bit the one-ratio-at-a-time search (:func:`_search_one_by_one`): each candidate's
     scales and squared errors are the same float32 operations element by element, and the first
     smallest error along the ratios (:func:`_first_smallest`) is the ratio that loop kept (it replaced
     only on a strictly smaller error). tests/quant/test_mse.py checks it against that loop, kept there.
     """
-    ratios = torch.tensor(MSE_CLIP_RATIOS, dtype=torch.float32, device=blocks.device).reshape(-1, 1, 1, 1)
-    scale, zp = _scales_for_clip(stats, fmt, tensor_scale, ratios)
+    scale, zp = _scales_for_clip(stats, fmt, tensor_scale, _clip_ratios(blocks.device))
     decoded = _decoded_scale(scale, tensor_scale)
-    divisor = torch.where(decoded != 0, decoded, torch.ones_like(decoded))  # as _scaled: a zero step is 1
     zps = None if zp is None else zp.float()
-    best = _compiled_choice(blocks, decoded, divisor, zps, fmt)
-    if best is None:
+    choice = _compiled_choice(blocks, decoded, zps, fmt)
+    if choice is None:
+        divisor = torch.where(decoded != 0, decoded, torch.ones_like(decoded))  # as _scaled: a zero step is 1
         best = _first_smallest(_stacked_errors(blocks, decoded, divisor, zps, fmt))
     else:
-        _search_undecided(best, blocks, decoded, divisor, zps, fmt)
+        best = _settle_undecided(choice)
     return _picked(scale, best), None if zp is None else _picked(zp, best)
+
+
+@functools.cache
+def _clip_ratios(device: torch.device) -> torch.Tensor:
+    """:data:`MSE_CLIP_RATIOS` as float32 (ratios, 1, 1, 1), made once per device (never written to)."""
+    return torch.tensor(MSE_CLIP_RATIOS, dtype=torch.float32, device=device).reshape(-1, 1, 1, 1)
 
 
 def _picked(candidates: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
@@ -383,28 +389,25 @@ def _picked(candidates: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
     return raw.gather(0, best.unsqueeze(0)).squeeze(0).view(candidates.dtype)
 
 
-def _compiled_choice(blocks: torch.Tensor, decoded: torch.Tensor, divisor: torch.Tensor,
-                     zp: torch.Tensor | None, fmt: NumberFormat) -> torch.Tensor | None:
-    """The compiled search's choice per block (:mod:`.mse_kernel`: integer codecs on the CPU), -1 where it
-    leaves a block undecided; None where it does not run."""
+def _compiled_choice(blocks: torch.Tensor, decoded: torch.Tensor, zp: torch.Tensor | None,
+                     fmt: NumberFormat) -> mse_kernel.KernelChoice | None:
+    """The compiled search's choice per block (:mod:`.mse_kernel`: integer codecs on the CPU), with the
+    blocks it leaves undecided; None where it does not run."""
     codec = fmt.element_codec
     if not isinstance(codec, IntCodec):
         return None
-    return mse_kernel.first_smallest(blocks, decoded, divisor, zp, codec.min_value, codec.max_finite)
+    return mse_kernel.first_smallest(blocks, decoded, zp, codec.min_value, codec.max_finite)
 
 
-def _search_undecided(best: torch.Tensor, blocks: torch.Tensor, decoded: torch.Tensor, divisor: torch.Tensor,
-                      zp: torch.Tensor | None, fmt: NumberFormat) -> None:
-    """Fill ``best``'s -1 entries (blocks the compiled search's bound could not decide) with the eager
-    search over those blocks alone, as (blocks, 1, n) rows: each block's errors are its own row's sums."""
-    undecided = (best.reshape(-1) < 0).nonzero().reshape(-1)
-    if undecided.numel() == 0:
-        return
-    count, n = len(MSE_CLIP_RATIOS), blocks.shape[-1]
-    picked = [t.reshape(count, -1)[:, undecided].reshape(count, -1, 1, 1) if t is not None else None
-              for t in (decoded, divisor, zp)]
-    errors = _stacked_errors(blocks.reshape(-1, 1, n)[undecided], *picked, fmt)
-    best.view(-1)[undecided] = _first_smallest(errors).reshape(-1)
+def _settle_undecided(choice: mse_kernel.KernelChoice) -> torch.Tensor:
+    """The compiled search's choice with its -1 blocks (near ties its bound could not decide) decided as
+    the eager search decides them: the first smallest of torch's float32 sums of their squared errors,
+    which the kernel computed bit for bit as :func:`_candidate_errors` does; only the sums' order is
+    torch's own, so torch adds them, each block's n terms in a contiguous row as there."""
+    if choice.undecided.numel():
+        errors = choice.squared_errors.sum(dim=-1, keepdim=True)  # (ratios, undecided, 1)
+        choice.best.view(-1)[choice.undecided] = _first_smallest(errors).reshape(-1)
+    return choice.best
 
 
 def _stacked_errors(blocks: torch.Tensor, decoded: torch.Tensor, divisor: torch.Tensor,
