@@ -137,6 +137,25 @@ def test_blocks_left_undecided_are_searched_eagerly(monkeypatch):
         assert_same_storage(quantize_tensor(w, get_format(spec)), reference_quantize(w, get_format(spec)))
 
 
+def test_a_zero_step_divides_by_one_as_in_the_eager_search(monkeypatch):
+    """A candidate whose step is 0 (an e4m3 scale that underflowed, say): the eager search divides by 1
+    there (and multiplies back by 0); the kernel must score it the same, decided or not."""
+    monkeypatch.setenv("DTYPELAB_MSE_KERNEL", "always")
+    fmt = get_format("int4:g32:mse")
+    blocks = weights(8, 64, 19)[:2].reshape(2, 2, 32)
+    decoded = torch.tensor([0.0, 0.05, 0.1, 0.0]).reshape(-1, 1, 1, 1).expand(-1, 2, 2, 1).contiguous()
+    decoded[1, 0, 0] = 0.0
+    divisor = torch.where(decoded != 0, decoded, torch.ones_like(decoded))
+    reference = qtensor._first_smallest(qtensor._stacked_errors(blocks, decoded, divisor, None, fmt))
+    choice = mse_kernel.first_smallest(blocks, decoded, None, -8, 7)
+    assert torch.equal(qtensor._settle_undecided(choice), reference)
+    monkeypatch.setattr(mse_kernel, "_run", lambda *args: args[-1].fill(-1))  # all left to torch's sums
+    choice = mse_kernel.first_smallest(blocks, decoded, None, -8, 7)
+    expected = eager_values(blocks, decoded, divisor, None, fmt.element_codec).reshape(4, -1, 32)
+    assert torch.equal(choice.squared_errors, expected)
+    assert torch.equal(qtensor._settle_undecided(choice), reference)
+
+
 def test_near_ties_are_left_to_the_eager_search():
     """Two candidates whose sums differ by less than the bound: the kernel must not choose. Block of
     one value 1.0 and 127 zeros: ratio 1.0 stores it exactly (error 0); a two-candidate table where
@@ -145,10 +164,10 @@ def test_near_ties_are_left_to_the_eager_search():
     block[0, 0] = 1.0
     steps = np.array([[0.125], [0.0625]], np.float32)  # (candidates, blocks): 1.0 is 8 or 16 steps, error 0
     best = np.empty(1, np.int64)
-    _mse_numba.search(block, steps, steps.copy(), np.zeros_like(steps), -32.0, 31.0, best)
+    _mse_numba.search(block, steps, np.zeros_like(steps), -32.0, 31.0, best)
     assert best[0] == -1
     steps = np.array([[0.125], [0.125]], np.float32)  # the same candidate twice: the first, decided
-    _mse_numba.search(block, steps, steps.copy(), np.zeros_like(steps), -32.0, 31.0, best)
+    _mse_numba.search(block, steps, np.zeros_like(steps), -32.0, 31.0, best)
     assert best[0] == 0
 
 
@@ -169,7 +188,7 @@ def test_torchs_openmp_team_answers_every_block_once_as_one_thread_does(threads,
     count, n = decoded.shape[0], blocks.shape[-1]
     flat = blocks.reshape(-1, n).contiguous().numpy()
     zps = np.zeros((count, 1), np.float32) if zp is None else zp.reshape(count, -1).numpy()
-    arrays = (decoded.reshape(count, -1).numpy(), divisor.reshape(count, -1).numpy(), zps)
+    arrays = (decoded.reshape(count, -1).numpy(), zps)
     code_range = (float(codec.min_value), float(codec.max_finite))
     alone, together = np.empty(flat.shape[0], np.int64), np.full(flat.shape[0], -7, np.int64)
     _mse_numba.search(flat, *arrays, *code_range, alone)
@@ -202,9 +221,10 @@ def test_an_array_the_team_cannot_read_stays_on_one_thread():
     blocks = np.zeros((256, 32), np.float32)
     steps = np.ones((21, 256), np.float32)
     zps, best = np.zeros((21, 1), np.float32), np.empty(256, np.int64)
-    assert mse_kernel._team_job(blocks, (steps, steps, zps), (-8.0, 7.0), best) is not None
-    assert mse_kernel._team_job(blocks[:, ::2], (steps, steps, zps), (-8.0, 7.0), best) is None
-    assert mse_kernel._team_job(blocks, (steps.astype(np.float64), steps, zps), (-8.0, 7.0), best) is None
+    assert mse_kernel._team_job(blocks, (steps, zps), (-8.0, 7.0), best) is not None
+    assert mse_kernel._team_job(blocks[:, ::2], (steps, zps), (-8.0, 7.0), best) is None
+    assert mse_kernel._team_job(blocks, (steps.astype(np.float64), zps), (-8.0, 7.0), best) is None
+    assert mse_kernel._team_job(blocks, (steps[:, ::2], zps), (-8.0, 7.0), best) is None
 
 
 @needs_team

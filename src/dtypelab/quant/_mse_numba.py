@@ -22,7 +22,7 @@ FLOAT32_MAX = 3.4028234663852886e38  # a torch sum above this is inf, which no b
 SLACK = 1.01  # on gamma: room for the float64 sum's own error and the bounds' arithmetic (~1e-14)
 TEAM_CHUNK_BLOCKS = 64  # blocks a team thread claims at a time: ~40 us of work, one atomic add
 JOB_FIELDS = ("next_block", "blocks", "n", "candidates", "zero_point_columns",  # int64 each, in this order
-              "blocks_at", "steps_at", "divisors_at", "zero_points_at", "best_at", "code_range_at")
+              "blocks_at", "steps_at", "zero_points_at", "best_at", "code_range_at")
 JOB_LENGTH = len(JOB_FIELDS)
 
 
@@ -89,10 +89,10 @@ def lower(value, gamma):
 
 
 @numba.njit(cache=True, nogil=True)
-def search(blocks, steps, divisors, zero_points, qmin, qmax, best):
+def search(blocks, steps, zero_points, qmin, qmax, best):
     """``best[b]``: the candidate of block ``b`` (a row of ``blocks``, (blocks, n) float32) that the eager
-    search picks, or -1 where the bound cannot tell. ``steps``, ``divisors``, ``zero_points``:
-    (candidates, blocks) float32 (``zero_points`` may be (candidates, 1), shared by all blocks: zeros,
+    search picks, or -1 where the bound cannot tell. ``steps``, ``zero_points``: (candidates, blocks)
+    float32 (a zero step divides by 1) (``zero_points`` may be (candidates, 1), shared by all blocks: zeros,
     for symmetric formats). Where every zero point is 0, the errors skip it
     (:func:`squared_error_symmetric`, the same bits).
 
@@ -114,7 +114,8 @@ def search(blocks, steps, divisors, zero_points, qmin, qmax, best):
         start, first, ceiling = first, -1, np.inf
         for j in range(candidates):
             k = start + j if start + j < candidates else start + j - candidates
-            step, divisor, zero_point = steps[k, b], divisors[k, b], zero_points[k, zb]
+            step, zero_point = steps[k, b], zero_points[k, zb]
+            divisor = step if step != 0 else np.float32(1)  # as qtensor._scaled: a zero step divides by 1
             floor = np.float64(squared_error(smallest, step, divisor, zero_point, low, high))
             if largest != smallest:
                 floor += np.float64(squared_error(largest, step, divisor, zero_point, low, high))
@@ -128,12 +129,12 @@ def search(blocks, steps, divisors, zero_points, qmin, qmax, best):
             sums[k] = exact_sum(squares)
             if first < 0 or sums[k] < sums[first] or (sums[k] == sums[first] and k < first):
                 first, ceiling = k, upper(sums[k], gamma)
-        decided = _decided(sums, steps[:, b], divisors[:, b], zero_points[:, zb], first, gamma)
+        decided = _decided(sums, steps[:, b], zero_points[:, zb], first, gamma)
         best[b] = first if decided else -1
 
 
 @numba.njit(cache=True, nogil=True)
-def undecided_squares(blocks, steps, divisors, zero_points, qmin, qmax, undecided, out):
+def undecided_squares(blocks, steps, zero_points, qmin, qmax, undecided, out):
     """``out[k, j]``: the squared errors of candidate ``k`` on block ``undecided[j]`` (the same arrays as
     :func:`search`; ``out`` (candidates, len(undecided), n) float32): the eager search's terms, bit for
     bit, for torch to sum in its own order where the bound could not decide."""
@@ -143,7 +144,9 @@ def undecided_squares(blocks, steps, divisors, zero_points, qmin, qmax, undecide
         b = undecided[j]
         zb = 0 if shared_zero else b
         for k in range(steps.shape[0]):
-            squared_errors(blocks[b], steps[k, b], divisors[k, b], zero_points[k, zb], low, high, out[k, j])
+            step = steps[k, b]
+            divisor = step if step != 0 else np.float32(1)
+            squared_errors(blocks[b], step, divisor, zero_points[k, zb], low, high, out[k, j])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -157,9 +160,9 @@ def _extremes(x):
 
 
 @numba.njit(cache=True, nogil=True)
-def _decided(sums, steps, divisors, zero_points, first, gamma):
+def _decided(sums, steps, zero_points, first, gamma):
     """Whether every other candidate's smallest possible torch sum exceeds ``first``'s largest one (a
-    candidate of the same step, divisor and zero point computes the same sum, and comes later), and that
+    candidate of the same step and zero point computes the same sum, and comes later), and that
     largest one is a finite float32: finite squares can still add up past float32's range (weights near
     1e19 under float32 scales), where torch's sums are inf for several candidates and the eager rule keeps
     the first of them."""
@@ -169,8 +172,7 @@ def _decided(sums, steps, divisors, zero_points, first, gamma):
     for k in range(sums.shape[0]):
         if k == first:
             continue
-        same = (steps[k] == steps[first] and divisors[k] == divisors[first]
-                and zero_points[k] == zero_points[first])
+        same = steps[k] == steps[first] and zero_points[k] == zero_points[first]
         if not same and not lower(sums[k], gamma) > ceiling:
             return False
     return True
@@ -208,8 +210,8 @@ def _address_as(typingctx, address, dtype):
 def team_search(job_address):
     """:func:`search` as the body of an OpenMP parallel region (``GOMP_parallel(team_search.address, job,
     threads, 0)``: every thread of the team runs this). ``job``: int64 fields in :data:`JOB_FIELDS`' order,
-    the ``*_at`` ones addresses of C-contiguous arrays (float32 blocks (blocks, n), steps and divisors
-    (candidates, blocks), zero points (candidates, zero_point_columns); int64 best (blocks); float64
+    the ``*_at`` ones addresses of C-contiguous arrays (float32 blocks (blocks, n), steps (candidates,
+    blocks), zero points (candidates, zero_point_columns); int64 best (blocks); float64
     code range (qmin, qmax)). Threads claim :data:`TEAM_CHUNK_BLOCKS` blocks at a time by an atomic add on
     ``next_block`` until none are left, so a team of any size (one thread included) answers every block
     once, and a thread the machine runs slower simply claims fewer. Each block's answer depends only on
@@ -218,15 +220,13 @@ def team_search(job_address):
     count, n, candidates, zero_columns = job[1], job[2], job[3], job[4]
     blocks = numba.carray(_address_as(job[5], np.float32), (count, n))
     steps = numba.carray(_address_as(job[6], np.float32), (candidates, count))
-    divisors = numba.carray(_address_as(job[7], np.float32), (candidates, count))
-    zero_points = numba.carray(_address_as(job[8], np.float32), (candidates, zero_columns))
-    best = numba.carray(_address_as(job[9], np.int64), count)
-    code_range = numba.carray(_address_as(job[10], np.float64), 2)
+    zero_points = numba.carray(_address_as(job[7], np.float32), (candidates, zero_columns))
+    best = numba.carray(_address_as(job[8], np.int64), count)
+    code_range = numba.carray(_address_as(job[9], np.float64), 2)
     while True:
         lo = _fetch_add(_int64_pointer(job_address), TEAM_CHUNK_BLOCKS)
         if lo >= count:
             return
         hi = min(lo + TEAM_CHUNK_BLOCKS, count)
         zps = zero_points if zero_columns == 1 else zero_points[:, lo:hi]
-        search(blocks[lo:hi], steps[:, lo:hi], divisors[:, lo:hi], zps, code_range[0], code_range[1],
-               best[lo:hi])
+        search(blocks[lo:hi], steps[:, lo:hi], zps, code_range[0], code_range[1], best[lo:hi])

@@ -91,16 +91,15 @@ def first_smallest(blocks: torch.Tensor, decoded: torch.Tensor, zero_point: torc
     candidates, n = decoded.shape[0], blocks.shape[-1]
     flat = blocks.reshape(-1, n).contiguous().numpy()
     steps = decoded.reshape(candidates, -1).contiguous().numpy()
-    divisors = np.where(steps != 0, steps, np.float32(1))  # numpy: ~5x less overhead than torch here
     zero_points = np.zeros((candidates, 1), np.float32) if zero_point is None \
         else zero_point.reshape(candidates, -1).contiguous().numpy()
     code_range = (float(qmin), float(qmax))
     best = torch.empty(flat.shape[0], dtype=torch.int64)
-    _run(module, flat, (steps, divisors, zero_points), code_range, best.numpy())
+    _run(module, flat, (steps, zero_points), code_range, best.numpy())
     undecided = torch.from_numpy(np.flatnonzero(best.numpy() < 0))
     squares = torch.empty((candidates, undecided.numel(), n), dtype=torch.float32)
     if undecided.numel():
-        module.undecided_squares(flat, steps, divisors, zero_points, *code_range, undecided.numpy(),
+        module.undecided_squares(flat, steps, zero_points, *code_range, undecided.numpy(),
                                  squares.numpy())
     return KernelChoice(best.reshape(*blocks.shape[:-1], 1), undecided, squares)
 
@@ -149,18 +148,18 @@ def _mode() -> str:
 
 def _run(module, blocks: np.ndarray, candidates: tuple, code_range: tuple[float, float], best: np.ndarray):
     """The kernel over all blocks: on torch's OpenMP team where there is one to share and torch has more
-    than one intra-op thread (:func:`_team`), else on this thread. ``candidates``: (steps, divisors,
-    zero points), each (candidates, blocks) float32, or (candidates, 1) zero points.
+    than one intra-op thread (:func:`_team`), else on this thread. ``candidates``: (steps, zero points),
+    each (candidates, blocks) float32, or (candidates, 1) zero points.
 
     Why torch's team and not threads of our own: right after torch's operations its OpenMP workers spin
     on the cores for a few milliseconds, waiting for the next parallel region, and a thread of ours
     competes with them. Threads of a Python pool gained nothing inside the quantizer (minilm's weights at
     2 threads: 0.065 s either way); the same kernel as a parallel region of torch's own runtime runs
     where those workers wait, 1.6-1.8x faster from 1152 blocks (one of minilm's 384 x 384 weights) up."""
-    job = _team_job(blocks, candidates, code_range, best)
     threads = torch.get_num_threads()
-    team = _team() if threads > 1 and job is not None and blocks.shape[0] > module.TEAM_CHUNK_BLOCKS else None
-    if team is None:
+    split = threads > 1 and blocks.shape[0] > module.TEAM_CHUNK_BLOCKS
+    team, job = (_team(), _team_job(blocks, candidates, code_range, best)) if split else (None, None)
+    if team is None or job is None:
         module.search(blocks, *candidates, *code_range, best)
         return
     record, _code_range = job  # both held until the region ends: the record has only their addresses
@@ -172,14 +171,13 @@ def _team_job(blocks: np.ndarray, candidates: tuple, code_range: tuple[float, fl
     """(the int64 job record ``team_search`` reads, ``_mse_numba.JOB_FIELDS``; the float64 code range it
     points to), or None where an array is not of the dtype and C layout read through raw addresses (then
     :func:`_run` stays on one thread). The other arrays are held by :func:`_run`'s caller."""
-    steps, divisors, zero_points = candidates
-    expected = ((blocks, np.float32), (steps, np.float32), (divisors, np.float32),
-                (zero_points, np.float32), (best, np.int64))
+    steps, zero_points = candidates
+    expected = ((blocks, np.float32), (steps, np.float32), (zero_points, np.float32), (best, np.int64))
     if any(array.dtype != dtype or not array.flags.c_contiguous for array, dtype in expected):
         return None
     code = np.asarray(code_range, dtype=np.float64)
     job = np.array([0, blocks.shape[0], blocks.shape[1], steps.shape[0], zero_points.shape[1],
-                    blocks.ctypes.data, steps.ctypes.data, divisors.ctypes.data, zero_points.ctypes.data,
+                    blocks.ctypes.data, steps.ctypes.data, zero_points.ctypes.data,
                     best.ctypes.data, code.ctypes.data], dtype=np.int64)
     return job, code
 
