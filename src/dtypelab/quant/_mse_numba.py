@@ -41,9 +41,9 @@ def squared_error(x, step, divisor, zero_point, qmin, qmax):
 @numba.njit(cache=True, nogil=True, inline="always")
 def squared_error_symmetric(x, step, divisor, qmin, qmax):
     """:func:`squared_error` at zero point 0, without its add and subtract, the same float32 number:
-    ``+ 0`` only turns a -0.0 quotient into +0.0 (and ``- 0`` a -0.0 code into +0.0), so the code is
-    the same value up to the sign of a zero, ``e`` is ``-x`` or a signed zero either way, and its square
-    is the same bits. 5% of the kernel's time on minilm."""
+    ``+ 0`` only turns a -0.0 quotient into +0.0, so the code is the same value up to the sign of a
+    zero, ``e`` is ``-x`` or a signed zero either way, and its square is the same bits. 5% of the
+    kernel's time on minilm."""
     q = np.rint(x / divisor)
     q = qmin if q < qmin else q
     q = qmax if q > qmax else q
@@ -101,6 +101,9 @@ def search(blocks, steps, zero_points, qmin, qmax, best):
     smallest and largest values alone (two of the terms torch sums) already exceed the best's upper
     bound: measured 8% off int4:g128's kernel time on minilm, 25% off int4:g32:asym's."""
     n, candidates = blocks.shape[1], steps.shape[0]
+    if (n - 1) * UNIT_ROUNDOFF >= 0.5:  # blocks of 2^23+ values: the bound means nothing, torch decides
+        best[:] = -1
+        return
     gamma = SLACK * (n - 1) * UNIT_ROUNDOFF / (1.0 - (n - 1) * UNIT_ROUNDOFF)
     low, high = np.float32(qmin), np.float32(qmax)
     squares = np.empty(n, np.float32)
@@ -214,8 +217,10 @@ def team_search(job_address):
     blocks), zero points (candidates, zero_point_columns); int64 best (blocks); float64
     code range (qmin, qmax)). Threads claim :data:`TEAM_CHUNK_BLOCKS` blocks at a time by an atomic add on
     ``next_block`` until none are left, so a team of any size (one thread included) answers every block
-    once, and a thread the machine runs slower simply claims fewer. Each block's answer depends only on
-    its own row: the split changes nothing."""
+    once, and a thread the machine runs slower simply claims fewer. Each block's choice depends only on
+    its own row, so the split never changes it; whether a block is left undecided can, at the bound's
+    ~1e-14 edge (a chunk starts from candidate 0, so other candidates may be skipped), and those blocks
+    are settled exactly by torch's sums either way."""
     job = numba.carray(_int64_pointer(job_address), JOB_LENGTH)
     count, n, candidates, zero_columns = job[1], job[2], job[3], job[4]
     blocks = numba.carray(_address_as(job[5], np.float32), (count, n))

@@ -67,19 +67,32 @@ if hasattr(os, "register_at_fork"):
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """What the compiled search settles for one call, and what it leaves to torch's float32 sums."""
+    """What the compiled search settles for one call, and what it leaves to torch's float32 sums: the
+    undecided blocks' squared errors, computed on request a few blocks at a time (their memory is the
+    caller's to bound: 21 x n float32 values a block)."""
 
     best: torch.Tensor  # int64 (rows, blocks, 1): each block's candidate, -1 where the bound cannot tell
     undecided: torch.Tensor  # int64: the -1 blocks' indices among the (rows * blocks) flattened blocks
-    squared_errors: torch.Tensor  # float32 (candidates, len(undecided), n): their terms, the eager bits
+    block_elements: int  # n, the values of a block
+    _module: object  # the compiled module, and its inputs, for squared_errors
+    _inputs: tuple  # (blocks (count, n), steps (candidates, count), zero points, (qmin, qmax))
+
+    def squared_errors(self, start: int, stop: int) -> torch.Tensor:
+        """float32 (candidates, stop - start, n): every candidate's squared errors on the undecided blocks
+        ``undecided[start:stop]``, the eager search's terms (``qtensor._candidate_errors``) bit for bit."""
+        blocks, steps, zero_points, code_range = self._inputs
+        which = self.undecided[start:stop].numpy()
+        out = np.empty((steps.shape[0], which.shape[0], blocks.shape[1]), np.float32)
+        self._module.undecided_squares(blocks, steps, zero_points, *code_range, which, out)
+        return torch.from_numpy(out)
 
 
 def first_smallest(blocks: torch.Tensor, decoded: torch.Tensor, zero_point: torch.Tensor | None,
                    qmin: float, qmax: float) -> KernelChoice | None:
-    """Per block, the index of the candidate the eager search picks where the bound decides, and for the
-    blocks it cannot decide (near ties) their candidates' squared errors, which torch then sums; None
-    when the kernel is not to be used (no numba, not on the CPU, ``never``, or not yet worth loading in
-    ``auto`` mode: the caller then searches eagerly).
+    """Per block, the index of the candidate the eager search picks where the bound decides, and the
+    blocks it cannot decide (near ties), whose candidates' squared errors torch then sums; None when the
+    kernel is not to be used (no numba, not on the CPU, ``never``, or not yet worth loading in ``auto``
+    mode: the caller then searches eagerly).
 
     ``blocks``: (rows, blocks, n) float32 weights; ``decoded``: the candidates' float32 steps,
     (candidates, rows, blocks, 1) (a zero step divides by 1, as ``qtensor._scaled``); ``zero_point``: the
@@ -94,14 +107,11 @@ def first_smallest(blocks: torch.Tensor, decoded: torch.Tensor, zero_point: torc
     zero_points = np.zeros((candidates, 1), np.float32) if zero_point is None \
         else zero_point.reshape(candidates, -1).contiguous().numpy()
     code_range = (float(qmin), float(qmax))
-    best = torch.empty(flat.shape[0], dtype=torch.int64)
+    best = torch.full((flat.shape[0],), -1, dtype=torch.int64)  # a block left unanswered stays undecided
     _run(module, flat, (steps, zero_points), code_range, best.numpy())
     undecided = torch.from_numpy(np.flatnonzero(best.numpy() < 0))
-    squares = torch.empty((candidates, undecided.numel(), n), dtype=torch.float32)
-    if undecided.numel():
-        module.undecided_squares(flat, steps, zero_points, *code_range, undecided.numpy(),
-                                 squares.numpy())
-    return KernelChoice(best.reshape(*blocks.shape[:-1], 1), undecided, squares)
+    return KernelChoice(best.reshape(*blocks.shape[:-1], 1), undecided, n, module,
+                        (flat, steps, zero_points, code_range))
 
 
 def available() -> bool:
@@ -175,6 +185,12 @@ def _team_job(blocks: np.ndarray, candidates: tuple, code_range: tuple[float, fl
     expected = ((blocks, np.float32), (steps, np.float32), (zero_points, np.float32), (best, np.int64))
     if any(array.dtype != dtype or not array.flags.c_contiguous for array, dtype in expected):
         return None
+    count = blocks.shape[0]
+    shapes_agree = (steps.shape[1] == count and best.shape == (count,) and zero_points.shape[0] ==
+                    steps.shape[0] and zero_points.shape[1] in (1, count))
+    if not shapes_agree:  # the record's addresses would be read past their arrays' ends
+        raise ValueError(f"mse kernel job: blocks {blocks.shape}, steps {steps.shape}, zero points "
+                         f"{zero_points.shape}, best {best.shape} do not agree")
     code = np.asarray(code_range, dtype=np.float64)
     job = np.array([0, blocks.shape[0], blocks.shape[1], steps.shape[0], zero_points.shape[1],
                     blocks.ctypes.data, steps.ctypes.data, zero_points.ctypes.data,

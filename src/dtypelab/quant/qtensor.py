@@ -25,7 +25,6 @@ Quant stage: builds on :mod:`dtypelab.formats`.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -363,7 +362,8 @@ def _search_stacked(blocks: torch.Tensor, stats: tuple, fmt: NumberFormat, tenso
     smallest error along the ratios (:func:`_first_smallest`) is the ratio that loop kept (it replaced
     only on a strictly smaller error). tests/quant/test_mse.py checks it against that loop, kept there.
     """
-    scale, zp = _scales_for_clip(stats, fmt, tensor_scale, _clip_ratios(blocks.device))
+    ratios = torch.tensor(MSE_CLIP_RATIOS, dtype=torch.float32, device=blocks.device).reshape(-1, 1, 1, 1)
+    scale, zp = _scales_for_clip(stats, fmt, tensor_scale, ratios)
     decoded = _decoded_scale(scale, tensor_scale)
     zps = None if zp is None else zp.float()
     choice = _compiled_choice(blocks, decoded, zps, fmt)
@@ -373,12 +373,6 @@ def _search_stacked(blocks: torch.Tensor, stats: tuple, fmt: NumberFormat, tenso
     else:
         best = _settle_undecided(choice)
     return _picked(scale, best), None if zp is None else _picked(zp, best)
-
-
-@functools.cache
-def _clip_ratios(device: torch.device) -> torch.Tensor:
-    """:data:`MSE_CLIP_RATIOS` as float32 (ratios, 1, 1, 1), made once per device (never written to)."""
-    return torch.tensor(MSE_CLIP_RATIOS, dtype=torch.float32, device=device).reshape(-1, 1, 1, 1)
 
 
 def _picked(candidates: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
@@ -402,11 +396,15 @@ def _compiled_choice(blocks: torch.Tensor, decoded: torch.Tensor, zp: torch.Tens
 def _settle_undecided(choice: mse_kernel.KernelChoice) -> torch.Tensor:
     """The compiled search's choice with its -1 blocks (near ties its bound could not decide) decided as
     the eager search decides them: the first smallest of torch's float32 sums of their squared errors,
-    which the kernel computed bit for bit as :func:`_candidate_errors` does; only the sums' order is
-    torch's own, so torch adds them, each block's n terms in a contiguous row as there."""
-    if choice.undecided.numel():
-        errors = choice.squared_errors.sum(dim=-1, keepdim=True)  # (ratios, undecided, 1)
-        choice.best.view(-1)[choice.undecided] = _first_smallest(errors).reshape(-1)
+    which the kernel computes bit for bit as :func:`_candidate_errors` does; only the sums' order is
+    torch's own, so torch adds them, each block's n terms in a contiguous row as there (a row's sum does
+    not depend on how many rows are summed with it). A few blocks at a time: the squared errors of
+    ``_mse_chunk_elements()`` values at most (a float32 overflow can leave every block undecided)."""
+    count, n = choice.undecided.numel(), choice.block_elements
+    step = max(1, _mse_chunk_elements() // (len(MSE_CLIP_RATIOS) * n))
+    for start in range(0, count, step):
+        errors = choice.squared_errors(start, start + step).sum(dim=-1, keepdim=True)  # (ratios, some, 1)
+        choice.best.view(-1)[choice.undecided[start:start + step]] = _first_smallest(errors).reshape(-1)
     return choice.best
 
 
