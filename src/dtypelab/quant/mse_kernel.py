@@ -5,7 +5,7 @@ Why: the eager search (``qtensor._search_stacked``) spends seven float32 passes 
 candidate clip ratio, 21 candidates, each pass a torch kernel that reads and writes its operands; that was
 3.2-3.7x optimum-quanto's qint4 on minilm. Compiled, a block's 128 weights stay in registers while each
 candidate is divided, rounded, clamped, scaled, subtracted, squared and summed: the whole quantization
-1.3-1.9x quanto's time at 1 and 2 threads (``docs/benchmarks.md``, "The :mse search").
+1.3-2.0x quanto's time at 1 and 2 threads in most runs (``docs/benchmarks.md``, "The :mse search").
 
 Why the choice is the eager one, bit for bit: the elementwise float32 operations are the eager search's,
 in its order (``x / divisor``, ``+ zero point``, round half to even, clamp, ``- zero point``, ``* step``,

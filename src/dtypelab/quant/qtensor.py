@@ -354,7 +354,7 @@ def _search_stacked(blocks: torch.Tensor, stats: tuple, fmt: NumberFormat, tenso
     and operation. It is no faster than the loop at one thread (every candidate still costs 7 float32
     passes over the weights; ``docs/benchmarks.md``, "The :mse search"), but holds its memory bound.
     Integer formats on the CPU take the compiled search instead where numba is installed
-    (:mod:`.mse_kernel`: the whole quantization 1.6-1.8x faster): it proves most blocks' choice from
+    (:mod:`.mse_kernel`: the whole quantization 1.9-2.3x faster): it proves most blocks' choice from
     its own sums and leaves the near ties to torch's sums of their squared errors (:func:`_settle_undecided`).
 
     Result: bit for bit the one-ratio-at-a-time search (:func:`_search_one_by_one`): each candidate's
