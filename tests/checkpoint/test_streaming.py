@@ -282,3 +282,41 @@ def test_the_rms_of_huge_values_is_finite_and_right():
     source = torch.full((1000,), 2.0 ** 70)
     _, damage = cast_with(ChunkCaster(get_format("bf16"), chunk_elements=256), source)
     assert damage.rms == 2.0 ** 70
+
+
+@pytest.mark.parametrize("spec", ["int4:g32", "int8:channel:asym"])
+@pytest.mark.parametrize("source_dtype", [torch.float32, torch.bfloat16])
+def test_chunks_counted_on_the_second_thread_equal_the_count_done_at_once(spec, source_dtype, monkeypatch):
+    """Each chunk's damage counted while the next chunk is read and quantized (two buffer sets) equals
+    quantize_counted's, field for field. The count is held back until the following chunk has been
+    quantized, so a count reading buffers that chunk reused would differ."""
+    import threading
+
+    import dtypelab.checkpoint.streaming as streaming
+    from dtypelab.checkpoint import ChunkQuantizer
+    from dtypelab.quant import quantize_counted
+
+    fmt = get_format(spec)
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randn(32, 256, generator=g).mul(0.1 * (i + 1)).to(source_dtype) for i in range(5)]
+    rows[2][0, :7] = 0.0  # exact zeros: the relative error's 0 / 0 path
+    quantized = [threading.Event() for _ in rows]  # chunk i quantized
+    real, order = streaming.read_back_damage, iter(range(len(rows)))
+
+    def held_back(back, workspace):  # the counts run one by one, in order, on the counting thread
+        index = next(order)
+        if index + 1 < len(rows):
+            assert quantized[index + 1].wait(timeout=30)  # the next chunk was quantized meanwhile
+        return real(back, workspace)
+
+    monkeypatch.setattr(streaming, "read_back_damage", held_back)
+    quantizer, counts = ChunkQuantizer(fmt), []
+    with quantizer.counting():
+        for index, chunk in enumerate(rows):
+            quantizer.next_chunk()
+            view = quantizer.buffer(chunk.numel() * chunk.element_size())
+            view[:] = chunk.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+            counts.append(quantizer.quantize(source_dtype, *chunk.shape)[1])
+            quantized[index].set()
+    for chunk, count in zip(rows, counts, strict=True):
+        assert count.result() == quantize_counted(chunk, fmt)[1]

@@ -16,6 +16,7 @@ min/max of its exponent fields and skips the full count).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -28,7 +29,8 @@ from ..quant import (
     TensorDamage,
     Workspace,
     count_damage,
-    quantize_counted,
+    quantize_read_back,
+    read_back_damage,
 )
 from ..quant.damage import saturates, sum_of_squares
 
@@ -218,10 +220,18 @@ def _bits_of(value: float, dtype: torch.dtype, bits: torch.dtype) -> int:
 
 
 class ChunkQuantizer:
-    """Quantizes a weight's rows a chunk at a time, through one read buffer that grows to fit.
+    """Quantizes a weight's rows a chunk at a time, through read buffers that grow to fit, and counts
+    each chunk's damage on a second thread while the next chunk is read and quantized.
 
     Scales are per row or per group of a row, so chunks of whole rows give exactly the codes of the
     whole tensor; a per-tensor scale needs every row at once (one chunk).
+
+    Why the second thread: counting what a chunk lost (its stored values' error, two dot products, the
+    relative error's extremes, the non-zeros) is ~seven float32 passes, a third of quantizing's time,
+    and the conversion otherwise runs on one core (:func:`one_thread`). So there are two sets of
+    buffers (read bytes, the quantizer's workspace): while chunk i is counted in one set, chunk i + 1 is
+    read and quantized in the other (:meth:`next_chunk` waits for the count still using it). Inside
+    :meth:`counting` a chunk's damage comes back as a future; outside it, counted at once.
 
     Args:
         fmt: the quantized format.
@@ -231,8 +241,37 @@ class ChunkQuantizer:
     ROWS_MULTIPLE = 32  # packed zero points hold 32 / bits rows per int32 word: chunks never split one
 
     def __init__(self, fmt: NumberFormat, chunk_elements: int = CHUNK_ELEMENTS):
-        self.fmt, self.chunk_elements, self.raw = fmt, chunk_elements, bytearray()
-        self.workspace = Workspace()  # the quantizer's temporaries, reused from chunk to chunk
+        self.fmt, self.chunk_elements = fmt, chunk_elements
+        self._sets = (_ChunkBuffers(), _ChunkBuffers())
+        self._turn, self._counter = 0, None
+
+    @property
+    def raw(self) -> bytearray:
+        """The current chunk's read buffer."""
+        return self._sets[self._turn].raw
+
+    @property
+    def workspace(self) -> Workspace:
+        """The current chunk's quantizer temporaries, reused from chunk to chunk (every other chunk)."""
+        return self._sets[self._turn].workspace
+
+    @contextmanager
+    def counting(self) -> Iterator[None]:
+        """Count chunks on a second thread until the block ends (then every count has finished): one
+        tensor's chunks, so no thread outlives a conversion or a fork."""
+        with ThreadPoolExecutor(1, thread_name_prefix="dtypelab-count") as counter:
+            self._counter = counter
+            try:
+                yield
+            finally:
+                self._counter = None
+
+    def next_chunk(self) -> None:
+        """Move to the other set of buffers, once the count still reading it (two chunks ago) is done."""
+        self._turn = 1 - self._turn
+        pending, self._sets[self._turn].pending = self._sets[self._turn].pending, None
+        if pending is not None:
+            pending.exception()  # waits; its result (or error) goes to whoever holds the future
 
     def row_chunks(self, rows: int, cols: int, fmt: NumberFormat | None = None) -> list[tuple[int, int]]:
         """``(first row, row count)`` per chunk: one chunk for a format with a per-tensor scale (a
@@ -246,25 +285,40 @@ class ChunkQuantizer:
         return [(first, min(step, rows - first)) for first in range(0, rows, step)]
 
     def buffer(self, nbytes: int) -> memoryview:
-        """The read buffer's first ``nbytes`` (grown, never shrunk, so it is reused)."""
-        if len(self.raw) < nbytes:
-            self.raw = bytearray(nbytes)
-        return memoryview(self.raw)[:nbytes]
+        """The current read buffer's first ``nbytes`` (grown, never shrunk, so it is reused)."""
+        buffers = self._sets[self._turn]
+        if len(buffers.raw) < nbytes:
+            buffers.raw = bytearray(nbytes)
+        return memoryview(buffers.raw)[:nbytes]
 
     def quantize(self, source_dtype: torch.dtype, rows: int, cols: int,
-                 fmt: NumberFormat | None = None) -> tuple[QuantizedTensor, TensorDamage]:
-        """Quantize the ``rows`` x ``cols`` values held at the start of the buffer."""
+                 fmt: NumberFormat | None = None) -> tuple[QuantizedTensor, Future | TensorDamage]:
+        """Quantize the ``rows`` x ``cols`` values held at the start of the current buffer."""
         source = torch.frombuffer(self.raw, dtype=source_dtype, count=rows * cols).reshape(rows, cols)
         return self.quantize_rows(source, fmt)
 
     def quantize_rows(self, source: torch.Tensor,
-                      fmt: NumberFormat | None = None) -> tuple[QuantizedTensor, TensorDamage]:
+                      fmt: NumberFormat | None = None) -> tuple[QuantizedTensor, Future | TensorDamage]:
         """Quantize the (rows, cols) tensor ``source`` (in ``fmt``, default the quantizer's) and count
-        what it lost."""
-        return quantize_counted(source, fmt or self.fmt, self.workspace)
+        what it lost: a future of that :class:`TensorDamage` inside :meth:`counting` (``source`` must
+        then stay unchanged until it is done, as the read buffers do until :meth:`next_chunk` comes
+        back to them), else the damage itself."""
+        buffers = self._sets[self._turn]
+        qt, back = quantize_read_back(source, fmt or self.fmt, buffers.workspace)
+        if self._counter is None:
+            return qt, read_back_damage(back, buffers.workspace)
+        buffers.pending = self._counter.submit(read_back_damage, back, buffers.workspace)
+        return qt, buffers.pending
 
     def transposed(self, source_dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
         """The (cols, rows) transpose of the (rows, cols) tensor at the start of the buffer, as a
         contiguous copy (a Conv1D weight, stored (in, out), quantized as the Linear it is)."""
         stored = torch.frombuffer(self.raw, dtype=source_dtype, count=rows * cols).reshape(rows, cols)
         return stored.t().contiguous()
+
+
+class _ChunkBuffers:
+    """One chunk's buffers: the bytes read, the quantizer's workspace, and the count still using them."""
+
+    def __init__(self):
+        self.raw, self.workspace, self.pending = bytearray(), Workspace(), None

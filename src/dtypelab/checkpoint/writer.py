@@ -194,15 +194,16 @@ class _ShardWriter:
             if fd is not None:
                 os.lseek(fd, start, os.SEEK_SET)  # sequential unless quantized parts sit in between
             return _stream_item(item, src_fd, fd, path, self.caster, self.tick)
-        positions, result = list(starts[id(item)]), _quantized_damage(item, self.quantizer)
+        positions, counts = list(starts[id(item)]), []
         for chunk, damage, nbytes in quantized_chunks(item, src_fd, self.quantizer):
             for part, data in enumerate(chunk):
                 if data is not None and fd is not None:
                     pwrite_all(fd, data, positions[part], path)
                     positions[part] += len(data)
-            result = result.merged(damage)
+            counts.append(damage)  # a future: counted while the next chunk is quantized
             self.tick(nbytes)
-        return result
+        return functools.reduce(TensorDamage.merged, (count.result() for count in counts),
+                                _quantized_damage(item, self.quantizer))
 
 
 def part_offsets(placed: list[Placed], data_start: int) -> dict[int, list[int]]:
@@ -223,28 +224,32 @@ def _quantized_damage(item: PlannedTensor, quantizer: ChunkQuantizer) -> TensorD
 
 def quantized_chunks(item: PlannedTensor, src_fd: int, quantizer: ChunkQuantizer):
     """Quantize ``item``'s rows chunk by chunk: yield (bytes per part, or None where a whole-tensor
-    part was already given; the chunk's damage; source bytes read)."""
+    part was already given; a future of the chunk's damage, counted on the quantizer's second thread
+    while the next chunk is read and quantized; source bytes read). Every count has finished when the
+    generator is done (or closed)."""
     entry = item.entry
     rows, cols = item.quantized_shape
     row_bytes, start = cols * entry.torch_dtype.itemsize, item.shard.data_start + entry.begin
-    if item.transposed:  # (in, out) on disk: read it whole once, quantize rows of its transpose
-        view = quantizer.buffer(entry.nbytes)
-        read_exact(src_fd, view, start, item.shard.path, entry.name)
-        whole = quantizer.transposed(entry.torch_dtype, cols, rows)  # (out, in)
-    for first, count in quantizer.row_chunks(rows, cols, item.fmt):
-        if not item.transposed:
-            view = quantizer.buffer(count * row_bytes)
-            read_exact(src_fd, view, start + first * row_bytes, item.shard.path, entry.name)
-        try:
-            qt, damage = (quantizer.quantize_rows(whole[first:first + count], item.fmt) if item.transposed
-                          else quantizer.quantize(entry.torch_dtype, count, cols, item.fmt))
-        except InputError as exc:
-            raise InputError(f"tensor {entry.name!r}: {exc}; or keep the layer dense with "
-                             f"--keep {entry.name!r}") from None
-        parts = to_parts(qt, (rows, cols))
-        read = count * row_bytes if item.transposed else len(view)
-        yield [None if first and suffix in WHOLE_TENSOR_PARTS else tensor_bytes(tensor)
-               for suffix, tensor in parts.items()], damage, read
+    with quantizer.counting():
+        if item.transposed:  # (in, out) on disk: read it whole once, quantize rows of its transpose
+            view = quantizer.buffer(entry.nbytes)
+            read_exact(src_fd, view, start, item.shard.path, entry.name)
+            whole = quantizer.transposed(entry.torch_dtype, cols, rows)  # (out, in), a copy: counts read it
+        for first, count in quantizer.row_chunks(rows, cols, item.fmt):
+            quantizer.next_chunk()
+            if not item.transposed:
+                view = quantizer.buffer(count * row_bytes)
+                read_exact(src_fd, view, start + first * row_bytes, item.shard.path, entry.name)
+            try:
+                qt, damage = (quantizer.quantize_rows(whole[first:first + count], item.fmt) if item.transposed
+                              else quantizer.quantize(entry.torch_dtype, count, cols, item.fmt))
+            except InputError as exc:
+                raise InputError(f"tensor {entry.name!r}: {exc}; or keep the layer dense with "
+                                 f"--keep {entry.name!r}") from None
+            parts = to_parts(qt, (rows, cols))
+            read = count * row_bytes if item.transposed else len(view)
+            yield [None if first and suffix in WHOLE_TENSOR_PARTS else tensor_bytes(tensor)
+                   for suffix, tensor in parts.items()], damage, read
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

@@ -14,7 +14,7 @@ _EXPORTS = {  # public name -> the submodule that defines it (imported on first 
     "KeepPolicy": "cast", "cast_model": "cast", "compute_dtype": "cast",
     "Action": "damage", "DamageCounts": "damage", "TensorDamage": "damage", "count_damage": "damage",
     "dtype_name": "damage", "overflow_threshold": "damage", "quantization_damage": "damage",
-    "quantize_counted": "damage", "sqnr_from_powers": "damage",
+    "quantize_counted": "damage", "read_back_damage": "damage", "sqnr_from_powers": "damage",
     "DtypeSummary": "footprint", "ModelInspection": "footprint", "TensorInfo": "footprint",
     "inspect_model": "footprint", "inspect_tensors": "footprint", "param_dtype_lines": "footprint",
     "print_param_dtype": "footprint",
@@ -46,7 +46,7 @@ __all__ = [
     "inspect_tensors", "overflow_threshold", "pack_bits", "pack_nibbles", "param_dtype_lines",
     "print_param_dtype",
     "quantization_damage", "quantize_activations", "quantize_counted", "quantize_model", "quantize_read_back",
-    "quantize_tensor", "round_trip", "ReadBack", "Workspace",
+    "quantize_tensor", "read_back_damage", "round_trip", "ReadBack", "Workspace",
     "saturated_count", "sqnr_from_powers", "unpack_bits", "unpack_nibbles",
 ]
 

@@ -30,7 +30,7 @@ import torch
 
 from ..enums import StrEnum
 from ..formats import NumberFormat, rounding_threshold
-from .qtensor import QuantizedTensor, Workspace, quantize_read_back, saturated_count
+from .qtensor import QuantizedTensor, ReadBack, Workspace, quantize_read_back, saturated_count
 
 NEGLIGIBLE_FLUSH = 2.0 ** -10
 """A cast tensor's flushes to zero are negligible when its largest flushed ``|x|`` is below this fraction of
@@ -284,8 +284,15 @@ def quantize_counted(source: torch.Tensor, fmt: NumberFormat,
     is unpacked or divided twice; ``workspace`` (reused buffers) as there."""
     workspace = workspace or Workspace()
     qt, back = quantize_read_back(source, fmt, workspace)
+    return qt, read_back_damage(back, workspace)
+
+
+def read_back_damage(back: ReadBack, workspace: Workspace) -> TensorDamage:
+    """:func:`quantize_counted`'s damage from a :func:`quantize_read_back` of ``workspace`` (which it
+    uses, and whose ``stored`` values it overwrites): the half of it another thread can do while the
+    next chunk is quantized into another workspace."""
     scratch = workspace.take("loss", (back.stored.numel(),), device=back.stored.device)
-    return qt, _quantized_loss(back.source.reshape(-1), back.stored.reshape(-1), back.saturated, scratch)
+    return _quantized_loss(back.source.reshape(-1), back.stored.reshape(-1), back.saturated, scratch)
 
 
 def _quantized_loss(values: torch.Tensor, stored: torch.Tensor, saturated: int,
