@@ -83,3 +83,33 @@ def test_head_and_embeddings_are_the_same_explicit_options_as_in_compare(tmp_pat
     with pytest.raises(InputError, match="embeddings stay dense"):
         convert_checkpoint(folder, tmp_path / "emb", "int8", embeddings=True)
     assert not (tmp_path / "emb").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_counting_on_the_second_thread_reports_the_damage_counted_inline(gpt2_folder, dtype, tmp_path,
+                                                                       monkeypatch):
+    """Whole conversions with the smallest chunks (32 rows), Conv1D weights (read whole, transposed) and
+    Linear ones, float32 and bf16 sources: every tensor's damage, counted on the second thread while the
+    next chunk is quantized, equals the damage counted in line (one chunk's count at a time)."""
+    import threading
+
+    from dtypelab.checkpoint import ChunkQuantizer, streaming
+    from dtypelab.checkpoint import convert as convert_module
+
+    model, folder = gpt2_folder
+    source = tmp_path / "source"
+    model.to(dtype).save_pretrained(source)
+    model.float()
+    monkeypatch.setattr(convert_module, "ChunkQuantizer", lambda fmt: ChunkQuantizer(fmt, chunk_elements=1))
+    threads, real = set(), streaming.read_back_damage
+    monkeypatch.setattr(streaming, "read_back_damage",
+                        lambda *args: threads.add(threading.current_thread().name) or real(*args))
+    threaded = convert_checkpoint(source, tmp_path / "threaded", "int4:g32", verify=True)
+    assert any(name.startswith("dtypelab-count") for name in threads)
+    counting = ChunkQuantizer.counting
+    monkeypatch.setattr(ChunkQuantizer, "counting", lambda self, chunks: counting(self, 1))  # inline
+    inline = convert_checkpoint(source, tmp_path / "inline", "int4:g32")
+    assert [t for t in threaded.tensors if t.action == "quantized"]
+    assert threaded.tensors == inline.tensors
+    for name in ("model.safetensors",):
+        assert (tmp_path / "threaded" / name).read_bytes() == (tmp_path / "inline" / name).read_bytes()

@@ -311,12 +311,49 @@ def test_chunks_counted_on_the_second_thread_equal_the_count_done_at_once(spec, 
 
     monkeypatch.setattr(streaming, "read_back_damage", held_back)
     quantizer, counts = ChunkQuantizer(fmt), []
-    with quantizer.counting():
+    with streaming.one_thread(), quantizer.counting(len(rows)):  # as convert runs it: one torch thread
         for index, chunk in enumerate(rows):
-            quantizer.next_chunk()
+            if index:
+                quantizer.next_chunk()
             view = quantizer.buffer(chunk.numel() * chunk.element_size())
             view[:] = chunk.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
             counts.append(quantizer.quantize(source_dtype, *chunk.shape)[1])
             quantized[index].set()
-    for chunk, count in zip(rows, counts, strict=True):
-        assert count.result() == quantize_counted(chunk, fmt)[1]
+        assert quantizer._counter is not None  # the second thread really counted
+    with streaming.one_thread():  # the dot products' sums depend on BLAS's thread count
+        for chunk, count in zip(rows, counts, strict=True):
+            assert count.result() == quantize_counted(chunk, fmt)[1]
+
+
+def test_one_chunk_or_several_torch_threads_count_inline_in_the_first_buffers():
+    """No second thread where it cannot gain: a one-chunk tensor, or torch on more than one thread (two
+    teams would share the cores); and a one-chunk tensor always uses the first set of buffers, so a large
+    :tensor / NVFP4 weight never grows both."""
+    from dtypelab.checkpoint import ChunkQuantizer
+    from dtypelab.checkpoint.streaming import one_thread
+
+    quantizer = ChunkQuantizer(get_format("int4:g32"))
+    with one_thread():
+        with quantizer.counting(2):
+            assert quantizer._counter is not None
+            quantizer.next_chunk()
+        for chunks in (1, 1):
+            with quantizer.counting(chunks):
+                assert quantizer._counter is None and quantizer.workspace is quantizer._sets[0].workspace
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with quantizer.counting(5):
+            assert quantizer._counter is None
+            weight = torch.randn(32, 64)
+            damage = quantizer.quantize_rows(weight)[1]
+            assert damage.done() and damage.result() == quantize_counted_damage(weight, "int4:g32")
+            assert quantizer._counter is None
+    finally:
+        torch.set_num_threads(saved)
+
+
+def quantize_counted_damage(weight: torch.Tensor, spec: str) -> TensorDamage:
+    from dtypelab.quant import quantize_counted
+
+    return quantize_counted(weight, get_format(spec))[1]

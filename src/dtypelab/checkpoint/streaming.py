@@ -227,11 +227,11 @@ class ChunkQuantizer:
     whole tensor; a per-tensor scale needs every row at once (one chunk).
 
     Why the second thread: counting what a chunk lost (its stored values' error, two dot products, the
-    relative error's extremes, the non-zeros) is ~seven float32 passes, a third of quantizing's time,
+    relative error's extremes, the non-zeros: ~seven float32 passes) takes ~60% of quantizing's time,
     and the conversion otherwise runs on one core (:func:`one_thread`). So there are two sets of
     buffers (read bytes, the quantizer's workspace): while chunk i is counted in one set, chunk i + 1 is
-    read and quantized in the other (:meth:`next_chunk` waits for the count still using it). Inside
-    :meth:`counting` a chunk's damage comes back as a future; outside it, counted at once.
+    read and quantized in the other (:meth:`next_chunk` waits for the count still using it). A chunk's
+    damage comes back as a future (already done where it was counted inline).
 
     Args:
         fmt: the quantized format.
@@ -256,10 +256,21 @@ class ChunkQuantizer:
         return self._sets[self._turn].workspace
 
     @contextmanager
-    def counting(self) -> Iterator[None]:
-        """Count chunks on a second thread until the block ends (then every count has finished): one
-        tensor's chunks, so no thread outlives a conversion or a fork."""
-        with ThreadPoolExecutor(1, thread_name_prefix="dtypelab-count") as counter:
+    def counting(self, chunks: int) -> Iterator[None]:
+        """One tensor of ``chunks`` chunks: each counted on a second thread while the next is read and
+        quantized, where that can gain: more than one chunk, and quantizing on one torch thread (as
+        convert's :func:`one_thread` sets; with more, two threads' teams would share the cores); else
+        inline. The tensor starts in the first set of buffers, so a one-chunk tensor (a ``:tensor`` or
+        NVFP4 weight, any small one) never grows the second. Every count has finished when the block
+        ends: no thread outlives a tensor (nor a conversion, nor reaches a fork)."""
+        for buffers in self._sets:
+            _wait(buffers)
+        self._turn = 0
+        if chunks < 2 or torch.get_num_threads() != 1:
+            yield
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="dtypelab-count", initializer=torch.set_num_threads,
+                                initargs=(1,)) as counter:  # the thread's first BLAS call: one thread too
             self._counter = counter
             try:
                 yield
@@ -269,9 +280,7 @@ class ChunkQuantizer:
     def next_chunk(self) -> None:
         """Move to the other set of buffers, once the count still reading it (two chunks ago) is done."""
         self._turn = 1 - self._turn
-        pending, self._sets[self._turn].pending = self._sets[self._turn].pending, None
-        if pending is not None:
-            pending.exception()  # waits; its result (or error) goes to whoever holds the future
+        _wait(self._sets[self._turn])
 
     def row_chunks(self, rows: int, cols: int, fmt: NumberFormat | None = None) -> list[tuple[int, int]]:
         """``(first row, row count)`` per chunk: one chunk for a format with a per-tensor scale (a
@@ -292,21 +301,24 @@ class ChunkQuantizer:
         return memoryview(buffers.raw)[:nbytes]
 
     def quantize(self, source_dtype: torch.dtype, rows: int, cols: int,
-                 fmt: NumberFormat | None = None) -> tuple[QuantizedTensor, Future | TensorDamage]:
+                 fmt: NumberFormat | None = None) -> tuple[QuantizedTensor, Future]:
         """Quantize the ``rows`` x ``cols`` values held at the start of the current buffer."""
         source = torch.frombuffer(self.raw, dtype=source_dtype, count=rows * cols).reshape(rows, cols)
         return self.quantize_rows(source, fmt)
 
     def quantize_rows(self, source: torch.Tensor,
-                      fmt: NumberFormat | None = None) -> tuple[QuantizedTensor, Future | TensorDamage]:
+                      fmt: NumberFormat | None = None) -> tuple[QuantizedTensor, Future]:
         """Quantize the (rows, cols) tensor ``source`` (in ``fmt``, default the quantizer's) and count
-        what it lost: a future of that :class:`TensorDamage` inside :meth:`counting` (``source`` must
-        then stay unchanged until it is done, as the read buffers do until :meth:`next_chunk` comes
-        back to them), else the damage itself."""
+        what it lost: a future of that :class:`TensorDamage`, counted on the second thread inside a
+        :meth:`counting` that has one (``source`` must then stay unchanged until it is done, as the read
+        buffers do until :meth:`next_chunk` comes back to them), else already done."""
         buffers = self._sets[self._turn]
+        _wait(buffers)  # two chunks into one set without next_chunk: its count must finish first
         qt, back = quantize_read_back(source, fmt or self.fmt, buffers.workspace)
         if self._counter is None:
-            return qt, read_back_damage(back, buffers.workspace)
+            counted: Future = Future()
+            counted.set_result(read_back_damage(back, buffers.workspace))
+            return qt, counted
         buffers.pending = self._counter.submit(read_back_damage, back, buffers.workspace)
         return qt, buffers.pending
 
@@ -322,3 +334,10 @@ class _ChunkBuffers:
 
     def __init__(self):
         self.raw, self.workspace, self.pending = bytearray(), Workspace(), None
+
+
+def _wait(buffers: _ChunkBuffers) -> None:
+    """Until the count still reading ``buffers`` is done (its result, or error, stays with its future)."""
+    if buffers.pending is not None:
+        buffers.pending.exception()
+        buffers.pending = None

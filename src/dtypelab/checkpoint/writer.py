@@ -230,13 +230,15 @@ def quantized_chunks(item: PlannedTensor, src_fd: int, quantizer: ChunkQuantizer
     entry = item.entry
     rows, cols = item.quantized_shape
     row_bytes, start = cols * entry.torch_dtype.itemsize, item.shard.data_start + entry.begin
-    with quantizer.counting():
+    chunks = quantizer.row_chunks(rows, cols, item.fmt)
+    with quantizer.counting(len(chunks)):
         if item.transposed:  # (in, out) on disk: read it whole once, quantize rows of its transpose
             view = quantizer.buffer(entry.nbytes)
             read_exact(src_fd, view, start, item.shard.path, entry.name)
             whole = quantizer.transposed(entry.torch_dtype, cols, rows)  # (out, in), a copy: counts read it
-        for first, count in quantizer.row_chunks(rows, cols, item.fmt):
-            quantizer.next_chunk()
+        for index, (first, count) in enumerate(chunks):
+            if index:
+                quantizer.next_chunk()
             if not item.transposed:
                 view = quantizer.buffer(count * row_bytes)
                 read_exact(src_fd, view, start + first * row_bytes, item.shard.path, entry.name)
@@ -410,7 +412,8 @@ def _verified_header(path: Path, shard: PlannedShard) -> SafetensorsHeader:
 def _verify_quantized(item: PlannedTensor, src_fd: int, out_fd: int, starts: list[int], path: Path,
                       quantizer: ChunkQuantizer) -> None:
     positions = list(starts)
-    for chunk, _, _ in quantized_chunks(item, src_fd, quantizer):
+    for chunk, damage, _ in quantized_chunks(item, src_fd, quantizer):
+        damage.result()  # a count that failed fails the verification too, as when writing
         for part, expected in enumerate(chunk):
             if expected is None:
                 continue
