@@ -103,8 +103,9 @@ def run() -> Table:
             rows.append([label, round(size / 2**30, 2), wall, statistics.median(r["cpu_s"] for r in got),
                          statistics.median(ratios), f"{min(ratios):.2f}-{max(ratios):.2f}", peak / 2**20,
                          peak / size])
-        for script, threads in ((IN_MEMORY, "torch's 2 threads, as dtypelab's two (goal <= 1.0x)"),
-                                (IN_MEMORY_1T, "1 thread")):
+        same = (f"torch's {torch.get_num_threads()} threads (dtypelab: one quantizing, one counting; "
+                "goal <= 1.0x)")
+        for script, threads in ((IN_MEMORY, same), (IN_MEMORY_1T, "1 thread")):
             ours = [a["s"] / b["s"] for a, b in zip(runs[OURS], runs[script], strict=True)]
             cpu = [a["cpu_s"] / b["cpu_s"] for a, b in zip(runs[OURS], runs[script], strict=True)]
             notes.append(f"{round(size / 2**30, 2)} GiB: dtypelab int4:g128 / in-memory script at {threads}, "
