@@ -86,26 +86,36 @@ def test_head_and_embeddings_are_the_same_explicit_options_as_in_compare(tmp_pat
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_counting_on_the_second_thread_reports_the_damage_counted_inline(gpt2_folder, dtype, tmp_path,
-                                                                       monkeypatch):
-    """Whole conversions with the smallest chunks (32 rows), Conv1D weights (read whole, transposed) and
-    Linear ones, float32 and bf16 sources: every tensor's damage, counted on the second thread while the
-    next chunk is quantized, equals the damage counted in line (one chunk's count at a time)."""
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_counting_on_the_second_thread_reports_the_damage_counted_inline(gpt2_folder, architecture, dtype,
+                                                                       tmp_path, monkeypatch):
+    """Whole conversions with the smallest chunks (32 rows), GPT-2's Conv1D weights (read whole,
+    transposed) and Llama's Linear ones (each chunk read ahead on the second thread), float32 and bf16
+    sources: every tensor's damage, counted on the second thread while the next chunk is read and
+    quantized, and every byte written equal those of the conversion counting in line."""
     import threading
+
+    from test_layouts import narrow_llama
 
     from dtypelab.checkpoint import ChunkQuantizer, streaming
     from dtypelab.checkpoint import convert as convert_module
 
-    model, folder = gpt2_folder
+    model = gpt2_folder[0] if architecture == "gpt2" else narrow_llama()
     source = tmp_path / "source"
     model.to(dtype).save_pretrained(source)
     model.float()
     monkeypatch.setattr(convert_module, "ChunkQuantizer", lambda fmt: ChunkQuantizer(fmt, chunk_elements=1))
-    threads, real = set(), streaming.read_back_damage
+    from dtypelab.checkpoint import writer
+
+    threads, readers, real, read = set(), set(), streaming.read_back_damage, writer.read_exact
     monkeypatch.setattr(streaming, "read_back_damage",
                         lambda *args: threads.add(threading.current_thread().name) or real(*args))
+    monkeypatch.setattr(writer, "read_exact",
+                        lambda *args: readers.add(threading.current_thread().name) or read(*args))
     threaded = convert_checkpoint(source, tmp_path / "threaded", "int4:g32", verify=True)
     assert any(name.startswith("dtypelab-count") for name in threads)
+    if architecture == "llama":  # Linear weights in several chunks: the later ones read ahead
+        assert any(name.startswith("dtypelab-count") for name in readers)
     counting = ChunkQuantizer.counting
     monkeypatch.setattr(ChunkQuantizer, "counting", lambda self, chunks: counting(self, 1))  # inline
     inline = convert_checkpoint(source, tmp_path / "inline", "int4:g32")

@@ -229,9 +229,10 @@ class ChunkQuantizer:
     Why the second thread: counting what a chunk lost (its stored values' error, two dot products, the
     relative error's extremes, the non-zeros: ~seven float32 passes) takes ~60% of quantizing's time,
     and the conversion otherwise runs on one core (:func:`one_thread`). So there are two sets of
-    buffers (read bytes, the quantizer's workspace): while chunk i is counted in one set, chunk i + 1 is
-    read and quantized in the other (:meth:`next_chunk` waits for the count still using it). A chunk's
-    damage comes back as a future (already done where it was counted inline).
+    buffers (read bytes, the quantizer's workspace): while chunk i is quantized in one set, the second
+    thread counts chunk i - 1 and then reads chunk i + 1 (:meth:`read_ahead`) into the other
+    (:meth:`next_chunk` waits for both). A chunk's damage comes back as a future (already done where it
+    was counted inline).
 
     Args:
         fmt: the quantized format.
@@ -278,9 +279,26 @@ class ChunkQuantizer:
                 self._counter = None
 
     def next_chunk(self) -> None:
-        """Move to the other set of buffers, once the count still reading it (two chunks ago) is done."""
+        """Move to the other set of buffers, once the count still reading it (two chunks ago) is done
+        and the chunk :meth:`read_ahead` reads into it has arrived (its error raised here)."""
         self._turn = 1 - self._turn
-        _wait(self._sets[self._turn])
+        buffers = self._sets[self._turn]
+        _wait(buffers)
+        reading, buffers.reading = buffers.reading, None
+        if reading is not None:
+            reading.result()
+
+    def read_ahead(self, nbytes: int, fill: Callable[[memoryview], None]) -> None:
+        """Have the next chunk's ``nbytes`` filled (``fill(view)``) into the other set of buffers: on the
+        second thread, queued behind the count still reading that set (its one worker runs them in
+        order), while this chunk is quantized; at once where there is no second thread. The next
+        :meth:`next_chunk` waits for it; :meth:`buffer` then returns what it read."""
+        target = self._sets[1 - self._turn]
+        if self._counter is None:
+            _wait(target)
+            fill(_grown(target, nbytes))
+            return
+        target.reading = self._counter.submit(lambda: fill(_grown(target, nbytes)))
 
     def row_chunks(self, rows: int, cols: int, fmt: NumberFormat | None = None) -> list[tuple[int, int]]:
         """``(first row, row count)`` per chunk: one chunk for a format with a per-tensor scale (a
@@ -295,10 +313,7 @@ class ChunkQuantizer:
 
     def buffer(self, nbytes: int) -> memoryview:
         """The current read buffer's first ``nbytes`` (grown, never shrunk, so it is reused)."""
-        buffers = self._sets[self._turn]
-        if len(buffers.raw) < nbytes:
-            buffers.raw = bytearray(nbytes)
-        return memoryview(buffers.raw)[:nbytes]
+        return _grown(self._sets[self._turn], nbytes)
 
     def quantize(self, source_dtype: torch.dtype, rows: int, cols: int,
                  fmt: NumberFormat | None = None) -> tuple[QuantizedTensor, Future]:
@@ -333,7 +348,16 @@ class _ChunkBuffers:
     """One chunk's buffers: the bytes read, the quantizer's workspace, and the count still using them."""
 
     def __init__(self):
-        self.raw, self.workspace, self.pending = bytearray(), Workspace(), None
+        self.raw, self.workspace = bytearray(), Workspace()
+        self.pending: Future | None = None  # the count reading these buffers
+        self.reading: Future | None = None  # the read ahead filling ``raw``
+
+
+def _grown(buffers: _ChunkBuffers, nbytes: int) -> memoryview:
+    """``buffers``' read buffer's first ``nbytes``, grown to fit (never shrunk, so it is reused)."""
+    if len(buffers.raw) < nbytes:
+        buffers.raw = bytearray(nbytes)
+    return memoryview(buffers.raw)[:nbytes]
 
 
 def _wait(buffers: _ChunkBuffers) -> None:

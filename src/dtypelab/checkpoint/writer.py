@@ -224,24 +224,29 @@ def _quantized_damage(item: PlannedTensor, quantizer: ChunkQuantizer) -> TensorD
 
 def quantized_chunks(item: PlannedTensor, src_fd: int, quantizer: ChunkQuantizer):
     """Quantize ``item``'s rows chunk by chunk: yield (bytes per part, or None where a whole-tensor
-    part was already given; a future of the chunk's damage, counted on the quantizer's second thread
-    while the next chunk is read and quantized; source bytes read). Every count has finished when the
-    generator is done (or closed)."""
+    part was already given; a future of the chunk's damage; source bytes read). The quantizer's second
+    thread counts each chunk and reads the next while this one is quantized; every count and read has
+    finished when the generator is done (or closed)."""
     entry = item.entry
     rows, cols = item.quantized_shape
     row_bytes, start = cols * entry.torch_dtype.itemsize, item.shard.data_start + entry.begin
     chunks = quantizer.row_chunks(rows, cols, item.fmt)
+
+    def fill(first: int) -> Callable[[memoryview], None]:
+        return lambda view: read_exact(src_fd, view, start + first * row_bytes, item.shard.path, entry.name)
+
     with quantizer.counting(len(chunks)):
         if item.transposed:  # (in, out) on disk: read it whole once, quantize rows of its transpose
             view = quantizer.buffer(entry.nbytes)
             read_exact(src_fd, view, start, item.shard.path, entry.name)
             whole = quantizer.transposed(entry.torch_dtype, cols, rows)  # (out, in), a copy: counts read it
+        else:
+            fill(0)(quantizer.buffer(chunks[0][1] * row_bytes))
         for index, (first, count) in enumerate(chunks):
             if index:
-                quantizer.next_chunk()
-            if not item.transposed:
-                view = quantizer.buffer(count * row_bytes)
-                read_exact(src_fd, view, start + first * row_bytes, item.shard.path, entry.name)
+                quantizer.next_chunk()  # its rows read ahead meanwhile
+            if not item.transposed and index + 1 < len(chunks):
+                quantizer.read_ahead(chunks[index + 1][1] * row_bytes, fill(chunks[index + 1][0]))
             try:
                 qt, damage = (quantizer.quantize_rows(whole[first:first + count], item.fmt) if item.transposed
                               else quantizer.quantize(entry.torch_dtype, count, cols, item.fmt))
@@ -249,7 +254,7 @@ def quantized_chunks(item: PlannedTensor, src_fd: int, quantizer: ChunkQuantizer
                 raise InputError(f"tensor {entry.name!r}: {exc}; or keep the layer dense with "
                                  f"--keep {entry.name!r}") from None
             parts = to_parts(qt, (rows, cols))
-            read = count * row_bytes if item.transposed else len(view)
+            read = count * row_bytes
             yield [None if first and suffix in WHOLE_TENSOR_PARTS else tensor_bytes(tensor)
                    for suffix, tensor in parts.items()], damage, read
 
