@@ -24,7 +24,7 @@ decides by the eager rule. On more than one torch thread the kernel runs as a pa
 own OpenMP team (:func:`_run`). ``tests/quant/test_mse_kernel.py`` checks the squared errors bit for
 bit, the bound against torch's sums, and the choice against the reference search.
 
-Cost of having it: importing numba and loading the cached machine code takes 0.7-0.8 s once per process
+Cost of having it: importing numba and loading the cached machine code takes 0.5-0.9 s once per process
 (the first compile, ~2 s, is cached beside this file, or in numba's user cache where that is read-only).
 The eager search costs ~21 ns per weight here, so in ``auto`` mode the kernel is loaded only once a
 process has searched :data:`LOAD_AFTER_ELEMENTS` weights eagerly, about what loading costs (the
