@@ -94,6 +94,7 @@ def test_counting_on_the_second_thread_reports_the_damage_counted_inline(gpt2_fo
     sources: every tensor's damage, counted on the second thread while the next chunk is read and
     quantized, and every byte written equal those of the conversion counting in line."""
     import threading
+    import time
 
     from test_layouts import narrow_llama
 
@@ -108,8 +109,12 @@ def test_counting_on_the_second_thread_reports_the_damage_counted_inline(gpt2_fo
     from dtypelab.checkpoint import writer
 
     threads, readers, real, read = set(), set(), streaming.read_back_damage, writer.read_exact
-    monkeypatch.setattr(streaming, "read_back_damage",
-                        lambda *args: threads.add(threading.current_thread().name) or real(*args))
+    def slow_count(*args):  # held back, so a read ahead that overwrote a set still counted would show
+        threads.add(threading.current_thread().name)
+        time.sleep(0.002)
+        return real(*args)
+
+    monkeypatch.setattr(streaming, "read_back_damage", slow_count)
     monkeypatch.setattr(writer, "read_exact",
                         lambda *args: readers.add(threading.current_thread().name) or read(*args))
     threaded = convert_checkpoint(source, tmp_path / "threaded", "int4:g32", verify=True)
@@ -123,3 +128,32 @@ def test_counting_on_the_second_thread_reports_the_damage_counted_inline(gpt2_fo
     assert threaded.tensors == inline.tensors
     for name in ("model.safetensors",):
         assert (tmp_path / "threaded" / name).read_bytes() == (tmp_path / "inline" / name).read_bytes()
+
+
+def test_a_read_ahead_that_fails_is_one_clear_error_with_nothing_left(tmp_path, monkeypatch):
+    """A chunk read ahead on the second thread that hits the end of a file (the shard changed under the
+    conversion): the error reaches the caller with its message, no output is left, no thread runs on."""
+    import threading
+
+    from test_layouts import narrow_llama
+
+    from dtypelab.checkpoint import ChunkQuantizer, writer
+    from dtypelab.checkpoint import convert as convert_module
+    from dtypelab.errors import CheckpointError
+
+    source = tmp_path / "source"
+    narrow_llama().save_pretrained(source)
+    monkeypatch.setattr(convert_module, "ChunkQuantizer", lambda fmt: ChunkQuantizer(fmt, chunk_elements=1))
+    read = writer.read_exact
+
+    def truncated_ahead(fd, view, offset, path, name):
+        if threading.current_thread().name.startswith("dtypelab-count"):
+            raise CheckpointError(f"{path}: tensor {name!r}: file ended at byte {offset}, before the data "
+                                  "its header promised: truncated or changed while reading")
+        return read(fd, view, offset, path, name)
+
+    monkeypatch.setattr(writer, "read_exact", truncated_ahead)
+    with pytest.raises(CheckpointError, match="file ended at byte"):
+        convert_checkpoint(source, tmp_path / "out", "int4:g32")
+    assert [p.name for p in tmp_path.iterdir()] == ["source"]  # no output, no staging folder
+    assert not [t for t in threading.enumerate() if t.name.startswith("dtypelab-count")]

@@ -264,8 +264,9 @@ class ChunkQuantizer:
         inline. The tensor starts in the first set of buffers, so a one-chunk tensor (a ``:tensor`` or
         NVFP4 weight, any small one) never grows the second. Every count has finished when the block
         ends: no thread outlives a tensor (nor a conversion, nor reaches a fork)."""
-        for buffers in self._sets:
+        for buffers in self._sets:  # a tensor that ended early (an error) may leave a read ahead done
             _wait(buffers)
+            buffers.reading = None
         self._turn = 0
         if chunks < 2 or torch.get_num_threads() != 1:
             yield
@@ -291,8 +292,9 @@ class ChunkQuantizer:
     def read_ahead(self, nbytes: int, fill: Callable[[memoryview], None]) -> None:
         """Have the next chunk's ``nbytes`` filled (``fill(view)``) into the other set of buffers: on the
         second thread, queued behind the count still reading that set (its one worker runs them in
-        order), while this chunk is quantized; at once where there is no second thread. The next
-        :meth:`next_chunk` waits for it; :meth:`buffer` then returns what it read."""
+        order), while this chunk is quantized; at once where there is no second thread (so a read
+        error comes one chunk earlier there). The next :meth:`next_chunk` waits for it (and raises its
+        error); :meth:`buffer` then returns what it read."""
         target = self._sets[1 - self._turn]
         if self._counter is None:
             _wait(target)
