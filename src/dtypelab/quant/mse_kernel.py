@@ -213,6 +213,7 @@ def _team():
 
 
 def _find_team():
+    """:func:`_team`'s lookup, uncached: the first usable library of :data:`OPENMP_LIBRARIES`."""
     folder = Path(torch.__file__).parent / "lib"
     mapped = _mapped_files()
     for name in OPENMP_LIBRARIES:
@@ -233,6 +234,7 @@ def _mapped_files() -> set[str]:
     """Paths of the files mapped into this process (``/proc/self/maps``; empty where there is none)."""
     try:
         with open("/proc/self/maps") as maps:
-            return {line.split(maxsplit=5)[5].strip() for line in maps if len(line.split(maxsplit=5)) == 6}
+            fields = [line.split(maxsplit=5) for line in maps]
     except OSError:
         return set()
+    return {parts[5].strip() for parts in fields if len(parts) == 6}  # address, perms, ..., path
