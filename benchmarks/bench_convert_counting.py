@@ -8,7 +8,11 @@ there once), the methods taking turns in each round after a warm-up round: ``thr
 quantized); ``inline`` the same code with every chunk's count and read done in line
 (``ChunkQuantizer.counting`` given one chunk, its in-line path); ``script`` the in-memory script of
 ``bench_convert_quantized`` (``load_file`` -> ``quantize_tensor`` + ``to_parts`` -> ``save_file``, no
-damage count) at torch's default threads. Wall and CPU seconds per run; ratios are per round.
+damage count) at torch's default threads, and ``script + count`` the same with ``quantize_counted`` (what
+one writes to get convert's damage report too). ``no count`` is a diagnostic, not a product path: the
+threaded conversion with each chunk's count replaced by an empty record, to show what the count itself
+costs (the bound on how close to the script the conversion can come while it counts). Wall and CPU seconds
+per run; ratios are per round.
 """
 
 from __future__ import annotations
@@ -22,16 +26,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dtypelab.checkpoint import ChunkQuantizer, convert_checkpoint
+from dtypelab.checkpoint import ChunkQuantizer, convert_checkpoint, streaming
+from dtypelab.quant import Action, TensorDamage
 from dtypelab.report import Table
 
 from .bench_convert import spread
-from .bench_convert_quantized import BENCH_DIR, IN_MEMORY_SCRIPT, make_checkpoint
+from .bench_convert_quantized import BENCH_DIR, COUNTED_SCRIPT, IN_MEMORY_SCRIPT, make_checkpoint
 from .harness import print_table
 
 ROUNDS = 5
-COLUMNS = ["GiB fp32", "method", "wall s", "CPU s", "/ inline wall", "/ inline CPU", "/ script wall",
-           "/ script CPU"]
+BASES = ("inline", "script", "script + count")
+COLUMNS = ["GiB fp32", "method", "wall s", "CPU s",
+           *(f"/ {base} {what}" for base in BASES for what in ("wall", "CPU"))]
 
 
 def run(rounds: int = ROUNDS) -> Table:
@@ -41,7 +47,9 @@ def run(rounds: int = ROUNDS) -> Table:
         size = sum(p.stat().st_size for p in src.glob("*.safetensors")) / 2**30
         methods = {"threaded": _timed(_convert(src, out, ChunkQuantizer.counting)),
                    "inline": _timed(_convert(src, out, lambda quantizer, chunks: _INLINE(quantizer, 1))),
-                   "script": _timed(functools.partial(_script, src, out))}
+                   "script": _timed(functools.partial(_script, src, out, IN_MEMORY_SCRIPT)),
+                   "script + count": _timed(functools.partial(_script, src, out, COUNTED_SCRIPT)),
+                   "no count (diagnostic)": _timed(_uncounted(_convert(src, out, ChunkQuantizer.counting)))}
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in methods}
         for repeat in range(rounds + 1):
             for name, method in methods.items():
@@ -50,9 +58,9 @@ def run(rounds: int = ROUNDS) -> Table:
                 else:
                     method()  # warm-up
         for name, got in times.items():
-            ratios = [_ratios(got, times[base]) for base in ("inline", "script")]
+            ratios = [ratio for base in BASES for ratio in _ratios(got, times[base])]
             rows.append([round(size, 2), name, round(statistics.median(t[0] for t in got), 3),
-                         round(statistics.median(t[1] for t in got), 3), *ratios[0], *ratios[1]])
+                         round(statistics.median(t[1] for t in got), 3), *ratios])
     shutil.rmtree(out, ignore_errors=True)
     notes = [f"{rounds} rounds after a warm-up round, the methods taking turns; in process (no import, "
              f"start or exit); load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after, on "
@@ -90,14 +98,29 @@ def _convert(src: Path, out: Path, counting: Callable) -> Callable[[], None]:
     return method
 
 
-def _script(src: Path, out: Path) -> None:
-    """``bench_convert_quantized``'s in-memory script, its own text run in this process (its arguments in
-    ``sys.argv``, as there)."""
+def _uncounted(method: Callable[[], None]) -> Callable[[], None]:
+    """``method`` with the quantized conversion's damage count replaced by an empty record (diagnostic)."""
+    def empty(back, workspace) -> TensorDamage:
+        return TensorDamage("", "", "", Action.QUANTIZED, back.source.numel())
+
+    def run_uncounted() -> None:
+        real = streaming.read_back_damage
+        streaming.read_back_damage = empty
+        try:
+            method()
+        finally:
+            streaming.read_back_damage = real
+    return run_uncounted
+
+
+def _script(src: Path, out: Path, text: str) -> None:
+    """One of ``bench_convert_quantized``'s in-memory scripts, its own text run in this process (its
+    arguments in ``sys.argv``, as there)."""
     shutil.rmtree(out, ignore_errors=True)
     saved = sys.argv
     sys.argv = ["script", str(src), str(out), "int4:g128"]
     try:
-        exec(compile(IN_MEMORY_SCRIPT, "in-memory script", "exec"), {"__name__": "script"})
+        exec(compile(text, "in-memory script", "exec"), {"__name__": "script"})
     finally:
         sys.argv = saved
 

@@ -2,7 +2,9 @@
 
 The in-memory script is what one writes with the same library calls but no streaming: for each shard,
 ``load_file`` -> quantize every Linear weight whole (dtypelab's own quantizer, so the output is the
-same) -> ``save_file``. ``dtypelab convert`` streams row chunks instead. Each method runs in its own
+same) -> ``save_file``. ``dtypelab convert`` streams row chunks instead, and counts what each weight lost
+(the report it writes); the script's counted variant does that too (``quantize_counted``, the same
+damage records), which is what one writes to get the same checkpoint *and* report. Each method runs in its own
 process under ``/usr/bin/time`` (see :mod:`benchmarks.bench_convert`); warm runs only, medians.
 The checkpoint is a Llama-shaped fp32 model (hidden 2048, 4 or 8 layers: ~1 and ~2 GiB) written
 once under ``.bench/convert-quantized/`` from random tensors of the right names and shapes.
@@ -25,25 +27,31 @@ from .harness import print_table
 
 BENCH_DIR = ROOT / ".bench" / "convert-quantized"
 
-IN_MEMORY_SCRIPT = """
+_SCRIPT = """
 import pathlib, sys, torch
 from safetensors.torch import load_file, save_file
 from dtypelab.checkpoint import linear_layers, to_parts
 from dtypelab.formats import get_format
-from dtypelab.quant import quantize_tensor
+from dtypelab.quant import quantize_counted, quantize_tensor
 src, dst, fmt = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), get_format(sys.argv[3])
 dst.mkdir()
 linears, heads, _ = linear_layers(src)
+damage = []
 for shard in sorted(src.glob("*.safetensors")):
     out = {}
     for name, tensor in load_file(shard).items():
         module = name.removesuffix(".weight")
         if module in linears and module not in heads:
-            out.update({f"{module}.{k}": v for k, v in to_parts(quantize_tensor(tensor, fmt)).items()})
+            QUANTIZE
+            out.update({f"{module}.{k}": v for k, v in to_parts(qt).items()})
         else:
             out[name] = tensor
     save_file(out, dst / shard.name, metadata={"format": "pt"})
 """
+IN_MEMORY_SCRIPT = _SCRIPT.replace("QUANTIZE", "qt = quantize_tensor(tensor, fmt)")
+COUNTED_SCRIPT = _SCRIPT.replace("QUANTIZE", "qt, counted = quantize_counted(tensor, fmt)\n"
+                                             "            damage.append(counted)")
+"""The script that also counts each weight's damage, as ``convert`` reports it (kept in ``damage``)."""
 
 
 def make_checkpoint(layers: int) -> Path:
@@ -74,11 +82,13 @@ def commands(src: Path, dst: Path) -> dict[str, list[str]]:
     return {"cp -r (floor)": ["cp", "-r", str(src), str(dst)],
             IN_MEMORY: [PY, "-c", IN_MEMORY_SCRIPT, str(src), str(dst), "int4:g128"],
             IN_MEMORY_1T: [PY, "-c", one_thread, str(src), str(dst), "int4:g128"],
+            COUNTED: [PY, "-c", COUNTED_SCRIPT, str(src), str(dst), "int4:g128"],
             OURS: [*convert, "int4:g128"],
             "dtypelab convert, int8": [*convert, "int8"]}
 
 
 IN_MEMORY, IN_MEMORY_1T = "in-memory script, int4:g128", "in-memory script, int4:g128, 1 thread"
+COUNTED = "in-memory script + damage count, int4:g128"
 OURS = "dtypelab convert, int4:g128"
 ROUNDS = 3
 
@@ -105,7 +115,8 @@ def run() -> Table:
                          peak / size])
         same = (f"torch's {torch.get_num_threads()} threads (dtypelab: one quantizing, one counting; "
                 "goal <= 1.0x)")
-        for script, threads in ((IN_MEMORY, same), (IN_MEMORY_1T, "1 thread")):
+        for script, threads in ((IN_MEMORY, same), (IN_MEMORY_1T, "1 thread"),
+                                (COUNTED, "torch's threads, counting the same damage")):
             ours = [a["s"] / b["s"] for a, b in zip(runs[OURS], runs[script], strict=True)]
             cpu = [a["cpu_s"] / b["cpu_s"] for a, b in zip(runs[OURS], runs[script], strict=True)]
             notes.append(f"{round(size / 2**30, 2)} GiB: dtypelab int4:g128 / in-memory script at {threads}, "
