@@ -32,11 +32,11 @@ import pathlib, sys, torch
 from safetensors.torch import load_file, save_file
 from dtypelab.checkpoint import linear_layers, to_parts
 from dtypelab.formats import get_format
-from dtypelab.quant import Workspace, quantize_counted, quantize_tensor
+from dtypelab.quant import NAMES
 src, dst, fmt = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), get_format(sys.argv[3])
 dst.mkdir()
 linears, heads, _ = linear_layers(src)
-damage, work = [], Workspace()
+SETUP
 for shard in sorted(src.glob("*.safetensors")):
     out = {}
     for name, tensor in load_file(shard).items():
@@ -48,9 +48,17 @@ for shard in sorted(src.glob("*.safetensors")):
             out[name] = tensor
     save_file(out, dst / shard.name, metadata={"format": "pt"})
 """
-IN_MEMORY_SCRIPT = _SCRIPT.replace("QUANTIZE", "qt = quantize_tensor(tensor, fmt)")
-COUNTED_SCRIPT = _SCRIPT.replace("QUANTIZE", "qt, counted = quantize_counted(tensor, fmt, work)\n"
-                                             "            damage.append(counted)")
+
+
+def _script(names: str, setup: str, quantize: str) -> str:
+    """The script's text with its imports from ``dtypelab.quant``, a setup line and the quantize line."""
+    return _SCRIPT.replace("NAMES", names).replace("SETUP\n", setup).replace("QUANTIZE", quantize)
+
+
+IN_MEMORY_SCRIPT = _script("quantize_tensor", "", "qt = quantize_tensor(tensor, fmt)")
+COUNTED_SCRIPT = _script("Workspace, quantize_counted", "damage, work = [], Workspace()\n",
+                         "qt, counted = quantize_counted(tensor, fmt, work)\n"
+                         "            damage.append(counted)")
 """The script that also counts each weight's damage, as ``convert`` reports it (kept in ``damage``), its
 temporaries in one ``Workspace`` reused from weight to weight (the API's own way to spare fresh memory)."""
 
