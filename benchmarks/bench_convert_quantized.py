@@ -50,13 +50,13 @@ for shard in sorted(src.glob("*.safetensors")):
 """
 
 
-def _script(names: str, setup: str, quantize: str) -> str:
+def _script_text(names: str, setup: str, quantize: str) -> str:
     """The script's text with its imports from ``dtypelab.quant``, a setup line and the quantize line."""
     return _SCRIPT.replace("NAMES", names).replace("SETUP\n", setup).replace("QUANTIZE", quantize)
 
 
-IN_MEMORY_SCRIPT = _script("quantize_tensor", "", "qt = quantize_tensor(tensor, fmt)")
-COUNTED_SCRIPT = _script("Workspace, quantize_counted", "damage, work = [], Workspace()\n",
+IN_MEMORY_SCRIPT = _script_text("quantize_tensor", "", "qt = quantize_tensor(tensor, fmt)")
+COUNTED_SCRIPT = _script_text("Workspace, quantize_counted", "damage, work = [], Workspace()\n",
                          "qt, counted = quantize_counted(tensor, fmt, work)\n"
                          "            damage.append(counted)")
 """The script that also counts each weight's damage, as ``convert`` reports it (kept in ``damage``), its

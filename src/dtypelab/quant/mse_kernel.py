@@ -16,8 +16,9 @@ u)`` (u = 2^-24) of their exact sum S, relatively. So torch's sum T and this sum
 ``K (1 - gamma) / (1 + gamma) <= T <= K (1 + gamma) / (1 - gamma)``. A block is *decided* when the
 candidate with the first smallest K has an upper bound below every other candidate's lower bound and
 below float32's largest value (so its torch sum has not overflowed to inf): then torch's T orders them
-the same, and the eager rule (the first smallest T) picks that candidate. Candidates
-with the same step, divisor and zero point compute the same T, so the earliest of them stands for all.
+the same, and the eager rule (the first smallest T) picks that candidate. Candidates with the same step
+and zero point (the divisor follows from the step) compute the same T, so the earliest of them stands for
+all.
 Blocks not decided (near ties, sums past float32's range: 0.07% of minilm's) come back as -1 with their
 candidates' squared errors, computed by the kernel (the eager bits), which the caller sums with torch and
 decides by the eager rule. On more than one torch thread the kernel runs as a parallel region of torch's
